@@ -1,0 +1,215 @@
+"""Run configuration: three read-only dataclasses (data, model, training) parsed by `HfArgumentParser`.
+
+A `--config recipe.yaml` supplies defaults and the command line overrides them, so a recipe is a starting point,
+never a trap. Every check that can fail runs here, before any model or image is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
+
+import yaml
+
+RECALL_KS = (1, 5, 10)
+METRIC_NAMES = (
+    "mean_R@1",
+    *(f"{direction}_R@{k}" for direction in ("image_to_text", "text_to_image") for k in RECALL_KS),
+)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder in the Indo-fashion Kaggle layout (train_data.json, val_data.json, test_data.json, "
+                          "images/). With --demo: where the demo catalogue is written (default: a cache folder)."},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Any dataset `datasets.load_dataset` accepts instead of --data_dir: a Hub id or a local "
+                          "folder/file type such as 'imagefolder', 'json', 'csv' or 'parquet' (with --data_files)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of --dataset_name."})
+    data_files: str | None = field(
+        default=None, metadata={"help": "Local folder or glob passed to load_dataset as data_dir/data_files."}
+    )
+    demo: bool = field(
+        default=False,
+        metadata={"help": "Train on the embedded synthetic fashion catalogue (written in the Indo-fashion layout on "
+                          "first use, then read through the real Indo-fashion loader)."},
+    )
+    image_column: str = field(default="image", metadata={"help": "Image column of --dataset_name."})
+    caption_column: str = field(default="caption", metadata={"help": "Caption column of --dataset_name."})
+    label_column: str | None = field(default=None, metadata={"help": "Optional class-label column of --dataset_name."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    validation_split: str = field(
+        default="validation", metadata={"help": "Split for early stopping ('val' in the Indo-fashion files)."}
+    )
+    test_split: str = field(default="test", metadata={"help": "Split for the final evaluation."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N rows of the validation and test splits."}
+    )
+    preprocessing_num_workers: int = field(
+        default=1, metadata={"help": "Processes for the one-off image decoding pass (datasets.map num_proc)."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where preprocessed splits are cached (default: the datasets cache)."}
+    )
+
+    def __post_init__(self) -> None:
+        sources = sum([self.data_dir is not None and not self.demo, self.dataset_name is not None, self.demo])
+        _require(sources == 1, "Choose exactly one data source: --data_dir DIR (Indo-fashion layout), "
+                               "--dataset_name NAME (anything datasets can load), or --demo.")
+        if self.data_dir is not None and not self.demo:
+            _require(os.path.isdir(self.data_dir), f"--data_dir {self.data_dir!r} is not a folder. Point it at the "
+                                                   "unpacked Indo-fashion download (the folder with train_data.json).")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"--{name} must be at least 1 (or left unset), got {value}.")
+        _require(self.preprocessing_num_workers >= 1, "--preprocessing_num_workers must be at least 1.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_name_or_path: str = field(
+        default="openai/clip-vit-base-patch32",
+        metadata={"help": "CLIP checkpoint to start from: a Hub id or a folder written by save_pretrained."},
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "Train from scratch instead: a bundled preset name (e.g. 'clip-tiny') or a CLIPConfig JSON "
+                          "file. The tokenizer is then built offline from the training captions."},
+    )
+    freeze: Literal["none", "vision_layers", "backbones"] = field(
+        default="none",
+        metadata={"help": "none: train everything. vision_layers: freeze the vision embeddings and the first "
+                          "--freeze_vision_layers encoder layers. backbones: freeze both towers except the "
+                          "projections, final layer norms and logit_scale."},
+    )
+    freeze_vision_layers: int = field(default=6, metadata={"help": "Layers frozen by --freeze vision_layers."})
+
+    def __post_init__(self) -> None:
+        _require(self.freeze_vision_layers >= 0, "--freeze_vision_layers must be 0 or more.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = field(default="outputs/clip-finetuned", metadata={"help": "Where the model and results go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that already holds a model."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for weights, shuffling and everything else random."})
+    num_train_epochs: int = field(default=3, metadata={"help": "Epochs over the training split."})
+    max_steps: int = field(default=0, metadata={"help": "If > 0, stop after this many optimizer steps instead."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Pairs per process per micro-batch."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Pairs per process when embedding."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW weight decay (never applied to biases, norms and logit_scale)."}
+    )
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (0.98 as in the CLIP paper)."})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(
+        default="cosine", metadata={"help": "Schedule after warmup, sized in optimizer steps."}
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup in optimizer steps (wins over ratio)."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a fraction of all optimizer steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off."})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "Overrides the accelerate config's mixed precision when given."}
+    )
+    eval_steps: int = field(
+        default=0, metadata={"help": "Evaluate every N optimizer steps; 0 evaluates at the end of each epoch."}
+    )
+    early_stopping_metric: str = field(
+        default="mean_R@1", metadata={"help": f"Validation metric that picks the best model: one of {METRIC_NAMES}."}
+    )
+    early_stopping_patience: int = field(
+        default=3, metadata={"help": "Stop after this many evaluations without improvement; 0 never stops early."}
+    )
+    early_stopping_min_delta: float = field(
+        default=0.0, metadata={"help": "An improvement smaller than this does not count."}
+    )
+    eval_initial_model: bool = field(
+        default=True,
+        metadata={"help": "Evaluate the starting model on the test split first (the zero-shot row of the table)."},
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log loss and learning rate every N optimizer steps."})
+    report_to: str = field(
+        default="none", metadata={"help": "Trackers for accelerate: 'none', 'all', or a comma list (tensorboard, ...)."}
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+
+    def __post_init__(self) -> None:
+        for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps"):
+            _require(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("max_steps", "warmup_steps", "eval_steps", "early_stopping_patience", "dataloader_num_workers"):
+            _require(getattr(self, name) >= 0, f"--{name} must be 0 or more, got {getattr(self, name)}.")
+        _require(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}.")
+        _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        _require(self.max_grad_norm >= 0, "--max_grad_norm must be 0 (off) or positive.")
+        _require(self.weight_decay >= 0, "--weight_decay must be 0 or positive.")
+        _require(self.early_stopping_metric in METRIC_NAMES,
+                 f"--early_stopping_metric {self.early_stopping_metric!r} is not a metric; use one of {METRIC_NAMES}.")
+
+    @property
+    def report_to_list(self) -> list[str] | str | None:
+        if self.report_to == "none":
+            return None
+        if self.report_to == "all":
+            return "all"
+        return [name.strip() for name in self.report_to.split(",") if name.strip()]
+
+
+CONFIG_CLASSES = (DataConfig, ModelConfig, TrainConfig)
+
+
+def parse_config(args: list[str] | None = None) -> tuple[DataConfig, ModelConfig, TrainConfig]:
+    """Parse `--config recipe.yaml` (defaults) and the command line (overrides) into the three configs."""
+    from transformers import HfArgumentParser
+
+    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser.add_argument("--config", default=None)
+    known, remaining = pre_parser.parse_known_args(args)
+    parser = HfArgumentParser(CONFIG_CLASSES)
+    parser.add_argument("--config", default=None, help="YAML recipe whose values become the defaults.")
+    if known.config is not None:
+        parser.set_defaults(**load_recipe(known.config))
+    # The parser also returns a namespace holding --config itself; only the three dataclasses matter here.
+    data_config, model_config, train_config = parser.parse_args_into_dataclasses(args=remaining)[:3]
+    return data_config, model_config, train_config
+
+
+def load_recipe(path: str) -> dict:
+    """Read a recipe YAML and check that every key is a known option, so a typo fails instead of being ignored."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path!r} does not exist. Recipes live in recipes/, e.g. recipes/demo.yaml.")
+    with open(path) as handle:
+        recipe = yaml.safe_load(handle) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path} must be a YAML mapping of option: value, got {type(recipe).__name__}.")
+    known = {f.name for cls in CONFIG_CLASSES for f in fields(cls)}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {unknown}. Run scripts/train.py --help for the valid names.")
+    return recipe
+
+
+def config_to_dict(*configs) -> dict:
+    """Flat dict of every option, for logging, trackers and the saved training config."""
+    merged: dict = {}
+    for config in configs:
+        merged.update(asdict(config))
+    return merged

@@ -1,0 +1,71 @@
+"""Data: sources -> one cached preprocessing pass -> fast pair batches. `load_raw_splits` then `build_pair_datasets`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import datasets
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+from ..config import DataConfig
+from .demo import write_demo_dataset
+from .loader import PairDataset, make_dataloader
+from .preprocess import preprocess_split
+from .sources import RawSplit, data_source_dir, load_raw_split
+
+__all__ = ["PairDataset", "RawSplit", "build_pair_datasets", "load_raw_splits", "make_dataloader",
+           "write_skip_report"]
+
+logger = get_logger(__name__)
+ROLES = ("train", "validation", "test")
+
+
+def split_names(config: DataConfig) -> dict[str, str]:
+    return {"train": config.train_split, "validation": config.validation_split, "test": config.test_split}
+
+
+def load_raw_splits(accelerator: Accelerator, config: DataConfig, roles=ROLES) -> dict[str, RawSplit]:
+    """Read the requested roles' rows (no image is decoded here); writes the demo catalogue on first use."""
+    with accelerator.main_process_first():
+        if config.demo:
+            write_demo_dataset(data_source_dir(config))
+        names = split_names(config)
+        return {
+            role: load_raw_split(config, names[role],
+                                 config.max_train_samples if role == "train" else config.max_eval_samples)
+            for role in roles
+        }
+
+
+def build_pair_datasets(
+    accelerator: Accelerator, config: DataConfig, raw_splits: dict[str, RawSplit], tokenizer, image_size: int
+) -> dict[str, PairDataset]:
+    """Preprocess (or reuse the cache of) each split; the main process goes first so the others only read."""
+    cache_dir = config.cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "clip_accel", "preprocessed")
+    pairs = {}
+    for role, raw in raw_splits.items():
+        with accelerator.main_process_first():
+            cached = preprocess_split(raw, tokenizer, image_size, cache_dir, config.preprocessing_num_workers)
+        pairs[role] = PairDataset(cached, tokenizer.pad_token_id)
+        if len(pairs[role]) == 0:
+            raise ValueError(f"Split {raw.name!r} has no usable pairs ({len(raw.dataset)} rows, all skipped); "
+                             f"see skipped_rows.jsonl in the output folder.")
+    return pairs
+
+
+def write_skip_report(pairs: dict[str, PairDataset], raw_splits: dict[str, RawSplit], output_dir: str) -> dict:
+    """Write every skipped row with its reason to OUTPUT/skipped_rows.jsonl; log one summary line per split."""
+    counts = {}
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "skipped_rows.jsonl"), "w") as report:
+        for role, dataset in pairs.items():
+            skipped = dataset.skipped_rows()
+            counts[role] = len(skipped)
+            for row in skipped:
+                report.write(json.dumps({"split": raw_splits[role].name, **row}) + "\n")
+            total = len(raw_splits[role].dataset)
+            logger.info(f"{role} split {raw_splits[role].name!r}: {len(dataset)} pairs used, {len(skipped)} of "
+                        f"{total} rows skipped" + (" (see skipped_rows.jsonl)" if skipped else ""))
+    return counts

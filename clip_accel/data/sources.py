@@ -1,0 +1,137 @@
+"""Where image–caption pairs come from: the Indo-fashion Kaggle layout, anything `datasets` can load, the demo.
+
+Every source yields the same raw schema, so preprocessing has one code path:
+`image` (a file path, or a `{"bytes", "path"}` dict), `caption` (str), `label` (str, "" when unknown),
+`source_row` (int, the row's position in its source, for error reports).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import datasets
+
+from ..config import DataConfig
+
+INDO_FASHION_FILES = {"train": "train_data.json", "validation": "val_data.json", "val": "val_data.json",
+                      "test": "test_data.json"}
+INDO_FASHION_FIELDS = ("image_path", "product_title", "class_label")
+RAW_FEATURES = datasets.Features({"image": datasets.Value("string"), "caption": datasets.Value("string"),
+                                  "label": datasets.Value("string"), "source_row": datasets.Value("int64")})
+
+
+@dataclass(frozen=True)
+class RawSplit:
+    """One split before preprocessing. `fingerprint` changes whenever the rows or the image files change."""
+
+    name: str
+    dataset: datasets.Dataset
+    fingerprint: str
+
+
+def default_demo_dir() -> str:
+    return os.path.join(datasets.config.HF_DATASETS_CACHE, "clip_accel", "demo-v1")
+
+
+def data_source_dir(config: DataConfig) -> str | None:
+    """The Indo-fashion-layout folder this run reads, if any (the demo is written in that layout too)."""
+    if config.demo:
+        return config.data_dir or default_demo_dir()
+    return config.data_dir
+
+
+def load_raw_split(config: DataConfig, split: str, max_samples: int | None) -> RawSplit:
+    folder = data_source_dir(config)
+    raw = read_indo_fashion(folder, split) if folder is not None else read_hub_dataset(config, split)
+    if max_samples is not None and max_samples < len(raw.dataset):
+        fingerprint = _hash(raw.fingerprint, "first", max_samples)
+        return RawSplit(split, raw.dataset.select(range(max_samples)), fingerprint)
+    return raw
+
+
+def read_indo_fashion(data_dir: str, split: str) -> RawSplit:
+    """Read `{train,val,test}_data.json` (JSON lines) from a folder in the Indo-fashion Kaggle layout.
+
+    A line that is not valid JSON or lacks a required field is an error naming the file and line: a broken
+    annotation file is a problem to fix, not data to skip. Image problems are found later, per row.
+    """
+    if split not in INDO_FASHION_FILES:
+        raise ValueError(f"Indo-fashion has the splits train, validation (val) and test; got {split!r}.")
+    path = os.path.join(data_dir, INDO_FASHION_FILES[split])
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing: --data_dir must hold train_data.json, val_data.json and "
+                         "test_data.json as in the Indo-fashion Kaggle download.")
+    rows = {name: [] for name in RAW_FEATURES}
+    with open(path, "rb") as handle:
+        content = handle.read()
+    for line_number, line in enumerate(content.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = _parse_line(line, path, line_number)
+        rows["image"].append(os.path.join(data_dir, record["image_path"]))
+        rows["caption"].append(str(record["product_title"]))
+        rows["label"].append(str(record["class_label"]))
+        rows["source_row"].append(line_number)
+    dataset = datasets.Dataset.from_dict(rows, features=RAW_FEATURES)
+    return RawSplit(split, dataset, _hash(hashlib.sha256(content).hexdigest(), _image_files_signature(rows["image"])))
+
+
+def _parse_line(line: str, path: str, line_number: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg}). Fix or delete that line.") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}.")
+    missing = [name for name in INDO_FASHION_FIELDS if name not in record]
+    if missing:
+        raise ValueError(f"{path}, line {line_number}: missing field(s) {missing}; every line needs "
+                         f"{list(INDO_FASHION_FIELDS)}.")
+    return record
+
+
+def _image_files_signature(paths: list[str]) -> str:
+    """Size and modification time of every image, so a fixed or replaced image file invalidates the cache."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}:missing\n".encode())
+    return digest.hexdigest()
+
+
+def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
+    """Load any `datasets` source and rename its columns to the raw schema."""
+    location = {}
+    if config.data_files is not None:
+        location = {"data_dir": config.data_files} if os.path.isdir(config.data_files) else {
+            "data_files": config.data_files}
+    splits = datasets.load_dataset(config.dataset_name, config.dataset_config_name, **location)
+    if split not in splits:
+        raise ValueError(f"{config.dataset_name} has no split {split!r}; it has {sorted(splits)}. "
+                         "Set --train_split/--validation_split/--test_split accordingly.")
+    dataset = splits[split]
+    wanted = {config.image_column: "image", config.caption_column: "caption"}
+    if config.label_column is not None:
+        wanted[config.label_column] = "label"
+    missing = [column for column in wanted if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{config.dataset_name}[{split}] has no column(s) {missing}; its columns are "
+                         f"{dataset.column_names}. Set --image_column/--caption_column/--label_column.")
+    if isinstance(dataset.features[config.image_column], datasets.Image):
+        # We decode ourselves (draft-mode JPEG, per-row error handling); hand over the encoded bytes.
+        dataset = dataset.cast_column(config.image_column, datasets.Image(decode=False))
+    dataset = dataset.select_columns(list(wanted)).rename_columns(wanted)
+    if "label" not in dataset.column_names:
+        dataset = dataset.add_column("label", [""] * len(dataset))
+    dataset = dataset.add_column("source_row", list(range(len(dataset))))
+    return RawSplit(split, dataset, _hash(dataset._fingerprint))
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]

@@ -1,0 +1,99 @@
+"""Embed a whole split on every process, gather it, and score retrieval once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from torch.utils.data import DataLoader
+
+from .config import RECALL_KS
+from .metrics import retrieval_metrics
+from .model import PixelNormalizer
+
+
+@torch.no_grad()
+def embed_split(
+    accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, normalizer: PixelNormalizer
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised (N, D) image and text embeddings of every pair of the split, in split order, on the CPU.
+
+    Gathered batch by batch with `gather_for_metrics`, which drops the samples Accelerate repeated to even out
+    the last batches (after the loop it could no longer tell which they were). Image and text embeddings of a
+    batch are gathered together so pairs stay aligned.
+    """
+    clip = accelerator.unwrap_model(model)
+    was_training = clip.training
+    clip.eval()
+    image_parts, text_parts = [], []
+    for batch in dataloader:
+        with accelerator.autocast():
+            image = clip.get_image_features(pixel_values=normalizer(batch["pixel_values"])).pooler_output
+            text = clip.get_text_features(input_ids=batch["input_ids"]).pooler_output
+        image, text = accelerator.gather_for_metrics((F.normalize(image.float(), dim=-1),
+                                                      F.normalize(text.float(), dim=-1)))
+        image_parts.append(image.cpu())
+        text_parts.append(text.cpu())
+    clip.train(was_training)
+    return torch.cat(image_parts), torch.cat(text_parts)
+
+
+def evaluate_retrieval(
+    accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, normalizer: PixelNormalizer
+) -> dict[str, float]:
+    """Recall@1/5/10 both ways plus mean/median rank over the whole split. Every process computes the same
+    numbers from the same gathered embeddings, so decisions taken on them (early stopping) agree everywhere."""
+    image_embeds, text_embeds = embed_split(accelerator, model, dataloader, normalizer)
+    metrics = retrieval_metrics(image_embeds, text_embeds, ks=RECALL_KS)
+    metrics["num_pairs"] = int(image_embeds.shape[0])
+    return metrics
+
+
+TABLE_COLUMNS = (("I2T R@1", "image_to_text_R@1"), ("T2I R@1", "text_to_image_R@1"),
+                 ("I2T R@5", "image_to_text_R@5"), ("T2I R@5", "text_to_image_R@5"),
+                 ("I2T R@10", "image_to_text_R@10"), ("T2I R@10", "text_to_image_R@10"),
+                 ("I2T med. rank", "image_to_text_median_rank"), ("T2I med. rank", "text_to_image_median_rank"))
+
+
+def format_results_table(rows: dict[str, dict[str, float]]) -> str:
+    """Markdown table, one row per (name -> metrics), columns as in the reference project's table."""
+    header = "| Model | Pairs | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
+    for name, metrics in rows.items():
+        cells = [f"{metrics[key]:.4f}" if "R@" in key else f"{metrics[key]:g}" for _, key in TABLE_COLUMNS]
+        lines.append(f"| {name} | {metrics.get('num_pairs', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(args) -> dict[str, float]:
+    """Score a saved folder or Hub id on one split, through the same data pipeline as training (scripts/evaluate.py).
+
+    With the folder and split a training run used, this reproduces that run's eval_results.json figures.
+    """
+    import json
+
+    from transformers import CLIPModel, CLIPProcessor
+
+    from .config import DataConfig
+    from .data import build_pair_datasets, load_raw_splits, make_dataloader
+    from .model import image_size_of
+
+    accelerator = Accelerator()
+    data_config = DataConfig(data_dir=args.data_dir, dataset_name=args.dataset_name, demo=args.demo,
+                             image_column=args.image_column, caption_column=args.caption_column,
+                             test_split=args.split, max_eval_samples=args.max_eval_samples)
+    model = CLIPModel.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+    processor = CLIPProcessor.from_pretrained(args.model_name_or_path)
+    raw = load_raw_splits(accelerator, data_config, roles=("test",))
+    pairs = build_pair_datasets(accelerator, data_config, raw, processor.tokenizer, image_size_of(model))
+    loader = make_dataloader(pairs["test"], args.per_device_eval_batch_size, train=False)
+    model, loader = accelerator.prepare(model, loader)
+    normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
+    metrics = evaluate_retrieval(accelerator, model, loader, normalizer.to(accelerator.device))
+    if accelerator.is_main_process:
+        get_logger(__name__).info("\n" + format_results_table({f"{args.model_name_or_path} ({args.split})": metrics}))
+        if args.output_file:
+            with open(args.output_file, "w") as handle:
+                json.dump(metrics, handle, indent=2)
+    return metrics

@@ -1,0 +1,284 @@
+"""The training loop: read it top to bottom like a recipe.
+
+train() = data -> model -> optimizer/schedule -> (evaluate the starting model) -> fit with early stopping
+        -> reload the best model -> final test evaluation -> files in OUTPUT/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import CLIPModel, get_scheduler
+
+from .config import DataConfig, ModelConfig, TrainConfig, config_to_dict
+from .data import build_pair_datasets, load_raw_splits, make_dataloader, write_skip_report
+from .evaluation import evaluate_retrieval, format_results_table
+from .loss import contrastive_loss
+from .model import PixelNormalizer, freeze_parameters, image_size_of, load_model_and_processor
+
+logger = get_logger(__name__)
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the inverse temperature; fp16 overflows without it
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best validation metric; `should_stop` after `patience` evaluations without improvement."""
+
+    metric: str
+    patience: int
+    min_delta: float
+    best_value: float = -math.inf
+    best_metrics: dict = field(default_factory=dict)
+    best_step: int = 0
+    evaluations_without_improvement: int = 0
+
+    def update(self, metrics: dict[str, float], step: int) -> bool:
+        improved = metrics[self.metric] > self.best_value + self.min_delta
+        if improved:
+            self.best_value, self.best_metrics, self.best_step = metrics[self.metric], dict(metrics), step
+            self.evaluations_without_improvement = 0
+        else:
+            self.evaluations_without_improvement += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.evaluations_without_improvement >= self.patience
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `train()`."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    processor: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: object
+    validation_loader: object
+    normalizer: PixelNormalizer
+    total_steps: int
+    steps_per_epoch: int
+    history: list = field(default_factory=list)
+
+
+def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> dict:
+    """Fine-tune, evaluate, save; returns the contents of OUTPUT/eval_results.json."""
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=config.report_to_list,
+        project_dir=config.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(config.seed)
+    _check_output_dir(config)
+    raw_splits = load_raw_splits(accelerator, data_config)
+    model, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
+    trainable, total = freeze_parameters(model, model_config.freeze, model_config.freeze_vision_layers)
+    pairs = build_pair_datasets(accelerator, data_config, raw_splits, processor.tokenizer, image_size_of(model))
+    if accelerator.is_main_process:
+        write_skip_report(pairs, raw_splits, config.output_dir)
+    global_batch = config.per_device_train_batch_size * accelerator.num_processes
+    if global_batch > len(pairs["train"]):
+        raise ValueError(f"The global batch ({global_batch} = per-device batch x {accelerator.num_processes} "
+                         f"processes) exceeds the {len(pairs['train'])} training pairs; lower "
+                         "--per_device_train_batch_size.")
+    loaders = [make_dataloader(pairs["train"], config.per_device_train_batch_size, train=True,
+                               num_workers=config.dataloader_num_workers)]
+    loaders += [make_dataloader(pairs[role], config.per_device_eval_batch_size, train=False,
+                                num_workers=config.dataloader_num_workers) for role in ("validation", "test")]
+    optimizer = build_optimizer(model, config, fused=accelerator.device.type == "cuda")
+    model, optimizer, train_loader, validation_loader, test_loader = accelerator.prepare(model, optimizer, *loaders)
+    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    total_steps = config.max_steps or config.num_train_epochs * steps_per_epoch
+    # Not handed to accelerator.prepare: its wrapper steps N times per optimizer step on N processes.
+    # We step it exactly once per optimizer step, so the schedule is in optimizer steps at any scale.
+    warmup_steps = config.warmup_steps or int(total_steps * config.warmup_ratio)
+    # "constant" in transformers ignores warmup; its warmup variant with 0 steps is the same constant schedule.
+    schedule = "constant_with_warmup" if config.lr_scheduler_type == "constant" else config.lr_scheduler_type
+    scheduler = get_scheduler(schedule, optimizer, warmup_steps, total_steps)
+    _log_startup(accelerator, config, trainable, total, total_steps, pairs)
+    accelerator.init_trackers("clip_accel", config={k: str(v) if v is None else v
+                                                    for k, v in config_to_dict(data_config, model_config,
+                                                                               config).items()})
+    normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
+    run = Run(config, accelerator, model, processor, optimizer, scheduler, train_loader, validation_loader,
+              normalizer.to(accelerator.device), total_steps, steps_per_epoch)
+    results = {}
+    if config.eval_initial_model:
+        results["initial"] = {"test": evaluate_retrieval(accelerator, model, test_loader, run.normalizer)}
+    early_stopping = fit(run)
+    _load_best_weights(run)
+    results["validation"] = early_stopping.best_metrics
+    results["test"] = evaluate_retrieval(accelerator, model, test_loader, run.normalizer)
+    results["training"] = _training_summary(run, early_stopping)
+    if accelerator.is_main_process:
+        _write_outputs(config.output_dir, results, run.history, config_to_dict(data_config, model_config, config))
+    accelerator.end_training()
+    return results
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only (DDP then never waits on frozen ones); biases, norms, the class
+    embedding and logit_scale (all < 2-D) get no weight decay."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 and "logit_scale" not in name else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                             eps=config.adam_epsilon, fused=fused)
+
+
+def compute_loss(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # Through the (DDP-)wrapped forward, so gradient synchronisation hooks fire.
+    outputs = run.model(input_ids=batch["input_ids"], pixel_values=run.normalizer(batch["pixel_values"]))
+    logit_scale = run.accelerator.unwrap_model(run.model).logit_scale
+    return contrastive_loss(outputs.image_embeds, outputs.text_embeds, logit_scale)
+
+
+def fit(run: Run) -> EarlyStopping:
+    """Micro-steps, clip, optimizer step, schedule, clamp, log, evaluate; until the step budget or early stop."""
+    accelerator, config = run.accelerator, run.config
+    early_stopping = EarlyStopping(config.early_stopping_metric, config.early_stopping_patience,
+                                   config.early_stopping_min_delta)
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    step, loss_sum, loss_count = 0, torch.zeros((), device=accelerator.device), 0
+    progress = tqdm(total=run.total_steps, desc="Training", disable=not accelerator.is_local_main_process)
+    for epoch in range(math.ceil(run.total_steps / run.steps_per_epoch)):
+        run.train_loader.set_epoch(epoch)
+        run.model.train()
+        for batch in run.train_loader:
+            with accelerator.accumulate(run.model):
+                loss = compute_loss(run, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()  # no .item() here: it would stall the GPU every micro-step
+            loss_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            if not accelerator.optimizer_step_was_skipped:
+                run.scheduler.step()
+            _clamp_logit_scale(run)
+            step += 1
+            progress.update(1)
+            if step % config.logging_steps == 0 or step == run.total_steps:
+                _log_training(run, step, epoch, accelerator.reduce(loss_sum / loss_count, "mean").item())
+                loss_sum.zero_()
+                loss_count = 0
+            if (config.eval_steps and step % config.eval_steps == 0) or (step == run.total_steps and config.eval_steps):
+                if _evaluate_and_keep_best(run, early_stopping, step, epoch):
+                    break
+            if step >= run.total_steps:
+                break
+        if not config.eval_steps and _evaluate_and_keep_best(run, early_stopping, step, epoch):
+            break
+        if step >= run.total_steps:
+            break
+    progress.close()
+    return early_stopping
+
+
+def _evaluate_and_keep_best(run: Run, early_stopping: EarlyStopping, step: int, epoch: int) -> bool:
+    """Evaluate on the validation split, save the model if it is the best so far; True when it is time to stop."""
+    metrics = evaluate_retrieval(run.accelerator, run.model, run.validation_loader, run.normalizer)
+    improved = early_stopping.update(metrics, step)
+    if improved:
+        save_model(run.accelerator, run.model, run.processor, run.config.output_dir)
+    record = {"step": step, "epoch": epoch + 1, **{f"eval_{k}": v for k, v in metrics.items()}}
+    run.history.append(record)
+    run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    logger.info(f"step {step}: validation {early_stopping.metric} = {metrics[early_stopping.metric]:.4f}"
+                + (" (best so far, saved)" if improved else
+                   f" (best {early_stopping.best_value:.4f} at step {early_stopping.best_step})"))
+    if early_stopping.should_stop:
+        logger.info(f"Early stopping: no improvement in {early_stopping.patience} evaluations.")
+    return early_stopping.should_stop
+
+
+def _log_training(run: Run, step: int, epoch: int, loss: float) -> None:
+    learning_rate = run.scheduler.get_last_lr()[0]
+    logit_scale = run.accelerator.unwrap_model(run.model).logit_scale.exp().item()
+    run.history.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": learning_rate,
+                        "logit_scale": logit_scale})
+    run.accelerator.log({"train/loss": loss, "train/learning_rate": learning_rate,
+                         "train/logit_scale": logit_scale}, step=step)
+    logger.info(f"step {step}/{run.total_steps} epoch {epoch + 1}: loss {loss:.4f} lr {learning_rate:.3g} "
+                f"logit_scale {logit_scale:.2f}")
+
+
+@torch.no_grad()
+def _clamp_logit_scale(run: Run) -> None:
+    run.accelerator.unwrap_model(run.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
+def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, output_dir: str) -> None:
+    """save_pretrained (safetensors) + processor into output_dir. Written to a temporary folder first and moved
+    into place file by file, so a crash mid-save leaves the previous best model readable."""
+    state_dict = accelerator.get_state_dict(model)  # every process: FSDP/DeepSpeed gather here
+    if accelerator.is_main_process:
+        staging = os.path.join(output_dir, ".staging-model")
+        os.makedirs(staging, exist_ok=True)
+        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
+        processor.save_pretrained(staging)
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        os.rmdir(staging)
+    accelerator.wait_for_everyone()
+
+
+def _load_best_weights(run: Run) -> None:
+    """The saved best model is what the final test evaluation measures and what users get."""
+    best = CLIPModel.from_pretrained(run.config.output_dir, dtype=torch.float32)
+    run.accelerator.unwrap_model(run.model).load_state_dict(best.state_dict())
+
+
+def _check_output_dir(config: TrainConfig) -> None:
+    taken = os.path.isfile(os.path.join(config.output_dir, "model.safetensors"))
+    if taken and not config.overwrite_output_dir:
+        raise ValueError(f"{config.output_dir} already holds a model. Choose another --output_dir or pass "
+                         "--overwrite_output_dir.")
+
+
+def _log_startup(accelerator, config: TrainConfig, trainable: int, total: int, total_steps: int, pairs) -> None:
+    per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    logger.info(f"Processes: {accelerator.num_processes} ({accelerator.distributed_type.value}) on "
+                f"{accelerator.device.type}; mixed precision: {accelerator.mixed_precision}")
+    logger.info(f"Global batch: {per_device * accelerator.num_processes * accumulation} = {per_device} per device "
+                f"x {accelerator.num_processes} processes x {accumulation} accumulation steps")
+    logger.info(f"Pairs: train {len(pairs['train'])}, validation {len(pairs['validation'])}, test "
+                f"{len(pairs['test'])}; optimizer steps: {total_steps}")
+    logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
+
+
+def _training_summary(run: Run, early_stopping: EarlyStopping) -> dict:
+    steps_done = max((r["step"] for r in run.history), default=0)
+    return {"optimizer_steps": steps_done, "planned_steps": run.total_steps, "best_step": early_stopping.best_step,
+            "early_stopping_metric": early_stopping.metric, "stopped_early": early_stopping.should_stop,
+            "num_processes": run.accelerator.num_processes, "mixed_precision": run.accelerator.mixed_precision,
+            "global_batch_size": run.config.per_device_train_batch_size * run.accelerator.num_processes
+            * run.config.gradient_accumulation_steps}
+
+
+def _write_outputs(output_dir: str, results: dict, history: list, resolved_config: dict) -> None:
+    files = {"eval_results.json": results, "log_history.json": history, "training_config.json": resolved_config}
+    for name, content in files.items():
+        with open(os.path.join(output_dir, name), "w") as handle:
+            json.dump(content, handle, indent=2)
+    rows = {"starting model (test)": results["initial"]["test"]} if "initial" in results else {}
+    rows.update({"fine-tuned (validation)": results["validation"], "fine-tuned (test)": results["test"]})
+    logger.info("Results\n" + format_results_table(rows))
