@@ -21,7 +21,7 @@ def train_main(args: list[str] | None = None) -> dict:
 
     data_config, model_config, train_config = parse_config(args)
     _setup_logging()
-    return train(data_config, model_config, train_config)
+    return train(data_config, model_config, train_config).metrics
 
 
 def evaluate_main(args: list[str] | None = None) -> dict:

@@ -55,6 +55,15 @@ class EarlyStopping:
 
 
 @dataclass
+class TrainingResult:
+    """What `train()` hands back: the eval_results.json contents and the best model, in memory."""
+
+    metrics: dict
+    model: CLIPModel
+    processor: object
+
+
+@dataclass
 class Run:
     """Everything the loop needs, built once by `train()`."""
 
@@ -72,8 +81,8 @@ class Run:
     history: list = field(default_factory=list)
 
 
-def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> dict:
-    """Fine-tune, evaluate, save; returns the contents of OUTPUT/eval_results.json."""
+def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> TrainingResult:
+    """Fine-tune, evaluate, save to OUTPUT/; returns the metrics and the best model."""
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -126,7 +135,7 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
     if accelerator.is_main_process:
         _write_outputs(config.output_dir, results, run.history, config_to_dict(data_config, model_config, config))
     accelerator.end_training()
-    return results
+    return TrainingResult(results, accelerator.unwrap_model(model), processor)
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -153,44 +162,49 @@ def fit(run: Run) -> EarlyStopping:
     accelerator, config = run.accelerator, run.config
     early_stopping = EarlyStopping(config.early_stopping_metric, config.early_stopping_patience,
                                    config.early_stopping_min_delta)
-    trainable = [p for p in run.model.parameters() if p.requires_grad]
-    step, loss_sum, loss_count = 0, torch.zeros((), device=accelerator.device), 0
+    step, epoch, done, losses = 0, 0, False, []
     progress = tqdm(total=run.total_steps, desc="Training", disable=not accelerator.is_local_main_process)
-    for epoch in range(math.ceil(run.total_steps / run.steps_per_epoch)):
+    while not done:
         run.train_loader.set_epoch(epoch)
         run.model.train()
         for batch in run.train_loader:
-            with accelerator.accumulate(run.model):
-                loss = compute_loss(run, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()  # no .item() here: it would stall the GPU every micro-step
-            loss_count += 1
+            losses.append(train_micro_step(run, batch))
             if not accelerator.sync_gradients:
-                continue
-            if not accelerator.optimizer_step_was_skipped:
-                run.scheduler.step()
-            _clamp_logit_scale(run)
+                continue  # still accumulating: no optimizer step happened
             step += 1
             progress.update(1)
-            if step % config.logging_steps == 0 or step == run.total_steps:
-                _log_training(run, step, epoch, accelerator.reduce(loss_sum / loss_count, "mean").item())
-                loss_sum.zero_()
-                loss_count = 0
-            if (config.eval_steps and step % config.eval_steps == 0) or (step == run.total_steps and config.eval_steps):
-                if _evaluate_and_keep_best(run, early_stopping, step, epoch):
-                    break
-            if step >= run.total_steps:
+            done = step >= run.total_steps
+            if step % config.logging_steps == 0 or done:
+                # The only host-device sync of the step, once per logging interval.
+                _log_training(run, step, epoch, accelerator.reduce(torch.stack(losses).mean(), "mean").item())
+                losses = []
+            if config.eval_steps and (step % config.eval_steps == 0 or done):
+                done = _evaluate_and_keep_best(run, early_stopping, step, epoch) or done
+            if done:
                 break
-        if not config.eval_steps and _evaluate_and_keep_best(run, early_stopping, step, epoch):
-            break
-        if step >= run.total_steps:
-            break
+        if not config.eval_steps:
+            done = _evaluate_and_keep_best(run, early_stopping, step, epoch) or done
+        epoch += 1
     progress.close()
     return early_stopping
+
+
+def train_micro_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward, backward, and on the last micro-batch of an accumulation: clip, step, schedule, clamp."""
+    accelerator = run.accelerator
+    with accelerator.accumulate(run.model):
+        loss = compute_loss(run, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and run.config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
+        run.optimizer.step()  # the prepared optimizer only steps when gradients are synchronised
+        run.optimizer.zero_grad(set_to_none=True)
+    if accelerator.sync_gradients:
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the step
+            run.scheduler.step()
+        with torch.no_grad():
+            accelerator.unwrap_model(run.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return loss.detach()
 
 
 def _evaluate_and_keep_best(run: Run, early_stopping: EarlyStopping, step: int, epoch: int) -> bool:
@@ -219,11 +233,6 @@ def _log_training(run: Run, step: int, epoch: int, loss: float) -> None:
                          "train/logit_scale": logit_scale}, step=step)
     logger.info(f"step {step}/{run.total_steps} epoch {epoch + 1}: loss {loss:.4f} lr {learning_rate:.3g} "
                 f"logit_scale {logit_scale:.2f}")
-
-
-@torch.no_grad()
-def _clamp_logit_scale(run: Run) -> None:
-    run.accelerator.unwrap_model(run.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
 def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, output_dir: str) -> None:

@@ -1,0 +1,69 @@
+"""Shared fixtures: everything offline, everything tiny, everything built in-process."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before datasets/huggingface_hub are imported: no Hub access, and a private datasets cache per test session.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="clip-accel-test-cache-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from transformers import CLIPConfig  # noqa: E402
+
+from clip_accel.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from clip_accel.data.demo import write_demo_dataset  # noqa: E402
+from clip_accel.tokenizer import build_offline_tokenizer  # noqa: E402
+
+TINY_IMAGE_SIZE = 32
+
+
+def tiny_clip_config(vocab_size: int = 600, eos_token_id: int = 2) -> CLIPConfig:
+    """Hidden size 32, 2 layers per tower, 32 px images with 8 px patches."""
+    common = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    return CLIPConfig(
+        text_config={**common, "vocab_size": vocab_size, "max_position_embeddings": 77, "eos_token_id": eos_token_id},
+        vision_config={**common, "image_size": TINY_IMAGE_SIZE, "patch_size": 8},
+        projection_dim=16,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> str:
+    """A small demo catalogue in the Indo-fashion layout (shared, read-only for tests)."""
+    root = tmp_path_factory.mktemp("demo") / "indo-fashion-demo"
+    write_demo_dataset(root, num_train=192, num_val=45, num_test=45, image_size=48, seed=0)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config_path(tmp_path_factory) -> str:
+    """A CLIPConfig JSON for --model_config (vocab size and special ids are set from the offline tokenizer)."""
+    path = tmp_path_factory.mktemp("model") / "clip-test.json"
+    path.write_text(tiny_clip_config().to_json_string())
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def offline_tokenizer():
+    captions = ["Women's red striped cotton kurta with gold border", "Men's black checked sherwani, maroon trim",
+                "Blue polka dot silk saree for women with silver border by Kesar Lane"]
+    return build_offline_tokenizer(captions * 2)
+
+
+@pytest.fixture
+def make_configs(demo_dir, tiny_model_config_path, tmp_path):
+    """Configs for a quick from-scratch demo run; keyword arguments override any field."""
+
+    def build(**overrides) -> tuple[DataConfig, ModelConfig, TrainConfig]:
+        values = {"data_dir": demo_dir, "cache_dir": str(tmp_path / "cache"), "model_config": tiny_model_config_path,
+                  "output_dir": str(tmp_path / "out"), "num_train_epochs": 2, "per_device_train_batch_size": 32,
+                  "per_device_eval_batch_size": 32, "learning_rate": 2e-3, "logging_steps": 1, "seed": 0}
+        values.update(overrides)
+        split = {cls: {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+                 for cls in (DataConfig, ModelConfig, TrainConfig)}
+        return DataConfig(**split[DataConfig]), ModelConfig(**split[ModelConfig]), TrainConfig(**split[TrainConfig])
+
+    return build

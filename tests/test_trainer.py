@@ -1,0 +1,122 @@
+"""End-to-end training on the tiny demo: recall rises, outputs load back, numbers reproduce."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from transformers import CLIPModel, CLIPProcessor
+
+from clip_accel.cli import evaluate_main
+from clip_accel.trainer import EarlyStopping, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_dir, tiny_model_config_path):
+    """One short demo run shared by the tests that only read its outputs."""
+    from clip_accel.config import DataConfig, ModelConfig, TrainConfig
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    configs = (
+        DataConfig(data_dir=demo_dir, cache_dir=str(out.parent / "cache")),
+        ModelConfig(model_config=tiny_model_config_path),
+        TrainConfig(output_dir=str(out), num_train_epochs=6, per_device_train_batch_size=32,
+                    per_device_eval_batch_size=32, learning_rate=2e-3, warmup_steps=3, lr_scheduler_type="linear",
+                    logging_steps=1, seed=0, early_stopping_patience=0),
+    )
+    return configs, train(*configs)
+
+
+def test_training_raises_recall_above_the_untrained_model(trained):
+    _, result = trained
+    initial, final = result.metrics["initial"]["test"], result.metrics["test"]
+    assert final["mean_R@1"] > initial["mean_R@1"]
+    assert final["image_to_text_R@5"] > initial["image_to_text_R@5"]
+    chance = 1 / final["num_pairs"]
+    assert final["image_to_text_R@1"] > 2 * chance and final["text_to_image_R@1"] > 2 * chance
+
+
+def test_output_folder_loads_with_from_pretrained_and_gives_the_same_embeddings(trained, demo_dir):
+    (_, _, train_config), result = trained
+    model = CLIPModel.from_pretrained(train_config.output_dir)
+    processor = CLIPProcessor.from_pretrained(train_config.output_dir)
+    inputs = processor(text=["Women's red striped cotton kurta with gold border", "Men's blue sherwani"],
+                       images=[torch.zeros(3, 48, 48, dtype=torch.uint8).numpy().transpose(1, 2, 0)] * 2,
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        loaded = model(**inputs)
+        in_memory = result.model.eval()(**inputs)
+    torch.testing.assert_close(loaded.image_embeds, in_memory.image_embeds, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.text_embeds, in_memory.text_embeds, rtol=0, atol=0)
+    saved = set(os.listdir(train_config.output_dir))
+    assert {"model.safetensors", "config.json", "tokenizer.json", "processor_config.json", "eval_results.json",
+            "training_config.json", "log_history.json", "skipped_rows.jsonl"} <= saved, saved
+
+
+def test_eval_results_file_matches_the_returned_metrics(trained):
+    (_, _, train_config), result = trained
+    with open(os.path.join(train_config.output_dir, "eval_results.json")) as handle:
+        assert json.load(handle) == json.loads(json.dumps(result.metrics))
+
+
+def test_evaluate_script_reproduces_eval_results(trained, demo_dir, tmp_path):
+    (_, _, train_config), result = trained
+    out_file = tmp_path / "metrics.json"
+    metrics = evaluate_main(["--model_name_or_path", train_config.output_dir, "--data_dir", demo_dir,
+                             "--split", "test", "--per_device_eval_batch_size", "32",
+                             "--output_file", str(out_file)])
+    assert metrics == result.metrics["test"]
+    assert json.loads(out_file.read_text()) == metrics
+
+
+def test_learning_rate_follows_the_schedule_in_optimizer_steps(trained):
+    (_, _, train_config), result = trained
+    history = [r for r in json.load(open(os.path.join(train_config.output_dir, "log_history.json"))) if "loss" in r]
+    total = result.metrics["training"]["planned_steps"]
+    assert [r["step"] for r in history] == list(range(1, total + 1))
+    peak, warmup = train_config.learning_rate, train_config.warmup_steps
+    expected = [peak * min(s / warmup, (total - s) / (total - warmup)) for s in range(1, total + 1)]
+    assert [r["learning_rate"] for r in history] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert history[-1]["learning_rate"] == 0.0
+    assert all(math.isfinite(r["loss"]) and r["logit_scale"] <= 100.0 + 1e-4 for r in history)
+
+
+def test_same_config_gives_the_same_numbers(trained, tmp_path):
+    (data_config, model_config, train_config), result = trained
+    again = train(data_config, model_config,
+                  type(train_config)(**{**train_config.__dict__, "output_dir": str(tmp_path / "again")}))
+    assert again.metrics["test"] == result.metrics["test"]
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best(make_configs):
+    # A learning rate too small to move the metric: the first evaluation is the best, then patience runs out.
+    result = train(*make_configs(learning_rate=1e-12, eval_steps=1, early_stopping_patience=2,
+                                 num_train_epochs=5, eval_initial_model=False))
+    training = result.metrics["training"]
+    assert training["stopped_early"] and training["best_step"] == 1 and training["optimizer_steps"] == 3
+
+
+def test_early_stopping_rule():
+    stopper = EarlyStopping("mean_R@1", patience=2, min_delta=0.01)
+    assert stopper.update({"mean_R@1": 0.10}, step=1)
+    assert not stopper.update({"mean_R@1": 0.105}, step=2)  # below min_delta: not an improvement
+    assert not stopper.should_stop
+    assert stopper.update({"mean_R@1": 0.2}, step=3) and stopper.best_step == 3
+    stopper.update({"mean_R@1": 0.1}, step=4)
+    stopper.update({"mean_R@1": 0.1}, step=5)
+    assert stopper.should_stop and stopper.best_metrics == {"mean_R@1": 0.2}
+
+
+def test_refuses_to_overwrite_a_finished_run(make_configs, trained):
+    (_, _, train_config), _ = trained
+    with pytest.raises(ValueError, match="--overwrite_output_dir"):
+        train(*make_configs(output_dir=train_config.output_dir))
+
+
+def test_tensorboard_tracking_writes_event_files(make_configs, tmp_path):
+    train(*make_configs(report_to="tensorboard", num_train_epochs=1, eval_initial_model=False))
+    events = [name for _, _, names in os.walk(tmp_path / "out") for name in names if "tfevents" in name]
+    assert events
