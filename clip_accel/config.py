@@ -150,6 +150,12 @@ class TrainConfig:
         default="none", metadata={"help": "Trackers for accelerate: 'none', 'all', or a comma list (tensorboard, ...)."}
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Publish the output folder to the Hugging Face Hub at the end (one commit). "
+                                         "Access is checked before training starts."}
+    )
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo to push to, e.g. 'you/clip-indo-fashion'."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 
     def __post_init__(self) -> None:
         for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -161,6 +167,8 @@ class TrainConfig:
         _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         _require(self.max_grad_norm >= 0, "--max_grad_norm must be 0 (off) or positive.")
         _require(self.weight_decay >= 0, "--weight_decay must be 0 or positive.")
+        _require(not self.push_to_hub or bool(self.hub_model_id),
+                 "--push_to_hub needs --hub_model_id (e.g. --hub_model_id your-name/clip-indo-fashion).")
         _require(self.early_stopping_metric in METRIC_NAMES,
                  f"--early_stopping_metric {self.early_stopping_metric!r} is not a metric; use one of {METRIC_NAMES}.")
 

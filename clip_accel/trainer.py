@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import CLIPModel, get_scheduler
 
+from . import hub
 from .config import DataConfig, ModelConfig, TrainConfig, config_to_dict
 from .data import build_pair_datasets, load_raw_splits, make_dataloader, write_skip_report
 from .evaluation import evaluate_retrieval, format_results_table
@@ -92,6 +93,8 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
     )
     set_seed(config.seed)
     _check_output_dir(config)
+    if config.push_to_hub:  # fail fast: before any image is decoded or any step is taken
+        hub.check_hub_access(config.hub_model_id, private=config.hub_private)
     raw_splits = load_raw_splits(accelerator, data_config)
     model, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
     trainable, total = freeze_parameters(model, model_config.freeze, model_config.freeze_vision_layers)
@@ -134,6 +137,9 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
     results["training"] = _training_summary(run, early_stopping)
     if accelerator.is_main_process:
         _write_outputs(config.output_dir, results, run.history, config_to_dict(data_config, model_config, config))
+        hub.write_model_card(config.output_dir, repo_id=config.hub_model_id)
+        if config.push_to_hub:
+            hub.push_output_dir(config.output_dir, config.hub_model_id, private=config.hub_private)
     accelerator.end_training()
     return TrainingResult(results, accelerator.unwrap_model(model), processor)
 

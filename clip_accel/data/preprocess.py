@@ -48,8 +48,12 @@ def load_rgb_image(source: str | dict, image_size: int) -> np.ndarray:
         image.draft("RGB", (image_size, image_size))
         image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA") else image.convert("RGB")
     width, height = image.size
-    scale = image_size / min(width, height)
-    resized = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+    # Same arithmetic as CLIPImageProcessor (long edge = int(size * long / short)), so training sees the pixels
+    # that CLIPProcessor gives users at inference.
+    if width <= height:
+        resized = (image_size, int(image_size * height / width))
+    else:
+        resized = (int(image_size * width / height), image_size)
     image = image.resize(resized, Image.Resampling.BICUBIC)
     left, top = (resized[0] - image_size) // 2, (resized[1] - image_size) // 2
     image = image.crop((left, top, left + image_size, top + image_size))
@@ -86,7 +90,12 @@ class PairPreprocessor:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:32]
+    """Hash of what decides the token ids. Truncation and padding are left out: calling the tokenizer changes
+    them on the backend, which would otherwise give every run a new fingerprint and never reuse the cache."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def preprocess_split(raw: RawSplit, tokenizer, image_size: int, cache_dir: str, num_proc: int = 1) -> datasets.Dataset:

@@ -1,0 +1,60 @@
+"""Batches straight from the cache: same bytes as the rows, padded to the longest caption, bad rows left out."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import torch
+
+from clip_accel.data.loader import PairDataset, make_dataloader
+from clip_accel.data.preprocess import cached_features
+
+SIDE = 4
+PAD = 99
+
+
+def _cached(tmp_path, reasons: list[str], chunk_rows: int) -> datasets.Dataset:
+    """A cached split written in several Arrow chunks, as the real map writes large splits."""
+    rows = {"pixel_values": [np.full(SIDE * SIDE * 3, i, np.uint8) for i in range(len(reasons))],
+            "input_ids": [list(range(1, 2 + i % 4)) for i in range(len(reasons))],
+            "caption": [f"caption {i}" for i in range(len(reasons))], "label": ["x"] * len(reasons),
+            "source_row": list(range(10, 10 + len(reasons))), "skip_reason": reasons}
+    dataset = datasets.Dataset.from_dict(rows, features=cached_features(SIDE))
+    path = str(tmp_path / "cache.arrow")
+    return dataset.map(lambda batch: batch, batched=True, cache_file_name=path, writer_batch_size=chunk_rows)
+
+
+def test_batches_hold_the_cached_rows_and_skip_bad_ones(tmp_path):
+    reasons = ["", "", "unreadable image: OSError", "", "", "", "empty caption", ""]
+    pairs = PairDataset(_cached(tmp_path, reasons, chunk_rows=3), pad_token_id=PAD)
+    assert len(pairs.pixel_chunks) == 3  # really spans chunks
+    assert len(pairs) == 6
+    batch = pairs.__getitems__([5, 0, 3])  # usable rows 7, 0, 4
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (3, SIDE, SIDE, 3)
+    assert [int(image[0, 0, 0]) for image in batch["pixel_values"]] == [7, 0, 4]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [1, PAD, PAD, PAD], [1, PAD, PAD, PAD]]
+    assert pairs.skipped_rows() == [{"source_row": 12, "reason": "unreadable image: OSError"},
+                                    {"source_row": 16, "reason": "empty caption"}]
+    assert pairs.column("caption")[:2] == ["caption 0", "caption 1"]
+
+
+def test_pixels_are_zero_copy_views_of_the_cache(tmp_path):
+    cached = _cached(tmp_path, [""] * 4, chunk_rows=4)
+    pairs = PairDataset(cached, pad_token_id=PAD)
+    values = cached.data.table.column("pixel_values").chunks[0].flatten()
+    assert pairs.pixel_chunks[0].ctypes.data == values.buffers()[1].address + values.offset
+
+
+def test_single_items_work_for_code_that_indexes(tmp_path):
+    pairs = PairDataset(_cached(tmp_path, [""] * 3, chunk_rows=2), pad_token_id=PAD)
+    assert int(pairs[2]["pixel_values"][0, 0, 0]) == 2 and pairs[2]["input_ids"].tolist() == [1, 2, 3]
+
+
+def test_training_loader_drops_the_partial_batch_and_evaluation_keeps_it(tmp_path):
+    pairs = PairDataset(_cached(tmp_path, [""] * 10, chunk_rows=4), pad_token_id=PAD)
+    train_sizes = [len(b["input_ids"]) for b in make_dataloader(pairs, 4, train=True)]
+    eval_batches = list(make_dataloader(pairs, 4, train=False))
+    assert train_sizes == [4, 4]
+    assert [len(b["input_ids"]) for b in eval_batches] == [4, 4, 2]
+    order = [int(image[0, 0, 0]) for b in eval_batches for image in b["pixel_values"]]
+    assert order == list(range(10))

@@ -1,0 +1,213 @@
+"""Tests for clip_accel.metrics: chunked retrieval ranks against a plain reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clip_accel.metrics import positive_ranks, retrieval_metrics
+
+
+def _normed(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def _reference_ranks(query: torch.Tensor, cand: torch.Tensor) -> np.ndarray:
+    """Brute force over the full similarity matrix with Python loops, counting >=."""
+    sims = query.double().numpy() @ cand.double().numpy().T
+    n = sims.shape[0]
+    ranks = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        ranks[i] = sum(1 for j in range(n) if j != i and sims[i, j] >= sims[i, i])
+    return ranks
+
+
+def _reference_metrics(img: torch.Tensor, txt: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, (q, c) in {"image_to_text": (img, txt), "text_to_image": (txt, img)}.items():
+        r = _reference_ranks(q, c)
+        for k in ks:
+            out[f"{name}_R@{k}"] = float(np.mean(r < k))
+        out[f"{name}_mean_rank"] = float(np.mean(r + 1))
+        out[f"{name}_median_rank"] = float(np.median(r + 1))
+    out["mean_R@1"] = (out["image_to_text_R@1"] + out["text_to_image_R@1"]) / 2
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 13, 50, 64])
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 1000])
+def test_matches_bruteforce_reference(n: int, chunk_size: int) -> None:
+    # Correlated pairs so ranks spread over the whole range instead of all being 0.
+    img = _normed(n, 8, seed=n)
+    txt = img + 0.8 * _normed(n, 8, seed=n + 1000)
+    txt = txt / txt.norm(dim=1, keepdim=True)
+    got = positive_ranks(img, txt, chunk_size=chunk_size)
+    assert got.dtype == torch.long and got.shape == (n,)
+    np.testing.assert_array_equal(got.numpy(), _reference_ranks(img, txt))
+
+    ks = (1, 5, 10)
+    metrics = retrieval_metrics(img, txt, ks=ks, chunk_size=chunk_size)
+    expected = _reference_metrics(img, txt, ks)
+    assert metrics.keys() == expected.keys()
+    for key, value in expected.items():
+        assert type(metrics[key]) is float
+        assert metrics[key] == pytest.approx(value, abs=1e-12), key
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_matches_reference_with_many_exact_ties(chunk_size: int) -> None:
+    # Small integer entries: dot products are exact in float32, so ties are real ties.
+    g = torch.Generator().manual_seed(3)
+    img = torch.randint(-1, 2, (30, 3), generator=g).float()
+    txt = torch.randint(-1, 2, (30, 3), generator=g).float()
+    for q, c in ((img, txt), (txt, img)):
+        got = positive_ranks(q, c, chunk_size=chunk_size).numpy()
+        np.testing.assert_array_equal(got, _reference_ranks(q, c))
+    got_m = retrieval_metrics(img, txt, ks=(1, 3), chunk_size=chunk_size)
+    assert got_m == pytest.approx(_reference_metrics(img, txt, (1, 3)), abs=1e-12)
+
+
+def test_perfect_alignment() -> None:
+    emb = torch.eye(6)
+    m = retrieval_metrics(emb, emb.clone())
+    for direction in ("image_to_text", "text_to_image"):
+        assert m[f"{direction}_R@1"] == 1.0
+        assert m[f"{direction}_mean_rank"] == 1.0
+        assert m[f"{direction}_median_rank"] == 1.0
+    assert m["mean_R@1"] == 1.0
+
+
+def test_hand_crafted_ranks() -> None:
+    # Queries along the axes, so row i of scores is column i of the candidates:
+    # q0 -> [0.5, 1.0, 0.0]: c1 beats the positive 0.5          -> rank 1
+    # q1 -> [0.0, 0.9, 0.0]: positive is best                    -> rank 0
+    # q2 -> [0.8, 0.2, 0.1]: c0 and c1 both beat the positive     -> rank 2
+    query = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    cand = torch.tensor([[0.5, 0.0, 0.8], [1.0, 0.9, 0.2], [0.0, 0.0, 0.1]])
+    assert positive_ranks(query, cand).tolist() == [1, 0, 2]
+    m = retrieval_metrics(query, cand, ks=(1, 2, 3))
+    assert m["image_to_text_R@1"] == pytest.approx(1 / 3)
+    assert m["image_to_text_R@2"] == pytest.approx(2 / 3)
+    assert m["image_to_text_R@3"] == 1.0
+    assert m["image_to_text_mean_rank"] == pytest.approx(2.0)  # 1-based: (2 + 1 + 3) / 3
+    assert m["image_to_text_median_rank"] == 2.0
+
+
+def test_even_n_median_is_numpy_median() -> None:
+    # Ranks (0-based) [1, 0, 0, 1] -> 1-based [2, 1, 1, 2]; numpy median = 1.5.
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    cand = torch.tensor([[0.5, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 0.5]])
+    ranks = positive_ranks(query, cand)
+    assert ranks.tolist() == [1, 0, 0, 1]
+    assert retrieval_metrics(query, cand)["image_to_text_median_rank"] == 1.5
+
+
+def test_all_equal_embeddings_score_zero() -> None:
+    emb = torch.ones(5, 4) / 2.0
+    assert positive_ranks(emb, emb).tolist() == [4] * 5
+    m = retrieval_metrics(emb, emb, ks=(1, 5))
+    assert m["image_to_text_R@1"] == 0.0 and m["text_to_image_R@1"] == 0.0
+    assert m["mean_R@1"] == 0.0
+    assert m["image_to_text_R@5"] == 1.0  # k >= N: every rank < N
+    assert m["image_to_text_mean_rank"] == 5.0
+
+
+def test_single_tie_counts_against_query() -> None:
+    # Candidate 1 scores exactly as high as q0's positive; nothing else ties.
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    cand = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])
+    ranks = positive_ranks(query, cand)
+    assert ranks.tolist() == [1, 0, 0]
+    assert retrieval_metrics(query, cand)["image_to_text_R@1"] == pytest.approx(2 / 3)
+
+
+def test_k_larger_than_n_is_one() -> None:
+    img, txt = _normed(4, 8, seed=1), _normed(4, 8, seed=2)
+    m = retrieval_metrics(img, txt, ks=(1, 4, 5, 100))
+    for direction in ("image_to_text", "text_to_image"):
+        assert m[f"{direction}_R@4"] == 1.0
+        assert m[f"{direction}_R@5"] == 1.0
+        assert m[f"{direction}_R@100"] == 1.0
+
+
+def test_mean_r1_reported_without_k1() -> None:
+    emb = torch.eye(3)
+    m = retrieval_metrics(emb, emb, ks=(5,))
+    assert m["mean_R@1"] == 1.0
+    assert "image_to_text_R@1" not in m
+
+
+def test_directions_differ_on_asymmetric_example() -> None:
+    # Image 1 sits between text 0 and text 1 but closer to text 0:
+    # image->text: img1 prefers txt0 -> rank 1; img0 ranks its own text first.
+    # text->image: txt0 prefers img0 (1.0 > 0.8), txt1 prefers img1 -> all rank 0.
+    img = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert positive_ranks(img, txt).tolist() == [0, 1]
+    assert positive_ranks(txt, img).tolist() == [0, 0]
+    m = retrieval_metrics(img, txt)
+    assert m["image_to_text_R@1"] == 0.5
+    assert m["text_to_image_R@1"] == 1.0
+    assert m["mean_R@1"] == 0.75
+    assert m["image_to_text_mean_rank"] == 1.5
+    assert m["text_to_image_mean_rank"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_match_float32(dtype: torch.dtype) -> None:
+    # Well separated: text = image + small noise, with few pairs in high dimension,
+    # so score gaps are far larger than fp16/bf16 rounding.
+    n, d = 40, 64
+    img = _normed(n, d, seed=7)
+    txt = img + 0.3 * _normed(n, d, seed=8)
+    txt = txt / txt.norm(dim=1, keepdim=True)
+    ref = positive_ranks(img, txt, chunk_size=9)
+    assert ref.eq(0).all()  # sanity: the example really is well separated
+    low = positive_ranks(img.to(dtype), txt.to(dtype), chunk_size=9)
+    assert torch.equal(low, ref)
+    assert retrieval_metrics(img.to(dtype), txt.to(dtype)) == retrieval_metrics(img, txt)
+
+    # An imperfect model too: img_i = e_i, txt_i ~ e_i + w_i e_{i+1}. With w in
+    # {0.3, 3} the scores are {0.958, 0.287} or {0.316, 0.949}, so ranks 0 and 1
+    # both occur and every gap (>= 0.029) dwarfs bf16 rounding (~0.004).
+    w = torch.tensor([0.3, 3.0, 3.0, 0.3, 3.0, 0.3, 0.3, 3.0])
+    m = len(w)
+    img = torch.eye(m)
+    txt = torch.eye(m) + w[:, None] * torch.eye(m).roll(1, dims=1)
+    txt = txt / txt.norm(dim=1, keepdim=True)
+    ref = positive_ranks(img, txt, chunk_size=3)
+    assert set(ref.tolist()) == {0, 1}
+    assert torch.equal(positive_ranks(img.to(dtype), txt.to(dtype), chunk_size=3), ref)
+    assert torch.equal(positive_ranks(txt.to(dtype), img.to(dtype)), positive_ranks(txt, img))
+
+
+@pytest.mark.parametrize(
+    "img, txt, kwargs",
+    [
+        (torch.zeros(4), torch.zeros(4), {}),  # 1-D
+        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), {}),  # 3-D
+        (torch.zeros(4, 3), torch.zeros(5, 3), {}),  # different N
+        (torch.zeros(4, 3), torch.zeros(4, 2), {}),  # different D
+        (torch.zeros(0, 3), torch.zeros(0, 3), {}),  # N == 0
+        (torch.zeros(4, 3), torch.zeros(4, 3), {"ks": (1, 0)}),
+        (torch.zeros(4, 3), torch.zeros(4, 3), {"ks": (-1,)}),
+        (torch.zeros(4, 3), torch.zeros(4, 3), {"ks": (1.5,)}),
+        (torch.zeros(4, 3), torch.zeros(4, 3), {"ks": ()}),
+        (torch.zeros(4, 3), torch.zeros(4, 3), {"chunk_size": 0}),
+    ],
+)
+def test_bad_inputs_raise(img: torch.Tensor, txt: torch.Tensor, kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        retrieval_metrics(img, txt, **kwargs)
+    if "ks" not in kwargs:
+        with pytest.raises(ValueError):
+            positive_ranks(img, txt, **kwargs)
+
+
+def test_nan_positive_gets_worst_rank() -> None:
+    query = torch.eye(3)
+    query[1] = float("nan")
+    assert positive_ranks(query, torch.eye(3)).tolist() == [0, 2, 0]

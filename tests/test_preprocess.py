@@ -1,0 +1,88 @@
+"""The cached preprocessing pass: uint8 pixels, unpadded tokens, bad rows marked, and a cache that is reused."""
+
+from __future__ import annotations
+
+import io
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_accel.data import preprocess
+from clip_accel.data.preprocess import load_rgb_image, preprocess_split
+from clip_accel.data.sources import RAW_FEATURES, RawSplit
+
+
+def _raw(tmp_path, images: list, captions: list[str], name: str = "train") -> RawSplit:
+    paths = []
+    for index, image in enumerate(images):
+        path = tmp_path / f"{name}-{index}.img"
+        if isinstance(image, bytes):
+            path.write_bytes(image)
+        elif image is not None:
+            image.save(path, format="PNG" if image.mode in ("P", "RGBA", "L", "I;16") else "JPEG")
+        paths.append(str(path))
+    rows = {"image": paths, "caption": captions, "label": ["x"] * len(paths), "source_row": list(range(len(paths)))}
+    return RawSplit(name, datasets.Dataset.from_dict(rows, features=RAW_FEATURES), f"fp-{name}-{len(paths)}")
+
+
+def test_pixels_are_uint8_at_model_resolution_and_tokens_unpadded(tmp_path, offline_tokenizer):
+    raw = _raw(tmp_path, [Image.new("RGB", (60, 40), "red"), Image.new("RGB", (40, 90), "blue")],
+               ["red striped kurta", " ".join(["red"] * 150)])
+    cached = preprocess_split(raw, offline_tokenizer, 16, str(tmp_path / "cache"))
+    assert cached.features["pixel_values"].feature.dtype == "uint8"
+    first = np.asarray(cached[0]["pixel_values"], dtype=np.uint8).reshape(16, 16, 3)
+    assert (np.abs(first.astype(int) - [254, 0, 0]) <= 2).all()
+    short, long = cached[0]["input_ids"], cached[1]["input_ids"]
+    assert short == offline_tokenizer("red striped kurta")["input_ids"]
+    assert len(long) == 77 and long[-1] == offline_tokenizer.eos_token_id
+    assert cached["skip_reason"] == ["", ""]
+
+
+def test_a_second_identical_run_reuses_the_cache_and_decodes_nothing(tmp_path, offline_tokenizer, monkeypatch):
+    raw = _raw(tmp_path, [Image.new("RGB", (30, 30), "green")] * 3, ["a", "b", "c"])
+    first = preprocess_split(raw, offline_tokenizer, 16, str(tmp_path / "cache"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was decoded on a cached run")
+
+    monkeypatch.setattr(preprocess.Image, "open", refuse)
+    again = preprocess_split(raw, offline_tokenizer, 16, str(tmp_path / "cache"))
+    assert again.cache_files == first.cache_files
+    assert again["pixel_values"] == first["pixel_values"]
+
+
+def test_cache_is_not_reused_when_resolution_tokenizer_or_rows_change(tmp_path, offline_tokenizer):
+    from clip_accel.tokenizer import build_offline_tokenizer
+
+    raw = _raw(tmp_path, [Image.new("RGB", (30, 30), "green")] * 2, ["a kurta", "b kurta"])
+    base = preprocess_split(raw, offline_tokenizer, 16, str(tmp_path / "cache")).cache_files
+    other_size = preprocess_split(raw, offline_tokenizer, 8, str(tmp_path / "cache")).cache_files
+    other_tokenizer = preprocess_split(raw, build_offline_tokenizer(["zzz"]), 16, str(tmp_path / "cache")).cache_files
+    changed_rows = RawSplit(raw.name, raw.dataset, raw.fingerprint + "-edited")
+    other_rows = preprocess_split(changed_rows, offline_tokenizer, 16, str(tmp_path / "cache")).cache_files
+    assert len({str(files) for files in (base, other_size, other_tokenizer, other_rows)}) == 4
+
+
+def test_bad_rows_are_marked_with_a_reason_and_good_rows_kept(tmp_path, offline_tokenizer):
+    good = Image.new("RGB", (30, 30), "red")
+    truncated = io.BytesIO()
+    good.save(truncated, format="JPEG")
+    raw = _raw(tmp_path, [good, b"", b"not an image at all", truncated.getvalue()[:40], None, good],
+               ["ok", "empty file", "text file", "truncated", "missing file", "   "])
+    reasons = preprocess_split(raw, offline_tokenizer, 16, str(tmp_path / "cache"))["skip_reason"]
+    assert reasons[0] == ""
+    assert all(reason.startswith("unreadable image") for reason in reasons[1:5]), reasons
+    assert reasons[5] == "empty caption"
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
+def test_other_image_modes_are_converted_to_rgb_not_dropped(tmp_path, mode):
+    image = Image.new("RGB", (20, 24), (200, 30, 30)).convert(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        image = image.convert("I").point(lambda value: value * 256).convert("I;16")
+    path = tmp_path / "img.tiff"
+    image.save(path)
+    pixels = load_rgb_image(str(path), 8)
+    assert pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8 and pixels.max() > 0

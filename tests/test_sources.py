@@ -1,0 +1,109 @@
+"""Data sources: the Indo-fashion layout (ours and a hand-made one), any `datasets` folder, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from clip_accel.config import DataConfig
+from clip_accel.data.sources import load_raw_split, read_indo_fashion
+
+
+def _write_foreign_layout(root) -> None:
+    """Indo-fashion as Kaggle ships it, written by hand: key order shuffled, extra keys, large photos of various
+    sizes, unicode titles, CRLF line ends and a trailing blank line."""
+    for split, file in (("train", "train_data.json"), ("val", "val_data.json"), ("test", "test_data.json")):
+        os.makedirs(root / "images" / split)
+        lines = []
+        for index, (size, colour) in enumerate([((551, 676), "red"), ((320, 240), "blue"), ((400, 400), "green")]):
+            Image.new("RGB", size, colour).save(root / "images" / split / f"{index}.jpeg", quality=90)
+            lines.append(json.dumps({"class_label": "saree", "brand": "Ṛangrez", "extra": [1, 2],
+                                     "product_title": f"{colour.title()} Banarasi silk saree – zari border",
+                                     "image_url": f"https://example.org/{index}.jpg",
+                                     "image_path": f"images/{split}/{index}.jpeg"}, ensure_ascii=False))
+        (root / file).write_bytes(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+
+def test_reads_a_folder_in_the_layout_that_nobody_here_made(tmp_path):
+    _write_foreign_layout(tmp_path)
+    for split in ("train", "validation", "test"):
+        raw = read_indo_fashion(str(tmp_path), split)
+        assert raw.dataset["caption"][0] == "Red Banarasi silk saree – zari border"
+        assert raw.dataset["label"] == ["saree"] * 3
+        assert raw.dataset["source_row"] == [1, 2, 3]
+        assert all(os.path.isfile(path) for path in raw.dataset["image"])
+
+
+def test_reads_the_demo_catalogue_through_the_same_reader(demo_dir):
+    raw = read_indo_fashion(demo_dir, "train")
+    first = json.loads(open(os.path.join(demo_dir, "train_data.json")).readline())
+    assert len(raw.dataset) == 192
+    assert raw.dataset[0]["caption"] == first["product_title"]
+    assert raw.dataset[0]["image"] == os.path.join(demo_dir, first["image_path"])
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    _write_foreign_layout(tmp_path)
+    with open(tmp_path / "val_data.json", "a") as handle:
+        handle.write('{"image_path": "images/val/9.jpeg", "product_title": \n')
+    with pytest.raises(ValueError, match=r"val_data.json, line 5: not valid JSON"):
+        read_indo_fashion(str(tmp_path), "validation")
+
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+    _write_foreign_layout(tmp_path)
+    (tmp_path / "test_data.json").write_text(json.dumps({"image_path": "images/test/0.jpeg"}) + "\n")
+    with pytest.raises(ValueError, match=r"test_data.json, line 1: missing field\(s\) \['product_title'"):
+        read_indo_fashion(str(tmp_path), "test")
+
+
+def test_missing_split_file_or_unknown_split_says_what_is_expected(tmp_path):
+    _write_foreign_layout(tmp_path)
+    os.remove(tmp_path / "test_data.json")
+    with pytest.raises(ValueError, match="test_data.json is missing"):
+        read_indo_fashion(str(tmp_path), "test")
+    with pytest.raises(ValueError, match="splits train, validation"):
+        read_indo_fashion(str(tmp_path), "dev")
+
+
+def test_fingerprint_follows_image_files_and_sample_limits(tmp_path):
+    _write_foreign_layout(tmp_path)
+    config = DataConfig(data_dir=str(tmp_path))
+    first = load_raw_split(config, "train", None)
+    assert load_raw_split(config, "train", None).fingerprint == first.fingerprint
+    assert load_raw_split(config, "train", 2).fingerprint != first.fingerprint
+    Image.new("RGB", (50, 60), "black").save(tmp_path / "images" / "train" / "1.jpeg")
+    assert load_raw_split(config, "train", None).fingerprint != first.fingerprint
+
+
+def _write_imagefolder(root) -> None:
+    for split in ("train", "validation", "test"):
+        os.makedirs(root / split)
+        with open(root / split / "metadata.jsonl", "w") as metadata:
+            for index, colour in enumerate(["red", "blue"]):
+                Image.new("RGB", (40, 30), colour).save(root / split / f"{index}.png")
+                metadata.write(json.dumps({"file_name": f"{index}.png", "text": f"a {colour} kurta",
+                                           "category": "kurta"}) + "\n")
+
+
+def test_any_datasets_folder_with_named_columns(tmp_path):
+    _write_imagefolder(tmp_path)
+    config = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_column="text",
+                        label_column="category")
+    raw = load_raw_split(config, "validation", None)
+    assert raw.dataset.column_names == ["image", "caption", "label", "source_row"]
+    assert raw.dataset["caption"] == ["a red kurta", "a blue kurta"]
+    image = raw.dataset[0]["image"]  # handed over undecoded (bytes or path): we decode ourselves
+    assert image["bytes"] or os.path.isfile(image["path"])
+
+
+def test_datasets_source_with_a_wrong_column_or_split_lists_what_exists(tmp_path):
+    _write_imagefolder(tmp_path)
+    with pytest.raises(ValueError, match=r"no column\(s\) \['caption'\].*'text'"):
+        load_raw_split(DataConfig(dataset_name="imagefolder", data_files=str(tmp_path)), "train", None)
+    with pytest.raises(ValueError, match="has no split 'dev'"):
+        load_raw_split(DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_column="text"),
+                       "dev", None)
