@@ -38,7 +38,9 @@ def evaluate_main(args: list[str] | None = None) -> dict:
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--caption_column", default="caption")
     parser.add_argument("--max_eval_samples", type=int, default=None)
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=128)
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=None,
+                        help="Default: the value in the model folder's training_config.json, else 128. The same "
+                             "batch size gives bit-identical embeddings; another can flip near-ties.")
     parser.add_argument("--output_file", default=None, help="Write the metrics here as JSON.")
     parsed = parser.parse_args(args)
     _setup_logging()

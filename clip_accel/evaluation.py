@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -71,8 +74,6 @@ def evaluate_checkpoint(args) -> dict[str, float]:
 
     With the folder and split a training run used, this reproduces that run's eval_results.json figures.
     """
-    import json
-
     from transformers import CLIPModel, CLIPProcessor
 
     from .config import DataConfig
@@ -87,7 +88,7 @@ def evaluate_checkpoint(args) -> dict[str, float]:
     processor = CLIPProcessor.from_pretrained(args.model_name_or_path)
     raw = load_raw_splits(accelerator, data_config, roles=("test",))
     pairs = build_pair_datasets(accelerator, data_config, raw, processor.tokenizer, image_size_of(model))
-    loader = make_dataloader(pairs["test"], args.per_device_eval_batch_size, train=False)
+    loader = make_dataloader(pairs["test"], _eval_batch_size(args), train=False)
     model, loader = accelerator.prepare(model, loader)
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
     metrics = evaluate_retrieval(accelerator, model, loader, normalizer.to(accelerator.device))
@@ -97,3 +98,14 @@ def evaluate_checkpoint(args) -> dict[str, float]:
             with open(args.output_file, "w") as handle:
                 json.dump(metrics, handle, indent=2)
     return metrics
+
+
+def _eval_batch_size(args) -> int:
+    """The batch size the training run evaluated with (from its training_config.json), unless one is given."""
+    if args.per_device_eval_batch_size is not None:
+        return args.per_device_eval_batch_size
+    run_config = os.path.join(args.model_name_or_path, "training_config.json")
+    if os.path.isfile(run_config):
+        with open(run_config) as handle:
+            return json.load(handle)["per_device_eval_batch_size"]
+    return 128

@@ -66,7 +66,7 @@ def test_evaluate_script_reproduces_eval_results(trained, demo_dir, tmp_path):
     (_, _, train_config), result = trained
     out_file = tmp_path / "metrics.json"
     metrics = evaluate_main(["--model_name_or_path", train_config.output_dir, "--data_dir", demo_dir,
-                             "--split", "test", "--per_device_eval_batch_size", "32",
+                             "--split", "test",
                              "--output_file", str(out_file)])
     assert metrics == result.metrics["test"]
     assert json.loads(out_file.read_text()) == metrics
