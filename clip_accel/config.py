@@ -113,6 +113,17 @@ class TrainConfig:
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Pairs per process per micro-batch."})
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Pairs per process when embedding."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    accumulation: Literal["exact", "plain"] = field(
+        default="exact",
+        metadata={"help": "exact: the loss sees all accumulated micro-batches as one contrastive batch (one extra "
+                          "forward per micro-batch). plain: Accelerate's accumulate, each micro-batch only sees its "
+                          "own negatives."},
+    )
+    local_loss: bool = field(
+        default=False,
+        metadata={"help": "Score only this process's rows against the global batch's columns: same gradient, "
+                          "memory O(B x N*B) instead of O((N*B)^2)."},
+    )
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(
         default=0.1, metadata={"help": "AdamW weight decay (never applied to biases, norms and logit_scale)."}

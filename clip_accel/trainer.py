@@ -22,11 +22,10 @@ from . import hub
 from .config import DataConfig, ModelConfig, TrainConfig, config_to_dict
 from .data import build_pair_datasets, load_raw_splits, make_dataloader, write_skip_report
 from .evaluation import evaluate_retrieval, format_results_table
-from .loss import contrastive_loss
 from .model import PixelNormalizer, freeze_parameters, image_size_of, load_model_and_processor
+from .step import StepContext, exact_step, plain_step
 
 logger = get_logger(__name__)
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the inverse temperature; fp16 overflows without it
 
 
 @dataclass
@@ -66,27 +65,54 @@ class TrainingResult:
 
 @dataclass
 class Run:
-    """Everything the loop needs, built once by `train()`."""
+    """Everything the loop needs, built once by `prepare_run()`."""
 
     config: TrainConfig
-    accelerator: Accelerator
-    model: torch.nn.Module
+    step_context: StepContext
     processor: object
-    optimizer: torch.optim.Optimizer
-    scheduler: object
     train_loader: object
     validation_loader: object
-    normalizer: PixelNormalizer
+    test_loader: object
     total_steps: int
     steps_per_epoch: int
     history: list = field(default_factory=list)
 
+    @property
+    def accelerator(self) -> Accelerator:
+        return self.step_context.accelerator
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.step_context.model
+
 
 def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> TrainingResult:
     """Fine-tune, evaluate, save to OUTPUT/; returns the metrics and the best model."""
+    run = prepare_run(data_config, model_config, config)
+    accelerator, results = run.accelerator, {}
+    if config.eval_initial_model:
+        results["initial"] = {"test": evaluate_retrieval(accelerator, run.model, run.test_loader, run.step_context.normalizer)}
+    early_stopping = fit(run)
+    _load_best_weights(run)
+    results["validation"] = early_stopping.best_metrics
+    results["test"] = evaluate_retrieval(accelerator, run.model, run.test_loader, run.step_context.normalizer)
+    results["training"] = _training_summary(run, early_stopping)
+    if accelerator.is_main_process:
+        _write_outputs(config.output_dir, results, run.history, config_to_dict(data_config, model_config, config))
+        hub.write_model_card(config.output_dir, repo_id=config.hub_model_id)
+        if config.push_to_hub:
+            hub.push_output_dir(config.output_dir, config.hub_model_id, private=config.hub_private)
+    accelerator.end_training()
+    return TrainingResult(results, accelerator.unwrap_model(run.model), run.processor)
+
+
+def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> Run:
+    """Accelerator, data, model, optimizer and schedule; every check that can fail runs before the first step."""
+    exact = config.accumulation == "exact"
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # Exact accumulation groups micro-batches itself; Accelerate must not also divide the loss.
+        gradient_accumulation_steps=1 if exact else config.gradient_accumulation_steps,
         log_with=config.report_to_list,
         project_dir=config.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -101,11 +127,7 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
     pairs = build_pair_datasets(accelerator, data_config, raw_splits, processor.tokenizer, image_size_of(model))
     if accelerator.is_main_process:
         write_skip_report(pairs, raw_splits, config.output_dir)
-    global_batch = config.per_device_train_batch_size * accelerator.num_processes
-    if global_batch > len(pairs["train"]):
-        raise ValueError(f"The global batch ({global_batch} = per-device batch x {accelerator.num_processes} "
-                         f"processes) exceeds the {len(pairs['train'])} training pairs; lower "
-                         "--per_device_train_batch_size.")
+    _check_batch_fits(config, accelerator.num_processes, len(pairs["train"]))
     loaders = [make_dataloader(pairs["train"], config.per_device_train_batch_size, train=True,
                                num_workers=config.dataloader_num_workers)]
     loaders += [make_dataloader(pairs[role], config.per_device_eval_batch_size, train=False,
@@ -114,34 +136,15 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
     model, optimizer, train_loader, validation_loader, test_loader = accelerator.prepare(model, optimizer, *loaders)
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     total_steps = config.max_steps or config.num_train_epochs * steps_per_epoch
-    # Not handed to accelerator.prepare: its wrapper steps N times per optimizer step on N processes.
-    # We step it exactly once per optimizer step, so the schedule is in optimizer steps at any scale.
-    warmup_steps = config.warmup_steps or int(total_steps * config.warmup_ratio)
-    # "constant" in transformers ignores warmup; its warmup variant with 0 steps is the same constant schedule.
-    schedule = "constant_with_warmup" if config.lr_scheduler_type == "constant" else config.lr_scheduler_type
-    scheduler = get_scheduler(schedule, optimizer, warmup_steps, total_steps)
+    scheduler = build_scheduler(optimizer, config, total_steps)
     _log_startup(accelerator, config, trainable, total, total_steps, pairs)
     accelerator.init_trackers("clip_accel", config={k: str(v) if v is None else v
                                                     for k, v in config_to_dict(data_config, model_config,
                                                                                config).items()})
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
-    run = Run(config, accelerator, model, processor, optimizer, scheduler, train_loader, validation_loader,
-              normalizer.to(accelerator.device), total_steps, steps_per_epoch)
-    results = {}
-    if config.eval_initial_model:
-        results["initial"] = {"test": evaluate_retrieval(accelerator, model, test_loader, run.normalizer)}
-    early_stopping = fit(run)
-    _load_best_weights(run)
-    results["validation"] = early_stopping.best_metrics
-    results["test"] = evaluate_retrieval(accelerator, model, test_loader, run.normalizer)
-    results["training"] = _training_summary(run, early_stopping)
-    if accelerator.is_main_process:
-        _write_outputs(config.output_dir, results, run.history, config_to_dict(data_config, model_config, config))
-        hub.write_model_card(config.output_dir, repo_id=config.hub_model_id)
-        if config.push_to_hub:
-            hub.push_output_dir(config.output_dir, config.hub_model_id, private=config.hub_private)
-    accelerator.end_training()
-    return TrainingResult(results, accelerator.unwrap_model(model), processor)
+    step_context = StepContext(accelerator, model, optimizer, scheduler, normalizer.to(accelerator.device),
+                       config.max_grad_norm, config.local_loss)
+    return Run(config, step_context, processor, train_loader, validation_loader, test_loader, total_steps, steps_per_epoch)
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -156,27 +159,31 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = F
                              eps=config.adam_epsilon, fused=fused)
 
 
-def compute_loss(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    # Through the (DDP-)wrapped forward, so gradient synchronisation hooks fire.
-    outputs = run.model(input_ids=batch["input_ids"], pixel_values=run.normalizer(batch["pixel_values"]))
-    logit_scale = run.accelerator.unwrap_model(run.model).logit_scale
-    return contrastive_loss(outputs.image_embeds, outputs.text_embeds, logit_scale)
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    """Warmup then cosine/linear/constant, in optimizer steps.
+
+    Not handed to accelerator.prepare: its wrapper steps N times per optimizer step on N processes. The step
+    code steps it exactly once per optimizer step, so the schedule means the same at any scale.
+    """
+    warmup_steps = config.warmup_steps or int(total_steps * config.warmup_ratio)
+    # "constant" in transformers ignores warmup; its warmup variant with 0 steps is the same constant schedule.
+    schedule = "constant_with_warmup" if config.lr_scheduler_type == "constant" else config.lr_scheduler_type
+    return get_scheduler(schedule, optimizer, warmup_steps, total_steps)
 
 
 def fit(run: Run) -> EarlyStopping:
-    """Micro-steps, clip, optimizer step, schedule, clamp, log, evaluate; until the step budget or early stop."""
+    """Optimizer steps over groups of micro-batches, logging and evaluating, until the budget or early stop."""
     accelerator, config = run.accelerator, run.config
     early_stopping = EarlyStopping(config.early_stopping_metric, config.early_stopping_patience,
                                    config.early_stopping_min_delta)
+    take_step = exact_step if config.accumulation == "exact" and config.gradient_accumulation_steps > 1 else plain_step
     step, epoch, done, losses = 0, 0, False, []
     progress = tqdm(total=run.total_steps, desc="Training", disable=not accelerator.is_local_main_process)
     while not done:
         run.train_loader.set_epoch(epoch)
         run.model.train()
-        for batch in run.train_loader:
-            losses.append(train_micro_step(run, batch))
-            if not accelerator.sync_gradients:
-                continue  # still accumulating: no optimizer step happened
+        for micro_batches in _groups(run.train_loader, config.gradient_accumulation_steps):
+            losses.append(take_step(run.step_context, micro_batches))
             step += 1
             progress.update(1)
             done = step >= run.total_steps
@@ -195,27 +202,21 @@ def fit(run: Run) -> EarlyStopping:
     return early_stopping
 
 
-def train_micro_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward, backward, and on the last micro-batch of an accumulation: clip, step, schedule, clamp."""
-    accelerator = run.accelerator
-    with accelerator.accumulate(run.model):
-        loss = compute_loss(run, batch)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and run.config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
-        run.optimizer.step()  # the prepared optimizer only steps when gradients are synchronised
-        run.optimizer.zero_grad(set_to_none=True)
-    if accelerator.sync_gradients:
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the step
-            run.scheduler.step()
-        with torch.no_grad():
-            accelerator.unwrap_model(run.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-    return loss.detach()
+def _groups(loader, size: int):
+    """Consecutive groups of `size` micro-batches; the epoch's last group may be shorter."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _evaluate_and_keep_best(run: Run, early_stopping: EarlyStopping, step: int, epoch: int) -> bool:
     """Evaluate on the validation split, save the model if it is the best so far; True when it is time to stop."""
-    metrics = evaluate_retrieval(run.accelerator, run.model, run.validation_loader, run.normalizer)
+    metrics = evaluate_retrieval(run.accelerator, run.model, run.validation_loader, run.step_context.normalizer)
     improved = early_stopping.update(metrics, step)
     if improved:
         save_model(run.accelerator, run.model, run.processor, run.config.output_dir)
@@ -231,7 +232,7 @@ def _evaluate_and_keep_best(run: Run, early_stopping: EarlyStopping, step: int, 
 
 
 def _log_training(run: Run, step: int, epoch: int, loss: float) -> None:
-    learning_rate = run.scheduler.get_last_lr()[0]
+    learning_rate = run.step_context.scheduler.get_last_lr()[0]
     logit_scale = run.accelerator.unwrap_model(run.model).logit_scale.exp().item()
     run.history.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": learning_rate,
                         "logit_scale": logit_scale})
@@ -260,6 +261,13 @@ def _load_best_weights(run: Run) -> None:
     """The saved best model is what the final test evaluation measures and what users get."""
     best = CLIPModel.from_pretrained(run.config.output_dir, dtype=torch.float32)
     run.accelerator.unwrap_model(run.model).load_state_dict(best.state_dict())
+
+
+def _check_batch_fits(config: TrainConfig, num_processes: int, num_pairs: int) -> None:
+    global_batch = config.per_device_train_batch_size * num_processes
+    if global_batch > num_pairs:
+        raise ValueError(f"The global batch ({global_batch} = per-device batch x {num_processes} processes) exceeds "
+                         f"the {num_pairs} training pairs; lower --per_device_train_batch_size.")
 
 
 def _check_output_dir(config: TrainConfig) -> None:

@@ -1,0 +1,94 @@
+"""One optimizer step over a group of micro-batches, in two flavours.
+
+- `plain_step`: Accelerate's gradient accumulation. Each micro-batch is its own contrastive batch, so it only
+  ever sees its own negatives: accumulation saves memory but does not grow the batch the loss sees.
+- `exact_step`: the accumulation that does (GradCache / open_clip `--accum-freq`). Embed every micro-batch
+  without grad, compute the loss over the whole accumulated (and gathered) batch, then re-run each micro-batch
+  with grad and backpropagate through its own slot. The gradient equals that of one big batch; the price is one
+  extra forward per micro-batch. Exact for models without dropout (CLIP's default).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from .loss import contrastive_loss
+from .model import PixelNormalizer
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the inverse temperature; fp16 overflows without it
+
+
+@dataclass
+class StepContext:
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    normalizer: PixelNormalizer
+    max_grad_norm: float
+    local_loss: bool
+
+
+def embed(context: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised (B, D) image and text embeddings, through the (DDP-)wrapped forward so its hooks fire."""
+    outputs = context.model(input_ids=batch["input_ids"], pixel_values=context.normalizer(batch["pixel_values"]))
+    return outputs.image_embeds, outputs.text_embeds
+
+
+def _logit_scale(context: StepContext) -> torch.Tensor:
+    return context.accelerator.unwrap_model(context.model).logit_scale
+
+
+def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Accelerate's `accumulate`: loss per micro-batch, gradients summed (and divided by the accumulation steps
+    by `accelerator.backward`), synchronised and applied on the last one. Returns the mean loss."""
+    accelerator, losses = context.accelerator, []
+    for batch in micro_batches:
+        with accelerator.accumulate(context.model):
+            image_embeds, text_embeds = embed(context, batch)
+            loss = contrastive_loss(image_embeds, text_embeds, _logit_scale(context), local_loss=context.local_loss)
+            accelerator.backward(loss)
+            _finish_if_synced(context)
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
+def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Contrastive loss over all micro-batches at once (see the module docstring). Returns that loss."""
+    accelerator = context.accelerator
+    with torch.no_grad():
+        cached = [embed(context, batch) for batch in micro_batches]
+    cached_images = [image for image, _ in cached]
+    cached_texts = [text for _, text in cached]
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        # Gradients are all-reduced once, after the last micro-batch.
+        with accelerator.no_sync(context.model) if not last else nullcontext():
+            image_embeds, text_embeds = embed(context, batch)
+            images = torch.cat(cached_images[:index] + [image_embeds] + cached_images[index + 1:])
+            texts = torch.cat(cached_texts[:index] + [text_embeds] + cached_texts[index + 1:])
+            # Each pass recomputes the whole loss; logit_scale must receive its gradient once, not once per pass.
+            logit_scale = _logit_scale(context) if last else _logit_scale(context).detach()
+            loss = contrastive_loss(images, texts, logit_scale, local_loss=context.local_loss)
+            accelerator.backward(loss)
+    _finish_if_synced(context)
+    return loss.detach()
+
+
+def _finish_if_synced(context: StepContext) -> None:
+    """Clip, step, zero; on a real optimizer step also schedule (unless fp16 skipped it) and clamp logit_scale."""
+    accelerator = context.accelerator
+    if accelerator.sync_gradients and context.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(context.model.parameters(), context.max_grad_norm)
+    context.optimizer.step()  # the prepared optimizer does nothing while gradients are being accumulated
+    context.optimizer.zero_grad(set_to_none=True)
+    if accelerator.sync_gradients:
+        if not accelerator.optimizer_step_was_skipped:
+            context.scheduler.step()
+        with torch.no_grad():
+            _logit_scale(context).clamp_(0, MAX_LOGIT_SCALE)
