@@ -1,0 +1,101 @@
+"""Scenarios run on 2 CPU processes by test_distributed.py (`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2`),
+and on 1 process in-process for the reference. Each writes what it measured to OUTDIR/<scenario>-<world>.pt.
+
+Usage: torchrun --nproc_per_node 2 tests/distributed_worker.py OUTDIR
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import CLIPModel, get_scheduler
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import tiny_clip_config  # noqa: E402
+
+from clip_accel.evaluation import evaluate_retrieval  # noqa: E402
+from clip_accel.model import PixelNormalizer, freeze_parameters  # noqa: E402
+from clip_accel.step import StepContext, exact_step, plain_step  # noqa: E402
+
+GLOBAL_BATCH = 16
+EVAL_PAIRS = 45  # divisible neither by the 2 processes nor by the eval batch of 8
+EOS = 2  # the tiny config's end-of-text id
+
+
+def synthetic_pairs(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8, generator=generator)
+    input_ids = torch.randint(3, 500, (count, 7), generator=generator)
+    input_ids[:, -1] = EOS
+    return [{"pixel_values": pixels[i], "input_ids": input_ids[i]} for i in range(count)]
+
+
+def stack(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def step_context(accelerator: Accelerator, freeze: str = "none", local_loss: bool = False) -> StepContext:
+    torch.manual_seed(0)
+    model = CLIPModel(tiny_clip_config())
+    freeze_parameters(model, freeze, vision_layers=1)
+    # Plain SGD: the weights after one step are `before - lr * gradient`, so comparing them compares gradients.
+    # (Adam's first step is ~lr * sign(g) and would turn rounding noise in near-zero gradients into lr-sized
+    # differences.)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = get_scheduler("constant", optimizer)
+    normalizer = PixelNormalizer([0.5, 0.5, 0.5], [0.25, 0.25, 0.25]).to(accelerator.device)
+    return StepContext(accelerator, model, optimizer, scheduler, normalizer, 1.0, local_loss)
+
+
+def one_step(accelerator: Accelerator, micro_batches_per_process: int, *, freeze: str = "none",
+             local_loss: bool = False) -> dict:
+    """One optimizer step on this process's share of the same global batch of 16 pairs."""
+    context = step_context(accelerator, freeze, local_loss)
+    before = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
+    pairs = synthetic_pairs(GLOBAL_BATCH, seed=1)
+    per_process = GLOBAL_BATCH // accelerator.num_processes
+    mine = pairs[accelerator.process_index * per_process:(accelerator.process_index + 1) * per_process]
+    size = per_process // micro_batches_per_process
+    micro_batches = [stack(mine[i:i + size]) for i in range(0, per_process, size)]
+    take_step = exact_step if len(micro_batches) > 1 else plain_step
+    loss = take_step(context, micro_batches)
+    loss = accelerator.reduce(loss, "mean") if local_loss else loss
+    after = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
+    return {"loss": loss.item(), "before": before, "after": after}
+
+
+def evaluate(accelerator: Accelerator) -> dict:
+    context = step_context(accelerator)
+    loader = accelerator.prepare(DataLoader(synthetic_pairs(EVAL_PAIRS, seed=2), batch_size=8))
+    return evaluate_retrieval(accelerator, context.model, loader, context.normalizer)
+
+
+SCENARIOS = {
+    "step": lambda acc: one_step(acc, 1),
+    "step_local_loss": lambda acc: one_step(acc, 1, local_loss=True),
+    "step_exact_accumulation": lambda acc: one_step(acc, 2),
+    "step_exact_accumulation_4": lambda acc: one_step(acc, 4),
+    **{f"freeze_{strategy}": (lambda acc, s=strategy: one_step(acc, 1, freeze=s))
+       for strategy in ("none", "vision_layers", "backbones")},
+    "evaluate": evaluate,
+}
+
+
+def main(outdir: str) -> None:
+    accelerator = Accelerator(cpu=True)
+    # A silent single-process launch must not pass for a two-process one.
+    assert accelerator.num_processes == int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes
+    for name, scenario in SCENARIOS.items():
+        result = scenario(accelerator)
+        if accelerator.is_main_process:
+            torch.save(result, os.path.join(outdir, f"{name}-{accelerator.num_processes}.pt"))
+        accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,120 @@
+"""Two CPU processes mean the same as one: loss, weights, recall, schedule, freezing, and a real launch.
+
+Launched the way the README documents for CPU machines: `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2`
+(`accelerate launch --cpu --num_processes 2` starts only one process on a CPU-only machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distributed_worker
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """Every scenario on 2 processes (torchrun) and on 1 process (here)."""
+    outdir = tmp_path_factory.mktemp("distributed")
+    torchrun("tests/distributed_worker.py", str(outdir))
+    distributed_worker.main(str(outdir))
+    return lambda name, world: torch.load(outdir / f"{name}-{world}.pt", weights_only=False)
+
+
+def _assert_same_step(one: dict, two: dict) -> None:
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    for name, weight in one["after"].items():
+        torch.testing.assert_close(two["after"][name], weight, rtol=1e-5, atol=1e-7, msg=name)
+    moved = [name for name, weight in one["after"].items() if not torch.equal(weight, one["before"][name])]
+    assert len(moved) == len(one["after"])
+
+
+@pytest.mark.parametrize("scenario", ["step", "step_local_loss", "step_exact_accumulation"])
+def test_two_processes_times_b_equal_one_process_times_2b(measured, scenario):
+    # step: 2 x 8 vs 16; local loss: same gradient with O(B x 2B) logits; exact accumulation: 2 x (2 micro x 4)
+    # vs one batch of 16.
+    _assert_same_step(measured("step", 1), measured(scenario, 2))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_exact_accumulation_of_micro_batches_of_4_equals_one_batch_of_16(measured, world):
+    # 1 process x 4 micro-batches of 4, and 2 processes x 2 micro-batches of 4, against 1 process x 16.
+    _assert_same_step(measured("step", 1), measured("step_exact_accumulation_4" if world == 1 else
+                                                    "step_exact_accumulation", world))
+
+
+def test_plain_accumulation_is_not_a_bigger_contrastive_batch():
+    """Why exact accumulation is the default: Accelerate's plain accumulation gives a different gradient."""
+    from accelerate import Accelerator
+
+    from clip_accel.step import plain_step
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    context = distributed_worker.step_context(accelerator)
+    pairs = distributed_worker.synthetic_pairs(distributed_worker.GLOBAL_BATCH, seed=1)
+    plain_loss = plain_step(context, [distributed_worker.stack(pairs[i:i + 4]) for i in range(0, 16, 4)])
+    assert plain_loss.item() < distributed_worker.one_step(Accelerator(cpu=True), 1)["loss"] - 0.5
+
+
+@pytest.mark.parametrize("strategy", ["none", "vision_layers", "backbones"])
+def test_freezing_under_ddp_without_find_unused_parameters(measured, strategy):
+    one, two = measured(f"freeze_{strategy}", 1), measured(f"freeze_{strategy}", 2)
+    for name, weight in two["after"].items():
+        torch.testing.assert_close(weight, one["after"][name], rtol=1e-5, atol=1e-7, msg=name)
+    frozen = [n for n in two["after"] if torch.equal(two["after"][n], two["before"][n])]
+    assert bool(frozen) == (strategy != "none")
+
+
+def test_recall_on_two_processes_equals_one_process_exactly(measured):
+    one, two = measured("evaluate", 1), measured("evaluate", 2)
+    assert one["num_pairs"] == two["num_pairs"] == distributed_worker.EVAL_PAIRS
+    assert two == one
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, demo_dir, tiny_model_config_path):
+    out = tmp_path_factory.mktemp("ddp-run") / "out"
+    result = torchrun(
+        "scripts/train.py", "--data_dir", demo_dir, "--model_config", tiny_model_config_path,
+        "--output_dir", str(out), "--cache_dir", str(out.parent / "cache"), "--num_train_epochs", "8",
+        "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2",
+        "--per_device_eval_batch_size", "16", "--learning_rate", "2e-3", "--lr_scheduler_type", "linear",
+        "--warmup_steps", "2", "--logging_steps", "1", "--early_stopping_patience", "0",
+    )
+    return out, result.stdout + result.stderr
+
+
+def test_launch_line_trains_on_two_processes_and_logs_what_it_got(two_process_run):
+    out, log = two_process_run
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["training"]["num_processes"] == 2
+    assert results["training"]["global_batch_size"] == 16 * 2 * 2
+    assert "Processes: 2 (MULTI_CPU)" in log and "Global batch: 64 = 16 per device x 2 processes x 2" in log
+    assert results["test"]["mean_R@1"] > results["initial"]["test"]["mean_R@1"]
+    assert log.count("Results\n") == 1  # the table is printed once, by the main process
+
+
+def test_schedule_ends_where_it_should_on_two_processes(two_process_run):
+    out, _ = two_process_run
+    history = [r for r in json.loads((out / "log_history.json").read_text()) if "loss" in r]
+    results = json.loads((out / "eval_results.json").read_text())
+    # 192 pairs / (16 x 2 processes) = 6 micro-batches per process per epoch -> 3 optimizer steps per epoch.
+    assert results["training"]["planned_steps"] == 24
+    assert [r["step"] for r in history] == list(range(1, 25))
+    assert history[1]["learning_rate"] == pytest.approx(2e-3)  # end of warmup
+    assert history[-1]["learning_rate"] == 0.0
