@@ -10,7 +10,7 @@ import logging
 def _setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO)
-    for noisy in ("transformers", "datasets", "httpx", "filelock"):
+    for noisy in ("transformers", "datasets", "httpx", "httpx2", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

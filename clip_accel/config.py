@@ -161,6 +161,18 @@ class TrainConfig:
         default="none", metadata={"help": "Trackers for accelerate: 'none', 'all', or a comma list (tensorboard, ...)."}
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    checkpointing_steps: int = field(
+        default=0, metadata={"help": "Also checkpoint every N optimizer steps (checkpoints are always written at the "
+                                     "end of each epoch), into OUTPUT/checkpoints/."}
+    )
+    save_total_limit: int = field(default=2, metadata={"help": "Keep only the newest K checkpoints (0 keeps all)."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' (newest in OUTPUT/checkpoints) or a checkpoint folder to resume."}
+    )
+    max_nonfinite_steps: int = field(
+        default=25, metadata={"help": "Stop after this many optimizer steps in a row with non-finite loss/gradients "
+                                      "(each one is skipped, never applied)."}
+    )
     push_to_hub: bool = field(
         default=False, metadata={"help": "Publish the output folder to the Hugging Face Hub at the end (one commit). "
                                          "Access is checked before training starts."}
@@ -170,9 +182,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "logging_steps"):
+                     "gradient_accumulation_steps", "logging_steps", "max_nonfinite_steps"):
             _require(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "warmup_steps", "eval_steps", "early_stopping_patience", "dataloader_num_workers"):
+        for name in ("max_steps", "warmup_steps", "eval_steps", "early_stopping_patience", "dataloader_num_workers",
+                     "checkpointing_steps", "save_total_limit"):
             _require(getattr(self, name) >= 0, f"--{name} must be 0 or more, got {getattr(self, name)}.")
         _require(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}.")
         _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")

@@ -44,22 +44,25 @@ def _logit_scale(context: StepContext) -> torch.Tensor:
     return context.accelerator.unwrap_model(context.model).logit_scale
 
 
-def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, bool]:
     """Accelerate's `accumulate`: loss per micro-batch, gradients summed (and divided by the accumulation steps
-    by `accelerator.backward`), synchronised and applied on the last one. Returns the mean loss."""
+    by `accelerator.backward`), synchronised and applied on the last one.
+
+    Returns the mean loss and whether the optimizer step was applied (False: non-finite gradients, skipped)."""
     accelerator, losses = context.accelerator, []
     for batch in micro_batches:
         with accelerator.accumulate(context.model):
             image_embeds, text_embeds = embed(context, batch)
             loss = contrastive_loss(image_embeds, text_embeds, _logit_scale(context), local_loss=context.local_loss)
             accelerator.backward(loss)
-            _finish_if_synced(context)
+            stepped = _finish_if_synced(context)
         losses.append(loss.detach())
-    return torch.stack(losses).mean()
+    return torch.stack(losses).mean(), stepped
 
 
-def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Contrastive loss over all micro-batches at once (see the module docstring). Returns that loss."""
+def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, bool]:
+    """Contrastive loss over all micro-batches at once (see the module docstring). Returns that loss and whether
+    the optimizer step was applied."""
     accelerator = context.accelerator
     with torch.no_grad():
         cached = [embed(context, batch) for batch in micro_batches]
@@ -76,19 +79,29 @@ def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]
             logit_scale = _logit_scale(context) if last else _logit_scale(context).detach()
             loss = contrastive_loss(images, texts, logit_scale, local_loss=context.local_loss)
             accelerator.backward(loss)
-    _finish_if_synced(context)
-    return loss.detach()
+    return loss.detach(), _finish_if_synced(context)
 
 
-def _finish_if_synced(context: StepContext) -> None:
-    """Clip, step, zero; on a real optimizer step also schedule (unless fp16 skipped it) and clamp logit_scale."""
+def _finish_if_synced(context: StepContext) -> bool:
+    """Clip, step, zero; on a real optimizer step also schedule and clamp logit_scale.
+
+    A step whose gradients are not finite is skipped (returns False) instead of writing NaN into the weights.
+    Checking costs one host sync per optimizer step; DDP has already averaged the gradients, so every process
+    sees the same norm and takes the same decision.
+    """
     accelerator = context.accelerator
-    if accelerator.sync_gradients and context.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(context.model.parameters(), context.max_grad_norm)
-    context.optimizer.step()  # the prepared optimizer does nothing while gradients are being accumulated
+    if not accelerator.sync_gradients:
+        context.optimizer.step()  # the prepared optimizer does nothing while gradients are being accumulated
+        context.optimizer.zero_grad(set_to_none=True)
+        return True
+    grad_norm = accelerator.clip_grad_norm_(context.model.parameters(), context.max_grad_norm or math.inf)
+    finite = grad_norm is None or bool(torch.isfinite(grad_norm))
+    if finite or accelerator.mixed_precision == "fp16":  # fp16: the grad scaler skips and lowers its scale
+        context.optimizer.step()
     context.optimizer.zero_grad(set_to_none=True)
-    if accelerator.sync_gradients:
-        if not accelerator.optimizer_step_was_skipped:
-            context.scheduler.step()
+    stepped = finite and not accelerator.optimizer_step_was_skipped
+    if stepped:
+        context.scheduler.step()
         with torch.no_grad():
             _logit_scale(context).clamp_(0, MAX_LOGIT_SCALE)
+    return stepped

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -22,36 +22,12 @@ from . import hub
 from .config import DataConfig, ModelConfig, TrainConfig, config_to_dict
 from .data import build_pair_datasets, load_raw_splits, make_dataloader, write_skip_report
 from .evaluation import evaluate_retrieval, format_results_table
+from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .early_stopping import EarlyStopping
 from .model import PixelNormalizer, freeze_parameters, image_size_of, load_model_and_processor
 from .step import StepContext, exact_step, plain_step
 
 logger = get_logger(__name__)
-
-
-@dataclass
-class EarlyStopping:
-    """Tracks the best validation metric; `should_stop` after `patience` evaluations without improvement."""
-
-    metric: str
-    patience: int
-    min_delta: float
-    best_value: float = -math.inf
-    best_metrics: dict = field(default_factory=dict)
-    best_step: int = 0
-    evaluations_without_improvement: int = 0
-
-    def update(self, metrics: dict[str, float], step: int) -> bool:
-        improved = metrics[self.metric] > self.best_value + self.min_delta
-        if improved:
-            self.best_value, self.best_metrics, self.best_step = metrics[self.metric], dict(metrics), step
-            self.evaluations_without_improvement = 0
-        else:
-            self.evaluations_without_improvement += 1
-        return improved
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience > 0 and self.evaluations_without_improvement >= self.patience
 
 
 @dataclass
@@ -75,7 +51,7 @@ class Run:
     test_loader: object
     total_steps: int
     steps_per_epoch: int
-    history: list = field(default_factory=list)
+    train_pairs: int
 
     @property
     def accelerator(self) -> Accelerator:
@@ -89,21 +65,37 @@ class Run:
 def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> TrainingResult:
     """Fine-tune, evaluate, save to OUTPUT/; returns the metrics and the best model."""
     run = prepare_run(data_config, model_config, config)
-    accelerator, results = run.accelerator, {}
-    if config.eval_initial_model:
-        results["initial"] = {"test": evaluate_retrieval(accelerator, run.model, run.test_loader, run.step_context.normalizer)}
-    early_stopping = fit(run)
+    accelerator = run.accelerator
+    state = _restore(run) if config.resume_from_checkpoint else TrainerState()
+    if config.eval_initial_model and not state.initial:
+        state.initial = {"test": _evaluate(run, run.test_loader)}
+    early_stopping = fit(run, state)
     _load_best_weights(run)
+    results = {"initial": state.initial} if state.initial else {}
     results["validation"] = early_stopping.best_metrics
-    results["test"] = evaluate_retrieval(accelerator, run.model, run.test_loader, run.step_context.normalizer)
-    results["training"] = _training_summary(run, early_stopping)
-    if accelerator.is_main_process:
-        _write_outputs(config.output_dir, results, run.history, config_to_dict(data_config, model_config, config))
-        hub.write_model_card(config.output_dir, repo_id=config.hub_model_id)
-        if config.push_to_hub:
-            hub.push_output_dir(config.output_dir, config.hub_model_id, private=config.hub_private)
-    accelerator.end_training()
+    results["test"] = _evaluate(run, run.test_loader)
+    results["training"] = _training_summary(run, state, early_stopping)
+    try:
+        if accelerator.is_main_process:
+            _write_outputs(config.output_dir, results, state.history,
+                           config_to_dict(data_config, model_config, config))
+            hub.write_model_card(config.output_dir, repo_id=config.hub_model_id)
+            if config.push_to_hub:
+                hub.push_output_dir(config.output_dir, config.hub_model_id, private=config.hub_private)
+    finally:
+        accelerator.end_training()
     return TrainingResult(results, accelerator.unwrap_model(run.model), run.processor)
+
+
+def _restore(run: Run) -> TrainerState:
+    state = load_checkpoint(run.accelerator, resolve_checkpoint(run.config.output_dir,
+                                                                run.config.resume_from_checkpoint))
+    run.step_context.scheduler.load_state_dict(state.scheduler)
+    return state
+
+
+def _evaluate(run: Run, loader) -> dict[str, float]:
+    return evaluate_retrieval(run.accelerator, run.model, loader, run.step_context.normalizer)
 
 
 def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> Run:
@@ -118,8 +110,9 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(config.seed)
-    _check_output_dir(config)
-    if config.push_to_hub:  # fail fast: before any image is decoded or any step is taken
+    if not config.resume_from_checkpoint:
+        _check_output_dir(config)
+    if config.push_to_hub and accelerator.is_main_process:  # fail fast: before any image is decoded
         hub.check_hub_access(config.hub_model_id, private=config.hub_private)
     raw_splits = load_raw_splits(accelerator, data_config)
     model, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
@@ -144,7 +137,8 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
     step_context = StepContext(accelerator, model, optimizer, scheduler, normalizer.to(accelerator.device),
                        config.max_grad_norm, config.local_loss)
-    return Run(config, step_context, processor, train_loader, validation_loader, test_loader, total_steps, steps_per_epoch)
+    return Run(config, step_context, processor, train_loader, validation_loader, test_loader, total_steps,
+               steps_per_epoch, len(pairs["train"]))
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -171,35 +165,77 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total
     return get_scheduler(schedule, optimizer, warmup_steps, total_steps)
 
 
-def fit(run: Run) -> EarlyStopping:
-    """Optimizer steps over groups of micro-batches, logging and evaluating, until the budget or early stop."""
+def fit(run: Run, state: TrainerState) -> EarlyStopping:
+    """Optimizer steps over groups of micro-batches, logging, evaluating and checkpointing, until the step budget
+    or early stopping. Resumes from `state` (mid-epoch too: the consumed batches of that epoch are skipped once)."""
     accelerator, config = run.accelerator, run.config
-    early_stopping = EarlyStopping(config.early_stopping_metric, config.early_stopping_patience,
-                                   config.early_stopping_min_delta)
+    early_stopping = EarlyStopping(**state.early_stopping) if state.early_stopping else EarlyStopping(
+        config.early_stopping_metric, config.early_stopping_patience, config.early_stopping_min_delta)
     take_step = exact_step if config.accumulation == "exact" and config.gradient_accumulation_steps > 1 else plain_step
-    step, epoch, done, losses = 0, 0, False, []
-    progress = tqdm(total=run.total_steps, desc="Training", disable=not accelerator.is_local_main_process)
+    done, losses = state.step >= run.total_steps or early_stopping.should_stop, []
+    progress = tqdm(total=run.total_steps, initial=state.step, desc="Training",
+                    disable=not accelerator.is_local_main_process)
     while not done:
-        run.train_loader.set_epoch(epoch)
         run.model.train()
-        for micro_batches in _groups(run.train_loader, config.gradient_accumulation_steps):
-            losses.append(take_step(run.step_context, micro_batches))
-            step += 1
+        for micro_batches in _groups(_epoch_batches(run, state), config.gradient_accumulation_steps):
+            loss, stepped = take_step(run.step_context, micro_batches)
+            losses.append(loss)
+            state.step += 1
+            state.batches_in_epoch += len(micro_batches)
+            _count_nonfinite(state, stepped, config.max_nonfinite_steps)
             progress.update(1)
-            done = step >= run.total_steps
-            if step % config.logging_steps == 0 or done:
-                # The only host-device sync of the step, once per logging interval.
-                _log_training(run, step, epoch, accelerator.reduce(torch.stack(losses).mean(), "mean").item())
+            done = state.step >= run.total_steps
+            if state.step % config.logging_steps == 0 or done:
+                # The only host-device sync of the loss, once per logging interval.
+                _log_training(run, state, accelerator.reduce(torch.stack(losses).mean(), "mean").item())
                 losses = []
-            if config.eval_steps and (step % config.eval_steps == 0 or done):
-                done = _evaluate_and_keep_best(run, early_stopping, step, epoch) or done
+            if config.eval_steps and (state.step % config.eval_steps == 0 or done):
+                done = _evaluate_and_keep_best(run, state, early_stopping) or done
+            if config.checkpointing_steps and state.step % config.checkpointing_steps == 0 and not done:
+                _checkpoint(run, state, early_stopping)
             if done:
                 break
-        if not config.eval_steps:
-            done = _evaluate_and_keep_best(run, early_stopping, step, epoch) or done
-        epoch += 1
+        epoch_over = state.batches_in_epoch >= len(run.train_loader)
+        if not config.eval_steps and (epoch_over or done):
+            done = _evaluate_and_keep_best(run, state, early_stopping) or done
+        if epoch_over:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if not done:
+                _checkpoint(run, state, early_stopping)
     progress.close()
     return early_stopping
+
+
+def _epoch_batches(run: Run, state: TrainerState):
+    """This epoch's batches in the seeded order for `state.epoch`, minus those a resumed run already consumed."""
+    run.train_loader.set_epoch(state.epoch)
+    if state.batches_in_epoch == 0:
+        return run.train_loader
+    skipping = run.accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
+    skipping.set_epoch(state.epoch)
+    return skipping
+
+
+def _count_nonfinite(state: TrainerState, stepped: bool, limit: int) -> None:
+    if stepped:
+        state.nonfinite_in_a_row = 0
+        return
+    state.nonfinite_steps += 1
+    state.nonfinite_in_a_row += 1
+    logger.warning(f"step {state.step}: non-finite loss or gradients, optimizer step skipped "
+                   f"({state.nonfinite_in_a_row} in a row)")
+    if state.nonfinite_in_a_row >= limit:
+        raise RuntimeError(
+            f"{limit} optimizer steps in a row had non-finite loss or gradients (last at step {state.step}); "
+            "stopping. The best model and the last checkpoint in the output folder are intact. Lower "
+            "--learning_rate, use bf16 instead of fp16, or check the data, then resume with "
+            "--resume_from_checkpoint latest.")
+
+
+def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> None:
+    state.early_stopping = asdict(early_stopping)
+    state.scheduler = run.step_context.scheduler.state_dict()
+    save_checkpoint(run.accelerator, run.config.output_dir, state, run.config.save_total_limit)
 
 
 def _groups(loader, size: int):
@@ -214,14 +250,14 @@ def _groups(loader, size: int):
         yield group
 
 
-def _evaluate_and_keep_best(run: Run, early_stopping: EarlyStopping, step: int, epoch: int) -> bool:
+def _evaluate_and_keep_best(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> bool:
     """Evaluate on the validation split, save the model if it is the best so far; True when it is time to stop."""
-    metrics = evaluate_retrieval(run.accelerator, run.model, run.validation_loader, run.step_context.normalizer)
+    metrics = _evaluate(run, run.validation_loader)
+    step = state.step
     improved = early_stopping.update(metrics, step)
     if improved:
         save_model(run.accelerator, run.model, run.processor, run.config.output_dir)
-    record = {"step": step, "epoch": epoch + 1, **{f"eval_{k}": v for k, v in metrics.items()}}
-    run.history.append(record)
+    state.history.append({"step": step, "epoch": state.epoch + 1, **{f"eval_{k}": v for k, v in metrics.items()}})
     run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     logger.info(f"step {step}: validation {early_stopping.metric} = {metrics[early_stopping.metric]:.4f}"
                 + (" (best so far, saved)" if improved else
@@ -231,11 +267,12 @@ def _evaluate_and_keep_best(run: Run, early_stopping: EarlyStopping, step: int, 
     return early_stopping.should_stop
 
 
-def _log_training(run: Run, step: int, epoch: int, loss: float) -> None:
+def _log_training(run: Run, state: TrainerState, loss: float) -> None:
+    step, epoch = state.step, state.epoch
     learning_rate = run.step_context.scheduler.get_last_lr()[0]
     logit_scale = run.accelerator.unwrap_model(run.model).logit_scale.exp().item()
-    run.history.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": learning_rate,
-                        "logit_scale": logit_scale})
+    state.history.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": learning_rate,
+                          "logit_scale": logit_scale})
     run.accelerator.log({"train/loss": loss, "train/learning_rate": learning_rate,
                          "train/logit_scale": logit_scale}, step=step)
     logger.info(f"step {step}/{run.total_steps} epoch {epoch + 1}: loss {loss:.4f} lr {learning_rate:.3g} "
@@ -288,9 +325,9 @@ def _log_startup(accelerator, config: TrainConfig, trainable: int, total: int, t
     logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
 
 
-def _training_summary(run: Run, early_stopping: EarlyStopping) -> dict:
-    steps_done = max((r["step"] for r in run.history), default=0)
-    return {"optimizer_steps": steps_done, "planned_steps": run.total_steps, "best_step": early_stopping.best_step,
+def _training_summary(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> dict:
+    return {"optimizer_steps": state.step, "planned_steps": run.total_steps, "nonfinite_steps": state.nonfinite_steps,
+            "train_pairs": run.train_pairs, "best_step": early_stopping.best_step,
             "early_stopping_metric": early_stopping.metric, "stopped_early": early_stopping.should_stop,
             "num_processes": run.accelerator.num_processes, "mixed_precision": run.accelerator.mixed_precision,
             "global_batch_size": run.config.per_device_train_batch_size * run.accelerator.num_processes

@@ -63,7 +63,7 @@ def one_step(accelerator: Accelerator, micro_batches_per_process: int, *, freeze
     size = per_process // micro_batches_per_process
     micro_batches = [stack(mine[i:i + size]) for i in range(0, per_process, size)]
     take_step = exact_step if len(micro_batches) > 1 else plain_step
-    loss = take_step(context, micro_batches)
+    loss, _ = take_step(context, micro_batches)
     loss = accelerator.reduce(loss, "mean") if local_loss else loss
     after = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
     return {"loss": loss.item(), "before": before, "after": after}

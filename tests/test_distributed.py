@@ -67,7 +67,7 @@ def test_plain_accumulation_is_not_a_bigger_contrastive_batch():
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
     context = distributed_worker.step_context(accelerator)
     pairs = distributed_worker.synthetic_pairs(distributed_worker.GLOBAL_BATCH, seed=1)
-    plain_loss = plain_step(context, [distributed_worker.stack(pairs[i:i + 4]) for i in range(0, 16, 4)])
+    plain_loss, _ = plain_step(context, [distributed_worker.stack(pairs[i:i + 4]) for i in range(0, 16, 4)])
     assert plain_loss.item() < distributed_worker.one_step(Accelerator(cpu=True), 1)["loss"] - 0.5
 
 

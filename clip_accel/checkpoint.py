@@ -1,0 +1,94 @@
+"""Checkpoints that survive a kill: written to a staging folder, then renamed into place.
+
+OUTPUT/checkpoints/step-0000040/ holds `accelerator.save_state` (model as safetensors, optimizer, grad scaler,
+every process's RNG state) plus `trainer_state.json` (step, epoch, batches consumed in that epoch, schedule,
+early-stopping state, log history). A rename is atomic, so a `step-*` folder is always complete; a kill during a
+save leaves only a `.staging-*` folder, which is ignored and replaced next time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+logger = get_logger(__name__)
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where the loop is. Everything a resumed run needs beyond what `accelerator.save_state` keeps."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    initial: dict = field(default_factory=dict)  # the starting model's test metrics
+    early_stopping: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerState, keep: int) -> str:
+    """Every process calls this (each saves its own RNG state); the main process renames and prunes."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    final = os.path.join(root, f"step-{state.step:07d}")
+    staging = os.path.join(root, f".staging-step-{state.step:07d}")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(staging, STATE_FILE), "w") as handle:
+            json.dump(asdict(state), handle)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+        logger.info(f"Saved checkpoint {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    steps = sorted((int(match.group(1)), name) for name in os.listdir(root) if (match := _NAME.match(name)))
+    return [os.path.join(root, name) for _, name in steps]
+
+
+def resolve_checkpoint(output_dir: str, which: str) -> str:
+    """`latest` (the newest complete checkpoint in output_dir) or a checkpoint folder path."""
+    if which == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise ValueError(f"--resume_from_checkpoint latest: {output_dir}/{CHECKPOINTS} holds no checkpoint. "
+                             "Start without it, or pass a checkpoint folder.")
+        return found[-1]
+    if not os.path.isfile(os.path.join(which, STATE_FILE)):
+        raise ValueError(f"--resume_from_checkpoint {which!r} is not a checkpoint folder (no {STATE_FILE}); "
+                         f"checkpoints live in OUTPUT/{CHECKPOINTS}/step-*.")
+    return which
+
+
+def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
+    """Restore model, optimizer, scaler and RNG (Accelerate loads with weights_only=True) and the loop state."""
+    accelerator.load_state(path)
+    with open(os.path.join(path, STATE_FILE)) as handle:
+        state = TrainerState(**json.load(handle))
+    logger.info(f"Resumed from {path}: step {state.step}, epoch {state.epoch + 1}, "
+                f"{state.batches_in_epoch} batches of that epoch already done")
+    return state
