@@ -33,6 +33,7 @@ class TrainerState:
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
     initial: dict = field(default_factory=dict)  # the starting model's test metrics
+    unlogged_losses: list = field(default_factory=list)  # losses of the current logging interval so far
     early_stopping: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
     history: list = field(default_factory=list)

@@ -1,8 +1,10 @@
 """Image-text retrieval metrics over a whole split, counted the way open_clip does.
 
 The split holds N (image, text) pairs; query i's only positive is its own pair i.
-Ranks are computed in chunks of query rows, so memory is O(chunk_size * N) and no
-N x N matrix or row sort is ever built.
+The similarity matrix S = images @ texts.T is scored in square tiles, so memory is
+O(chunk_size^2) and no N x N matrix or row sort is ever built. Each tile serves both
+directions: its rows count for image queries, its columns for text queries, so the
+O(N^2 D) matmul, which dominates the cost, is done once instead of twice.
 
 Tie rule (pessimistic): rank_i = #{j != i : s_ij >= s_ii}. A tie counts against
 the query, so a collapsed model (all embeddings equal) gets R@1 = 0, not 1.
@@ -12,7 +14,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["positive_ranks", "retrieval_metrics"]
+__all__ = ["pair_ranks", "positive_ranks", "retrieval_metrics"]
+
+# Tiles are padded to a multiple of this: BLAS kernels may sum a dot product in a different order at the ragged
+# edge of a matrix, and two equal pairs must get bit-identical scores wherever they sit in their tiles.
+_TILE_MULTIPLE = 64
 
 
 def _validate(query: torch.Tensor, candidate: torch.Tensor, chunk_size: int) -> None:
@@ -32,43 +38,94 @@ def _validate(query: torch.Tensor, candidate: torch.Tensor, chunk_size: int) -> 
 
 
 @torch.no_grad()
+def pair_ranks(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, *, chunk_size: int = 2048, columns: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """0-based rank of each pair among all N candidates, in both directions, from one pass over S.
+
+    Args:
+        image_embeds: (N, D); row i pairs with row i of ``text_embeds``.
+        text_embeds: (N, D). Similarity is the dot product, so callers pass
+            L2-normalised embeddings.
+        chunk_size: side of the square tiles of S scored at once; extra memory is
+            ~2 * chunk_size^2 floats whatever N is.
+        columns: also rank the text queries (False skips that half of the counting).
+
+    Returns:
+        (image_to_text, text_to_image), LongTensors (N,) on the image device (the second
+        is None when ``columns`` is False): rank_i = #{j != i : s_ij >= s_ii}, where
+        s_ij = image_i . text_j for image queries and s_ji for text queries (pessimistic
+        ties). A NaN positive score gets the worst rank, N - 1.
+    """
+    _validate(image_embeds, text_embeds, chunk_size)
+    device = image_embeds.device
+    # float32 so fp16/bf16 inputs rank like their float32 originals.
+    images = image_embeds.to(dtype=torch.float32)
+    texts = text_embeds.to(device=device, dtype=torch.float32)
+    n = images.shape[0]
+    side = min(chunk_size, n)
+    bounds = [(start, min(start + side, n)) for start in range(0, n, side)]
+    # Every tile is one (padded x D) @ (D x padded) matmul: blocks are zero-padded to a whole number of the
+    # matmul kernel's register tiles (the padding is never counted), so every score goes through the same
+    # arithmetic wherever it sits. Equal embeddings then score bit-identically and exact ties stay ties.
+    padded = -(-side // _TILE_MULTIPLE) * _TILE_MULTIPLE
+    image_blocks = [_padded(images[start:end], padded) for start, end in bounds]
+    text_blocks = [_padded(texts[start:end], padded) for start, end in bounds]
+    scores = torch.empty(padded, padded, device=device)
+    mask = torch.empty(side, side, device=device)
+
+    def tile(row: int, col: int) -> torch.Tensor:
+        torch.mm(image_blocks[row], text_blocks[col].T, out=scores)
+        return scores[: bounds[row][1] - bounds[row][0], : bounds[col][1] - bounds[col][0]]
+
+    # Pass 1: the positives s_ii, from the diagonal tiles (1/N-th of the work). Both directions share them,
+    # and the same tiles recomputed in pass 2 give the same numbers.
+    positives = torch.cat([tile(block, block).diagonal().clone() for block in range(len(bounds))])
+    # Pass 2: count, per query, the candidates scoring >= its positive. Counting as float 0/1 sums
+    # (exact up to 2**24 per tile) is ~4x faster than summing a bool mask.
+    image_counts = torch.zeros(n, dtype=torch.long, device=device)
+    text_counts = torch.zeros(n, dtype=torch.long, device=device) if columns else None
+    for row, (row_start, row_end) in enumerate(bounds):
+        for col, (col_start, col_end) in enumerate(bounds):
+            block = tile(row, col)
+            block_mask = mask[: block.shape[0], : block.shape[1]]
+            directions = [(positives[row_start:row_end].unsqueeze(1), 1, image_counts, row_start, row_end)]
+            if columns:
+                directions.append((positives[col_start:col_end].unsqueeze(0), 0, text_counts, col_start, col_end))
+            for threshold, dim, counts, start, end in directions:
+                torch.ge(block, threshold, out=block_mask)
+                if row == col:
+                    block_mask.diagonal().zero_()  # a pair never counts against itself
+                counts[start:end] += block_mask.sum(dim=dim).long()
+    worst = positives.isnan()
+    image_ranks = torch.where(worst, n - 1, image_counts)
+    return image_ranks, torch.where(worst, n - 1, text_counts) if columns else None
+
+
+def _padded(block: torch.Tensor, rows: int) -> torch.Tensor:
+    """`block` with zero rows appended up to `rows` (a copy only when it is short)."""
+    if block.shape[0] == rows:
+        return block
+    return torch.cat([block, block.new_zeros(rows - block.shape[0], block.shape[1])])
+
+
 def positive_ranks(
-    query_embeds: torch.Tensor, candidate_embeds: torch.Tensor, *, chunk_size: int = 1024
+    query_embeds: torch.Tensor, candidate_embeds: torch.Tensor, *, chunk_size: int = 2048
 ) -> torch.Tensor:
-    """0-based rank of each query's own pair among all N candidates.
+    """0-based rank of each query's own pair among all N candidates (one direction of ``pair_ranks``).
 
     Args:
         query_embeds: (N, D); row i pairs with row i of ``candidate_embeds``.
         candidate_embeds: (N, D). Similarity is the dot product, so callers pass
             L2-normalised embeddings.
-        chunk_size: query rows scored at once; peak memory is ~chunk_size * N floats.
+        chunk_size: side of the square similarity tiles scored at once (see ``pair_ranks``).
 
     Returns:
         LongTensor (N,) on the query device: rank_i = #{j != i : s_ij >= s_ii}
         (pessimistic ties: a negative scoring equal to the positive outranks it).
         A NaN positive score gets the worst rank, N - 1.
     """
-    _validate(query_embeds, candidate_embeds, chunk_size)
-    device = query_embeds.device
-    # float32 so fp16/bf16 inputs rank like their float32 originals.
-    query = query_embeds.to(dtype=torch.float32)
-    cand_t = candidate_embeds.to(device=device, dtype=torch.float32).T
-    n = query.shape[0]
-    ranks = torch.empty(n, dtype=torch.long, device=device)
-    # Reused mask buffer: the compare+count pass is memory-bound, so avoiding a fresh
-    # (b, N) allocation per chunk and counting in int32 (N < 2**31) roughly halve it.
-    mask = torch.empty((min(chunk_size, n), n), dtype=torch.bool, device=device)
-    for start in range(0, n, chunk_size):
-        end = min(start + chunk_size, n)
-        scores = query[start:end] @ cand_t  # (b, N)
-        rows = torch.arange(end - start, device=device)
-        # Positives come from the same matmul block so each s_ii is bit-identical to
-        # the value it is compared against, and the "-1" removes exactly itself.
-        pos = scores[rows, rows + start].unsqueeze(1)  # (b, 1)
-        hits = torch.ge(scores, pos, out=mask[: end - start])
-        count = hits.sum(dim=1, dtype=torch.int32).long() - 1
-        ranks[start:end] = torch.where(pos.squeeze(1).isnan(), n - 1, count)
-    return ranks
+    return pair_ranks(query_embeds, candidate_embeds, chunk_size=chunk_size, columns=False)[0]
 
 
 def _median(values: torch.Tensor) -> float:
@@ -85,7 +142,7 @@ def retrieval_metrics(
     text_embeds: torch.Tensor,
     *,
     ks: tuple[int, ...] = (1, 5, 10),
-    chunk_size: int = 1024,
+    chunk_size: int = 2048,
 ) -> dict[str, float]:
     """Recall@K and mean/median rank in both directions for N paired embeddings.
 
@@ -94,11 +151,11 @@ def retrieval_metrics(
         text_embeds: (N, D), L2-normalised.
         ks: cut-offs, each >= 1. For k > N, R@k is simply 1.0 (every rank < N);
             callers may want to warn about that.
-        chunk_size: query rows scored at once (see ``positive_ranks``).
+        chunk_size: side of the similarity tiles scored at once (see ``pair_ranks``).
 
     Returns:
         Plain floats under ``image_to_text_R@{k}`` / ``text_to_image_R@{k}`` (fraction
-        of queries with 0-based rank < k, pessimistic ties as in ``positive_ranks``),
+        of queries with 0-based rank < k, pessimistic ties as in ``pair_ranks``),
         ``{direction}_mean_rank`` and ``{direction}_median_rank`` (1-based, so a
         perfect model gives 1.0; median is numpy's, averaging the middle pair for
         even N), and ``mean_R@1`` = mean of the two R@1 values.
@@ -108,12 +165,9 @@ def retrieval_metrics(
     _validate(image_embeds, text_embeds, chunk_size)
     metrics: dict[str, float] = {}
     recall_at_1: list[float] = []
-    directions = {
-        "image_to_text": (image_embeds, text_embeds),
-        "text_to_image": (text_embeds, image_embeds),
-    }
-    for name, (query, cand) in directions.items():
-        ranks = positive_ranks(query, cand, chunk_size=chunk_size)
+    # One pass over S ranks both directions: image i's candidates are row i, text j's are column j.
+    image_ranks, text_ranks = pair_ranks(image_embeds, text_embeds, chunk_size=chunk_size)
+    for name, ranks in {"image_to_text": image_ranks, "text_to_image": text_ranks}.items():
         for k in ks:
             metrics[f"{name}_R@{k}"] = float((ranks < k).double().mean())
         # mean_R@1 is always reported, even when 1 is not among ks.

@@ -6,6 +6,7 @@ train() = data -> model -> optimizer/schedule -> (evaluate the starting model) -
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -75,6 +76,7 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
     results["validation"] = early_stopping.best_metrics
     results["test"] = _evaluate(run, run.test_loader)
     results["training"] = _training_summary(run, state, early_stopping)
+    best_model = accelerator.unwrap_model(run.model)
     try:
         if accelerator.is_main_process:
             _write_outputs(config.output_dir, results, state.history,
@@ -83,8 +85,19 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
             if config.push_to_hub:
                 hub.push_output_dir(config.output_dir, config.hub_model_id, private=config.hub_private)
     finally:
-        accelerator.end_training()
-    return TrainingResult(results, accelerator.unwrap_model(run.model), run.processor)
+        _shut_down(run)
+    return TrainingResult(results, best_model, run.processor)
+
+
+def _shut_down(run: Run) -> None:
+    """Release the DDP wrapper before the process group goes: a gloo group destroyed first makes the wrapper's
+    destructor wait forever on a peer that has already exited."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    run.step_context.model = run.step_context.optimizer = None
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
 
 
 def _restore(run: Run) -> TrainerState:
@@ -172,7 +185,8 @@ def fit(run: Run, state: TrainerState) -> EarlyStopping:
     early_stopping = EarlyStopping(**state.early_stopping) if state.early_stopping else EarlyStopping(
         config.early_stopping_metric, config.early_stopping_patience, config.early_stopping_min_delta)
     take_step = exact_step if config.accumulation == "exact" and config.gradient_accumulation_steps > 1 else plain_step
-    done, losses = state.step >= run.total_steps or early_stopping.should_stop, []
+    done = state.step >= run.total_steps or early_stopping.should_stop
+    losses = [torch.tensor(value, device=accelerator.device) for value in state.unlogged_losses]
     progress = tqdm(total=run.total_steps, initial=state.step, desc="Training",
                     disable=not accelerator.is_local_main_process)
     while not done:
@@ -191,8 +205,9 @@ def fit(run: Run, state: TrainerState) -> EarlyStopping:
                 losses = []
             if config.eval_steps and (state.step % config.eval_steps == 0 or done):
                 done = _evaluate_and_keep_best(run, state, early_stopping) or done
-            if config.checkpointing_steps and state.step % config.checkpointing_steps == 0 and not done:
-                _checkpoint(run, state, early_stopping)
+            epoch_over = state.batches_in_epoch >= len(run.train_loader)  # then the epoch-end checkpoint follows
+            if config.checkpointing_steps and state.step % config.checkpointing_steps == 0 and not (done or epoch_over):
+                _checkpoint(run, state, early_stopping, losses)
             if done:
                 break
         epoch_over = state.batches_in_epoch >= len(run.train_loader)
@@ -201,7 +216,7 @@ def fit(run: Run, state: TrainerState) -> EarlyStopping:
         if epoch_over:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             if not done:
-                _checkpoint(run, state, early_stopping)
+                _checkpoint(run, state, early_stopping, losses)
     progress.close()
     return early_stopping
 
@@ -232,7 +247,8 @@ def _count_nonfinite(state: TrainerState, stepped: bool, limit: int) -> None:
             "--resume_from_checkpoint latest.")
 
 
-def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> None:
+def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping, losses: list) -> None:
+    state.unlogged_losses = [float(loss) for loss in losses]  # so a resumed run logs the same interval means
     state.early_stopping = asdict(early_stopping)
     state.scheduler = run.step_context.scheduler.state_dict()
     save_checkpoint(run.accelerator, run.config.output_dir, state, run.config.save_total_limit)

@@ -1,0 +1,126 @@
+"""Kill -9 mid-run and resume: the result equals the run nobody interrupted (1 and 2 processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clip_accel.checkpoint import TrainerState, list_checkpoints, resolve_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command(processes: int, demo_dir: str, model_config: str, out, *extra: str) -> list[str]:
+    launcher = [sys.executable, "scripts/train.py"] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "scripts/train.py"]
+    return launcher + [
+        "--data_dir", demo_dir, "--model_config", model_config, "--output_dir", str(out),
+        "--cache_dir", str(out.parent / "cache"), "--num_train_epochs", "25", "--per_device_train_batch_size",
+        str(16 // processes), "--per_device_eval_batch_size", "16", "--learning_rate", "2e-3",
+        "--warmup_ratio", "0.1", "--checkpointing_steps", "5", "--logging_steps", "3", "--seed", "3", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": REPO}
+
+
+def _kill_after_checkpoint(command: list[str], step: int) -> str:
+    """Start the run, SIGKILL its whole process group once the checkpoint of `step` is announced."""
+    process = subprocess.Popen(command, cwd=REPO, env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               text=True, start_new_session=True)
+    log = []
+    for line in process.stderr:
+        log.append(line)
+        if f"checkpoints/step-{step:07d}" in line:
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode != 0, "the run finished before it could be killed; make it longer"
+    return "".join(log)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, demo_dir, tiny_model_config_path, processes):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_command(processes, demo_dir, tiny_model_config_path, whole), cwd=REPO, env=_env(), check=True,
+                   capture_output=True, timeout=600)
+    _kill_after_checkpoint(_command(processes, demo_dir, tiny_model_config_path, killed), step=10)
+    assert not (killed / "eval_results.json").exists()
+    resumed = subprocess.run(_command(processes, demo_dir, tiny_model_config_path, killed,
+                                      "--resume_from_checkpoint", "latest"),
+                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resumed from" in resumed.stderr
+    expected, actual = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    for name in ("eval_results.json", "log_history.json"):
+        assert json.loads((killed / name).read_text()) == json.loads((whole / name).read_text()), name
+
+
+def _fake_checkpoint(root, step: int) -> None:
+    folder = root / "checkpoints" / f"step-{step:07d}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps(TrainerState(step=step).__dict__))
+
+
+def test_latest_is_the_newest_complete_checkpoint_and_staging_folders_are_ignored(tmp_path):
+    for step in (5, 40, 100):
+        _fake_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoints" / ".staging-step-0000200").mkdir()  # a save that was killed half-way
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == [
+        "step-0000005", "step-0000040", "step-0000100"]
+    assert resolve_checkpoint(str(tmp_path), "latest").endswith("step-0000100")
+
+
+def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        resolve_checkpoint(str(tmp_path), "latest")
+    with pytest.raises(ValueError, match="is not a checkpoint folder"):
+        resolve_checkpoint(str(tmp_path), str(tmp_path))
+
+
+def test_only_the_newest_checkpoints_are_kept(make_configs):
+    from clip_accel.trainer import train
+
+    # 192 pairs / 32 = 6 steps per epoch, 24 in all: checkpoints at 2, 4, 6 (epoch end), ... 20, 22 (none after
+    # the last step: the run is complete then).
+    configs = make_configs(num_train_epochs=4, checkpointing_steps=2, save_total_limit=2, eval_initial_model=False,
+                           early_stopping_patience=0)
+    train(*configs)
+    kept = [os.path.basename(p) for p in list_checkpoints(configs[2].output_dir)]
+    assert kept == ["step-0000020", "step-0000022"]
+
+
+def test_non_finite_steps_are_skipped_counted_and_too_many_stop_the_run(make_configs, monkeypatch):
+    from clip_accel import step as step_module
+    from clip_accel.trainer import train
+
+    real_loss, calls = step_module.contrastive_loss, {"n": 0}
+
+    def loss_going_bad(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in (3,) or calls["n"] > 20 else loss
+
+    monkeypatch.setattr(step_module, "contrastive_loss", loss_going_bad)
+    data, model, train_config = make_configs(num_train_epochs=10, max_nonfinite_steps=4, eval_initial_model=False)
+    with pytest.raises(RuntimeError, match="4 optimizer steps in a row had non-finite"):
+        train(data, model, train_config)
+    out = train_config.output_dir
+    assert list_checkpoints(out), "the last good checkpoint is kept"
+    state = json.load(open(os.path.join(list_checkpoints(out)[-1], "trainer_state.json")))
+    assert state["nonfinite_steps"] == 1  # the isolated bad step was skipped, counted, and training went on
+    from transformers import CLIPModel
+
+    best = CLIPModel.from_pretrained(out)
+    assert all(torch.isfinite(p).all() for p in best.parameters())
