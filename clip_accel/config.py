@@ -61,6 +61,10 @@ class DataConfig:
     preprocessing_num_workers: int = field(
         default=1, metadata={"help": "Processes for the one-off image decoding pass (datasets.map num_proc)."}
     )
+    strict: bool = field(
+        default=False, metadata={"help": "Stop at the first unusable row (naming file, line and reason) instead of "
+                                         "skipping it and listing it in OUTPUT/skipped_rows.jsonl."}
+    )
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where preprocessed splits are cached (default: the datasets cache)."}
     )
@@ -98,6 +102,8 @@ class ModelConfig:
     freeze_vision_layers: int = field(default=6, metadata={"help": "Layers frozen by --freeze vision_layers."})
 
     def __post_init__(self) -> None:
+        _require(self.freeze in ("none", "vision_layers", "backbones"),
+                 f"--freeze {self.freeze!r} is not a freezing strategy; use none, vision_layers or backbones.")
         _require(self.freeze_vision_layers >= 0, "--freeze_vision_layers must be 0 or more.")
 
 

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPModel, get_scheduler
 
 from . import hub
-from .config import DataConfig, ModelConfig, TrainConfig, config_to_dict
-from .data import build_pair_datasets, load_raw_splits, make_dataloader, write_skip_report
+from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_dict
+from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, write_skip_report
 from .evaluation import evaluate_retrieval, format_results_table
 from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .early_stopping import EarlyStopping
@@ -52,7 +52,8 @@ class Run:
     test_loader: object
     total_steps: int
     steps_per_epoch: int
-    train_pairs: int
+    pairs: dict  # usable pairs per role
+    skipped: dict  # rows skipped per role (main process)
 
     @property
     def accelerator(self) -> Accelerator:
@@ -113,27 +114,21 @@ def _evaluate(run: Run, loader) -> dict[str, float]:
 
 def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> Run:
     """Accelerator, data, model, optimizer and schedule; every check that can fail runs before the first step."""
-    exact = config.accumulation == "exact"
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         # Exact accumulation groups micro-batches itself; Accelerate must not also divide the loss.
-        gradient_accumulation_steps=1 if exact else config.gradient_accumulation_steps,
+        gradient_accumulation_steps=1 if config.accumulation == "exact" else config.gradient_accumulation_steps,
         log_with=config.report_to_list,
         project_dir=config.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(config.seed)
+    _check_precision(accelerator)
     if not config.resume_from_checkpoint:
         _check_output_dir(config)
     if config.push_to_hub and accelerator.is_main_process:  # fail fast: before any image is decoded
         hub.check_hub_access(config.hub_model_id, private=config.hub_private)
-    raw_splits = load_raw_splits(accelerator, data_config)
-    model, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
-    trainable, total = freeze_parameters(model, model_config.freeze, model_config.freeze_vision_layers)
-    pairs = build_pair_datasets(accelerator, data_config, raw_splits, processor.tokenizer, image_size_of(model))
-    if accelerator.is_main_process:
-        write_skip_report(pairs, raw_splits, config.output_dir)
-    _check_batch_fits(config, accelerator.num_processes, len(pairs["train"]))
+    model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
     loaders = [make_dataloader(pairs["train"], config.per_device_train_batch_size, train=True,
                                num_workers=config.dataloader_num_workers)]
     loaders += [make_dataloader(pairs[role], config.per_device_eval_batch_size, train=False,
@@ -143,15 +138,32 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     total_steps = config.max_steps or config.num_train_epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, config, total_steps)
-    _log_startup(accelerator, config, trainable, total, total_steps, pairs)
+    _log_startup(accelerator, config, total_steps, pairs)
     accelerator.init_trackers("clip_accel", config={k: str(v) if v is None else v
                                                     for k, v in config_to_dict(data_config, model_config,
                                                                                config).items()})
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
     step_context = StepContext(accelerator, model, optimizer, scheduler, normalizer.to(accelerator.device),
-                       config.max_grad_norm, config.local_loss)
+                               config.max_grad_norm, config.local_loss)
     return Run(config, step_context, processor, train_loader, validation_loader, test_loader, total_steps,
-               steps_per_epoch, len(pairs["train"]))
+               steps_per_epoch, {role: len(pairs[role]) for role in pairs}, skipped)
+
+
+def _load_model_and_data(accelerator: Accelerator, data_config: DataConfig, model_config: ModelConfig,
+                         config: TrainConfig):
+    """Rows (cheap, checked first), then the model and tokenizer, then the cached preprocessing pass."""
+    raw_splits = load_raw_splits(accelerator, data_config)
+    _check_split_sizes(config, accelerator.num_processes, {role: len(raw.dataset) for role, raw in raw_splits.items()})
+    model, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
+    trainable, total = freeze_parameters(model, model_config.freeze, model_config.freeze_vision_layers)
+    logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%), "
+                f"freezing: {model_config.freeze}")
+    pairs = build_pair_datasets(accelerator, data_config, raw_splits, processor.tokenizer, image_size_of(model))
+    if data_config.strict:
+        check_strict(pairs, raw_splits)
+    skipped = write_skip_report(pairs, raw_splits, config.output_dir) if accelerator.is_main_process else {}
+    _check_split_sizes(config, accelerator.num_processes, {role: len(pairs[role]) for role in pairs})
+    return model, processor, pairs, skipped
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -316,11 +328,31 @@ def _load_best_weights(run: Run) -> None:
     run.accelerator.unwrap_model(run.model).load_state_dict(best.state_dict())
 
 
-def _check_batch_fits(config: TrainConfig, num_processes: int, num_pairs: int) -> None:
+def _check_split_sizes(config: TrainConfig, num_processes: int, sizes: dict[str, int]) -> None:
+    """Before any image is decoded (on row counts) and again after (on usable pairs)."""
     global_batch = config.per_device_train_batch_size * num_processes
-    if global_batch > num_pairs:
+    if global_batch > sizes["train"]:
         raise ValueError(f"The global batch ({global_batch} = per-device batch x {num_processes} processes) exceeds "
-                         f"the {num_pairs} training pairs; lower --per_device_train_batch_size.")
+                         f"the {sizes['train']} training pairs; lower --per_device_train_batch_size.")
+    for role in ("validation", "test"):
+        if sizes[role] < max(RECALL_KS):
+            raise ValueError(f"The {role} split has {sizes[role]} pairs, but recall@{max(RECALL_KS)} needs at least "
+                             f"{max(RECALL_KS)}; use a larger split (or a larger --max_eval_samples).")
+
+
+def _check_precision(accelerator: Accelerator) -> None:
+    if accelerator.mixed_precision == "no":
+        return
+    device = accelerator.device.type
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    if dtype is None or not torch.amp.is_autocast_available(device):
+        raise ValueError(f"--mixed_precision {accelerator.mixed_precision} is not available on {device}; use "
+                         "--mixed_precision no (or bf16 where supported).")
+    with torch.autocast(device, dtype=dtype):
+        probe = torch.ones(2, 2, device=accelerator.device) @ torch.ones(2, 2, device=accelerator.device)
+    if probe.dtype != dtype:
+        raise ValueError(f"{device} autocast does not compute in {dtype} here; use --mixed_precision no or another "
+                         "precision.")
 
 
 def _check_output_dir(config: TrainConfig) -> None:
@@ -330,7 +362,7 @@ def _check_output_dir(config: TrainConfig) -> None:
                          "--overwrite_output_dir.")
 
 
-def _log_startup(accelerator, config: TrainConfig, trainable: int, total: int, total_steps: int, pairs) -> None:
+def _log_startup(accelerator, config: TrainConfig, total_steps: int, pairs) -> None:
     per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
     logger.info(f"Processes: {accelerator.num_processes} ({accelerator.distributed_type.value}) on "
                 f"{accelerator.device.type}; mixed precision: {accelerator.mixed_precision}")
@@ -338,12 +370,12 @@ def _log_startup(accelerator, config: TrainConfig, trainable: int, total: int, t
                 f"x {accelerator.num_processes} processes x {accumulation} accumulation steps")
     logger.info(f"Pairs: train {len(pairs['train'])}, validation {len(pairs['validation'])}, test "
                 f"{len(pairs['test'])}; optimizer steps: {total_steps}")
-    logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
 
 
 def _training_summary(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> dict:
     return {"optimizer_steps": state.step, "planned_steps": run.total_steps, "nonfinite_steps": state.nonfinite_steps,
-            "train_pairs": run.train_pairs, "best_step": early_stopping.best_step,
+            "train_pairs": run.pairs["train"], "pairs": run.pairs, "skipped_rows": run.skipped,
+            "best_step": early_stopping.best_step,
             "early_stopping_metric": early_stopping.metric, "stopped_early": early_stopping.should_stop,
             "num_processes": run.accelerator.num_processes, "mixed_precision": run.accelerator.mixed_precision,
             "global_batch_size": run.config.per_device_train_batch_size * run.accelerator.num_processes

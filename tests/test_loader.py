@@ -33,8 +33,8 @@ def test_batches_hold_the_cached_rows_and_skip_bad_ones(tmp_path):
     assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (3, SIDE, SIDE, 3)
     assert [int(image[0, 0, 0]) for image in batch["pixel_values"]] == [7, 0, 4]
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [1, PAD, PAD, PAD], [1, PAD, PAD, PAD]]
-    assert pairs.skipped_rows() == [{"source_row": 12, "reason": "unreadable image: OSError"},
-                                    {"source_row": 16, "reason": "empty caption"}]
+    assert pairs.skipped_rows() == [{"position": 2, "source_row": 12, "reason": "unreadable image: OSError"},
+                                    {"position": 6, "source_row": 16, "reason": "empty caption"}]
     assert pairs.column("caption")[:2] == ["caption 0", "caption 1"]
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from clip_accel.metrics import positive_ranks, retrieval_metrics
+from clip_accel.metrics import pair_ranks, positive_ranks, retrieval_metrics
 
 
 def _normed(n: int, d: int, seed: int) -> torch.Tensor:
@@ -211,3 +211,40 @@ def test_nan_positive_gets_worst_rank() -> None:
     query = torch.eye(3)
     query[1] = float("nan")
     assert positive_ranks(query, torch.eye(3)).tolist() == [0, 2, 0]
+
+
+@pytest.mark.parametrize("n, chunk_size", [(1, 1), (13, 1), (30, 7), (50, 16), (64, 1000)])
+def test_one_pass_ranks_both_directions_like_the_reference(n: int, chunk_size: int) -> None:
+    # The same similarity tiles serve image queries (rows) and text queries (columns).
+    img = _normed(n, 8, seed=n)
+    txt = img + 0.8 * _normed(n, 8, seed=n + 1000)
+    image_ranks, text_ranks = pair_ranks(img, txt, chunk_size=chunk_size)
+    np.testing.assert_array_equal(image_ranks.numpy(), _reference_ranks(img, txt))
+    np.testing.assert_array_equal(text_ranks.numpy(), _reference_ranks(txt, img))
+    g = torch.Generator().manual_seed(n)
+    img, txt = (torch.randint(-1, 2, (n, 3), generator=g).float() for _ in range(2))  # exact ties
+    image_ranks, text_ranks = pair_ranks(img, txt, chunk_size=chunk_size)
+    np.testing.assert_array_equal(image_ranks.numpy(), _reference_ranks(img, txt))
+    np.testing.assert_array_equal(text_ranks.numpy(), _reference_ranks(txt, img))
+    assert pair_ranks(img, txt, chunk_size=chunk_size, columns=False)[1] is None
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 1000])
+def test_duplicate_pair_ties_whatever_tile_it_lands_in(chunk_size: int) -> None:
+    # Real-valued (not integer) embeddings: a pair repeated elsewhere in the split scores exactly its own
+    # positive, so each copy outranks the other (pessimistic ties) in both directions, even when the two copies
+    # sit at different positions of different similarity tiles.
+    img = _normed(50, 64, seed=5)
+    img[41] = img[3]
+    image_ranks, text_ranks = pair_ranks(img, img.clone(), chunk_size=chunk_size)
+    expected = [1 if i in (3, 41) else 0 for i in range(50)]
+    assert image_ranks.tolist() == expected
+    assert text_ranks.tolist() == expected
+
+
+def test_nan_pair_gets_worst_rank_in_both_directions() -> None:
+    images = torch.eye(3)
+    images[1] = float("nan")
+    image_ranks, text_ranks = pair_ranks(images, torch.eye(3))
+    assert image_ranks.tolist() == [0, 2, 0]
+    assert text_ranks.tolist() == [0, 2, 0]

@@ -79,10 +79,26 @@ def test_bad_rows_are_marked_with_a_reason_and_good_rows_kept(tmp_path, offline_
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
 def test_other_image_modes_are_converted_to_rgb_not_dropped(tmp_path, mode):
-    image = Image.new("RGB", (20, 24), (200, 30, 30)).convert(mode if mode != "I;16" else "L")
-    if mode == "I;16":
-        image = image.convert("I").point(lambda value: value * 256).convert("I;16")
+    colour = (200, 30, 30)
+    image = Image.new("RGB", (20, 24), colour)
+    if mode == "I;16":  # 16-bit greyscale: 8-bit grey value g stored as g * 256
+        image = image.convert("L").convert("I").point(lambda value: value * 256).convert("I;16")
+        colour = (Image.new("RGB", (1, 1), colour).convert("L").getpixel((0, 0)),) * 3
+    elif mode == "L":
+        image = image.convert("L")
+        colour = (image.getpixel((0, 0)),) * 3
+    else:
+        image = image.convert(mode)
     path = tmp_path / "img.tiff"
     image.save(path)
     pixels = load_rgb_image(str(path), 8)
-    assert pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8 and pixels.max() > 0
+    assert pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8
+    assert np.abs(pixels.astype(int) - colour).max() <= 8, pixels[0, 0]  # palette dithering moves a few levels
+
+
+def test_transparency_becomes_white_as_in_clip_processor(tmp_path):
+    image = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    image.paste((0, 0, 255, 255), (0, 0, 5, 10))
+    image.save(tmp_path / "cutout.png")
+    pixels = load_rgb_image(str(tmp_path / "cutout.png"), 10)
+    assert pixels[0, 9].tolist() == [255, 255, 255] and pixels[0, 0].tolist() == [0, 0, 255]

@@ -120,3 +120,46 @@ def test_tensorboard_tracking_writes_event_files(make_configs, tmp_path):
     train(*make_configs(report_to="tensorboard", num_train_epochs=1, eval_initial_model=False))
     events = [name for _, _, names in os.walk(tmp_path / "out") for name in names if "tfevents" in name]
     assert events
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"per_device_train_batch_size": 1000}, "global batch .* exceeds the 192 training pairs"),
+        ({"max_eval_samples": 5}, "validation split has 5 pairs, but recall@10 needs at least 10"),
+    ],
+)
+def test_bad_sizes_stop_before_any_image_is_decoded(make_configs, overrides, message, tmp_path):
+    data, model, config = make_configs(**overrides)
+    with pytest.raises(ValueError, match=message):
+        train(data, model, config)
+    assert not os.path.exists(data.cache_dir) or not os.listdir(data.cache_dir)
+
+
+def test_unknown_freezing_strategy_fails_at_start_up():
+    from clip_accel.config import ModelConfig
+
+    with pytest.raises(ValueError, match="not a freezing strategy"):
+        ModelConfig(freeze="half")
+
+
+def test_mixed_precision_the_device_cannot_autocast_fails_at_start_up(make_configs, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # precision is fixed once per process otherwise
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device: False)
+    try:
+        with pytest.raises(ValueError, match="--mixed_precision bf16 is not available on cpu"):
+            train(*make_configs(mixed_precision="bf16"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_missing_split_of_the_data_folder_fails_at_start_up(make_configs, tmp_path, demo_dir):
+    import shutil
+
+    broken = tmp_path / "no-val"
+    shutil.copytree(demo_dir, broken)
+    os.remove(broken / "val_data.json")
+    with pytest.raises(ValueError, match="val_data.json is missing"):
+        train(*make_configs(data_dir=str(broken)))

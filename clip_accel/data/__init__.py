@@ -15,8 +15,8 @@ from .loader import PairDataset, make_dataloader
 from .preprocess import preprocess_split
 from .sources import RawSplit, data_source_dir, load_raw_split
 
-__all__ = ["PairDataset", "RawSplit", "build_pair_datasets", "load_raw_splits", "make_dataloader",
-           "write_skip_report"]
+__all__ = ["PairDataset", "RawSplit", "build_pair_datasets", "check_strict", "load_raw_splits", "make_dataloader",
+           "skipped_rows", "write_skip_report"]
 
 logger = get_logger(__name__)
 ROLES = ("train", "validation", "test")
@@ -55,16 +55,37 @@ def build_pair_datasets(
     return pairs
 
 
+def skipped_rows(dataset: PairDataset, raw: RawSplit) -> list[dict]:
+    """Every row of a split left out, with where it came from and why."""
+    rows = []
+    for skipped in dataset.skipped_rows():
+        position = skipped["position"]
+        image = raw.dataset[position]["image"]
+        rows.append({"split": raw.name, "where": raw.describe_row(skipped["source_row"]),
+                     "image": image if isinstance(image, str) else (image or {}).get("path"),
+                     "reason": skipped["reason"]})
+    return rows
+
+
+def check_strict(pairs: dict[str, PairDataset], raw_splits: dict[str, RawSplit]) -> None:
+    """--strict: the first bad row is an error instead of a skip."""
+    for role, dataset in pairs.items():
+        for row in skipped_rows(dataset, raw_splits[role])[:1]:
+            raise ValueError(f"--strict: {row['where']}: {row['reason']} (image {row['image']}). Fix or remove "
+                             "the row, or drop --strict to skip bad rows and list them in skipped_rows.jsonl.")
+
+
 def write_skip_report(pairs: dict[str, PairDataset], raw_splits: dict[str, RawSplit], output_dir: str) -> dict:
-    """Write every skipped row with its reason to OUTPUT/skipped_rows.jsonl; log one summary line per split."""
+    """Write every skipped row with its reason to OUTPUT/skipped_rows.jsonl; log one summary line per split.
+    Returns the count per role."""
     counts = {}
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "skipped_rows.jsonl"), "w") as report:
         for role, dataset in pairs.items():
-            skipped = dataset.skipped_rows()
+            skipped = skipped_rows(dataset, raw_splits[role])
             counts[role] = len(skipped)
             for row in skipped:
-                report.write(json.dumps({"split": raw_splits[role].name, **row}) + "\n")
+                report.write(json.dumps(row) + "\n")
             total = len(raw_splits[role].dataset)
             logger.info(f"{role} split {raw_splits[role].name!r}: {len(dataset)} pairs used, {len(skipped)} of "
                         f"{total} rows skipped" + (" (see skipped_rows.jsonl)" if skipped else ""))

@@ -73,7 +73,8 @@ class PairDataset(Dataset):
     def skipped_rows(self) -> list[dict]:
         skipped = np.flatnonzero(self.skip_reasons != "")
         sources = self.cached.data.table.column("source_row").to_numpy()
-        return [{"source_row": int(sources[row]), "reason": str(self.skip_reasons[row])} for row in skipped]
+        return [{"position": int(row), "source_row": int(sources[row]), "reason": str(self.skip_reasons[row])}
+                for row in skipped]
 
 
 def _list_chunk_arrays(chunk: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 
 import datasets
 import numpy as np
@@ -22,7 +23,8 @@ from .sources import RawSplit
 # Bump when the cached layout or the pixel pipeline changes, so old caches are not reused.
 PREPROCESS_VERSION = 1
 # What PIL can raise for a file that is missing, empty, truncated, corrupt, not an image, or a decompression bomb.
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning)
 
 
 def cached_features(image_size: int) -> datasets.Features:
@@ -44,9 +46,15 @@ def load_rgb_image(source: str | dict, image_size: int) -> np.ndarray:
     """
     if isinstance(source, dict):
         source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
-    with Image.open(source) as image:
+    with warnings.catch_warnings():
+        # Above Image.MAX_IMAGE_PIXELS PIL only warns (it raises at twice that); a catalogue photo that large is
+        # far more likely a decompression bomb than a product, so treat the warning as a bad row too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(source)
+    with image:
         image.draft("RGB", (image_size, image_size))
-        image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA") else image.convert("RGB")
+        image = to_rgb(image)
+        image.load()  # decode now, while the file is open
     width, height = image.size
     # Same arithmetic as CLIPImageProcessor (long edge = int(size * long / short)), so training sees the pixels
     # that CLIPProcessor gives users at inference.
@@ -58,6 +66,17 @@ def load_rgb_image(source: str | dict, image_size: int) -> np.ndarray:
     left, top = (resized[0] - image_size) // 2, (resized[1] - image_size) // 2
     image = image.crop((left, top, left + image_size, top + image_size))
     return np.asarray(image, dtype=np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB the way transformers' `convert_to_rgb` does it (transparency composited on white), so training sees what
+    `CLIPProcessor` shows the model at inference; 16/32-bit greyscale is scaled to 8 bits instead of clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        image = image.convert("I").point(lambda value: value / 256).convert("L")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 class PairPreprocessor:

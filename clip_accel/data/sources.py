@@ -25,11 +25,18 @@ RAW_FEATURES = datasets.Features({"image": datasets.Value("string"), "caption": 
 
 @dataclass(frozen=True)
 class RawSplit:
-    """One split before preprocessing. `fingerprint` changes whenever the rows or the image files change."""
+    """One split before preprocessing. `fingerprint` changes whenever the rows or the image files change.
+    `source` names where rows come from in error reports: a JSON-lines file (`source_row` = its line number)
+    or a dataset name (`source_row` = the row index)."""
 
     name: str
     dataset: datasets.Dataset
     fingerprint: str
+    source: str = ""
+
+    def describe_row(self, source_row: int) -> str:
+        return f"{self.source}, line {source_row}" if self.source.endswith(".json") else \
+            f"{self.source}[{self.name}] row {source_row}"
 
 
 def default_demo_dir() -> str:
@@ -48,7 +55,7 @@ def load_raw_split(config: DataConfig, split: str, max_samples: int | None) -> R
     raw = read_indo_fashion(folder, split) if folder is not None else read_hub_dataset(config, split)
     if max_samples is not None and max_samples < len(raw.dataset):
         fingerprint = _hash(raw.fingerprint, "first", max_samples)
-        return RawSplit(split, raw.dataset.select(range(max_samples)), fingerprint)
+        return RawSplit(split, raw.dataset.select(range(max_samples)), fingerprint, raw.source)
     return raw
 
 
@@ -76,7 +83,8 @@ def read_indo_fashion(data_dir: str, split: str) -> RawSplit:
         rows["label"].append(str(record["class_label"]))
         rows["source_row"].append(line_number)
     dataset = datasets.Dataset.from_dict(rows, features=RAW_FEATURES)
-    return RawSplit(split, dataset, _hash(hashlib.sha256(content).hexdigest(), _image_files_signature(rows["image"])))
+    signature = _hash(hashlib.sha256(content).hexdigest(), _image_files_signature(rows["image"]))
+    return RawSplit(split, dataset, signature, path)
 
 
 def _parse_line(line: str, path: str, line_number: int) -> dict:
@@ -130,7 +138,7 @@ def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
     if "label" not in dataset.column_names:
         dataset = dataset.add_column("label", [""] * len(dataset))
     dataset = dataset.add_column("source_row", list(range(len(dataset))))
-    return RawSplit(split, dataset, _hash(dataset._fingerprint))
+    return RawSplit(split, dataset, _hash(dataset._fingerprint), config.dataset_name)
 
 
 def _hash(*parts) -> str:
