@@ -21,7 +21,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, Offl
 
 from . import __version__
 from .config import RECALL_KS
-from .data.demo import _MARKER as DEMO_MARKER
+from .data.demo import DEMO_MARKER
 from .evaluation import format_results_table
 
 try:  # huggingface_hub 2.x talks HTTP through httpx2, 1.x through httpx; connection errors derive from these

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw
 
-__all__ = ["CLASS_LABELS", "write_demo_dataset"]
+__all__ = ["CLASS_LABELS", "DEMO_MARKER", "write_demo_dataset"]
 
 CLASS_LABELS: tuple[str, ...] = (
     "blouse", "dhoti_pants", "dupattas", "gowns", "kurta_men", "leggings_and_salwars", "lehenga", "mojaris_men",
@@ -29,7 +29,7 @@ CLASS_LABELS: tuple[str, ...] = (
 )
 # Bump when the drawing or the titles change, so caches written by an older generator are rewritten.
 _FORMAT_VERSION = 1
-_MARKER = ".clip_accel_demo.json"
+DEMO_MARKER = ".clip_accel_demo.json"
 _SPLIT_FILES = {"train": "train_data.json", "val": "val_data.json", "test": "test_data.json"}
 
 _COLOURS = {"red": (205, 25, 30), "blue": (30, 70, 210), "green": (20, 150, 45), "yellow": (245, 215, 20),
@@ -188,7 +188,7 @@ def _validate(counts: dict[str, int], image_size: int, seed: int) -> None:
 
 def _is_current(root: Path, marker: dict[str, int]) -> bool:
     try:
-        found = json.loads((root / _MARKER).read_text(encoding="utf-8"))
+        found = json.loads((root / DEMO_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return found == marker and all((root / name).is_file() for name in _SPLIT_FILES.values())
@@ -200,8 +200,8 @@ def _check_replaceable(root: Path) -> None:
         return
     if not root.is_dir():
         raise ValueError(f"{root} is a file, not a folder; choose another folder for the demo dataset.")
-    if not (root / _MARKER).is_file() and any(root.iterdir()):
-        raise ValueError(f"{root} is not empty and is not a demo dataset (no {_MARKER}); choose another folder "
+    if not (root / DEMO_MARKER).is_file() and any(root.iterdir()):
+        raise ValueError(f"{root} is not empty and is not a demo dataset (no {DEMO_MARKER}); choose another folder "
                          "or an empty one.")
 
 
@@ -226,7 +226,7 @@ def write_demo_dataset(root: str | os.PathLike[str], *, num_train: int = 1200, n
     try:
         for split, count in zip(_SPLIT_FILES, counts.values()):
             _write_split(staging, split, count, image_size, seed)
-        (staging / _MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
+        (staging / DEMO_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
         _swap_into_place(staging, root, marker)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
