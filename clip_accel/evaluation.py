@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from .config import RECALL_KS
 from .metrics import retrieval_metrics
 from .model import PixelNormalizer
+from .zero_shot import class_text_embeddings, zero_shot_accuracy
 
 
 @torch.no_grad()
@@ -43,13 +44,22 @@ def embed_split(
 
 
 def evaluate_retrieval(
-    accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, normalizer: PixelNormalizer
+    accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, normalizer: PixelNormalizer,
+    tokenizer=None, labels: list[str] | None = None,
 ) -> dict[str, float]:
-    """Recall@1/5/10 both ways plus mean/median rank over the whole split. Every process computes the same
-    numbers from the same gathered embeddings, so decisions taken on them (early stopping) agree everywhere."""
+    """Recall@1/5/10 both ways plus mean/median rank over the whole split; with `labels` (one per pair, in split
+    order) and the tokenizer, also zero-shot top-1/top-5 accuracy of classifying the images by prompted class
+    names. Every process computes the same numbers from the same gathered embeddings, so decisions taken on them
+    (early stopping) agree everywhere."""
     image_embeds, text_embeds = embed_split(accelerator, model, dataloader, normalizer)
     metrics = retrieval_metrics(image_embeds, text_embeds, ks=RECALL_KS)
     metrics["num_pairs"] = int(image_embeds.shape[0])
+    class_names = sorted({label for label in labels or [] if label})
+    if tokenizer is not None and len(class_names) >= 2:
+        clip = accelerator.unwrap_model(model)
+        with accelerator.autocast():
+            class_embeds = class_text_embeddings(clip, tokenizer, class_names, device=accelerator.device)
+        metrics.update(zero_shot_accuracy(image_embeds, labels, class_names, class_embeds.float().cpu()))
     return metrics
 
 
@@ -59,12 +69,18 @@ TABLE_COLUMNS = (("I2T R@1", "image_to_text_R@1"), ("T2I R@1", "text_to_image_R@
                  ("I2T med. rank", "image_to_text_median_rank"), ("T2I med. rank", "text_to_image_median_rank"))
 
 
+ZERO_SHOT_COLUMNS = (("ZS top-1", "zero_shot_top1"), ("ZS top-5", "zero_shot_top5"))
+
+
 def format_results_table(rows: dict[str, dict[str, float]]) -> str:
-    """Markdown table, one row per (name -> metrics), columns as in the reference project's table."""
-    header = "| Model | Pairs | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
+    """Markdown table, one row per (name -> metrics), columns as in the reference project's table, plus zero-shot
+    classification accuracy (ZS) when the split has labels."""
+    columns = TABLE_COLUMNS + (ZERO_SHOT_COLUMNS if any("zero_shot_top1" in m for m in rows.values()) else ())
+    header = "| Model | Pairs | " + " | ".join(title for title, _ in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 2)]
     for name, metrics in rows.items():
-        cells = [f"{metrics[key]:.4f}" if "R@" in key else f"{metrics[key]:g}" for _, key in TABLE_COLUMNS]
+        cells = ["–" if key not in metrics else f"{metrics[key]:.4f}" if "R@" in key or "zero_shot" in key
+                 else f"{metrics[key]:g}" for _, key in columns]
         lines.append(f"| {name} | {metrics.get('num_pairs', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -91,7 +107,8 @@ def evaluate_checkpoint(args) -> dict[str, float]:
     loader = make_dataloader(pairs["test"], _eval_batch_size(args), train=False)
     model, loader = accelerator.prepare(model, loader)
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
-    metrics = evaluate_retrieval(accelerator, model, loader, normalizer.to(accelerator.device))
+    metrics = evaluate_retrieval(accelerator, model, loader, normalizer.to(accelerator.device), processor.tokenizer,
+                                 pairs["test"].column("label"))
     if accelerator.is_main_process:
         get_logger(__name__).info("\n" + format_results_table({f"{args.model_name_or_path} ({args.split})": metrics}))
         if args.output_file:

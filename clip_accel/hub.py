@@ -37,6 +37,9 @@ NOT_PUSHED = {"skipped_rows.jsonl"}
 # `datasets.load_dataset` names that read local files, as opposed to Hub dataset ids.
 LOCAL_LOADERS = {"imagefolder", "audiofolder", "videofolder", "json", "csv", "parquet", "text", "arrow",
                  "webdataset", "pandas", "sql", "xml"}
+# Written by the trainer into the output folder; shown on the card and pushed with it.
+PICTURES = (("Recall@K of the starting model and the fine-tuned model", "recall_at_k.png"),
+            ("Training loss, learning rate and validation recall", "training_curves.png"))
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
@@ -105,6 +108,7 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
         "warmup_steps": config["warmup_steps"] or int(results["training"]["planned_steps"] * config["warmup_ratio"]),
         "epochs_run": max((record["epoch"] for record in files["log_history.json"]), default=None),
         "versions": _framework_versions(),
+        "pictures": [(caption, name) for caption, name in PICTURES if os.path.isfile(os.path.join(output_dir, name))],
     }
     template = resources.files("clip_accel") / "model_card_template.md"
     with resources.as_file(template) as template_path:
@@ -156,7 +160,11 @@ def _eval_results(test: dict, dataset_type: str, dataset_name: str, split: str) 
                        metric_type=f"{direction}_R@{k}", metric_name=f"{label} R@{k}",
                        metric_value=test[f"{direction}_R@{k}"])
             for direction, label in (("image_to_text", "Image-to-text"), ("text_to_image", "Text-to-image"))
-            for k in RECALL_KS]
+            for k in RECALL_KS] + [
+        EvalResult(task_type="zero-shot-image-classification", task_name="Zero-shot image classification",
+                   dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
+                   metric_type=key, metric_name=f"Zero-shot top-{key[-1]} accuracy", metric_value=test[key])
+        for key in ("zero_shot_top1", "zero_shot_top5") if key in test]
 
 
 def _results_table(results: dict, model_id: str) -> str:

@@ -25,6 +25,7 @@ from .data import build_pair_datasets, check_strict, load_raw_splits, make_datal
 from .evaluation import evaluate_retrieval, format_results_table
 from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .early_stopping import EarlyStopping
+from .plots import plot_recall_bars, plot_training_curves
 from .model import PixelNormalizer, freeze_parameters, image_size_of, load_model_and_processor
 from .step import StepContext, exact_step, plain_step
 
@@ -53,6 +54,7 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     pairs: dict  # usable pairs per role
+    labels: dict  # class label of every usable pair, per evaluation role (for zero-shot accuracy)
     skipped: dict  # rows skipped per role (main process)
 
     @property
@@ -70,18 +72,19 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
     accelerator = run.accelerator
     state = _restore(run) if config.resume_from_checkpoint else TrainerState()
     if config.eval_initial_model and not state.initial:
-        state.initial = {"test": _evaluate(run, run.test_loader)}
+        state.initial = {"test": _evaluate(run, "test")}
     early_stopping = fit(run, state)
     _load_best_weights(run)
     results = {"initial": state.initial} if state.initial else {}
     results["validation"] = early_stopping.best_metrics
-    results["test"] = _evaluate(run, run.test_loader)
+    results["test"] = _evaluate(run, "test")
     results["training"] = _training_summary(run, state, early_stopping)
     best_model = accelerator.unwrap_model(run.model)
     try:
         if accelerator.is_main_process:
             _write_outputs(config.output_dir, results, state.history,
                            config_to_dict(data_config, model_config, config))
+            _draw_pictures(config.output_dir, results, state.history)
             hub.write_model_card(config.output_dir, repo_id=config.hub_model_id)
             if config.push_to_hub:
                 hub.push_output_dir(config.output_dir, config.hub_model_id, private=config.hub_private)
@@ -108,8 +111,10 @@ def _restore(run: Run) -> TrainerState:
     return state
 
 
-def _evaluate(run: Run, loader) -> dict[str, float]:
-    return evaluate_retrieval(run.accelerator, run.model, loader, run.step_context.normalizer)
+def _evaluate(run: Run, role: str) -> dict[str, float]:
+    loader = run.validation_loader if role == "validation" else run.test_loader
+    return evaluate_retrieval(run.accelerator, run.model, loader, run.step_context.normalizer,
+                              run.processor.tokenizer, run.labels[role])
 
 
 def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> Run:
@@ -146,7 +151,8 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     step_context = StepContext(accelerator, model, optimizer, scheduler, normalizer.to(accelerator.device),
                                config.max_grad_norm, config.local_loss)
     return Run(config, step_context, processor, train_loader, validation_loader, test_loader, total_steps,
-               steps_per_epoch, {role: len(pairs[role]) for role in pairs}, skipped)
+               steps_per_epoch, {role: len(pairs[role]) for role in pairs},
+               {role: pairs[role].column("label") for role in ("validation", "test")}, skipped)
 
 
 def _load_model_and_data(accelerator: Accelerator, data_config: DataConfig, model_config: ModelConfig,
@@ -280,7 +286,7 @@ def _groups(loader, size: int):
 
 def _evaluate_and_keep_best(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> bool:
     """Evaluate on the validation split, save the model if it is the best so far; True when it is time to stop."""
-    metrics = _evaluate(run, run.validation_loader)
+    metrics = _evaluate(run, "validation")
     step = state.step
     improved = early_stopping.update(metrics, step)
     if improved:
@@ -375,11 +381,18 @@ def _log_startup(accelerator, config: TrainConfig, total_steps: int, pairs) -> N
 def _training_summary(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> dict:
     return {"optimizer_steps": state.step, "planned_steps": run.total_steps, "nonfinite_steps": state.nonfinite_steps,
             "train_pairs": run.pairs["train"], "pairs": run.pairs, "skipped_rows": run.skipped,
-            "best_step": early_stopping.best_step,
+            "epochs_run": round(state.step / run.steps_per_epoch, 2), "best_step": early_stopping.best_step,
             "early_stopping_metric": early_stopping.metric, "stopped_early": early_stopping.should_stop,
             "num_processes": run.accelerator.num_processes, "mixed_precision": run.accelerator.mixed_precision,
             "global_batch_size": run.config.per_device_train_batch_size * run.accelerator.num_processes
             * run.config.gradient_accumulation_steps}
+
+
+def _draw_pictures(output_dir: str, results: dict, history: list) -> None:
+    bars = {"starting model": results["initial"]["test"]} if "initial" in results else {}
+    bars["fine-tuned"] = results["test"]
+    plot_recall_bars(bars, os.path.join(output_dir, "recall_at_k.png"), title="Test recall@K")
+    plot_training_curves(history, os.path.join(output_dir, "training_curves.png"))
 
 
 def _write_outputs(output_dir: str, results: dict, history: list, resolved_config: dict) -> None:

@@ -102,8 +102,8 @@ def test_card_metadata_and_figures_come_from_the_run_files(pushed_run):
     # Trained from scratch on the demo catalogue: no base model, no dataset id to claim.
     assert card.data.base_model is None and card.data.datasets is None
     assert card.data.model_name == REPO
-    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {k: results["test"][k]
-                                                                             for k in RECALL_KEYS}
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {
+        k: results["test"][k] for k in (*RECALL_KEYS, "zero_shot_top1", "zero_shot_top5")}
     assert {r.dataset_split for r in card.data.eval_results} == {"test"}
     # The body's table puts the starting model's figures beside the fine-tuned ones, from the same file.
     rows = {"starting model": results["initial"]["test"], f"{REPO} (this model)": results["test"]}

@@ -1,0 +1,164 @@
+"""Zero-shot classification: score each image against one text embedding per class, built from prompts.
+
+Each class name is dropped into several prompt templates ("a photo of a {label}."), every prompt is embedded by
+the text tower, and the L2-normalised prompt embeddings are averaged and normalised again: the CLIP paper's
+prompt ensembling, worth a few points of accuracy over a single prompt. Images are then classified by the dot
+product with these class embeddings.
+
+Tie rule (pessimistic, as in `clip_accel.metrics`): rank = #{other classes c : s_c >= s_true}; an image is
+top-k correct iff rank < k. A tie counts against the image, so a collapsed model scores 0 top-1, not 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DEFAULT_TEMPLATES", "class_text_embeddings", "label_to_text", "zero_shot_accuracy"]
+
+# Product-photo phrasings in the spirit of CLIP's ImageNet prompts; the last ones name the domain, which helps
+# with class names a general-purpose model barely knows ("dhoti pants", "mojaris men").
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {label}.",
+    "a product photo of a {label}.",
+    "a catalogue photo of a {label}.",
+    "a close-up photo of a {label}.",
+    "a photo of the {label}, a type of clothing.",
+    "a photo of a {label}, a type of indian ethnic wear.",
+    "an e-commerce photo of a {label}, indian fashion.",
+)
+
+# CLIP's text tower has 77 positions; longer prompts must be cut or the position embedding raises.
+_MAX_TEXT_TOKENS = 77
+# Prompts embedded per forward pass: bounds memory for datasets with many classes.
+_PROMPTS_PER_BATCH = 256
+
+
+def label_to_text(label: str) -> str:
+    """A dataset label as words for a prompt: underscores become spaces, outer spaces are dropped.
+
+    "women_kurta" -> "women kurta", "leggings_and_salwars" -> "leggings and salwars". Nothing else is changed
+    (no singularisation, no reordering), so the prompt stays predictable from the label.
+    """
+    return label.replace("_", " ").strip()
+
+
+@torch.no_grad()
+def class_text_embeddings(
+    model: torch.nn.Module,
+    tokenizer,
+    labels: list[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """One L2-normalised text embedding per class, averaged over prompt templates.
+
+    Args:
+        model: a `transformers.CLIPModel` (unwrapped); its `get_text_features(...).pooler_output` is used.
+        tokenizer: the model's tokenizer; prompts are truncated to 77 tokens and padded with its pad token to
+            the longest prompt of each batch.
+        labels: C class labels; each goes through `label_to_text` before filling a template.
+        templates: T format strings, each with a `{label}` placeholder.
+        device: where to run the text tower; defaults to the model's device.
+
+    Returns:
+        float32 (C, D) on `device`: for class c, normalise(mean_t(normalise(text_embed(template_t(label_c))))).
+    """
+    _check_templates(templates, labels)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    prompts = [template.format(label=label_to_text(label)) for label in labels for template in templates]
+    was_training = model.training
+    model.eval()  # dropout off: the embedding must not depend on the call
+    try:
+        prompt_embeds = torch.cat([
+            _embed_prompts(model, tokenizer, prompts[start:start + _PROMPTS_PER_BATCH], device)
+            for start in range(0, len(prompts), _PROMPTS_PER_BATCH)
+        ])
+    finally:
+        model.train(was_training)
+    # Normalising each prompt first weights every template equally, whatever its embedding's norm.
+    per_template = F.normalize(prompt_embeds, dim=-1).view(len(labels), len(templates), -1)
+    return F.normalize(per_template.mean(dim=1), dim=-1)
+
+
+def _check_templates(templates: Sequence[str], labels: list[str]) -> None:
+    if isinstance(templates, str):
+        raise TypeError(f"templates must be a sequence of strings, not one string: pass ({templates!r},)")
+    if not templates or not labels:
+        raise ValueError(f"need at least one template and one label; got {len(templates)} and {len(labels)}")
+    missing = [template for template in templates if "{label}" not in template]
+    if missing:
+        raise ValueError(f"every template needs a '{{label}}' placeholder; these have none: {missing}")
+
+
+def _embed_prompts(model: torch.nn.Module, tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """float32 (P, D) projected text embeddings (not normalised) of P prompts."""
+    tokens = tokenizer(prompts, padding="longest", truncation=True, max_length=_MAX_TEXT_TOKENS, return_tensors="pt")
+    output = model.get_text_features(input_ids=tokens["input_ids"].to(device),
+                                     attention_mask=tokens["attention_mask"].to(device))
+    return output.pooler_output.float()
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    image_embeds: torch.Tensor,
+    labels: list[str],
+    class_names: list[str],
+    class_embeds: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5),
+) -> dict[str, float]:
+    """Top-k zero-shot accuracy of N images against C class embeddings.
+
+    Args:
+        image_embeds: (N, D), L2-normalised; row i is the image labelled `labels[i]`.
+        labels: N class labels; images whose label is "" or not in `class_names` are left out.
+        class_names: C distinct labels, in the row order of `class_embeds`.
+        class_embeds: (C, D), L2-normalised (e.g. from `class_text_embeddings`).
+        ks: cut-offs, each >= 1. For k >= C every kept image is top-k correct (1.0).
+
+    Returns:
+        `zero_shot_top{k}` for each k (fraction of kept images whose rank < k, rank = number of other classes
+        scoring >= the true class), `zero_shot_classes` = C and `zero_shot_images` = N', the images kept.
+    """
+    _check_inputs(image_embeds, labels, class_names, class_embeds, ks)
+    class_index = {name: index for index, name in enumerate(class_names)}
+    kept = [row for row, label in enumerate(labels) if label != "" and label in class_index]
+    if not kept:
+        raise ValueError(f"none of the {len(labels)} image labels is among class_names {class_names[:5]}...; "
+                         "pass the class names the dataset's label column uses")
+    targets = torch.tensor([class_index[labels[row]] for row in kept], device=image_embeds.device)
+    ranks = _true_class_ranks(image_embeds[kept].float(), class_embeds.to(image_embeds.device).float(), targets)
+    metrics: dict[str, float] = {f"zero_shot_top{k}": float((ranks < k).double().mean()) for k in ks}
+    metrics["zero_shot_classes"] = len(class_names)
+    metrics["zero_shot_images"] = len(kept)
+    return metrics
+
+
+def _true_class_ranks(images: torch.Tensor, classes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """LongTensor (N',): per image, how many other classes score >= its true class (NaN true score: C - 1)."""
+    scores = images @ classes.T  # (N', C); C is small, so no chunking is needed
+    true_scores = scores.gather(1, targets.unsqueeze(1))
+    at_least_as_good = scores >= true_scores
+    at_least_as_good.scatter_(1, targets.unsqueeze(1), False)  # the true class never counts against itself
+    ranks = at_least_as_good.sum(dim=1)
+    # NaN compares false everywhere, which would look like rank 0; treat it as the worst rank instead.
+    return torch.where(true_scores.squeeze(1).isnan(), classes.shape[0] - 1, ranks)
+
+
+def _check_inputs(image_embeds: torch.Tensor, labels: list[str], class_names: list[str],
+                  class_embeds: torch.Tensor, ks: tuple[int, ...]) -> None:
+    if image_embeds.dim() != 2 or class_embeds.dim() != 2 or image_embeds.shape[1] != class_embeds.shape[1]:
+        raise ValueError(f"need image_embeds (N, D) and class_embeds (C, D) with the same D; got "
+                         f"{tuple(image_embeds.shape)} and {tuple(class_embeds.shape)}")
+    if len(labels) != image_embeds.shape[0]:
+        raise ValueError(f"labels has {len(labels)} entries but image_embeds has {image_embeds.shape[0]} rows; "
+                         "pass one label per image, in the same order")
+    if len(class_names) != class_embeds.shape[0]:
+        raise ValueError(f"class_names has {len(class_names)} entries but class_embeds has "
+                         f"{class_embeds.shape[0]} rows; pass one name per class embedding, in the same order")
+    if len(set(class_names)) != len(class_names):
+        raise ValueError("class_names has duplicates; each class must appear once")
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty tuple of integers >= 1, got {ks!r}")
