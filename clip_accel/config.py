@@ -158,6 +158,12 @@ class TrainConfig:
     early_stopping_min_delta: float = field(
         default=0.0, metadata={"help": "An improvement smaller than this does not count."}
     )
+    identical_captions_match: bool = field(
+        default=False,
+        metadata={"help": "Count any identical caption as a correct match in the main figures and for early "
+                          "stopping. Default: only the own pair, as the reference and open_clip count; the other "
+                          "rule is always reported alongside in eval_results.json."},
+    )
     eval_initial_model: bool = field(
         default=True,
         metadata={"help": "Evaluate the starting model on the test split first (the zero-shot row of the table)."},

@@ -177,3 +177,42 @@ def retrieval_metrics(
         metrics[f"{name}_median_rank"] = _median(one_based)
     metrics["mean_R@1"] = sum(recall_at_1) / 2
     return metrics
+
+
+@torch.no_grad()
+def group_ranks(
+    query_embeds: torch.Tensor, candidate_embeds: torch.Tensor, groups: torch.Tensor, *, chunk_size: int = 1024
+) -> torch.Tensor:
+    """0-based rank when every candidate of the query's group counts as correct (e.g. identical captions).
+
+    groups: (N,) int, row i of both sides belongs to group i's id. Rank = number of candidates outside the
+    query's group scoring >= the best in-group candidate (ties count against the query, as in `pair_ranks`).
+    With all groups distinct this equals the own-pair rank. Memory O(chunk x N).
+    """
+    _validate(query_embeds, candidate_embeds, chunk_size)
+    candidates = candidate_embeds.float()
+    groups = groups.to(candidates.device)
+    ranks = []
+    for start in range(0, query_embeds.shape[0], chunk_size):
+        scores = query_embeds[start:start + chunk_size].float() @ candidates.T
+        same = groups[start:start + chunk_size, None] == groups[None, :]
+        best = scores.masked_fill(~same, float("-inf")).amax(dim=1, keepdim=True)
+        ranks.append(((scores >= best) & ~same).sum(dim=1))
+    return torch.cat(ranks).long()
+
+
+def identical_caption_metrics(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: list[str], *, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float]:
+    """R@K both ways when a caption identical to the query's own (product titles repeat) counts as a match:
+    image i is right to retrieve any text with caption i; text i is right to retrieve any image whose caption is
+    caption i. Keys as in `retrieval_metrics` (R@K and mean_R@1 only)."""
+    ids = {caption: index for index, caption in enumerate(dict.fromkeys(captions))}
+    groups = torch.tensor([ids[caption] for caption in captions])
+    metrics = {}
+    for name, (query, candidate) in {"image_to_text": (image_embeds, text_embeds),
+                                     "text_to_image": (text_embeds, image_embeds)}.items():
+        ranks = group_ranks(query, candidate, groups)
+        metrics.update({f"{name}_R@{k}": float((ranks < k).double().mean()) for k in ks})
+    metrics["mean_R@1"] = (metrics["image_to_text_R@1"] + metrics["text_to_image_R@1"]) / 2
+    return metrics

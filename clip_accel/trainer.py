@@ -55,6 +55,7 @@ class Run:
     steps_per_epoch: int
     pairs: dict  # usable pairs per role
     labels: dict  # class label of every usable pair, per evaluation role (for zero-shot accuracy)
+    captions: dict  # caption of every usable pair, per evaluation role (for the identical-caption figures)
     skipped: dict  # rows skipped per role (main process)
 
     @property
@@ -114,7 +115,8 @@ def _restore(run: Run) -> TrainerState:
 def _evaluate(run: Run, role: str) -> dict[str, float]:
     loader = run.validation_loader if role == "validation" else run.test_loader
     return evaluate_retrieval(run.accelerator, run.model, loader, run.step_context.normalizer,
-                              run.processor.tokenizer, run.labels[role])
+                              run.processor.tokenizer, run.labels[role], run.captions[role],
+                              run.config.identical_captions_match)
 
 
 def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> Run:
@@ -152,7 +154,8 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
                                config.max_grad_norm, config.local_loss)
     return Run(config, step_context, processor, train_loader, validation_loader, test_loader, total_steps,
                steps_per_epoch, {role: len(pairs[role]) for role in pairs},
-               {role: pairs[role].column("label") for role in ("validation", "test")}, skipped)
+               {role: pairs[role].column("label") for role in ("validation", "test")},
+               {role: pairs[role].column("caption") for role in ("validation", "test")}, skipped)
 
 
 def _load_model_and_data(accelerator: Accelerator, data_config: DataConfig, model_config: ModelConfig,

@@ -248,3 +248,20 @@ def test_nan_pair_gets_worst_rank_in_both_directions() -> None:
     image_ranks, text_ranks = pair_ranks(images, torch.eye(3))
     assert image_ranks.tolist() == [0, 2, 0]
     assert text_ranks.tolist() == [0, 2, 0]
+
+
+def test_identical_captions_count_as_matches_only_in_the_lenient_figures():
+    from clip_accel.metrics import group_ranks, identical_caption_metrics
+
+    # Texts 0 and 1 share a caption; image 0 is closest to text 1, image 1 to text 0.
+    image = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    text = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    captions = ["red kurta", "red kurta", "blue saree"]
+    strict = retrieval_metrics(image, text, ks=(1,))
+    lenient = identical_caption_metrics(image, text, captions, ks=(1,))
+    assert strict["image_to_text_R@1"] == pytest.approx(1 / 3)
+    assert lenient["image_to_text_R@1"] == 1.0 and lenient["text_to_image_R@1"] == 1.0
+    # With all captions distinct the lenient rank is the own-pair rank, ties included.
+    image, text = _normed(40, 8, seed=5), _normed(40, 8, seed=6)
+    distinct = torch.arange(40)
+    assert torch.equal(group_ranks(image, text, distinct, chunk_size=7), positive_ranks(image, text))
