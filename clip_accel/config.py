@@ -173,6 +173,9 @@ class TrainConfig:
         default="none", metadata={"help": "Trackers for accelerate: 'none', 'all', or a comma list (tensorboard, ...)."}
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    torch_compile: bool = field(
+        default=False, metadata={"help": "Compile the model with torch.compile (inductor) through Accelerate."}
+    )
     checkpointing_steps: int = field(
         default=0, metadata={"help": "Also checkpoint every N optimizer steps (checkpoints are always written at the "
                                      "end of each epoch), into OUTPUT/checkpoints/."}

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from .config import RECALL_KS
 from .metrics import identical_caption_metrics, retrieval_metrics
-from .model import PixelNormalizer
+from .model import PixelNormalizer, unwrap_clip
 from .zero_shot import class_text_embeddings, zero_shot_accuracy
 
 
@@ -27,7 +27,7 @@ def embed_split(
     the last batches (after the loop it could no longer tell which they were). Image and text embeddings of a
     batch are gathered together so pairs stay aligned.
     """
-    clip = accelerator.unwrap_model(model)
+    clip = unwrap_clip(accelerator, model)
     was_training = clip.training
     clip.eval()
     image_parts, text_parts = [], []
@@ -66,7 +66,7 @@ def evaluate_retrieval(
             metrics["identical_caption_match"] = lenient
     class_names = sorted({label for label in labels or [] if label})
     if tokenizer is not None and len(class_names) >= 2:
-        clip = accelerator.unwrap_model(model)
+        clip = unwrap_clip(accelerator, model)
         with accelerator.autocast():
             class_embeds = class_text_embeddings(clip, tokenizer, class_names, device=accelerator.device)
         metrics.update(zero_shot_accuracy(image_embeds, labels, class_names, class_embeds.float().cpu()))

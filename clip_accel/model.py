@@ -53,6 +53,12 @@ def _read_clip_config(name_or_path: str) -> CLIPConfig:
     return CLIPConfig(**json.loads(preset.read_text()))
 
 
+def unwrap_clip(accelerator, model: torch.nn.Module) -> CLIPModel:
+    """The CLIPModel inside whatever `accelerator.prepare` wrapped it in: DDP, mixed-precision forward, and
+    torch.compile (which Accelerate keeps by default)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def image_size_of(model: CLIPModel) -> int:
     return model.config.vision_config.image_size
 

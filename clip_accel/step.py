@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from .loss import contrastive_loss
-from .model import PixelNormalizer
+from .model import PixelNormalizer, unwrap_clip
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the inverse temperature; fp16 overflows without it
 
@@ -41,7 +41,7 @@ def embed(context: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
 
 def _logit_scale(context: StepContext) -> torch.Tensor:
-    return context.accelerator.unwrap_model(context.model).logit_scale
+    return unwrap_clip(context.accelerator, context.model).logit_scale
 
 
 def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, bool]:

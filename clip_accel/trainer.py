@@ -26,7 +26,7 @@ from .evaluation import evaluate_retrieval, format_results_table
 from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .early_stopping import EarlyStopping
 from .plots import plot_recall_bars, plot_training_curves
-from .model import PixelNormalizer, freeze_parameters, image_size_of, load_model_and_processor
+from .model import PixelNormalizer, freeze_parameters, image_size_of, load_model_and_processor, unwrap_clip
 from .step import StepContext, exact_step, plain_step
 
 logger = get_logger(__name__)
@@ -80,7 +80,7 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
     results["validation"] = early_stopping.best_metrics
     results["test"] = _evaluate(run, "test")
     results["training"] = _training_summary(run, state, early_stopping)
-    best_model = accelerator.unwrap_model(run.model)
+    best_model = unwrap_clip(accelerator, run.model)
     try:
         if accelerator.is_main_process:
             _write_outputs(config.output_dir, results, state.history,
@@ -128,6 +128,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         log_with=config.report_to_list,
         project_dir=config.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dynamo_backend="inductor" if config.torch_compile else None,
     )
     set_seed(config.seed)
     _check_precision(accelerator)
@@ -307,7 +308,7 @@ def _evaluate_and_keep_best(run: Run, state: TrainerState, early_stopping: Early
 def _log_training(run: Run, state: TrainerState, loss: float) -> None:
     step, epoch = state.step, state.epoch
     learning_rate = run.step_context.scheduler.get_last_lr()[0]
-    logit_scale = run.accelerator.unwrap_model(run.model).logit_scale.exp().item()
+    logit_scale = unwrap_clip(run.accelerator, run.model).logit_scale.exp().item()
     state.history.append({"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": learning_rate,
                           "logit_scale": logit_scale})
     run.accelerator.log({"train/loss": loss, "train/learning_rate": learning_rate,
@@ -320,10 +321,12 @@ def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, outp
     """save_pretrained (safetensors) + processor into output_dir. Written to a temporary folder first and moved
     into place file by file, so a crash mid-save leaves the previous best model readable."""
     state_dict = accelerator.get_state_dict(model)  # every process: FSDP/DeepSpeed gather here
+    # A compiled model's keys carry torch.compile's wrapper prefix; the saved CLIPModel must not.
+    state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
     if accelerator.is_main_process:
         staging = os.path.join(output_dir, ".staging-model")
         os.makedirs(staging, exist_ok=True)
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
+        unwrap_clip(accelerator, model).save_pretrained(staging, state_dict=state_dict)
         processor.save_pretrained(staging)
         for name in os.listdir(staging):
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
@@ -334,7 +337,7 @@ def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, outp
 def _load_best_weights(run: Run) -> None:
     """The saved best model is what the final test evaluation measures and what users get."""
     best = CLIPModel.from_pretrained(run.config.output_dir, dtype=torch.float32)
-    run.accelerator.unwrap_model(run.model).load_state_dict(best.state_dict())
+    unwrap_clip(run.accelerator, run.model).load_state_dict(best.state_dict())
 
 
 def _check_split_sizes(config: TrainConfig, num_processes: int, sizes: dict[str, int]) -> None:

@@ -163,3 +163,20 @@ def test_missing_split_of_the_data_folder_fails_at_start_up(make_configs, tmp_pa
     os.remove(broken / "val_data.json")
     with pytest.raises(ValueError, match="val_data.json is missing"):
         train(*make_configs(data_dir=str(broken)))
+
+
+def test_torch_compile_option_trains_the_same_and_saves_a_plain_clip_model(make_configs, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    eager = train(*make_configs(num_train_epochs=1, eval_initial_model=False, output_dir=str(tmp_path / "eager")))
+    AcceleratorState._reset_state(reset_partial_state=True)  # the compile backend is fixed once per process
+    try:
+        compiled = train(*make_configs(num_train_epochs=1, eval_initial_model=False, torch_compile=True,
+                                       output_dir=str(tmp_path / "compiled")))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    for key in ("image_to_text_R@5", "text_to_image_R@5"):
+        assert compiled.metrics["test"][key] == pytest.approx(eager.metrics["test"][key], abs=1 / 45 + 1e-9)
+    loaded = CLIPModel.from_pretrained(tmp_path / "compiled")
+    assert not any(name.startswith("_orig_mod") for name in loaded.state_dict())
+    torch.testing.assert_close(loaded.logit_scale, compiled.model.logit_scale)
