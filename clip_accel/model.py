@@ -106,4 +106,4 @@ class PixelNormalizer(torch.nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # In place on the fresh float copy: no further full-size temporaries (BENCHMARKS.md: +16 % pairs/s on CPU).
-        return pixels.permute(0, 3, 1, 2).float().sub_(self.shift).mul_(self.scale)
+        return pixels.permute(0, 3, 1, 2).to(torch.float32, copy=True).sub_(self.shift).mul_(self.scale)
