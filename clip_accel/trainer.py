@@ -7,7 +7,6 @@ train() = data -> model -> optimizer/schedule -> (evaluate the starting model) -
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -22,10 +21,10 @@ from transformers import CLIPModel, get_scheduler
 from . import hub
 from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_dict
 from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, write_skip_report
-from .evaluation import evaluate_retrieval, format_results_table
+from .evaluation import evaluate_retrieval
 from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .early_stopping import EarlyStopping
-from .plots import plot_recall_bars, plot_training_curves
+from .outputs import draw_pictures, save_model, write_outputs
 from .model import PixelNormalizer, freeze_parameters, image_size_of, load_model_and_processor, unwrap_clip
 from .step import StepContext, exact_step, plain_step
 
@@ -83,9 +82,9 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
     best_model = unwrap_clip(accelerator, run.model)
     try:
         if accelerator.is_main_process:
-            _write_outputs(config.output_dir, results, state.history,
+            write_outputs(config.output_dir, results, state.history,
                            config_to_dict(data_config, model_config, config))
-            _draw_pictures(config.output_dir, results, state.history)
+            draw_pictures(config.output_dir, results, state.history)
             hub.write_model_card(config.output_dir, repo_id=config.hub_model_id)
             if config.push_to_hub:
                 hub.push_output_dir(config.output_dir, config.hub_model_id, private=config.hub_private)
@@ -317,23 +316,6 @@ def _log_training(run: Run, state: TrainerState, loss: float) -> None:
                 f"logit_scale {logit_scale:.2f}")
 
 
-def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, output_dir: str) -> None:
-    """save_pretrained (safetensors) + processor into output_dir. Written to a temporary folder first and moved
-    into place file by file, so a crash mid-save leaves the previous best model readable."""
-    state_dict = accelerator.get_state_dict(model)  # every process: FSDP/DeepSpeed gather here
-    # A compiled model's keys carry torch.compile's wrapper prefix; the saved CLIPModel must not.
-    state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
-    if accelerator.is_main_process:
-        staging = os.path.join(output_dir, ".staging-model")
-        os.makedirs(staging, exist_ok=True)
-        unwrap_clip(accelerator, model).save_pretrained(staging, state_dict=state_dict)
-        processor.save_pretrained(staging)
-        for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-        os.rmdir(staging)
-    accelerator.wait_for_everyone()
-
-
 def _load_best_weights(run: Run) -> None:
     """The saved best model is what the final test evaluation measures and what users get."""
     best = CLIPModel.from_pretrained(run.config.output_dir, dtype=torch.float32)
@@ -394,18 +376,3 @@ def _training_summary(run: Run, state: TrainerState, early_stopping: EarlyStoppi
             * run.config.gradient_accumulation_steps}
 
 
-def _draw_pictures(output_dir: str, results: dict, history: list) -> None:
-    bars = {"starting model": results["initial"]["test"]} if "initial" in results else {}
-    bars["fine-tuned"] = results["test"]
-    plot_recall_bars(bars, os.path.join(output_dir, "recall_at_k.png"), title="Test recall@K")
-    plot_training_curves(history, os.path.join(output_dir, "training_curves.png"))
-
-
-def _write_outputs(output_dir: str, results: dict, history: list, resolved_config: dict) -> None:
-    files = {"eval_results.json": results, "log_history.json": history, "training_config.json": resolved_config}
-    for name, content in files.items():
-        with open(os.path.join(output_dir, name), "w") as handle:
-            json.dump(content, handle, indent=2)
-    rows = {"starting model (test)": results["initial"]["test"]} if "initial" in results else {}
-    rows.update({"fine-tuned (validation)": results["validation"], "fine-tuned (test)": results["test"]})
-    logger.info("Results\n" + format_results_table(rows))
