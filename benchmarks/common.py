@@ -104,8 +104,8 @@ def _product_photo(rng: np.random.Generator) -> Image.Image:
     mask = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask)
     centre_x, centre_y = rng.uniform(0.35, 0.65) * width, rng.uniform(0.35, 0.6) * height
-    points = [(centre_x + rng.uniform(0.2, 0.45) * width * np.cos(t), centre_y + rng.uniform(0.2, 0.5) * height * np.sin(t))
-              for t in np.sort(rng.uniform(0, 2 * np.pi, 9))]
+    points = [(centre_x + rng.uniform(0.2, 0.45) * width * np.cos(t),
+               centre_y + rng.uniform(0.2, 0.5) * height * np.sin(t)) for t in np.sort(rng.uniform(0, 2 * np.pi, 9))]
     draw.polygon(points, fill=255)
     garment = np.asarray(mask.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float32)[..., None] / 255.0
     image = backdrop * (1 - garment) + texture * garment

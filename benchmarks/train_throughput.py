@@ -368,8 +368,9 @@ def main() -> None:
 
     contenders: list[Contender] = []
     run, gate, thread = start_clip_accel(data_dir, model_config, batch_size, total_steps, work)
-    contenders.append(Contender("clip_accel (prepare_run + fit)", gate, thread,
-                                "cache -> zero-copy batches, Accelerate, plain_step; AdamW unfused on CPU (fused on CUDA)"))
+    contenders.append(Contender(
+        "clip_accel (prepare_run + fit)", gate, thread,
+        "cache -> zero-copy batches, Accelerate, plain_step; AdamW unfused on CPU (fused on CUDA)"))
     clip = run.accelerator.unwrap_model(run.model)
     initial_state = copy.deepcopy(clip.state_dict())
     image_processor = run.processor.image_processor
