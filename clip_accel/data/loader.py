@@ -68,7 +68,8 @@ class PairDataset(Dataset):
 
     def column(self, name: str) -> list:
         """A cached column (e.g. `caption`, `label`) for the usable rows, in loader order."""
-        return [self.cached.data.table.column(name)[int(row)].as_py() for row in self.rows]
+        values = self.cached.data.table.column(name).to_pylist()  # one conversion, not one lookup per row
+        return [values[row] for row in self.rows]
 
     def skipped_rows(self) -> list[dict]:
         skipped = np.flatnonzero(self.skip_reasons != "")
