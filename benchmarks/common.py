@@ -44,27 +44,73 @@ _FORMAT_VERSION = 1
 # A small CLIP at 224 px for the CPU benchmarks: width 128, 4 layers per tower, 32 px patches.
 SMALL_CLIP_CONFIG = {
     "projection_dim": 128,
-    "text_config": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-                    "num_attention_heads": 4, "max_position_embeddings": 77},
-    "vision_config": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-                      "num_attention_heads": 4, "image_size": 224, "patch_size": 32},
+    "text_config": {
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+    },
+    "vision_config": {
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "image_size": 224,
+        "patch_size": 32,
+    },
 }
 
-_COLOURS = ("red", "maroon", "blue", "navy", "green", "olive", "yellow", "mustard", "black", "pink", "peach",
-            "orange", "purple", "beige", "white", "grey", "teal", "magenta")
+_COLOURS = (
+    "red",
+    "maroon",
+    "blue",
+    "navy",
+    "green",
+    "olive",
+    "yellow",
+    "mustard",
+    "black",
+    "pink",
+    "peach",
+    "orange",
+    "purple",
+    "beige",
+    "white",
+    "grey",
+    "teal",
+    "magenta",
+)
 _FABRICS = ("cotton", "silk", "rayon", "georgette", "chiffon", "linen", "art silk", "crepe", "velvet")
 _PATTERNS = ("solid", "printed", "embroidered", "striped", "checked", "floral", "woven design", "zari work")
 _BRANDS = ("Kesar Lane", "Neelvastra", "Chandni Looms", "Aangan Studio", "Pankhudi", "Roshni Craft", "Tarangini")
-_EXTRAS = ("with dupatta", "with blouse piece", "with zari border", "with tassels", "with pockets", "",
-           "for festive wear", "for daily wear", "with mirror work")
+_EXTRAS = (
+    "with dupatta",
+    "with blouse piece",
+    "with zari border",
+    "with tassels",
+    "with pockets",
+    "",
+    "for festive wear",
+    "for daily wear",
+    "with mirror work",
+)
 
 
-def write_bench_dataset(root: Path | None = None, num_train: int = 1000, num_val: int = 100, num_test: int = 100,
-                        seed: int = 0) -> Path:
+def write_bench_dataset(
+    root: Path | None = None, num_train: int = 1000, num_val: int = 100, num_test: int = 100, seed: int = 0
+) -> Path:
     """Write (once) the benchmark set in the Indo-fashion layout; later calls reuse it. Returns its folder."""
     root = root or BENCH_DIR / ("indo-fashion-bench" if num_train == 1000 else f"indo-fashion-bench-{num_train}")
-    marker = {"version": _FORMAT_VERSION, "train": num_train, "val": num_val, "test": num_test, "seed": seed,
-              "size": [IMAGE_WIDTH, IMAGE_HEIGHT], "quality": JPEG_QUALITY}
+    marker = {
+        "version": _FORMAT_VERSION,
+        "train": num_train,
+        "val": num_val,
+        "test": num_test,
+        "seed": seed,
+        "size": [IMAGE_WIDTH, IMAGE_HEIGHT],
+        "quality": JPEG_QUALITY,
+    }
     marker_file = root / "bench.json"
     if marker_file.is_file() and json.loads(marker_file.read_text()) == marker:
         return root
@@ -85,8 +131,10 @@ def _write_item(job: tuple[str, str, int, int]) -> str:
     label = CLASS_LABELS[int(rng.integers(len(CLASS_LABELS)))]
     image_path = f"images/{split}/{index}.jpeg"
     _product_photo(rng).save(os.path.join(root, image_path), format="JPEG", quality=JPEG_QUALITY)
-    return json.dumps({"image_path": image_path, "product_title": _title(rng, label), "class_label": label,
-                       "brand": ""}) + "\n"
+    return (
+        json.dumps({"image_path": image_path, "product_title": _title(rng, label), "class_label": label, "brand": ""})
+        + "\n"
+    )
 
 
 def _product_photo(rng: np.random.Generator) -> Image.Image:
@@ -104,8 +152,10 @@ def _product_photo(rng: np.random.Generator) -> Image.Image:
     mask = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask)
     centre_x, centre_y = rng.uniform(0.35, 0.65) * width, rng.uniform(0.35, 0.6) * height
-    points = [(centre_x + rng.uniform(0.2, 0.45) * width * np.cos(t),
-               centre_y + rng.uniform(0.2, 0.5) * height * np.sin(t)) for t in np.sort(rng.uniform(0, 2 * np.pi, 9))]
+    points = [
+        (centre_x + rng.uniform(0.2, 0.45) * width * np.cos(t), centre_y + rng.uniform(0.2, 0.5) * height * np.sin(t))
+        for t in np.sort(rng.uniform(0, 2 * np.pi, 9))
+    ]
     draw.polygon(points, fill=255)
     garment = np.asarray(mask.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float32)[..., None] / 255.0
     image = backdrop * (1 - garment) + texture * garment
@@ -123,13 +173,23 @@ def _product_photo(rng: np.random.Generator) -> Image.Image:
 
 def _title(rng: np.random.Generator, label: str) -> str:
     """A product title like Indo-fashion's (brand, gender, colour, fabric, pattern, item, extras)."""
+
     def pick(options):
         return options[int(rng.integers(len(options)))]
 
     gender = "Men's" if label.endswith("_men") or label in ("sherwanis", "nehru_jackets") else "Women's"
     noun = label.replace("_", " ").replace(" men", "").replace(" women", "")
-    words = [pick(_BRANDS), gender, pick(_COLOURS), "&", pick(_COLOURS), pick(_PATTERNS), pick(_FABRICS), noun,
-             pick(_EXTRAS)]
+    words = [
+        pick(_BRANDS),
+        gender,
+        pick(_COLOURS),
+        "&",
+        pick(_COLOURS),
+        pick(_PATTERNS),
+        pick(_FABRICS),
+        noun,
+        pick(_EXTRAS),
+    ]
     return " ".join(word for word in words if word)
 
 
@@ -152,8 +212,10 @@ def machine_description() -> str:
     except (OSError, subprocess.CalledProcessError):
         pass
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"transformers {transformers.__version__}, Python {platform.python_version()}; load average {load}")
+    return (
+        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}, Python {platform.python_version()}; load average {load}"
+    )
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

@@ -27,7 +27,6 @@ import time
 import warnings
 
 import common
-
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 import torch  # noqa: E402
@@ -81,13 +80,32 @@ def preprocessing_table(data_dir: str, rounds: int) -> str:
     for num_proc, results in first_passes.items():
         seconds = common.median([result["seconds"] for result in results])
         decoded = max(result["decoded"] for result in results)
-        rows.append(["first pass, empty cache", num_proc, decoded, round(seconds, 2), round(decoded / seconds),
-                     round(decoded / seconds / num_proc)])
+        rows.append(
+            [
+                "first pass, empty cache",
+                num_proc,
+                decoded,
+                round(seconds, 2),
+                round(decoded / seconds),
+                round(decoded / seconds / num_proc),
+            ]
+        )
     decoded_again = max(result["decoded"] for result in repeated)
-    rows.insert(1, ["repeated run (new process, same cache)", 1, decoded_again,
-                    round(common.median([result["seconds"] for result in repeated]), 2), "-", "-"])
-    table = common.markdown_table(["pass", "processes", "images decoded", f"seconds (median of {rounds})",
-                                   "images/s", "images/s per process"], rows)
+    rows.insert(
+        1,
+        [
+            "repeated run (new process, same cache)",
+            1,
+            decoded_again,
+            round(common.median([result["seconds"] for result in repeated]), 2),
+            "-",
+            "-",
+        ],
+    )
+    table = common.markdown_table(
+        ["pass", "processes", "images decoded", f"seconds (median of {rounds})", "images/s", "images/s per process"],
+        rows,
+    )
     verdict = "met" if decoded_again == 0 else "MISSED"
     return table + f"\n\nTarget (a repeated run decodes zero images): {verdict} ({decoded_again} decoded)."
 
@@ -115,8 +133,9 @@ def clip_accel_decode(path: str) -> torch.Tensor:
 def make_run_clip_decode():
     from transformers import CLIPImageProcessor
 
-    processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                   crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
 
     def decode(path: str) -> torch.Tensor:
         with PIL.Image.open(path) as image:
@@ -148,17 +167,29 @@ def loader_table(data_dir: str, quick: bool, rounds: int) -> str:
     pairs = PairDataset(cached, tokenizer.pad_token_id)
     count = 256 if quick else len(raw.dataset)
     paths = raw.dataset["image"][:count]
-    input_ids = torch.tensor(tokenizer(raw.dataset["caption"][:count], padding="max_length", max_length=77,
-                                       truncation=True)["input_ids"])
+    input_ids = torch.tensor(
+        tokenizer(raw.dataset["caption"][:count], padding="max_length", max_length=77, truncation=True)["input_ids"]
+    )
     sources = {
         "preprocessing cache (PairDataset + make_dataloader)": lambda workers: make_dataloader(
-            pairs, BATCH_SIZE, train=True, num_workers=workers),
+            pairs, BATCH_SIZE, train=True, num_workers=workers
+        ),
         "decode every step: clip_accel's load_rgb_image": lambda workers: DataLoader(
-            DecodeEveryStep(paths, input_ids, clip_accel_decode), batch_size=BATCH_SIZE, shuffle=True,
-            drop_last=True, num_workers=workers, persistent_workers=workers > 0),
+            DecodeEveryStep(paths, input_ids, clip_accel_decode),
+            batch_size=BATCH_SIZE,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        ),
         "decode every step: PIL + CLIPImageProcessor, PIL backend (run_clip.py style)": lambda workers: DataLoader(
-            DecodeEveryStep(paths, input_ids, make_run_clip_decode()), batch_size=BATCH_SIZE, shuffle=True,
-            drop_last=True, num_workers=workers, persistent_workers=workers > 0),
+            DecodeEveryStep(paths, input_ids, make_run_clip_decode()),
+            batch_size=BATCH_SIZE,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        ),
     }
     loaders = {(name, workers): build(workers) for name, build in sources.items() for workers in (0, 2)}
     samples = {key: [] for key in loaders}
@@ -172,16 +203,21 @@ def loader_table(data_dir: str, quick: bool, rounds: int) -> str:
         per_worker = rate / max(workers, 1)
         cache_per_worker = rates["preprocessing cache (PairDataset + make_dataloader)", workers] / max(workers, 1)
         rows.append([name, workers, round(rate), round(per_worker), f"{cache_per_worker / per_worker:.1f}x"])
-    table = common.markdown_table(["source", "num_workers", f"pairs/s (median of {rounds})", "pairs/s per worker",
-                                   "cache advantage per worker"], rows)
+    table = common.markdown_table(
+        ["source", "num_workers", f"pairs/s (median of {rounds})", "pairs/s per worker", "cache advantage per worker"],
+        rows,
+    )
     decoder = "decode every step: clip_accel's load_rgb_image"
     worst = min(rates["preprocessing cache (PairDataset + make_dataloader)", w] / rates[decoder, w] for w in (0, 2))
     verdict = "met" if worst >= 10 else "MISSED"
     per_setting = ", ".join(
         f"num_workers {w}: {rates['preprocessing cache (PairDataset + make_dataloader)', w] / rates[decoder, w]:.0f}x"
-        for w in (0, 2))
-    return table + (f"\n\nTarget (cache >= 10x the pairs/s per worker of decoding per step, against clip_accel's own "
-                    f"decoder, the faster one): {verdict} ({per_setting}).")
+        for w in (0, 2)
+    )
+    return table + (
+        f"\n\nTarget (cache >= 10x the pairs/s per worker of decoding per step, against clip_accel's own "
+        f"decoder, the faster one): {verdict} ({per_setting})."
+    )
 
 
 def main() -> None:
@@ -198,9 +234,11 @@ def main() -> None:
     hf_logging.set_verbosity_error()  # CLIPImageProcessor's "no torchvision, PIL backend" warning: said in the table
     print(f"Machine: {common.machine_description()}\n")
     data_dir = str(common.write_bench_dataset())
-    print(f"Benchmark set: {data_dir} (1,000 training JPEGs, {common.IMAGE_WIDTH}x{common.IMAGE_HEIGHT}, "
-          f"quality {common.JPEG_QUALITY}, mean {_mean_file_kb(data_dir):.1f} KB); images preprocessed to "
-          f"{IMAGE_SIZE} px\n")
+    print(
+        f"Benchmark set: {data_dir} (1,000 training JPEGs, {common.IMAGE_WIDTH}x{common.IMAGE_HEIGHT}, "
+        f"quality {common.JPEG_QUALITY}, mean {_mean_file_kb(data_dir):.1f} KB); images preprocessed to "
+        f"{IMAGE_SIZE} px\n"
+    )
     print("### Preprocessing\n")
     print(preprocessing_table(data_dir, rounds))
     print(f"\n### Loader alone (no model), batch {BATCH_SIZE}\n")

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from importlib import resources
 
 import common
-
 import torch  # noqa: E402
 from transformers import CLIPConfig, CLIPModel  # noqa: E402
 
@@ -71,6 +70,7 @@ VARIANTS = [
 # ------------------------------------------------------------------------------------------------------ FLOPs
 def forward_flops_per_pair(config: CLIPConfig, text_length: float) -> float:
     """Matmul FLOPs of one image + one caption through both towers and projections (2 per multiply-add)."""
+
     def tower(width: int, mlp: int, layers: int, tokens: float) -> float:
         dense = 2 * tokens * (4 * width * width + 2 * width * mlp)  # qkv + out projections, two MLP matmuls
         attention = 2 * 2 * tokens * tokens * width  # scores and weighted sum
@@ -78,7 +78,7 @@ def forward_flops_per_pair(config: CLIPConfig, text_length: float) -> float:
 
     vision, text = config.vision_config, config.text_config
     patches = (vision.image_size // vision.patch_size) ** 2
-    flops = 2 * patches * 3 * vision.patch_size ** 2 * vision.hidden_size  # patch embedding
+    flops = 2 * patches * 3 * vision.patch_size**2 * vision.hidden_size  # patch embedding
     flops += tower(vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, patches + 1)
     flops += tower(text.hidden_size, text.intermediate_size, text.num_hidden_layers, text_length)
     flops += 2 * (vision.hidden_size + text.hidden_size) * config.projection_dim
@@ -151,9 +151,14 @@ def lean_step(model: CLIPModel, variant: Variant, device, amp_dtype):
     normalizer = PixelNormalizer(CLIP_MEAN, CLIP_STD).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=5e-4, betas=(0.9, 0.98), eps=1e-6, fused=variant.fused_adamw,
-                                  foreach=None if variant.fused_adamw else True)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=5e-4,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        fused=variant.fused_adamw,
+        foreach=None if variant.fused_adamw else True,
+    )
 
     def loss_of(batch):
         with torch.autocast(device.type, dtype=amp_dtype):
@@ -176,12 +181,22 @@ def lean_step(model: CLIPModel, variant: Variant, device, amp_dtype):
 
 def trainer_run(data_dir: str, work: str, batch_size: int, total_steps: int, num_workers: int, device):
     """clip_accel's own prepare_run (bf16 on CUDA) and a step function that calls its plain_step."""
-    data_config = DataConfig(data_dir=data_dir, cache_dir=os.path.join(work, "cache"), max_eval_samples=64,
-                             preprocessing_num_workers=max(1, num_workers))
-    train_config = TrainConfig(output_dir=os.path.join(work, "trainer-out"), overwrite_output_dir=True,
-                               per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
-                               max_steps=total_steps, mixed_precision="bf16", dataloader_num_workers=num_workers,
-                               seed=0)
+    data_config = DataConfig(
+        data_dir=data_dir,
+        cache_dir=os.path.join(work, "cache"),
+        max_eval_samples=64,
+        preprocessing_num_workers=max(1, num_workers),
+    )
+    train_config = TrainConfig(
+        output_dir=os.path.join(work, "trainer-out"),
+        overwrite_output_dir=True,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        max_steps=total_steps,
+        mixed_precision="bf16",
+        dataloader_num_workers=num_workers,
+        seed=0,
+    )
     if device.type == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "1"
     run = trainer_module.prepare_run(data_config, ModelConfig(model_config="clip-vit-b-32"), train_config)
@@ -209,14 +224,21 @@ def measure(variant: Variant, args, config: CLIPConfig, device, work: str, pairs
         step = lean_step(model, variant, device, torch.bfloat16)
         model_config = config
         if variant.data == "synthetic":
-            batches = synthetic_batches(args.batch_size, args.text_length, config.vision_config.image_size,
-                                        config.text_config.vocab_size, config.text_config.eos_token_id, device)
+            batches = synthetic_batches(
+                args.batch_size,
+                args.text_length,
+                config.vision_config.image_size,
+                config.text_config.vocab_size,
+                config.text_config.eos_token_id,
+                device,
+            )
         else:
             from clip_accel.data.loader import make_dataloader
 
             pairs, _ = pairs_and_tokenizer()
-            batches = loader_batches(make_dataloader(pairs, args.batch_size, train=True,
-                                                     num_workers=args.num_workers), device)
+            batches = loader_batches(
+                make_dataloader(pairs, args.batch_size, train=True, num_workers=args.num_workers), device
+            )
     graphs_before = _compiled_graphs()
     for _ in range(warmup):
         step(next(batches))
@@ -233,11 +255,19 @@ def measure(variant: Variant, args, config: CLIPConfig, device, work: str, pairs
     pairs_per_second = args.steps * args.batch_size / seconds
     flops = 3 * forward_flops_per_pair(model_config, text_length)
     peak = peak_flops(device, args.peak_tflops)
-    notes = f"{_compiled_graphs() - graphs_before} graphs compiled (text length varies per batch)" if (
-        variant.compile and variant.data == "loader") else ""
-    result = {"notes": notes, "pairs_per_second": pairs_per_second, "text_length": text_length,
-              "train_gflop_per_pair": flops / 1e9, "mfu": pairs_per_second * flops / peak if peak else None,
-              "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    notes = (
+        f"{_compiled_graphs() - graphs_before} graphs compiled (text length varies per batch)"
+        if (variant.compile and variant.data == "loader")
+        else ""
+    )
+    result = {
+        "notes": notes,
+        "pairs_per_second": pairs_per_second,
+        "text_length": text_length,
+        "train_gflop_per_pair": flops / 1e9,
+        "mfu": pairs_per_second * flops / peak if peak else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
     if variant.trainer:  # what fit() adds at every epoch end: a full checkpoint (weights + AdamW state + RNG)
         from clip_accel.checkpoint import TrainerState, save_checkpoint
 
@@ -288,9 +318,11 @@ def main() -> None:
     else:
         device_name = f"{common.machine_description()} (CPU smoke test: these numbers say nothing about GPUs)"
     print(f"Device: {device_name}\n")
-    print(f"ViT-B/32 CLIP at {config.vision_config.image_size} px, random init, bf16 autocast, batch "
-          f"{args.batch_size}, {args.steps} timed steps after {args.warmup_steps} warm-up (x3 compiled); "
-          f"reference: {forward_flops_per_pair(config, 77) / 1e9:.1f} GFLOP forward per pair at 77 tokens\n")
+    print(
+        f"ViT-B/32 CLIP at {config.vision_config.image_size} px, random init, bf16 autocast, batch "
+        f"{args.batch_size}, {args.steps} timed steps after {args.warmup_steps} warm-up (x3 compiled); "
+        f"reference: {forward_flops_per_pair(config, 77) / 1e9:.1f} GFLOP forward per pair at 77 tokens\n"
+    )
     rows, results = [], {}
     for variant in VARIANTS:
         if args.only and not any(key in variant.name for key in args.only):
@@ -303,17 +335,31 @@ def main() -> None:
         results[variant.name] = result
         memory = f"{result['peak_memory_gb']:.1f}" if result["peak_memory_gb"] is not None else "n/a"
         mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
-        rows.append([variant.name, round(result["pairs_per_second"], 1), memory,
-                     f"{result['text_length']:.0f}", f"{result['train_gflop_per_pair']:.1f}", mfu, result["notes"]])
-    print(common.markdown_table(["variant", "pairs/s", "peak memory (GiB)", "text tokens", "train GFLOP/pair",
-                                 "MFU", "notes"], rows))
-    for name, result in results.items():
+        rows.append(
+            [
+                variant.name,
+                round(result["pairs_per_second"], 1),
+                memory,
+                f"{result['text_length']:.0f}",
+                f"{result['train_gflop_per_pair']:.1f}",
+                mfu,
+                result["notes"],
+            ]
+        )
+    print(
+        common.markdown_table(
+            ["variant", "pairs/s", "peak memory (GiB)", "text tokens", "train GFLOP/pair", "MFU", "notes"], rows
+        )
+    )
+    for result in results.values():
         if "checkpoint_seconds" in result:
             seconds, steps_per_second = result["checkpoint_seconds"], result["pairs_per_second"] / args.batch_size
             epoch_steps = INDO_FASHION_TRAIN_PAIRS // args.batch_size
-            print(f"\nclip_accel's epoch-end checkpoint (ViT-B/32 weights + AdamW state + RNG) took {seconds:.2f} s = "
-                  f"{seconds * steps_per_second:.1f} optimizer steps at the trainer row's speed; an Indo-fashion epoch "
-                  f"({INDO_FASHION_TRAIN_PAIRS:,} pairs) is {epoch_steps} steps at batch {args.batch_size}.")
+            print(
+                f"\nclip_accel's epoch-end checkpoint (ViT-B/32 weights + AdamW state + RNG) took {seconds:.2f} s = "
+                f"{seconds * steps_per_second:.1f} optimizer steps at the trainer row's speed; an Indo-fashion epoch "
+                f"({INDO_FASHION_TRAIN_PAIRS:,} pairs) is {epoch_steps} steps at batch {args.batch_size}."
+            )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": device_name, "batch_size": args.batch_size, "results": results}, handle, indent=2)

@@ -25,7 +25,6 @@ import threading
 import time
 
 import common
-
 import psutil  # noqa: E402  (after common: environment set up first)
 import torch  # noqa: E402
 
@@ -34,8 +33,11 @@ from clip_accel.metrics import retrieval_metrics  # noqa: E402
 
 DIM = 512
 KS = (1, 5, 10)
-NAMES = {"previous": "previous retrieval_metrics", "clip_accel": "clip_accel retrieval_metrics",
-         "identical_captions": "clip_accel identical_caption_metrics (30 % repeated titles)"}
+NAMES = {
+    "previous": "previous retrieval_metrics",
+    "clip_accel": "clip_accel retrieval_metrics",
+    "identical_captions": "clip_accel identical_caption_metrics (30 % repeated titles)",
+}
 
 
 @torch.no_grad()
@@ -58,8 +60,10 @@ def previous_positive_ranks(query: torch.Tensor, candidate: torch.Tensor, chunk_
 
 def previous_retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, chunk_size: int) -> dict:
     metrics = {}
-    for name, (query, cand) in {"image_to_text": (image_embeds, text_embeds),
-                                "text_to_image": (text_embeds, image_embeds)}.items():
+    for name, (query, cand) in {
+        "image_to_text": (image_embeds, text_embeds),
+        "text_to_image": (text_embeds, image_embeds),
+    }.items():
         ranks = previous_positive_ranks(query, cand, chunk_size)
         for k in KS:
             metrics[f"{name}_R@{k}"] = float((ranks < k).double().mean())
@@ -124,12 +128,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N = 7,500 and 20,000 only.")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="N values for clip_accel.")
-    parser.add_argument("--previous-sizes", type=int, nargs="*", default=None,
-                        help="N values for the previous implementation (default: the smallest size only).")
+    parser.add_argument(
+        "--previous-sizes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="N values for the previous implementation (default: the smallest size only).",
+    )
     parser.add_argument("--chunk-size", type=int, default=2048, help="clip_accel tile side (default 2048).")
-    parser.add_argument("--identical-caption-sizes", type=int, nargs="*", default=[7_500],
-                        help="N values for identical_caption_metrics, which evaluation adds when it has the captions "
-                             "(default 7,500).")
+    parser.add_argument(
+        "--identical-caption-sizes",
+        type=int,
+        nargs="*",
+        default=[7_500],
+        help="N values for identical_caption_metrics, which evaluation adds when it has the captions (default 7,500).",
+    )
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "N", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -151,36 +164,68 @@ def main() -> None:
         results[implementation, n] = result
         metrics = result["metrics"]
         if implementation == "clip_accel":
-            bound = f"2 x {chunk_size}^2 floats = {2 * chunk_size ** 2 * 4 / 2**20:.0f} MB"
+            bound = f"2 x {chunk_size}^2 floats = {2 * chunk_size**2 * 4 / 2**20:.0f} MB"
         elif implementation == "previous":
             bound = f"{chunk_size} x N x 5 B = {chunk_size * n * 5 / 2**20:.0f} MB"
         else:
             bound = f"~{chunk_size} x N x 12 B = {chunk_size * n * 12 / 2**20:.0f} MB"
-        mean_ranks = [f"{metrics[f'{d}_mean_rank']:.1f}" if f"{d}_mean_rank" in metrics else "-"
-                      for d in ("image_to_text", "text_to_image")]
-        rows.append([NAMES[implementation], f"{n:,}", chunk_size, round(result["seconds"], 1),
-                     round(result["extra_mb"]), bound, f"{metrics['image_to_text_R@1']:.4f}",
-                     f"{metrics['text_to_image_R@1']:.4f}", *mean_ranks])
-    print(common.markdown_table(
-        ["implementation", "N pairs", "chunk", "time (s)", "extra peak RSS (MB)", "working memory by design",
-         "I2T R@1", "T2I R@1", "I2T mean rank", "T2I mean rank"], rows))
+        mean_ranks = [
+            f"{metrics[f'{d}_mean_rank']:.1f}" if f"{d}_mean_rank" in metrics else "-"
+            for d in ("image_to_text", "text_to_image")
+        ]
+        rows.append(
+            [
+                NAMES[implementation],
+                f"{n:,}",
+                chunk_size,
+                round(result["seconds"], 1),
+                round(result["extra_mb"]),
+                bound,
+                f"{metrics['image_to_text_R@1']:.4f}",
+                f"{metrics['text_to_image_R@1']:.4f}",
+                *mean_ranks,
+            ]
+        )
+    print(
+        common.markdown_table(
+            [
+                "implementation",
+                "N pairs",
+                "chunk",
+                "time (s)",
+                "extra peak RSS (MB)",
+                "working memory by design",
+                "I2T R@1",
+                "T2I R@1",
+                "I2T mean rank",
+                "T2I mean rank",
+            ],
+            rows,
+        )
+    )
     for n in sorted({n for _, n in results}):
         if ("previous", n) in results and ("clip_accel", n) in results:
             new, old = results["clip_accel", n]["metrics"], results["previous", n]["metrics"]
             same = all(new[key] == old[key] for key in old)
             speedup = results["previous", n]["seconds"] / results["clip_accel", n]["seconds"]
-            print(f"\nN = {n:,}: clip_accel metrics {'identical to' if same else 'DIFFER from'} the previous "
-                  f"implementation's; {speedup:.2f}x faster.")
+            print(
+                f"\nN = {n:,}: clip_accel metrics {'identical to' if same else 'DIFFER from'} the previous "
+                f"implementation's; {speedup:.2f}x faster."
+            )
     target = [results[key] for key in results if key == ("clip_accel", 100_000)]
     for n in sorted({n for _, n in results}):
         if ("identical_captions", n) in results and ("clip_accel", n) in results:
             extra = results["identical_captions", n]["seconds"] / results["clip_accel", n]["seconds"]
-            print(f"N = {n:,}: identical_caption_metrics takes {extra:.1f}x the time of retrieval_metrics; "
-                  "evaluation runs both when it has the captions.")
+            print(
+                f"N = {n:,}: identical_caption_metrics takes {extra:.1f}x the time of retrieval_metrics; "
+                "evaluation runs both when it has the captions."
+            )
     if target:
         verdict = "met" if target[0]["seconds"] < 120 else "MISSED"
-        print(f"Target (100,000 pairs under 120 s with bounded memory): {verdict} "
-              f"({target[0]['seconds']:.0f} s, +{target[0]['extra_mb']:.0f} MB).")
+        print(
+            f"Target (100,000 pairs under 120 s with bounded memory): {verdict} "
+            f"({target[0]['seconds']:.0f} s, +{target[0]['extra_mb']:.0f} MB)."
+        )
     print(f"\nload average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

@@ -37,15 +37,20 @@ import time
 from dataclasses import dataclass, field
 
 import common
-
 import datasets  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import CLIPImageProcessor, CLIPModel, PrinterCallback, Trainer, TrainerCallback  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
-from transformers import get_scheduler  # noqa: E402
 from tqdm.auto import tqdm as _tqdm  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPImageProcessor,
+    CLIPModel,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,  # noqa: E402
+    get_scheduler,  # noqa: E402
+)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import clip_accel.trainer as trainer_module  # noqa: E402
@@ -55,7 +60,7 @@ from clip_accel.step import MAX_LOGIT_SCALE  # noqa: E402
 
 LEARNING_RATE, WEIGHT_DECAY = 5e-4, 0.1
 real_plain_step, real_checkpoint = trainer_module.plain_step, trainer_module._checkpoint
-FIT_GATES: dict[int, "Gate"] = {}  # id(run.step_context) -> the gate its fit() reports to
+FIT_GATES: dict[int, Gate] = {}  # id(run.step_context) -> the gate its fit() reports to
 SKIP_CHECKPOINTS: set[int] = set()  # id(run) of fit() runs whose epoch-end checkpoints are skipped
 CHECKPOINT_SECONDS: list[float] = []
 
@@ -121,15 +126,31 @@ class Contender:
 
 
 # ---------------------------------------------------------------------------------------------------- clip_accel
-def start_clip_accel(data_dir: str, model_config: str, batch_size: int, total_steps: int, work: str,
-                     name: str = "clip_accel", loop: str = "fit", torch_compile: bool = False):
+def start_clip_accel(
+    data_dir: str,
+    model_config: str,
+    batch_size: int,
+    total_steps: int,
+    work: str,
+    name: str = "clip_accel",
+    loop: str = "fit",
+    torch_compile: bool = False,
+):
     """prepare_run, then in a thread: `fit` (loop="fit"), `fit` with its epoch-end checkpoints skipped
     (loop="fit-no-checkpoint"), or clip_accel's loader + step function alone (loop="steps")."""
     data_config = DataConfig(data_dir=data_dir, cache_dir=os.path.join(work, "cache"), max_eval_samples=100)
-    train_config = TrainConfig(output_dir=os.path.join(work, name), overwrite_output_dir=True,
-                               per_device_train_batch_size=batch_size, max_steps=total_steps,
-                               eval_steps=total_steps, early_stopping_patience=0, learning_rate=LEARNING_RATE,
-                               weight_decay=WEIGHT_DECAY, seed=0, torch_compile=torch_compile)
+    train_config = TrainConfig(
+        output_dir=os.path.join(work, name),
+        overwrite_output_dir=True,
+        per_device_train_batch_size=batch_size,
+        max_steps=total_steps,
+        eval_steps=total_steps,
+        early_stopping_patience=0,
+        learning_rate=LEARNING_RATE,
+        weight_decay=WEIGHT_DECAY,
+        seed=0,
+        torch_compile=torch_compile,
+    )
     run = trainer_module.prepare_run(data_config, ModelConfig(model_config=model_config), train_config)
     gate = Gate(name)
     if loop == "steps":
@@ -163,6 +184,7 @@ def _timed_checkpoint(run, *args, **kwargs):
 def step_functions_loop(run, total_steps: int, gate: Gate):
     """The ablation without fit(): clip_accel's loader and step function only (no logging, no epoch-end
     checkpoint), to split the trainer's cost between its step and its loop."""
+
     def loop():
         step, epoch = 0, 0
         while True:
@@ -199,16 +221,21 @@ def in_memory_tensors(pair_dataset) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return everything["pixel_values"], input_ids, lengths, pad
 
 
-def bare_loop(model: CLIPModel, tensors, mean, std, batch_size: int, total_steps: int, gate: Gate,
-              options: BareOptions):
+def bare_loop(
+    model: CLIPModel, tensors, mean, std, batch_size: int, total_steps: int, gate: Gate, options: BareOptions
+):
     pixels, input_ids, lengths, pad = tensors
     shift = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
     scale = 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=LEARNING_RATE, betas=(0.9, 0.98),
-                                  eps=1e-6, fused=options.fused_adamw)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LEARNING_RATE,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        fused=options.fused_adamw,
+    )
     scheduler = get_scheduler("cosine", optimizer, 0, total_steps)
     generator = torch.Generator().manual_seed(0)
 
@@ -226,10 +253,13 @@ def bare_loop(model: CLIPModel, tensors, mean, std, batch_size: int, total_steps
         while step < total_steps:
             order = torch.randperm(len(pixels), generator=generator)
             for start in range(0, len(order) - batch_size + 1, batch_size):  # drop_last, as clip_accel
-                index = order[start:start + batch_size]
+                index = order[start : start + batch_size]
                 length = 77 if options.pad_to_77 else int(lengths[index].max())
-                ids = input_ids[index, :length] if length <= input_ids.shape[1] else F.pad(
-                    input_ids[index], (0, length - input_ids.shape[1]), value=pad)
+                ids = (
+                    input_ids[index, :length]
+                    if length <= input_ids.shape[1]
+                    else F.pad(input_ids[index], (0, length - input_ids.shape[1]), value=pad)
+                )
                 if options.out_of_place_normalize:  # clip_accel's PixelNormalizer before 96754c0: 3 float buffers
                     pixel_values = (pixels[index].permute(0, 3, 1, 2).float() - shift) * scale
                 else:  # as clip_accel's PixelNormalizer: same arithmetic, in place on one float copy
@@ -271,10 +301,12 @@ def run_clip_datasets(data_dir: str, tokenizer, image_size: int) -> tuple[datase
         text_inputs = tokenizer(examples["product_title"], max_length=77, padding="max_length", truncation=True)
         return {"input_ids": text_inputs.input_ids, "attention_mask": text_inputs.attention_mask}
 
-    dataset = dataset.map(tokenize_captions, batched=True,
-                          remove_columns=[c for c in dataset.column_names if c != "image_path"])
-    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                   crop_size={"height": image_size, "width": image_size})
+    dataset = dataset.map(
+        tokenize_captions, batched=True, remove_columns=[c for c in dataset.column_names if c != "image_path"]
+    )
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
 
     def transform_images(examples):
         images = [Image.open(path).convert("RGB") for path in examples["image_path"]]
@@ -286,10 +318,12 @@ def run_clip_datasets(data_dir: str, tokenizer, image_size: int) -> tuple[datase
 
 
 def run_clip_collate(examples):
-    return {"pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-            "input_ids": torch.tensor([example["input_ids"] for example in examples], dtype=torch.long),
-            "attention_mask": torch.tensor([example["attention_mask"] for example in examples], dtype=torch.long),
-            "return_loss": True}
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "input_ids": torch.tensor([example["input_ids"] for example in examples], dtype=torch.long),
+        "attention_mask": torch.tensor([example["attention_mask"] for example in examples], dtype=torch.long),
+        "return_loss": True,
+    }
 
 
 class CachedForTrainer(torch.utils.data.Dataset):
@@ -305,20 +339,39 @@ class CachedForTrainer(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         pixel_values = (self.pixels[index].permute(2, 0, 1).float() - self.shift) * self.scale
-        return {"pixel_values": pixel_values, "input_ids": self.input_ids[index].tolist(),
-                "attention_mask": [1] * self.input_ids.shape[1]}
+        return {
+            "pixel_values": pixel_values,
+            "input_ids": self.input_ids[index].tolist(),
+            "attention_mask": [1] * self.input_ids.shape[1],
+        }
 
 
 def start_trainer(model: CLIPModel, train_dataset, batch_size: int, total_steps: int, work: str, name: str):
     arguments = TrainingArguments(
-        output_dir=os.path.join(work, name), per_device_train_batch_size=batch_size, max_steps=total_steps,
-        learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, adam_beta2=0.98, adam_epsilon=1e-6,
-        save_strategy="no", eval_strategy="no", report_to="none", remove_unused_columns=False, use_cpu=True,
-        disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        output_dir=os.path.join(work, name),
+        per_device_train_batch_size=batch_size,
+        max_steps=total_steps,
+        learning_rate=LEARNING_RATE,
+        weight_decay=WEIGHT_DECAY,
+        adam_beta2=0.98,
+        adam_epsilon=1e-6,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
     )
     gate = Gate(name)
-    trainer = Trainer(model=model, args=arguments, train_dataset=train_dataset, data_collator=run_clip_collate,
-                      callbacks=[GateCallback(gate)])
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=train_dataset,
+        data_collator=run_clip_collate,
+        callbacks=[GateCallback(gate)],
+    )
     trainer.remove_callback(PrinterCallback)  # it would print the train-summary dict between the tables
     return trainer, gate, gate.run(trainer.train)
 
@@ -331,10 +384,12 @@ def open_clip_status() -> str:
         import open_clip_train.train  # noqa: F401
     except ModuleNotFoundError as error:
         if error.name in ("open_clip", "open_clip_train"):
-            return ("not installed (`pip install --no-deps open-clip-torch`; --no-deps keeps this torch)")
-        return (f"`import open_clip` fails: {error}. open_clip imports torchvision at import time "
-                "(open_clip/utils.py) and needs it for its transforms; PyPI torchvision does not load beside "
-                f"torch {torch.__version__} (its wheels are built for another torch).")
+            return "not installed (`pip install --no-deps open-clip-torch`; --no-deps keeps this torch)"
+        return (
+            f"`import open_clip` fails: {error}. open_clip imports torchvision at import time "
+            "(open_clip/utils.py) and needs it for its transforms; PyPI torchvision does not load beside "
+            f"torch {torch.__version__} (its wheels are built for another torch)."
+        )
     except Exception as error:  # e.g. "operator torchvision::nms does not exist" from a mismatched torchvision
         return f"`import open_clip` fails: {type(error).__name__}: {error}"
     return ""
@@ -347,12 +402,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--windows", type=int, default=None, help="Timed windows per loop (default 8, quick 3).")
     parser.add_argument("--window-steps", type=int, default=None, help="Optimizer steps per window (default 4).")
-    parser.add_argument("--ablations", action="store_true",
-                        help="Also time bare-loop variants (fused AdamW, eager attention, no clipping, NCHW input, "
-                             "text padded to 77) and the Trainer over clip_accel's cache.")
-    parser.add_argument("--compile", action="store_true",
-                        help="Also clip_accel with --torch_compile (and, with --ablations, a compiled bare loop). "
-                             "The compiler's worker processes disturb the other loops' windows while it compiles.")
+    parser.add_argument(
+        "--ablations",
+        action="store_true",
+        help="Also time bare-loop variants (fused AdamW, eager attention, no clipping, NCHW input, "
+        "text padded to 77) and the Trainer over clip_accel's cache.",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Also clip_accel with --torch_compile (and, with --ablations, a compiled bare loop). "
+        "The compiler's worker processes disturb the other loops' windows while it compiles.",
+    )
     args = parser.parse_args()
     windows = args.windows or (3 if args.quick else 8)
     window_steps = args.window_steps or (3 if args.quick else 4)
@@ -368,9 +429,14 @@ def main() -> None:
 
     contenders: list[Contender] = []
     run, gate, thread = start_clip_accel(data_dir, model_config, batch_size, total_steps, work)
-    contenders.append(Contender(
-        "clip_accel (prepare_run + fit)", gate, thread,
-        "cache -> zero-copy batches, Accelerate, plain_step; AdamW unfused on CPU (fused on CUDA)"))
+    contenders.append(
+        Contender(
+            "clip_accel (prepare_run + fit)",
+            gate,
+            thread,
+            "cache -> zero-copy batches, Accelerate, plain_step; AdamW unfused on CPU (fused on CUDA)",
+        )
+    )
     clip = run.accelerator.unwrap_model(run.model)
     initial_state = copy.deepcopy(clip.state_dict())
     image_processor = run.processor.image_processor
@@ -384,25 +450,37 @@ def main() -> None:
         return model
 
     tensors = in_memory_tensors(run.train_loader.dataset)
-    bare_variants = {"bare PyTorch loop (same tensors)": BareOptions(),
-                     "bare PyTorch loop, identical second copy (A/A noise control)": BareOptions()}
+    bare_variants = {
+        "bare PyTorch loop (same tensors)": BareOptions(),
+        "bare PyTorch loop, identical second copy (A/A noise control)": BareOptions(),
+    }
     if args.ablations:
-        bare_variants.update({
-            "bare + fused AdamW": BareOptions(fused_adamw=True),
-            "bare, eager attention (not SDPA)": BareOptions(attention="eager"),
-            "bare, no gradient clipping": BareOptions(clip_grad=False),
-            "bare, pixels NCHW-contiguous (not channels-last)": BareOptions(nchw_contiguous=True),
-            "bare, text padded to 77 (not to the batch's longest)": BareOptions(pad_to_77=True),
-            "bare, out-of-place pixel normalisation (clip_accel before 96754c0)": BareOptions(
-                out_of_place_normalize=True),
-        })
+        bare_variants.update(
+            {
+                "bare + fused AdamW": BareOptions(fused_adamw=True),
+                "bare, eager attention (not SDPA)": BareOptions(attention="eager"),
+                "bare, no gradient clipping": BareOptions(clip_grad=False),
+                "bare, pixels NCHW-contiguous (not channels-last)": BareOptions(nchw_contiguous=True),
+                "bare, text padded to 77 (not to the batch's longest)": BareOptions(pad_to_77=True),
+                "bare, out-of-place pixel normalisation (clip_accel before 96754c0)": BareOptions(
+                    out_of_place_normalize=True
+                ),
+            }
+        )
         if args.compile:
             bare_variants["bare + torch.compile (loss fn)"] = BareOptions(compile=True)
     if args.compile:
-        _, gate, thread = start_clip_accel(data_dir, model_config, batch_size, total_steps, work,
-                                           "clip_accel-compiled", torch_compile=True)
-        contenders.append(Contender("clip_accel fit() with --torch_compile", gate, thread,
-                                    "compile time falls in the first windows; a new caption length may recompile"))
+        _, gate, thread = start_clip_accel(
+            data_dir, model_config, batch_size, total_steps, work, "clip_accel-compiled", torch_compile=True
+        )
+        contenders.append(
+            Contender(
+                "clip_accel fit() with --torch_compile",
+                gate,
+                thread,
+                "compile time falls in the first windows; a new caption length may recompile",
+            )
+        )
     for name, options in bare_variants.items():
         gate = Gate(name)
         loop = bare_loop(fresh_model(options.attention), tensors, mean, std, batch_size, total_steps, gate, options)
@@ -410,25 +488,51 @@ def main() -> None:
 
     run_clip_train, _ = run_clip_datasets(data_dir, run.processor.tokenizer, image_size)
     _, gate, thread = start_trainer(fresh_model(), run_clip_train, batch_size, total_steps, work, "trainer")
-    contenders.append(Contender("transformers.Trainer, run_clip.py recipe (decode every step)", gate, thread,
-                                "PIL + CLIPImageProcessor (PIL backend; no torchvision here), text padded to 77; "
-                                "Trainer default optimizer (fused AdamW)"))
+    contenders.append(
+        Contender(
+            "transformers.Trainer, run_clip.py recipe (decode every step)",
+            gate,
+            thread,
+            "PIL + CLIPImageProcessor (PIL backend; no torchvision here), text padded to 77; "
+            "Trainer default optimizer (fused AdamW)",
+        )
+    )
     if args.ablations:
-        _, gate, thread = start_trainer(fresh_model(), CachedForTrainer(tensors, mean, std), batch_size, total_steps,
-                                        work, "trainer-cached")
-        contenders.append(Contender("transformers.Trainer over clip_accel's cache (no decode)", gate, thread,
-                                    "isolates the decode cost; text padded to the split's longest caption"))
-        _, gate, thread = start_clip_accel(data_dir, model_config, batch_size, total_steps, work,
-                                           "clip_accel-no-checkpoint", loop="fit-no-checkpoint")
-        contenders.append(Contender("clip_accel fit(), epoch-end checkpoints skipped", gate, thread,
-                                    "an epoch of this set is only 15 steps"))
-        _, gate, thread = start_clip_accel(data_dir, model_config, batch_size, total_steps, work,
-                                           "clip_accel-steps", loop="steps")
-        contenders.append(Contender("clip_accel loader + plain_step, without fit()", gate, thread,
-                                    "no logging, no epoch-end checkpoint"))
+        _, gate, thread = start_trainer(
+            fresh_model(), CachedForTrainer(tensors, mean, std), batch_size, total_steps, work, "trainer-cached"
+        )
+        contenders.append(
+            Contender(
+                "transformers.Trainer over clip_accel's cache (no decode)",
+                gate,
+                thread,
+                "isolates the decode cost; text padded to the split's longest caption",
+            )
+        )
+        _, gate, thread = start_clip_accel(
+            data_dir, model_config, batch_size, total_steps, work, "clip_accel-no-checkpoint", loop="fit-no-checkpoint"
+        )
+        contenders.append(
+            Contender(
+                "clip_accel fit(), epoch-end checkpoints skipped", gate, thread, "an epoch of this set is only 15 steps"
+            )
+        )
+        _, gate, thread = start_clip_accel(
+            data_dir, model_config, batch_size, total_steps, work, "clip_accel-steps", loop="steps"
+        )
+        contenders.append(
+            Contender(
+                "clip_accel loader + plain_step, without fit()", gate, thread, "no logging, no epoch-end checkpoint"
+            )
+        )
     reason = open_clip_status()
-    contenders.append(Contender("open_clip trainer", unavailable=reason or "imports, but running its trainer "
-                                "is not wired up in this script", note=""))
+    contenders.append(
+        Contender(
+            "open_clip trainer",
+            unavailable=reason or "imports, but running its trainer is not wired up in this script",
+            note="",
+        )
+    )
 
     runnable = [c for c in contenders if not c.unavailable]
     for contender in runnable:  # warm-up window, not recorded
@@ -453,25 +557,52 @@ def main() -> None:
         rates = [pairs / s for s in contender.seconds]
         rate = common.median(rates)
         overall = pairs * len(rates) / sum(contender.seconds)
-        rows.append([contender.name, round(rate, 1), f"{min(rates):.0f}-{max(rates):.0f}", round(overall, 1),
-                     f"{rate / reference:.2f}x", contender.note])
-    print(f"Batch {batch_size}, {windows} windows x {window_steps} optimizer steps per loop after a "
-          f"{warmup_steps}-step warm-up; model: CLIP width 128, 4+4 layers, patch 32, 224 px "
-          f"({sum(p.numel() for p in clip.parameters()) / 1e6:.1f}M parameters)\n")
-    print(common.markdown_table(["loop", "pairs/s (median window)", "range over windows", "pairs/s (all windows)",
-                                 "ratio to clip_accel (medians)", "notes"], rows))
+        rows.append(
+            [
+                contender.name,
+                round(rate, 1),
+                f"{min(rates):.0f}-{max(rates):.0f}",
+                round(overall, 1),
+                f"{rate / reference:.2f}x",
+                contender.note,
+            ]
+        )
+    print(
+        f"Batch {batch_size}, {windows} windows x {window_steps} optimizer steps per loop after a "
+        f"{warmup_steps}-step warm-up; model: CLIP width 128, 4+4 layers, patch 32, 224 px "
+        f"({sum(p.numel() for p in clip.parameters()) / 1e6:.1f}M parameters)\n"
+    )
+    print(
+        common.markdown_table(
+            [
+                "loop",
+                "pairs/s (median window)",
+                "range over windows",
+                "pairs/s (all windows)",
+                "ratio to clip_accel (medians)",
+                "notes",
+            ],
+            rows,
+        )
+    )
     rate_of = {c.name: common.median([pairs / s for s in c.seconds]) for c in runnable}
     bare = rate_of["bare PyTorch loop (same tensors)"]
     trainer = rate_of["transformers.Trainer, run_clip.py recipe (decode every step)"]
     steps_per_epoch = len(run.train_loader)
     if CHECKPOINT_SECONDS:
-        print(f"\nclip_accel's fit() wrote {len(CHECKPOINT_SECONDS)} epoch-end checkpoint(s) during the run "
-              f"({common.median(CHECKPOINT_SECONDS):.2f} s each, median; an epoch of this set is {steps_per_epoch} "
-              "steps); windows holding one are the low end of its range.")
-    print(f"\nclip_accel / bare loop = {reference / bare:.3f} (target >= 0.95: "
-          f"{'met' if reference / bare >= 0.95 else 'MISSED'})")
-    print(f"clip_accel / Trainer + on-the-fly decoding = {reference / trainer:.2f} (target >= 1.5: "
-          f"{'met' if reference / trainer >= 1.5 else 'MISSED'})")
+        print(
+            f"\nclip_accel's fit() wrote {len(CHECKPOINT_SECONDS)} epoch-end checkpoint(s) during the run "
+            f"({common.median(CHECKPOINT_SECONDS):.2f} s each, median; an epoch of this set is {steps_per_epoch} "
+            "steps); windows holding one are the low end of its range."
+        )
+    print(
+        f"\nclip_accel / bare loop = {reference / bare:.3f} (target >= 0.95: "
+        f"{'met' if reference / bare >= 0.95 else 'MISSED'})"
+    )
+    print(
+        f"clip_accel / Trainer + on-the-fly decoding = {reference / trainer:.2f} (target >= 1.5: "
+        f"{'met' if reference / trainer >= 1.5 else 'MISSED'})"
+    )
     print(f"load average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

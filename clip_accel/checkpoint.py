@@ -76,12 +76,16 @@ def resolve_checkpoint(output_dir: str, which: str) -> str:
     if which == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise ValueError(f"--resume_from_checkpoint latest: {output_dir}/{CHECKPOINTS} holds no checkpoint. "
-                             "Start without it, or pass a checkpoint folder.")
+            raise ValueError(
+                f"--resume_from_checkpoint latest: {output_dir}/{CHECKPOINTS} holds no checkpoint. "
+                "Start without it, or pass a checkpoint folder."
+            )
         return found[-1]
     if not os.path.isfile(os.path.join(which, STATE_FILE)):
-        raise ValueError(f"--resume_from_checkpoint {which!r} is not a checkpoint folder (no {STATE_FILE}); "
-                         f"checkpoints live in OUTPUT/{CHECKPOINTS}/step-*.")
+        raise ValueError(
+            f"--resume_from_checkpoint {which!r} is not a checkpoint folder (no {STATE_FILE}); "
+            f"checkpoints live in OUTPUT/{CHECKPOINTS}/step-*."
+        )
     return which
 
 
@@ -90,6 +94,8 @@ def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
     accelerator.load_state(path)
     with open(os.path.join(path, STATE_FILE)) as handle:
         state = TrainerState(**json.load(handle))
-    logger.info(f"Resumed from {path}: step {state.step}, epoch {state.epoch + 1}, "
-                f"{state.batches_in_epoch} batches of that epoch already done")
+    logger.info(
+        f"Resumed from {path}: step {state.step}, epoch {state.epoch + 1}, "
+        f"{state.batches_in_epoch} batches of that epoch already done"
+    )
     return state

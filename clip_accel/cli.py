@@ -6,10 +6,10 @@ import argparse
 import logging
 
 
-
 def _setup_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
     for noisy in ("transformers", "datasets", "httpx", "httpx2", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -38,15 +38,20 @@ def evaluate_main(args: list[str] | None = None) -> dict:
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--caption_column", default="caption")
     parser.add_argument("--max_eval_samples", type=int, default=None)
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=None,
-                        help="Default: the value in the model folder's training_config.json, else 128. The same "
-                             "batch size gives bit-identical embeddings; another can flip near-ties.")
-    parser.add_argument("--identical_captions_match", action="store_true",
-                        help="Count any identical caption as a correct match in the main figures (default: only "
-                             "the own pair; the other rule is always reported alongside).")
+    parser.add_argument(
+        "--per_device_eval_batch_size",
+        type=int,
+        default=None,
+        help="Default: the value in the model folder's training_config.json, else 128. The same "
+        "batch size gives bit-identical embeddings; another can flip near-ties.",
+    )
+    parser.add_argument(
+        "--identical_captions_match",
+        action="store_true",
+        help="Count any identical caption as a correct match in the main figures (default: only "
+        "the own pair; the other rule is always reported alongside).",
+    )
     parser.add_argument("--output_file", default=None, help="Write the metrics here as JSON.")
     parsed = parser.parse_args(args)
     _setup_logging()
     return evaluate_checkpoint(parsed)
-
-

@@ -29,13 +29,17 @@ def _require(condition: bool, message: str) -> None:
 class DataConfig:
     data_dir: str | None = field(
         default=None,
-        metadata={"help": "Folder in the Indo-fashion Kaggle layout (train_data.json, val_data.json, test_data.json, "
-                          "images/). With --demo: where the demo catalogue is written (default: a cache folder)."},
+        metadata={
+            "help": "Folder in the Indo-fashion Kaggle layout (train_data.json, val_data.json, test_data.json, "
+            "images/). With --demo: where the demo catalogue is written (default: a cache folder)."
+        },
     )
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Any dataset `datasets.load_dataset` accepts instead of --data_dir: a Hub id or a local "
-                          "folder/file type such as 'imagefolder', 'json', 'csv' or 'parquet' (with --data_files)."},
+        metadata={
+            "help": "Any dataset `datasets.load_dataset` accepts instead of --data_dir: a Hub id or a local "
+            "folder/file type such as 'imagefolder', 'json', 'csv' or 'parquet' (with --data_files)."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of --dataset_name."})
     data_files: str | None = field(
@@ -43,8 +47,10 @@ class DataConfig:
     )
     demo: bool = field(
         default=False,
-        metadata={"help": "Train on the embedded synthetic fashion catalogue (written in the Indo-fashion layout on "
-                          "first use, then read through the real Indo-fashion loader)."},
+        metadata={
+            "help": "Train on the embedded synthetic fashion catalogue (written in the Indo-fashion layout on "
+            "first use, then read through the real Indo-fashion loader)."
+        },
     )
     image_column: str = field(default="image", metadata={"help": "Image column of --dataset_name."})
     caption_column: str = field(default="caption", metadata={"help": "Caption column of --dataset_name."})
@@ -62,8 +68,11 @@ class DataConfig:
         default=1, metadata={"help": "Processes for the one-off image decoding pass (datasets.map num_proc)."}
     )
     strict: bool = field(
-        default=False, metadata={"help": "Stop at the first unusable row (naming file, line and reason) instead of "
-                                         "skipping it and listing it in OUTPUT/skipped_rows.jsonl."}
+        default=False,
+        metadata={
+            "help": "Stop at the first unusable row (naming file, line and reason) instead of "
+            "skipping it and listing it in OUTPUT/skipped_rows.jsonl."
+        },
     )
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where preprocessed splits are cached (default: the datasets cache)."}
@@ -71,11 +80,17 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         sources = sum([self.data_dir is not None and not self.demo, self.dataset_name is not None, self.demo])
-        _require(sources == 1, "Choose exactly one data source: --data_dir DIR (Indo-fashion layout), "
-                               "--dataset_name NAME (anything datasets can load), or --demo.")
+        _require(
+            sources == 1,
+            "Choose exactly one data source: --data_dir DIR (Indo-fashion layout), "
+            "--dataset_name NAME (anything datasets can load), or --demo.",
+        )
         if self.data_dir is not None and not self.demo:
-            _require(os.path.isdir(self.data_dir), f"--data_dir {self.data_dir!r} is not a folder. Point it at the "
-                                                   "unpacked Indo-fashion download (the folder with train_data.json).")
+            _require(
+                os.path.isdir(self.data_dir),
+                f"--data_dir {self.data_dir!r} is not a folder. Point it at the "
+                "unpacked Indo-fashion download (the folder with train_data.json).",
+            )
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"--{name} must be at least 1 (or left unset), got {value}.")
@@ -90,20 +105,26 @@ class ModelConfig:
     )
     model_config: str | None = field(
         default=None,
-        metadata={"help": "Train from scratch instead: a bundled preset name (e.g. 'clip-tiny') or a CLIPConfig JSON "
-                          "file. The tokenizer is then built offline from the training captions."},
+        metadata={
+            "help": "Train from scratch instead: a bundled preset name (e.g. 'clip-tiny') or a CLIPConfig JSON "
+            "file. The tokenizer is then built offline from the training captions."
+        },
     )
     freeze: Literal["none", "vision_layers", "backbones"] = field(
         default="none",
-        metadata={"help": "none: train everything. vision_layers: freeze the vision embeddings and the first "
-                          "--freeze_vision_layers encoder layers. backbones: freeze both towers except the "
-                          "projections, final layer norms and logit_scale."},
+        metadata={
+            "help": "none: train everything. vision_layers: freeze the vision embeddings and the first "
+            "--freeze_vision_layers encoder layers. backbones: freeze both towers except the "
+            "projections, final layer norms and logit_scale."
+        },
     )
     freeze_vision_layers: int = field(default=6, metadata={"help": "Layers frozen by --freeze vision_layers."})
 
     def __post_init__(self) -> None:
-        _require(self.freeze in ("none", "vision_layers", "backbones"),
-                 f"--freeze {self.freeze!r} is not a freezing strategy; use none, vision_layers or backbones.")
+        _require(
+            self.freeze in ("none", "vision_layers", "backbones"),
+            f"--freeze {self.freeze!r} is not a freezing strategy; use none, vision_layers or backbones.",
+        )
         _require(self.freeze_vision_layers >= 0, "--freeze_vision_layers must be 0 or more.")
 
 
@@ -121,14 +142,18 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     accumulation: Literal["exact", "plain"] = field(
         default="exact",
-        metadata={"help": "exact: the loss sees all accumulated micro-batches as one contrastive batch (one extra "
-                          "forward per micro-batch). plain: Accelerate's accumulate, each micro-batch only sees its "
-                          "own negatives."},
+        metadata={
+            "help": "exact: the loss sees all accumulated micro-batches as one contrastive batch (one extra "
+            "forward per micro-batch). plain: Accelerate's accumulate, each micro-batch only sees its "
+            "own negatives."
+        },
     )
     local_loss: bool = field(
         default=False,
-        metadata={"help": "Score only this process's rows against the global batch's columns: same gradient, "
-                          "memory O(B x N*B) instead of O((N*B)^2)."},
+        metadata={
+            "help": "Score only this process's rows against the global batch's columns: same gradient, "
+            "memory O(B x N*B) instead of O((N*B)^2)."
+        },
     )
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(
@@ -160,9 +185,11 @@ class TrainConfig:
     )
     identical_captions_match: bool = field(
         default=False,
-        metadata={"help": "Count any identical caption as a correct match in the main figures and for early "
-                          "stopping. Default: only the own pair, as the reference and open_clip count; the other "
-                          "rule is always reported alongside in eval_results.json."},
+        metadata={
+            "help": "Count any identical caption as a correct match in the main figures and for early "
+            "stopping. Default: only the own pair, as the reference and open_clip count; the other "
+            "rule is always reported alongside in eval_results.json."
+        },
     )
     eval_initial_model: bool = field(
         default=True,
@@ -177,39 +204,67 @@ class TrainConfig:
         default=False, metadata={"help": "Compile the model with torch.compile (inductor) through Accelerate."}
     )
     checkpointing_steps: int = field(
-        default=0, metadata={"help": "Also checkpoint every N optimizer steps (checkpoints are always written at the "
-                                     "end of each epoch), into OUTPUT/checkpoints/."}
+        default=0,
+        metadata={
+            "help": "Also checkpoint every N optimizer steps (checkpoints are always written at the "
+            "end of each epoch), into OUTPUT/checkpoints/."
+        },
     )
     save_total_limit: int = field(default=2, metadata={"help": "Keep only the newest K checkpoints (0 keeps all)."})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' (newest in OUTPUT/checkpoints) or a checkpoint folder to resume."}
     )
     max_nonfinite_steps: int = field(
-        default=25, metadata={"help": "Stop after this many optimizer steps in a row with non-finite loss/gradients "
-                                      "(each one is skipped, never applied)."}
+        default=25,
+        metadata={
+            "help": "Stop after this many optimizer steps in a row with non-finite loss/gradients "
+            "(each one is skipped, never applied)."
+        },
     )
     push_to_hub: bool = field(
-        default=False, metadata={"help": "Publish the output folder to the Hugging Face Hub at the end (one commit). "
-                                         "Access is checked before training starts."}
+        default=False,
+        metadata={
+            "help": "Publish the output folder to the Hugging Face Hub at the end (one commit). "
+            "Access is checked before training starts."
+        },
     )
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo to push to, e.g. 'you/clip-indo-fashion'."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repo to push to, e.g. 'you/clip-indo-fashion'."}
+    )
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 
     def __post_init__(self) -> None:
-        for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "logging_steps", "max_nonfinite_steps"):
+        for name in (
+            "num_train_epochs",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "max_nonfinite_steps",
+        ):
             _require(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "warmup_steps", "eval_steps", "early_stopping_patience", "dataloader_num_workers",
-                     "checkpointing_steps", "save_total_limit"):
+        for name in (
+            "max_steps",
+            "warmup_steps",
+            "eval_steps",
+            "early_stopping_patience",
+            "dataloader_num_workers",
+            "checkpointing_steps",
+            "save_total_limit",
+        ):
             _require(getattr(self, name) >= 0, f"--{name} must be 0 or more, got {getattr(self, name)}.")
         _require(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}.")
         _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         _require(self.max_grad_norm >= 0, "--max_grad_norm must be 0 (off) or positive.")
         _require(self.weight_decay >= 0, "--weight_decay must be 0 or positive.")
-        _require(not self.push_to_hub or bool(self.hub_model_id),
-                 "--push_to_hub needs --hub_model_id (e.g. --hub_model_id your-name/clip-indo-fashion).")
-        _require(self.early_stopping_metric in METRIC_NAMES,
-                 f"--early_stopping_metric {self.early_stopping_metric!r} is not a metric; use one of {METRIC_NAMES}.")
+        _require(
+            not self.push_to_hub or bool(self.hub_model_id),
+            "--push_to_hub needs --hub_model_id (e.g. --hub_model_id your-name/clip-indo-fashion).",
+        )
+        _require(
+            self.early_stopping_metric in METRIC_NAMES,
+            f"--early_stopping_metric {self.early_stopping_metric!r} is not a metric; use one of {METRIC_NAMES}.",
+        )
 
     @property
     def report_to_list(self) -> list[str] | str | None:

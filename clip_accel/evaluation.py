@@ -35,8 +35,9 @@ def embed_split(
         with accelerator.autocast():
             image = clip.get_image_features(pixel_values=normalizer(batch["pixel_values"])).pooler_output
             text = clip.get_text_features(input_ids=batch["input_ids"]).pooler_output
-        image, text = accelerator.gather_for_metrics((F.normalize(image.float(), dim=-1),
-                                                      F.normalize(text.float(), dim=-1)))
+        image, text = accelerator.gather_for_metrics(
+            (F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1))
+        )
         image_parts.append(image.cpu())
         text_parts.append(text.cpu())
     clip.train(was_training)
@@ -44,8 +45,13 @@ def embed_split(
 
 
 def evaluate_retrieval(
-    accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, normalizer: PixelNormalizer,
-    tokenizer=None, labels: list[str] | None = None, captions: list[str] | None = None,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    dataloader: DataLoader,
+    normalizer: PixelNormalizer,
+    tokenizer=None,
+    labels: list[str] | None = None,
+    captions: list[str] | None = None,
     identical_captions_match: bool = False,
 ) -> dict[str, float]:
     """Recall@1/5/10 both ways plus mean/median rank over the whole split; with `labels` (one per pair, in split
@@ -73,10 +79,16 @@ def evaluate_retrieval(
     return metrics
 
 
-TABLE_COLUMNS = (("I2T R@1", "image_to_text_R@1"), ("T2I R@1", "text_to_image_R@1"),
-                 ("I2T R@5", "image_to_text_R@5"), ("T2I R@5", "text_to_image_R@5"),
-                 ("I2T R@10", "image_to_text_R@10"), ("T2I R@10", "text_to_image_R@10"),
-                 ("I2T med. rank", "image_to_text_median_rank"), ("T2I med. rank", "text_to_image_median_rank"))
+TABLE_COLUMNS = (
+    ("I2T R@1", "image_to_text_R@1"),
+    ("T2I R@1", "text_to_image_R@1"),
+    ("I2T R@5", "image_to_text_R@5"),
+    ("T2I R@5", "text_to_image_R@5"),
+    ("I2T R@10", "image_to_text_R@10"),
+    ("T2I R@10", "text_to_image_R@10"),
+    ("I2T med. rank", "image_to_text_median_rank"),
+    ("T2I med. rank", "text_to_image_median_rank"),
+)
 
 
 ZERO_SHOT_COLUMNS = (("ZS top-1", "zero_shot_top1"), ("ZS top-5", "zero_shot_top5"))
@@ -89,8 +101,14 @@ def format_results_table(rows: dict[str, dict[str, float]]) -> str:
     header = "| Model | Pairs | " + " | ".join(title for title, _ in columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 2)]
     for name, metrics in rows.items():
-        cells = ["–" if key not in metrics else f"{metrics[key]:.4f}" if "R@" in key or "zero_shot" in key
-                 else f"{metrics[key]:g}" for _, key in columns]
+        cells = [
+            "–"
+            if key not in metrics
+            else f"{metrics[key]:.4f}"
+            if "R@" in key or "zero_shot" in key
+            else f"{metrics[key]:g}"
+            for _, key in columns
+        ]
         lines.append(f"| {name} | {metrics.get('num_pairs', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -107,9 +125,15 @@ def evaluate_checkpoint(args) -> dict[str, float]:
     from .model import image_size_of
 
     accelerator = Accelerator()
-    data_config = DataConfig(data_dir=args.data_dir, dataset_name=args.dataset_name, demo=args.demo,
-                             image_column=args.image_column, caption_column=args.caption_column,
-                             test_split=args.split, max_eval_samples=args.max_eval_samples)
+    data_config = DataConfig(
+        data_dir=args.data_dir,
+        dataset_name=args.dataset_name,
+        demo=args.demo,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        test_split=args.split,
+        max_eval_samples=args.max_eval_samples,
+    )
     model = CLIPModel.from_pretrained(args.model_name_or_path, dtype=torch.float32)
     processor = CLIPProcessor.from_pretrained(args.model_name_or_path)
     raw = load_raw_splits(accelerator, data_config, roles=("test",))
@@ -117,9 +141,16 @@ def evaluate_checkpoint(args) -> dict[str, float]:
     loader = make_dataloader(pairs["test"], _eval_batch_size(args), train=False)
     model, loader = accelerator.prepare(model, loader)
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
-    metrics = evaluate_retrieval(accelerator, model, loader, normalizer.to(accelerator.device), processor.tokenizer,
-                                 pairs["test"].column("label"), pairs["test"].column("caption"),
-                                 args.identical_captions_match)
+    metrics = evaluate_retrieval(
+        accelerator,
+        model,
+        loader,
+        normalizer.to(accelerator.device),
+        processor.tokenizer,
+        pairs["test"].column("label"),
+        pairs["test"].column("caption"),
+        args.identical_captions_match,
+    )
     if accelerator.is_main_process:
         get_logger(__name__).info("\n" + format_results_table({f"{args.model_name_or_path} ({args.split})": metrics}))
         if args.output_file:

@@ -35,11 +35,25 @@ CARD_MARKER = "Written by clip_accel"  # in model_card_template.md: tells our ca
 # Local image paths and per-row reasons: useful on your machine, noise (and possibly private) on the Hub.
 NOT_PUSHED = {"skipped_rows.jsonl"}
 # `datasets.load_dataset` names that read local files, as opposed to Hub dataset ids.
-LOCAL_LOADERS = {"imagefolder", "audiofolder", "videofolder", "json", "csv", "parquet", "text", "arrow",
-                 "webdataset", "pandas", "sql", "xml"}
+LOCAL_LOADERS = {
+    "imagefolder",
+    "audiofolder",
+    "videofolder",
+    "json",
+    "csv",
+    "parquet",
+    "text",
+    "arrow",
+    "webdataset",
+    "pandas",
+    "sql",
+    "xml",
+}
 # Written by the trainer into the output folder; shown on the card and pushed with it.
-PICTURES = (("Recall@K of the starting model and the fine-tuned model", "recall_at_k.png"),
-            ("Training loss, learning rate and validation recall", "training_curves.png"))
+PICTURES = (
+    ("Recall@K of the starting model and the fine-tuned model", "recall_at_k.png"),
+    ("Training loss, learning rate and validation recall", "training_curves.png"),
+)
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
@@ -58,14 +72,18 @@ def check_hub_access(repo_id: str, *, private: bool = False, token: str | None =
     try:
         identity = api.whoami()
     except LocalTokenNotFoundError:
-        raise HubAccessError(f"Publishing to {repo_id} needs a Hugging Face token with write access and none was "
-                             "found. Run `hf auth login` (or set HF_TOKEN), then start again.") from None
+        raise HubAccessError(
+            f"Publishing to {repo_id} needs a Hugging Face token with write access and none was "
+            "found. Run `hf auth login` (or set HF_TOKEN), then start again."
+        ) from None
     except (HfHubHTTPError, OfflineModeIsEnabled, _TransportError) as error:
         raise HubAccessError(_redact(_access_problem(error, repo_id, api.endpoint), token)) from None
     if identity.get("auth", {}).get("accessToken", {}).get("role") == "read":
-        raise HubAccessError(f"Your Hugging Face token ({identity.get('name')}) is read-only and cannot push to "
-                             f"{repo_id}. Create a write token at https://huggingface.co/settings/tokens and run "
-                             "`hf auth login --force` (or set HF_TOKEN to it).")
+        raise HubAccessError(
+            f"Your Hugging Face token ({identity.get('name')}) is read-only and cannot push to "
+            f"{repo_id}. Create a write token at https://huggingface.co/settings/tokens and run "
+            "`hf auth login --force` (or set HF_TOKEN to it)."
+        )
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
     except (HfHubHTTPError, _TransportError) as error:
@@ -79,11 +97,15 @@ def _access_problem(error: Exception, repo_id: str, endpoint: str) -> str:
     if isinstance(error, OfflineModeIsEnabled):
         return f"Cannot publish {repo_id}: HF_HUB_OFFLINE is set, so no request may reach the Hub. Unset it and retry."
     if status == 401:
-        return ("The Hugging Face Hub rejected your token (401). Run `hf auth login --force` with a write token, "
-                "or fix HF_TOKEN (it takes precedence over the stored login).")
+        return (
+            "The Hugging Face Hub rejected your token (401). Run `hf auth login --force` with a write token, "
+            "or fix HF_TOKEN (it takes precedence over the stored login)."
+        )
     if status == 403:
-        return (f"Your token may not create or write to {repo_id} (403 Forbidden). Use a namespace you own, or a "
-                f"token with write access to {repo_id.split('/')[0]}.")
+        return (
+            f"Your token may not create or write to {repo_id} (403 Forbidden). Use a namespace you own, or a "
+            f"token with write access to {repo_id.split('/')[0]}."
+        )
     return f"Could not check access to {repo_id} on {endpoint}: {type(error).__name__}: {error}"
 
 
@@ -94,16 +116,27 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
     model_id = repo_id or os.path.basename(os.path.abspath(output_dir))
     data_kind, dataset_ids, dataset_label = _data_source(config)
     card_data = ModelCardData(
-        library_name="transformers", pipeline_tag="zero-shot-image-classification", license="mit",
-        base_model=_base_model(config), datasets=dataset_ids, model_name=model_id,
+        library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
+        license="mit",
+        base_model=_base_model(config),
+        datasets=dataset_ids,
+        model_name=model_id,
         tags=["clip", "contrastive", "image-text-retrieval", "zero-shot-image-classification", "clip_accel"],
-        eval_results=_eval_results(results["test"], dataset_ids[0] if dataset_ids else data_kind, dataset_label,
-                                   config["test_split"]),
+        eval_results=_eval_results(
+            results["test"], dataset_ids[0] if dataset_ids else data_kind, dataset_label, config["test_split"]
+        ),
     )
     context = {
-        "model_id": model_id, "load_path": repo_id or os.path.abspath(output_dir), "config": config,
-        "results": results, "training": results["training"], "arch": files["config.json"],
-        "data_kind": data_kind, "dataset_label": dataset_label, "results_table": _results_table(results, model_id),
+        "model_id": model_id,
+        "load_path": repo_id or os.path.abspath(output_dir),
+        "config": config,
+        "results": results,
+        "training": results["training"],
+        "arch": files["config.json"],
+        "data_kind": data_kind,
+        "dataset_label": dataset_label,
+        "results_table": _results_table(results, model_id),
         # The trainer's own formula (trainer.train): explicit warmup steps win over the ratio.
         "warmup_steps": config["warmup_steps"] or int(results["training"]["planned_steps"] * config["warmup_ratio"]),
         "epochs_run": max((record["epoch"] for record in files["log_history.json"]), default=None),
@@ -126,8 +159,10 @@ def _read_run_files(output_dir: str) -> dict[str, dict | list]:
             with open(path) as handle:
                 files[name] = json.load(handle)
         elif name not in files:
-            raise ValueError(f"{output_dir} has no {name}: it is not a finished clip_accel output folder. Point at "
-                             "the --output_dir of a completed `scripts/train.py` run.")
+            raise ValueError(
+                f"{output_dir} has no {name}: it is not a finished clip_accel output folder. Point at "
+                "the --output_dir of a completed `scripts/train.py` run."
+            )
     return files
 
 
@@ -155,16 +190,33 @@ def _data_source(config: dict) -> tuple[str, list[str] | None, str]:
 
 def _eval_results(test: dict, dataset_type: str, dataset_name: str, split: str) -> list[EvalResult]:
     """Test-split recall@K both ways; metric types are the eval_results.json keys, so they map back one to one."""
-    return [EvalResult(task_type="image-text-retrieval", task_name="Image-text retrieval",
-                       dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
-                       metric_type=f"{direction}_R@{k}", metric_name=f"{label} R@{k}",
-                       metric_value=test[f"{direction}_R@{k}"])
-            for direction, label in (("image_to_text", "Image-to-text"), ("text_to_image", "Text-to-image"))
-            for k in RECALL_KS] + [
-        EvalResult(task_type="zero-shot-image-classification", task_name="Zero-shot image classification",
-                   dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
-                   metric_type=key, metric_name=f"Zero-shot top-{key[-1]} accuracy", metric_value=test[key])
-        for key in ("zero_shot_top1", "zero_shot_top5") if key in test]
+    return [
+        EvalResult(
+            task_type="image-text-retrieval",
+            task_name="Image-text retrieval",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=f"{direction}_R@{k}",
+            metric_name=f"{label} R@{k}",
+            metric_value=test[f"{direction}_R@{k}"],
+        )
+        for direction, label in (("image_to_text", "Image-to-text"), ("text_to_image", "Text-to-image"))
+        for k in RECALL_KS
+    ] + [
+        EvalResult(
+            task_type="zero-shot-image-classification",
+            task_name="Zero-shot image classification",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=key,
+            metric_name=f"Zero-shot top-{key[-1]} accuracy",
+            metric_value=test[key],
+        )
+        for key in ("zero_shot_top1", "zero_shot_top5")
+        if key in test
+    ]
 
 
 def _results_table(results: dict, model_id: str) -> str:
@@ -187,8 +239,9 @@ def _redact(text: str, token: str | None = None) -> str:
 
 
 def retry_command(output_dir: str, repo_id: str, private: bool = False) -> str:
-    return (f"python scripts/push_to_hub.py {shlex.quote(output_dir)} --hub_model_id {shlex.quote(repo_id)}"
-            + (" --private" if private else ""))
+    return f"python scripts/push_to_hub.py {shlex.quote(output_dir)} --hub_model_id {shlex.quote(repo_id)}" + (
+        " --private" if private else ""
+    )
 
 
 def push_output_dir(output_dir: str, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
@@ -198,31 +251,45 @@ def push_output_dir(output_dir: str, repo_id: str, *, private: bool = False, tok
     commits and retries a failing commit for ~20 s; one commit means a repo is either the old model or the new one.
     """
     _ensure_card(output_dir, repo_id)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(output_dir, name))
-                  for name in _files_to_push(output_dir)]
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(output_dir, name))
+        for name in _files_to_push(output_dir)
+    ]
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.create_commit(repo_id, operations=operations, commit_message="Upload model trained with "
-                                   f"clip_accel ({len(operations)} files)")
+        commit = api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=f"Upload model trained with clip_accel ({len(operations)} files)",
+        )
     # Whatever failed (HTTP error, network, card validation), the user's next step is the same: retry the push.
     except Exception as error:
-        raise PushToHubError(_redact(
-            f"Uploading {output_dir} to the Hub repo {repo_id} failed: {type(error).__name__}: {error}\n\n"
-            f"Nothing local was changed: the folder is complete. Retry the upload with:\n"
-            f"    {retry_command(output_dir, repo_id, private)}", token)) from error
+        raise PushToHubError(
+            _redact(
+                f"Uploading {output_dir} to the Hub repo {repo_id} failed: {type(error).__name__}: {error}\n\n"
+                f"Nothing local was changed: the folder is complete. Retry the upload with:\n"
+                f"    {retry_command(output_dir, repo_id, private)}",
+                token,
+            )
+        ) from error
     logger.info(f"Pushed {len(operations)} files of {output_dir} to {repo_id}: {commit.commit_url}")
     return commit.commit_url
 
 
 def _files_to_push(output_dir: str) -> list[str]:
     """Top-level files only: staging folders, tracker logs and checkpoints live in sub-folders."""
-    names = sorted(name for name in os.listdir(output_dir) if os.path.isfile(os.path.join(output_dir, name))
-                   and not name.startswith(".") and name not in NOT_PUSHED)
+    names = sorted(
+        name
+        for name in os.listdir(output_dir)
+        if os.path.isfile(os.path.join(output_dir, name)) and not name.startswith(".") and name not in NOT_PUSHED
+    )
     has_weights = "model.safetensors" in names or "model.safetensors.index.json" in names
     if not has_weights or "config.json" not in names:
-        raise PushToHubError(f"{output_dir} holds no model (model.safetensors and config.json): point at the "
-                             "--output_dir of a finished `scripts/train.py` run.")
+        raise PushToHubError(
+            f"{output_dir} holds no model (model.safetensors and config.json): point at the "
+            "--output_dir of a finished `scripts/train.py` run."
+        )
     return names
 
 
@@ -242,8 +309,10 @@ def push_main(args: list[str] | None = None) -> str:
     """`python scripts/push_to_hub.py OUTPUT --hub_model_id user/name [--private]`; returns the commit URL."""
     from .cli import _setup_logging
 
-    parser = argparse.ArgumentParser(description="Publish a finished training output folder to the Hugging Face "
-                                                 "Hub in one commit (writes the model card if missing).")
+    parser = argparse.ArgumentParser(
+        description="Publish a finished training output folder to the Hugging Face "
+        "Hub in one commit (writes the model card if missing)."
+    )
     parser.add_argument("output_dir", help="The --output_dir of a finished scripts/train.py run.")
     parser.add_argument("--hub_model_id", required=True, help="Repo to push to, e.g. your-name/clip-indo-fashion.")
     parser.add_argument("--private", action="store_true", help="Create the repo as private (if it is new).")

@@ -23,9 +23,7 @@ _TILE_MULTIPLE = 64
 
 def _validate(query: torch.Tensor, candidate: torch.Tensor, chunk_size: int) -> None:
     if query.dim() != 2 or candidate.dim() != 2:
-        raise ValueError(
-            f"embeddings must be 2-D (N, D); got shapes {tuple(query.shape)} and {tuple(candidate.shape)}"
-        )
+        raise ValueError(f"embeddings must be 2-D (N, D); got shapes {tuple(query.shape)} and {tuple(candidate.shape)}")
     if query.shape != candidate.shape:
         raise ValueError(
             f"embeddings must have the same shape (row i of each is a pair); "
@@ -194,8 +192,8 @@ def group_ranks(
     groups = groups.to(candidates.device)
     ranks = []
     for start in range(0, query_embeds.shape[0], chunk_size):
-        scores = query_embeds[start:start + chunk_size].float() @ candidates.T
-        same = groups[start:start + chunk_size, None] == groups[None, :]
+        scores = query_embeds[start : start + chunk_size].float() @ candidates.T
+        same = groups[start : start + chunk_size, None] == groups[None, :]
         best = scores.masked_fill(~same, float("-inf")).amax(dim=1, keepdim=True)
         ranks.append(((scores >= best) & ~same).sum(dim=1))
     return torch.cat(ranks).long()
@@ -210,8 +208,10 @@ def identical_caption_metrics(
     ids = {caption: index for index, caption in enumerate(dict.fromkeys(captions))}
     groups = torch.tensor([ids[caption] for caption in captions])
     metrics = {}
-    for name, (query, candidate) in {"image_to_text": (image_embeds, text_embeds),
-                                     "text_to_image": (text_embeds, image_embeds)}.items():
+    for name, (query, candidate) in {
+        "image_to_text": (image_embeds, text_embeds),
+        "text_to_image": (text_embeds, image_embeds),
+    }.items():
         ranks = group_ranks(query, candidate, groups)
         metrics.update({f"{name}_R@{k}": float((ranks < k).double().mean()) for k in ks})
     metrics["mean_R@1"] = (metrics["image_to_text_R@1"] + metrics["text_to_image_R@1"]) / 2

@@ -75,8 +75,10 @@ def freeze_parameters(model: CLIPModel, strategy: str, vision_layers: int = 6) -
     if strategy == "vision_layers":
         encoder_layers = model.vision_model.encoder.layers
         if vision_layers > len(encoder_layers):
-            raise ValueError(f"--freeze_vision_layers {vision_layers} exceeds the {len(encoder_layers)} vision layers "
-                             "of this model; pass a smaller number.")
+            raise ValueError(
+                f"--freeze_vision_layers {vision_layers} exceeds the {len(encoder_layers)} vision layers "
+                "of this model; pass a smaller number."
+            )
         model.vision_model.embeddings.requires_grad_(False)
         model.vision_model.pre_layrnorm.requires_grad_(False)
         for layer in encoder_layers[:vision_layers]:

@@ -85,7 +85,7 @@ def _draw_validation_recall(axis, log_history: list[dict]) -> None:
     drawn = False
     # One colour per cut-off, one line style per direction: the two directions of a cut-off read as a pair.
     for colour, k in enumerate(_CURVE_KS):
-        for (direction, short), linestyle in zip(_DIRECTIONS, ("-", "--")):
+        for (direction, short), linestyle in zip(_DIRECTIONS, ("-", "--"), strict=True):
             steps, values = _series(log_history, f"eval_{direction}_R@{k}")
             if steps:
                 _draw(axis, steps, values, label=f"{short} R@{k}", color=f"C{colour}", linestyle=linestyle)
@@ -99,9 +99,7 @@ def _draw_validation_recall(axis, log_history: list[dict]) -> None:
     axis.grid(alpha=0.3)
 
 
-def plot_recall_bars(
-    rows: dict[str, dict[str, float]], path: str, title: str = "Image-text retrieval recall"
-) -> str:
+def plot_recall_bars(rows: dict[str, dict[str, float]], path: str, title: str = "Image-text retrieval recall") -> str:
     """Grouped bars of R@1/5/10 in both directions, one bar colour per row (e.g. "zero-shot" vs "fine-tuned").
 
     Args:
@@ -138,5 +136,7 @@ def _check_rows(rows: dict[str, dict[str, float]], keys: list[str]) -> None:
     for name, metrics in rows.items():
         missing = [key for key in keys if key not in metrics]
         if missing:
-            raise ValueError(f"row {name!r} lacks {missing}; pass metrics from retrieval_metrics with "
-                             f"ks=(1, 5, 10) (eval_results.json has them)")
+            raise ValueError(
+                f"row {name!r} lacks {missing}; pass metrics from retrieval_metrics with "
+                f"ks=(1, 5, 10) (eval_results.json has them)"
+            )

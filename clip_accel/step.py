@@ -73,8 +73,8 @@ def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]
         # Gradients are all-reduced once, after the last micro-batch.
         with accelerator.no_sync(context.model) if not last else nullcontext():
             image_embeds, text_embeds = embed(context, batch)
-            images = torch.cat(cached_images[:index] + [image_embeds] + cached_images[index + 1:])
-            texts = torch.cat(cached_texts[:index] + [text_embeds] + cached_texts[index + 1:])
+            images = torch.cat(cached_images[:index] + [image_embeds] + cached_images[index + 1 :])
+            texts = torch.cat(cached_texts[:index] + [text_embeds] + cached_texts[index + 1 :])
             # Each pass recomputes the whole loss; logit_scale must receive its gradient once, not once per pass.
             logit_scale = _logit_scale(context) if last else _logit_scale(context).detach()
             loss = contrastive_loss(images, texts, logit_scale, local_loss=context.local_loss)

@@ -72,10 +72,12 @@ def class_text_embeddings(
     was_training = model.training
     model.eval()  # dropout off: the embedding must not depend on the call
     try:
-        prompt_embeds = torch.cat([
-            _embed_prompts(model, tokenizer, prompts[start:start + _PROMPTS_PER_BATCH], device)
-            for start in range(0, len(prompts), _PROMPTS_PER_BATCH)
-        ])
+        prompt_embeds = torch.cat(
+            [
+                _embed_prompts(model, tokenizer, prompts[start : start + _PROMPTS_PER_BATCH], device)
+                for start in range(0, len(prompts), _PROMPTS_PER_BATCH)
+            ]
+        )
     finally:
         model.train(was_training)
     # Normalising each prompt first weights every template equally, whatever its embedding's norm.
@@ -96,8 +98,9 @@ def _check_templates(templates: Sequence[str], labels: list[str]) -> None:
 def _embed_prompts(model: torch.nn.Module, tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
     """float32 (P, D) projected text embeddings (not normalised) of P prompts."""
     tokens = tokenizer(prompts, padding="longest", truncation=True, max_length=_MAX_TEXT_TOKENS, return_tensors="pt")
-    output = model.get_text_features(input_ids=tokens["input_ids"].to(device),
-                                     attention_mask=tokens["attention_mask"].to(device))
+    output = model.get_text_features(
+        input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+    )
     return output.pooler_output.float()
 
 
@@ -126,8 +129,10 @@ def zero_shot_accuracy(
     class_index = {name: index for index, name in enumerate(class_names)}
     kept = [row for row, label in enumerate(labels) if label != "" and label in class_index]
     if not kept:
-        raise ValueError(f"none of the {len(labels)} image labels is among class_names {class_names[:5]}...; "
-                         "pass the class names the dataset's label column uses")
+        raise ValueError(
+            f"none of the {len(labels)} image labels is among class_names {class_names[:5]}...; "
+            "pass the class names the dataset's label column uses"
+        )
     targets = torch.tensor([class_index[labels[row]] for row in kept], device=image_embeds.device)
     ranks = _true_class_ranks(image_embeds[kept].float(), class_embeds.to(image_embeds.device).float(), targets)
     metrics: dict[str, float] = {f"zero_shot_top{k}": float((ranks < k).double().mean()) for k in ks}
@@ -147,17 +152,28 @@ def _true_class_ranks(images: torch.Tensor, classes: torch.Tensor, targets: torc
     return torch.where(true_scores.squeeze(1).isnan(), classes.shape[0] - 1, ranks)
 
 
-def _check_inputs(image_embeds: torch.Tensor, labels: list[str], class_names: list[str],
-                  class_embeds: torch.Tensor, ks: tuple[int, ...]) -> None:
+def _check_inputs(
+    image_embeds: torch.Tensor,
+    labels: list[str],
+    class_names: list[str],
+    class_embeds: torch.Tensor,
+    ks: tuple[int, ...],
+) -> None:
     if image_embeds.dim() != 2 or class_embeds.dim() != 2 or image_embeds.shape[1] != class_embeds.shape[1]:
-        raise ValueError(f"need image_embeds (N, D) and class_embeds (C, D) with the same D; got "
-                         f"{tuple(image_embeds.shape)} and {tuple(class_embeds.shape)}")
+        raise ValueError(
+            f"need image_embeds (N, D) and class_embeds (C, D) with the same D; got "
+            f"{tuple(image_embeds.shape)} and {tuple(class_embeds.shape)}"
+        )
     if len(labels) != image_embeds.shape[0]:
-        raise ValueError(f"labels has {len(labels)} entries but image_embeds has {image_embeds.shape[0]} rows; "
-                         "pass one label per image, in the same order")
+        raise ValueError(
+            f"labels has {len(labels)} entries but image_embeds has {image_embeds.shape[0]} rows; "
+            "pass one label per image, in the same order"
+        )
     if len(class_names) != class_embeds.shape[0]:
-        raise ValueError(f"class_names has {len(class_names)} entries but class_embeds has "
-                         f"{class_embeds.shape[0]} rows; pass one name per class embedding, in the same order")
+        raise ValueError(
+            f"class_names has {len(class_names)} entries but class_embeds has "
+            f"{class_embeds.shape[0]} rows; pass one name per class embedding, in the same order"
+        )
     if len(set(class_names)) != len(class_names):
         raise ValueError("class_names has duplicates; each class must appear once")
     if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):

@@ -1,4 +1,4 @@
-"""Recall@K of any CLIP checkpoint: `python scripts/evaluate.py --model_name_or_path OUT --data_dir DIR --split test`."""
+"""Recall@K of any CLIP checkpoint: `python scripts/evaluate.py --model_name_or_path OUT --data_dir DIR`."""
 
 from clip_accel.cli import evaluate_main
 

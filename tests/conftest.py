@@ -48,8 +48,11 @@ def tiny_model_config_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def offline_tokenizer():
-    captions = ["Women's red striped cotton kurta with gold border", "Men's black checked sherwani, maroon trim",
-                "Blue polka dot silk saree for women with silver border by Kesar Lane"]
+    captions = [
+        "Women's red striped cotton kurta with gold border",
+        "Men's black checked sherwani, maroon trim",
+        "Blue polka dot silk saree for women with silver border by Kesar Lane",
+    ]
     return build_offline_tokenizer(captions * 2)
 
 
@@ -58,12 +61,23 @@ def make_configs(demo_dir, tiny_model_config_path, tmp_path):
     """Configs for a quick from-scratch demo run; keyword arguments override any field."""
 
     def build(**overrides) -> tuple[DataConfig, ModelConfig, TrainConfig]:
-        values = {"data_dir": demo_dir, "cache_dir": str(tmp_path / "cache"), "model_config": tiny_model_config_path,
-                  "output_dir": str(tmp_path / "out"), "num_train_epochs": 2, "per_device_train_batch_size": 32,
-                  "per_device_eval_batch_size": 32, "learning_rate": 2e-3, "logging_steps": 1, "seed": 0}
+        values = {
+            "data_dir": demo_dir,
+            "cache_dir": str(tmp_path / "cache"),
+            "model_config": tiny_model_config_path,
+            "output_dir": str(tmp_path / "out"),
+            "num_train_epochs": 2,
+            "per_device_train_batch_size": 32,
+            "per_device_eval_batch_size": 32,
+            "learning_rate": 2e-3,
+            "logging_steps": 1,
+            "seed": 0,
+        }
         values.update(overrides)
-        split = {cls: {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
-                 for cls in (DataConfig, ModelConfig, TrainConfig)}
+        split = {
+            cls: {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+            for cls in (DataConfig, ModelConfig, TrainConfig)
+        }
         return DataConfig(**split[DataConfig]), ModelConfig(**split[ModelConfig]), TrainConfig(**split[TrainConfig])
 
     return build

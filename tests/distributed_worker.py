@@ -52,16 +52,17 @@ def step_context(accelerator: Accelerator, freeze: str = "none", local_loss: boo
     return StepContext(accelerator, model, optimizer, scheduler, normalizer, 1.0, local_loss)
 
 
-def one_step(accelerator: Accelerator, micro_batches_per_process: int, *, freeze: str = "none",
-             local_loss: bool = False) -> dict:
+def one_step(
+    accelerator: Accelerator, micro_batches_per_process: int, *, freeze: str = "none", local_loss: bool = False
+) -> dict:
     """One optimizer step on this process's share of the same global batch of 16 pairs."""
     context = step_context(accelerator, freeze, local_loss)
     before = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
     pairs = synthetic_pairs(GLOBAL_BATCH, seed=1)
     per_process = GLOBAL_BATCH // accelerator.num_processes
-    mine = pairs[accelerator.process_index * per_process:(accelerator.process_index + 1) * per_process]
+    mine = pairs[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
     size = per_process // micro_batches_per_process
-    micro_batches = [stack(mine[i:i + size]) for i in range(0, per_process, size)]
+    micro_batches = [stack(mine[i : i + size]) for i in range(0, per_process, size)]
     take_step = exact_step if len(micro_batches) > 1 else plain_step
     loss, _ = take_step(context, micro_batches)
     loss = accelerator.reduce(loss, "mean") if local_loss else loss
@@ -80,8 +81,10 @@ SCENARIOS = {
     "step_local_loss": lambda acc: one_step(acc, 1, local_loss=True),
     "step_exact_accumulation": lambda acc: one_step(acc, 2),
     "step_exact_accumulation_4": lambda acc: one_step(acc, 4),
-    **{f"freeze_{strategy}": (lambda acc, s=strategy: one_step(acc, 1, freeze=s))
-       for strategy in ("none", "vision_layers", "backbones")},
+    **{
+        f"freeze_{strategy}": (lambda acc, s=strategy: one_step(acc, 1, freeze=s))
+        for strategy in ("none", "vision_layers", "backbones")
+    },
     "evaluate": evaluate,
 }
 

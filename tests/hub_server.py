@@ -104,16 +104,26 @@ class FakeHub(ThreadingHTTPServer):
     def whoami(self, request, match):
         self._authenticate(request)
         access_token = {"displayName": "tests", "role": self.token_role}
-        return 200, {"type": "user", "name": self.user, "fullname": "Test User", "orgs": [],
-                     "auth": {"type": "access_token", "accessToken": access_token}}, {}
+        return (
+            200,
+            {
+                "type": "user",
+                "name": self.user,
+                "fullname": "Test User",
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": access_token},
+            },
+            {},
+        )
 
     def create_repo(self, request, match):
         self._authenticate(request)
         payload = request.json()
         repo_id = f"{payload.get('organization') or self.user}/{payload['name']}"
         if repo_id.split("/")[0] != self.user:
-            raise HttpError(403, f"You don't have the rights to create a model under the namespace "
-                                 f"{repo_id.split('/')[0]!r}")
+            raise HttpError(
+                403, f"You don't have the rights to create a model under the namespace {repo_id.split('/')[0]!r}"
+            )
         with self.lock:
             if repo_id in self.repos:
                 return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}, {}
@@ -121,8 +131,13 @@ class FakeHub(ThreadingHTTPServer):
             private = payload.get("visibility", "private" if payload.get("private") else "public") != "public"
             repo = self.repos[repo_id] = Repo(private=private)
             # A new Hub repo starts with one commit holding .gitattributes.
-            self._store_commit(repo_id, repo, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs\n"},
-                               "initial commit", record=False)
+            self._store_commit(
+                repo_id,
+                repo,
+                {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs\n"},
+                "initial commit",
+                record=False,
+            )
         return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}, {}
 
     def validate_yaml(self, request, match):
@@ -140,9 +155,15 @@ class FakeHub(ThreadingHTTPServer):
     def preupload(self, request, match):
         repo, oid = self._repo_and_commit(request, match, write=True)
         snapshot = repo.snapshots[oid]
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                  "oid": git_oid(snapshot[f["path"]]) if f["path"] in snapshot else None}
-                 for f in request.json()["files"]]
+        files = [
+            {
+                "path": f["path"],
+                "uploadMode": "regular",
+                "shouldIgnore": False,
+                "oid": git_oid(snapshot[f["path"]]) if f["path"] in snapshot else None,
+            }
+            for f in request.json()["files"]
+        ]
         return 200, {"files": files, "commitOid": oid}, {}
 
     def commit(self, request, match):
@@ -163,8 +184,11 @@ class FakeHub(ThreadingHTTPServer):
                 raise HttpError(400, f"This fake Hub does not support {key!r} (LFS/Xet) commit lines")
         with self.lock:
             oid = self._store_commit(match["repo"], repo, snapshot, summary)
-        return 200, {"commitUrl": f"{self.url}/{match['repo']}/commit/{oid}", "commitOid": oid,
-                     "pullRequestUrl": None}, {}
+        return (
+            200,
+            {"commitUrl": f"{self.url}/{match['repo']}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None},
+            {},
+        )
 
     def tree(self, request, match):
         repo, oid = self._repo_and_commit(request, match)
@@ -174,22 +198,35 @@ class FakeHub(ThreadingHTTPServer):
         for path, content in sorted(repo.snapshots[oid].items()):
             if not path.startswith(prefix):
                 continue
-            rest = path[len(prefix):]
+            rest = path[len(prefix) :]
             if "/" in rest and not recursive:
                 folders.add(prefix + rest.split("/")[0])
                 continue
             entries.append({"type": "file", "oid": git_oid(content), "size": len(content), "path": path})
         if prefix and not entries and not folders:
             raise HttpError(404, f"{prefix} does not exist", "EntryNotFound", oid)
-        entries += [{"type": "directory", "oid": git_oid(name.encode()), "size": 0, "path": name}
-                    for name in sorted(folders)]
+        entries += [
+            {"type": "directory", "oid": git_oid(name.encode()), "size": 0, "path": name} for name in sorted(folders)
+        ]
         return 200, entries, {}
 
     def repo_info(self, request, match):
         repo, oid = self._repo_and_commit(request, match)
         siblings = [{"rfilename": path} for path in sorted(repo.snapshots[oid])]
-        return 200, {"id": match["repo"], "modelId": match["repo"], "sha": oid, "private": repo.private,
-                     "siblings": siblings, "tags": [], "downloads": 0, "likes": 0}, {}
+        return (
+            200,
+            {
+                "id": match["repo"],
+                "modelId": match["repo"],
+                "sha": oid,
+                "private": repo.private,
+                "siblings": siblings,
+                "tags": [],
+                "downloads": 0,
+                "likes": 0,
+            },
+            {},
+        )
 
     def resolve(self, request, match):
         repo, oid = self._repo_and_commit(request, match)

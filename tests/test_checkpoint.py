@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,24 +19,69 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _command(processes: int, demo_dir: str, model_config: str, out, *extra: str) -> list[str]:
-    launcher = [sys.executable, "scripts/train.py"] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "scripts/train.py"]
+    launcher = (
+        [sys.executable, "scripts/train.py"]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "scripts/train.py",
+        ]
+    )
     return launcher + [
-        "--data_dir", demo_dir, "--model_config", model_config, "--output_dir", str(out),
-        "--cache_dir", str(out.parent / "cache"), "--num_train_epochs", "25", "--per_device_train_batch_size",
-        str(16 // processes), "--per_device_eval_batch_size", "16", "--learning_rate", "2e-3",
-        "--warmup_ratio", "0.1", "--checkpointing_steps", "5", "--logging_steps", "3", "--seed", "3", *extra]
+        "--data_dir",
+        demo_dir,
+        "--model_config",
+        model_config,
+        "--output_dir",
+        str(out),
+        "--cache_dir",
+        str(out.parent / "cache"),
+        "--num_train_epochs",
+        "25",
+        "--per_device_train_batch_size",
+        str(16 // processes),
+        "--per_device_eval_batch_size",
+        "16",
+        "--learning_rate",
+        "2e-3",
+        "--warmup_ratio",
+        "0.1",
+        "--checkpointing_steps",
+        "5",
+        "--logging_steps",
+        "3",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def _env() -> dict:
-    return {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": REPO}
+    return {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": REPO,
+    }
 
 
 def _kill_after_checkpoint(command: list[str], step: int) -> str:
     """Start the run, SIGKILL its whole process group once the checkpoint of `step` is announced."""
-    process = subprocess.Popen(command, cwd=REPO, env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=_env(),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     log = []
     for line in process.stderr:
         log.append(line)
@@ -50,13 +96,24 @@ def _kill_after_checkpoint(command: list[str], step: int) -> str:
 @pytest.mark.parametrize("processes", [1, 2])
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, demo_dir, tiny_model_config_path, processes):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_command(processes, demo_dir, tiny_model_config_path, whole), cwd=REPO, env=_env(), check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        _command(processes, demo_dir, tiny_model_config_path, whole),
+        cwd=REPO,
+        env=_env(),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     _kill_after_checkpoint(_command(processes, demo_dir, tiny_model_config_path, killed), step=10)
     assert not (killed / "eval_results.json").exists()
-    resumed = subprocess.run(_command(processes, demo_dir, tiny_model_config_path, killed,
-                                      "--resume_from_checkpoint", "latest"),
-                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        _command(processes, demo_dir, tiny_model_config_path, killed, "--resume_from_checkpoint", "latest"),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "Resumed from" in resumed.stderr
     expected, actual = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
@@ -78,7 +135,10 @@ def test_latest_is_the_newest_complete_checkpoint_and_staging_folders_are_ignore
         _fake_checkpoint(tmp_path, step)
     (tmp_path / "checkpoints" / ".staging-step-0000200").mkdir()  # a save that was killed half-way
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == [
-        "step-0000005", "step-0000040", "step-0000100"]
+        "step-0000005",
+        "step-0000040",
+        "step-0000100",
+    ]
     assert resolve_checkpoint(str(tmp_path), "latest").endswith("step-0000100")
 
 
@@ -94,8 +154,13 @@ def test_only_the_newest_checkpoints_are_kept(make_configs):
 
     # 192 pairs / 32 = 6 steps per epoch, 24 in all: checkpoints at 2, 4, 6 (epoch end), ... 20, 22 (none after
     # the last step: the run is complete then).
-    configs = make_configs(num_train_epochs=4, checkpointing_steps=2, save_total_limit=2, eval_initial_model=False,
-                           early_stopping_patience=0)
+    configs = make_configs(
+        num_train_epochs=4,
+        checkpointing_steps=2,
+        save_total_limit=2,
+        eval_initial_model=False,
+        early_stopping_patience=0,
+    )
     train(*configs)
     kept = [os.path.basename(p) for p in list_checkpoints(configs[2].output_dir)]
     assert kept == ["step-0000020", "step-0000022"]
@@ -118,7 +183,7 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_stop_the_run(make_con
         train(data, model, train_config)
     out = train_config.output_dir
     assert list_checkpoints(out), "the last good checkpoint is kept"
-    state = json.load(open(os.path.join(list_checkpoints(out)[-1], "trainer_state.json")))
+    state = json.loads(Path(list_checkpoints(out)[-1], "trainer_state.json").read_text())
     assert state["nonfinite_steps"] == 1  # the isolated bad step was skipped, counted, and training went on
     from transformers import CLIPModel
 

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -15,8 +16,16 @@ from clip_accel.data.preprocess import preprocess_split
 from clip_accel.data.sources import load_raw_split
 from clip_accel.trainer import train
 
-SKIPPED = {0: "unreadable image", 1: "unreadable image", 2: "unreadable image", 3: "unreadable image",
-           4: "unreadable image", 10: "unreadable image", 11: "empty caption", 12: "empty caption"}
+SKIPPED = {
+    0: "unreadable image",
+    1: "unreadable image",
+    2: "unreadable image",
+    3: "unreadable image",
+    4: "unreadable image",
+    10: "unreadable image",
+    11: "empty caption",
+    12: "empty caption",
+}
 CONVERTED = {5: "L", 6: "P", 7: "RGBA", 8: "CMYK", 9: "I;16"}
 FIRST_GOOD = 14
 
@@ -31,8 +40,11 @@ def _damage(root) -> None:
     (images / "4.jpeg").write_text("this is not an image")
     for row, mode in CONVERTED.items():
         original = Image.open(images / f"{row}.jpeg").convert("RGB")
-        converted = original.convert("L").convert("I").point(lambda v: v * 256).convert("I;16") \
-            if mode == "I;16" else original.convert(mode)
+        converted = (
+            original.convert("L").convert("I").point(lambda v: v * 256).convert("I;16")
+            if mode == "I;16"
+            else original.convert(mode)
+        )
         buffer = io.BytesIO()
         converted.save(buffer, format="JPEG" if mode == "CMYK" else "PNG")
         (images / f"{row}.jpeg").write_bytes(buffer.getvalue())
@@ -57,9 +69,10 @@ def test_training_completes_and_the_counts_are_exact(damaged_dir, make_configs):
     result = train(data, model, config)
     assert result.metrics["training"]["skipped_rows"] == {"train": len(SKIPPED), "validation": 0, "test": 0}
     assert result.metrics["training"]["pairs"]["train"] == 192 - len(SKIPPED)
-    report = [json.loads(line) for line in open(os.path.join(config.output_dir, "skipped_rows.jsonl"))]
+    report = [json.loads(line) for line in Path(config.output_dir, "skipped_rows.jsonl").read_text().splitlines()]
     assert [(r["where"].rsplit(", line ", 1)[1], r["reason"].split(":")[0]) for r in report] == [
-        (str(row + 1), reason) for row, reason in SKIPPED.items()]
+        (str(row + 1), reason) for row, reason in SKIPPED.items()
+    ]
     assert all(r["where"].startswith(str(damaged_dir / "train_data.json")) and r["split"] == "train" for r in report)
     assert report[0]["image"] == str(damaged_dir / "images" / "train" / "0.jpeg")
 

@@ -15,10 +15,23 @@ from clip_accel.data.demo import _BORDERS, _COLOURS, CLASS_LABELS, write_demo_da
 
 SPLIT_FILES = {"train": "train_data.json", "val": "val_data.json", "test": "test_data.json"}
 FIELDS = {"image_url", "image_path", "brand", "product_title", "class_label"}
-NOUNS = {"blouse": "blouse", "dhoti_pants": "dhoti pants", "dupattas": "dupatta", "gowns": "gown",
-         "kurta_men": "kurta", "leggings_and_salwars": "salwar", "lehenga": "lehenga", "mojaris_men": "mojaris",
-         "mojaris_women": "mojaris", "nehru_jackets": "nehru jacket", "palazzos": "palazzos",
-         "petticoats": "petticoat", "saree": "saree", "sherwanis": "sherwani", "women_kurta": "kurta"}
+NOUNS = {
+    "blouse": "blouse",
+    "dhoti_pants": "dhoti pants",
+    "dupattas": "dupatta",
+    "gowns": "gown",
+    "kurta_men": "kurta",
+    "leggings_and_salwars": "salwar",
+    "lehenga": "lehenga",
+    "mojaris_men": "mojaris",
+    "mojaris_women": "mojaris",
+    "nehru_jackets": "nehru jacket",
+    "palazzos": "palazzos",
+    "petticoats": "petticoat",
+    "saree": "saree",
+    "sherwanis": "sherwani",
+    "women_kurta": "kurta",
+}
 MEN = {"kurta_men", "mojaris_men", "sherwanis", "nehru_jackets"}
 SMALL = {"num_train": 6, "num_val": 3, "num_test": 2, "image_size": 32}
 
@@ -119,13 +132,16 @@ def test_refuses_unrelated_folder_and_leaves_it_untouched(tmp_path: Path) -> Non
         write_demo_dataset(tmp_path / "afile", **SMALL)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"num_train": 0}, "num_train must be an integer >= 1"),
-    ({"num_val": -3}, "num_val must be an integer >= 1"),
-    ({"num_test": 2.5}, "num_test must be an integer >= 1"),
-    ({"image_size": 8}, "image_size must be an integer >= 16"),
-    ({"seed": "0"}, "seed must be an integer"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"num_train": 0}, "num_train must be an integer >= 1"),
+        ({"num_val": -3}, "num_val must be an integer >= 1"),
+        ({"num_test": 2.5}, "num_test must be an integer >= 1"),
+        ({"image_size": 8}, "image_size must be an integer >= 16"),
+        ({"seed": "0"}, "seed must be an integer"),
+    ],
+)
 def test_invalid_arguments_raise(tmp_path: Path, bad: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         write_demo_dataset(tmp_path / "demo", **{**SMALL, **bad})

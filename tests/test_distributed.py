@@ -11,10 +11,9 @@ import os
 import subprocess
 import sys
 
+import distributed_worker
 import pytest
 import torch
-
-import distributed_worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,8 +53,9 @@ def test_two_processes_times_b_equal_one_process_times_2b(measured, scenario):
 @pytest.mark.parametrize("world", [1, 2])
 def test_exact_accumulation_of_micro_batches_of_4_equals_one_batch_of_16(measured, world):
     # 1 process x 4 micro-batches of 4, and 2 processes x 2 micro-batches of 4, against 1 process x 16.
-    _assert_same_step(measured("step", 1), measured("step_exact_accumulation_4" if world == 1 else
-                                                    "step_exact_accumulation", world))
+    _assert_same_step(
+        measured("step", 1), measured("step_exact_accumulation_4" if world == 1 else "step_exact_accumulation", world)
+    )
 
 
 def test_plain_accumulation_is_not_a_bigger_contrastive_batch():
@@ -67,7 +67,7 @@ def test_plain_accumulation_is_not_a_bigger_contrastive_batch():
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
     context = distributed_worker.step_context(accelerator)
     pairs = distributed_worker.synthetic_pairs(distributed_worker.GLOBAL_BATCH, seed=1)
-    plain_loss, _ = plain_step(context, [distributed_worker.stack(pairs[i:i + 4]) for i in range(0, 16, 4)])
+    plain_loss, _ = plain_step(context, [distributed_worker.stack(pairs[i : i + 4]) for i in range(0, 16, 4)])
     assert plain_loss.item() < distributed_worker.one_step(Accelerator(cpu=True), 1)["loss"] - 0.5
 
 
@@ -90,11 +90,33 @@ def test_recall_on_two_processes_equals_one_process_exactly(measured):
 def two_process_run(tmp_path_factory, demo_dir, tiny_model_config_path):
     out = tmp_path_factory.mktemp("ddp-run") / "out"
     result = torchrun(
-        "scripts/train.py", "--data_dir", demo_dir, "--model_config", tiny_model_config_path,
-        "--output_dir", str(out), "--cache_dir", str(out.parent / "cache"), "--num_train_epochs", "8",
-        "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2",
-        "--per_device_eval_batch_size", "16", "--learning_rate", "2e-3", "--lr_scheduler_type", "linear",
-        "--warmup_steps", "2", "--logging_steps", "1", "--early_stopping_patience", "0",
+        "scripts/train.py",
+        "--data_dir",
+        demo_dir,
+        "--model_config",
+        tiny_model_config_path,
+        "--output_dir",
+        str(out),
+        "--cache_dir",
+        str(out.parent / "cache"),
+        "--num_train_epochs",
+        "8",
+        "--per_device_train_batch_size",
+        "16",
+        "--gradient_accumulation_steps",
+        "2",
+        "--per_device_eval_batch_size",
+        "16",
+        "--learning_rate",
+        "2e-3",
+        "--lr_scheduler_type",
+        "linear",
+        "--warmup_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--early_stopping_patience",
+        "0",
     )
     return out, result.stdout + result.stderr
 

@@ -41,8 +41,9 @@ def test_compute_matches_clip_accel(recall_metric):
 def test_add_batch_over_several_batches_matches_one_shot(recall_metric):
     images, texts = _pairs(53, 16, seed=1)
     for start in range(0, 53, 10):  # the last batch is short, as a real evaluation's is
-        recall_metric.add_batch(image_embeds=images[start:start + 10].numpy(),
-                                text_embeds=texts[start:start + 10].numpy())
+        recall_metric.add_batch(
+            image_embeds=images[start : start + 10].numpy(), text_embeds=texts[start : start + 10].numpy()
+        )
     got = recall_metric.compute(ks=(1, 3, 100))
     expected = retrieval_metrics(F.normalize(images, dim=-1), F.normalize(texts, dim=-1), ks=(1, 3, 100))
     assert got == expected and got["text_to_image_R@100"] == 1.0

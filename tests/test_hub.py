@@ -15,8 +15,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from hub_server import FakeHub
 from huggingface_hub import ModelCard, constants
 from transformers import CLIPModel
 
@@ -24,7 +26,6 @@ from clip_accel.config import RECALL_KS
 from clip_accel.evaluation import format_results_table
 from clip_accel.hub import HubAccessError, _ensure_card, check_hub_access, retry_command, write_model_card
 from clip_accel.trainer import train
-from hub_server import FakeHub
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "hf_fakeTokenForTheseTests0123456789"
@@ -70,10 +71,21 @@ def run(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def train_args(demo_dir: str, model_config: str, output_dir: str, repo_id: str) -> list[str]:
-    options = {"data_dir": demo_dir, "model_config": model_config, "output_dir": output_dir,
-               "cache_dir": output_dir + "-cache", "num_train_epochs": 1, "max_train_samples": 64,
-               "max_eval_samples": 32, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 32,
-               "learning_rate": 2e-3, "logging_steps": 1, "seed": 0, "hub_model_id": repo_id}
+    options = {
+        "data_dir": demo_dir,
+        "model_config": model_config,
+        "output_dir": output_dir,
+        "cache_dir": output_dir + "-cache",
+        "num_train_epochs": 1,
+        "max_train_samples": 64,
+        "max_eval_samples": 32,
+        "per_device_train_batch_size": 32,
+        "per_device_eval_batch_size": 32,
+        "learning_rate": 2e-3,
+        "logging_steps": 1,
+        "seed": 0,
+        "hub_model_id": repo_id,
+    }
     return ["scripts/train.py", "--push_to_hub", *[str(part) for k, v in options.items() for part in (f"--{k}", v)]]
 
 
@@ -103,7 +115,8 @@ def test_card_metadata_and_figures_come_from_the_run_files(pushed_run):
     assert card.data.base_model is None and card.data.datasets is None
     assert card.data.model_name == REPO
     assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {
-        k: results["test"][k] for k in (*RECALL_KEYS, "zero_shot_top1", "zero_shot_top5")}
+        k: results["test"][k] for k in (*RECALL_KEYS, "zero_shot_top1", "zero_shot_top5")
+    }
     assert {r.dataset_split for r in card.data.eval_results} == {"test"}
     # The body's table puts the starting model's figures beside the fine-tuned ones, from the same file.
     rows = {"starting model": results["initial"]["test"], f"{REPO} (this model)": results["test"]}
@@ -118,8 +131,13 @@ def test_card_names_the_hub_base_model_and_dataset(pushed_run, tmp_path):
     """A fine-tuning run from a Hub checkpoint on a Hub dataset (rewritten config, same figures)."""
     folder = shutil.copytree(pushed_run[0], tmp_path / "finetuned")
     config = read_json(folder, "training_config.json")
-    config.update(model_config=None, model_name_or_path="openai/clip-vit-base-patch32", data_dir=None,
-                  dataset_name="someone/fashion-captions", freeze="backbones")
+    config.update(
+        model_config=None,
+        model_name_or_path="openai/clip-vit-base-patch32",
+        data_dir=None,
+        dataset_name="someone/fashion-captions",
+        freeze="backbones",
+    )
     (folder / "training_config.json").write_text(json.dumps(config))
     card = ModelCard.load(write_model_card(str(folder)))
     assert card.data.base_model == "openai/clip-vit-base-patch32"
@@ -143,7 +161,7 @@ def test_pushed_model_downloads_and_embeds_exactly_like_the_local_folder(hub, pu
     assert len(commits) == 1, commits  # one commit: the repo is never half old, half new
     local = {name for name in os.listdir(output_dir) if os.path.isfile(os.path.join(output_dir, name))}
     assert set(pushed) - {".gitattributes"} == local - {"skipped_rows.jsonl"}
-    assert all(pushed[name] == open(os.path.join(output_dir, name), "rb").read() for name in local & set(pushed))
+    assert all(pushed[name] == Path(output_dir, name).read_bytes() for name in local & set(pushed))
     card = ModelCard(pushed["README.md"].decode())
     assert card.data.library_name == "transformers" and card.data.model_name == REPO
     snippet = re.search(r"```python\n(.*?)```", card.text, re.DOTALL).group(1)

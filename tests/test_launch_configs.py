@@ -10,8 +10,14 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 
 CONFIGS = sorted(glob.glob("accelerate_configs/*.yaml"))
-EXPECTED = {"cpu": "NO", "single_gpu": "NO", "multi_gpu": "MULTI_GPU", "multi_node": "MULTI_GPU",
-            "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
+EXPECTED = {
+    "cpu": "NO",
+    "single_gpu": "NO",
+    "multi_gpu": "MULTI_GPU",
+    "multi_node": "MULTI_GPU",
+    "fsdp": "FSDP",
+    "deepspeed_zero2": "DEEPSPEED",
+}
 
 
 def test_all_documented_configs_exist():

@@ -15,10 +15,14 @@ PAD = 99
 
 def _cached(tmp_path, reasons: list[str], chunk_rows: int) -> datasets.Dataset:
     """A cached split written in several Arrow chunks, as the real map writes large splits."""
-    rows = {"pixel_values": [np.full(SIDE * SIDE * 3, i, np.uint8) for i in range(len(reasons))],
-            "input_ids": [list(range(1, 2 + i % 4)) for i in range(len(reasons))],
-            "caption": [f"caption {i}" for i in range(len(reasons))], "label": ["x"] * len(reasons),
-            "source_row": list(range(10, 10 + len(reasons))), "skip_reason": reasons}
+    rows = {
+        "pixel_values": [np.full(SIDE * SIDE * 3, i, np.uint8) for i in range(len(reasons))],
+        "input_ids": [list(range(1, 2 + i % 4)) for i in range(len(reasons))],
+        "caption": [f"caption {i}" for i in range(len(reasons))],
+        "label": ["x"] * len(reasons),
+        "source_row": list(range(10, 10 + len(reasons))),
+        "skip_reason": reasons,
+    }
     dataset = datasets.Dataset.from_dict(rows, features=cached_features(SIDE))
     path = str(tmp_path / "cache.arrow")
     return dataset.map(lambda batch: batch, batched=True, cache_file_name=path, writer_batch_size=chunk_rows)
@@ -33,8 +37,10 @@ def test_batches_hold_the_cached_rows_and_skip_bad_ones(tmp_path):
     assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (3, SIDE, SIDE, 3)
     assert [int(image[0, 0, 0]) for image in batch["pixel_values"]] == [7, 0, 4]
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [1, PAD, PAD, PAD], [1, PAD, PAD, PAD]]
-    assert pairs.skipped_rows() == [{"position": 2, "source_row": 12, "reason": "unreadable image: OSError"},
-                                    {"position": 6, "source_row": 16, "reason": "empty caption"}]
+    assert pairs.skipped_rows() == [
+        {"position": 2, "source_row": 12, "reason": "unreadable image: OSError"},
+        {"position": 6, "source_row": 16, "reason": "empty caption"},
+    ]
     assert pairs.column("caption")[:2] == ["caption 0", "caption 1"]
 
 

@@ -13,8 +13,10 @@ from clip_accel.loss import contrastive_loss, gather_with_grad
 
 def _embeds(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return (F.normalize(torch.randn(n, d, generator=generator), dim=-1),
-            F.normalize(torch.randn(n, d, generator=generator), dim=-1))
+    return (
+        F.normalize(torch.randn(n, d, generator=generator), dim=-1),
+        F.normalize(torch.randn(n, d, generator=generator), dim=-1),
+    )
 
 
 def _reference(image: torch.Tensor, text: torch.Tensor, scale: float) -> float:

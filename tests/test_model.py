@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_clip_config
 from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPModel
 
@@ -13,7 +14,6 @@ from clip_accel.data.preprocess import load_rgb_image
 from clip_accel.loss import contrastive_loss
 from clip_accel.model import PixelNormalizer, freeze_parameters, load_model_and_processor
 from clip_accel.trainer import build_optimizer
-from conftest import tiny_clip_config
 
 CAPTIONS = ["red striped kurta", "blue silk saree", "black checked sherwani", "green plain dupatta"]
 
@@ -47,13 +47,24 @@ def test_frozen_parameters_stay_bit_identical_and_trainable_ones_move(strategy):
             assert not torch.equal(parameter, before[name]), f"{name} should train"
     expectations = {
         "none": lambda: not frozen,
-        "vision_layers": lambda: "vision_model.encoder.layers.0.mlp.fc1.weight" in frozen
-        and "vision_model.embeddings.patch_embedding.weight" in frozen
-        and "vision_model.encoder.layers.1.mlp.fc1.weight" not in frozen and not any("text" in n for n in frozen),
-        "backbones": lambda: {n for n, _ in model.named_parameters()} - frozen == {
-            "logit_scale", "visual_projection.weight", "text_projection.weight",
-            "vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias",
-            "text_model.final_layer_norm.weight", "text_model.final_layer_norm.bias"},
+        "vision_layers": lambda: (
+            "vision_model.encoder.layers.0.mlp.fc1.weight" in frozen
+            and "vision_model.embeddings.patch_embedding.weight" in frozen
+            and "vision_model.encoder.layers.1.mlp.fc1.weight" not in frozen
+            and not any("text" in n for n in frozen)
+        ),
+        "backbones": lambda: (
+            {n for n, _ in model.named_parameters()} - frozen
+            == {
+                "logit_scale",
+                "visual_projection.weight",
+                "text_projection.weight",
+                "vision_model.post_layernorm.weight",
+                "vision_model.post_layernorm.bias",
+                "text_model.final_layer_norm.weight",
+                "text_model.final_layer_norm.bias",
+            }
+        ),
     }
     assert expectations[strategy]()
 

@@ -43,13 +43,30 @@ def _fake_log_history(steps: int = 300, eval_every: int = 50) -> list[dict]:
     for step in range(10, steps + 1, 10):
         warmup = min(1.0, step / 30)
         lr = 1e-3 * warmup * 0.5 * (1 + math.cos(math.pi * step / steps))
-        records.append({"step": step, "epoch": step // 100 + 1, "loss": 4.2 * math.exp(-step / 150) + 0.3,
-                        "learning_rate": lr, "logit_scale": 14.3 + step / 100})
+        records.append(
+            {
+                "step": step,
+                "epoch": step // 100 + 1,
+                "loss": 4.2 * math.exp(-step / 150) + 0.3,
+                "learning_rate": lr,
+                "logit_scale": 14.3 + step / 100,
+            }
+        )
         if step % eval_every == 0:
             progress = step / steps
-            records.append({"step": step, "epoch": step // 100 + 1, "eval_num_pairs": 200, "eval_mean_R@1": 0.0,
-                            **{f"eval_{direction}_R@{k}": min(1.0, progress * (0.3 + 0.1 * k))
-                               for direction in ("image_to_text", "text_to_image") for k in (1, 5, 10)}})
+            records.append(
+                {
+                    "step": step,
+                    "epoch": step // 100 + 1,
+                    "eval_num_pairs": 200,
+                    "eval_mean_R@1": 0.0,
+                    **{
+                        f"eval_{direction}_R@{k}": min(1.0, progress * (0.3 + 0.1 * k))
+                        for direction in ("image_to_text", "text_to_image")
+                        for k in (1, 5, 10)
+                    },
+                }
+            )
     return records
 
 
@@ -68,19 +85,29 @@ def test_training_curves_png(log_history, tmp_path):
     _assert_real_png(path, min_width=800, min_height=800)  # 8 x 8 in at 120 dpi
 
 
-@pytest.mark.parametrize("log_history", [
-    [record for record in _fake_log_history() if "loss" in record],  # evaluation never ran
-    [{"step": 1, "epoch": 1, "loss": 4.0, "learning_rate": 1e-3, "logit_scale": 14.3}],  # a single point
-    [{"step": 5, "epoch": 1, "eval_image_to_text_R@1": 0.1, "eval_text_to_image_R@1": 0.2}],  # evaluation only
-    [],  # a run that stopped before its first log
-], ids=["no-eval", "single-point", "eval-only", "empty"])
+@pytest.mark.parametrize(
+    "log_history",
+    [
+        [record for record in _fake_log_history() if "loss" in record],  # evaluation never ran
+        [{"step": 1, "epoch": 1, "loss": 4.0, "learning_rate": 1e-3, "logit_scale": 14.3}],  # a single point
+        [{"step": 5, "epoch": 1, "eval_image_to_text_R@1": 0.1, "eval_text_to_image_R@1": 0.2}],  # evaluation only
+        [],  # a run that stopped before its first log
+    ],
+    ids=["no-eval", "single-point", "eval-only", "empty"],
+)
 def test_training_curves_survive_short_runs(log_history, tmp_path):
     _assert_real_png(plot_training_curves(log_history, str(tmp_path / "curves.png")))
 
 
 def test_recall_bars_png(tmp_path):
-    rows = {name: {f"{direction}_R@{k}": min(1.0, base * k) for direction in ("image_to_text", "text_to_image")
-                   for k in (1, 5, 10)} for name, base in (("zero-shot", 0.05), ("fine-tuned", 0.2))}
+    rows = {
+        name: {
+            f"{direction}_R@{k}": min(1.0, base * k)
+            for direction in ("image_to_text", "text_to_image")
+            for k in (1, 5, 10)
+        }
+        for name, base in (("zero-shot", 0.05), ("fine-tuned", 0.2))
+    }
     path = str(tmp_path / "bars.png")
     assert plot_recall_bars(rows, path, title="demo") == path
     _assert_real_png(path)

@@ -28,8 +28,11 @@ def _raw(tmp_path, images: list, captions: list[str], name: str = "train") -> Ra
 
 
 def test_pixels_are_uint8_at_model_resolution_and_tokens_unpadded(tmp_path, offline_tokenizer):
-    raw = _raw(tmp_path, [Image.new("RGB", (60, 40), "red"), Image.new("RGB", (40, 90), "blue")],
-               ["red striped kurta", " ".join(["red"] * 150)])
+    raw = _raw(
+        tmp_path,
+        [Image.new("RGB", (60, 40), "red"), Image.new("RGB", (40, 90), "blue")],
+        ["red striped kurta", " ".join(["red"] * 150)],
+    )
     cached = preprocess_split(raw, offline_tokenizer, 16, str(tmp_path / "cache"))
     assert cached.features["pixel_values"].feature.dtype == "uint8"
     first = np.asarray(cached[0]["pixel_values"], dtype=np.uint8).reshape(16, 16, 3)
@@ -69,8 +72,11 @@ def test_bad_rows_are_marked_with_a_reason_and_good_rows_kept(tmp_path, offline_
     good = Image.new("RGB", (30, 30), "red")
     truncated = io.BytesIO()
     good.save(truncated, format="JPEG")
-    raw = _raw(tmp_path, [good, b"", b"not an image at all", truncated.getvalue()[:40], None, good],
-               ["ok", "empty file", "text file", "truncated", "missing file", "   "])
+    raw = _raw(
+        tmp_path,
+        [good, b"", b"not an image at all", truncated.getvalue()[:40], None, good],
+        ["ok", "empty file", "text file", "truncated", "missing file", "   "],
+    )
     reasons = preprocess_split(raw, offline_tokenizer, 16, str(tmp_path / "cache"))["skip_reason"]
     assert reasons[0] == ""
     assert all(reason.startswith("unreadable image") for reason in reasons[1:5]), reasons

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -20,10 +21,19 @@ def _write_foreign_layout(root) -> None:
         lines = []
         for index, (size, colour) in enumerate([((551, 676), "red"), ((320, 240), "blue"), ((400, 400), "green")]):
             Image.new("RGB", size, colour).save(root / "images" / split / f"{index}.jpeg", quality=90)
-            lines.append(json.dumps({"class_label": "saree", "brand": "Ṛangrez", "extra": [1, 2],
-                                     "product_title": f"{colour.title()} Banarasi silk saree – zari border",
-                                     "image_url": f"https://example.org/{index}.jpg",
-                                     "image_path": f"images/{split}/{index}.jpeg"}, ensure_ascii=False))
+            lines.append(
+                json.dumps(
+                    {
+                        "class_label": "saree",
+                        "brand": "Ṛangrez",
+                        "extra": [1, 2],
+                        "product_title": f"{colour.title()} Banarasi silk saree – zari border",
+                        "image_url": f"https://example.org/{index}.jpg",
+                        "image_path": f"images/{split}/{index}.jpeg",
+                    },
+                    ensure_ascii=False,
+                )
+            )
         (root / file).write_bytes(("\r\n".join(lines) + "\r\n\r\n").encode())
 
 
@@ -39,7 +49,7 @@ def test_reads_a_folder_in_the_layout_that_nobody_here_made(tmp_path):
 
 def test_reads_the_demo_catalogue_through_the_same_reader(demo_dir):
     raw = read_indo_fashion(demo_dir, "train")
-    first = json.loads(open(os.path.join(demo_dir, "train_data.json")).readline())
+    first = json.loads(Path(demo_dir, "train_data.json").read_text().splitlines()[0])
     assert len(raw.dataset) == 192
     assert raw.dataset[0]["caption"] == first["product_title"]
     assert raw.dataset[0]["image"] == os.path.join(demo_dir, first["image_path"])
@@ -85,14 +95,16 @@ def _write_imagefolder(root) -> None:
         with open(root / split / "metadata.jsonl", "w") as metadata:
             for index, colour in enumerate(["red", "blue"]):
                 Image.new("RGB", (40, 30), colour).save(root / split / f"{index}.png")
-                metadata.write(json.dumps({"file_name": f"{index}.png", "text": f"a {colour} kurta",
-                                           "category": "kurta"}) + "\n")
+                metadata.write(
+                    json.dumps({"file_name": f"{index}.png", "text": f"a {colour} kurta", "category": "kurta"}) + "\n"
+                )
 
 
 def test_any_datasets_folder_with_named_columns(tmp_path):
     _write_imagefolder(tmp_path)
-    config = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_column="text",
-                        label_column="category")
+    config = DataConfig(
+        dataset_name="imagefolder", data_files=str(tmp_path), caption_column="text", label_column="category"
+    )
     raw = load_raw_split(config, "validation", None)
     assert raw.dataset.column_names == ["image", "caption", "label", "source_row"]
     assert raw.dataset["caption"] == ["a red kurta", "a blue kurta"]
@@ -105,5 +117,6 @@ def test_datasets_source_with_a_wrong_column_or_split_lists_what_exists(tmp_path
     with pytest.raises(ValueError, match=r"no column\(s\) \['caption'\].*'text'"):
         load_raw_split(DataConfig(dataset_name="imagefolder", data_files=str(tmp_path)), "train", None)
     with pytest.raises(ValueError, match="has no split 'dev'"):
-        load_raw_split(DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_column="text"),
-                       "dev", None)
+        load_raw_split(
+            DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_column="text"), "dev", None
+        )

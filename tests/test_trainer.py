@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +24,18 @@ def trained(tmp_path_factory, demo_dir, tiny_model_config_path):
     configs = (
         DataConfig(data_dir=demo_dir, cache_dir=str(out.parent / "cache")),
         ModelConfig(model_config=tiny_model_config_path),
-        TrainConfig(output_dir=str(out), num_train_epochs=6, per_device_train_batch_size=32,
-                    per_device_eval_batch_size=32, learning_rate=2e-3, warmup_steps=3, lr_scheduler_type="linear",
-                    logging_steps=1, seed=0, early_stopping_patience=0),
+        TrainConfig(
+            output_dir=str(out),
+            num_train_epochs=6,
+            per_device_train_batch_size=32,
+            per_device_eval_batch_size=32,
+            learning_rate=2e-3,
+            warmup_steps=3,
+            lr_scheduler_type="linear",
+            logging_steps=1,
+            seed=0,
+            early_stopping_patience=0,
+        ),
     )
     return configs, train(*configs)
 
@@ -43,17 +53,28 @@ def test_output_folder_loads_with_from_pretrained_and_gives_the_same_embeddings(
     (_, _, train_config), result = trained
     model = CLIPModel.from_pretrained(train_config.output_dir)
     processor = CLIPProcessor.from_pretrained(train_config.output_dir)
-    inputs = processor(text=["Women's red striped cotton kurta with gold border", "Men's blue sherwani"],
-                       images=[torch.zeros(3, 48, 48, dtype=torch.uint8).numpy().transpose(1, 2, 0)] * 2,
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        text=["Women's red striped cotton kurta with gold border", "Men's blue sherwani"],
+        images=[torch.zeros(3, 48, 48, dtype=torch.uint8).numpy().transpose(1, 2, 0)] * 2,
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         loaded = model(**inputs)
         in_memory = result.model.eval()(**inputs)
     torch.testing.assert_close(loaded.image_embeds, in_memory.image_embeds, rtol=0, atol=0)
     torch.testing.assert_close(loaded.text_embeds, in_memory.text_embeds, rtol=0, atol=0)
     saved = set(os.listdir(train_config.output_dir))
-    assert {"model.safetensors", "config.json", "tokenizer.json", "processor_config.json", "eval_results.json",
-            "training_config.json", "log_history.json", "skipped_rows.jsonl"} <= saved, saved
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "processor_config.json",
+        "eval_results.json",
+        "training_config.json",
+        "log_history.json",
+        "skipped_rows.jsonl",
+    } <= saved, saved
 
 
 def test_eval_results_file_matches_the_returned_metrics(trained):
@@ -65,16 +86,25 @@ def test_eval_results_file_matches_the_returned_metrics(trained):
 def test_evaluate_script_reproduces_eval_results(trained, demo_dir, tmp_path):
     (_, _, train_config), result = trained
     out_file = tmp_path / "metrics.json"
-    metrics = evaluate_main(["--model_name_or_path", train_config.output_dir, "--data_dir", demo_dir,
-                             "--split", "test",
-                             "--output_file", str(out_file)])
+    metrics = evaluate_main(
+        [
+            "--model_name_or_path",
+            train_config.output_dir,
+            "--data_dir",
+            demo_dir,
+            "--split",
+            "test",
+            "--output_file",
+            str(out_file),
+        ]
+    )
     assert metrics == result.metrics["test"]
     assert json.loads(out_file.read_text()) == metrics
 
 
 def test_learning_rate_follows_the_schedule_in_optimizer_steps(trained):
     (_, _, train_config), result = trained
-    history = [r for r in json.load(open(os.path.join(train_config.output_dir, "log_history.json"))) if "loss" in r]
+    history = [r for r in json.loads(Path(train_config.output_dir, "log_history.json").read_text()) if "loss" in r]
     total = result.metrics["training"]["planned_steps"]
     assert [r["step"] for r in history] == list(range(1, total + 1))
     peak, warmup = train_config.learning_rate, train_config.warmup_steps
@@ -86,15 +116,21 @@ def test_learning_rate_follows_the_schedule_in_optimizer_steps(trained):
 
 def test_same_config_gives_the_same_numbers(trained, tmp_path):
     (data_config, model_config, train_config), result = trained
-    again = train(data_config, model_config,
-                  type(train_config)(**{**train_config.__dict__, "output_dir": str(tmp_path / "again")}))
+    again = train(
+        data_config,
+        model_config,
+        type(train_config)(**{**train_config.__dict__, "output_dir": str(tmp_path / "again")}),
+    )
     assert again.metrics["test"] == result.metrics["test"]
 
 
 def test_early_stopping_stops_after_patience_and_keeps_the_best(make_configs):
     # A learning rate too small to move the metric: the first evaluation is the best, then patience runs out.
-    result = train(*make_configs(learning_rate=1e-12, eval_steps=1, early_stopping_patience=2,
-                                 num_train_epochs=5, eval_initial_model=False))
+    result = train(
+        *make_configs(
+            learning_rate=1e-12, eval_steps=1, early_stopping_patience=2, num_train_epochs=5, eval_initial_model=False
+        )
+    )
     training = result.metrics["training"]
     assert training["stopped_early"] and training["best_step"] == 1 and training["optimizer_steps"] == 3
 
@@ -171,8 +207,11 @@ def test_torch_compile_option_trains_the_same_and_saves_a_plain_clip_model(make_
     eager = train(*make_configs(num_train_epochs=1, eval_initial_model=False, output_dir=str(tmp_path / "eager")))
     AcceleratorState._reset_state(reset_partial_state=True)  # the compile backend is fixed once per process
     try:
-        compiled = train(*make_configs(num_train_epochs=1, eval_initial_model=False, torch_compile=True,
-                                       output_dir=str(tmp_path / "compiled")))
+        compiled = train(
+            *make_configs(
+                num_train_epochs=1, eval_initial_model=False, torch_compile=True, output_dir=str(tmp_path / "compiled")
+            )
+        )
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     for key in ("image_to_text_R@5", "text_to_image_R@5"):

@@ -55,8 +55,7 @@ def test_accuracy_matches_loop_reference(seed):
     label_ids = torch.randint(0, 9, (60,), generator=generator).tolist()  # 7 and 8: unknown labels
     labels = [classes[i] if i < 7 else ("" if i == 7 else "not_a_class") for i in label_ids]
     # Images near their class so accuracies spread between 0 and 1.
-    image_embeds = F.normalize(torch.stack([class_embeds[i % 7] for i in label_ids]) + _normed(60, 8, seed + 7),
-                               dim=-1)
+    image_embeds = F.normalize(torch.stack([class_embeds[i % 7] for i in label_ids]) + _normed(60, 8, seed + 7), dim=-1)
     ks = (1, 2, 5, 7, 9)
     got = zero_shot_accuracy(image_embeds, labels, classes, class_embeds, ks=ks)
     expected = _reference_accuracy(image_embeds, labels, classes, class_embeds, ks)
@@ -152,8 +151,10 @@ def test_demo_split_end_to_end(demo_dir, offline_tokenizer, tmp_path):
     # mean of its images' embeddings.
     present = sorted(set(labels))
     directions = torch.linalg.qr(torch.randn(32, len(present), generator=torch.Generator().manual_seed(0)))[0].T
-    clustered = F.normalize(torch.stack([directions[present.index(label)] for label in labels])
-                            + 0.1 * _normed(len(labels), 32, seed=1), dim=-1)
+    clustered = F.normalize(
+        torch.stack([directions[present.index(label)] for label in labels]) + 0.1 * _normed(len(labels), 32, seed=1),
+        dim=-1,
+    )
     means = torch.stack([clustered[[i for i, label in enumerate(labels) if label == name]].mean(0) for name in present])
     got = zero_shot_accuracy(clustered, labels, present, F.normalize(means, dim=-1))
     assert got["zero_shot_top1"] == 1.0 and got["zero_shot_images"] == len(labels)

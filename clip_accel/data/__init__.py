@@ -15,8 +15,16 @@ from .loader import PairDataset, make_dataloader
 from .preprocess import preprocess_split
 from .sources import RawSplit, data_source_dir, load_raw_split
 
-__all__ = ["PairDataset", "RawSplit", "build_pair_datasets", "check_strict", "load_raw_splits", "make_dataloader",
-           "skipped_rows", "write_skip_report"]
+__all__ = [
+    "PairDataset",
+    "RawSplit",
+    "build_pair_datasets",
+    "check_strict",
+    "load_raw_splits",
+    "make_dataloader",
+    "skipped_rows",
+    "write_skip_report",
+]
 
 logger = get_logger(__name__)
 ROLES = ("train", "validation", "test")
@@ -33,8 +41,9 @@ def load_raw_splits(accelerator: Accelerator, config: DataConfig, roles=ROLES) -
             write_demo_dataset(data_source_dir(config))
         names = split_names(config)
         return {
-            role: load_raw_split(config, names[role],
-                                 config.max_train_samples if role == "train" else config.max_eval_samples)
+            role: load_raw_split(
+                config, names[role], config.max_train_samples if role == "train" else config.max_eval_samples
+            )
             for role in roles
         }
 
@@ -50,8 +59,10 @@ def build_pair_datasets(
             cached = preprocess_split(raw, tokenizer, image_size, cache_dir, config.preprocessing_num_workers)
         pairs[role] = PairDataset(cached, tokenizer.pad_token_id)
         if len(pairs[role]) == 0:
-            raise ValueError(f"Split {raw.name!r} has no usable pairs ({len(raw.dataset)} rows, all skipped); "
-                             f"see skipped_rows.jsonl in the output folder.")
+            raise ValueError(
+                f"Split {raw.name!r} has no usable pairs ({len(raw.dataset)} rows, all skipped); "
+                f"see skipped_rows.jsonl in the output folder."
+            )
     return pairs
 
 
@@ -61,9 +72,14 @@ def skipped_rows(dataset: PairDataset, raw: RawSplit) -> list[dict]:
     for skipped in dataset.skipped_rows():
         position = skipped["position"]
         image = raw.dataset[position]["image"]
-        rows.append({"split": raw.name, "where": raw.describe_row(skipped["source_row"]),
-                     "image": image if isinstance(image, str) else (image or {}).get("path"),
-                     "reason": skipped["reason"]})
+        rows.append(
+            {
+                "split": raw.name,
+                "where": raw.describe_row(skipped["source_row"]),
+                "image": image if isinstance(image, str) else (image or {}).get("path"),
+                "reason": skipped["reason"],
+            }
+        )
     return rows
 
 
@@ -71,8 +87,10 @@ def check_strict(pairs: dict[str, PairDataset], raw_splits: dict[str, RawSplit])
     """--strict: the first bad row is an error instead of a skip."""
     for role, dataset in pairs.items():
         for row in skipped_rows(dataset, raw_splits[role])[:1]:
-            raise ValueError(f"--strict: {row['where']}: {row['reason']} (image {row['image']}). Fix or remove "
-                             "the row, or drop --strict to skip bad rows and list them in skipped_rows.jsonl.")
+            raise ValueError(
+                f"--strict: {row['where']}: {row['reason']} (image {row['image']}). Fix or remove "
+                "the row, or drop --strict to skip bad rows and list them in skipped_rows.jsonl."
+            )
 
 
 def write_skip_report(pairs: dict[str, PairDataset], raw_splits: dict[str, RawSplit], output_dir: str) -> dict:
@@ -87,6 +105,8 @@ def write_skip_report(pairs: dict[str, PairDataset], raw_splits: dict[str, RawSp
             for row in skipped:
                 report.write(json.dumps(row) + "\n")
             total = len(raw_splits[role].dataset)
-            logger.info(f"{role} split {raw_splits[role].name!r}: {len(dataset)} pairs used, {len(skipped)} of "
-                        f"{total} rows skipped" + (" (see skipped_rows.jsonl)" if skipped else ""))
+            logger.info(
+                f"{role} split {raw_splits[role].name!r}: {len(dataset)} pairs used, {len(skipped)} of "
+                f"{total} rows skipped" + (" (see skipped_rows.jsonl)" if skipped else "")
+            )
     return counts

@@ -24,32 +24,76 @@ from PIL import Image, ImageChops, ImageDraw
 __all__ = ["CLASS_LABELS", "DEMO_MARKER", "write_demo_dataset"]
 
 CLASS_LABELS: tuple[str, ...] = (
-    "blouse", "dhoti_pants", "dupattas", "gowns", "kurta_men", "leggings_and_salwars", "lehenga", "mojaris_men",
-    "mojaris_women", "nehru_jackets", "palazzos", "petticoats", "saree", "sherwanis", "women_kurta",
+    "blouse",
+    "dhoti_pants",
+    "dupattas",
+    "gowns",
+    "kurta_men",
+    "leggings_and_salwars",
+    "lehenga",
+    "mojaris_men",
+    "mojaris_women",
+    "nehru_jackets",
+    "palazzos",
+    "petticoats",
+    "saree",
+    "sherwanis",
+    "women_kurta",
 )
 # Bump when the drawing or the titles change, so caches written by an older generator are rewritten.
 _FORMAT_VERSION = 1
 DEMO_MARKER = ".clip_accel_demo.json"
 _SPLIT_FILES = {"train": "train_data.json", "val": "val_data.json", "test": "test_data.json"}
 
-_COLOURS = {"red": (205, 25, 30), "blue": (30, 70, 210), "green": (20, 150, 45), "yellow": (245, 215, 20),
-            "black": (20, 20, 20), "pink": (250, 120, 185), "orange": (250, 125, 10), "purple": (120, 35, 160)}
+_COLOURS = {
+    "red": (205, 25, 30),
+    "blue": (30, 70, 210),
+    "green": (20, 150, 45),
+    "yellow": (245, 215, 20),
+    "black": (20, 20, 20),
+    "pink": (250, 120, 185),
+    "orange": (250, 125, 10),
+    "purple": (120, 35, 160),
+}
 # No white/ivory: on the light background such a garment would lose its silhouette.
-_BORDERS = {"gold": (215, 170, 25), "silver": (185, 190, 200), "maroon": (110, 0, 30), "teal": (0, 135, 130),
-            "navy": (0, 10, 95)}
+_BORDERS = {
+    "gold": (215, 170, 25),
+    "silver": (185, 190, 200),
+    "maroon": (110, 0, 30),
+    "teal": (0, 135, 130),
+    "navy": (0, 10, 95),
+}
 _PATTERNS = ("plain", "striped", "checked", "polka dot")
-_BRANDS = ("Kesar Lane", "Neelvastra", "Chandni Looms", "Aangan Studio", "Pankhudi", "Roshni Craft",
-           "Tarangini", "Sitara Weaves")
+_BRANDS = (
+    "Kesar Lane",
+    "Neelvastra",
+    "Chandni Looms",
+    "Aangan Studio",
+    "Pankhudi",
+    "Roshni Craft",
+    "Tarangini",
+    "Sitara Weaves",
+)
 _FABRICS = ("cotton", "silk", "rayon", "georgette", "chiffon", "linen")
 _SHOE_FABRICS = ("leather", "velvet", "embroidered leather")
 # (gender word, human-readable noun) per class; gender is kept apart so templates can place it.
-_NOUNS = {"blouse": ("Women's", "blouse"), "dhoti_pants": ("Women's", "dhoti pants"),
-          "dupattas": ("Women's", "dupatta"), "gowns": ("Women's", "gown"), "kurta_men": ("Men's", "kurta"),
-          "leggings_and_salwars": ("Women's", "salwar leggings"), "lehenga": ("Women's", "lehenga"),
-          "mojaris_men": ("Men's", "mojaris"), "mojaris_women": ("Women's", "mojaris"),
-          "nehru_jackets": ("Men's", "nehru jacket"), "palazzos": ("Women's", "palazzos"),
-          "petticoats": ("Women's", "petticoat"), "saree": ("Women's", "saree"), "sherwanis": ("Men's", "sherwani"),
-          "women_kurta": ("Women's", "kurta")}
+_NOUNS = {
+    "blouse": ("Women's", "blouse"),
+    "dhoti_pants": ("Women's", "dhoti pants"),
+    "dupattas": ("Women's", "dupatta"),
+    "gowns": ("Women's", "gown"),
+    "kurta_men": ("Men's", "kurta"),
+    "leggings_and_salwars": ("Women's", "salwar leggings"),
+    "lehenga": ("Women's", "lehenga"),
+    "mojaris_men": ("Men's", "mojaris"),
+    "mojaris_women": ("Women's", "mojaris"),
+    "nehru_jackets": ("Men's", "nehru jacket"),
+    "palazzos": ("Women's", "palazzos"),
+    "petticoats": ("Women's", "petticoat"),
+    "saree": ("Women's", "saree"),
+    "sherwanis": ("Men's", "sherwani"),
+    "women_kurta": ("Women's", "kurta"),
+}
 _TEMPLATES = (
     "{G} {c} {p} {f} {n} with {b} border",
     "{C} {p} {f} {n} for {g} with {b} border by {brand}",
@@ -74,25 +118,82 @@ _SHOE_MEN = [(0.04, 0.86), (0.06, 0.64), (0.24, 0.6), (0.36, 0.7), (0.47, 0.56),
 _SHOE_WOMEN = [(0.05, 0.9), (0.07, 0.7), (0.24, 0.67), (0.46, 0.82), (0.46, 0.9)]
 # Unit-square silhouettes (x right, y down); the gaps between halves read as front openings or legs.
 _SHAPES: dict[str, list[Poly]] = {
-    "blouse": [[(0.32, 0.28), (0.42, 0.28), (0.5, 0.36), (0.58, 0.28), (0.68, 0.28), (0.87, 0.38), (0.81, 0.5),
-                (0.68, 0.44), (0.68, 0.64), (0.32, 0.64), (0.32, 0.44), (0.19, 0.5), (0.13, 0.38)]],
-    "women_kurta": [[(0.36, 0.1), (0.45, 0.1), (0.5, 0.17), (0.55, 0.1), (0.64, 0.1), (0.84, 0.5), (0.76, 0.53),
-                     (0.64, 0.3), (0.76, 0.9), (0.24, 0.9), (0.36, 0.3), (0.24, 0.53), (0.16, 0.5)]],
-    "kurta_men": [[(0.26, 0.1), (0.74, 0.1), (0.9, 0.66), (0.81, 0.68), (0.68, 0.3), (0.68, 0.8), (0.32, 0.8),
-                   (0.32, 0.3), (0.19, 0.68), (0.1, 0.66)]],
+    "blouse": [
+        [
+            (0.32, 0.28),
+            (0.42, 0.28),
+            (0.5, 0.36),
+            (0.58, 0.28),
+            (0.68, 0.28),
+            (0.87, 0.38),
+            (0.81, 0.5),
+            (0.68, 0.44),
+            (0.68, 0.64),
+            (0.32, 0.64),
+            (0.32, 0.44),
+            (0.19, 0.5),
+            (0.13, 0.38),
+        ]
+    ],
+    "women_kurta": [
+        [
+            (0.36, 0.1),
+            (0.45, 0.1),
+            (0.5, 0.17),
+            (0.55, 0.1),
+            (0.64, 0.1),
+            (0.84, 0.5),
+            (0.76, 0.53),
+            (0.64, 0.3),
+            (0.76, 0.9),
+            (0.24, 0.9),
+            (0.36, 0.3),
+            (0.24, 0.53),
+            (0.16, 0.5),
+        ]
+    ],
+    "kurta_men": [
+        [
+            (0.26, 0.1),
+            (0.74, 0.1),
+            (0.9, 0.66),
+            (0.81, 0.68),
+            (0.68, 0.3),
+            (0.68, 0.8),
+            (0.32, 0.8),
+            (0.32, 0.3),
+            (0.19, 0.68),
+            (0.1, 0.66),
+        ]
+    ],
     "sherwanis": [_SHERWANI_HALF, _mirror(_SHERWANI_HALF)],
     "nehru_jackets": [_JACKET_HALF, _mirror(_JACKET_HALF)],
-    "saree": [[(0.38, 0.22), (0.62, 0.22), (0.68, 0.94), (0.32, 0.94)],
-              [(0.28, 0.12), (0.44, 0.08), (0.82, 0.6), (0.7, 0.72)]],
+    "saree": [
+        [(0.38, 0.22), (0.62, 0.22), (0.68, 0.94), (0.32, 0.94)],
+        [(0.28, 0.12), (0.44, 0.08), (0.82, 0.6), (0.7, 0.72)],
+    ],
     "lehenga": [[(0.38, 0.3), (0.62, 0.3), (0.64, 0.38), (0.95, 0.94), (0.05, 0.94), (0.36, 0.38)]],
-    "gowns": [[(0.42, 0.08), (0.58, 0.08), (0.62, 0.22), (0.56, 0.42), (0.78, 0.94), (0.22, 0.94), (0.44, 0.42),
-               (0.38, 0.22)]],
+    "gowns": [
+        [(0.42, 0.08), (0.58, 0.08), (0.62, 0.22), (0.56, 0.42), (0.78, 0.94), (0.22, 0.94), (0.44, 0.42), (0.38, 0.22)]
+    ],
     "petticoats": [[(0.34, 0.3), (0.66, 0.3), (0.7, 0.9), (0.3, 0.9)]],
     "palazzos": [[(0.3, 0.12), (0.7, 0.12), (0.9, 0.92), (0.54, 0.92), (0.5, 0.46), (0.46, 0.92), (0.1, 0.92)]],
-    "leggings_and_salwars": [[(0.38, 0.08), (0.62, 0.08), (0.6, 0.94), (0.53, 0.94), (0.5, 0.38), (0.47, 0.94),
-                              (0.4, 0.94)]],
-    "dhoti_pants": [[(0.28, 0.12), (0.72, 0.12), (0.8, 0.5), (0.62, 0.92), (0.54, 0.92), (0.5, 0.62),
-                     (0.46, 0.92), (0.38, 0.92), (0.2, 0.5)]],
+    "leggings_and_salwars": [
+        [(0.38, 0.08), (0.62, 0.08), (0.6, 0.94), (0.53, 0.94), (0.5, 0.38), (0.47, 0.94), (0.4, 0.94)]
+    ],
+    "dhoti_pants": [
+        [
+            (0.28, 0.12),
+            (0.72, 0.12),
+            (0.8, 0.5),
+            (0.62, 0.92),
+            (0.54, 0.92),
+            (0.5, 0.62),
+            (0.46, 0.92),
+            (0.38, 0.92),
+            (0.2, 0.5),
+        ]
+    ],
     "dupattas": [[(0.1, 0.06), (0.32, 0.06), (0.9, 0.94), (0.68, 0.94)]],
     "mojaris_men": [_SHOE_MEN, _shift(_SHOE_MEN, 0.5)],
     "mojaris_women": [_SHOE_WOMEN, _shift(_SHOE_WOMEN, 0.48)],
@@ -132,8 +233,10 @@ def _fill_layer(size: int, rgb: tuple[int, int, int], pattern: str, rng: random.
 def _draw_item(label: str, colour: str, pattern: str, border: str, size: int, rng: random.Random) -> Image.Image:
     scale = rng.uniform(0.9, 1.04)
     dx, dy = (rng.uniform(-size / 20, size / 20) for _ in range(2))
-    polys = [[((x - 0.5) * scale * size + size / 2 + dx, (y - 0.5) * scale * size + size / 2 + dy) for x, y in p]
-             for p in _SHAPES[label]]
+    polys = [
+        [((x - 0.5) * scale * size + size / 2 + dx, (y - 0.5) * scale * size + size / 2 + dy) for x, y in p]
+        for p in _SHAPES[label]
+    ]
     mask, trim = Image.new("L", (size, size), 0), Image.new("L", (size, size), 0)
     mask_draw, trim_draw = ImageDraw.Draw(mask), ImageDraw.Draw(trim)
     for poly in polys:
@@ -155,8 +258,17 @@ def _make_item(rng: random.Random, size: int) -> tuple[dict[str, str], Image.Ima
     border, brand = rng.choice(list(_BORDERS)), rng.choice(_BRANDS)
     gender, noun = _NOUNS[label]
     fabric = rng.choice(_SHOE_FABRICS if label.startswith("mojaris") else _FABRICS)
-    title = rng.choice(_TEMPLATES).format(G=gender, g="men" if gender == "Men's" else "women", c=colour,
-                                          C=colour.capitalize(), p=pattern, f=fabric, n=noun, b=border, brand=brand)
+    title = rng.choice(_TEMPLATES).format(
+        G=gender,
+        g="men" if gender == "Men's" else "women",
+        c=colour,
+        C=colour.capitalize(),
+        p=pattern,
+        f=fabric,
+        n=noun,
+        b=border,
+        brand=brand,
+    )
     record = {"brand": brand, "product_title": title, "class_label": label}
     return record, _draw_item(label, colour, pattern, border, size, rng)
 
@@ -170,8 +282,7 @@ def _write_split(folder: Path, split: str, count: int, size: int, seed: int) -> 
         image_path = f"images/{split}/{index}.jpeg"
         image.save(folder / image_path, format="JPEG", quality=90, subsampling=0)
         slug = record["product_title"].lower().replace("'", "").replace(",", "").replace(" ", "-")
-        row = {"image_url": f"https://example.com/demo/{split}/{index}-{slug}.jpeg", "image_path": image_path,
-               **record}
+        row = {"image_url": f"https://example.com/demo/{split}/{index}-{slug}.jpeg", "image_path": image_path, **record}
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     (folder / _SPLIT_FILES[split]).write_text("".join(lines), encoding="utf-8")
 
@@ -201,12 +312,20 @@ def _check_replaceable(root: Path) -> None:
     if not root.is_dir():
         raise ValueError(f"{root} is a file, not a folder; choose another folder for the demo dataset.")
     if not (root / DEMO_MARKER).is_file() and any(root.iterdir()):
-        raise ValueError(f"{root} is not empty and is not a demo dataset (no {DEMO_MARKER}); choose another folder "
-                         "or an empty one.")
+        raise ValueError(
+            f"{root} is not empty and is not a demo dataset (no {DEMO_MARKER}); choose another folder or an empty one."
+        )
 
 
-def write_demo_dataset(root: str | os.PathLike[str], *, num_train: int = 1200, num_val: int = 200,
-                       num_test: int = 200, image_size: int = 64, seed: int = 0) -> Path:
+def write_demo_dataset(
+    root: str | os.PathLike[str],
+    *,
+    num_train: int = 1200,
+    num_val: int = 200,
+    num_test: int = 200,
+    image_size: int = 64,
+    seed: int = 0,
+) -> Path:
     """Write the demo catalogue under root (created if missing) and return root as a Path.
 
     A no-op when root already holds a complete dataset written with the same arguments. Otherwise the
@@ -216,15 +335,14 @@ def write_demo_dataset(root: str | os.PathLike[str], *, num_train: int = 1200, n
     counts = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
     _validate(counts, image_size, seed)
     root = Path(root)
-    marker = {"format": "clip_accel-demo", "version": _FORMAT_VERSION, **counts, "image_size": image_size,
-              "seed": seed}
+    marker = {"format": "clip_accel-demo", "version": _FORMAT_VERSION, **counts, "image_size": image_size, "seed": seed}
     if _is_current(root, marker):
         return root
     _check_replaceable(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        for split, count in zip(_SPLIT_FILES, counts.values()):
+        for split, count in zip(_SPLIT_FILES, counts.values(), strict=True):
             _write_split(staging, split, count, image_size, seed)
         (staging / DEMO_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
         _swap_into_place(staging, root, marker)

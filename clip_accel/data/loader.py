@@ -32,8 +32,9 @@ class PairDataset(Dataset):
         pixel_chunks = table.column("pixel_values").chunks
         side = int(round((pixel_chunks[0].type.list_size // 3) ** 0.5)) if pixel_chunks else 0
         # flatten() honours a chunk's slice offset; to_numpy(zero_copy_only=True) refuses to copy silently.
-        self.pixel_chunks = [chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), side, side, 3)
-                             for chunk in pixel_chunks]
+        self.pixel_chunks = [
+            chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), side, side, 3) for chunk in pixel_chunks
+        ]
         self.token_chunks = [_list_chunk_arrays(chunk) for chunk in table.column("input_ids").chunks]
         self.chunk_starts = np.cumsum([0] + [len(chunk) for chunk in pixel_chunks])
 
@@ -58,9 +59,9 @@ class PairDataset(Dataset):
         for chunk_id in np.unique(chunk_ids):
             where = np.flatnonzero(chunk_ids == chunk_id)
             pixels[where] = self.pixel_chunks[chunk_id][offsets[where]]
-        for chunk_id, offset in zip(chunk_ids, offsets):
+        for chunk_id, offset in zip(chunk_ids, offsets, strict=True):
             starts, values = self.token_chunks[chunk_id]
-            captions.append(values[starts[offset]:starts[offset + 1]])
+            captions.append(values[starts[offset] : starts[offset + 1]])
         input_ids = np.full((len(rows), max(len(c) for c in captions)), self.pad_token_id, dtype=np.int64)
         for index, caption in enumerate(captions):
             input_ids[index, : len(caption)] = caption
@@ -74,8 +75,10 @@ class PairDataset(Dataset):
     def skipped_rows(self) -> list[dict]:
         skipped = np.flatnonzero(self.skip_reasons != "")
         sources = self.cached.data.table.column("source_row").to_numpy()
-        return [{"position": int(row), "source_row": int(sources[row]), "reason": str(self.skip_reasons[row])}
-                for row in skipped]
+        return [
+            {"position": int(row), "source_row": int(sources[row]), "reason": str(self.skip_reasons[row])}
+            for row in skipped
+        ]
 
 
 def _list_chunk_arrays(chunk: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:

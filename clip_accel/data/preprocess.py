@@ -23,19 +23,27 @@ from .sources import RawSplit
 # Bump when the cached layout or the pixel pipeline changes, so old caches are not reused.
 PREPROCESS_VERSION = 1
 # What PIL can raise for a file that is missing, empty, truncated, corrupt, not an image, or a decompression bomb.
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError,
-                Image.DecompressionBombWarning)
+IMAGE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    UnidentifiedImageError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 
 
 def cached_features(image_size: int) -> datasets.Features:
-    return datasets.Features({
-        "pixel_values": datasets.Sequence(datasets.Value("uint8"), length=image_size * image_size * 3),
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "caption": datasets.Value("string"),
-        "label": datasets.Value("string"),
-        "source_row": datasets.Value("int64"),
-        "skip_reason": datasets.Value("string"),
-    })
+    return datasets.Features(
+        {
+            "pixel_values": datasets.Sequence(datasets.Value("uint8"), length=image_size * image_size * 3),
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "caption": datasets.Value("string"),
+            "label": datasets.Value("string"),
+            "source_row": datasets.Value("int64"),
+            "skip_reason": datasets.Value("string"),
+        }
+    )
 
 
 def load_rgb_image(source: str | dict, image_size: int) -> np.ndarray:
@@ -90,7 +98,7 @@ class PairPreprocessor:
 
     def __call__(self, batch: dict) -> dict:
         pixels, reasons = [], []
-        for image, caption in zip(batch["image"], batch["caption"]):
+        for image, caption in zip(batch["image"], batch["caption"], strict=True):
             reason = "" if caption and caption.strip() else "empty caption"
             array = None
             if not reason:
@@ -104,8 +112,14 @@ class PairPreprocessor:
         captions = [caption or "" for caption in batch["caption"]]
         # Truncation keeps the end-of-text token, which is where CLIP pools the text tower.
         input_ids = self.tokenizer(captions, truncation=True, max_length=self.max_length)["input_ids"]
-        return {"pixel_values": pixels, "input_ids": input_ids, "caption": captions, "label": batch["label"],
-                "source_row": batch["source_row"], "skip_reason": reasons}
+        return {
+            "pixel_values": pixels,
+            "input_ids": input_ids,
+            "caption": captions,
+            "label": batch["label"],
+            "source_row": batch["source_row"],
+            "skip_reason": reasons,
+        }
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -120,9 +134,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def preprocess_split(raw: RawSplit, tokenizer, image_size: int, cache_dir: str, num_proc: int = 1) -> datasets.Dataset:
     """Decode and tokenize one split through `datasets.map`, reusing the cache when nothing changed."""
     max_length = min(tokenizer.model_max_length, 77)
-    fingerprint = hashlib.sha256(json.dumps([
-        PREPROCESS_VERSION, raw.fingerprint, image_size, max_length, tokenizer_fingerprint(tokenizer),
-    ]).encode()).hexdigest()[:32]
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [
+                PREPROCESS_VERSION,
+                raw.fingerprint,
+                image_size,
+                max_length,
+                tokenizer_fingerprint(tokenizer),
+            ]
+        ).encode()
+    ).hexdigest()[:32]
     os.makedirs(cache_dir, exist_ok=True)
     return raw.dataset.map(
         PairPreprocessor(tokenizer, image_size, max_length),

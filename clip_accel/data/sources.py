@@ -16,11 +16,21 @@ import datasets
 
 from ..config import DataConfig
 
-INDO_FASHION_FILES = {"train": "train_data.json", "validation": "val_data.json", "val": "val_data.json",
-                      "test": "test_data.json"}
+INDO_FASHION_FILES = {
+    "train": "train_data.json",
+    "validation": "val_data.json",
+    "val": "val_data.json",
+    "test": "test_data.json",
+}
 INDO_FASHION_FIELDS = ("image_path", "product_title", "class_label")
-RAW_FEATURES = datasets.Features({"image": datasets.Value("string"), "caption": datasets.Value("string"),
-                                  "label": datasets.Value("string"), "source_row": datasets.Value("int64")})
+RAW_FEATURES = datasets.Features(
+    {
+        "image": datasets.Value("string"),
+        "caption": datasets.Value("string"),
+        "label": datasets.Value("string"),
+        "source_row": datasets.Value("int64"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -35,8 +45,11 @@ class RawSplit:
     source: str = ""
 
     def describe_row(self, source_row: int) -> str:
-        return f"{self.source}, line {source_row}" if self.source.endswith(".json") else \
-            f"{self.source}[{self.name}] row {source_row}"
+        return (
+            f"{self.source}, line {source_row}"
+            if self.source.endswith(".json")
+            else f"{self.source}[{self.name}] row {source_row}"
+        )
 
 
 def default_demo_dir() -> str:
@@ -69,8 +82,10 @@ def read_indo_fashion(data_dir: str, split: str) -> RawSplit:
         raise ValueError(f"Indo-fashion has the splits train, validation (val) and test; got {split!r}.")
     path = os.path.join(data_dir, INDO_FASHION_FILES[split])
     if not os.path.isfile(path):
-        raise ValueError(f"{path} is missing: --data_dir must hold train_data.json, val_data.json and "
-                         "test_data.json as in the Indo-fashion Kaggle download.")
+        raise ValueError(
+            f"{path} is missing: --data_dir must hold train_data.json, val_data.json and "
+            "test_data.json as in the Indo-fashion Kaggle download."
+        )
     rows = {name: [] for name in RAW_FEATURES}
     with open(path, "rb") as handle:
         content = handle.read()
@@ -91,13 +106,16 @@ def _parse_line(line: str, path: str, line_number: int) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg}). Fix or delete that line.") from None
+        raise ValueError(
+            f"{path}, line {line_number}: not valid JSON ({error.msg}). Fix or delete that line."
+        ) from None
     if not isinstance(record, dict):
         raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}.")
     missing = [name for name in INDO_FASHION_FIELDS if name not in record]
     if missing:
-        raise ValueError(f"{path}, line {line_number}: missing field(s) {missing}; every line needs "
-                         f"{list(INDO_FASHION_FIELDS)}.")
+        raise ValueError(
+            f"{path}, line {line_number}: missing field(s) {missing}; every line needs {list(INDO_FASHION_FIELDS)}."
+        )
     return record
 
 
@@ -117,20 +135,25 @@ def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
     """Load any `datasets` source and rename its columns to the raw schema."""
     location = {}
     if config.data_files is not None:
-        location = {"data_dir": config.data_files} if os.path.isdir(config.data_files) else {
-            "data_files": config.data_files}
+        location = (
+            {"data_dir": config.data_files} if os.path.isdir(config.data_files) else {"data_files": config.data_files}
+        )
     splits = datasets.load_dataset(config.dataset_name, config.dataset_config_name, **location)
     if split not in splits:
-        raise ValueError(f"{config.dataset_name} has no split {split!r}; it has {sorted(splits)}. "
-                         "Set --train_split/--validation_split/--test_split accordingly.")
+        raise ValueError(
+            f"{config.dataset_name} has no split {split!r}; it has {sorted(splits)}. "
+            "Set --train_split/--validation_split/--test_split accordingly."
+        )
     dataset = splits[split]
     wanted = {config.image_column: "image", config.caption_column: "caption"}
     if config.label_column is not None:
         wanted[config.label_column] = "label"
     missing = [column for column in wanted if column not in dataset.column_names]
     if missing:
-        raise ValueError(f"{config.dataset_name}[{split}] has no column(s) {missing}; its columns are "
-                         f"{dataset.column_names}. Set --image_column/--caption_column/--label_column.")
+        raise ValueError(
+            f"{config.dataset_name}[{split}] has no column(s) {missing}; its columns are "
+            f"{dataset.column_names}. Set --image_column/--caption_column/--label_column."
+        )
     if isinstance(dataset.features[config.image_column], datasets.Image):
         # We decode ourselves (draft-mode JPEG, per-row error handling); hand over the encoded bytes.
         dataset = dataset.cast_column(config.image_column, datasets.Image(decode=False))

@@ -69,10 +69,12 @@ class RetrievalRecall(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "image_embeds": datasets.Sequence(datasets.Value("float32")),
-                "text_embeds": datasets.Sequence(datasets.Value("float32")),
-            }),
+            features=datasets.Features(
+                {
+                    "image_embeds": datasets.Sequence(datasets.Value("float32")),
+                    "text_embeds": datasets.Sequence(datasets.Value("float32")),
+                }
+            ),
             reference_urls=["https://github.com/mlfoundations/open_clip"],
         )
 
