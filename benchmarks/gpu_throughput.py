@@ -31,11 +31,11 @@ import common
 import torch  # noqa: E402
 from transformers import CLIPConfig, CLIPModel  # noqa: E402
 
-import clip_accel.trainer as trainer_module  # noqa: E402
 from clip_accel.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from clip_accel.loss import contrastive_loss  # noqa: E402
 from clip_accel.model import PixelNormalizer  # noqa: E402
-from clip_accel.step import MAX_LOGIT_SCALE  # noqa: E402
+from clip_accel.step import MAX_LOGIT_SCALE, plain_step  # noqa: E402
+from clip_accel.trainer import prepare_run  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 INDO_FASHION_TRAIN_PAIRS = 91_166
@@ -199,8 +199,8 @@ def trainer_run(data_dir: str, work: str, batch_size: int, total_steps: int, num
     )
     if device.type == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "1"
-    run = trainer_module.prepare_run(data_config, ModelConfig(model_config="clip-vit-b-32"), train_config)
-    return run, (lambda batch: trainer_module.plain_step(run.step_context, [batch]))
+    run = prepare_run(data_config, ModelConfig(scratch_config="clip-vit-b-32"), train_config)
+    return run, (lambda batch: plain_step(run.step_context, [batch]))
 
 
 # ----------------------------------------------------------------------------------------------------- measure

@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill: written to a staging folder, then renamed into place.
+"""Checkpoints and the best model, both written so that a kill never leaves a half-written folder behind.
 
 OUTPUT/checkpoints/step-0000040/ holds `accelerator.save_state` (model as safetensors, optimizer, grad scaler,
 every process's RNG state) plus `trainer_state.json` (step, epoch, batches consumed in that epoch, schedule,
@@ -14,8 +14,11 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 
+import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+
+from .model import unwrap_clip
 
 logger = get_logger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -99,3 +102,20 @@ def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
         f"{state.batches_in_epoch} batches of that epoch already done"
     )
     return state
+
+
+def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, output_dir: str) -> None:
+    """save_pretrained (safetensors) + processor into output_dir. Written to a temporary folder first and moved
+    into place file by file, so a crash mid-save leaves the previous best model readable."""
+    state_dict = accelerator.get_state_dict(model)  # every process: FSDP/DeepSpeed gather here
+    # A compiled model's keys carry torch.compile's wrapper prefix; the saved CLIPModel must not.
+    state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
+    if accelerator.is_main_process:
+        staging = os.path.join(output_dir, ".staging-model")
+        os.makedirs(staging, exist_ok=True)
+        unwrap_clip(accelerator, model).save_pretrained(staging, state_dict=state_dict)
+        processor.save_pretrained(staging)
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        os.rmdir(staging)
+    accelerator.wait_for_everyone()

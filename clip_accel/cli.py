@@ -1,34 +1,69 @@
-"""Console entry points; scripts/*.py are one-line wrappers around these."""
+"""Every entry point: `clip-accel train | evaluate | push | reproduce`.
+
+`scripts/*.py`, `python -m clip_accel` and the console scripts in pyproject.toml are one-line wrappers of these
+functions. Each returns None, so a console script exits with status 0 on success (a console script hands the
+function's return value to `sys.exit`); failures raise and exit non-zero.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shlex
+import sys
+
+from accelerate import PartialState
+
+from .config import DataConfig, ModelConfig, TrainConfig, parse_config
+from .evaluation import evaluate_folder
+from .hub import check_hub_access, push_output_dir, write_model_card
+from .outputs import write_outputs
+from .results import format_results_table
+from .sweep import SweepOptions, run_sweep
+from .trainer import TrainingResult, train
+
+logger = logging.getLogger(__name__)
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+def main(argv: list[str] | None = None) -> None:
+    """`clip-accel COMMAND [options]`; `clip-accel COMMAND --help` lists each command's options."""
+    parser = argparse.ArgumentParser(prog="clip-accel", description="Fine-tune CLIP with Accelerate and publish it.")
+    parser.add_argument("command", choices=COMMANDS, help="train, evaluate, push or reproduce")
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the command's options")
+    args = parser.parse_args(argv)
+    COMMANDS[args.command](args.options)
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """`accelerate launch -m clip_accel train --config demo [--option value ...]` (or `scripts/train.py`)."""
+    data_config, model_config, train_config = parse_config(argv)
+    setup_logging()
+    train_and_publish(data_config, model_config, train_config)
+
+
+def train_and_publish(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> TrainingResult:
+    """What `clip-accel train` does: check Hub access (with --push_to_hub), train, then on the main process write
+    the result files and the model card, and push."""
+    # Fail fast, before any image is decoded. No Accelerator exists yet: the launcher's RANK says which process
+    # is the main one (the others would only repeat the same check).
+    if config.push_to_hub and int(os.environ.get("RANK", "0")) == 0:
+        check_hub_access(config.hub_model_id, private=config.hub_private)
+    result = train(data_config, model_config, config)
+    if PartialState().is_main_process:
+        write_outputs(config.output_dir, result)
+        write_model_card(config.output_dir, repo_id=config.hub_model_id)
+        if config.push_to_hub:
+            push_output_dir(config.output_dir, config.hub_model_id, private=config.hub_private)
+    return result
+
+
+def evaluate_main(argv: list[str] | None = None) -> None:
+    """`clip-accel evaluate --model_name_or_path OUTPUT --data_dir DIR --split test`"""
+    parser = argparse.ArgumentParser(
+        prog="clip-accel evaluate", description="Retrieval recall@K of any CLIP checkpoint."
     )
-    for noisy in ("transformers", "datasets", "httpx", "httpx2", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def train_main(args: list[str] | None = None) -> dict:
-    """`accelerate launch scripts/train.py --config recipes/demo.yaml [--option value ...]`"""
-    from .config import parse_config
-    from .trainer import train
-
-    data_config, model_config, train_config = parse_config(args)
-    _setup_logging()
-    return train(data_config, model_config, train_config).metrics
-
-
-def evaluate_main(args: list[str] | None = None) -> dict:
-    """`python scripts/evaluate.py --model_name_or_path OUTPUT --data_dir DIR --split test`"""
-    from .evaluation import evaluate_checkpoint
-
-    parser = argparse.ArgumentParser(description="Image-text retrieval recall@K of any CLIP checkpoint.")
     parser.add_argument("--model_name_or_path", required=True, help="Folder from save_pretrained or a Hub id.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data_dir", help="Folder in the Indo-fashion layout.")
@@ -42,16 +77,91 @@ def evaluate_main(args: list[str] | None = None) -> dict:
         "--per_device_eval_batch_size",
         type=int,
         default=None,
-        help="Default: the value in the model folder's training_config.json, else 128. The same "
-        "batch size gives bit-identical embeddings; another can flip near-ties.",
+        help="Default: the value in the model folder's training_config.json, else 128. The same batch size gives "
+        "bit-identical embeddings; another can flip near-ties.",
     )
     parser.add_argument(
         "--identical_captions_match",
         action="store_true",
-        help="Count any identical caption as a correct match in the main figures (default: only "
-        "the own pair; the other rule is always reported alongside).",
+        help="Count any identical caption as a correct match in the main figures (default: only the own pair; the "
+        "other rule is always reported alongside).",
     )
     parser.add_argument("--output_file", default=None, help="Write the metrics here as JSON.")
-    parsed = parser.parse_args(args)
-    _setup_logging()
-    return evaluate_checkpoint(parsed)
+    args = parser.parse_args(argv)
+    setup_logging()
+    data_config = DataConfig(
+        data_dir=args.data_dir,
+        dataset_name=args.dataset_name,
+        demo=args.demo,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        test_split=args.split,
+        max_eval_samples=args.max_eval_samples,
+    )
+    metrics = evaluate_folder(
+        args.model_name_or_path,
+        data_config,
+        batch_size=args.per_device_eval_batch_size,
+        identical_captions_match=args.identical_captions_match,
+    )
+    if PartialState().is_main_process:
+        logger.info("\n" + format_results_table({f"{args.model_name_or_path} ({args.split})": metrics}))
+        if args.output_file:
+            with open(args.output_file, "w") as handle:
+                json.dump(metrics, handle, indent=2)
+
+
+def push_main(argv: list[str] | None = None) -> None:
+    """`clip-accel push OUTPUT --hub_model_id user/name [--private]`"""
+    parser = argparse.ArgumentParser(
+        prog="clip-accel push",
+        description="Publish a finished training output folder to the Hugging Face Hub in one commit (writes the "
+        "model card if missing).",
+    )
+    parser.add_argument("output_dir", help="The --output_dir of a finished `clip-accel train` run.")
+    parser.add_argument("--hub_model_id", required=True, help="Repo to push to, e.g. your-name/clip-indo-fashion.")
+    parser.add_argument("--private", action="store_true", help="Create the repo as private (if it is new).")
+    args = parser.parse_args(argv)
+    setup_logging()
+    check_hub_access(args.hub_model_id, private=args.private)
+    push_output_dir(args.output_dir, args.hub_model_id, private=args.private)
+
+
+def reproduce_main(argv: list[str] | None = None) -> None:
+    """`clip-accel reproduce --data_dir /data/indo-fashion` (or `--smoke`): the reference table as RESULTS.md."""
+    parser = argparse.ArgumentParser(
+        prog="clip-accel reproduce",
+        description="Run the reference table's rows and our proposal, then write OUTPUT/RESULTS.md.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data_dir", help="The Indo-fashion download (Kaggle layout).")
+    source.add_argument("--smoke", action="store_true", help="The same sweep on the demo data with a tiny model.")
+    parser.add_argument("--output_dir", default="outputs/reference_table", help="Every row and RESULTS.md go here.")
+    parser.add_argument(
+        "--accelerate_config",
+        default=None,
+        help="accelerate config file for every row (default: one process; bf16 on a GPU, the CPU with --smoke).",
+    )
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="More training options for every row, after `--`.")
+    args = parser.parse_args(argv)
+    setup_logging()
+    options = SweepOptions(
+        output_dir=args.output_dir,
+        data_dir=args.data_dir,
+        smoke=args.smoke,
+        accelerate_config=args.accelerate_config,
+        extra=tuple(option for option in args.extra if option != "--"),
+        invocation=shlex.join(["clip-accel", "reproduce", *(sys.argv[1:] if argv is None else argv)]),
+    )
+    run_sweep(options)
+
+
+COMMANDS = {"train": train_main, "evaluate": evaluate_main, "push": push_main, "reproduce": reproduce_main}
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
+    for noisy in ("transformers", "datasets", "httpx", "httpx2", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from typing import Literal
 
 import yaml
@@ -103,7 +104,7 @@ class ModelConfig:
         default="openai/clip-vit-base-patch32",
         metadata={"help": "CLIP checkpoint to start from: a Hub id or a folder written by save_pretrained."},
     )
-    model_config: str | None = field(
+    scratch_config: str | None = field(
         default=None,
         metadata={
             "help": "Train from scratch instead: a bundled preset name (e.g. 'clip-tiny') or a CLIPConfig JSON "
@@ -266,6 +267,14 @@ class TrainConfig:
             f"--early_stopping_metric {self.early_stopping_metric!r} is not a metric; use one of {METRIC_NAMES}.",
         )
 
+    def global_batch_size(self, num_processes: int) -> int:
+        """Pairs per optimizer step: per-device batch x processes x accumulated micro-batches."""
+        return self.per_device_train_batch_size * num_processes * self.gradient_accumulation_steps
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """Warmup in optimizer steps: explicit --warmup_steps win over --warmup_ratio."""
+        return self.warmup_steps or int(total_steps * self.warmup_ratio)
+
     @property
     def report_to_list(self) -> list[str] | str | None:
         if self.report_to == "none":
@@ -285,8 +294,10 @@ def parse_config(args: list[str] | None = None) -> tuple[DataConfig, ModelConfig
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--config", default=None)
     known, remaining = pre_parser.parse_known_args(args)
-    parser = HfArgumentParser(CONFIG_CLASSES)
-    parser.add_argument("--config", default=None, help="YAML recipe whose values become the defaults.")
+    parser = HfArgumentParser(CONFIG_CLASSES, prog="clip-accel train")
+    parser.add_argument(
+        "--config", default=None, help="YAML recipe (a path or a bundled recipe's name) whose values become defaults."
+    )
     if known.config is not None:
         parser.set_defaults(**load_recipe(known.config))
     # The parser also returns a namespace holding --config itself; only the three dataclasses matter here.
@@ -294,10 +305,30 @@ def parse_config(args: list[str] | None = None) -> tuple[DataConfig, ModelConfig
     return data_config, model_config, train_config
 
 
-def load_recipe(path: str) -> dict:
+def recipe_path(name_or_path: str) -> str:
+    """A recipe YAML: a path, or the name of a recipe shipped with the package (`demo`, `indo_fashion_best`, ...)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    bundled = resources.files("clip_accel") / "recipes" / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if bundled.is_file():
+        return str(bundled)
+    raise ValueError(
+        f"--config {name_or_path!r} is neither a YAML file nor a bundled recipe; bundled recipes: {bundled_recipes()}."
+    )
+
+
+def bundled_recipes() -> list[str]:
+    folder = resources.files("clip_accel") / "recipes"
+    return sorted(path.name.removesuffix(".yaml") for path in folder.iterdir() if path.name.endswith(".yaml"))
+
+
+# Options renamed since the first release: a recipe that still uses the old name gets the new one in the error.
+RENAMED_OPTIONS = {"model_config": "scratch_config"}
+
+
+def load_recipe(name_or_path: str) -> dict:
     """Read a recipe YAML and check that every key is a known option, so a typo fails instead of being ignored."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {path!r} does not exist. Recipes live in recipes/, e.g. recipes/demo.yaml.")
+    path = recipe_path(name_or_path)
     with open(path) as handle:
         recipe = yaml.safe_load(handle) or {}
     if not isinstance(recipe, dict):
@@ -305,7 +336,12 @@ def load_recipe(path: str) -> dict:
     known = {f.name for cls in CONFIG_CLASSES for f in fields(cls)}
     unknown = sorted(set(recipe) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {unknown}. Run scripts/train.py --help for the valid names.")
+        renamed = [f"{old} is now {RENAMED_OPTIONS[old]}" for old in unknown if old in RENAMED_OPTIONS]
+        raise ValueError(
+            f"{path}: unknown option(s) {unknown}"
+            + (f" ({'; '.join(renamed)})" if renamed else "")
+            + ". Run `clip-accel train --help` for the valid names."
+        )
     return recipe
 
 

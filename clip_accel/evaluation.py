@@ -8,12 +8,13 @@ import os
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from torch.utils.data import DataLoader
+from transformers import CLIPModel, CLIPProcessor
 
-from .config import RECALL_KS
+from .config import RECALL_KS, DataConfig
+from .data import build_pair_datasets, load_raw_splits, make_dataloader
 from .metrics import identical_caption_metrics, retrieval_metrics
-from .model import PixelNormalizer, unwrap_clip
+from .model import PixelNormalizer, image_size_of, unwrap_clip
 from .zero_shot import class_text_embeddings, zero_shot_accuracy
 
 
@@ -79,69 +80,27 @@ def evaluate_retrieval(
     return metrics
 
 
-TABLE_COLUMNS = (
-    ("I2T R@1", "image_to_text_R@1"),
-    ("T2I R@1", "text_to_image_R@1"),
-    ("I2T R@5", "image_to_text_R@5"),
-    ("T2I R@5", "text_to_image_R@5"),
-    ("I2T R@10", "image_to_text_R@10"),
-    ("T2I R@10", "text_to_image_R@10"),
-    ("I2T med. rank", "image_to_text_median_rank"),
-    ("T2I med. rank", "text_to_image_median_rank"),
-)
+def evaluate_folder(
+    model_name_or_path: str,
+    data_config: DataConfig,
+    *,
+    batch_size: int | None = None,
+    identical_captions_match: bool = False,
+) -> dict[str, float]:
+    """Score a saved folder or Hub id on `data_config.test_split`, through the same data pipeline as training.
 
-
-ZERO_SHOT_COLUMNS = (("ZS top-1", "zero_shot_top1"), ("ZS top-5", "zero_shot_top5"))
-
-
-def format_results_table(rows: dict[str, dict[str, float]]) -> str:
-    """Markdown table, one row per (name -> metrics), columns as in the reference project's table, plus zero-shot
-    classification accuracy (ZS) when the split has labels."""
-    columns = TABLE_COLUMNS + (ZERO_SHOT_COLUMNS if any("zero_shot_top1" in m for m in rows.values()) else ())
-    header = "| Model | Pairs | " + " | ".join(title for title, _ in columns) + " |"
-    lines = [header, "|" + "---|" * (len(columns) + 2)]
-    for name, metrics in rows.items():
-        cells = [
-            "–"
-            if key not in metrics
-            else f"{metrics[key]:.4f}"
-            if "R@" in key or "zero_shot" in key
-            else f"{metrics[key]:g}"
-            for _, key in columns
-        ]
-        lines.append(f"| {name} | {metrics.get('num_pairs', '')} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def evaluate_checkpoint(args) -> dict[str, float]:
-    """Score a saved folder or Hub id on one split, through the same data pipeline as training (scripts/evaluate.py).
-
-    With the folder and split a training run used, this reproduces that run's eval_results.json figures.
+    With the folder, split and batch size a training run used, this reproduces that run's eval_results.json figures;
+    `batch_size` defaults to the one in the folder's training_config.json.
     """
-    from transformers import CLIPModel, CLIPProcessor
-
-    from .config import DataConfig
-    from .data import build_pair_datasets, load_raw_splits, make_dataloader
-    from .model import image_size_of
-
     accelerator = Accelerator()
-    data_config = DataConfig(
-        data_dir=args.data_dir,
-        dataset_name=args.dataset_name,
-        demo=args.demo,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        test_split=args.split,
-        max_eval_samples=args.max_eval_samples,
-    )
-    model = CLIPModel.from_pretrained(args.model_name_or_path, dtype=torch.float32)
-    processor = CLIPProcessor.from_pretrained(args.model_name_or_path)
+    model = CLIPModel.from_pretrained(model_name_or_path, dtype=torch.float32)
+    processor = CLIPProcessor.from_pretrained(model_name_or_path)
     raw = load_raw_splits(accelerator, data_config, roles=("test",))
     pairs = build_pair_datasets(accelerator, data_config, raw, processor.tokenizer, image_size_of(model))
-    loader = make_dataloader(pairs["test"], _eval_batch_size(args), train=False)
+    loader = make_dataloader(pairs["test"], batch_size or training_eval_batch_size(model_name_or_path), train=False)
     model, loader = accelerator.prepare(model, loader)
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
-    metrics = evaluate_retrieval(
+    return evaluate_retrieval(
         accelerator,
         model,
         loader,
@@ -149,22 +108,15 @@ def evaluate_checkpoint(args) -> dict[str, float]:
         processor.tokenizer,
         pairs["test"].column("label"),
         pairs["test"].column("caption"),
-        args.identical_captions_match,
+        identical_captions_match,
     )
-    if accelerator.is_main_process:
-        get_logger(__name__).info("\n" + format_results_table({f"{args.model_name_or_path} ({args.split})": metrics}))
-        if args.output_file:
-            with open(args.output_file, "w") as handle:
-                json.dump(metrics, handle, indent=2)
-    return metrics
 
 
-def _eval_batch_size(args) -> int:
-    """The batch size the training run evaluated with (from its training_config.json), unless one is given."""
-    if args.per_device_eval_batch_size is not None:
-        return args.per_device_eval_batch_size
-    run_config = os.path.join(args.model_name_or_path, "training_config.json")
+def training_eval_batch_size(model_name_or_path: str, default: int = 128) -> int:
+    """The batch size a training run evaluated with (its training_config.json), else `default`: the same batch
+    size gives bit-identical embeddings, another can flip near-ties."""
+    run_config = os.path.join(model_name_or_path, "training_config.json")
     if os.path.isfile(run_config):
         with open(run_config) as handle:
             return json.load(handle)["per_device_eval_batch_size"]
-    return 128
+    return default

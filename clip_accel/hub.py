@@ -1,14 +1,13 @@
 """Model card and Hugging Face Hub publishing.
 
 The card is rendered from the output folder's own files (eval_results.json, training_config.json,
-log_history.json, config.json), so every figure on it is one the run measured. Publishing is one commit of the
+config.json), so every figure on it is one the run measured. Publishing is one commit of the
 finished folder; access is checked before training so a missing or read-only token fails in seconds, not after
 the run. The token is never passed around here: huggingface_hub reads it (HF_TOKEN or `hf auth login`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -22,14 +21,14 @@ from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, Offl
 from . import __version__
 from .config import RECALL_KS
 from .data.demo import DEMO_MARKER
-from .evaluation import format_results_table
+from .results import format_results_table, with_starting_model
 
 try:  # huggingface_hub 2.x talks HTTP through httpx2, 1.x through httpx; connection errors derive from these
     from httpx2 import HTTPError as _TransportError
 except ImportError:  # pragma: no cover
     from httpx import HTTPError as _TransportError
 
-logger = logging.getLogger(__name__)  # plain logging: push_main runs without an Accelerator
+logger = logging.getLogger(__name__)  # plain logging: the push command runs without an Accelerator
 CARD_NAME = "README.md"
 CARD_MARKER = "Written by clip_accel"  # in model_card_template.md: tells our cards from hand-written ones
 # Local image paths and per-row reasons: useful on your machine, noise (and possibly private) on the Hub.
@@ -137,9 +136,8 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
         "data_kind": data_kind,
         "dataset_label": dataset_label,
         "results_table": _results_table(results, model_id),
-        # The trainer's own formula (trainer.train): explicit warmup steps win over the ratio.
-        "warmup_steps": config["warmup_steps"] or int(results["training"]["planned_steps"] * config["warmup_ratio"]),
-        "epochs_run": max((record["epoch"] for record in files["log_history.json"]), default=None),
+        "warmup_steps": results["training"]["warmup_steps"],
+        "epochs_run": results["training"]["epochs_run"],
         "versions": _framework_versions(),
         "pictures": [(caption, name) for caption, name in PICTURES if os.path.isfile(os.path.join(output_dir, name))],
     }
@@ -152,16 +150,16 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
 
 
 def _read_run_files(output_dir: str) -> dict[str, dict | list]:
-    files: dict[str, dict | list] = {"log_history.json": []}  # the only optional one: epochs run
-    for name in ("eval_results.json", "training_config.json", "config.json", "log_history.json"):
+    files: dict[str, dict | list] = {}
+    for name in ("eval_results.json", "training_config.json", "config.json"):
         path = os.path.join(output_dir, name)
         if os.path.isfile(path):
             with open(path) as handle:
                 files[name] = json.load(handle)
-        elif name not in files:
+        else:
             raise ValueError(
                 f"{output_dir} has no {name}: it is not a finished clip_accel output folder. Point at "
-                "the --output_dir of a completed `scripts/train.py` run."
+                "the --output_dir of a completed `clip-accel train` run."
             )
     return files
 
@@ -169,7 +167,7 @@ def _read_run_files(output_dir: str) -> dict[str, dict | list]:
 def _base_model(config: dict) -> str | None:
     """The starting checkpoint when it is a Hub id; None when trained from scratch or from a local folder."""
     name = config["model_name_or_path"]
-    if config.get("model_config") is not None or os.path.isdir(name) or not HUB_ID.fullmatch(name):
+    if config.get("scratch_config") is not None or os.path.isdir(name) or not HUB_ID.fullmatch(name):
         return None
     return name
 
@@ -221,15 +219,18 @@ def _eval_results(test: dict, dataset_type: str, dataset_name: str, split: str) 
 
 def _results_table(results: dict, model_id: str) -> str:
     """The fine-tuned test figures beside the starting model's on the same split (when it was evaluated)."""
-    rows = {"starting model": results["initial"]["test"]} if "initial" in results else {}
-    rows[f"{model_id} (this model)"] = results["test"]
-    return format_results_table(rows)
+    return format_results_table(with_starting_model(results, {f"{model_id} (this model)": results["test"]}))
 
 
 def _framework_versions() -> dict[str, str]:
     """Versions where the card is rendered: the training environment when the trainer writes it."""
-    names = ("torch", "transformers", "accelerate", "datasets", "huggingface_hub")
-    return {**{name: metadata.version(name) for name in names}, "clip_accel": __version__}
+    versions = {}
+    for name in ("torch", "transformers", "accelerate", "datasets", "huggingface_hub"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # e.g. run from a checkout beside a partial environment
+            continue
+    return {**versions, "clip_accel": __version__}
 
 
 def _redact(text: str, token: str | None = None) -> str:
@@ -239,7 +240,7 @@ def _redact(text: str, token: str | None = None) -> str:
 
 
 def retry_command(output_dir: str, repo_id: str, private: bool = False) -> str:
-    return f"python scripts/push_to_hub.py {shlex.quote(output_dir)} --hub_model_id {shlex.quote(repo_id)}" + (
+    return f"clip-accel push {shlex.quote(output_dir)} --hub_model_id {shlex.quote(repo_id)}" + (
         " --private" if private else ""
     )
 
@@ -288,7 +289,7 @@ def _files_to_push(output_dir: str) -> list[str]:
     if not has_weights or "config.json" not in names:
         raise PushToHubError(
             f"{output_dir} holds no model (model.safetensors and config.json): point at the "
-            "--output_dir of a finished `scripts/train.py` run."
+            "--output_dir of a finished `clip-accel train` run."
         )
     return names
 
@@ -303,20 +304,3 @@ def _ensure_card(output_dir: str, repo_id: str) -> None:
             return
     logger.info(f"Writing the model card for {repo_id} into {path}.")
     write_model_card(output_dir, repo_id=repo_id)
-
-
-def push_main(args: list[str] | None = None) -> str:
-    """`python scripts/push_to_hub.py OUTPUT --hub_model_id user/name [--private]`; returns the commit URL."""
-    from .cli import _setup_logging
-
-    parser = argparse.ArgumentParser(
-        description="Publish a finished training output folder to the Hugging Face "
-        "Hub in one commit (writes the model card if missing)."
-    )
-    parser.add_argument("output_dir", help="The --output_dir of a finished scripts/train.py run.")
-    parser.add_argument("--hub_model_id", required=True, help="Repo to push to, e.g. your-name/clip-indo-fashion.")
-    parser.add_argument("--private", action="store_true", help="Create the repo as private (if it is new).")
-    parsed = parser.parse_args(args)
-    _setup_logging()
-    check_hub_access(parsed.hub_model_id, private=parsed.private)
-    return push_output_dir(parsed.output_dir, parsed.hub_model_id, private=parsed.private)

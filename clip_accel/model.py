@@ -17,18 +17,18 @@ from .tokenizer import build_offline_tokenizer
 def load_model_and_processor(
     config: ModelConfig, training_captions: Callable[[], Iterable[str]]
 ) -> tuple[CLIPModel, CLIPProcessor]:
-    """Load `config.model_name_or_path`, or build a fresh model from `config.model_config`.
+    """Load `config.model_name_or_path`, or build a fresh model from `config.scratch_config`.
 
     `training_captions` is only called on the from-scratch path, where the tokenizer is learned from them.
     """
-    if config.model_config is None:
+    if config.scratch_config is None:
         # transformers 5 loads with dtype="auto": an fp16 checkpoint would train in fp16. Training wants fp32
         # master weights; mixed precision is autocast's job.
         model = CLIPModel.from_pretrained(config.model_name_or_path, dtype=torch.float32)
         processor = CLIPProcessor.from_pretrained(config.model_name_or_path)
         return model, processor
     tokenizer = build_offline_tokenizer(training_captions())
-    clip_config = _read_clip_config(config.model_config)
+    clip_config = _read_clip_config(config.scratch_config)
     clip_config.text_config.vocab_size = len(tokenizer)
     # CLIP pools the text tower at the end-of-text token; these ids must match the tokenizer we just built.
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -49,7 +49,9 @@ def _read_clip_config(name_or_path: str) -> CLIPConfig:
     preset = resources.files("clip_accel") / "presets" / f"{name_or_path}.json"
     if not preset.is_file():
         available = sorted(p.name.removesuffix(".json") for p in (resources.files("clip_accel") / "presets").iterdir())
-        raise ValueError(f"--model_config {name_or_path!r} is neither a JSON file nor a preset; presets: {available}.")
+        raise ValueError(
+            f"--scratch_config {name_or_path!r} is neither a JSON file nor a preset; presets: {available}."
+        )
     return CLIPConfig(**json.loads(preset.read_text()))
 
 

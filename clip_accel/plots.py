@@ -1,6 +1,5 @@
 """PNG pictures of a run: training curves from OUTPUT/log_history.json, and recall bars comparing models.
 
-matplotlib is an optional extra (`pip install 'clip-accel[plots]'`), imported only when a picture is drawn.
 Figures are drawn on matplotlib's Agg canvas directly instead of through pyplot: no display is needed, and the
 caller's own pyplot backend and open figures (e.g. in a notebook) are left untouched.
 """
@@ -8,6 +7,9 @@ caller's own pyplot backend and open figures (e.g. in a notebook) are left untou
 from __future__ import annotations
 
 import os
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 __all__ = ["plot_recall_bars", "plot_training_curves"]
 
@@ -18,12 +20,7 @@ _BAR_KS = (1, 5, 10)
 
 
 def _new_figure(width: float, height: float, rows: int = 1):
-    """An Agg-backed (figure, axes) pair; raises an ImportError with the install command if matplotlib is missing."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("Plotting needs matplotlib: pip install 'clip-accel[plots]'") from error
+    """An Agg-backed (figure, axes) pair."""
     figure = Figure(figsize=(width, height), dpi=_DPI)
     FigureCanvasAgg(figure)  # attaches itself as figure.canvas: PNG rendering with no GUI backend
     axes = figure.subplots(rows, 1, sharex=rows > 1, squeeze=False)[:, 0]

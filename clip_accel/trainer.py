@@ -1,7 +1,8 @@
 """The training loop: read it top to bottom like a recipe.
 
 train() = data -> model -> optimizer/schedule -> (evaluate the starting model) -> fit with early stopping
-        -> reload the best model -> final test evaluation -> files in OUTPUT/.
+        -> reload the best model -> final test evaluation. The best model is saved in OUTPUT/ as it improves;
+        writing the result files and publishing are the caller's job (`clip_accel.cli`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,24 +20,26 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import CLIPModel, get_scheduler
 
-from . import hub
-from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
 from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_dict
 from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, write_skip_report
 from .early_stopping import EarlyStopping
 from .evaluation import evaluate_retrieval
 from .model import PixelNormalizer, freeze_parameters, image_size_of, load_model_and_processor, unwrap_clip
-from .outputs import draw_pictures, save_model, write_outputs
 from .step import StepContext, exact_step, plain_step
 
 logger = get_logger(__name__)
+# Called after every optimizer step (and its logging, evaluation and checkpoint) with the loop's state.
+StepHook = Callable[[TrainerState], None]
 
 
 @dataclass
 class TrainingResult:
-    """What `train()` hands back: the eval_results.json contents and the best model, in memory."""
+    """What `train()` hands back: everything the output files are written from, and the best model in memory."""
 
-    metrics: dict
+    metrics: dict  # eval_results.json
+    history: list  # log_history.json
+    resolved_config: dict  # training_config.json
     model: CLIPModel
     processor: object
 
@@ -52,10 +56,11 @@ class Run:
     test_loader: object
     total_steps: int
     steps_per_epoch: int
-    pairs: dict  # usable pairs per role
+    pair_counts: dict  # usable pairs per role
     labels: dict  # class label of every usable pair, per evaluation role (for zero-shot accuracy)
     captions: dict  # caption of every usable pair, per evaluation role (for the identical-caption figures)
     skipped: dict  # rows skipped per role (main process)
+    resolved_config: dict  # every option, flat
 
     @property
     def accelerator(self) -> Accelerator:
@@ -67,62 +72,20 @@ class Run:
 
 
 def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> TrainingResult:
-    """Fine-tune, evaluate, save to OUTPUT/; returns the metrics and the best model."""
+    """Fine-tune with early stopping; the best model is saved in OUTPUT/ and measured on the test split."""
     run = prepare_run(data_config, model_config, config)
-    accelerator = run.accelerator
     state = _restore(run) if config.resume_from_checkpoint else TrainerState()
     if config.eval_initial_model and not state.initial:
         state.initial = {"test": _evaluate(run, "test")}
     early_stopping = fit(run, state)
     _load_best_weights(run)
-    results = {"initial": state.initial} if state.initial else {}
-    results["validation"] = early_stopping.best_metrics
-    results["test"] = _evaluate(run, "test")
-    results["training"] = _training_summary(run, state, early_stopping)
-    best_model = unwrap_clip(accelerator, run.model)
-    try:
-        if accelerator.is_main_process:
-            write_outputs(config.output_dir, results, state.history, config_to_dict(data_config, model_config, config))
-            draw_pictures(config.output_dir, results, state.history)
-            hub.write_model_card(config.output_dir, repo_id=config.hub_model_id)
-            if config.push_to_hub:
-                hub.push_output_dir(config.output_dir, config.hub_model_id, private=config.hub_private)
-    finally:
-        _shut_down(run)
-    return TrainingResult(results, best_model, run.processor)
-
-
-def _shut_down(run: Run) -> None:
-    """Release the DDP wrapper before the process group goes: a gloo group destroyed first makes the wrapper's
-    destructor wait forever on a peer that has already exited."""
-    accelerator = run.accelerator
-    accelerator.wait_for_everyone()
-    run.step_context.model = run.step_context.optimizer = None
-    accelerator.free_memory()
-    gc.collect()
-    accelerator.end_training()
-
-
-def _restore(run: Run) -> TrainerState:
-    state = load_checkpoint(
-        run.accelerator, resolve_checkpoint(run.config.output_dir, run.config.resume_from_checkpoint)
-    )
-    run.step_context.scheduler.load_state_dict(state.scheduler)
-    return state
-
-
-def _evaluate(run: Run, role: str) -> dict[str, float]:
-    loader = run.validation_loader if role == "validation" else run.test_loader
-    return evaluate_retrieval(
-        run.accelerator,
-        run.model,
-        loader,
-        run.step_context.normalizer,
-        run.processor.tokenizer,
-        run.labels[role],
-        run.captions[role],
-        run.config.identical_captions_match,
-    )
+    metrics = {"initial": state.initial} if state.initial else {}
+    metrics["validation"] = early_stopping.best_metrics
+    metrics["test"] = _evaluate(run, "test")
+    metrics["training"] = _training_summary(run, state, early_stopping)
+    best_model = unwrap_clip(run.accelerator, run.model)
+    _shut_down(run)
+    return TrainingResult(metrics, state.history, run.resolved_config, best_model, run.processor)
 
 
 def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> Run:
@@ -140,8 +103,6 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     _check_precision(accelerator)
     if not config.resume_from_checkpoint:
         _check_output_dir(config)
-    if config.push_to_hub and accelerator.is_main_process:  # fail fast: before any image is decoded
-        hub.check_hub_access(config.hub_model_id, private=config.hub_private)
     model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
     loaders = [
         make_dataloader(
@@ -160,54 +121,112 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     total_steps = config.max_steps or config.num_train_epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, config, total_steps)
     _log_startup(accelerator, config, total_steps, pairs)
-    accelerator.init_trackers(
-        "clip_accel",
-        config={k: str(v) if v is None else v for k, v in config_to_dict(data_config, model_config, config).items()},
-    )
+    resolved_config = config_to_dict(data_config, model_config, config)
+    accelerator.init_trackers("clip_accel", config={k: str(v) if v is None else v for k, v in resolved_config.items()})
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
     step_context = StepContext(
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        normalizer.to(accelerator.device),
-        config.max_grad_norm,
-        config.local_loss,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        normalizer=normalizer.to(accelerator.device),
+        max_grad_norm=config.max_grad_norm,
+        local_loss=config.local_loss,
     )
     return Run(
-        config,
-        step_context,
-        processor,
-        train_loader,
-        validation_loader,
-        test_loader,
-        total_steps,
-        steps_per_epoch,
-        {role: len(pairs[role]) for role in pairs},
-        {role: pairs[role].column("label") for role in ("validation", "test")},
-        {role: pairs[role].column("caption") for role in ("validation", "test")},
-        skipped,
+        config=config,
+        step_context=step_context,
+        processor=processor,
+        train_loader=train_loader,
+        validation_loader=validation_loader,
+        test_loader=test_loader,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        pair_counts={role: len(pairs[role]) for role in pairs},
+        labels={role: pairs[role].column("label") for role in ("validation", "test")},
+        captions={role: pairs[role].column("caption") for role in ("validation", "test")},
+        skipped=skipped,
+        resolved_config=resolved_config,
     )
 
 
-def _load_model_and_data(
-    accelerator: Accelerator, data_config: DataConfig, model_config: ModelConfig, config: TrainConfig
-):
-    """Rows (cheap, checked first), then the model and tokenizer, then the cached preprocessing pass."""
-    raw_splits = load_raw_splits(accelerator, data_config)
-    _check_split_sizes(config, accelerator.num_processes, {role: len(raw.dataset) for role, raw in raw_splits.items()})
-    model, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
-    trainable, total = freeze_parameters(model, model_config.freeze, model_config.freeze_vision_layers)
-    logger.info(
-        f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%), "
-        f"freezing: {model_config.freeze}"
+def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> EarlyStopping:
+    """Optimizer steps until the step budget or early stopping, resuming from `state`. Each step reads
+    step -> log? -> evaluate? -> checkpoint? -> stop?."""
+    config = run.config
+    early_stopping = (
+        EarlyStopping(**state.early_stopping)
+        if state.early_stopping
+        else EarlyStopping(
+            config.early_stopping_metric, config.early_stopping_patience, config.early_stopping_min_delta
+        )
     )
-    pairs = build_pair_datasets(accelerator, data_config, raw_splits, processor.tokenizer, image_size_of(model))
-    if data_config.strict:
-        check_strict(pairs, raw_splits)
-    skipped = write_skip_report(pairs, raw_splits, config.output_dir) if accelerator.is_main_process else {}
-    _check_split_sizes(config, accelerator.num_processes, {role: len(pairs[role]) for role in pairs})
-    return model, processor, pairs, skipped
+    if state.step >= run.total_steps or early_stopping.should_stop:
+        return early_stopping  # resumed from the run's last checkpoint
+    take_step = exact_step if config.accumulation == "exact" and config.gradient_accumulation_steps > 1 else plain_step
+    losses = [torch.tensor(value, device=run.accelerator.device) for value in state.unlogged_losses]
+    progress = _progress_bar(run, state)
+    run.model.train()
+    for micro_batches, epoch_over in optimizer_step_batches(run, state):
+        loss, stepped = take_step(run.step_context, micro_batches)
+        state.step += 1
+        losses.append(loss)
+        _count_nonfinite(state, stepped, config.max_nonfinite_steps)
+        progress.update(1)
+        out_of_steps = state.step >= run.total_steps
+        if state.step % config.logging_steps == 0 or out_of_steps:
+            _log_training(run, state, losses)
+            losses = []
+        evaluation_due = state.step % config.eval_steps == 0 if config.eval_steps else epoch_over
+        if evaluation_due or out_of_steps:
+            _evaluate_and_keep_best(run, state, early_stopping)
+        stop = out_of_steps or early_stopping.should_stop
+        checkpoint_due = config.checkpointing_steps and state.step % config.checkpointing_steps == 0
+        if not stop and (epoch_over or checkpoint_due):
+            _checkpoint(run, state, early_stopping, losses)
+        if on_step_end is not None:
+            on_step_end(state)
+        if stop:
+            break
+    progress.close()
+    return early_stopping
+
+
+def optimizer_step_batches(run: Run, state: TrainerState) -> Iterator[tuple[list[dict], bool]]:
+    """(micro-batches of one optimizer step, whether they end the epoch), epoch after epoch, without end.
+
+    Owns the epoch bookkeeping in `state`: the sampler's epoch, the micro-batches consumed in the current epoch
+    (a resumed run skips those once), and the epoch counter, which has already moved on when an epoch's last
+    group is yielded, so a checkpoint taken then resumes at the next epoch's start.
+    """
+    group_size = run.config.gradient_accumulation_steps
+    while True:
+        group = []
+        for batch in _epoch_batches(run, state):
+            group.append(batch)
+            state.batches_in_epoch += 1
+            epoch_over = state.batches_in_epoch == len(run.train_loader)
+            if epoch_over:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if len(group) == group_size or epoch_over:  # the epoch's last group may be shorter
+                yield group, epoch_over
+                group = []
+
+
+def _epoch_batches(run: Run, state: TrainerState):
+    """This epoch's batches in the seeded order for `state.epoch`, minus those a resumed run already consumed."""
+    run.train_loader.set_epoch(state.epoch)
+    if state.batches_in_epoch == 0:
+        return run.train_loader
+    skipping = run.accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
+    skipping.set_epoch(state.epoch)
+    return skipping
+
+
+def _progress_bar(run: Run, state: TrainerState) -> tqdm:
+    # Only the local main process draws; there TQDM_DISABLE=1 (or any TQDM_* setting) still applies.
+    hidden = {} if run.accelerator.is_local_main_process else {"disable": True}
+    return tqdm(total=run.total_steps, initial=state.step, desc="Training", **hidden)
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -233,69 +252,93 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total
     Not handed to accelerator.prepare: its wrapper steps N times per optimizer step on N processes. The step
     code steps it exactly once per optimizer step, so the schedule means the same at any scale.
     """
-    warmup_steps = config.warmup_steps or int(total_steps * config.warmup_ratio)
     # "constant" in transformers ignores warmup; its warmup variant with 0 steps is the same constant schedule.
     schedule = "constant_with_warmup" if config.lr_scheduler_type == "constant" else config.lr_scheduler_type
-    return get_scheduler(schedule, optimizer, warmup_steps, total_steps)
+    return get_scheduler(schedule, optimizer, config.warmup_steps_for(total_steps), total_steps)
 
 
-def fit(run: Run, state: TrainerState) -> EarlyStopping:
-    """Optimizer steps over groups of micro-batches, logging, evaluating and checkpointing, until the step budget
-    or early stopping. Resumes from `state` (mid-epoch too: the consumed batches of that epoch are skipped once)."""
-    accelerator, config = run.accelerator, run.config
-    early_stopping = (
-        EarlyStopping(**state.early_stopping)
-        if state.early_stopping
-        else EarlyStopping(
-            config.early_stopping_metric, config.early_stopping_patience, config.early_stopping_min_delta
-        )
+def _load_model_and_data(
+    accelerator: Accelerator, data_config: DataConfig, model_config: ModelConfig, config: TrainConfig
+):
+    """Rows (cheap, checked first), then the model and tokenizer, then the cached preprocessing pass."""
+    raw_splits = load_raw_splits(accelerator, data_config)
+    _check_split_sizes(config, accelerator.num_processes, {role: len(raw.dataset) for role, raw in raw_splits.items()})
+    model, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
+    trainable, total = freeze_parameters(model, model_config.freeze, model_config.freeze_vision_layers)
+    logger.info(
+        f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%), "
+        f"freezing: {model_config.freeze}"
     )
-    take_step = exact_step if config.accumulation == "exact" and config.gradient_accumulation_steps > 1 else plain_step
-    done = state.step >= run.total_steps or early_stopping.should_stop
-    losses = [torch.tensor(value, device=accelerator.device) for value in state.unlogged_losses]
-    progress = tqdm(
-        total=run.total_steps, initial=state.step, desc="Training", disable=not accelerator.is_local_main_process
+    pairs = build_pair_datasets(accelerator, data_config, raw_splits, processor.tokenizer, image_size_of(model))
+    if data_config.strict:
+        check_strict(pairs, raw_splits)
+    skipped = write_skip_report(pairs, raw_splits, config.output_dir) if accelerator.is_main_process else {}
+    _check_split_sizes(config, accelerator.num_processes, {role: len(pairs[role]) for role in pairs})
+    return model, processor, pairs, skipped
+
+
+def _restore(run: Run) -> TrainerState:
+    checkpoint = resolve_checkpoint(run.config.output_dir, run.config.resume_from_checkpoint)
+    state = load_checkpoint(run.accelerator, checkpoint)
+    run.step_context.scheduler.load_state_dict(state.scheduler)
+    return state
+
+
+def _evaluate(run: Run, role: str) -> dict[str, float]:
+    loader = run.validation_loader if role == "validation" else run.test_loader
+    return evaluate_retrieval(
+        run.accelerator,
+        run.model,
+        loader,
+        run.step_context.normalizer,
+        run.processor.tokenizer,
+        run.labels[role],
+        run.captions[role],
+        run.config.identical_captions_match,
     )
-    while not done:
-        run.model.train()
-        for micro_batches in _groups(_epoch_batches(run, state), config.gradient_accumulation_steps):
-            loss, stepped = take_step(run.step_context, micro_batches)
-            losses.append(loss)
-            state.step += 1
-            state.batches_in_epoch += len(micro_batches)
-            _count_nonfinite(state, stepped, config.max_nonfinite_steps)
-            progress.update(1)
-            done = state.step >= run.total_steps
-            if state.step % config.logging_steps == 0 or done:
-                # The only host-device sync of the loss, once per logging interval.
-                _log_training(run, state, accelerator.reduce(torch.stack(losses).mean(), "mean").item())
-                losses = []
-            if config.eval_steps and (state.step % config.eval_steps == 0 or done):
-                done = _evaluate_and_keep_best(run, state, early_stopping) or done
-            epoch_over = state.batches_in_epoch >= len(run.train_loader)  # then the epoch-end checkpoint follows
-            if config.checkpointing_steps and state.step % config.checkpointing_steps == 0 and not (done or epoch_over):
-                _checkpoint(run, state, early_stopping, losses)
-            if done:
-                break
-        epoch_over = state.batches_in_epoch >= len(run.train_loader)
-        if not config.eval_steps and (epoch_over or done):
-            done = _evaluate_and_keep_best(run, state, early_stopping) or done
-        if epoch_over:
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            if not done:
-                _checkpoint(run, state, early_stopping, losses)
-    progress.close()
-    return early_stopping
 
 
-def _epoch_batches(run: Run, state: TrainerState):
-    """This epoch's batches in the seeded order for `state.epoch`, minus those a resumed run already consumed."""
-    run.train_loader.set_epoch(state.epoch)
-    if state.batches_in_epoch == 0:
-        return run.train_loader
-    skipping = run.accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
-    skipping.set_epoch(state.epoch)
-    return skipping
+def _evaluate_and_keep_best(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> None:
+    """Evaluate on the validation split; save the model when it is the best so far."""
+    metrics = _evaluate(run, "validation")
+    improved = early_stopping.update(metrics, state.step)
+    if improved:
+        save_model(run.accelerator, run.model, run.processor, run.config.output_dir)
+    state.history.append(
+        {"step": state.step, "epoch": _epochs_done(run, state), **{f"eval_{k}": v for k, v in metrics.items()}}
+    )
+    run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
+    best = (
+        " (best so far, saved)"
+        if improved
+        else f" (best {early_stopping.best_value:.4f} at step {early_stopping.best_step})"
+    )
+    logger.info(f"step {state.step}: validation {early_stopping.metric} = {metrics[early_stopping.metric]:.4f}{best}")
+    if early_stopping.should_stop:
+        logger.info(f"Early stopping: no improvement in {early_stopping.patience} evaluations.")
+
+
+def _log_training(run: Run, state: TrainerState, losses: list[torch.Tensor]) -> None:
+    # The only host-device sync of the loss, once per logging interval.
+    loss = run.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+    learning_rate = run.step_context.scheduler.get_last_lr()[0]
+    logit_scale = unwrap_clip(run.accelerator, run.model).logit_scale.exp().item()
+    epochs = _epochs_done(run, state)
+    state.history.append(
+        {"step": state.step, "epoch": epochs, "loss": loss, "learning_rate": learning_rate, "logit_scale": logit_scale}
+    )
+    run.accelerator.log(
+        {"train/loss": loss, "train/learning_rate": learning_rate, "train/logit_scale": logit_scale}, step=state.step
+    )
+    logger.info(
+        f"step {state.step}/{run.total_steps} epoch {epochs:.2f}: loss {loss:.4f} lr {learning_rate:.3g} "
+        f"logit_scale {logit_scale:.2f}"
+    )
+
+
+def _epochs_done(run: Run, state: TrainerState) -> float:
+    """Epochs completed, fractional (as transformers.Trainer logs them): 1.0 at the end of the first epoch."""
+    return round(state.epoch + state.batches_in_epoch / len(run.train_loader), 4)
 
 
 def _count_nonfinite(state: TrainerState, stepped: bool, limit: int) -> None:
@@ -323,68 +366,29 @@ def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping, lo
     save_checkpoint(run.accelerator, run.config.output_dir, state, run.config.save_total_limit)
 
 
-def _groups(loader, size: int):
-    """Consecutive groups of `size` micro-batches; the epoch's last group may be shorter."""
-    group = []
-    for batch in loader:
-        group.append(batch)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-def _evaluate_and_keep_best(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> bool:
-    """Evaluate on the validation split, save the model if it is the best so far; True when it is time to stop."""
-    metrics = _evaluate(run, "validation")
-    step = state.step
-    improved = early_stopping.update(metrics, step)
-    if improved:
-        save_model(run.accelerator, run.model, run.processor, run.config.output_dir)
-    state.history.append({"step": step, "epoch": state.epoch + 1, **{f"eval_{k}": v for k, v in metrics.items()}})
-    run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-    logger.info(
-        f"step {step}: validation {early_stopping.metric} = {metrics[early_stopping.metric]:.4f}"
-        + (
-            " (best so far, saved)"
-            if improved
-            else f" (best {early_stopping.best_value:.4f} at step {early_stopping.best_step})"
-        )
-    )
-    if early_stopping.should_stop:
-        logger.info(f"Early stopping: no improvement in {early_stopping.patience} evaluations.")
-    return early_stopping.should_stop
-
-
-def _log_training(run: Run, state: TrainerState, loss: float) -> None:
-    step, epoch = state.step, state.epoch
-    learning_rate = run.step_context.scheduler.get_last_lr()[0]
-    logit_scale = unwrap_clip(run.accelerator, run.model).logit_scale.exp().item()
-    state.history.append(
-        {"step": step, "epoch": epoch + 1, "loss": loss, "learning_rate": learning_rate, "logit_scale": logit_scale}
-    )
-    run.accelerator.log(
-        {"train/loss": loss, "train/learning_rate": learning_rate, "train/logit_scale": logit_scale}, step=step
-    )
-    logger.info(
-        f"step {step}/{run.total_steps} epoch {epoch + 1}: loss {loss:.4f} lr {learning_rate:.3g} "
-        f"logit_scale {logit_scale:.2f}"
-    )
-
-
 def _load_best_weights(run: Run) -> None:
     """The saved best model is what the final test evaluation measures and what users get."""
     best = CLIPModel.from_pretrained(run.config.output_dir, dtype=torch.float32)
     unwrap_clip(run.accelerator, run.model).load_state_dict(best.state_dict())
 
 
+def _shut_down(run: Run) -> None:
+    """Release the DDP wrapper before the process group goes: a gloo group destroyed first makes the wrapper's
+    destructor wait forever on a peer that has already exited."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    run.step_context.model = run.step_context.optimizer = None
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+
+
 def _check_split_sizes(config: TrainConfig, num_processes: int, sizes: dict[str, int]) -> None:
     """Before any image is decoded (on row counts) and again after (on usable pairs)."""
-    global_batch = config.per_device_train_batch_size * num_processes
-    if global_batch > sizes["train"]:
+    micro_batch = config.per_device_train_batch_size * num_processes
+    if micro_batch > sizes["train"]:
         raise ValueError(
-            f"The global batch ({global_batch} = per-device batch x {num_processes} processes) exceeds "
+            f"One batch of all processes ({micro_batch} = per-device batch x {num_processes} processes) exceeds "
             f"the {sizes['train']} training pairs; lower --per_device_train_batch_size."
         )
     for role in ("validation", "test"):
@@ -421,37 +425,37 @@ def _check_output_dir(config: TrainConfig) -> None:
         )
 
 
-def _log_startup(accelerator, config: TrainConfig, total_steps: int, pairs) -> None:
-    per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+def _log_startup(accelerator: Accelerator, config: TrainConfig, total_steps: int, pairs: dict) -> None:
+    processes = accelerator.num_processes
     logger.info(
-        f"Processes: {accelerator.num_processes} ({accelerator.distributed_type.value}) on "
-        f"{accelerator.device.type}; mixed precision: {accelerator.mixed_precision}"
+        f"Processes: {processes} ({accelerator.distributed_type.value}) on {accelerator.device.type}; "
+        f"mixed precision: {accelerator.mixed_precision}"
     )
     logger.info(
-        f"Global batch: {per_device * accelerator.num_processes * accumulation} = {per_device} per device "
-        f"x {accelerator.num_processes} processes x {accumulation} accumulation steps"
+        f"Global batch: {config.global_batch_size(processes)} = {config.per_device_train_batch_size} per device "
+        f"x {processes} processes x {config.gradient_accumulation_steps} accumulation steps"
     )
     logger.info(
-        f"Pairs: train {len(pairs['train'])}, validation {len(pairs['validation'])}, test "
-        f"{len(pairs['test'])}; optimizer steps: {total_steps}"
+        f"Pairs: train {len(pairs['train'])}, validation {len(pairs['validation'])}, test {len(pairs['test'])}; "
+        f"optimizer steps: {total_steps}"
     )
 
 
 def _training_summary(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> dict:
+    processes = run.accelerator.num_processes
     return {
         "optimizer_steps": state.step,
         "planned_steps": run.total_steps,
+        "warmup_steps": run.config.warmup_steps_for(run.total_steps),
         "nonfinite_steps": state.nonfinite_steps,
-        "train_pairs": run.pairs["train"],
-        "pairs": run.pairs,
+        "train_pairs": run.pair_counts["train"],
+        "pairs": run.pair_counts,
         "skipped_rows": run.skipped,
         "epochs_run": round(state.step / run.steps_per_epoch, 2),
         "best_step": early_stopping.best_step,
         "early_stopping_metric": early_stopping.metric,
         "stopped_early": early_stopping.should_stop,
-        "num_processes": run.accelerator.num_processes,
+        "num_processes": processes,
         "mixed_precision": run.accelerator.mixed_precision,
-        "global_batch_size": run.config.per_device_train_batch_size
-        * run.accelerator.num_processes
-        * run.config.gradient_accumulation_steps,
+        "global_batch_size": run.config.global_batch_size(processes),
     }

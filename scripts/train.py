@@ -1,4 +1,4 @@
-"""Fine-tune CLIP: `accelerate launch scripts/train.py --config recipes/demo.yaml` (see README)."""
+"""Fine-tune CLIP: `accelerate launch scripts/train.py --config demo` (see README)."""
 
 from clip_accel.cli import train_main
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 # Before datasets/huggingface_hub are imported: no Hub access, and a private datasets cache per test session.
@@ -18,6 +19,18 @@ from clip_accel.data.demo import write_demo_dataset  # noqa: E402
 from clip_accel.tokenizer import build_offline_tokenizer  # noqa: E402
 
 TINY_IMAGE_SIZE = 32
+
+
+def installed_script(name: str) -> str:
+    """The installed console script `name` (pyproject's [project.scripts]) beside this Python."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    assert os.path.isfile(path), f"{path} is missing: install the package first (pip install -e .)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def console_script():
+    return installed_script
 
 
 def tiny_clip_config(vocab_size: int = 600, eos_token_id: int = 2) -> CLIPConfig:
@@ -40,7 +53,7 @@ def demo_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model_config_path(tmp_path_factory) -> str:
-    """A CLIPConfig JSON for --model_config (vocab size and special ids are set from the offline tokenizer)."""
+    """A CLIPConfig JSON for --scratch_config (vocab size and special ids are set from the offline tokenizer)."""
     path = tmp_path_factory.mktemp("model") / "clip-test.json"
     path.write_text(tiny_clip_config().to_json_string())
     return str(path)
@@ -64,7 +77,7 @@ def make_configs(demo_dir, tiny_model_config_path, tmp_path):
         values = {
             "data_dir": demo_dir,
             "cache_dir": str(tmp_path / "cache"),
-            "model_config": tiny_model_config_path,
+            "scratch_config": tiny_model_config_path,
             "output_dir": str(tmp_path / "out"),
             "num_train_epochs": 2,
             "per_device_train_batch_size": 32,

@@ -35,7 +35,7 @@ def _command(processes: int, demo_dir: str, model_config: str, out, *extra: str)
     return launcher + [
         "--data_dir",
         demo_dir,
-        "--model_config",
+        "--scratch_config",
         model_config,
         "--output_dir",
         str(out),

@@ -93,7 +93,7 @@ def two_process_run(tmp_path_factory, demo_dir, tiny_model_config_path):
         "scripts/train.py",
         "--data_dir",
         demo_dir,
-        "--model_config",
+        "--scratch_config",
         tiny_model_config_path,
         "--output_dir",
         str(out),

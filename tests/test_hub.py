@@ -22,10 +22,10 @@ from hub_server import FakeHub
 from huggingface_hub import ModelCard, constants
 from transformers import CLIPModel
 
+from clip_accel.cli import train_and_publish
 from clip_accel.config import RECALL_KS
-from clip_accel.evaluation import format_results_table
 from clip_accel.hub import HubAccessError, _ensure_card, check_hub_access, retry_command, write_model_card
-from clip_accel.trainer import train
+from clip_accel.results import format_results_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "hf_fakeTokenForTheseTests0123456789"
@@ -73,7 +73,7 @@ def run(args: list[str], env: dict) -> subprocess.CompletedProcess:
 def train_args(demo_dir: str, model_config: str, output_dir: str, repo_id: str) -> list[str]:
     options = {
         "data_dir": demo_dir,
-        "model_config": model_config,
+        "scratch_config": model_config,
         "output_dir": output_dir,
         "cache_dir": output_dir + "-cache",
         "num_train_epochs": 1,
@@ -132,7 +132,7 @@ def test_card_names_the_hub_base_model_and_dataset(pushed_run, tmp_path):
     folder = shutil.copytree(pushed_run[0], tmp_path / "finetuned")
     config = read_json(folder, "training_config.json")
     config.update(
-        model_config=None,
+        scratch_config=None,
         model_name_or_path="openai/clip-vit-base-patch32",
         data_dir=None,
         dataset_name="someone/fashion-captions",
@@ -183,7 +183,9 @@ def test_token_never_appears_in_logs_output_folder_or_pushed_repo(hub, pushed_ru
     assert not any(TOKEN.encode() in content for content in hub.files(REPO).values())
 
 
-def test_failed_upload_keeps_the_folder_and_names_the_retry_command(hub, tmp_path, demo_dir, tiny_model_config_path):
+def test_failed_upload_keeps_the_folder_and_names_the_retry_command(
+    hub, tmp_path, demo_dir, tiny_model_config_path, console_script
+):
     repo_id, output_dir = "user/clip-retry", str(tmp_path / "out")
     env = hub_env(hub, str(tmp_path / "hf-home"))
     hub.fail_commits = True
@@ -194,7 +196,7 @@ def test_failed_upload_keeps_the_folder_and_names_the_retry_command(hub, tmp_pat
     assert failed.returncode != 0
     assert "PushToHubError" in failed.stderr and TOKEN not in failed.stdout + failed.stderr
     command = retry_command(output_dir, repo_id)
-    assert command == f"python scripts/push_to_hub.py {output_dir} --hub_model_id {repo_id}"
+    assert command == f"clip-accel push {output_dir} --hub_model_id {repo_id}"
     assert command in failed.stderr
     for name in ("model.safetensors", "eval_results.json", "README.md", "training_config.json"):
         assert os.path.isfile(os.path.join(output_dir, name)), name
@@ -202,7 +204,10 @@ def test_failed_upload_keeps_the_folder_and_names_the_retry_command(hub, tmp_pat
     assert ModelCard.load(os.path.join(output_dir, "README.md")).data.model_name == repo_id
     assert not any(commit["repo"] == repo_id for commit in hub.commits)
 
-    retried = run(shlex.split(command)[1:], env)  # the command as printed, against a healthy Hub
+    # The command as printed, through the installed console script, against a healthy Hub.
+    retried = subprocess.run(
+        [console_script("clip-accel"), *shlex.split(command)[1:]], env=env, capture_output=True, text=True, timeout=180
+    )
     assert retried.returncode == 0, retried.stderr[-3000:]
     with open(os.path.join(output_dir, "model.safetensors"), "rb") as handle:
         assert hub.files(repo_id)["model.safetensors"] == handle.read()
@@ -222,7 +227,7 @@ def hub_in_process(hub, monkeypatch, tmp_path):
 def test_missing_token_fails_before_training_with_how_to_log_in(hub_in_process, make_configs):
     configs = make_configs(push_to_hub=True, hub_model_id="user/never-trained")
     with pytest.raises(HubAccessError, match="hf auth login"):
-        train(*configs)
+        train_and_publish(*configs)
     assert not os.path.exists(os.path.join(configs[2].output_dir, "model.safetensors"))
     assert "user/never-trained" not in hub_in_process.repos
 
@@ -231,7 +236,7 @@ def test_rejected_token_fails_before_training_without_showing_it(hub_in_process,
     monkeypatch.setenv("HF_TOKEN", "hf_wrongTokenValue987")
     configs = make_configs(push_to_hub=True, hub_model_id="user/never-trained")
     with pytest.raises(HubAccessError, match="hf auth login --force") as raised:
-        train(*configs)
+        train_and_publish(*configs)
     assert "hf_wrongTokenValue987" not in str(raised.value)
     assert not os.path.exists(os.path.join(configs[2].output_dir, "model.safetensors"))
 

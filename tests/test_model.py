@@ -85,7 +85,7 @@ def test_weight_decay_skips_biases_norms_and_logit_scale():
 
 
 def test_from_scratch_model_matches_its_offline_tokenizer(tiny_model_config_path):
-    model, processor = load_model_and_processor(ModelConfig(model_config=tiny_model_config_path), lambda: CAPTIONS)
+    model, processor = load_model_and_processor(ModelConfig(scratch_config=tiny_model_config_path), lambda: CAPTIONS)
     tokenizer = processor.tokenizer
     assert model.config.text_config.vocab_size == len(tokenizer)
     assert model.config.text_config.eos_token_id == tokenizer.eos_token_id
@@ -93,10 +93,10 @@ def test_from_scratch_model_matches_its_offline_tokenizer(tiny_model_config_path
 
 
 def test_bundled_preset_loads_and_unknown_preset_lists_the_choices():
-    model, _ = load_model_and_processor(ModelConfig(model_config="clip-tiny"), lambda: CAPTIONS)
+    model, _ = load_model_and_processor(ModelConfig(scratch_config="clip-tiny"), lambda: CAPTIONS)
     assert model.config.vision_config.image_size == 64
     with pytest.raises(ValueError, match="clip-tiny"):
-        load_model_and_processor(ModelConfig(model_config="clip-huge"), lambda: CAPTIONS)
+        load_model_and_processor(ModelConfig(scratch_config="clip-huge"), lambda: CAPTIONS)
 
 
 def test_cached_uint8_plus_device_normalisation_matches_the_clip_image_processor(tmp_path):

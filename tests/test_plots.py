@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
+from PIL import Image, ImageStat
 
-pytest.importorskip("matplotlib", reason="plots need the optional extra: pip install 'clip-accel[plots]'")
-
-from PIL import Image, ImageStat  # noqa: E402
-
-from clip_accel.plots import plot_recall_bars, plot_training_curves  # noqa: E402
+from clip_accel.plots import plot_recall_bars, plot_training_curves
 
 # Captured from `python scripts/train.py --config recipes/demo.yaml --num_train_epochs 2` (OUTPUT/log_history.json):
 # training and evaluation records interleave, and two records can share a step.
@@ -120,11 +116,3 @@ def test_recall_bars_reject_rows_without_recall(tmp_path):
         plot_recall_bars({"model": {"image_to_text_R@1": 0.5}}, str(tmp_path / "bars.png"))
     with pytest.raises(ValueError, match="empty"):
         plot_recall_bars({}, str(tmp_path / "bars.png"))
-
-
-def test_missing_matplotlib_says_what_to_install(monkeypatch, tmp_path):
-    # None in sys.modules makes the import fail as if the package were not installed.
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
-    with pytest.raises(ImportError, match=r"pip install 'clip-accel\[plots\]'"):
-        plot_training_curves(REAL_LOG_HISTORY, str(tmp_path / "curves.png"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import CLIPModel, CLIPProcessor
 
-from clip_accel.cli import evaluate_main
+from clip_accel.cli import evaluate_main, train_and_publish
 from clip_accel.trainer import EarlyStopping, train
 
 
@@ -23,7 +23,7 @@ def trained(tmp_path_factory, demo_dir, tiny_model_config_path):
     out = tmp_path_factory.mktemp("run") / "out"
     configs = (
         DataConfig(data_dir=demo_dir, cache_dir=str(out.parent / "cache")),
-        ModelConfig(model_config=tiny_model_config_path),
+        ModelConfig(scratch_config=tiny_model_config_path),
         TrainConfig(
             output_dir=str(out),
             num_train_epochs=6,
@@ -37,7 +37,7 @@ def trained(tmp_path_factory, demo_dir, tiny_model_config_path):
             early_stopping_patience=0,
         ),
     )
-    return configs, train(*configs)
+    return configs, train_and_publish(*configs)
 
 
 def test_training_raises_recall_above_the_untrained_model(trained):
@@ -86,7 +86,7 @@ def test_eval_results_file_matches_the_returned_metrics(trained):
 def test_evaluate_script_reproduces_eval_results(trained, demo_dir, tmp_path):
     (_, _, train_config), result = trained
     out_file = tmp_path / "metrics.json"
-    metrics = evaluate_main(
+    evaluate_main(
         [
             "--model_name_or_path",
             train_config.output_dir,
@@ -98,8 +98,7 @@ def test_evaluate_script_reproduces_eval_results(trained, demo_dir, tmp_path):
             str(out_file),
         ]
     )
-    assert metrics == result.metrics["test"]
-    assert json.loads(out_file.read_text()) == metrics
+    assert json.loads(out_file.read_text()) == json.loads(json.dumps(result.metrics["test"]))
 
 
 def test_learning_rate_follows_the_schedule_in_optimizer_steps(trained):
@@ -161,7 +160,7 @@ def test_tensorboard_tracking_writes_event_files(make_configs, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"per_device_train_batch_size": 1000}, "global batch .* exceeds the 192 training pairs"),
+        ({"per_device_train_batch_size": 1000}, "One batch of all processes .* exceeds the 192 training pairs"),
         ({"max_eval_samples": 5}, "validation split has 5 pairs, but recall@10 needs at least 10"),
     ],
 )
