@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .tokenizer import MAX_TEXT_TOKENS
+
 __all__ = ["DEFAULT_TEMPLATES", "class_text_embeddings", "label_to_text", "zero_shot_accuracy"]
 
 # Product-photo phrasings in the spirit of CLIP's ImageNet prompts; the last ones name the domain, which helps
@@ -30,8 +32,6 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "an e-commerce photo of a {label}, indian fashion.",
 )
 
-# CLIP's text tower has 77 positions; longer prompts must be cut or the position embedding raises.
-_MAX_TEXT_TOKENS = 77
 # Prompts embedded per forward pass: bounds memory for datasets with many classes.
 _PROMPTS_PER_BATCH = 256
 
@@ -57,7 +57,7 @@ def class_text_embeddings(
 
     Args:
         model: a `transformers.CLIPModel` (unwrapped); its `get_text_features(...).pooler_output` is used.
-        tokenizer: the model's tokenizer; prompts are truncated to 77 tokens and padded with its pad token to
+        tokenizer: the model's tokenizer; prompts are truncated to MAX_TEXT_TOKENS (77) and padded with its pad token to
             the longest prompt of each batch.
         labels: C class labels; each goes through `label_to_text` before filling a template.
         templates: T format strings, each with a `{label}` placeholder.
@@ -97,7 +97,7 @@ def _check_templates(templates: Sequence[str], labels: list[str]) -> None:
 
 def _embed_prompts(model: torch.nn.Module, tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
     """float32 (P, D) projected text embeddings (not normalised) of P prompts."""
-    tokens = tokenizer(prompts, padding="longest", truncation=True, max_length=_MAX_TEXT_TOKENS, return_tensors="pt")
+    tokens = tokenizer(prompts, padding="longest", truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
     output = model.get_text_features(
         input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
     )

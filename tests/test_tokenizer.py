@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 from transformers import AutoTokenizer, CLIPTokenizer
 
 from clip_accel.tokenizer import BOS_TOKEN, EOS_TOKEN, build_offline_tokenizer, learn_merges
@@ -28,6 +32,10 @@ def test_unseen_text_still_tokenizes_down_to_bytes(offline_tokenizer):
 def test_learning_is_deterministic_and_respects_min_frequency():
     captions = ["silk saree", "silk saree", "cotton kurta"]
     assert learn_merges(captions) == learn_merges(list(captions))
+    # The same vocabulary in another process: the preprocessing cache is keyed by the tokenizer.
+    script = "import json, clip_accel.tokenizer as t; print(json.dumps(t.build_offline_tokenizer(%r).get_vocab()))"
+    other = subprocess.run([sys.executable, "-c", script % captions], capture_output=True, text=True, check=True)
+    assert json.loads(other.stdout) == build_offline_tokenizer(captions).get_vocab()
     merged = {left + right for left, right in learn_merges(captions)}
     assert "silk</w>" in merged and "kurta</w>" not in merged  # seen once: below min_frequency 2
 
@@ -43,6 +51,17 @@ def test_round_trips_through_save_pretrained(offline_tokenizer, tmp_path):
     assert isinstance(loaded, CLIPTokenizer)
     text = ["Women's red striped cotton kurta with gold border", "unseen words too"]
     assert loaded(text)["input_ids"] == offline_tokenizer(text)["input_ids"]
+
+
+def test_merges_are_learned_on_clips_own_pieces():
+    # CLIP's pre-tokenizer splits digits one by one and keeps punctuation runs apart from letters.
+    merged = {left + right for left, right in learn_merges(["abc-123 abc-123 abc-123"])}
+    assert "abc</w>" in merged and "12" not in merged and "-1" not in merged
+
+
+def test_max_merges_cuts_the_list_learned_in_order():
+    captions = ["red striped cotton kurta with gold border", "blue silk saree with silver border"] * 3
+    assert learn_merges(captions, max_merges=5) == learn_merges(captions)[:5]
 
 
 def test_empty_caption_list_still_builds_a_usable_tokenizer():

@@ -18,6 +18,7 @@ import datasets
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..tokenizer import MAX_TEXT_TOKENS
 from .sources import RawSplit
 
 # Bump when the cached layout or the pixel pipeline changes, so old caches are not reused.
@@ -133,7 +134,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def preprocess_split(raw: RawSplit, tokenizer, image_size: int, cache_dir: str, num_proc: int = 1) -> datasets.Dataset:
     """Decode and tokenize one split through `datasets.map`, reusing the cache when nothing changed."""
-    max_length = min(tokenizer.model_max_length, 77)
+    max_length = min(tokenizer.model_max_length, MAX_TEXT_TOKENS)
     fingerprint = hashlib.sha256(
         json.dumps(
             [
