@@ -11,6 +11,7 @@ benchmark folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -36,9 +37,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from clip_accel.data.demo import CLASS_LABELS  # noqa: E402
+from clip_accel.data.sources import write_indo_fashion_split  # noqa: E402
 
 IMAGE_WIDTH, IMAGE_HEIGHT, JPEG_QUALITY = 240, 320, 90
-_SPLIT_FILES = {"train": "train_data.json", "val": "val_data.json", "test": "test_data.json"}
 _FORMAT_VERSION = 1
 
 # A small CLIP at 224 px for the CPU benchmarks: width 128, 4 layers per tower, 32 px patches.
@@ -116,25 +117,19 @@ def write_bench_dataset(
         return root
     with multiprocessing.Pool(os.cpu_count()) as pool:  # every item has its own seed: same output in parallel
         for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
-            (root / "images" / split).mkdir(parents=True, exist_ok=True)
-            jobs = [(str(root), split, index, seed) for index in range(count)]
-            lines = pool.map(_write_item, jobs, chunksize=16)
-            (root / _SPLIT_FILES[split]).write_text("".join(lines))
+            make_item = functools.partial(_make_item, split=split, seed=seed)
+            pool_map = functools.partial(pool.map, chunksize=16)
+            write_indo_fashion_split(root, split, make_item, count, map_items=pool_map, quality=JPEG_QUALITY)
     marker_file.write_text(json.dumps(marker))
     return root
 
 
-def _write_item(job: tuple[str, str, int, int]) -> str:
-    """Write one image; return its annotation line."""
-    root, split, index, seed = job
+def _make_item(index: int, split: str, seed: int) -> tuple[dict, Image.Image]:
+    """One product photo and its annotation fields."""
     rng = np.random.default_rng([seed, ("train", "val", "test").index(split), index])
     label = CLASS_LABELS[int(rng.integers(len(CLASS_LABELS)))]
-    image_path = f"images/{split}/{index}.jpeg"
-    _product_photo(rng).save(os.path.join(root, image_path), format="JPEG", quality=JPEG_QUALITY)
-    return (
-        json.dumps({"image_path": image_path, "product_title": _title(rng, label), "class_label": label, "brand": ""})
-        + "\n"
-    )
+    photo = _product_photo(rng)  # before the title: the same draws from rng as every earlier version of the set
+    return {"product_title": _title(rng, label), "class_label": label, "brand": ""}, photo
 
 
 def _product_photo(rng: np.random.Generator) -> Image.Image:

@@ -98,7 +98,7 @@ def test_second_call_is_noop_and_new_arguments_rewrite(tmp_path: Path, monkeypat
     root = write_demo_dataset(tmp_path / "demo", **SMALL)
     before = _files(root)
     with monkeypatch.context() as patch:
-        patch.setattr(demo, "_write_split", lambda *args: pytest.fail("a complete dataset was regenerated"))
+        patch.setattr(demo, "write_indo_fashion_split", lambda *a, **k: pytest.fail("a complete dataset was rewritten"))
         assert write_demo_dataset(str(root), **SMALL) == root
     assert _files(root) == before
     write_demo_dataset(root, **{**SMALL, "num_train": 4})

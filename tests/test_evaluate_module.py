@@ -1,4 +1,4 @@
-"""The `evaluate` module in metrics/retrieval_recall loads offline and gives clip_accel.metrics' numbers."""
+"""The `evaluate` module in evaluate_modules/retrieval_recall loads offline and gives clip_accel.metrics' numbers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ evaluate = pytest.importorskip("evaluate", reason="the evaluate module needs: pi
 
 from clip_accel.metrics import retrieval_metrics  # noqa: E402
 
-MODULE_DIR = Path(__file__).resolve().parents[1] / "metrics" / "retrieval_recall"
+MODULE_DIR = Path(__file__).resolve().parents[1] / "evaluate_modules" / "retrieval_recall"
 
 
 def _pairs(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

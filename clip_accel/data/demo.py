@@ -17,9 +17,12 @@ import os
 import random
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw
+
+from .sources import INDO_FASHION_FILES, write_indo_fashion_split
 
 __all__ = ["CLASS_LABELS", "DEMO_MARKER", "write_demo_dataset"]
 
@@ -43,7 +46,6 @@ CLASS_LABELS: tuple[str, ...] = (
 # Bump when the drawing or the titles change, so caches written by an older generator are rewritten.
 _FORMAT_VERSION = 1
 DEMO_MARKER = ".clip_accel_demo.json"
-_SPLIT_FILES = {"train": "train_data.json", "val": "val_data.json", "test": "test_data.json"}
 
 _COLOURS = {
     "red": (205, 25, 30),
@@ -253,7 +255,9 @@ def _draw_item(label: str, colour: str, pattern: str, border: str, size: int, rn
     return image
 
 
-def _make_item(rng: random.Random, size: int) -> tuple[dict[str, str], Image.Image]:
+def _make_item(index: int, split: str, size: int, seed: int) -> tuple[dict[str, str], Image.Image]:
+    # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms.
+    rng = random.Random(f"clip_accel-demo:{seed}:{split}:{index}")
     label, colour, pattern = rng.choice(CLASS_LABELS), rng.choice(list(_COLOURS)), rng.choice(_PATTERNS)
     border, brand = rng.choice(list(_BORDERS)), rng.choice(_BRANDS)
     gender, noun = _NOUNS[label]
@@ -269,22 +273,10 @@ def _make_item(rng: random.Random, size: int) -> tuple[dict[str, str], Image.Ima
         b=border,
         brand=brand,
     )
-    record = {"brand": brand, "product_title": title, "class_label": label}
-    return record, _draw_item(label, colour, pattern, border, size, rng)
-
-
-def _write_split(folder: Path, split: str, count: int, size: int, seed: int) -> None:
-    (folder / "images" / split).mkdir(parents=True)
-    lines = []
-    for index in range(count):
-        # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms.
-        record, image = _make_item(random.Random(f"clip_accel-demo:{seed}:{split}:{index}"), size)
-        image_path = f"images/{split}/{index}.jpeg"
-        image.save(folder / image_path, format="JPEG", quality=90, subsampling=0)
-        slug = record["product_title"].lower().replace("'", "").replace(",", "").replace(" ", "-")
-        row = {"image_url": f"https://example.com/demo/{split}/{index}-{slug}.jpeg", "image_path": image_path, **record}
-        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    (folder / _SPLIT_FILES[split]).write_text("".join(lines), encoding="utf-8")
+    slug = title.lower().replace("'", "").replace(",", "").replace(" ", "-")
+    fields = {"image_url": f"https://example.com/demo/{split}/{index}-{slug}.jpeg", "brand": brand}
+    fields.update(product_title=title, class_label=label)
+    return fields, _draw_item(label, colour, pattern, border, size, rng)
 
 
 def _validate(counts: dict[str, int], image_size: int, seed: int) -> None:
@@ -302,7 +294,7 @@ def _is_current(root: Path, marker: dict[str, int]) -> bool:
         found = json.loads((root / DEMO_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return found == marker and all((root / name).is_file() for name in _SPLIT_FILES.values())
+    return found == marker and all((root / name).is_file() for name in INDO_FASHION_FILES.values())
 
 
 def _check_replaceable(root: Path) -> None:
@@ -342,8 +334,9 @@ def write_demo_dataset(
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        for split, count in zip(_SPLIT_FILES, counts.values(), strict=True):
-            _write_split(staging, split, count, image_size, seed)
+        for split, count in zip(INDO_FASHION_FILES, counts.values(), strict=True):
+            make_item = partial(_make_item, split=split, size=image_size, seed=seed)
+            write_indo_fashion_split(staging, split, make_item, count, quality=90, subsampling=0)
         (staging / DEMO_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
         _swap_into_place(staging, root, marker)
     finally:

@@ -1,4 +1,5 @@
-"""Where image–caption pairs come from: the Indo-fashion Kaggle layout, anything `datasets` can load, the demo.
+"""Where image–caption pairs come from: the Indo-fashion Kaggle layout (read here, and written here for the demo and
+the benchmarks), anything `datasets` can load.
 
 Every source yields the same raw schema, so preprocessing has one code path:
 `image` (a file path, or a `{"bytes", "path"}` dict), `caption` (str), `label` (str, "" when unknown),
@@ -10,18 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import datasets
+from PIL import Image
 
 from ..config import DataConfig
 
-INDO_FASHION_FILES = {
-    "train": "train_data.json",
-    "validation": "val_data.json",
-    "val": "val_data.json",
-    "test": "test_data.json",
-}
+# The Kaggle download's annotation file per split; its validation split is called "val".
+INDO_FASHION_FILES = {"train": "train_data.json", "val": "val_data.json", "test": "test_data.json"}
+SPLIT_ALIASES = {"validation": "val"}
 INDO_FASHION_FIELDS = ("image_path", "product_title", "class_label")
 RAW_FEATURES = datasets.Features(
     {
@@ -78,9 +79,10 @@ def read_indo_fashion(data_dir: str, split: str) -> RawSplit:
     A line that is not valid JSON or lacks a required field is an error naming the file and line: a broken
     annotation file is a problem to fix, not data to skip. Image problems are found later, per row.
     """
-    if split not in INDO_FASHION_FILES:
+    file_name = INDO_FASHION_FILES.get(SPLIT_ALIASES.get(split, split))
+    if file_name is None:
         raise ValueError(f"Indo-fashion has the splits train, validation (val) and test; got {split!r}.")
-    path = os.path.join(data_dir, INDO_FASHION_FILES[split])
+    path = os.path.join(data_dir, file_name)
     if not os.path.isfile(path):
         raise ValueError(
             f"{path} is missing: --data_dir must hold train_data.json, val_data.json and "
@@ -100,6 +102,33 @@ def read_indo_fashion(data_dir: str, split: str) -> RawSplit:
     dataset = datasets.Dataset.from_dict(rows, features=RAW_FEATURES)
     signature = _hash(hashlib.sha256(content).hexdigest(), _image_files_signature(rows["image"]))
     return RawSplit(split, dataset, signature, path)
+
+
+def write_indo_fashion_split(
+    folder: str | os.PathLike[str],
+    split: str,
+    make_item: Callable[[int], tuple[dict, Image.Image]],
+    count: int,
+    *,
+    map_items: Callable = map,
+    **jpeg_options,
+) -> None:
+    """Write `count` items in the Kaggle layout: images/{split}/{index}.jpeg and the split's JSON-lines file.
+
+    `make_item(index)` returns (the row's fields other than image_path, the image). `map_items` may be a process
+    pool's map (then `make_item` must pickle); `jpeg_options` go to `Image.save` (quality, subsampling).
+    """
+    os.makedirs(os.path.join(folder, "images", split), exist_ok=True)
+    lines = map_items(partial(_write_item, str(folder), split, make_item, jpeg_options), range(count))
+    with open(os.path.join(folder, INDO_FASHION_FILES[split]), "w", encoding="utf-8") as handle:
+        handle.write("".join(lines))
+
+
+def _write_item(folder: str, split: str, make_item: Callable, jpeg_options: dict, index: int) -> str:
+    fields, image = make_item(index)
+    image_path = f"images/{split}/{index}.jpeg"
+    image.save(os.path.join(folder, image_path), format="JPEG", **jpeg_options)
+    return json.dumps({"image_path": image_path, **fields}, ensure_ascii=False) + "\n"
 
 
 def _parse_line(line: str, path: str, line_number: int) -> dict:

@@ -2,7 +2,7 @@
 
 Load it from its folder, not by name (`evaluate.load("retrieval_recall")` would look on the Hub):
 
-    metric = evaluate.load("metrics/retrieval_recall")
+    metric = evaluate.load("evaluate_modules/retrieval_recall")
     metric.compute(image_embeds=image_embeds, text_embeds=text_embeds, ks=(1, 5, 10))
 
 The numbers are exactly those of `clip_accel.metrics.retrieval_metrics` (same keys, same pessimistic tie rule),
@@ -42,7 +42,7 @@ Returns:
     `{direction}_median_rank` (1-based) and `mean_R@1` (mean of the two R@1), all floats.
 
 Examples:
-    >>> metric = evaluate.load("metrics/retrieval_recall")
+    >>> metric = evaluate.load("evaluate_modules/retrieval_recall")
     >>> result = metric.compute(image_embeds=[[1.0, 0.0], [0.0, 1.0]], text_embeds=[[2.0, 0.1], [0.0, 3.0]],
     ...                         ks=(1,))
     >>> result["image_to_text_R@1"], result["text_to_image_R@1"]
