@@ -1,0 +1,120 @@
+"""The commands as a user gets them: a wheel built from this checkout, installed outside it, its console scripts run
+from an empty folder. Each exits 0 on success (a console script hands its function's return value to sys.exit),
+and nothing is written outside the output folders chosen on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_RUN = ["--num_train_epochs", "1", "--max_train_samples", "256", "--max_eval_samples", "64"]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """(bin folder, environment) of the wheel installed into a folder of its own, with the dependencies of the
+    environment running the tests."""
+    root = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(root)], check=True)
+    (wheel,) = root.glob("clip_accel-*.whl")
+    site = root / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_DATASETS_CACHE": str(root / "datasets-cache")}
+    where = subprocess.run(
+        [sys.executable, "-c", "import clip_accel; print(clip_accel.__file__)"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert where.stdout.startswith(str(site)), f"the wheel, not the checkout, must be imported: {where.stdout}"
+    return site / "bin", env
+
+
+def run(installed, command: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    bin_dir, env = installed
+    return subprocess.run(
+        [str(bin_dir / command), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_run(installed, tmp_path_factory):
+    """`clip-accel-train --config demo` (the bundled recipe), shortened, from an empty folder."""
+    cwd, out = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("demo") / "out"
+    trained = run(installed, "clip-accel-train", "--config", "demo", "--output_dir", str(out), *SMALL_RUN, cwd=cwd)
+    return trained, out, cwd
+
+
+def test_train_console_script_exits_0_and_writes_only_its_output_folder(demo_run):
+    trained, out, cwd = demo_run
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    assert "'initial'" not in trained.stderr, "the results dict must not be handed to sys.exit"
+    assert {"model.safetensors", "eval_results.json", "README.md", "recall_at_k.png"} <= set(os.listdir(out))
+    assert list(cwd.iterdir()) == []
+
+
+def test_evaluate_console_script_exits_0_and_reproduces_the_run(installed, demo_run, tmp_path):
+    _, out, _ = demo_run
+    metrics = tmp_path / "metrics.json"
+    evaluated = run(
+        installed,
+        "clip-accel",
+        "evaluate",
+        "--model_name_or_path",
+        str(out),
+        "--demo",
+        "--max_eval_samples",
+        "64",
+        "--output_file",
+        str(metrics),
+        cwd=tmp_path,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+    expected = json.loads((out / "eval_results.json").read_text())["test"]
+    assert json.loads(metrics.read_text()) == expected
+
+
+def test_smoke_sweep_from_the_wheel_writes_only_under_its_output_dir(installed, tmp_path):
+    runs, cwd = tmp_path / "runs", tmp_path / "cwd"
+    cwd.mkdir()
+    command = ["reproduce", "--smoke", "--output_dir", str(runs), "--", *SMALL_RUN]
+    swept = run(installed, "clip-accel", *command, cwd=cwd)
+    assert swept.returncode == 0, swept.stderr[-4000:]
+    text = (runs / "RESULTS.md").read_text()
+    for name in (
+        "Zero-shot (starting model)",
+        "Freeze first 6 vision layers",
+        "Freeze both backbones",
+        "Unfreeze all",
+        "clip_accel proposal",
+    ):
+        assert f"| {name}" in text, name
+    assert "ZS top-1" in text and "accelerate launch --cpu" in text and "-m clip_accel train" in text
+    assert (runs / "results_recall.png").stat().st_size > 10_000
+    assert list(cwd.iterdir()) == []
+    # A finished sweep is reused, not rerun.
+    again = run(installed, "clip-accel-reproduce", *command[1:], cwd=cwd, timeout=120)
+    assert again.returncode == 0 and again.stderr.count("already finished") == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "the following arguments are required: command"),
+        (["fly"], "invalid choice: 'fly'"),
+        (["train", "--config", "no-such-recipe"], "neither a YAML file nor a bundled recipe"),
+        (["evaluate", "--demo"], "the following arguments are required: --model_name_or_path"),
+    ],
+)
+def test_bad_command_lines_exit_non_zero_with_the_reason(installed, tmp_path, args, message):
+    failed = run(installed, "clip-accel", *args, cwd=tmp_path, timeout=120)
+    assert failed.returncode != 0 and message in failed.stderr, failed.stderr[-2000:]
