@@ -145,8 +145,8 @@ class TrainConfig:
         default="exact",
         metadata={
             "help": "exact: the loss sees all accumulated micro-batches as one contrastive batch (one extra "
-            "forward per micro-batch). plain: Accelerate's accumulate, each micro-batch only sees its "
-            "own negatives."
+            "forward per micro-batch). plain: ordinary accumulation (mean gradient of the micro-batches), "
+            "each micro-batch only sees its own negatives."
         },
     )
     local_loss: bool = field(

@@ -13,6 +13,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from .config import RECALL_KS, DataConfig
 from .data import build_pair_datasets, load_raw_splits, make_dataloader
+from .launch import check_processes
 from .metrics import identical_caption_metrics, retrieval_metrics
 from .model import PixelNormalizer, image_size_of, unwrap_clip
 from .zero_shot import class_text_embeddings, zero_shot_accuracy
@@ -93,6 +94,7 @@ def evaluate_folder(
     `batch_size` defaults to the one in the folder's training_config.json.
     """
     accelerator = Accelerator()
+    check_processes(accelerator)
     model = CLIPModel.from_pretrained(model_name_or_path, dtype=torch.float32)
     processor = CLIPProcessor.from_pretrained(model_name_or_path)
     raw = load_raw_splits(accelerator, data_config, roles=("test",))

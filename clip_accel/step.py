@@ -1,6 +1,6 @@
 """One optimizer step over a group of micro-batches, in two flavours.
 
-- `plain_step`: Accelerate's gradient accumulation. Each micro-batch is its own contrastive batch, so it only
+- `plain_step`: ordinary gradient accumulation. Each micro-batch is its own contrastive batch, so it only
   ever sees its own negatives: accumulation saves memory but does not grow the batch the loss sees.
 - `exact_step`: the accumulation that does (GradCache / open_clip `--accum-freq`). Embed every micro-batch
   without grad, compute the loss over the whole accumulated (and gathered) batch, then re-run each micro-batch
@@ -45,19 +45,22 @@ def _logit_scale(context: StepContext) -> torch.Tensor:
 
 
 def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, bool]:
-    """Accelerate's `accumulate`: loss per micro-batch, gradients summed (and divided by the accumulation steps
-    by `accelerator.backward`), synchronised and applied on the last one.
+    """A loss per micro-batch; the gradient is their mean over this group (a short last group of an epoch
+    averages its own micro-batches), all-reduced once, after the last one, then one optimizer step.
+
+    Sync is driven here, not by `accelerator.accumulate`: Accelerate decides from its end-of-dataloader flag,
+    which is already set while the group read before the first forward is still running.
 
     Returns the mean loss and whether the optimizer step was applied (False: non-finite gradients, skipped)."""
     accelerator, losses = context.accelerator, []
-    for batch in micro_batches:
-        with accelerator.accumulate(context.model):
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with nullcontext() if last else accelerator.no_sync(context.model):
             image_embeds, text_embeds = embed(context, batch)
             loss = contrastive_loss(image_embeds, text_embeds, _logit_scale(context), local_loss=context.local_loss)
-            accelerator.backward(loss)
-            stepped = _finish_if_synced(context)
+            accelerator.backward(loss / len(micro_batches))
         losses.append(loss.detach())
-    return torch.stack(losses).mean(), stepped
+    return torch.stack(losses).mean(), _optimizer_step(context)
 
 
 def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, bool]:
@@ -79,10 +82,10 @@ def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]
             logit_scale = _logit_scale(context) if last else _logit_scale(context).detach()
             loss = contrastive_loss(images, texts, logit_scale, local_loss=context.local_loss)
             accelerator.backward(loss)
-    return loss.detach(), _finish_if_synced(context)
+    return loss.detach(), _optimizer_step(context)
 
 
-def _finish_if_synced(context: StepContext) -> bool:
+def _optimizer_step(context: StepContext) -> bool:
     """Clip, step, zero; on a real optimizer step also schedule and clamp logit_scale.
 
     A step whose gradients are not finite is skipped (returns False) instead of writing NaN into the weights.
@@ -90,10 +93,6 @@ def _finish_if_synced(context: StepContext) -> bool:
     sees the same norm and takes the same decision.
     """
     accelerator = context.accelerator
-    if not accelerator.sync_gradients:
-        context.optimizer.step()  # the prepared optimizer does nothing while gradients are being accumulated
-        context.optimizer.zero_grad(set_to_none=True)
-        return True
     grad_norm = accelerator.clip_grad_norm_(context.model.parameters(), context.max_grad_norm or math.inf)
     finite = grad_norm is None or bool(torch.isfinite(grad_norm))
     if finite or accelerator.mixed_precision == "fp16":  # fp16: the grad scaler skips and lowers its scale

@@ -25,6 +25,7 @@ from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_d
 from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, write_skip_report
 from .early_stopping import EarlyStopping
 from .evaluation import evaluate_retrieval
+from .launch import check_launch
 from .model import PixelNormalizer, freeze_parameters, image_size_of, load_model_and_processor, unwrap_clip
 from .step import StepContext, exact_step, plain_step
 
@@ -92,15 +93,16 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     """Accelerator, data, model, optimizer and schedule; every check that can fail runs before the first step."""
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
-        # Exact accumulation groups micro-batches itself; Accelerate must not also divide the loss.
-        gradient_accumulation_steps=1 if config.accumulation == "exact" else config.gradient_accumulation_steps,
+        # Both accumulation modes group micro-batches and drive gradient sync themselves (step.py): Accelerate
+        # must neither divide the loss nor decide when to sync.
+        gradient_accumulation_steps=1,
         log_with=config.report_to_list,
         project_dir=config.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         dynamo_backend="inductor" if config.torch_compile else None,
     )
     set_seed(config.seed)
-    _check_precision(accelerator)
+    check_launch(accelerator)
     if not config.resume_from_checkpoint:
         _check_output_dir(config)
     model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
@@ -167,7 +169,8 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
     losses = [torch.tensor(value, device=run.accelerator.device) for value in state.unlogged_losses]
     progress = _progress_bar(run, state)
     run.model.train()
-    for micro_batches, epoch_over in optimizer_step_batches(run, state):
+    group_size = config.gradient_accumulation_steps
+    for micro_batches, epoch_over in optimizer_step_batches(run.train_loader, run.accelerator, state, group_size):
         loss, stepped = take_step(run.step_context, micro_batches)
         state.step += 1
         losses.append(loss)
@@ -192,20 +195,22 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
     return early_stopping
 
 
-def optimizer_step_batches(run: Run, state: TrainerState) -> Iterator[tuple[list[dict], bool]]:
+def optimizer_step_batches(
+    loader, accelerator: Accelerator, state: TrainerState, group_size: int
+) -> Iterator[tuple[list[dict], bool]]:
     """(micro-batches of one optimizer step, whether they end the epoch), epoch after epoch, without end.
 
+    Groups of `group_size` consecutive batches of the prepared `loader`; an epoch's last group may be shorter.
     Owns the epoch bookkeeping in `state`: the sampler's epoch, the micro-batches consumed in the current epoch
     (a resumed run skips those once), and the epoch counter, which has already moved on when an epoch's last
     group is yielded, so a checkpoint taken then resumes at the next epoch's start.
     """
-    group_size = run.config.gradient_accumulation_steps
     while True:
         group = []
-        for batch in _epoch_batches(run, state):
+        for batch in _epoch_batches(loader, accelerator, state):
             group.append(batch)
             state.batches_in_epoch += 1
-            epoch_over = state.batches_in_epoch == len(run.train_loader)
+            epoch_over = state.batches_in_epoch == len(loader)
             if epoch_over:
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             if len(group) == group_size or epoch_over:  # the epoch's last group may be shorter
@@ -213,12 +218,12 @@ def optimizer_step_batches(run: Run, state: TrainerState) -> Iterator[tuple[list
                 group = []
 
 
-def _epoch_batches(run: Run, state: TrainerState):
+def _epoch_batches(loader, accelerator: Accelerator, state: TrainerState):
     """This epoch's batches in the seeded order for `state.epoch`, minus those a resumed run already consumed."""
-    run.train_loader.set_epoch(state.epoch)
+    loader.set_epoch(state.epoch)
     if state.batches_in_epoch == 0:
-        return run.train_loader
-    skipping = run.accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
+        return loader
+    skipping = accelerator.skip_first_batches(loader, state.batches_in_epoch)
     skipping.set_epoch(state.epoch)
     return skipping
 
@@ -397,24 +402,6 @@ def _check_split_sizes(config: TrainConfig, num_processes: int, sizes: dict[str,
                 f"The {role} split has {sizes[role]} pairs, but recall@{max(RECALL_KS)} needs at least "
                 f"{max(RECALL_KS)}; use a larger split (or a larger --max_eval_samples)."
             )
-
-
-def _check_precision(accelerator: Accelerator) -> None:
-    if accelerator.mixed_precision == "no":
-        return
-    device = accelerator.device.type
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
-    if dtype is None or not torch.amp.is_autocast_available(device):
-        raise ValueError(
-            f"--mixed_precision {accelerator.mixed_precision} is not available on {device}; use "
-            "--mixed_precision no (or bf16 where supported)."
-        )
-    with torch.autocast(device, dtype=dtype):
-        probe = torch.ones(2, 2, device=accelerator.device) @ torch.ones(2, 2, device=accelerator.device)
-    if probe.dtype != dtype:
-        raise ValueError(
-            f"{device} autocast does not compute in {dtype} here; use --mixed_precision no or another precision."
-        )
 
 
 def _check_output_dir(config: TrainConfig) -> None:

@@ -17,9 +17,12 @@ from transformers import CLIPModel, get_scheduler
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_clip_config  # noqa: E402
 
+from clip_accel.checkpoint import TrainerState  # noqa: E402
 from clip_accel.evaluation import evaluate_retrieval  # noqa: E402
+from clip_accel.loss import contrastive_loss  # noqa: E402
 from clip_accel.model import PixelNormalizer, freeze_parameters  # noqa: E402
-from clip_accel.step import StepContext, exact_step, plain_step  # noqa: E402
+from clip_accel.step import MAX_LOGIT_SCALE, StepContext, exact_step, plain_step  # noqa: E402
+from clip_accel.trainer import optimizer_step_batches  # noqa: E402
 
 GLOBAL_BATCH = 16
 EVAL_PAIRS = 45  # divisible neither by the 2 processes nor by the eval batch of 8
@@ -70,6 +73,65 @@ def one_step(
     return {"loss": loss.item(), "before": before, "after": after}
 
 
+class StepCounter:
+    """A constant schedule that counts the optimizer steps taken (the step code steps it once per real step)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+
+ACCUMULATION, EPOCHS, MICRO_BATCH = 4, 2, 4  # micro-batches per step, epochs, pairs per global micro-batch
+
+
+def plain_accumulation(accelerator: Accelerator, batches_per_epoch: int) -> dict:
+    """EPOCHS epochs of plain accumulation through the trainer's own grouping and step: each global micro-batch
+    of MICRO_BATCH pairs spread over the processes, ACCUMULATION micro-batches per optimizer step."""
+    context = step_context(accelerator)
+    context.scheduler = StepCounter()
+    pairs = synthetic_pairs(MICRO_BATCH * batches_per_epoch, seed=3)
+    # Not shuffled: on N processes global micro-batch i is rank 0's batch i, then rank 1's, ...: the same pairs,
+    # in the same order, as batch i of one process reading MICRO_BATCH at a time.
+    loader = DataLoader(pairs, batch_size=MICRO_BATCH // accelerator.num_processes, collate_fn=stack, drop_last=True)
+    loader = accelerator.prepare(loader)
+    state = TrainerState()
+    for micro_batches, _ in optimizer_step_batches(loader, accelerator, state, ACCUMULATION):
+        plain_step(context, micro_batches)
+        if state.epoch == EPOCHS:
+            break
+    weights = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
+    return {"optimizer_steps": context.scheduler.steps, "after": weights}
+
+
+def plain_accumulation_by_hand(batches_per_epoch: int) -> dict:
+    """The reference for `plain_accumulation`, written out without the trainer: for each run of up to
+    ACCUMULATION consecutive micro-batches of an epoch, the mean of their losses' gradients, clipped, one SGD
+    step, logit_scale clamped."""
+    torch.manual_seed(0)
+    model = CLIPModel(tiny_clip_config())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    normalizer = PixelNormalizer([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    pairs = synthetic_pairs(MICRO_BATCH * batches_per_epoch, seed=3)
+    batches = [stack(pairs[start : start + MICRO_BATCH]) for start in range(0, len(pairs), MICRO_BATCH)]
+    steps = 0
+    for _ in range(EPOCHS):
+        for start in range(0, len(batches), ACCUMULATION):
+            group = batches[start : start + ACCUMULATION]
+            optimizer.zero_grad()
+            for batch in group:
+                outputs = model(input_ids=batch["input_ids"], pixel_values=normalizer(batch["pixel_values"]))
+                loss = contrastive_loss(outputs.image_embeds, outputs.text_embeds, model.logit_scale)
+                (loss / len(group)).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            steps += 1
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return {"optimizer_steps": steps, "after": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
 def evaluate(accelerator: Accelerator) -> dict:
     context = step_context(accelerator)
     loader = accelerator.prepare(DataLoader(synthetic_pairs(EVAL_PAIRS, seed=2), batch_size=8))
@@ -86,6 +148,8 @@ SCENARIOS = {
         for strategy in ("none", "vision_layers", "backbones")
     },
     "evaluate": evaluate,
+    "plain_accumulation_8": lambda acc: plain_accumulation(acc, 8),  # 2 full groups an epoch
+    "plain_accumulation_6": lambda acc: plain_accumulation(acc, 6),  # a full group, then a short one of 2
 }
 
 

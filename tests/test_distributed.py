@@ -58,13 +58,39 @@ def test_exact_accumulation_of_micro_batches_of_4_equals_one_batch_of_16(measure
     )
 
 
+@pytest.mark.parametrize("batches_per_epoch", [8, 6])
+@pytest.mark.parametrize("world", [1, 2])
+def test_plain_accumulation_steps_once_per_group_the_short_last_one_included(measured, world, batches_per_epoch):
+    # 4 micro-batches per step for 2 epochs: 8 batches an epoch make 2 full groups, 6 a full group and one of 2
+    # that steps on its own mean (it neither steps 4 times nor leaks its gradients into the next epoch).
+    trained = measured(f"plain_accumulation_{batches_per_epoch}", world)
+    by_hand = distributed_worker.plain_accumulation_by_hand(batches_per_epoch)
+    assert trained["optimizer_steps"] == by_hand["optimizer_steps"] == 4
+    for name, weight in by_hand["after"].items():
+        torch.testing.assert_close(trained["after"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_torchrun_without_accelerate_use_cpu_stops_before_any_work(tmp_path, demo_dir):
+    # Without ACCELERATE_USE_CPU=1 on a machine without GPUs Accelerate joins neither process: two runs would
+    # train alone into the same folder. The start-up check stops both, before the data is read.
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["scripts/train.py", "--data_dir", demo_dir, "--scratch_config", "clip-tiny"]
+    command += ["--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "The launcher started 2 processes, but Accelerate sees 1" in result.stderr
+    assert "ACCELERATE_USE_CPU=1" in result.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out" / "skipped_rows.jsonl").exists()
+
+
 def test_plain_accumulation_is_not_a_bigger_contrastive_batch():
-    """Why exact accumulation is the default: Accelerate's plain accumulation gives a different gradient."""
+    """Why exact accumulation is the default: plain accumulation gives a different gradient."""
     from accelerate import Accelerator
 
     from clip_accel.step import plain_step
 
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    accelerator = Accelerator(cpu=True)
     context = distributed_worker.step_context(accelerator)
     pairs = distributed_worker.synthetic_pairs(distributed_worker.GLOBAL_BATCH, seed=1)
     plain_loss, _ = plain_step(context, [distributed_worker.stack(pairs[i : i + 4]) for i in range(0, 16, 4)])

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "clip_accel"
 LAYERS = (
     # "" is clip_accel/__init__.py (the version)
     {"", "config", "tokenizer", "model", "loss", "metrics", "zero_shot", "plots", "results", "early_stopping", "data"},
-    {"step", "evaluation", "checkpoint"},
+    {"step", "evaluation", "checkpoint", "launch"},
     {"trainer"},
     {"outputs", "hub", "sweep"},
     {"cli", "__main__"},

@@ -1,0 +1,45 @@
+"""Start-up checks of what the launcher started against what Accelerate made of it: before any work is done."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Stop before any work when the processes or the precision are not what the launch asked for."""
+    check_processes(accelerator)
+    check_precision(accelerator)
+
+
+def check_processes(accelerator: Accelerator) -> None:
+    """torchrun (or any launcher) started WORLD_SIZE processes, but Accelerate joined none of them: without a GPU
+    and without ACCELERATE_USE_CPU=1 it sets up one independent run per process, all writing the same folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"The launcher started {launched} processes, but Accelerate sees {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value} on {accelerator.device.type}): each process would train on "
+            "its own and overwrite the others' files. On a machine without GPUs set ACCELERATE_USE_CPU=1 "
+            "(`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N ...`); on GPUs check that every process sees one."
+        )
+
+
+def check_precision(accelerator: Accelerator) -> None:
+    if accelerator.mixed_precision == "no":
+        return
+    device = accelerator.device.type
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    if dtype is None or not torch.amp.is_autocast_available(device):
+        raise ValueError(
+            f"--mixed_precision {accelerator.mixed_precision} is not available on {device}; use "
+            "--mixed_precision no (or bf16 where supported)."
+        )
+    with torch.autocast(device, dtype=dtype):
+        probe = torch.ones(2, 2, device=accelerator.device) @ torch.ones(2, 2, device=accelerator.device)
+    if probe.dtype != dtype:
+        raise ValueError(
+            f"{device} autocast does not compute in {dtype} here; use --mixed_precision no or another precision."
+        )
