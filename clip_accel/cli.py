@@ -16,6 +16,7 @@ import sys
 
 from accelerate import PartialState
 
+from .checkpoint import list_checkpoints
 from .config import DataConfig, ModelConfig, TrainConfig, parse_config
 from .evaluation import evaluate_folder
 from .hub import check_hub_access, push_output_dir, write_model_card
@@ -40,7 +41,12 @@ def train_main(argv: list[str] | None = None) -> None:
     """`accelerate launch -m clip_accel train --config demo [--option value ...]` (or `scripts/train.py`)."""
     data_config, model_config, train_config = parse_config(argv)
     setup_logging()
-    train_and_publish(data_config, model_config, train_config)
+    try:
+        train_and_publish(data_config, model_config, train_config)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            logger.error(_interrupted(train_config.output_dir, sys.argv[1:] if argv is None else argv))
+        raise SystemExit(130) from None  # the shell's status for "ended by Ctrl-C"
 
 
 def train_and_publish(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> TrainingResult:
@@ -154,6 +160,21 @@ def reproduce_main(argv: list[str] | None = None) -> None:
         invocation=shlex.join(["clip-accel", "reproduce", *(sys.argv[1:] if argv is None else argv)]),
     )
     run_sweep(options)
+
+
+def _interrupted(output_dir: str, argv: list[str]) -> str:
+    """One line: where an interrupted run can be resumed from, and how."""
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
+        return (
+            "Interrupted before the first checkpoint (one is written at every epoch end and every "
+            "--checkpointing_steps): there is nothing to resume; start the run again."
+        )
+    resume = shlex.join(["clip-accel", "train", *argv, "--resume_from_checkpoint", "latest"])
+    return (
+        f"Interrupted. Last checkpoint: {checkpoints[-1]}. Resume it with the same launch and "
+        f"--resume_from_checkpoint latest: {resume}"
+    )
 
 
 COMMANDS = {"train": train_main, "evaluate": evaluate_main, "push": push_main, "reproduce": reproduce_main}

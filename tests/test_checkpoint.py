@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -9,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,6 +19,7 @@ from safetensors.torch import load_file
 from clip_accel.checkpoint import TrainerState, list_checkpoints, resolve_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F_SETPIPE_SZ = 1031  # Linux fcntl: set a pipe's capacity
 
 
 def _command(processes: int, demo_dir: str, model_config: str, out, *extra: str) -> list[str]:
@@ -71,8 +75,9 @@ def _env() -> dict:
     }
 
 
-def _kill_after_checkpoint(command: list[str], step: int) -> str:
-    """Start the run, SIGKILL its whole process group once the checkpoint of `step` is announced."""
+def _kill_after_checkpoint(command: list[str], step: int, sig: int = signal.SIGKILL) -> tuple[str, int]:
+    """Start the run, send `sig` to all of its processes once the checkpoint of `step` is announced; returns
+    what it wrote to stderr, to the end, and its exit status."""
     process = subprocess.Popen(
         command,
         cwd=REPO,
@@ -82,15 +87,34 @@ def _kill_after_checkpoint(command: list[str], step: int) -> str:
         text=True,
         start_new_session=True,
     )
+    # A one-page pipe: the run blocks on its own log until this test has read it, so it cannot race past the
+    # checkpoint to the end of training while the line that announces the checkpoint waits unread.
+    fcntl.fcntl(process.stderr.fileno(), F_SETPIPE_SZ, 4096)
     log = []
     for line in process.stderr:
         log.append(line)
         if f"checkpoints/step-{step:07d}" in line:
-            os.killpg(process.pid, signal.SIGKILL)
+            # Every process of the run: torchrun starts its workers in sessions of their own, so signalling
+            # torchrun's process group alone would leave them training (and writing) on their own.
+            for victim in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    victim.send_signal(sig)
             break
+    log += list(process.stderr)
     process.wait(timeout=60)
     assert process.returncode != 0, "the run finished before it could be killed; make it longer"
-    return "".join(log)
+    return "".join(log), process.returncode
+
+
+def test_ctrl_c_ends_with_one_line_naming_the_last_checkpoint_and_the_resume_command(tmp_path, demo_dir):
+    out = tmp_path / "out"
+    log, status = _kill_after_checkpoint(_command(1, demo_dir, "clip-tiny", out), step=10, sig=signal.SIGINT)
+    assert status == 130
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+    (line,) = [line for line in log.splitlines() if "Interrupted" in line]
+    latest = list_checkpoints(str(out))[-1]
+    assert f"Last checkpoint: {latest}." in line and line.endswith("--resume_from_checkpoint latest")
+    assert f"--output_dir {out}" in line
 
 
 @pytest.mark.parametrize("processes", [1, 2])

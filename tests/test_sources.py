@@ -47,6 +47,20 @@ def test_reads_a_folder_in_the_layout_that_nobody_here_made(tmp_path):
         assert all(os.path.isfile(path) for path in raw.dataset["image"])
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    _write_foreign_layout(tmp_path)
+    content = (tmp_path / "train_data.json").read_bytes()
+    (tmp_path / "train_data.json").write_bytes(b"\xef\xbb\xbf" + content)  # UTF-8 BOM, as Windows editors save
+    raw = read_indo_fashion(str(tmp_path), "train")
+    assert raw.dataset["label"] == ["saree"] * 3 and raw.dataset["source_row"] == [1, 2, 3]
+
+
+def test_datasets_source_without_labels_has_none_rather_than_empty_labels(tmp_path):
+    _write_imagefolder(tmp_path)
+    config = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_column="text")
+    assert load_raw_split(config, "validation", None).dataset["label"] == [None, None]
+
+
 def test_reads_the_demo_catalogue_through_the_same_reader(demo_dir):
     raw = read_indo_fashion(demo_dir, "train")
     first = json.loads(Path(demo_dir, "train_data.json").read_text().splitlines()[0])

@@ -22,7 +22,7 @@ from ..tokenizer import MAX_TEXT_TOKENS
 from .sources import RawSplit
 
 # Bump when the cached layout or the pixel pipeline changes, so old caches are not reused.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 # What PIL can raise for a file that is missing, empty, truncated, corrupt, not an image, or a decompression bomb.
 IMAGE_ERRORS = (
     OSError,
@@ -99,8 +99,10 @@ class PairPreprocessor:
 
     def __call__(self, batch: dict) -> dict:
         pixels, reasons = [], []
-        for image, caption in zip(batch["image"], batch["caption"], strict=True):
+        for image, caption, label in zip(batch["image"], batch["caption"], batch["label"], strict=True):
             reason = "" if caption and caption.strip() else "empty caption"
+            if not reason and label is not None and not label.strip():  # None: the source has no labels
+                reason = "empty class label"
             array = None
             if not reason:
                 try:
@@ -117,7 +119,7 @@ class PairPreprocessor:
             "pixel_values": pixels,
             "input_ids": input_ids,
             "caption": captions,
-            "label": batch["label"],
+            "label": [label or "" for label in batch["label"]],
             "source_row": batch["source_row"],
             "skip_reason": reasons,
         }

@@ -2,7 +2,8 @@
 the benchmarks), anything `datasets` can load.
 
 Every source yields the same raw schema, so preprocessing has one code path:
-`image` (a file path, or a `{"bytes", "path"}` dict), `caption` (str), `label` (str, "" when unknown),
+`image` (a file path, or a `{"bytes", "path"}` dict), `caption` (str), `label` (str; None when the source has
+no labels, "" when a row's label is empty: such a row is skipped and reported),
 `source_row` (int, the row's position in its source, for error reports).
 """
 
@@ -91,13 +92,14 @@ def read_indo_fashion(data_dir: str, split: str) -> RawSplit:
     rows = {name: [] for name in RAW_FEATURES}
     with open(path, "rb") as handle:
         content = handle.read()
-    for line_number, line in enumerate(content.decode("utf-8").splitlines(), start=1):
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line.
+    for line_number, line in enumerate(content.decode("utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         record = _parse_line(line, path, line_number)
         rows["image"].append(os.path.join(data_dir, record["image_path"]))
         rows["caption"].append(str(record["product_title"]))
-        rows["label"].append(str(record["class_label"]))
+        rows["label"].append("" if record["class_label"] is None else str(record["class_label"]).strip())
         rows["source_row"].append(line_number)
     dataset = datasets.Dataset.from_dict(rows, features=RAW_FEATURES)
     signature = _hash(hashlib.sha256(content).hexdigest(), _image_files_signature(rows["image"]))
@@ -188,7 +190,7 @@ def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
         dataset = dataset.cast_column(config.image_column, datasets.Image(decode=False))
     dataset = dataset.select_columns(list(wanted)).rename_columns(wanted)
     if "label" not in dataset.column_names:
-        dataset = dataset.add_column("label", [""] * len(dataset))
+        dataset = dataset.add_column("label", [None] * len(dataset), feature=datasets.Value("string"))
     dataset = dataset.add_column("source_row", list(range(len(dataset))))
     return RawSplit(split, dataset, _hash(dataset._fingerprint), config.dataset_name)
 
