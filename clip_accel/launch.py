@@ -8,6 +8,26 @@ import torch
 from accelerate import Accelerator
 
 
+# What `accelerate launch` sets for a DeepSpeed or FSDP config; read before any Accelerator exists.
+UNSUPPORTED_LAUNCHES = {
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+    "ACCELERATE_USE_FSDP": "FSDP",
+}
+
+
+def check_supported_launch() -> None:
+    """Stop before any work on a launch clip_accel's tests never run: DeepSpeed's engine takes over accumulation,
+    clipping and the float32 weights, and FSDP2 cannot yet prepare CLIPModel (its 0-D logit_scale, forward-only
+    hooks around get_image_features/get_text_features, sharded best-model reload)."""
+    for variable, name in UNSUPPORTED_LAUNCHES.items():
+        if os.environ.get(variable, "false").lower() in ("1", "true"):
+            raise RuntimeError(
+                f"clip_accel does not run under {name} (the launch set {variable}): use DDP, e.g. `accelerate "
+                "launch --config_file accelerate_configs/multi_gpu.yaml ...`. CLIP ViT-B/32 and ViT-L/14 with "
+                "their AdamW state fit on one GPU each, so DDP with gathered negatives is also the faster choice."
+            )
+
+
 def check_launch(accelerator: Accelerator) -> None:
     """Stop before any work when the processes or the precision are not what the launch asked for."""
     check_processes(accelerator)

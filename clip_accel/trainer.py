@@ -25,7 +25,7 @@ from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_d
 from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, write_skip_report
 from .early_stopping import EarlyStopping
 from .evaluation import evaluate_retrieval
-from .launch import check_launch
+from .launch import check_launch, check_supported_launch
 from .model import PixelNormalizer, freeze_parameters, image_size_of, load_model_and_processor, unwrap_clip
 from .step import StepContext, exact_step, plain_step
 
@@ -91,6 +91,7 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
 
 def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> Run:
     """Accelerator, data, model, optimizer and schedule; every check that can fail runs before the first step."""
+    check_supported_launch()
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         # Both accumulation modes group micro-batches and drive gradient sync themselves (step.py): Accelerate

@@ -1,13 +1,22 @@
-"""Every accelerate config in accelerate_configs/ loads with Accelerate's own loader, so none rots."""
+"""Every accelerate config in accelerate_configs/ loads with Accelerate's own loader, so none rots; launches
+clip_accel does not run (DeepSpeed, FSDP) stop at start-up."""
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+
+from clip_accel.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CONFIGS = sorted(glob.glob("accelerate_configs/*.yaml"))
 EXPECTED = {
@@ -15,8 +24,6 @@ EXPECTED = {
     "single_gpu": "NO",
     "multi_gpu": "MULTI_GPU",
     "multi_node": "MULTI_GPU",
-    "fsdp": "FSDP",
-    "deepspeed_zero2": "DEEPSPEED",
 }
 
 
@@ -32,3 +39,46 @@ def test_config_loads_with_only_known_keys(path):
     known = {field.name for field in dataclasses.fields(ClusterConfig)}
     with open(path) as handle:
         assert set(yaml.safe_load(handle)) <= known
+
+
+FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: CLIPEncoderLayer
+num_machines: 1
+num_processes: 2
+mixed_precision: 'no'
+"""
+
+
+def test_an_fsdp_launch_stops_at_start_up_pointing_to_ddp(tmp_path, demo_dir):
+    (tmp_path / "fsdp.yaml").write_text(FSDP_CONFIG)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml")]
+    command += ["scripts/train.py", "--data_dir", demo_dir, "--scratch_config", "clip-tiny"]
+    command += ["--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "clip_accel does not run under FSDP" in result.stderr and "multi_gpu.yaml" in result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_deepspeed_launch_stops_at_start_up(make_configs, monkeypatch, tmp_path):
+    # What `accelerate launch` sets for a DeepSpeed config (its launcher refuses earlier when deepspeed is missing).
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    data, model, config = make_configs()
+    with pytest.raises(RuntimeError, match="clip_accel does not run under DeepSpeed"):
+        train(data, model, config)
+    assert not os.path.exists(data.cache_dir)
+
+
+def test_the_readme_cpu_launch_trains_the_demo(tmp_path):
+    # README's first command and the launch table's first row, shortened: one process from cpu.yaml.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml"]
+    command += ["scripts/train.py", "--config", "demo", "--output_dir", str(tmp_path / "out")]
+    command += ["--num_train_epochs", "1", "--max_train_samples", "256", "--max_eval_samples", "64"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Processes: 1 (NO) on cpu; mixed precision: no" in result.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
