@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,21 @@ def installed(tmp_path_factory):
     """(bin folder, environment) of the wheel installed into a folder of its own, with the dependencies of the
     environment running the tests."""
     root = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of what git would clone (plus files not yet committed): a stale build/ folder in the
+    # checkout must not leak removed modules into the wheel.
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    )
+    source = root / "source"
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(root)], check=True)
+    subprocess.run([*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(root)], check=True)
     (wheel,) = root.glob("clip_accel-*.whl")
     site = root / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
