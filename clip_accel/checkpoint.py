@@ -43,24 +43,30 @@ class TrainerState:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerState, keep: int) -> str:
-    """Every process calls this (each saves its own RNG state); the main process renames and prunes."""
+    """Every process calls this (each saves its own RNG state). The main process writes the rest, renames and
+    prunes; with node-local output folders (`save_on_each_node`), each node's first process does, in its own."""
     root = os.path.join(output_dir, CHECKPOINTS)
     final = os.path.join(root, f"step-{state.step:07d}")
     staging = os.path.join(root, f".staging-step-{state.step:07d}")
-    if accelerator.is_main_process:
+    writer = (
+        accelerator.is_local_main_process
+        if accelerator.project_configuration.save_on_each_node
+        else accelerator.is_main_process
+    )
+    if writer:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(staging)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if writer:
         with open(os.path.join(staging, STATE_FILE), "w") as handle:
             json.dump(asdict(state), handle)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
-        logger.info(f"Saved checkpoint {final}")
+        logger.info(f"Saved checkpoint {final}", main_process_only=False)
     accelerator.wait_for_everyone()
     return final
 

@@ -201,6 +201,13 @@ class TrainConfig:
         default="none", metadata={"help": "Trackers for accelerate: 'none', 'all', or a comma list (tensorboard, ...)."}
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={
+            "help": "Seconds a process waits for the others (process-group timeout). The first run decodes every "
+            "image while the other processes wait: raise it for large datasets on few cores."
+        },
+    )
     torch_compile: bool = field(
         default=False, metadata={"help": "Compile the model with torch.compile (inductor) through Accelerate."}
     )
@@ -242,6 +249,7 @@ class TrainConfig:
             "gradient_accumulation_steps",
             "logging_steps",
             "max_nonfinite_steps",
+            "ddp_timeout",
         ):
             _require(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}.")
         for name in (

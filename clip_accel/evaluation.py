@@ -13,7 +13,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from .config import RECALL_KS, DataConfig
 from .data import build_pair_datasets, load_raw_splits, make_dataloader
-from .launch import check_processes
+from .launch import check_processes, data_prepared_per_node
 from .metrics import identical_caption_metrics, retrieval_metrics
 from .model import PixelNormalizer, image_size_of, unwrap_clip
 from .zero_shot import class_text_embeddings, zero_shot_accuracy
@@ -97,8 +97,11 @@ def evaluate_folder(
     check_processes(accelerator)
     model = CLIPModel.from_pretrained(model_name_or_path, dtype=torch.float32)
     processor = CLIPProcessor.from_pretrained(model_name_or_path)
-    raw = load_raw_splits(accelerator, data_config, roles=("test",))
-    pairs = build_pair_datasets(accelerator, data_config, raw, processor.tokenizer, image_size_of(model))
+    per_node = data_prepared_per_node(accelerator, data_config)
+    raw = load_raw_splits(accelerator, data_config, roles=("test",), per_node=per_node)
+    pairs = build_pair_datasets(
+        accelerator, data_config, raw, processor.tokenizer, image_size_of(model), per_node=per_node
+    )
     loader = make_dataloader(pairs["test"], batch_size or training_eval_batch_size(model_name_or_path), train=False)
     model, loader = accelerator.prepare(model, loader)
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import secrets
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 
+from .config import DataConfig
+from .data import preprocessing_cache_dir
+from .data.sources import data_source_dir
 
 # What `accelerate launch` sets for a DeepSpeed or FSDP config; read before any Accelerator exists.
 UNSUPPORTED_LAUNCHES = {
@@ -63,3 +68,37 @@ def check_precision(accelerator: Accelerator) -> None:
         raise ValueError(
             f"{device} autocast does not compute in {dtype} here; use --mixed_precision no or another precision."
         )
+
+
+def storage_is_shared(accelerator: Accelerator, folder: str) -> bool:
+    """True when every process sees the same `folder` (one filesystem for all nodes), False when each node sees
+    its own (node-local disks). Each node's first process drops a marker there; every process counts the markers
+    it can see. A mix (some nodes share, others do not) stops the run."""
+    if accelerator.num_processes == 1:
+        return True
+    os.makedirs(folder, exist_ok=True)
+    nonce = broadcast_object_list([secrets.token_hex(8)])[0]  # this run's markers only, never a crashed run's
+    marker = os.path.join(folder, f".clip_accel-storage-{nonce}-{accelerator.process_index}")
+    if accelerator.is_local_main_process:
+        open(marker, "w").close()
+    accelerator.wait_for_everyone()
+    seen = sum(name.startswith(f".clip_accel-storage-{nonce}-") for name in os.listdir(folder))
+    views = gather_object([(accelerator.is_local_main_process, seen)])
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process:
+        os.remove(marker)
+    nodes = sum(is_first for is_first, _ in views)
+    if all(count == nodes for _, count in views):
+        return True
+    if all(count == 1 for _, count in views):
+        return False
+    raise RuntimeError(
+        f"{folder} is shared by some nodes but not all (each process saw {[count for _, count in views]} of "
+        f"{nodes} nodes): give it to every node on one shared filesystem, or give every node a disk of its own."
+    )
+
+
+def data_prepared_per_node(accelerator: Accelerator, config: DataConfig) -> bool:
+    """Whether each node writes its own demo catalogue and preprocessing cache: their folders are node-local."""
+    folders = [preprocessing_cache_dir(config)] + ([data_source_dir(config)] if config.demo else [])
+    return not all(storage_is_shared(accelerator, folder) for folder in folders)

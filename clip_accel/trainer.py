@@ -12,11 +12,12 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import CLIPModel, get_scheduler
 
@@ -25,7 +26,7 @@ from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_d
 from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, write_skip_report
 from .early_stopping import EarlyStopping
 from .evaluation import evaluate_retrieval
-from .launch import check_launch, check_supported_launch
+from .launch import check_launch, check_supported_launch, data_prepared_per_node, storage_is_shared
 from .model import PixelNormalizer, freeze_parameters, image_size_of, load_model_and_processor, unwrap_clip
 from .step import StepContext, exact_step, plain_step
 
@@ -101,9 +102,17 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         project_dir=config.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         dynamo_backend="inductor" if config.torch_compile else None,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
     )
     set_seed(config.seed)
     check_launch(accelerator)
+    # Node-local output folders: every node keeps its own checkpoints (resume reads them from its own disk).
+    accelerator.project_configuration.save_on_each_node = not storage_is_shared(accelerator, config.output_dir)
+    if accelerator.project_configuration.save_on_each_node:
+        logger.info(
+            f"{config.output_dir} is node-local: each node keeps its own checkpoints; the model and the "
+            "results are written on the main node."
+        )
     if not config.resume_from_checkpoint:
         _check_output_dir(config)
     model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
@@ -267,7 +276,8 @@ def _load_model_and_data(
     accelerator: Accelerator, data_config: DataConfig, model_config: ModelConfig, config: TrainConfig
 ):
     """Rows (cheap, checked first), then the model and tokenizer, then the cached preprocessing pass."""
-    raw_splits = load_raw_splits(accelerator, data_config)
+    per_node = data_prepared_per_node(accelerator, data_config)
+    raw_splits = load_raw_splits(accelerator, data_config, per_node=per_node)
     _check_split_sizes(config, accelerator.num_processes, {role: len(raw.dataset) for role, raw in raw_splits.items()})
     model, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
     trainable, total = freeze_parameters(model, model_config.freeze, model_config.freeze_vision_layers)
@@ -275,7 +285,9 @@ def _load_model_and_data(
         f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%), "
         f"freezing: {model_config.freeze}"
     )
-    pairs = build_pair_datasets(accelerator, data_config, raw_splits, processor.tokenizer, image_size_of(model))
+    pairs = build_pair_datasets(
+        accelerator, data_config, raw_splits, processor.tokenizer, image_size_of(model), per_node=per_node
+    )
     if data_config.strict:
         check_strict(pairs, raw_splits)
     skipped = write_skip_report(pairs, raw_splits, config.output_dir) if accelerator.is_main_process else {}
@@ -373,9 +385,14 @@ def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping, lo
 
 
 def _load_best_weights(run: Run) -> None:
-    """The saved best model is what the final test evaluation measures and what users get."""
-    best = CLIPModel.from_pretrained(run.config.output_dir, dtype=torch.float32)
-    unwrap_clip(run.accelerator, run.model).load_state_dict(best.state_dict())
+    """The saved best model is what the final test evaluation measures and what users get. Only the main process
+    wrote it, so only it reads it; the others receive it (other nodes may not share its disk)."""
+    clip = unwrap_clip(run.accelerator, run.model)
+    if run.accelerator.is_main_process:
+        clip.load_state_dict(CLIPModel.from_pretrained(run.config.output_dir, dtype=torch.float32).state_dict())
+    if run.accelerator.num_processes > 1:
+        for tensor in clip.state_dict().values():  # views of the parameters and buffers: filled in place
+            torch.distributed.broadcast(tensor, src=0)
 
 
 def _shut_down(run: Run) -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import distributed_worker
 import pytest
 import torch
+from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,38 +114,31 @@ def test_recall_on_two_processes_equals_one_process_exactly(measured):
     assert two == one
 
 
+def run_options(demo_dir: str, model_config: str, out) -> list[str]:
+    """A short demo run: 192 pairs / (16 x 2 processes) = 6 micro-batches per process per epoch, 2 accumulated
+    per optimizer step."""
+    options = {
+        "data_dir": demo_dir,
+        "scratch_config": model_config,
+        "output_dir": out,
+        "cache_dir": out.parent / "cache",
+        "num_train_epochs": 8,
+        "per_device_train_batch_size": 16,
+        "gradient_accumulation_steps": 2,
+        "per_device_eval_batch_size": 16,
+        "learning_rate": 2e-3,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 2,
+        "logging_steps": 1,
+        "early_stopping_patience": 0,
+    }
+    return [str(part) for name, value in options.items() for part in (f"--{name}", value)]
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, demo_dir, tiny_model_config_path):
     out = tmp_path_factory.mktemp("ddp-run") / "out"
-    result = torchrun(
-        "scripts/train.py",
-        "--data_dir",
-        demo_dir,
-        "--scratch_config",
-        tiny_model_config_path,
-        "--output_dir",
-        str(out),
-        "--cache_dir",
-        str(out.parent / "cache"),
-        "--num_train_epochs",
-        "8",
-        "--per_device_train_batch_size",
-        "16",
-        "--gradient_accumulation_steps",
-        "2",
-        "--per_device_eval_batch_size",
-        "16",
-        "--learning_rate",
-        "2e-3",
-        "--lr_scheduler_type",
-        "linear",
-        "--warmup_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        "--early_stopping_patience",
-        "0",
-    )
+    result = torchrun("scripts/train.py", *run_options(demo_dir, tiny_model_config_path, out))
     return out, result.stdout + result.stderr
 
 
@@ -166,3 +161,42 @@ def test_schedule_ends_where_it_should_on_two_processes(two_process_run):
     assert [r["step"] for r in history] == list(range(1, 25))
     assert history[1]["learning_rate"] == pytest.approx(2e-3)  # end of warmup
     assert history[-1]["learning_rate"] == 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_without_shared_storage_train_as_two_processes_of_one_node(
+    two_process_run, tmp_path, demo_dir, tiny_model_config_path
+):
+    # Two single-process "nodes" on this machine, each with output and cache folders the other never sees (what
+    # node-local disks look like to the code: nothing of one node's folder can be read by the other).
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    rendezvous = ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port"]
+    rendezvous.append(str(free_port()))
+    nodes = []
+    for rank in (0, 1):
+        out, log = tmp_path / f"node{rank}" / "out", tmp_path / f"node{rank}.log"
+        command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--node_rank", str(rank)]
+        command += ["scripts/train.py", *run_options(demo_dir, tiny_model_config_path, out)]
+        with open(log, "w") as handle:
+            nodes.append((out, subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)))
+    for (_, process), rank in zip(nodes, (0, 1), strict=True):
+        process.wait(timeout=600)
+        assert process.returncode == 0, (tmp_path / f"node{rank}.log").read_text()[-5000:]
+    logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
+    (node0, _), (node1, _) = nodes
+    assert "Processes: 2 (MULTI_CPU)" in logs[0] and "node-local" in logs[0]
+    one_node, _ = two_process_run
+    assert (
+        json.loads((node0 / "eval_results.json").read_text())["test"]
+        == json.loads((one_node / "eval_results.json").read_text())["test"]
+    )
+    expected, actual = load_file(one_node / "model.safetensors"), load_file(node0 / "model.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    # Each node keeps its own checkpoints (to resume from its own disk); the model and results are node 0's.
+    assert os.listdir(node0 / "checkpoints") == os.listdir(node1 / "checkpoints") != []
+    assert not (node1 / "model.safetensors").exists()

@@ -34,9 +34,16 @@ def split_names(config: DataConfig) -> dict[str, str]:
     return {"train": config.train_split, "validation": config.validation_split, "test": config.test_split}
 
 
-def load_raw_splits(accelerator: Accelerator, config: DataConfig, roles=ROLES) -> dict[str, RawSplit]:
-    """Read the requested roles' rows (no image is decoded here); writes the demo catalogue on first use."""
-    with accelerator.main_process_first():
+def preprocessing_cache_dir(config: DataConfig) -> str:
+    return config.cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "clip_accel", "preprocessed")
+
+
+def load_raw_splits(
+    accelerator: Accelerator, config: DataConfig, roles=ROLES, *, per_node: bool = False
+) -> dict[str, RawSplit]:
+    """Read the requested roles' rows (no image is decoded here); writes the demo catalogue on first use: once,
+    or once per node with `per_node` (each node's disk has its own copy)."""
+    with accelerator.local_main_process_first() if per_node else accelerator.main_process_first():
         if config.demo:
             write_demo_dataset(data_source_dir(config))
         names = split_names(config)
@@ -49,13 +56,20 @@ def load_raw_splits(accelerator: Accelerator, config: DataConfig, roles=ROLES) -
 
 
 def build_pair_datasets(
-    accelerator: Accelerator, config: DataConfig, raw_splits: dict[str, RawSplit], tokenizer, image_size: int
+    accelerator: Accelerator,
+    config: DataConfig,
+    raw_splits: dict[str, RawSplit],
+    tokenizer,
+    image_size: int,
+    *,
+    per_node: bool = False,
 ) -> dict[str, PairDataset]:
-    """Preprocess (or reuse the cache of) each split; the main process goes first so the others only read."""
-    cache_dir = config.cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "clip_accel", "preprocessed")
+    """Preprocess (or reuse the cache of) each split. The main process goes first so the others only read; with
+    `per_node` (node-local caches) each node's first process does."""
+    cache_dir = preprocessing_cache_dir(config)
     pairs = {}
     for role, raw in raw_splits.items():
-        with accelerator.main_process_first():
+        with accelerator.local_main_process_first() if per_node else accelerator.main_process_first():
             cached = preprocess_split(raw, tokenizer, image_size, cache_dir, config.preprocessing_num_workers)
         pairs[role] = PairDataset(cached, tokenizer.pad_token_id)
         if len(pairs[role]) == 0:
