@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def _kill_after_checkpoint(command: list[str], step: int, sig: int = signal.SIGK
     return "".join(log), process.returncode
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_naming_the_last_checkpoint_and_the_resume_command(tmp_path, demo_dir):
     out = tmp_path / "out"
     log, status = _kill_after_checkpoint(_command(1, demo_dir, "clip-tiny", out), step=10, sig=signal.SIGINT)
@@ -117,6 +119,7 @@ def test_ctrl_c_ends_with_one_line_naming_the_last_checkpoint_and_the_resume_com
     assert f"--output_dir {out}" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, demo_dir, tiny_model_config_path, processes):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -213,3 +216,51 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_stop_the_run(make_con
 
     best = CLIPModel.from_pretrained(out)
     assert all(torch.isfinite(p).all() for p in best.parameters())
+
+
+@pytest.mark.parametrize("compiled_first", [True, False])
+def test_a_checkpoint_resumes_with_or_without_torch_compile(make_configs, caplog, compiled_first):
+    from accelerate.state import AcceleratorState
+
+    from clip_accel.trainer import train
+
+    # 192 pairs / 32 = 6 steps an epoch: a checkpoint at step 2, the run stops at 4 (no checkpoint there).
+    options = {"max_steps": 4, "checkpointing_steps": 2, "eval_steps": 4, "eval_initial_model": False}
+    runs = []
+    caplog.set_level("INFO")
+    try:
+        for compiled, resume in ((compiled_first, None), (not compiled_first, "latest")):
+            AcceleratorState._reset_state(reset_partial_state=True)  # the compile backend is fixed once per process
+            configs = make_configs(**options, torch_compile=compiled, resume_from_checkpoint=resume)
+            runs.append(train(*configs))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert runs[1].metrics["training"]["optimizer_steps"] == 4
+    assert f"Resumed from {list_checkpoints(configs[2].output_dir)[-1]}: step 2" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_two_process_checkpoint_resumes_on_one_process_with_the_same_global_batch(
+    tmp_path, demo_dir, tiny_model_config_path
+):
+    # 2 processes x 8 pairs, then 1 process x 16 from the step-5 checkpoint: the same global batches, in the same
+    # order, so the same run up to float rounding (all-reduce sums in another order).
+    two, one = tmp_path / "two", tmp_path / "one"
+    options = ("--max_steps", "10", "--eval_steps", "10")
+    run = {"cwd": REPO, "env": _env(), "capture_output": True, "text": True, "timeout": 600}
+    subprocess.run(_command(2, demo_dir, tiny_model_config_path, two, *options), check=True, **run)
+    shutil.copytree(two, one)
+    assert [os.path.basename(path) for path in list_checkpoints(str(one))] == ["step-0000005"]
+    resumed = subprocess.run(
+        _command(1, demo_dir, tiny_model_config_path, one, *options, "--resume_from_checkpoint", "latest"), **run
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resumed from" in resumed.stderr and "Processes: 1 (NO)" in resumed.stderr
+    expected, actual = (json.loads((folder / "log_history.json").read_text()) for folder in (two, one))
+    losses = [(record["step"], record["loss"]) for record in expected if "loss" in record]
+    assert [(r["step"], r["loss"]) for r in actual if "loss" in r] == [
+        (s, pytest.approx(v, rel=1e-4)) for s, v in losses
+    ]
+    before, after = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_RUN = ["--num_train_epochs", "1", "--max_train_samples", "256", "--max_eval_samples", "64"]
 

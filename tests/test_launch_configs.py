@@ -53,6 +53,7 @@ mixed_precision: 'no'
 """
 
 
+@pytest.mark.slow
 def test_an_fsdp_launch_stops_at_start_up_pointing_to_ddp(tmp_path, demo_dir):
     (tmp_path / "fsdp.yaml").write_text(FSDP_CONFIG)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml")]
@@ -73,6 +74,7 @@ def test_a_deepspeed_launch_stops_at_start_up(make_configs, monkeypatch, tmp_pat
     assert not os.path.exists(data.cache_dir)
 
 
+@pytest.mark.slow
 def test_the_readme_cpu_launch_trains_the_demo(tmp_path):
     # README's first command and the launch table's first row, shortened: one process from cpu.yaml.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml"]
