@@ -218,7 +218,7 @@ def measure(variant: Variant, args, config: CLIPConfig, device, work: str, pairs
     if variant.trainer:
         run, step = trainer_run(args.data_dir, work, args.batch_size, warmup + args.steps, args.num_workers, device)
         batches = loader_batches(run.train_loader, device)  # prepared by Accelerate: already on the device
-        model_config = run.accelerator.unwrap_model(run.model).config
+        model_config = run.accelerator.unwrap_model(run.model).clip.config
     else:
         model = build_model(config, variant, device)
         step = lean_step(model, variant, device, torch.bfloat16)

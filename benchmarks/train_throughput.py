@@ -54,6 +54,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from clip_accel.checkpoint import TrainerState, save_checkpoint  # noqa: E402
 from clip_accel.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from clip_accel.model import ContrastiveModel  # noqa: E402
 from clip_accel.step import MAX_LOGIT_SCALE, plain_step  # noqa: E402
 from clip_accel.trainer import fit, prepare_run  # noqa: E402
 
@@ -420,8 +421,9 @@ def main() -> None:
             "cache -> zero-copy batches, Accelerate, plain_step; AdamW unfused on CPU (fused on CUDA)",
         )
     )
-    clip = run.accelerator.unwrap_model(run.model)
-    initial_state = copy.deepcopy(clip.state_dict())
+    module = run.accelerator.unwrap_model(run.model)  # the trainer's ContrastiveModel around the CLIPModel
+    clip = module.clip
+    initial_state = copy.deepcopy(ContrastiveModel.clip_state_dict(module.state_dict()))
     image_processor = run.processor.image_processor
     mean, std = image_processor.image_mean, image_processor.image_std
     image_size = clip.config.vision_config.image_size

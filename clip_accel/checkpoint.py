@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from .model import unwrap_clip
+from .model import ContrastiveModel, unwrap
 
 logger = get_logger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -40,6 +40,8 @@ class TrainerState:
     early_stopping: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    sharded: bool = False  # written under FSDP2 (a sharded model and optimizer)
+    num_processes: int = 1
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerState, keep: int) -> str:
@@ -100,9 +102,10 @@ def resolve_checkpoint(output_dir: str, which: str) -> str:
 
 def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
     """Restore model, optimizer, scaler and RNG (Accelerate loads with weights_only=True) and the loop state."""
-    accelerator.load_state(path)
     with open(os.path.join(path, STATE_FILE)) as handle:
         state = TrainerState(**json.load(handle))
+    _check_resumable(accelerator, state, path)
+    accelerator.load_state(path)
     logger.info(
         f"Resumed from {path}: step {state.step}, epoch {state.epoch + 1}, "
         f"{state.batches_in_epoch} batches of that epoch already done"
@@ -110,16 +113,31 @@ def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
     return state
 
 
+def _check_resumable(accelerator: Accelerator, state: TrainerState, path: str) -> None:
+    """A DDP checkpoint holds whole tensors and resumes on any number of processes; an FSDP2 one holds shards,
+    resumed here only under FSDP2 on as many processes as wrote it (the combinations the tests run)."""
+    sharded = accelerator.is_fsdp2
+    if state.sharded == sharded and (not sharded or state.num_processes == accelerator.num_processes):
+        return
+    written = f"FSDP2 on {state.num_processes} processes" if state.sharded else "DDP (or one process)"
+    now = f"FSDP2 on {accelerator.num_processes} processes" if sharded else "DDP (or one process)"
+    raise ValueError(
+        f"{path} was written under {written} and this run is {now}: resume it with the launch that wrote it, "
+        "or start from its best model (--model_name_or_path OUTPUT) instead of resuming."
+    )
+
+
 def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, output_dir: str) -> None:
     """save_pretrained (safetensors) + processor into output_dir. Written to a temporary folder first and moved
     into place file by file, so a crash mid-save leaves the previous best model readable."""
-    state_dict = accelerator.get_state_dict(model)  # every process: FSDP/DeepSpeed gather here
-    # A compiled model's keys carry torch.compile's wrapper prefix; the saved CLIPModel must not.
-    state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
+    state_dict = accelerator.get_state_dict(model)  # every process: FSDP2 gathers the whole tensors here
     if accelerator.is_main_process:
+        # A compiled model's keys carry torch.compile's wrapper prefix; the saved CLIPModel must not.
+        state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
         staging = os.path.join(output_dir, ".staging-model")
         os.makedirs(staging, exist_ok=True)
-        unwrap_clip(accelerator, model).save_pretrained(staging, state_dict=state_dict)
+        clip = unwrap(accelerator, model).clip
+        clip.save_pretrained(staging, state_dict=ContrastiveModel.clip_state_dict(state_dict))
         processor.save_pretrained(staging)
         for name in os.listdir(staging):
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))

@@ -6,7 +6,6 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import CLIPModel, CLIPProcessor
@@ -15,7 +14,7 @@ from .config import RECALL_KS, DataConfig
 from .data import build_pair_datasets, load_raw_splits, make_dataloader
 from .launch import check_processes, data_prepared_per_node
 from .metrics import identical_caption_metrics, retrieval_metrics
-from .model import PixelNormalizer, image_size_of, unwrap_clip
+from .model import ContrastiveModel, PixelNormalizer, image_size_of, unwrap
 from .zero_shot import class_text_embeddings, zero_shot_accuracy
 
 
@@ -29,20 +28,19 @@ def embed_split(
     the last batches (after the loop it could no longer tell which they were). Image and text embeddings of a
     batch are gathered together so pairs stay aligned.
     """
-    clip = unwrap_clip(accelerator, model)
-    was_training = clip.training
-    clip.eval()
+    # The module itself, not DDP's wrapper (no gradient bookkeeping, no buffer broadcast per batch); under FSDP2
+    # the module is its own wrapper and gathers its shards in forward.
+    module = unwrap(accelerator, model)
+    was_training = module.training
+    module.eval()
     image_parts, text_parts = [], []
     for batch in dataloader:
         with accelerator.autocast():
-            image = clip.get_image_features(pixel_values=normalizer(batch["pixel_values"])).pooler_output
-            text = clip.get_text_features(input_ids=batch["input_ids"]).pooler_output
-        image, text = accelerator.gather_for_metrics(
-            (F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1))
-        )
+            image, text, _ = module(pixel_values=normalizer(batch["pixel_values"]), input_ids=batch["input_ids"])
+        image, text = accelerator.gather_for_metrics((image, text))
         image_parts.append(image.cpu())
         text_parts.append(text.cpu())
-    clip.train(was_training)
+    module.train(was_training)
     return torch.cat(image_parts), torch.cat(text_parts)
 
 
@@ -74,9 +72,10 @@ def evaluate_retrieval(
             metrics["identical_caption_match"] = lenient
     class_names = sorted({label for label in labels or [] if label})
     if tokenizer is not None and len(class_names) >= 2:
-        clip = unwrap_clip(accelerator, model)
         with accelerator.autocast():
-            class_embeds = class_text_embeddings(clip, tokenizer, class_names, device=accelerator.device)
+            class_embeds = class_text_embeddings(
+                unwrap(accelerator, model), tokenizer, class_names, device=accelerator.device
+            )
         metrics.update(zero_shot_accuracy(image_embeds, labels, class_names, class_embeds.float().cpu()))
     return metrics
 
@@ -95,12 +94,12 @@ def evaluate_folder(
     """
     accelerator = Accelerator()
     check_processes(accelerator)
-    model = CLIPModel.from_pretrained(model_name_or_path, dtype=torch.float32)
+    model = ContrastiveModel(CLIPModel.from_pretrained(model_name_or_path, dtype=torch.float32))
     processor = CLIPProcessor.from_pretrained(model_name_or_path)
     per_node = data_prepared_per_node(accelerator, data_config)
     raw = load_raw_splits(accelerator, data_config, roles=("test",), per_node=per_node)
     pairs = build_pair_datasets(
-        accelerator, data_config, raw, processor.tokenizer, image_size_of(model), per_node=per_node
+        accelerator, data_config, raw, processor.tokenizer, image_size_of(model.clip), per_node=per_node
     )
     loader = make_dataloader(pairs["test"], batch_size or training_eval_batch_size(model_name_or_path), train=False)
     model, loader = accelerator.prepare(model, loader)

@@ -13,24 +13,24 @@ from .config import DataConfig
 from .data import preprocessing_cache_dir
 from .data.sources import data_source_dir
 
-# What `accelerate launch` sets for a DeepSpeed or FSDP config; read before any Accelerator exists.
-UNSUPPORTED_LAUNCHES = {
-    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-    "ACCELERATE_USE_FSDP": "FSDP",
-}
-
 
 def check_supported_launch() -> None:
-    """Stop before any work on a launch clip_accel's tests never run: DeepSpeed's engine takes over accumulation,
-    clipping and the float32 weights, and FSDP2 cannot yet prepare CLIPModel (its 0-D logit_scale, forward-only
-    hooks around get_image_features/get_text_features, sharded best-model reload)."""
-    for variable, name in UNSUPPORTED_LAUNCHES.items():
-        if os.environ.get(variable, "false").lower() in ("1", "true"):
-            raise RuntimeError(
-                f"clip_accel does not run under {name} (the launch set {variable}): use DDP, e.g. `accelerate "
-                "launch --config_file accelerate_configs/multi_gpu.yaml ...`. CLIP ViT-B/32 and ViT-L/14 with "
-                "their AdamW state fit on one GPU each, so DDP with gathered negatives is also the faster choice."
-            )
+    """Stop before any work on a launch clip_accel's tests never run (read from what `accelerate launch` sets,
+    before any Accelerator exists): DeepSpeed, whose engine takes over accumulation, clipping and the float32
+    weights, and FSDP version 1. FSDP2 is supported."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+        raise RuntimeError(
+            "clip_accel does not run under DeepSpeed (the launch set ACCELERATE_USE_DEEPSPEED): for sharded "
+            "training use FSDP2 (`accelerate launch --config_file accelerate_configs/fsdp.yaml ...`); CLIP ViT-B/32 "
+            "and ViT-L/14 with their AdamW state fit on one GPU each, where DDP (multi_gpu.yaml) is faster."
+        )
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise RuntimeError(
+            "clip_accel runs FSDP version 2 only (the launch asked for FSDP version "
+            f"{os.environ.get('FSDP_VERSION', '1')}): set `fsdp_version: 2` in the accelerate config, as "
+            "accelerate_configs/fsdp.yaml does."
+        )
 
 
 def check_launch(accelerator: Accelerator) -> None:

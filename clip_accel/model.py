@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from importlib import resources
 
 import torch
+import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
 from .config import ModelConfig
@@ -55,10 +56,65 @@ def _read_clip_config(name_or_path: str) -> CLIPConfig:
     return CLIPConfig(**json.loads(preset.read_text()))
 
 
-def unwrap_clip(accelerator, model: torch.nn.Module) -> CLIPModel:
-    """The CLIPModel inside whatever `accelerator.prepare` wrapped it in: DDP, mixed-precision forward, and
-    torch.compile (which Accelerate keeps by default)."""
+class ContrastiveModel(torch.nn.Module):
+    """A CLIPModel as the trainer drives it: one `forward` for both towers, returning L2-normalised (B, D)
+    `image_embeds` and `text_embeds` (None for a tower given no input) and the `logit_scale` parameter's value.
+
+    Every use of the weights goes through `forward`, so wrappers that act only around it see each one: DDP's
+    hooks, and FSDP2's, which gather sharded parameters only inside a module's forward (evaluation and zero-shot
+    prompts included). `logit_scale` lives here as a 1-element parameter because FSDP2 cannot shard a 0-D one;
+    `clip_state_dict` gives back CLIPModel's own layout for saving.
+    """
+
+    def __init__(self, clip: CLIPModel) -> None:
+        super().__init__()
+        value = clip.logit_scale.detach().clone().reshape(1)
+        requires_grad = clip.logit_scale.requires_grad
+        del clip.logit_scale  # one owner: this module's parameter below
+        self.clip = clip
+        self.logit_scale = torch.nn.Parameter(value, requires_grad=requires_grad)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        # Normalised in float32 whatever the autocast dtype: the loss and the recall are computed in float32.
+        image_embeds = text_embeds = None
+        if pixel_values is not None:
+            features = self.clip.get_image_features(pixel_values=pixel_values).pooler_output
+            image_embeds = F.normalize(features.float(), dim=-1)
+        if input_ids is not None:
+            features = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+            text_embeds = F.normalize(features.float(), dim=-1)
+        # A new tensor, not a view: FSDP2 frees the gathered parameter when forward returns.
+        return image_embeds, text_embeds, self.logit_scale.reshape(()).clone()
+
+    @staticmethod
+    def clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This module's state dict in CLIPModel's layout (what `save_pretrained` writes)."""
+        clip = {key.removeprefix("clip."): value for key, value in state_dict.items() if key != "logit_scale"}
+        return {**clip, "logit_scale": state_dict["logit_scale"].reshape(())}
+
+    @staticmethod
+    def from_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A CLIPModel state dict in this module's layout."""
+        wrapped = {f"clip.{key}": value for key, value in state_dict.items() if key != "logit_scale"}
+        return {**wrapped, "logit_scale": state_dict["logit_scale"].reshape(1)}
+
+
+def unwrap(accelerator, model: torch.nn.Module) -> ContrastiveModel:
+    """The ContrastiveModel inside whatever `accelerator.prepare` wrapped it in: DDP, mixed-precision forward, and
+    torch.compile (which Accelerate keeps by default). Under FSDP2 it is the (sharded) module itself."""
     return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def logit_scale_value(model: ContrastiveModel) -> float:
+    """exp(logit_scale) as a number, whole even where the parameter is sharded (an FSDP2 DTensor)."""
+    parameter = model.logit_scale.detach()
+    parameter = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+    return parameter.exp().item()
 
 
 def image_size_of(model: CLIPModel) -> int:

@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from .loss import contrastive_loss
-from .model import PixelNormalizer, unwrap_clip
+from .model import PixelNormalizer, unwrap
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the inverse temperature; fp16 overflows without it
 
@@ -34,14 +34,10 @@ class StepContext:
     local_loss: bool
 
 
-def embed(context: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised (B, D) image and text embeddings, through the (DDP-)wrapped forward so its hooks fire."""
-    outputs = context.model(input_ids=batch["input_ids"], pixel_values=context.normalizer(batch["pixel_values"]))
-    return outputs.image_embeds, outputs.text_embeds
-
-
-def _logit_scale(context: StepContext) -> torch.Tensor:
-    return unwrap_clip(context.accelerator, context.model).logit_scale
+def embed(context: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L2-normalised (B, D) image and text embeddings and logit_scale, through the prepared model's forward so
+    its hooks fire (DDP's, FSDP2's)."""
+    return context.model(input_ids=batch["input_ids"], pixel_values=context.normalizer(batch["pixel_values"]))
 
 
 def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, bool]:
@@ -56,8 +52,8 @@ def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         with nullcontext() if last else accelerator.no_sync(context.model):
-            image_embeds, text_embeds = embed(context, batch)
-            loss = contrastive_loss(image_embeds, text_embeds, _logit_scale(context), local_loss=context.local_loss)
+            image_embeds, text_embeds, logit_scale = embed(context, batch)
+            loss = contrastive_loss(image_embeds, text_embeds, logit_scale, local_loss=context.local_loss)
             accelerator.backward(loss / len(micro_batches))
         losses.append(loss.detach())
     return torch.stack(losses).mean(), _optimizer_step(context)
@@ -69,17 +65,17 @@ def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]
     accelerator = context.accelerator
     with torch.no_grad():
         cached = [embed(context, batch) for batch in micro_batches]
-    cached_images = [image for image, _ in cached]
-    cached_texts = [text for _, text in cached]
+    cached_images = [image for image, _, _ in cached]
+    cached_texts = [text for _, text, _ in cached]
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         # Gradients are all-reduced once, after the last micro-batch.
         with accelerator.no_sync(context.model) if not last else nullcontext():
-            image_embeds, text_embeds = embed(context, batch)
+            image_embeds, text_embeds, logit_scale = embed(context, batch)
             images = torch.cat(cached_images[:index] + [image_embeds] + cached_images[index + 1 :])
             texts = torch.cat(cached_texts[:index] + [text_embeds] + cached_texts[index + 1 :])
             # Each pass recomputes the whole loss; logit_scale must receive its gradient once, not once per pass.
-            logit_scale = _logit_scale(context) if last else _logit_scale(context).detach()
+            logit_scale = logit_scale if last else logit_scale.detach()
             loss = contrastive_loss(images, texts, logit_scale, local_loss=context.local_loss)
             accelerator.backward(loss)
     return loss.detach(), _optimizer_step(context)
@@ -94,6 +90,8 @@ def _optimizer_step(context: StepContext) -> bool:
     """
     accelerator = context.accelerator
     grad_norm = accelerator.clip_grad_norm_(context.model.parameters(), context.max_grad_norm or math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
     finite = grad_norm is None or bool(torch.isfinite(grad_norm))
     if finite or accelerator.mixed_precision == "fp16":  # fp16: the grad scaler skips and lowers its scale
         context.optimizer.step()
@@ -102,5 +100,5 @@ def _optimizer_step(context: StepContext) -> bool:
     if stepped:
         context.scheduler.step()
         with torch.no_grad():
-            _logit_scale(context).clamp_(0, MAX_LOGIT_SCALE)
+            unwrap(context.accelerator, context.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     return stepped

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import InitProcessGroupKwargs, set_seed
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from tqdm.auto import tqdm
 from transformers import CLIPModel, get_scheduler
 
@@ -27,7 +28,15 @@ from .data import build_pair_datasets, check_strict, load_raw_splits, make_datal
 from .early_stopping import EarlyStopping
 from .evaluation import evaluate_retrieval
 from .launch import check_launch, check_supported_launch, data_prepared_per_node, storage_is_shared
-from .model import PixelNormalizer, freeze_parameters, image_size_of, load_model_and_processor, unwrap_clip
+from .model import (
+    ContrastiveModel,
+    PixelNormalizer,
+    freeze_parameters,
+    image_size_of,
+    load_model_and_processor,
+    logit_scale_value,
+    unwrap,
+)
 from .step import StepContext, exact_step, plain_step
 
 logger = get_logger(__name__)
@@ -42,7 +51,7 @@ class TrainingResult:
     metrics: dict  # eval_results.json
     history: list  # log_history.json
     resolved_config: dict  # training_config.json
-    model: CLIPModel
+    model: CLIPModel | None  # the best model as saved (on the main process; None on the others)
     processor: object
 
 
@@ -80,12 +89,11 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
     if config.eval_initial_model and not state.initial:
         state.initial = {"test": _evaluate(run, "test")}
     early_stopping = fit(run, state)
-    _load_best_weights(run)
+    best_model = _load_best_weights(run)
     metrics = {"initial": state.initial} if state.initial else {}
     metrics["validation"] = early_stopping.best_metrics
     metrics["test"] = _evaluate(run, "test")
     metrics["training"] = _training_summary(run, state, early_stopping)
-    best_model = unwrap_clip(run.accelerator, run.model)
     _shut_down(run)
     return TrainingResult(metrics, state.history, run.resolved_config, best_model, run.processor)
 
@@ -279,20 +287,20 @@ def _load_model_and_data(
     per_node = data_prepared_per_node(accelerator, data_config)
     raw_splits = load_raw_splits(accelerator, data_config, per_node=per_node)
     _check_split_sizes(config, accelerator.num_processes, {role: len(raw.dataset) for role, raw in raw_splits.items()})
-    model, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
-    trainable, total = freeze_parameters(model, model_config.freeze, model_config.freeze_vision_layers)
+    clip, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
+    trainable, total = freeze_parameters(clip, model_config.freeze, model_config.freeze_vision_layers)
     logger.info(
         f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%), "
         f"freezing: {model_config.freeze}"
     )
     pairs = build_pair_datasets(
-        accelerator, data_config, raw_splits, processor.tokenizer, image_size_of(model), per_node=per_node
+        accelerator, data_config, raw_splits, processor.tokenizer, image_size_of(clip), per_node=per_node
     )
     if data_config.strict:
         check_strict(pairs, raw_splits)
     skipped = write_skip_report(pairs, raw_splits, config.output_dir) if accelerator.is_main_process else {}
     _check_split_sizes(config, accelerator.num_processes, {role: len(pairs[role]) for role in pairs})
-    return model, processor, pairs, skipped
+    return ContrastiveModel(clip), processor, pairs, skipped
 
 
 def _restore(run: Run) -> TrainerState:
@@ -340,7 +348,7 @@ def _log_training(run: Run, state: TrainerState, losses: list[torch.Tensor]) -> 
     # The only host-device sync of the loss, once per logging interval.
     loss = run.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
     learning_rate = run.step_context.scheduler.get_last_lr()[0]
-    logit_scale = unwrap_clip(run.accelerator, run.model).logit_scale.exp().item()
+    logit_scale = logit_scale_value(unwrap(run.accelerator, run.model))
     epochs = _epochs_done(run, state)
     state.history.append(
         {"step": state.step, "epoch": epochs, "loss": loss, "learning_rate": learning_rate, "logit_scale": logit_scale}
@@ -381,18 +389,25 @@ def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping, lo
     state.unlogged_losses = [float(loss) for loss in losses]  # so a resumed run logs the same interval means
     state.early_stopping = asdict(early_stopping)
     state.scheduler = run.step_context.scheduler.state_dict()
+    state.sharded, state.num_processes = run.accelerator.is_fsdp2, run.accelerator.num_processes
     save_checkpoint(run.accelerator, run.config.output_dir, state, run.config.save_total_limit)
 
 
-def _load_best_weights(run: Run) -> None:
-    """The saved best model is what the final test evaluation measures and what users get. Only the main process
-    wrote it, so only it reads it; the others receive it (other nodes may not share its disk)."""
-    clip = unwrap_clip(run.accelerator, run.model)
+def _load_best_weights(run: Run) -> CLIPModel | None:
+    """The saved best model is what the final test evaluation measures and what users get; returns it (on the main
+    process). Only the main process wrote it, so only it reads it; the others receive it over the network (other
+    nodes may not share its disk), whole or as their FSDP2 shards."""
+    module = unwrap(run.accelerator, run.model)
+    best, weights = None, {}
     if run.accelerator.is_main_process:
-        clip.load_state_dict(CLIPModel.from_pretrained(run.config.output_dir, dtype=torch.float32).state_dict())
-    if run.accelerator.num_processes > 1:
-        for tensor in clip.state_dict().values():  # views of the parameters and buffers: filled in place
-            torch.distributed.broadcast(tensor, src=0)
+        best = CLIPModel.from_pretrained(run.config.output_dir, dtype=torch.float32)
+        weights = ContrastiveModel.from_clip_state_dict(best.state_dict())
+    if run.accelerator.num_processes == 1:
+        module.load_state_dict(weights)
+    else:
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(module, weights, options=options)
+    return best
 
 
 def _shut_down(run: Run) -> None:

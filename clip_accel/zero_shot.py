@@ -56,7 +56,8 @@ def class_text_embeddings(
     """One L2-normalised text embedding per class, averaged over prompt templates.
 
     Args:
-        model: a `transformers.CLIPModel` (unwrapped); its `get_text_features(...).pooler_output` is used.
+        model: a `transformers.CLIPModel` (unwrapped; its `get_text_features(...).pooler_output` is used) or the
+            trainer's `ContrastiveModel` (its forward's text embeddings).
         tokenizer: the model's tokenizer; prompts are truncated to MAX_TEXT_TOKENS (77) and padded with its pad token to
             the longest prompt of each batch.
         labels: C class labels; each goes through `label_to_text` before filling a template.
@@ -96,12 +97,12 @@ def _check_templates(templates: Sequence[str], labels: list[str]) -> None:
 
 
 def _embed_prompts(model: torch.nn.Module, tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """float32 (P, D) projected text embeddings (not normalised) of P prompts."""
+    """float32 (P, D) projected text embeddings of P prompts (normalised or not: the caller normalises)."""
     tokens = tokenizer(prompts, padding="longest", truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
-    output = model.get_text_features(
-        input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
-    )
-    return output.pooler_output.float()
+    text = {"input_ids": tokens["input_ids"].to(device), "attention_mask": tokens["attention_mask"].to(device)}
+    if hasattr(model, "get_text_features"):  # a CLIPModel
+        return model.get_text_features(**text).pooler_output.float()
+    return model(**text)[1].float()  # the trainer's ContrastiveModel: through forward, where FSDP2 gathers shards
 
 
 @torch.no_grad()

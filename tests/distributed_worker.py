@@ -20,7 +20,7 @@ from conftest import tiny_clip_config  # noqa: E402
 from clip_accel.checkpoint import TrainerState  # noqa: E402
 from clip_accel.evaluation import evaluate_retrieval  # noqa: E402
 from clip_accel.loss import contrastive_loss  # noqa: E402
-from clip_accel.model import PixelNormalizer, freeze_parameters  # noqa: E402
+from clip_accel.model import ContrastiveModel, PixelNormalizer, freeze_parameters  # noqa: E402
 from clip_accel.step import MAX_LOGIT_SCALE, StepContext, exact_step, plain_step  # noqa: E402
 from clip_accel.trainer import optimizer_step_batches  # noqa: E402
 
@@ -43,8 +43,9 @@ def stack(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def step_context(accelerator: Accelerator, freeze: str = "none", local_loss: bool = False) -> StepContext:
     torch.manual_seed(0)
-    model = CLIPModel(tiny_clip_config())
-    freeze_parameters(model, freeze, vision_layers=1)
+    clip = CLIPModel(tiny_clip_config())
+    freeze_parameters(clip, freeze, vision_layers=1)
+    model = ContrastiveModel(clip)
     # Plain SGD: the weights after one step are `before - lr * gradient`, so comparing them compares gradients.
     # (Adam's first step is ~lr * sign(g) and would turn rounding noise in near-zero gradients into lr-sized
     # differences.)
@@ -101,7 +102,7 @@ def plain_accumulation(accelerator: Accelerator, batches_per_epoch: int) -> dict
         plain_step(context, micro_batches)
         if state.epoch == EPOCHS:
             break
-    weights = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
+    weights = ContrastiveModel.clip_state_dict(accelerator.unwrap_model(context.model).state_dict())
     return {"optimizer_steps": context.scheduler.steps, "after": weights}
 
 

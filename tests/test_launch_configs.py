@@ -24,6 +24,7 @@ EXPECTED = {
     "single_gpu": "NO",
     "multi_gpu": "MULTI_GPU",
     "multi_node": "MULTI_GPU",
+    "fsdp": "FSDP",
 }
 
 
@@ -44,7 +45,7 @@ def test_config_loads_with_only_known_keys(path):
 FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
 fsdp_config:
-  fsdp_version: 2
+  fsdp_version: 1
   fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
   fsdp_transformer_layer_cls_to_wrap: CLIPEncoderLayer
 num_machines: 1
@@ -54,14 +55,14 @@ mixed_precision: 'no'
 
 
 @pytest.mark.slow
-def test_an_fsdp_launch_stops_at_start_up_pointing_to_ddp(tmp_path, demo_dir):
+def test_an_fsdp1_launch_stops_at_start_up_asking_for_fsdp2(tmp_path, demo_dir):
     (tmp_path / "fsdp.yaml").write_text(FSDP_CONFIG)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml")]
     command += ["scripts/train.py", "--data_dir", demo_dir, "--scratch_config", "clip-tiny"]
     command += ["--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "clip_accel does not run under FSDP" in result.stderr and "multi_gpu.yaml" in result.stderr
+    assert "clip_accel runs FSDP version 2 only" in result.stderr and "fsdp_version: 2" in result.stderr
     assert not (tmp_path / "cache").exists()
 
 

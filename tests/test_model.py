@@ -12,7 +12,7 @@ from transformers import CLIPImageProcessorPil, CLIPModel
 from clip_accel.config import ModelConfig, TrainConfig
 from clip_accel.data.preprocess import load_rgb_image
 from clip_accel.loss import contrastive_loss
-from clip_accel.model import PixelNormalizer, freeze_parameters, load_model_and_processor
+from clip_accel.model import ContrastiveModel, PixelNormalizer, freeze_parameters, load_model_and_processor
 from clip_accel.trainer import build_optimizer
 
 CAPTIONS = ["red striped kurta", "blue silk saree", "black checked sherwani", "green plain dupatta"]
@@ -75,12 +75,12 @@ def test_freezing_more_layers_than_exist_says_so():
 
 
 def test_weight_decay_skips_biases_norms_and_logit_scale():
-    model = CLIPModel(tiny_clip_config())
+    model = ContrastiveModel(CLIPModel(tiny_clip_config()))  # what the trainer optimizes
     decay_group, no_decay_group = build_optimizer(model, TrainConfig(weight_decay=0.2)).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for p in no_decay_group["params"]}
     assert decay_group["weight_decay"] == 0.2 and no_decay_group["weight_decay"] == 0.0
-    assert "logit_scale" in no_decay and "text_model.final_layer_norm.weight" in no_decay
+    assert "logit_scale" in no_decay and "clip.text_model.final_layer_norm.weight" in no_decay
     assert all(names[id(p)].endswith("weight") for p in decay_group["params"])
 
 

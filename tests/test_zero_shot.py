@@ -13,7 +13,7 @@ from clip_accel.config import DataConfig
 from clip_accel.data import build_pair_datasets, load_raw_splits, make_dataloader
 from clip_accel.data.demo import CLASS_LABELS
 from clip_accel.evaluation import embed_split
-from clip_accel.model import PixelNormalizer
+from clip_accel.model import ContrastiveModel, PixelNormalizer
 from clip_accel.zero_shot import DEFAULT_TEMPLATES, class_text_embeddings, label_to_text, zero_shot_accuracy
 
 
@@ -139,7 +139,8 @@ def test_demo_split_end_to_end(demo_dir, offline_tokenizer, tmp_path):
     pairs = build_pair_datasets(accelerator, config, raw, offline_tokenizer, TINY_IMAGE_SIZE)["test"]
     labels = pairs.column("label")
     normalizer = PixelNormalizer([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
-    image_embeds, _ = embed_split(accelerator, model, make_dataloader(pairs, 16, train=False), normalizer)
+    loader = make_dataloader(pairs, 16, train=False)
+    image_embeds, _ = embed_split(accelerator, ContrastiveModel(model), loader, normalizer)
     class_embeds = class_text_embeddings(model, offline_tokenizer, list(CLASS_LABELS))
     assert image_embeds.shape == (len(labels), 16) and class_embeds.shape == (len(CLASS_LABELS), 16)
 

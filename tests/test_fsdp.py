@@ -1,0 +1,133 @@
+"""FSDP2 on 2 CPU processes trains like DDP, saves a plain float32 CLIPModel folder, checkpoints and resumes.
+
+The FSDP2 runs go through `tests/fsdp_train.py` (see its docstring: the one change from a GPU launch is that
+Accelerate keeps FSDP on CPU processes) with the real `accelerate_configs/fsdp.yaml`; the DDP runs through the
+documented `ACCELERATE_USE_CPU=1 torchrun` launch of `scripts/train.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPModel
+
+from clip_accel.checkpoint import TrainerState, _check_resumable, list_checkpoints
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def options(demo_dir: str, model_config: str, out: Path, freeze: str, *extra: str) -> list[str]:
+    """192 pairs / (16 x 2 processes) = 6 micro-batches per process per epoch, 2 accumulated (exactly) per step."""
+    values = {
+        "data_dir": demo_dir,
+        "scratch_config": model_config,
+        "output_dir": out,
+        "cache_dir": out.parent / "cache",
+        "freeze": freeze,
+        "freeze_vision_layers": 1,
+        "num_train_epochs": 3,
+        "per_device_train_batch_size": 16,
+        "gradient_accumulation_steps": 2,
+        "per_device_eval_batch_size": 16,
+        "learning_rate": 2e-3,
+        "logging_steps": 1,
+        "checkpointing_steps": 4,
+        "early_stopping_patience": 0,
+        "seed": 1,
+    }
+    return [str(part) for name, value in values.items() for part in (f"--{name}", value)] + list(extra)
+
+
+def fsdp(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp.yaml"]
+    launch += ["--num_processes", "2", "--mixed_precision", "no", "tests/fsdp_train.py"]
+    result = subprocess.run([*launch, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert not check or result.returncode == 0, result.stderr[-6000:]
+    return result
+
+
+def ddp(*args: str) -> subprocess.CompletedProcess:
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "scripts/train.py",
+    ]
+    result = subprocess.run([*launch, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return result
+
+
+@pytest.fixture(scope="module", params=["none", "vision_layers"])
+def runs(request, tmp_path_factory, demo_dir, tiny_model_config_path):
+    """(FSDP2 output folder, its log, DDP output folder) for one freezing strategy."""
+    root = tmp_path_factory.mktemp(f"fsdp-{request.param}")
+    sharded = fsdp(*options(demo_dir, tiny_model_config_path, root / "fsdp", request.param))
+    ddp(*options(demo_dir, tiny_model_config_path, root / "ddp", request.param))
+    return root / "fsdp", sharded.stderr, root / "ddp"
+
+
+def test_fsdp2_trains_like_ddp(runs):
+    sharded, log, replicated = runs
+    assert "Processes: 2 (FSDP) on cpu" in log
+    losses = [
+        [record["loss"] for record in json.loads((out / "log_history.json").read_text()) if "loss" in record]
+        for out in (sharded, replicated)
+    ]
+    assert len(losses[0]) == len(losses[1]) == 9
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    fsdp_results, ddp_results = (json.loads((out / "eval_results.json").read_text()) for out in (sharded, replicated))
+    for key in ("image_to_text_mean_rank", "text_to_image_mean_rank"):
+        assert fsdp_results["test"][key] == pytest.approx(ddp_results["test"][key], rel=1e-3)
+
+
+def test_fsdp2_best_model_is_a_plain_float32_clip_folder_with_ddps_weights(runs):
+    sharded, _, replicated = runs
+    loaded = CLIPModel.from_pretrained(sharded)
+    weights, reference = load_file(sharded / "model.safetensors"), load_file(replicated / "model.safetensors")
+    assert weights.keys() == reference.keys() and {t.dtype for t in weights.values()} == {torch.float32}
+    assert weights["logit_scale"].shape == ()  # CLIPModel's layout, not the trainer's 1-element parameter
+    for name, tensor in reference.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(loaded.logit_scale, reference["logit_scale"], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp2_killed_and_resumed_run_equals_the_uninterrupted_one(runs, tmp_path, demo_dir, tiny_model_config_path):
+    sharded, _, _ = runs
+    # The uninterrupted run's step-4 checkpoint stands for the one a killed run leaves: resume from it alone.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(Path(list_checkpoints(str(sharded))[0]), resumed / "checkpoints" / "step-0000004")
+    freeze = json.loads((sharded / "training_config.json").read_text())["freeze"]
+    result = fsdp(*options(demo_dir, tiny_model_config_path, resumed, freeze, "--resume_from_checkpoint", "latest"))
+    assert "Resumed from" in result.stderr
+    expected, actual = load_file(sharded / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_a_checkpoint_resumes_only_under_the_sharding_that_wrote_it(tmp_path):
+    fsdp_on_2 = SimpleNamespace(is_fsdp2=True, num_processes=2)
+    _check_resumable(fsdp_on_2, TrainerState(sharded=True, num_processes=2), "ckpt")
+    for state, accelerator in (
+        (TrainerState(sharded=False, num_processes=2), fsdp_on_2),
+        (TrainerState(sharded=True, num_processes=2), SimpleNamespace(is_fsdp2=False, num_processes=2)),
+        (TrainerState(sharded=True, num_processes=4), fsdp_on_2),
+    ):
+        with pytest.raises(ValueError, match="resume it with the launch that wrote it"):
+            _check_resumable(accelerator, state, "ckpt")
+    _check_resumable(SimpleNamespace(is_fsdp2=False, num_processes=1), TrainerState(num_processes=2), "ckpt")
