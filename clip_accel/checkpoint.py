@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .model import ContrastiveModel, unwrap
 
@@ -125,6 +126,25 @@ def _check_resumable(accelerator: Accelerator, state: TrainerState, path: str) -
         f"{path} was written under {written} and this run is {now}: resume it with the launch that wrote it, "
         "or start from its best model (--model_name_or_path OUTPUT) instead of resuming."
     )
+
+
+def load_from_main_process(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Fill `module`'s parameters and buffers in place with `weights`, whole tensors that only the main process
+    holds (the others pass {}): each is broadcast, then copied whole (DDP, one process) or as this process's shard
+    (an FSDP2 DTensor). No other process reads a disk, so other nodes need not share the main one's."""
+    for name, tensor in module.state_dict().items():
+        whole = (
+            weights[name].to(tensor.device, tensor.dtype)
+            if weights
+            else torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        )
+        torch.distributed.broadcast(whole, src=0)
+        with torch.no_grad():
+            if isinstance(tensor, DTensor):
+                shard = distribute_tensor(whole, tensor.device_mesh, tensor.placements, src_data_rank=None)
+                tensor.to_local().copy_(shard.to_local())
+            else:
+                tensor.copy_(whole)
 
 
 def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, output_dir: str) -> None:

@@ -18,11 +18,17 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import InitProcessGroupKwargs, set_seed
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from tqdm.auto import tqdm
 from transformers import CLIPModel, get_scheduler
 
-from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
+from .checkpoint import (
+    TrainerState,
+    load_checkpoint,
+    load_from_main_process,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_model,
+)
 from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_dict
 from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, write_skip_report
 from .early_stopping import EarlyStopping
@@ -306,6 +312,14 @@ def _load_model_and_data(
 def _restore(run: Run) -> TrainerState:
     checkpoint = resolve_checkpoint(run.config.output_dir, run.config.resume_from_checkpoint)
     state = load_checkpoint(run.accelerator, checkpoint)
+    best_step = state.early_stopping.get("best_step", 0)
+    saved = os.path.isfile(os.path.join(run.config.output_dir, "model.safetensors"))
+    if best_step and not saved and run.accelerator.is_main_process:
+        raise ValueError(
+            f"{checkpoint} resumes a run whose best model (step {best_step}) should be in {run.config.output_dir}, "
+            "but model.safetensors is not there: resume in the output folder the run wrote (on the main node), "
+            "or restore its model files."
+        )
     run.step_context.scheduler.load_state_dict(state.scheduler)
     return state
 
@@ -405,8 +419,7 @@ def _load_best_weights(run: Run) -> CLIPModel | None:
     if run.accelerator.num_processes == 1:
         module.load_state_dict(weights)
     else:
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(module, weights, options=options)
+        load_from_main_process(module, weights)
     return best
 
 

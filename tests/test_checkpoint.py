@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -12,15 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from interrupt import interrupt_after_checkpoint
 from safetensors.torch import load_file
 
 from clip_accel.checkpoint import TrainerState, list_checkpoints, resolve_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-F_SETPIPE_SZ = 1031  # Linux fcntl: set a pipe's capacity
 
 
 def _command(processes: int, demo_dir: str, model_config: str, out, *extra: str) -> list[str]:
@@ -77,34 +74,7 @@ def _env() -> dict:
 
 
 def _kill_after_checkpoint(command: list[str], step: int, sig: int = signal.SIGKILL) -> tuple[str, int]:
-    """Start the run, send `sig` to all of its processes once the checkpoint of `step` is announced; returns
-    what it wrote to stderr, to the end, and its exit status."""
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=_env(),
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    # A one-page pipe: the run blocks on its own log until this test has read it, so it cannot race past the
-    # checkpoint to the end of training while the line that announces the checkpoint waits unread.
-    fcntl.fcntl(process.stderr.fileno(), F_SETPIPE_SZ, 4096)
-    log = []
-    for line in process.stderr:
-        log.append(line)
-        if f"checkpoints/step-{step:07d}" in line:
-            # Every process of the run: torchrun starts its workers in sessions of their own, so signalling
-            # torchrun's process group alone would leave them training (and writing) on their own.
-            for victim in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    victim.send_signal(sig)
-            break
-    log += list(process.stderr)
-    process.wait(timeout=60)
-    assert process.returncode != 0, "the run finished before it could be killed; make it longer"
-    return "".join(log), process.returncode
+    return interrupt_after_checkpoint(command, step, cwd=REPO, env=_env(), sig=sig)
 
 
 @pytest.mark.slow
@@ -174,6 +144,17 @@ def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
         resolve_checkpoint(str(tmp_path), "latest")
     with pytest.raises(ValueError, match="is not a checkpoint folder"):
         resolve_checkpoint(str(tmp_path), str(tmp_path))
+
+
+def test_resume_without_the_best_model_it_relies_on_says_so_before_training(make_configs):
+    from clip_accel.trainer import train
+
+    options = {"max_steps": 4, "checkpointing_steps": 3, "eval_steps": 1, "eval_initial_model": False}
+    configs = make_configs(**options)
+    train(*configs)
+    os.remove(os.path.join(configs[2].output_dir, "model.safetensors"))  # e.g. resumed on another node's disk
+    with pytest.raises(ValueError, match=r"best model \(step \d\) should be in .* model.safetensors is not there"):
+        train(*make_configs(**options, resume_from_checkpoint="latest"))
 
 
 def test_only_the_newest_checkpoints_are_kept(make_configs):

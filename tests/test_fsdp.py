@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from interrupt import interrupt_after_checkpoint
 from safetensors.torch import load_file
 from transformers import CLIPModel
 
-from clip_accel.checkpoint import TrainerState, _check_resumable, list_checkpoints
+from clip_accel.checkpoint import TrainerState, _check_resumable
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = {
+    **os.environ,
+    "ACCELERATE_USE_CPU": "1",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": str(ROOT),
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 def options(demo_dir: str, model_config: str, out: Path, freeze: str, *extra: str) -> list[str]:
@@ -49,10 +55,12 @@ def options(demo_dir: str, model_config: str, out: Path, freeze: str, *extra: st
     return [str(part) for name, value in values.items() for part in (f"--{name}", value)] + list(extra)
 
 
+FSDP_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp.yaml"]
+FSDP_LAUNCH += ["--num_processes", "2", "--mixed_precision", "no", "tests/fsdp_train.py"]
+
+
 def fsdp(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp.yaml"]
-    launch += ["--num_processes", "2", "--mixed_precision", "no", "tests/fsdp_train.py"]
-    result = subprocess.run([*launch, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([*FSDP_LAUNCH, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert not check or result.returncode == 0, result.stderr[-6000:]
     return result
 
@@ -72,7 +80,7 @@ def ddp(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.fixture(scope="module", params=["none", "vision_layers"])
+@pytest.fixture(scope="module", params=["none", "vision_layers", "backbones"])
 def runs(request, tmp_path_factory, demo_dir, tiny_model_config_path):
     """(FSDP2 output folder, its log, DDP output folder) for one freezing strategy."""
     root = tmp_path_factory.mktemp(f"fsdp-{request.param}")
@@ -106,18 +114,22 @@ def test_fsdp2_best_model_is_a_plain_float32_clip_folder_with_ddps_weights(runs)
     torch.testing.assert_close(loaded.logit_scale, reference["logit_scale"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("runs", ["none"], indirect=True)  # one strategy: the kill is the point here
 def test_fsdp2_killed_and_resumed_run_equals_the_uninterrupted_one(runs, tmp_path, demo_dir, tiny_model_config_path):
     sharded, _, _ = runs
-    # The uninterrupted run's step-4 checkpoint stands for the one a killed run leaves: resume from it alone.
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(Path(list_checkpoints(str(sharded))[0]), resumed / "checkpoints" / "step-0000004")
     freeze = json.loads((sharded / "training_config.json").read_text())["freeze"]
-    result = fsdp(*options(demo_dir, tiny_model_config_path, resumed, freeze, "--resume_from_checkpoint", "latest"))
+    killed = tmp_path / "killed"
+    interrupt_after_checkpoint(
+        FSDP_LAUNCH + options(demo_dir, tiny_model_config_path, killed, freeze), 4, cwd=str(ROOT), env=ENV
+    )
+    assert not (killed / "eval_results.json").exists()
+    result = fsdp(*options(demo_dir, tiny_model_config_path, killed, freeze, "--resume_from_checkpoint", "latest"))
     assert "Resumed from" in result.stderr
-    expected, actual = load_file(sharded / "model.safetensors"), load_file(resumed / "model.safetensors")
+    expected, actual = load_file(sharded / "model.safetensors"), load_file(killed / "model.safetensors")
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+    for name in ("eval_results.json", "log_history.json"):
+        assert json.loads((killed / name).read_text()) == json.loads((sharded / name).read_text()), name
 
 
 def test_a_checkpoint_resumes_only_under_the_sharding_that_wrote_it(tmp_path):
