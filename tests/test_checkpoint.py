@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from interrupt import interrupt_after_checkpoint
+from launching import CPU_ENV, TORCHRUN_2, interrupt_after_checkpoint
 from safetensors.torch import load_file
 
 from clip_accel.checkpoint import TrainerState, list_checkpoints, resolve_checkpoint
@@ -21,19 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _command(processes: int, demo_dir: str, model_config: str, out, *extra: str) -> list[str]:
-    launcher = (
-        [sys.executable, "scripts/train.py"]
-        if processes == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "scripts/train.py",
-        ]
-    )
+    launcher = [sys.executable, "scripts/train.py"] if processes == 1 else [*TORCHRUN_2, "scripts/train.py"]
     return launcher + [
         "--data_dir",
         demo_dir,
@@ -64,13 +52,7 @@ def _command(processes: int, demo_dir: str, model_config: str, out, *extra: str)
 
 
 def _env() -> dict:
-    return {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "1",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": REPO,
-    }
+    return CPU_ENV
 
 
 def _kill_after_checkpoint(command: list[str], step: int, sig: int = signal.SIGKILL) -> tuple[str, int]:

@@ -10,11 +10,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import distributed_worker
 import pytest
 import torch
+from launching import CPU_ENV, TORCHRUN, TORCHRUN_2
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -22,9 +22,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [*TORCHRUN_2, *args], cwd=REPO, env=CPU_ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -77,8 +77,7 @@ def test_torchrun_without_accelerate_use_cpu_stops_before_any_work(tmp_path, dem
     # Without ACCELERATE_USE_CPU=1 on a machine without GPUs Accelerate joins neither process: two runs would
     # train alone into the same folder. The start-up check stops both, before the data is read.
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["scripts/train.py", "--data_dir", demo_dir, "--scratch_config", "clip-tiny"]
+    command = [*TORCHRUN_2, "scripts/train.py", "--data_dir", demo_dir, "--scratch_config", "clip-tiny"]
     command += ["--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
@@ -175,13 +174,13 @@ def test_two_nodes_without_shared_storage_train_as_two_processes_of_one_node(
 ):
     # Two single-process "nodes" on this machine, each with output and cache folders the other never sees (what
     # node-local disks look like to the code: nothing of one node's folder can be read by the other).
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env = CPU_ENV
     rendezvous = ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port"]
     rendezvous.append(str(free_port()))
     nodes = []
     for rank in (0, 1):
         out, log = tmp_path / f"node{rank}" / "out", tmp_path / f"node{rank}.log"
-        command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--node_rank", str(rank)]
+        command = [*TORCHRUN, *rendezvous, "--node_rank", str(rank)]
         command += ["scripts/train.py", *run_options(demo_dir, tiny_model_config_path, out)]
         with open(log, "w") as handle:
             nodes.append((out, subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)))

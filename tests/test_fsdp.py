@@ -8,7 +8,6 @@ documented `ACCELERATE_USE_CPU=1 torchrun` launch of `scripts/train.py`.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from interrupt import interrupt_after_checkpoint
+from launching import CPU_ENV, TORCHRUN_2, interrupt_after_checkpoint
 from safetensors.torch import load_file
 from transformers import CLIPModel
 
@@ -24,13 +23,7 @@ from clip_accel.checkpoint import TrainerState, _check_resumable
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {
-    **os.environ,
-    "ACCELERATE_USE_CPU": "1",
-    "OMP_NUM_THREADS": "1",
-    "PYTHONPATH": str(ROOT),
-    "PYTHONUNBUFFERED": "1",
-}
+ENV = CPU_ENV
 
 
 def options(demo_dir: str, model_config: str, out: Path, freeze: str, *extra: str) -> list[str]:
@@ -66,16 +59,9 @@ def fsdp(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def ddp(*args: str) -> subprocess.CompletedProcess:
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "scripts/train.py",
-    ]
-    result = subprocess.run([*launch, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*TORCHRUN_2, "scripts/train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     return result
 

@@ -1,13 +1,23 @@
-"""Interrupting a training run from a test: a signal to every one of its processes once a checkpoint is written."""
+"""Launching training processes from the tests: the documented CPU launches, and interrupting a run."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import psutil
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+# Several CPU processes: ACCELERATE_USE_CPU=1 makes Accelerate join them (README); one thread each on 2 cores;
+# unbuffered, so a test reading the log sees each line as it is written.
+CPU_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TORCHRUN_2 = [*TORCHRUN, "--standalone", "--nproc_per_node", "2"]
 
 F_SETPIPE_SZ = 1031  # Linux fcntl: set a pipe's capacity
 
