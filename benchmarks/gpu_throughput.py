@@ -1,8 +1,10 @@
 """GPU training throughput of ViT-B/32 CLIP (random init, clip_accel/presets/clip-vit-b-32.json) at 224 px, bf16.
 
 Rows (one command, one table):
-- clip_accel's trainer as shipped: `prepare_run` + `plain_step` (Accelerate, bf16, its fused AdamW on CUDA) over
-  its real loader (preprocessing cache -> PairDataset -> make_dataloader);
+- clip_accel's trainer as shipped: `prepare_run` + `fit` (Accelerate, bf16, fused AdamW, TF32, its loader read
+  ahead by a background thread with pinned non-blocking copies), timed through fit's `on_step_end` hook, within
+  one epoch (no epoch-end checkpoint or evaluation in the timed steps; the checkpoint is timed apart);
+- the same trainer's step (`plain_step` on prepare_run's StepContext) on batches already on the device;
 - a lean step (PixelNormalizer + CLIPModel + clip_accel.loss.contrastive_loss under bf16 autocast, clip at 1.0,
   AdamW) with each fast-path option switched on or off: SDPA vs eager attention, fused vs foreach AdamW, TF32,
   gradient checkpointing, torch.compile; fed either synthetic uint8 data already on the device (no input cost)
@@ -31,13 +33,15 @@ import common
 import torch  # noqa: E402
 from transformers import CLIPConfig, CLIPModel  # noqa: E402
 
+from clip_accel.checkpoint import TrainerState, save_checkpoint  # noqa: E402
 from clip_accel.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from clip_accel.loss import contrastive_loss  # noqa: E402
 from clip_accel.model import PixelNormalizer  # noqa: E402
 from clip_accel.step import MAX_LOGIT_SCALE, plain_step  # noqa: E402
-from clip_accel.trainer import prepare_run  # noqa: E402
+from clip_accel.trainer import fit, prepare_run  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+# Dense bf16 peaks (TFLOP/s), matched in this order against the device name: the PCIe H100 before the SXM one.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 INDO_FASHION_TRAIN_PAIRS = 91_166
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -55,7 +59,8 @@ class Variant:
 
 
 VARIANTS = [
-    Variant("clip_accel trainer (prepare_run + plain_step), real loader", data="loader", trainer=True),
+    Variant("clip_accel trainer as shipped (prepare_run + fit), real loader", data="loader", trainer=True),
+    Variant("clip_accel step (plain_step) on batches already on the device", trainer=True),
     Variant("lean step, eager, SDPA, fused AdamW, TF32 (reference)"),
     Variant("  + real loader instead of on-device data", data="loader"),
     Variant("  eager attention instead of SDPA", attention="eager"),
@@ -179,8 +184,8 @@ def lean_step(model: CLIPModel, variant: Variant, device, amp_dtype):
     return step
 
 
-def trainer_run(data_dir: str, work: str, batch_size: int, total_steps: int, num_workers: int, device):
-    """clip_accel's own prepare_run (bf16 on CUDA) and a step function that calls its plain_step."""
+def trainer_run(data_dir: str, work: str, batch_size: int, total_steps: int, num_workers: int, device, preset: str):
+    """clip_accel's own prepare_run (bf16), evaluating only after `total_steps`."""
     data_config = DataConfig(
         data_dir=data_dir,
         cache_dir=os.path.join(work, "cache"),
@@ -193,14 +198,42 @@ def trainer_run(data_dir: str, work: str, batch_size: int, total_steps: int, num
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size,
         max_steps=total_steps,
+        eval_steps=total_steps,
+        eval_initial_model=False,
         mixed_precision="bf16",
         dataloader_num_workers=num_workers,
         seed=0,
     )
     if device.type == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "1"
-    run = prepare_run(data_config, ModelConfig(scratch_config="clip-vit-b-32"), train_config)
-    return run, (lambda batch: plain_step(run.step_context, [batch]))
+    return prepare_run(data_config, ModelConfig(scratch_config=preset), train_config)
+
+
+def time_fit(run, warmup: int, steps: int, device) -> float:
+    """Seconds of `steps` optimizer steps of fit() after `warmup` steps, measured by its on_step_end hook (fit
+    runs one step more, whose evaluation falls outside the window)."""
+    marks = {}
+
+    def on_step_end(state) -> None:
+        if state.step in (warmup, warmup + steps):
+            synchronize(device)
+            marks[state.step] = time.perf_counter()
+
+    fit(run, TrainerState(), on_step_end=on_step_end)
+    return marks[warmup + steps] - marks[warmup]
+
+
+def mean_text_length(run, batch_size: int, steps: int) -> float:
+    """Mean padded caption length of `steps` training batches (for the FLOP count of the fit row)."""
+    from clip_accel.data.loader import make_dataloader
+
+    lengths = [
+        batch["input_ids"].shape[1]
+        for batch, _ in zip(
+            make_dataloader(run.train_loader.dataset, batch_size, train=True), range(steps), strict=False
+        )
+    ]
+    return sum(lengths) / len(lengths)
 
 
 # ----------------------------------------------------------------------------------------------------- measure
@@ -215,30 +248,35 @@ def measure(variant: Variant, args, config: CLIPConfig, device, work: str, pairs
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     warmup = args.warmup_steps * (3 if variant.compile else 1)
+    model_config, batches = config, None
     if variant.trainer:
-        run, step = trainer_run(args.data_dir, work, args.batch_size, warmup + args.steps, args.num_workers, device)
-        batches = loader_batches(run.train_loader, device)  # prepared by Accelerate: already on the device
+        total = warmup + args.steps + 1
+        run = trainer_run(args.data_dir, work, args.batch_size, total, args.num_workers, device, args.preset)
         model_config = run.accelerator.unwrap_model(run.model).clip.config
+        step = lambda batch: plain_step(run.step_context, [batch])  # noqa: E731
     else:
         model = build_model(config, variant, device)
         step = lean_step(model, variant, device, torch.bfloat16)
-        model_config = config
-        if variant.data == "synthetic":
-            batches = synthetic_batches(
-                args.batch_size,
-                args.text_length,
-                config.vision_config.image_size,
-                config.text_config.vocab_size,
-                config.text_config.eos_token_id,
-                device,
-            )
-        else:
-            from clip_accel.data.loader import make_dataloader
+    if variant.data == "synthetic":
+        batches = synthetic_batches(
+            args.batch_size,
+            args.text_length,
+            config.vision_config.image_size,
+            model_config.text_config.vocab_size,
+            model_config.text_config.eos_token_id,
+            device,
+        )
+    elif not variant.trainer:
+        from clip_accel.data.loader import make_dataloader
 
-            pairs, _ = pairs_and_tokenizer()
-            batches = loader_batches(
-                make_dataloader(pairs, args.batch_size, train=True, num_workers=args.num_workers), device
-            )
+        pairs, _ = pairs_and_tokenizer()
+        batches = loader_batches(
+            make_dataloader(pairs, args.batch_size, train=True, num_workers=args.num_workers), device
+        )
+    if batches is None:  # the trainer as shipped: fit() with its own loader
+        seconds = time_fit(run, warmup, args.steps, device)
+        text_length = mean_text_length(run, args.batch_size, args.steps)
+        return _result(variant, args, model_config, device, seconds, text_length, run)
     graphs_before = _compiled_graphs()
     for _ in range(warmup):
         step(next(batches))
@@ -251,15 +289,18 @@ def measure(variant: Variant, args, config: CLIPConfig, device, work: str, pairs
         step(batch)
     synchronize(device)
     seconds = time.perf_counter() - start
-    text_length = text_tokens / args.steps
-    pairs_per_second = args.steps * args.batch_size / seconds
-    flops = 3 * forward_flops_per_pair(model_config, text_length)
-    peak = peak_flops(device, args.peak_tflops)
     notes = (
         f"{_compiled_graphs() - graphs_before} graphs compiled (text length varies per batch)"
         if (variant.compile and variant.data == "loader")
         else ""
     )
+    return _result(variant, args, model_config, device, seconds, text_tokens / args.steps, None, notes)
+
+
+def _result(variant, args, model_config, device, seconds, text_length, run, notes: str = "") -> dict:
+    pairs_per_second = args.steps * args.batch_size / seconds
+    flops = 3 * forward_flops_per_pair(model_config, text_length)
+    peak = peak_flops(device, args.peak_tflops)
     result = {
         "notes": notes,
         "pairs_per_second": pairs_per_second,
@@ -268,13 +309,10 @@ def measure(variant: Variant, args, config: CLIPConfig, device, work: str, pairs
         "mfu": pairs_per_second * flops / peak if peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
-    if variant.trainer:  # what fit() adds at every epoch end: a full checkpoint (weights + AdamW state + RNG)
-        from clip_accel.checkpoint import TrainerState, save_checkpoint
-
+    if run is not None:  # what fit() adds at every epoch end: a full checkpoint (weights + AdamW state + RNG)
         with common.Stopwatch() as clock:
             save_checkpoint(run.accelerator, run.config.output_dir, TrainerState(step=1), 1)
         result["checkpoint_seconds"] = clock.seconds
-    del step, batches
     gc.collect()
     return result
 
@@ -297,14 +335,19 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="Dense bf16 peak for MFU on other cards.")
     parser.add_argument("--only", nargs="*", default=None, help="Run only rows whose name contains one of these.")
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    parser.add_argument("--markdown", default=None, help="Also write the table to this markdown file.")
+    parser.add_argument(
+        "--preset", default="clip-vit-b-32", help="Bundled model preset (clip-tiny for a quick CPU smoke test)."
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     args.batch_size = args.batch_size or (256 if device.type == "cuda" else 4)
     args.warmup_steps = args.warmup_steps if device.type == "cuda" else 1
-    num_images = args.num_images or (2048 if device.type == "cuda" else 64)
+    # Enough pairs that the trainer row's timed steps stay within its first epoch.
+    num_images = args.num_images or (args.warmup_steps + args.steps + 2) * args.batch_size
     args.data_dir = str(common.write_bench_dataset(num_train=num_images, num_val=64, num_test=64))
     work = tempfile.mkdtemp(prefix="clip_accel_gpu_bench-")
-    config = CLIPConfig(**json.loads((resources.files("clip_accel") / "presets" / "clip-vit-b-32.json").read_text()))
+    config = CLIPConfig(**json.loads((resources.files("clip_accel") / "presets" / f"{args.preset}.json").read_text()))
 
     cached_pairs = []
 
@@ -319,7 +362,7 @@ def main() -> None:
         device_name = f"{common.machine_description()} (CPU smoke test: these numbers say nothing about GPUs)"
     print(f"Device: {device_name}\n")
     print(
-        f"ViT-B/32 CLIP at {config.vision_config.image_size} px, random init, bf16 autocast, batch "
+        f"CLIP preset {args.preset} at {config.vision_config.image_size} px, random init, bf16 autocast, batch "
         f"{args.batch_size}, {args.steps} timed steps after {args.warmup_steps} warm-up (x3 compiled); "
         f"reference: {forward_flops_per_pair(config, 77) / 1e9:.1f} GFLOP forward per pair at 77 tokens\n"
     )
@@ -346,17 +389,19 @@ def main() -> None:
                 result["notes"],
             ]
         )
-    print(
-        common.markdown_table(
-            ["variant", "pairs/s", "peak memory (GiB)", "text tokens", "train GFLOP/pair", "MFU", "notes"], rows
-        )
+    table = common.markdown_table(
+        ["variant", "pairs/s", "peak memory (GiB)", "text tokens", "train GFLOP/pair", "MFU", "notes"], rows
     )
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(f"Device: {device_name}; batch {args.batch_size}, {args.steps} timed steps\n\n{table}\n")
     for result in results.values():
         if "checkpoint_seconds" in result:
             seconds, steps_per_second = result["checkpoint_seconds"], result["pairs_per_second"] / args.batch_size
             epoch_steps = INDO_FASHION_TRAIN_PAIRS // args.batch_size
             print(
-                f"\nclip_accel's epoch-end checkpoint (ViT-B/32 weights + AdamW state + RNG) took {seconds:.2f} s = "
+                f"\nclip_accel's epoch-end checkpoint (weights + AdamW state + RNG) took {seconds:.2f} s = "
                 f"{seconds * steps_per_second:.1f} optimizer steps at the trainer row's speed; an Indo-fashion epoch "
                 f"({INDO_FASHION_TRAIN_PAIRS:,} pairs) is {epoch_steps} steps at batch {args.batch_size}."
             )

@@ -150,10 +150,12 @@ class TrainConfig:
         },
     )
     local_loss: bool = field(
-        default=False,
+        default=True,
         metadata={
-            "help": "Score only this process's rows against the global batch's columns: same gradient, "
-            "memory O(B x N*B) instead of O((N*B)^2)."
+            "help": "With more than one process, score only this process's rows against the global batch's "
+            "columns: the same gradient, logits memory O(B x N*B) instead of O((N*B)^2), one reduce-scatter in "
+            "the backward. --no_local_loss computes the whole (N*B)^2 loss on every process (no communication "
+            "in the backward). No effect on one process."
         },
     )
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
@@ -211,6 +213,13 @@ class TrainConfig:
     torch_compile: bool = field(
         default=False, metadata={"help": "Compile the model with torch.compile (inductor) through Accelerate."}
     )
+    tf32: bool = field(
+        default=True,
+        metadata={
+            "help": "On CUDA, float32 matrix products (the loss's logits, anything outside autocast) use TF32 "
+            "tensor cores. --no_tf32 keeps them in full float32. No effect on CPU."
+        },
+    )
     checkpointing_steps: int = field(
         default=0,
         metadata={
@@ -226,7 +235,7 @@ class TrainConfig:
         default=25,
         metadata={
             "help": "Stop after this many optimizer steps in a row with non-finite loss/gradients "
-            "(each one is skipped, never applied)."
+            "(each one is skipped on the device, never applied; counted at the next log or checkpoint)."
         },
     )
     push_to_hub: bool = field(

@@ -1,10 +1,17 @@
 """The symmetric contrastive (InfoNCE) loss, with negatives from every process.
 
 On N processes with per-process batch B, each process gathers all N*B image and text embeddings so every pair is
-scored against the global batch. The gather keeps autograd: the backward pass all-reduces the gradient of the
-gathered tensor and each process keeps its own slice, so DDP's gradient averaging then yields exactly the gradient
-of the global loss (the same weights as one process with batch N*B). Assumes equal per-process batches, which the
-training loader's drop_last guarantees.
+scored against the global batch. The gather keeps autograd, and its backward hands each process the gradient of
+its own rows only:
+
+- global loss (every process computes the same (N*B)^2 loss): the gradient of the gathered tensor is the same on
+  every process, so each takes its own slice times N, with no communication;
+- local loss (each process scores its own B rows against all N*B columns, O(B*N*B) memory; the default with more
+  than one process): each process holds a different partial gradient, summed onto the owner of each row by one
+  reduce-scatter.
+
+Either way DDP's gradient averaging then yields exactly the gradient of the global loss (the same weights as one
+process with batch N*B). Assumes equal per-process batches, which the training loader's drop_last guarantees.
 """
 
 from __future__ import annotations
@@ -21,47 +28,56 @@ def _world() -> tuple[int, int]:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every process's gradient and returns this process's slice.
+    """all_gather along dim 0 whose backward returns this process's rows of the gradient summed over processes:
+    a reduce-scatter, or, when every process is known to hold the same gradient, the local slice times N.
 
-    (`torch.distributed.nn.functional.all_gather` does the same but is deprecated; all_reduce works on every
-    backend, gloo included.)
+    (`torch.distributed.nn.functional.all_gather` all-reduces the whole (N*B, D) gradient instead.)
     """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, tensor: torch.Tensor, same_gradient_everywhere: bool) -> torch.Tensor:
         world_size, rank = _world()
-        ctx.slice = slice(rank * tensor.shape[0], (rank + 1) * tensor.shape[0])
-        gathered = [torch.empty_like(tensor) for _ in range(world_size)]
-        dist.all_gather(gathered, tensor.contiguous())
-        return torch.cat(gathered)
+        ctx.world_size, ctx.same = world_size, same_gradient_everywhere
+        ctx.rows = slice(rank * tensor.shape[0], (rank + 1) * tensor.shape[0])
+        gathered = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(gathered, tensor.contiguous())
+        return gathered
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.slice]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if ctx.same:
+            return grad[ctx.rows] * ctx.world_size, None
+        mine = grad.new_empty((ctx.rows.stop - ctx.rows.start, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(mine, grad.contiguous())
+        return mine, None
 
 
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """(B, D) on each process -> (N*B, D), differentiable; identity on a single process."""
-    return tensor if _world()[0] == 1 else _GatherWithGrad.apply(tensor)
+def gather_with_grad(tensor: torch.Tensor, *, same_gradient_everywhere: bool = False) -> torch.Tensor:
+    """(B, D) on each process -> (N*B, D), differentiable; identity on a single process.
+
+    `same_gradient_everywhere`: promise that every process computes the same function of the gathered tensor
+    (then the backward needs no communication). Leave it False when each process computes its own share."""
+    return tensor if _world()[0] == 1 else _GatherWithGrad.apply(tensor, same_gradient_everywhere)
 
 
 def contrastive_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, *, local_loss: bool = False
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, *, local_loss: bool = True
 ) -> torch.Tensor:
     """CLIP loss over the global batch.
 
     image_embeds, text_embeds: (B, D), L2-normalised, row i of each is a pair. logit_scale: scalar parameter
-    (log of the inverse temperature). With `local_loss`, this process scores only its own B rows against all N*B
-    columns (O(B*N*B) memory instead of O((N*B)^2)); the gradient is the same, the logged value is this
-    process's share. Computed in float32 whatever the autocast dtype.
+    (log of the inverse temperature). With `local_loss` (and more than one process), this process scores only its
+    own B rows against all N*B columns (O(B*N*B) memory instead of O((N*B)^2)); the gradient is the same, the
+    value is this process's share (their mean over processes is the global loss). Computed in float32 whatever
+    the autocast dtype.
     """
     image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
-    all_image, all_text = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
+    world_size, rank = _world()
+    local = local_loss and world_size > 1
+    all_image = gather_with_grad(image_embeds, same_gradient_everywhere=not local)
+    all_text = gather_with_grad(text_embeds, same_gradient_everywhere=not local)
     scale = logit_scale.float().exp()
-    if local_loss:
-        _, rank = _world()
+    if local:
         logits_per_image = scale * image_embeds @ all_text.T
         logits_per_text = scale * text_embeds @ all_image.T
         labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + rank * image_embeds.shape[0]

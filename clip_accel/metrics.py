@@ -37,7 +37,12 @@ def _validate(query: torch.Tensor, candidate: torch.Tensor, chunk_size: int) -> 
 
 @torch.no_grad()
 def pair_ranks(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, *, chunk_size: int = 2048, columns: bool = True
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    *,
+    chunk_size: int = 2048,
+    columns: bool = True,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """0-based rank of each pair among all N candidates, in both directions, from one pass over S.
 
@@ -46,14 +51,17 @@ def pair_ranks(
         text_embeds: (N, D). Similarity is the dot product, so callers pass
             L2-normalised embeddings.
         chunk_size: side of the square tiles of S scored at once; extra memory is
-            ~2 * chunk_size^2 floats whatever N is.
+            ~2 * chunk_size^2 floats whatever N is (tiles grow to hold the largest group).
         columns: also rank the text queries (False skips that half of the counting).
+        groups: optional (N,) ids; every candidate of the query's own group counts as correct
+            (e.g. identical captions). None: each pair is its own group.
 
     Returns:
         (image_to_text, text_to_image), LongTensors (N,) on the image device (the second
-        is None when ``columns`` is False): rank_i = #{j != i : s_ij >= s_ii}, where
-        s_ij = image_i . text_j for image queries and s_ji for text queries (pessimistic
-        ties). A NaN positive score gets the worst rank, N - 1.
+        is None when ``columns`` is False): rank_i = #{j outside i's group : s_ij >= best_i},
+        best_i = max of s_ij over j in i's group (s_ii without groups), where s_ij = image_i . text_j
+        for image queries and s_ji for text queries (pessimistic ties). A NaN best score gets the worst
+        rank, N - 1.
     """
     _validate(image_embeds, text_embeds, chunk_size)
     device = image_embeds.device
@@ -61,8 +69,16 @@ def pair_ranks(
     images = image_embeds.to(dtype=torch.float32)
     texts = text_embeds.to(device=device, dtype=torch.float32)
     n = images.shape[0]
-    side = min(chunk_size, n)
-    bounds = [(start, min(start + side, n)) for start in range(0, n, side)]
+    if groups is None:
+        order, groups = None, torch.arange(n, device=device)
+    else:
+        # Members of a group side by side, and tiles cut between groups: every in-group score lies in a
+        # diagonal tile, so the best in-group scores come from those tiles alone.
+        groups = groups.to(device)
+        order = torch.argsort(groups, stable=True)
+        images, texts, groups = images[order], texts[order], groups[order]
+    bounds = _tile_bounds(groups, chunk_size)
+    side = max(end - start for start, end in bounds)
     # Every tile is one (padded x D) @ (D x padded) matmul: blocks are zero-padded to a whole number of the
     # matmul kernel's register tiles (the padding is never counted), so every score goes through the same
     # arithmetic wherever it sits. Equal embeddings then score bit-identically and exact ties stay ties.
@@ -76,28 +92,56 @@ def pair_ranks(
         torch.mm(image_blocks[row], text_blocks[col].T, out=scores)
         return scores[: bounds[row][1] - bounds[row][0], : bounds[col][1] - bounds[col][0]]
 
-    # Pass 1: the positives s_ii, from the diagonal tiles (1/N-th of the work). Both directions share them,
-    # and the same tiles recomputed in pass 2 give the same numbers.
-    positives = torch.cat([tile(block, block).diagonal().clone() for block in range(len(bounds))])
-    # Pass 2: count, per query, the candidates scoring >= its positive. Counting as float 0/1 sums
-    # (exact up to 2**24 per tile) is ~4x faster than summing a bool mask.
+    def same_group(block: int) -> torch.Tensor:
+        ids = groups[bounds[block][0] : bounds[block][1]]
+        return ids.unsqueeze(1) == ids.unsqueeze(0)
+
+    # Pass 1: each query's best in-group score, from the diagonal tiles (1/T-th of the work). The same tiles
+    # recomputed in pass 2 give the same numbers.
+    best_rows, best_columns = [], []
+    for block in range(len(bounds)):
+        in_group = tile(block, block).masked_fill(~same_group(block), float("-inf"))
+        best_rows.append(in_group.amax(dim=1))
+        best_columns.append(in_group.amax(dim=0))
+    best_rows, best_columns = torch.cat(best_rows), torch.cat(best_columns)
+    # Pass 2: count, per query, the candidates outside its group scoring >= its best. Counting as float 0/1
+    # sums (exact up to 2**24 per tile) is ~4x faster than summing a bool mask.
     image_counts = torch.zeros(n, dtype=torch.long, device=device)
     text_counts = torch.zeros(n, dtype=torch.long, device=device) if columns else None
     for row, (row_start, row_end) in enumerate(bounds):
         for col, (col_start, col_end) in enumerate(bounds):
             block = tile(row, col)
             block_mask = mask[: block.shape[0], : block.shape[1]]
-            directions = [(positives[row_start:row_end].unsqueeze(1), 1, image_counts, row_start, row_end)]
+            directions = [(best_rows[row_start:row_end].unsqueeze(1), 1, image_counts, row_start, row_end)]
             if columns:
-                directions.append((positives[col_start:col_end].unsqueeze(0), 0, text_counts, col_start, col_end))
+                directions.append((best_columns[col_start:col_end].unsqueeze(0), 0, text_counts, col_start, col_end))
             for threshold, dim, counts, start, end in directions:
                 torch.ge(block, threshold, out=block_mask)
                 if row == col:
-                    block_mask.diagonal().zero_()  # a pair never counts against itself
+                    block_mask.masked_fill_(same_group(row), 0)  # the query's own group never counts
                 counts[start:end] += block_mask.sum(dim=dim).long()
-    worst = positives.isnan()
-    image_ranks = torch.where(worst, n - 1, image_counts)
-    return image_ranks, torch.where(worst, n - 1, text_counts) if columns else None
+    image_ranks = torch.where(best_rows.isnan(), n - 1, image_counts)
+    text_ranks = torch.where(best_columns.isnan(), n - 1, text_counts) if columns else None
+    if order is not None:  # back to the caller's order
+        image_ranks = image_ranks.new_empty(n).index_copy_(0, order, image_ranks)
+        text_ranks = text_ranks.new_empty(n).index_copy_(0, order, text_ranks) if columns else None
+    return image_ranks, text_ranks
+
+
+def _tile_bounds(groups: torch.Tensor, chunk_size: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges of about `chunk_size` rows, cut only where the (sorted) group id changes; a
+    group larger than `chunk_size` gets a tile of its own."""
+    n = groups.shape[0]
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=groups.device), groups[1:] != groups[:-1]])
+    cuts = torch.nonzero(starts).flatten().tolist() + [n]
+    bounds, start, previous = [], 0, 0
+    for cut in cuts[1:]:  # the end of each group
+        if cut - start > chunk_size and previous > start:
+            bounds.append((start, previous))
+            start = previous
+        previous = cut
+    bounds.append((start, n))
+    return bounds
 
 
 def _padded(block: torch.Tensor, rows: int) -> torch.Tensor:
@@ -177,42 +221,22 @@ def retrieval_metrics(
     return metrics
 
 
-@torch.no_grad()
-def group_ranks(
-    query_embeds: torch.Tensor, candidate_embeds: torch.Tensor, groups: torch.Tensor, *, chunk_size: int = 1024
-) -> torch.Tensor:
-    """0-based rank when every candidate of the query's group counts as correct (e.g. identical captions).
-
-    groups: (N,) int, row i of both sides belongs to group i's id. Rank = number of candidates outside the
-    query's group scoring >= the best in-group candidate (ties count against the query, as in `pair_ranks`).
-    With all groups distinct this equals the own-pair rank. Memory O(chunk x N).
-    """
-    _validate(query_embeds, candidate_embeds, chunk_size)
-    candidates = candidate_embeds.float()
-    groups = groups.to(candidates.device)
-    ranks = []
-    for start in range(0, query_embeds.shape[0], chunk_size):
-        scores = query_embeds[start : start + chunk_size].float() @ candidates.T
-        same = groups[start : start + chunk_size, None] == groups[None, :]
-        best = scores.masked_fill(~same, float("-inf")).amax(dim=1, keepdim=True)
-        ranks.append(((scores >= best) & ~same).sum(dim=1))
-    return torch.cat(ranks).long()
-
-
 def identical_caption_metrics(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: list[str], *, ks: tuple[int, ...] = (1, 5, 10)
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    captions: list[str],
+    *,
+    ks: tuple[int, ...] = (1, 5, 10),
+    chunk_size: int = 2048,
 ) -> dict[str, float]:
     """R@K both ways when a caption identical to the query's own (product titles repeat) counts as a match:
     image i is right to retrieve any text with caption i; text i is right to retrieve any image whose caption is
-    caption i. Keys as in `retrieval_metrics` (R@K and mean_R@1 only)."""
+    caption i. Keys as in `retrieval_metrics` (R@K and mean_R@1 only). One pass over S, as `retrieval_metrics`."""
     ids = {caption: index for index, caption in enumerate(dict.fromkeys(captions))}
     groups = torch.tensor([ids[caption] for caption in captions])
+    image_ranks, text_ranks = pair_ranks(image_embeds, text_embeds, chunk_size=chunk_size, groups=groups)
     metrics = {}
-    for name, (query, candidate) in {
-        "image_to_text": (image_embeds, text_embeds),
-        "text_to_image": (text_embeds, image_embeds),
-    }.items():
-        ranks = group_ranks(query, candidate, groups)
+    for name, ranks in {"image_to_text": image_ranks, "text_to_image": text_ranks}.items():
         metrics.update({f"{name}_R@{k}": float((ranks < k).double().mean()) for k in ks})
     metrics["mean_R@1"] = (metrics["image_to_text_R@1"] + metrics["text_to_image_R@1"]) / 2
     return metrics

@@ -2,10 +2,10 @@
 
 - `plain_step`: ordinary gradient accumulation. Each micro-batch is its own contrastive batch, so it only
   ever sees its own negatives: accumulation saves memory but does not grow the batch the loss sees.
-- `exact_step`: the accumulation that does (GradCache / open_clip `--accum-freq`). Embed every micro-batch
-  without grad, compute the loss over the whole accumulated (and gathered) batch, then re-run each micro-batch
-  with grad and backpropagate through its own slot. The gradient equals that of one big batch; the price is one
-  extra forward per micro-batch. Exact for models without dropout (CLIP's default).
+- `exact_step`: the accumulation that does (GradCache). Embed every micro-batch without grad, compute the loss
+  over the whole accumulated (and gathered) batch once and its gradient with respect to the embeddings, then
+  re-run each micro-batch with grad and backpropagate its rows of that gradient. The gradient equals that of one
+  big batch; the price is one extra forward per micro-batch. Exact for models without dropout (CLIP's default).
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ from .loss import contrastive_loss
 from .model import PixelNormalizer, unwrap
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the inverse temperature; fp16 overflows without it
+
+
+def use_tf32(device: torch.device, enabled: bool) -> None:
+    """On CUDA, let float32 matrix products use TF32 tensor cores (or forbid it). CPUs are left alone: there
+    "high" precision may mean bfloat16 passes."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
 
 
 @dataclass
@@ -40,14 +47,14 @@ def embed(context: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     return context.model(input_ids=batch["input_ids"], pixel_values=context.normalizer(batch["pixel_values"]))
 
 
-def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, bool]:
+def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """A loss per micro-batch; the gradient is their mean over this group (a short last group of an epoch
     averages its own micro-batches), all-reduced once, after the last one, then one optimizer step.
 
     Sync is driven here, not by `accelerator.accumulate`: Accelerate decides from its end-of-dataloader flag,
     which is already set while the group read before the first forward is still running.
 
-    Returns the mean loss and whether the optimizer step was applied (False: non-finite gradients, skipped)."""
+    Returns the mean loss and whether the optimizer step was skipped (a device tensor, see `_optimizer_step`)."""
     accelerator, losses = context.accelerator, []
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
@@ -59,46 +66,70 @@ def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]
     return torch.stack(losses).mean(), _optimizer_step(context)
 
 
-def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, bool]:
-    """Contrastive loss over all micro-batches at once (see the module docstring). Returns that loss and whether
-    the optimizer step was applied."""
+def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contrastive loss over all micro-batches at once, GradCache-style (see the module docstring):
+
+    1. embed every micro-batch without grad (activations freed at once);
+    2. gather once, compute the loss once on those embeddings as leaf tensors, and backpropagate it to them and
+       to `logit_scale` (the embeddings' gradient is the only thing the towers need from the loss);
+    3. per micro-batch, embed again with grad and backpropagate its rows of the cached gradient, through
+       `<embeds, gradient>` as a surrogate loss. `logit_scale`'s gradient joins the last pass only, and the
+       model's gradients are all-reduced once, after it.
+
+    Returns the loss and whether the optimizer step was skipped (a device tensor, see `_optimizer_step`)."""
     accelerator = context.accelerator
     with torch.no_grad():
         cached = [embed(context, batch) for batch in micro_batches]
-    cached_images = [image for image, _, _ in cached]
-    cached_texts = [text for _, text, _ in cached]
+    images = torch.cat([image for image, _, _ in cached]).requires_grad_()
+    texts = torch.cat([text for _, text, _ in cached]).requires_grad_()
+    scale = cached[0][2].detach().requires_grad_()
+    with torch.enable_grad():
+        loss = contrastive_loss(images, texts, scale, local_loss=context.local_loss)
+        image_grads, text_grads, scale_grad = torch.autograd.grad(loss, [images, texts, scale])
+    rows = 0
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
-        # Gradients are all-reduced once, after the last micro-batch.
-        with accelerator.no_sync(context.model) if not last else nullcontext():
+        with nullcontext() if last else accelerator.no_sync(context.model):
             image_embeds, text_embeds, logit_scale = embed(context, batch)
-            images = torch.cat(cached_images[:index] + [image_embeds] + cached_images[index + 1 :])
-            texts = torch.cat(cached_texts[:index] + [text_embeds] + cached_texts[index + 1 :])
-            # Each pass recomputes the whole loss; logit_scale must receive its gradient once, not once per pass.
-            logit_scale = logit_scale if last else logit_scale.detach()
-            loss = contrastive_loss(images, texts, logit_scale, local_loss=context.local_loss)
-            accelerator.backward(loss)
+            mine = slice(rows, rows + image_embeds.shape[0])
+            surrogate = (image_embeds * image_grads[mine]).sum() + (text_embeds * text_grads[mine]).sum()
+            if last and logit_scale.requires_grad:
+                surrogate = surrogate + logit_scale * scale_grad
+            accelerator.backward(surrogate)  # under fp16 the grad scaler scales it like a loss
+        rows = mine.stop
     return loss.detach(), _optimizer_step(context)
 
 
-def _optimizer_step(context: StepContext) -> bool:
-    """Clip, step, zero; on a real optimizer step also schedule and clamp logit_scale.
+def _optimizer_step(context: StepContext) -> torch.Tensor:
+    """Clip, step, zero, schedule, clamp logit_scale. Returns a 0-D bool tensor on the device: True where the step
+    was skipped because its gradients were not finite (nothing read back to the host; the trainer reads these on
+    logging steps).
 
-    A step whose gradients are not finite is skipped (returns False) instead of writing NaN into the weights.
-    Checking costs one host sync per optimizer step; DDP has already averaged the gradients, so every process
-    sees the same norm and takes the same decision.
+    A step whose gradients are not finite is not applied: the fused optimizer (the trainer's AdamW, on every
+    device) takes the decision on the device through its `found_inf` input, as it does for the fp16 grad scaler.
+    An optimizer without that input is stepped or not from the host (one sync). DDP has already averaged the
+    gradients, so every process sees the same norm and takes the same decision. The schedule moves on at a
+    skipped step (knowing would cost the sync), except under fp16, where Accelerate reads the grad scaler's
+    decision back anyway.
     """
-    accelerator = context.accelerator
+    accelerator, optimizer = context.accelerator, context.optimizer
     grad_norm = accelerator.clip_grad_norm_(context.model.parameters(), context.max_grad_norm or math.inf)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
-    finite = grad_norm is None or bool(torch.isfinite(grad_norm))
-    if finite or accelerator.mixed_precision == "fp16":  # fp16: the grad scaler skips and lowers its scale
-        context.optimizer.step()
-    context.optimizer.zero_grad(set_to_none=True)
-    stepped = finite and not accelerator.optimizer_step_was_skipped
-    if stepped:
+    skipped = ~torch.isfinite(grad_norm)
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+    if accelerator.scaler is not None:  # fp16: the grad scaler finds the same non-finite values and skips
+        optimizer.step()
+    elif getattr(inner, "_step_supports_amp_scaling", False):
+        inner.grad_scale, inner.found_inf = None, skipped.float()
+        optimizer.step()
+        del inner.grad_scale, inner.found_inf
+    elif not bool(skipped):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scaler_skipped = accelerator.scaler is not None and accelerator.optimizer_step_was_skipped  # already on host
+    if not scaler_skipped:
         context.scheduler.step()
-        with torch.no_grad():
-            unwrap(context.accelerator, context.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-    return stepped
+    with torch.no_grad():
+        unwrap(accelerator, context.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return skipped | scaler_skipped

@@ -30,7 +30,7 @@ from .checkpoint import (
     save_model,
 )
 from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_dict
-from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, write_skip_report
+from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, prefetched, write_skip_report
 from .early_stopping import EarlyStopping
 from .evaluation import evaluate_retrieval
 from .launch import check_launch, check_supported_launch, data_prepared_per_node, storage_is_shared
@@ -43,7 +43,7 @@ from .model import (
     logit_scale_value,
     unwrap,
 )
-from .step import StepContext, exact_step, plain_step
+from .step import StepContext, exact_step, plain_step, use_tf32
 
 logger = get_logger(__name__)
 # Called after every optimizer step (and its logging, evaluation and checkpoint) with the loop's state.
@@ -114,12 +114,14 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         gradient_accumulation_steps=1,
         log_with=config.report_to_list,
         project_dir=config.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Pinned batches (make_dataloader, on CUDA) copied without blocking the host; see data.loader.prefetched.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         dynamo_backend="inductor" if config.torch_compile else None,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
     )
     set_seed(config.seed)
     check_launch(accelerator)
+    use_tf32(accelerator.device, config.tf32)
     # Node-local output folders: every node keeps its own checkpoints (resume reads them from its own disk).
     accelerator.project_configuration.save_on_each_node = not storage_is_shared(accelerator, config.output_dir)
     if accelerator.project_configuration.save_on_each_node:
@@ -141,7 +143,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         )
         for role in ("validation", "test")
     ]
-    optimizer = build_optimizer(model, config, fused=accelerator.device.type == "cuda")
+    optimizer = build_optimizer(model, config)
     model, optimizer, train_loader, validation_loader, test_loader = accelerator.prepare(model, optimizer, *loaders)
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     total_steps = config.max_steps or config.num_train_epochs * steps_per_epoch
@@ -194,14 +196,16 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
     progress = _progress_bar(run, state)
     run.model.train()
     group_size = config.gradient_accumulation_steps
+    skips = []  # device flags of the steps since the counts were last read (reading them syncs with the device)
     for micro_batches, epoch_over in optimizer_step_batches(run.train_loader, run.accelerator, state, group_size):
-        loss, stepped = take_step(run.step_context, micro_batches)
+        loss, skipped = take_step(run.step_context, micro_batches)
         state.step += 1
         losses.append(loss)
-        _count_nonfinite(state, stepped, config.max_nonfinite_steps)
+        skips.append(skipped)
         progress.update(1)
         out_of_steps = state.step >= run.total_steps
         if state.step % config.logging_steps == 0 or out_of_steps:
+            skips = _count_nonfinite(state, skips, config.max_nonfinite_steps)
             _log_training(run, state, losses)
             losses = []
         evaluation_due = state.step % config.eval_steps == 0 if config.eval_steps else epoch_over
@@ -210,6 +214,7 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
         stop = out_of_steps or early_stopping.should_stop
         checkpoint_due = config.checkpointing_steps and state.step % config.checkpointing_steps == 0
         if not stop and (epoch_over or checkpoint_due):
+            skips = _count_nonfinite(state, skips, config.max_nonfinite_steps)
             _checkpoint(run, state, early_stopping, losses)
         if on_step_end is not None:
             on_step_end(state)
@@ -243,13 +248,14 @@ def optimizer_step_batches(
 
 
 def _epoch_batches(loader, accelerator: Accelerator, state: TrainerState):
-    """This epoch's batches in the seeded order for `state.epoch`, minus those a resumed run already consumed."""
+    """This epoch's batches in the seeded order for `state.epoch`, minus those a resumed run already consumed,
+    read ahead by a background thread."""
     loader.set_epoch(state.epoch)
     if state.batches_in_epoch == 0:
-        return loader
+        return prefetched(loader)
     skipping = accelerator.skip_first_batches(loader, state.batches_in_epoch)
     skipping.set_epoch(state.epoch)
-    return skipping
+    return prefetched(skipping)
 
 
 def _progress_bar(run: Run, state: TrainerState) -> tqdm:
@@ -258,9 +264,10 @@ def _progress_bar(run: Run, state: TrainerState) -> tqdm:
     return tqdm(total=run.total_steps, initial=state.step, desc="Training", **hidden)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only (DDP then never waits on frozen ones); biases, norms, the class
-    embedding and logit_scale (all < 2-D) get no weight decay."""
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """Fused AdamW (CPU and CUDA) over trainable parameters only (DDP then never waits on frozen ones); biases,
+    norms, the class embedding and logit_scale (all < 2-D) get no weight decay. Fused: one kernel for all the
+    parameters, and it skips a step on the device when told the gradients were not finite (step.py)."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -271,7 +278,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = F
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon,
-        fused=fused,
+        fused=True,
     )
 
 
@@ -360,7 +367,7 @@ def _evaluate_and_keep_best(run: Run, state: TrainerState, early_stopping: Early
 
 def _log_training(run: Run, state: TrainerState, losses: list[torch.Tensor]) -> None:
     # The only host-device sync of the loss, once per logging interval.
-    loss = run.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+    loss = _mean_over_processes(run, losses).mean().item()
     learning_rate = run.step_context.scheduler.get_last_lr()[0]
     logit_scale = logit_scale_value(unwrap(run.accelerator, run.model))
     epochs = _epochs_done(run, state)
@@ -376,31 +383,43 @@ def _log_training(run: Run, state: TrainerState, losses: list[torch.Tensor]) -> 
     )
 
 
+def _mean_over_processes(run: Run, losses: list[torch.Tensor]) -> torch.Tensor:
+    """Each step's loss averaged over the processes: (steps,), the same on every process."""
+    return run.accelerator.reduce(torch.stack(losses), "mean")
+
+
 def _epochs_done(run: Run, state: TrainerState) -> float:
     """Epochs completed, fractional (as transformers.Trainer logs them): 1.0 at the end of the first epoch."""
     return round(state.epoch + state.batches_in_epoch / len(run.train_loader), 4)
 
 
-def _count_nonfinite(state: TrainerState, stepped: bool, limit: int) -> None:
-    if stepped:
-        state.nonfinite_in_a_row = 0
-        return
-    state.nonfinite_steps += 1
-    state.nonfinite_in_a_row += 1
-    logger.warning(
-        f"step {state.step}: non-finite loss or gradients, optimizer step skipped ({state.nonfinite_in_a_row} in a row)"
-    )
-    if state.nonfinite_in_a_row >= limit:
-        raise RuntimeError(
-            f"{limit} optimizer steps in a row had non-finite loss or gradients (last at step {state.step}); "
-            "stopping. The best model and the last checkpoint in the output folder are intact. Lower "
-            "--learning_rate, use bf16 instead of fp16, or check the data, then resume with "
-            "--resume_from_checkpoint latest."
+def _count_nonfinite(state: TrainerState, skips: list[torch.Tensor], limit: int) -> list:
+    """Read the skipped-step flags of the last `len(skips)` steps (one sync), count them into `state`, warn for
+    each, and stop the run after `limit` in a row. Returns the empty list of flags still to read."""
+    first_step = state.step - len(skips) + 1
+    for step, skipped in enumerate(torch.stack(skips).tolist() if skips else [], start=first_step):
+        if not skipped:
+            state.nonfinite_in_a_row = 0
+            continue
+        state.nonfinite_steps += 1
+        state.nonfinite_in_a_row += 1
+        logger.warning(
+            f"step {step}: non-finite loss or gradients, optimizer step skipped ({state.nonfinite_in_a_row} in a row)"
         )
+        if state.nonfinite_in_a_row >= limit:
+            raise RuntimeError(
+                f"{limit} optimizer steps in a row had non-finite loss or gradients (last at step {step}); "
+                "stopping. The best model and the last checkpoint in the output folder are intact. Lower "
+                "--learning_rate, use bf16 instead of fp16, or check the data, then resume with "
+                "--resume_from_checkpoint latest."
+            )
+    return []
 
 
 def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping, losses: list) -> None:
-    state.unlogged_losses = [float(loss) for loss in losses]  # so a resumed run logs the same interval means
+    # So a resumed run logs the same interval means: each step's loss averaged over the processes (with the local
+    # loss each holds its own share), as _log_training averages them.
+    state.unlogged_losses = _mean_over_processes(run, losses).tolist() if losses else []
     state.early_stopping = asdict(early_stopping)
     state.scheduler = run.step_context.scheduler.state_dict()
     state.sharded, state.num_processes = run.accelerator.is_fsdp2, run.accelerator.num_processes

@@ -144,6 +144,7 @@ SCENARIOS = {
     "step_local_loss": lambda acc: one_step(acc, 1, local_loss=True),
     "step_exact_accumulation": lambda acc: one_step(acc, 2),
     "step_exact_accumulation_4": lambda acc: one_step(acc, 4),
+    "step_exact_accumulation_local_loss": lambda acc: one_step(acc, 2, local_loss=True),
     **{
         f"freeze_{strategy}": (lambda acc, s=strategy: one_step(acc, 1, freeze=s))
         for strategy in ("none", "vision_layers", "backbones")

@@ -46,10 +46,13 @@ def _assert_same_step(one: dict, two: dict) -> None:
     assert len(moved) == len(one["after"])
 
 
-@pytest.mark.parametrize("scenario", ["step", "step_local_loss", "step_exact_accumulation"])
+@pytest.mark.parametrize(
+    "scenario", ["step", "step_local_loss", "step_exact_accumulation", "step_exact_accumulation_local_loss"]
+)
 def test_two_processes_times_b_equal_one_process_times_2b(measured, scenario):
-    # step: 2 x 8 vs 16; local loss: same gradient with O(B x 2B) logits; exact accumulation: 2 x (2 micro x 4)
-    # vs one batch of 16.
+    # step: 2 x 8 vs 16 (the global loss on each process: the gather's backward takes its slice x 2); local
+    # loss: same gradient with O(B x 2B) logits (the gather's backward reduce-scatters); exact accumulation:
+    # 2 x (2 micro x 4) vs one batch of 16, with either loss.
     _assert_same_step(measured("step", 1), measured(scenario, 2))
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import datasets
 import numpy as np
+import pytest
 import torch
 
-from clip_accel.data.loader import PairDataset, make_dataloader
+from clip_accel.data.loader import PairDataset, make_dataloader, prefetched
 from clip_accel.data.preprocess import cached_features
 
 SIDE = 4
@@ -64,3 +68,45 @@ def test_training_loader_drops_the_partial_batch_and_evaluation_keeps_it(tmp_pat
     assert [len(b["input_ids"]) for b in eval_batches] == [4, 4, 2]
     order = [int(image[0, 0, 0]) for b in eval_batches for image in b["pixel_values"]]
     assert order == list(range(10))
+
+
+def _reading_log(count: int, fail_at: int | None = None):
+    """Yields 0..count-1, recording which thread read each one and when."""
+    log = []
+
+    def source():
+        for index in range(count):
+            if index == fail_at:
+                raise OSError("disk gone")
+            log.append((index, threading.current_thread().name))
+            yield index
+
+    return source(), log
+
+
+def test_prefetched_yields_every_batch_in_order_reading_ahead_in_a_background_thread():
+    source, log = _reading_log(6)
+    batches = prefetched(source, depth=2)
+    assert next(batches) == 0
+    time.sleep(0.3)  # the reader fills its queue meanwhile
+    assert [index for index, _ in log] == [0, 1, 2, 3]  # the first, 2 queued, 1 waiting to be queued
+    assert [0, *batches] == list(range(6))
+    # The first read in the caller's thread (an Accelerate loader's start-up collectives stay there).
+    assert log[0][1] == threading.current_thread().name
+    assert {thread for _, thread in log[1:]} == {"clip_accel-prefetch"}
+
+
+def test_prefetched_raises_the_readers_error_in_the_consumer():
+    source, _ = _reading_log(6, fail_at=3)
+    with pytest.raises(OSError, match="disk gone"):
+        list(prefetched(source))
+
+
+def test_leaving_a_prefetched_loop_early_stops_its_thread():
+    source, log = _reading_log(1000)
+    for index in prefetched(source, depth=2):
+        if index == 1:
+            break
+    assert not [thread for thread in threading.enumerate() if thread.name == "clip_accel-prefetch"]
+    assert len(log) < 10
+    assert list(prefetched(iter([]))) == []

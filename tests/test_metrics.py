@@ -251,7 +251,7 @@ def test_nan_pair_gets_worst_rank_in_both_directions() -> None:
 
 
 def test_identical_captions_count_as_matches_only_in_the_lenient_figures():
-    from clip_accel.metrics import group_ranks, identical_caption_metrics
+    from clip_accel.metrics import identical_caption_metrics
 
     # Texts 0 and 1 share a caption; image 0 is closest to text 1, image 1 to text 0.
     image = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
@@ -263,5 +263,27 @@ def test_identical_captions_count_as_matches_only_in_the_lenient_figures():
     assert lenient["image_to_text_R@1"] == 1.0 and lenient["text_to_image_R@1"] == 1.0
     # With all captions distinct the lenient rank is the own-pair rank, ties included.
     image, text = _normed(40, 8, seed=5), _normed(40, 8, seed=6)
-    distinct = torch.arange(40)
-    assert torch.equal(group_ranks(image, text, distinct, chunk_size=7), positive_ranks(image, text))
+    for distinct in (torch.arange(40), torch.arange(40).flip(0) * 3):
+        ranked = pair_ranks(image, text, chunk_size=7, groups=distinct)
+        assert torch.equal(ranked[0], positive_ranks(image, text))
+        assert torch.equal(ranked[1], positive_ranks(text, image))
+
+
+def _group_ranks_by_brute_force(query: torch.Tensor, candidate: torch.Tensor, groups: torch.Tensor) -> list[int]:
+    scores = query @ candidate.T
+    same = groups[:, None] == groups[None, :]
+    best = scores.masked_fill(~same, float("-inf")).amax(dim=1, keepdim=True)
+    return ((scores >= best) & ~same).sum(dim=1).tolist()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 100])
+def test_group_ranks_match_brute_force_with_ties_shuffled_groups_and_a_group_larger_than_a_tile(chunk_size):
+    generator = torch.Generator().manual_seed(3)
+    n = 60
+    # Small integer entries: exact ties. Group ids shuffled (members far apart), sizes 1 to 5, and one of 9.
+    image, text = (torch.randint(-1, 2, (n, 4), generator=generator).float() for _ in range(2))
+    groups = torch.cat([torch.full((9,), 100), torch.randint(0, 15, (n - 9,), generator=generator)])
+    groups = groups[torch.randperm(n, generator=generator)]
+    image_ranks, text_ranks = pair_ranks(image, text, chunk_size=chunk_size, groups=groups)
+    assert image_ranks.tolist() == _group_ranks_by_brute_force(image, text, groups)
+    assert text_ranks.tolist() == _group_ranks_by_brute_force(text, image, groups)

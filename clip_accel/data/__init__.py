@@ -11,7 +11,7 @@ from accelerate.logging import get_logger
 
 from ..config import DataConfig
 from .demo import write_demo_dataset
-from .loader import PairDataset, make_dataloader
+from .loader import PairDataset, make_dataloader, prefetched
 from .preprocess import preprocess_split
 from .sources import RawSplit, data_source_dir, load_raw_split
 
@@ -22,6 +22,7 @@ __all__ = [
     "check_strict",
     "load_raw_splits",
     "make_dataloader",
+    "prefetched",
     "skipped_rows",
     "write_skip_report",
 ]

@@ -7,11 +7,18 @@ whole batch with one fancy-index per chunk (~40K images/s), through the DataLoad
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
 import datasets
 import numpy as np
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+T = TypeVar("T")
 
 
 class PairDataset(Dataset):
@@ -104,3 +111,54 @@ def make_dataloader(dataset: PairDataset, batch_size: int, *, train: bool, num_w
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )
+
+
+def prefetched(batches: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """`batches`, read up to `depth` ahead by a background thread: while one batch trains, the next is gathered
+    from the cache, pinned and copied to the device (Accelerate's non-blocking copy), so the GPU does not wait
+    for the host between steps. Worker processes would copy every batch between processes (BENCHMARKS.md).
+
+    The first batch is read in the calling thread: starting an Accelerate loader synchronises RNG states across
+    processes, and collectives stay on the thread that issues all the others. An error while reading is raised
+    here; leaving the loop early stops the thread (after the batch it is reading).
+    """
+    iterator = iter(batches)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for batch in iterator:
+                if not hand_over((batch, None)):
+                    return
+            hand_over((end, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            hand_over((end, error))
+
+    reader = threading.Thread(target=read, name="clip_accel-prefetch", daemon=True)
+    reader.start()
+    try:
+        yield first
+        while True:
+            batch, error = ready.get()
+            if error is not None:
+                raise error
+            if batch is end:
+                return
+            yield batch
+    finally:
+        stop.set()
+        reader.join()

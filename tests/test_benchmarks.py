@@ -1,0 +1,38 @@
+"""The prepared GPU check runs end to end in its CPU smoke mode, so the script a GPU session runs once has run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_smoke_mode_runs_every_step_and_writes_its_tables(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--device", "cpu"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text().splitlines()[2:]
+    assert [line.split("|")[1].strip() for line in summary] == [
+        "environment",
+        "throughput",
+        "accumulation",
+        "demo",
+        "open_clip",
+    ]
+    assert all(line.split("|")[2].strip() == "0" for line in summary), summary
+    throughput = (tmp_path / "throughput.md").read_text()
+    assert "clip_accel trainer as shipped" in throughput and "failed" not in throughput
+    accumulation = (tmp_path / "accumulation.md").read_text()
+    assert "exact K=4" in accumulation and "bf16 autocast" in accumulation
+    assert "Results" in (tmp_path / "demo.log").read_text()

@@ -1,0 +1,80 @@
+"""The optimizer step's path: no value read back from the device, and a non-finite step skipped on the device."""
+
+from __future__ import annotations
+
+import distributed_worker
+import pytest
+import torch
+from accelerate import Accelerator
+
+from clip_accel.config import TrainConfig
+from clip_accel.step import exact_step, plain_step
+from clip_accel.trainer import build_optimizer
+
+
+def _context_with_the_trainers_optimizer():
+    accelerator = Accelerator(cpu=True)
+    context = distributed_worker.step_context(accelerator)
+    model = accelerator.unwrap_model(context.model)
+    context.optimizer = accelerator.prepare(build_optimizer(model, TrainConfig(learning_rate=1e-3)))
+    context.scheduler = distributed_worker.StepCounter()
+    return context
+
+
+def _micro_batches(count: int) -> list[dict[str, torch.Tensor]]:
+    pairs = distributed_worker.synthetic_pairs(16, seed=1)
+    size = 16 // count
+    return [distributed_worker.stack(pairs[i : i + size]) for i in range(0, 16, size)]
+
+
+def _forbid_reading_back(monkeypatch) -> None:
+    """On a GPU each of these waits for the device to finish its queue."""
+
+    def read_back(*_args, **_kwargs):
+        raise AssertionError("the step read a value back from the device")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+
+
+@pytest.mark.parametrize("take_step, micro_batches", [(plain_step, 1), (plain_step, 4), (exact_step, 4)])
+def test_an_optimizer_step_reads_nothing_back_from_the_device(monkeypatch, take_step, micro_batches):
+    context = _context_with_the_trainers_optimizer()
+    batches = _micro_batches(micro_batches)
+    before = [p.detach().clone() for p in context.model.parameters()]
+    _forbid_reading_back(monkeypatch)
+    loss, skipped = take_step(context, batches)
+    monkeypatch.undo()
+    assert torch.isfinite(loss) and not skipped
+    assert all(not torch.equal(p, b) for p, b in zip(context.model.parameters(), before, strict=True))
+
+
+def test_a_step_with_non_finite_gradients_changes_nothing_and_says_so(monkeypatch):
+    context = _context_with_the_trainers_optimizer()
+    plain_step(context, _micro_batches(1))  # the optimizer has state (moments, step count) to keep intact
+    with torch.no_grad():
+        context.model.clip.visual_projection.weight[0, 0] = float("nan")  # NaN loss, NaN gradients
+    before = [p.detach().clone() for p in context.model.parameters()]
+    moments = [s["exp_avg"].clone() for s in context.optimizer.optimizer.state.values()]
+    _forbid_reading_back(monkeypatch)
+    loss, skipped = plain_step(context, _micro_batches(1))
+    monkeypatch.undo()
+    assert not torch.isfinite(loss) and bool(skipped)
+    for parameter, old in zip(context.model.parameters(), before, strict=True):
+        torch.testing.assert_close(parameter, old, equal_nan=True, rtol=0, atol=0)
+    for state, old in zip(context.optimizer.optimizer.state.values(), moments, strict=True):
+        assert torch.equal(state["exp_avg"], old) and state["step"].item() == 1
+
+
+@pytest.mark.parametrize("enabled, precision", [(True, "high"), (False, "highest")])
+def test_tf32_is_switched_on_cuda_and_cpus_are_left_alone(enabled, precision):
+    from clip_accel.step import use_tf32
+
+    default = torch.get_float32_matmul_precision()
+    try:
+        use_tf32(torch.device("cpu"), enabled)
+        assert torch.get_float32_matmul_precision() == default
+        use_tf32(torch.device("cuda"), enabled)  # only sets a flag: no GPU needed
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(default)
