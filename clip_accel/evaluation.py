@@ -13,7 +13,7 @@ from transformers import CLIPModel, CLIPProcessor
 from .config import RECALL_KS, DataConfig
 from .data import build_pair_datasets, load_raw_splits, make_dataloader
 from .launch import check_processes, data_prepared_per_node
-from .metrics import identical_caption_metrics, retrieval_metrics
+from .metrics import retrieval_metrics
 from .model import ContrastiveModel, PixelNormalizer, image_size_of, unwrap
 from .zero_shot import class_text_embeddings, zero_shot_accuracy
 
@@ -61,12 +61,13 @@ def evaluate_retrieval(
     names. Every process computes the same numbers from the same gathered embeddings, so decisions taken on them
     (early stopping) agree everywhere."""
     image_embeds, text_embeds = embed_split(accelerator, model, dataloader, normalizer)
-    metrics = retrieval_metrics(image_embeds, text_embeds, ks=RECALL_KS)
+    # With the captions, the identical-caption figures come from the same pass over the similarities.
+    metrics = retrieval_metrics(image_embeds, text_embeds, ks=RECALL_KS, captions=captions)
     metrics["num_pairs"] = int(image_embeds.shape[0])
     if captions is not None:
         # Product titles repeat: also score as if any identical caption were a correct match. The default (the
         # reference's and open_clip's rule) counts only the own pair; the other figures ride along, nested.
-        lenient = identical_caption_metrics(image_embeds, text_embeds, captions, ks=RECALL_KS)
+        lenient = metrics.pop("identical_caption_match")
         if identical_captions_match:
             metrics["own_pair_only"] = {key: metrics[key] for key in lenient}
             metrics.update(lenient)

@@ -63,6 +63,20 @@ def pair_ranks(
         for image queries and s_ji for text queries (pessimistic ties). A NaN best score gets the worst
         rank, N - 1.
     """
+    rule = "group" if groups is not None else "own"
+    return _ranks(image_embeds, text_embeds, chunk_size, columns, groups, rules=(rule,))[rule]
+
+
+def _ranks(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    chunk_size: int,
+    columns: bool,
+    groups: torch.Tensor | None,
+    rules: tuple[str, ...],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """`pair_ranks` under each of `rules` ("own": the own pair is the only match; "group": any pair of the
+    query's group is), all from the same single pass over S."""
     _validate(image_embeds, text_embeds, chunk_size)
     device = image_embeds.device
     # float32 so fp16/bf16 inputs rank like their float32 originals.
@@ -76,56 +90,85 @@ def pair_ranks(
         # diagonal tile, so the best in-group scores come from those tiles alone.
         groups = groups.to(device)
         order = torch.argsort(groups, stable=True)
-        images, texts, groups = images[order], texts[order], groups[order]
+        groups = groups[order]  # the embeddings are gathered in this order a tile at a time (no N x D copy)
     bounds = _tile_bounds(groups, chunk_size)
     side = max(end - start for start, end in bounds)
     # Every tile is one (padded x D) @ (D x padded) matmul: blocks are zero-padded to a whole number of the
     # matmul kernel's register tiles (the padding is never counted), so every score goes through the same
     # arithmetic wherever it sits. Equal embeddings then score bit-identically and exact ties stay ties.
     padded = -(-side // _TILE_MULTIPLE) * _TILE_MULTIPLE
-    image_blocks = [_padded(images[start:end], padded) for start, end in bounds]
-    text_blocks = [_padded(texts[start:end], padded) for start, end in bounds]
+
     scores = torch.empty(padded, padded, device=device)
     mask = torch.empty(side, side, device=device)
+    same = torch.empty(side, side, dtype=torch.bool, device=device)
+    # Rows gathered in group order go to reused buffers (one per side): no allocation per tile.
+    buffers = [torch.zeros(padded, images.shape[1], device=device) for _ in range(2)] if order is not None else []
+
+    def rows_of(embeds: torch.Tensor, block: int, side_index: int) -> torch.Tensor:
+        start, end = bounds[block]
+        if order is None:
+            return _padded(embeds[start:end], padded)
+        buffer = buffers[side_index]
+        torch.index_select(embeds, 0, order[start:end], out=buffer[: end - start])
+        buffer[end - start :].zero_()
+        return buffer
 
     def tile(row: int, col: int) -> torch.Tensor:
-        torch.mm(image_blocks[row], text_blocks[col].T, out=scores)
+        torch.mm(rows_of(images, row, 0), rows_of(texts, col, 1).T, out=scores)
         return scores[: bounds[row][1] - bounds[row][0], : bounds[col][1] - bounds[col][0]]
 
     def same_group(block: int) -> torch.Tensor:
+        """Which (query, candidate) pairs of diagonal tile `block` share a group (no new memory)."""
         ids = groups[bounds[block][0] : bounds[block][1]]
-        return ids.unsqueeze(1) == ids.unsqueeze(0)
+        return torch.eq(ids.unsqueeze(1), ids.unsqueeze(0), out=same[: len(ids), : len(ids)])
 
-    # Pass 1: each query's best in-group score, from the diagonal tiles (1/T-th of the work). The same tiles
-    # recomputed in pass 2 give the same numbers.
-    best_rows, best_columns = [], []
+    # Pass 1: each query's best score under each rule (the own pair's; the best of its group's), from the
+    # diagonal tiles (1/T-th of the work). The same tiles recomputed in pass 2 give the same numbers.
+    best = {rule: ([], []) for rule in rules}  # rule -> (per row, per column)
     for block in range(len(bounds)):
-        in_group = tile(block, block).masked_fill(~same_group(block), float("-inf"))
-        best_rows.append(in_group.amax(dim=1))
-        best_columns.append(in_group.amax(dim=0))
-    best_rows, best_columns = torch.cat(best_rows), torch.cat(best_columns)
-    # Pass 2: count, per query, the candidates outside its group scoring >= its best. Counting as float 0/1
+        diagonal_tile = tile(block, block)
+        if "own" in rules:
+            positives = diagonal_tile.diagonal().clone()
+            best["own"][0].append(positives)
+            best["own"][1].append(positives)
+        if "group" in rules:
+            diagonal_tile.masked_fill_(same_group(block).logical_not_(), float("-inf"))
+            best["group"][0].append(diagonal_tile.amax(dim=1))
+            best["group"][1].append(diagonal_tile.amax(dim=0))
+    best = {rule: (torch.cat(rows), torch.cat(cols)) for rule, (rows, cols) in best.items()}
+    # Pass 2: count, per query, the candidates it does not match scoring >= its best. Counting as float 0/1
     # sums (exact up to 2**24 per tile) is ~4x faster than summing a bool mask.
-    image_counts = torch.zeros(n, dtype=torch.long, device=device)
-    text_counts = torch.zeros(n, dtype=torch.long, device=device) if columns else None
+    counts = {
+        rule: (torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.long, device=device))
+        for rule in rules
+    }
     for row, (row_start, row_end) in enumerate(bounds):
         for col, (col_start, col_end) in enumerate(bounds):
             block = tile(row, col)
             block_mask = mask[: block.shape[0], : block.shape[1]]
-            directions = [(best_rows[row_start:row_end].unsqueeze(1), 1, image_counts, row_start, row_end)]
-            if columns:
-                directions.append((best_columns[col_start:col_end].unsqueeze(0), 0, text_counts, col_start, col_end))
-            for threshold, dim, counts, start, end in directions:
-                torch.ge(block, threshold, out=block_mask)
-                if row == col:
-                    block_mask.masked_fill_(same_group(row), 0)  # the query's own group never counts
-                counts[start:end] += block_mask.sum(dim=dim).long()
-    image_ranks = torch.where(best_rows.isnan(), n - 1, image_counts)
-    text_ranks = torch.where(best_columns.isnan(), n - 1, text_counts) if columns else None
-    if order is not None:  # back to the caller's order
-        image_ranks = image_ranks.new_empty(n).index_copy_(0, order, image_ranks)
-        text_ranks = text_ranks.new_empty(n).index_copy_(0, order, text_ranks) if columns else None
-    return image_ranks, text_ranks
+            for rule in rules:
+                (best_rows, best_columns), (image_counts, text_counts) = best[rule], counts[rule]
+                directions = [(best_rows[row_start:row_end].unsqueeze(1), 1, image_counts, row_start, row_end)]
+                if columns:
+                    threshold = best_columns[col_start:col_end].unsqueeze(0)
+                    directions.append((threshold, 0, text_counts, col_start, col_end))
+                for threshold, dim, rule_counts, start, end in directions:
+                    torch.ge(block, threshold, out=block_mask)
+                    if row == col and rule == "group":
+                        block_mask.masked_fill_(same_group(row), 0)  # the query's own group never counts
+                    elif row == col:
+                        block_mask.diagonal().zero_()  # a pair never counts against itself
+                    rule_counts[start:end] += block_mask.sum(dim=dim).long()
+    ranks = {}
+    for rule in rules:
+        (best_rows, best_columns), (image_counts, text_counts) = best[rule], counts[rule]
+        image_ranks = torch.where(best_rows.isnan(), n - 1, image_counts)
+        text_ranks = torch.where(best_columns.isnan(), n - 1, text_counts) if columns else None
+        if order is not None:  # back to the caller's order
+            image_ranks = image_ranks.new_empty(n).index_copy_(0, order, image_ranks)
+            text_ranks = text_ranks.new_empty(n).index_copy_(0, order, text_ranks) if columns else None
+        ranks[rule] = (image_ranks, text_ranks)
+    return ranks
 
 
 def _tile_bounds(groups: torch.Tensor, chunk_size: int) -> list[tuple[int, int]]:
@@ -185,7 +228,8 @@ def retrieval_metrics(
     *,
     ks: tuple[int, ...] = (1, 5, 10),
     chunk_size: int = 2048,
-) -> dict[str, float]:
+    captions: list[str] | None = None,
+) -> dict:
     """Recall@K and mean/median rank in both directions for N paired embeddings.
 
     Args:
@@ -194,30 +238,30 @@ def retrieval_metrics(
         ks: cut-offs, each >= 1. For k > N, R@k is simply 1.0 (every rank < N);
             callers may want to warn about that.
         chunk_size: side of the similarity tiles scored at once (see ``pair_ranks``).
+        captions: optional, one per pair: also the figures of ``identical_caption_metrics``, from the
+            same pass over S (nearly free beside the first).
 
     Returns:
         Plain floats under ``image_to_text_R@{k}`` / ``text_to_image_R@{k}`` (fraction
         of queries with 0-based rank < k, pessimistic ties as in ``pair_ranks``),
         ``{direction}_mean_rank`` and ``{direction}_median_rank`` (1-based, so a
         perfect model gives 1.0; median is numpy's, averaging the middle pair for
-        even N), and ``mean_R@1`` = mean of the two R@1 values.
+        even N), and ``mean_R@1`` = mean of the two R@1 values; with captions, also
+        ``identical_caption_match``: a dict as ``identical_caption_metrics`` returns.
     """
-    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
-        raise ValueError(f"ks must be a non-empty tuple of integers >= 1, got {ks!r}")
-    _validate(image_embeds, text_embeds, chunk_size)
-    metrics: dict[str, float] = {}
-    recall_at_1: list[float] = []
+    _check_ks(ks)
+    groups = None if captions is None else _caption_groups(captions, image_embeds.shape[0])
+    ranks = _ranks(
+        image_embeds, text_embeds, chunk_size, True, groups, ("own",) if groups is None else ("own", "group")
+    )
+    metrics = _recall(*ranks["own"], ks)
     # One pass over S ranks both directions: image i's candidates are row i, text j's are column j.
-    image_ranks, text_ranks = pair_ranks(image_embeds, text_embeds, chunk_size=chunk_size)
-    for name, ranks in {"image_to_text": image_ranks, "text_to_image": text_ranks}.items():
-        for k in ks:
-            metrics[f"{name}_R@{k}"] = float((ranks < k).double().mean())
-        # mean_R@1 is always reported, even when 1 is not among ks.
-        recall_at_1.append(float((ranks < 1).double().mean()))
-        one_based = ranks + 1
+    for name, direction_ranks in {"image_to_text": ranks["own"][0], "text_to_image": ranks["own"][1]}.items():
+        one_based = direction_ranks + 1
         metrics[f"{name}_mean_rank"] = float(one_based.double().mean())
         metrics[f"{name}_median_rank"] = _median(one_based)
-    metrics["mean_R@1"] = sum(recall_at_1) / 2
+    if groups is not None:
+        metrics["identical_caption_match"] = _recall(*ranks["group"], ks)
     return metrics
 
 
@@ -231,12 +275,30 @@ def identical_caption_metrics(
 ) -> dict[str, float]:
     """R@K both ways when a caption identical to the query's own (product titles repeat) counts as a match:
     image i is right to retrieve any text with caption i; text i is right to retrieve any image whose caption is
-    caption i. Keys as in `retrieval_metrics` (R@K and mean_R@1 only). One pass over S, as `retrieval_metrics`."""
+    caption i. Keys as in `retrieval_metrics` (R@K and mean_R@1 only). One pass over S, as `retrieval_metrics`
+    (which computes both at once when given the captions)."""
+    _check_ks(ks)
+    groups = _caption_groups(captions, image_embeds.shape[0])
+    return _recall(*pair_ranks(image_embeds, text_embeds, chunk_size=chunk_size, groups=groups), ks)
+
+
+def _check_ks(ks: tuple[int, ...]) -> None:
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty tuple of integers >= 1, got {ks!r}")
+
+
+def _caption_groups(captions: list[str], n: int) -> torch.Tensor:
+    if len(captions) != n:
+        raise ValueError(f"got {len(captions)} captions for {n} pairs; pass one caption per pair")
     ids = {caption: index for index, caption in enumerate(dict.fromkeys(captions))}
-    groups = torch.tensor([ids[caption] for caption in captions])
-    image_ranks, text_ranks = pair_ranks(image_embeds, text_embeds, chunk_size=chunk_size, groups=groups)
+    return torch.tensor([ids[caption] for caption in captions])
+
+
+def _recall(image_ranks: torch.Tensor, text_ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    """R@K both ways and mean_R@1 (always reported, even when 1 is not among ks)."""
     metrics = {}
     for name, ranks in {"image_to_text": image_ranks, "text_to_image": text_ranks}.items():
         metrics.update({f"{name}_R@{k}": float((ranks < k).double().mean()) for k in ks})
-    metrics["mean_R@1"] = (metrics["image_to_text_R@1"] + metrics["text_to_image_R@1"]) / 2
+    at_1 = [float((ranks < 1).double().mean()) for ranks in (image_ranks, text_ranks)]
+    metrics["mean_R@1"] = sum(at_1) / 2
     return metrics

@@ -261,6 +261,8 @@ def test_identical_captions_count_as_matches_only_in_the_lenient_figures():
     lenient = identical_caption_metrics(image, text, captions, ks=(1,))
     assert strict["image_to_text_R@1"] == pytest.approx(1 / 3)
     assert lenient["image_to_text_R@1"] == 1.0 and lenient["text_to_image_R@1"] == 1.0
+    both = retrieval_metrics(image, text, ks=(1,), captions=captions)  # one pass, both rules
+    assert both.pop("identical_caption_match") == lenient and both == strict
     # With all captions distinct the lenient rank is the own-pair rank, ties included.
     image, text = _normed(40, 8, seed=5), _normed(40, 8, seed=6)
     for distinct in (torch.arange(40), torch.arange(40).flip(0) * 3):
@@ -287,3 +289,12 @@ def test_group_ranks_match_brute_force_with_ties_shuffled_groups_and_a_group_lar
     image_ranks, text_ranks = pair_ranks(image, text, chunk_size=chunk_size, groups=groups)
     assert image_ranks.tolist() == _group_ranks_by_brute_force(image, text, groups)
     assert text_ranks.tolist() == _group_ranks_by_brute_force(text, image, groups)
+
+
+def test_group_ranks_of_a_matrix_against_itself():
+    # The same tensor on both sides (image = text): gathered into separate buffers, not one.
+    embeds = _normed(30, 6, seed=9)
+    groups = torch.arange(30) % 7
+    image_ranks, text_ranks = pair_ranks(embeds, embeds, chunk_size=8, groups=groups)
+    expected = _group_ranks_by_brute_force(embeds, embeds, groups)
+    assert image_ranks.tolist() == expected and text_ranks.tolist() == expected
