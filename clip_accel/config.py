@@ -46,6 +46,13 @@ class DataConfig:
     data_files: str | None = field(
         default=None, metadata={"help": "Local folder or glob passed to load_dataset as data_dir/data_files."}
     )
+    dataset_label: str | None = field(
+        default=None,
+        metadata={
+            "help": "The dataset's name in the model card (e.g. 'Indo-fashion'). Default: the --data_dir folder's "
+            "name, or --dataset_name."
+        },
+    )
     demo: bool = field(
         default=False,
         metadata={
@@ -120,6 +127,14 @@ class ModelConfig:
         },
     )
     freeze_vision_layers: int = field(default=6, metadata={"help": "Layers frozen by --freeze vision_layers."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute each transformer layer's activations in the backward instead of keeping them "
+            "(non-reentrant): less memory for a bigger batch, about one more forward of compute. The gradient "
+            "is unchanged."
+        },
+    )
 
     def __post_init__(self) -> None:
         _require(

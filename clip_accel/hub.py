@@ -173,17 +173,18 @@ def _base_model(config: dict) -> str | None:
 
 
 def _data_source(config: dict) -> tuple[str, list[str] | None, str]:
-    """(kind, dataset ids for the metadata or None when there is no honest one, a short label)."""
-    name = config.get("dataset_name")
+    """(kind, dataset ids for the metadata or None when there is no honest one, a short label). The label is
+    --dataset_label when given; Hub metadata names only Hub datasets (local folders are not on the Hub)."""
+    name, label = config.get("dataset_name"), config.get("dataset_label")
     # A --data_dir run on a catalogue written by the demo generator is the demo too: it leaves its marker file.
     data_dir = config.get("data_dir")
     if config.get("demo") or (data_dir and os.path.isfile(os.path.join(data_dir, DEMO_MARKER))):
-        return "demo", None, "clip_accel demo catalogue (synthetic)"
+        return "demo", None, label or "clip_accel demo catalogue (synthetic)"
     if name and name not in LOCAL_LOADERS and not os.path.exists(name):
-        return "hub", [name], name
+        return "hub", [name], label or name
     if name:
-        return "local", None, f"local files ({name})"
-    return "indo-fashion", ["indo-fashion"], "Indo-fashion"
+        return "local", None, label or f"local files ({name})"
+    return "folder", None, label or os.path.basename(os.path.normpath(data_dir))
 
 
 def _eval_results(test: dict, dataset_type: str, dataset_name: str, split: str) -> list[EvalResult]:

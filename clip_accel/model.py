@@ -117,6 +117,16 @@ def logit_scale_value(model: ContrastiveModel) -> float:
     return parameter.exp().item()
 
 
+def enable_gradient_checkpointing(model: CLIPModel) -> None:
+    """Both towers' layers recompute their activations in the backward; non-reentrant, so it works under
+    `torch.no_grad` passes (exact accumulation's first pass), DDP and frozen inputs."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5's name
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def image_size_of(model: CLIPModel) -> int:
     return model.config.vision_config.image_size
 

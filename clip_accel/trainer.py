@@ -37,6 +37,7 @@ from .launch import check_launch, check_supported_launch, data_prepared_per_node
 from .model import (
     ContrastiveModel,
     PixelNormalizer,
+    enable_gradient_checkpointing,
     freeze_parameters,
     image_size_of,
     load_model_and_processor,
@@ -302,6 +303,8 @@ def _load_model_and_data(
     _check_split_sizes(config, accelerator.num_processes, {role: len(raw.dataset) for role, raw in raw_splits.items()})
     clip, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
     trainable, total = freeze_parameters(clip, model_config.freeze, model_config.freeze_vision_layers)
+    if model_config.gradient_checkpointing:
+        enable_gradient_checkpointing(clip)
     logger.info(
         f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%), "
         f"freezing: {model_config.freeze}"

@@ -137,6 +137,13 @@ def zero_shot_accuracy(
     targets = torch.tensor([class_index[labels[row]] for row in kept], device=image_embeds.device)
     ranks = _true_class_ranks(image_embeds[kept].float(), class_embeds.to(image_embeds.device).float(), targets)
     metrics: dict[str, float] = {f"zero_shot_top{k}": float((ranks < k).double().mean()) for k in ks}
+    # Top-1 recall of each class present, averaged over those classes (CLIP_benchmark's mean_per_class_recall):
+    # a rare class counts as much as a common one.
+    correct = torch.zeros(len(class_names), dtype=torch.float64, device=ranks.device)
+    seen = torch.zeros(len(class_names), dtype=torch.float64, device=ranks.device)
+    correct.index_add_(0, targets, (ranks < 1).double())
+    seen.index_add_(0, targets, torch.ones_like(correct[targets]))
+    metrics["zero_shot_mean_per_class_recall"] = float((correct[seen > 0] / seen[seen > 0]).mean())
     metrics["zero_shot_classes"] = len(class_names)
     metrics["zero_shot_images"] = len(kept)
     return metrics

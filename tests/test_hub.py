@@ -154,6 +154,24 @@ def test_card_names_the_hub_base_model_and_dataset(pushed_run, tmp_path):
     assert (folder / "README.md").read_text().endswith("Edited by hand.\n")
 
 
+@pytest.mark.parametrize("label", [None, "Handwritten digit scans"])
+def test_card_names_a_data_folder_by_its_name_or_the_label_given_never_indo_fashion(pushed_run, tmp_path, label):
+    """A --data_dir run on some other catalogue in the same layout (seen: a folder of handwritten-digit scans
+    called "Indo-fashion" in the card's metadata)."""
+    folder = shutil.copytree(pushed_run[0], tmp_path / "digits-run")
+    data_dir = tmp_path / "mnist-scans"
+    data_dir.mkdir()
+    config = read_json(folder, "training_config.json")
+    config.update(demo=False, data_dir=str(data_dir), dataset_name=None, dataset_label=label)
+    (folder / "training_config.json").write_text(json.dumps(config))
+    card = ModelCard.load(write_model_card(str(folder)))
+    name = label or "mnist-scans"
+    assert card.data.datasets is None  # a local folder is not a Hub dataset
+    assert {r.dataset_name for r in card.data.eval_results} == {name}
+    assert f"classification on the {name}" in card.text and "Indo-fashion (" not in card.text
+    assert "indo-fashion" not in str(card.data.to_dict()).lower()
+
+
 def test_pushed_model_downloads_and_embeds_exactly_like_the_local_folder(hub, pushed_run):
     output_dir, _, root = pushed_run
     pushed = hub.files(REPO)

@@ -78,3 +78,34 @@ def test_tf32_is_switched_on_cuda_and_cpus_are_left_alone(enabled, precision):
         assert torch.get_float32_matmul_precision() == precision
     finally:
         torch.set_float32_matmul_precision(default)
+
+
+@pytest.mark.parametrize("take_step, micro_batches", [(plain_step, 1), (exact_step, 4)])
+def test_gradient_checkpointing_leaves_the_gradient_unchanged(take_step, micro_batches):
+    from clip_accel.model import enable_gradient_checkpointing
+
+    def gradients(checkpointing: bool) -> tuple[list[torch.Tensor], int]:
+        context = distributed_worker.step_context(Accelerator(cpu=True))
+        context.max_grad_norm = 0.0  # no clipping: the raw gradient
+        model = context.model.clip
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        recomputed = []  # each layer's first op run with grad enabled: again in the backward with checkpointing
+        hooks = [
+            layer.layer_norm1.register_forward_pre_hook(lambda *_: recomputed.append(torch.is_grad_enabled()))
+            for layer in [*model.vision_model.encoder.layers, *model.text_model.encoder.layers]
+        ]
+        captured = []
+        context.optimizer.optimizer.register_step_pre_hook(
+            lambda optimizer, *_: captured.extend(p.grad.clone() for g in optimizer.param_groups for p in g["params"])
+        )
+        take_step(context, _micro_batches(micro_batches))
+        for hook in hooks:
+            hook.remove()
+        return captured, sum(recomputed)
+
+    plain, plain_forwards = gradients(False)
+    checkpointed, checkpointed_forwards = gradients(True)
+    assert checkpointed_forwards > plain_forwards  # the layers really ran again in the backward
+    for reference, gradient in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(gradient, reference, rtol=1e-5, atol=1e-7)

@@ -83,6 +83,19 @@ def test_eval_results_file_matches_the_returned_metrics(trained):
         assert json.load(handle) == json.loads(json.dumps(result.metrics))
 
 
+def test_results_are_also_under_clip_benchmark_names(trained):
+    # CLIP_benchmark names directions by what is retrieved: its image retrieval is our text-to-image.
+    _, result = trained
+    for split in ("test", "validation"):
+        figures = result.metrics[split]
+        theirs = figures["clip_benchmark"]
+        for k in (1, 5, 10):
+            assert theirs[f"image_retrieval_recall@{k}"] == figures[f"text_to_image_R@{k}"]
+            assert theirs[f"text_retrieval_recall@{k}"] == figures[f"image_to_text_R@{k}"]
+        assert (theirs["acc1"], theirs["acc5"]) == (figures["zero_shot_top1"], figures["zero_shot_top5"])
+        assert theirs["mean_per_class_recall"] == figures["zero_shot_mean_per_class_recall"]
+
+
 def test_evaluate_script_reproduces_eval_results(trained, demo_dir, tmp_path):
     (_, _, train_config), result = trained
     out_file = tmp_path / "metrics.json"
@@ -218,3 +231,14 @@ def test_torch_compile_option_trains_the_same_and_saves_a_plain_clip_model(make_
     loaded = CLIPModel.from_pretrained(tmp_path / "compiled")
     assert not any(name.startswith("_orig_mod") for name in loaded.state_dict())
     torch.testing.assert_close(loaded.logit_scale, compiled.model.logit_scale)
+
+
+def test_gradient_checkpointing_option_reaches_the_model(make_configs, tmp_path):
+    from clip_accel.model import unwrap
+    from clip_accel.trainer import _shut_down, prepare_run
+
+    for enabled in (False, True):
+        run = prepare_run(*make_configs(gradient_checkpointing=enabled, output_dir=str(tmp_path / f"out-{enabled}")))
+        clip = unwrap(run.accelerator, run.model).clip
+        assert clip.is_gradient_checkpointing is enabled
+        _shut_down(run)

@@ -24,13 +24,15 @@ def _normed(n: int, d: int, seed: int) -> torch.Tensor:
 def _reference_accuracy(image_embeds, labels, class_names, class_embeds, ks) -> dict[str, float]:
     """Python loops over the score matrix: rank = other classes scoring >= the true class."""
     scores = (image_embeds.double() @ class_embeds.double().T).tolist()
-    ranks = []
+    ranks, per_class = [], {}
     for row, label in enumerate(labels):
         if label not in class_names:
             continue
         true = class_names.index(label)
         ranks.append(sum(1 for c in range(len(class_names)) if c != true and scores[row][c] >= scores[row][true]))
+        per_class.setdefault(label, []).append(ranks[-1] == 0)
     out = {f"zero_shot_top{k}": sum(rank < k for rank in ranks) / len(ranks) for k in ks}
+    out["zero_shot_mean_per_class_recall"] = sum(sum(hits) / len(hits) for hits in per_class.values()) / len(per_class)
     return {**out, "zero_shot_classes": len(class_names), "zero_shot_images": len(ranks)}
 
 
@@ -70,7 +72,21 @@ def test_perfect_classifier_scores_one():
     labels = ["a", "b", "c", "d", "b"]
     image_embeds = class_embeds[[0, 1, 2, 3, 1]]
     got = zero_shot_accuracy(image_embeds, labels, ["a", "b", "c", "d"], class_embeds, ks=(1, 5))
-    assert got == {"zero_shot_top1": 1.0, "zero_shot_top5": 1.0, "zero_shot_classes": 4, "zero_shot_images": 5}
+    assert got == {
+        "zero_shot_top1": 1.0,
+        "zero_shot_top5": 1.0,
+        "zero_shot_mean_per_class_recall": 1.0,
+        "zero_shot_classes": 4,
+        "zero_shot_images": 5,
+    }
+
+
+def test_mean_per_class_recall_weighs_every_class_alike():
+    # Class a: 3 images, all right; class b: 1 image, wrong. Top-1 is 3/4, the per-class mean (1 + 0) / 2.
+    class_embeds = torch.eye(2)
+    image_embeds = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    got = zero_shot_accuracy(image_embeds, ["a", "a", "a", "b"], ["a", "b"], class_embeds, ks=(1,))
+    assert got["zero_shot_top1"] == 0.75 and got["zero_shot_mean_per_class_recall"] == 0.5
 
 
 def test_ties_count_against_the_image():
@@ -89,7 +105,12 @@ def test_unknown_and_empty_labels_are_left_out():
     class_embeds = torch.eye(2)
     image_embeds = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
     got = zero_shot_accuracy(image_embeds, ["a", "", "other", "b"], ["a", "b"], class_embeds, ks=(1,))
-    assert got == {"zero_shot_top1": 0.5, "zero_shot_classes": 2, "zero_shot_images": 2}
+    assert got == {
+        "zero_shot_top1": 0.5,
+        "zero_shot_mean_per_class_recall": 0.5,
+        "zero_shot_classes": 2,
+        "zero_shot_images": 2,
+    }
     with pytest.raises(ValueError, match="class names the dataset's label column uses"):
         zero_shot_accuracy(image_embeds, ["", "", "q", "r"], ["a", "b"], class_embeds)
 
