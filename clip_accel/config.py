@@ -53,6 +53,20 @@ class DataConfig:
             "name, or --dataset_name."
         },
     )
+    zero_shot_templates: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON file: a list of zero-shot prompt templates with a {c} (CLIP_benchmark) or {label} "
+            "placeholder. Default: product-photo templates for Indo-fashion-layout data, CLIP's generic ones else."
+        },
+    )
+    zero_shot_class_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON file: an object mapping class labels to the words used in the prompts (default: the "
+            "label with underscores as spaces)."
+        },
+    )
     demo: bool = field(
         default=False,
         metadata={

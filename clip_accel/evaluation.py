@@ -15,7 +15,7 @@ from .data import build_pair_datasets, load_raw_splits, make_dataloader
 from .launch import check_processes, data_prepared_per_node
 from .metrics import retrieval_metrics
 from .model import ContrastiveModel, PixelNormalizer, image_size_of, unwrap
-from .zero_shot import class_text_embeddings, zero_shot_accuracy
+from .zero_shot import Prompts, class_text_embeddings, load_prompts, zero_shot_accuracy
 
 
 @torch.no_grad()
@@ -55,6 +55,7 @@ def evaluate_retrieval(
     labels: list[str] | None = None,
     captions: list[str] | None = None,
     identical_captions_match: bool = False,
+    prompts: Prompts | None = None,
 ) -> dict[str, float]:
     """Recall@1/5/10 both ways plus mean/median rank over the whole split; with `labels` (one per pair, in split
     order) and the tokenizer, also zero-shot top-1/top-5 accuracy of classifying the images by prompted class
@@ -76,8 +77,14 @@ def evaluate_retrieval(
     class_names = sorted({label for label in labels or [] if label})
     if tokenizer is not None and len(class_names) >= 2:
         with accelerator.autocast():
+            prompts = prompts or Prompts()
             class_embeds = class_text_embeddings(
-                unwrap(accelerator, model), tokenizer, class_names, device=accelerator.device
+                unwrap(accelerator, model),
+                tokenizer,
+                class_names,
+                prompts.templates,
+                device=accelerator.device,
+                class_names=prompts.class_names,
             )
         metrics.update(zero_shot_accuracy(image_embeds, labels, class_names, class_embeds.float()))
     metrics["clip_benchmark"] = clip_benchmark_names(metrics)
@@ -106,6 +113,7 @@ def evaluate_folder(
     With the folder, split and batch size a training run used, this reproduces that run's eval_results.json figures;
     `batch_size` defaults to the one in the folder's training_config.json.
     """
+    prompts = dataset_prompts(data_config)  # a bad prompt file fails before anything is loaded
     accelerator = Accelerator()
     check_processes(accelerator)
     model = ContrastiveModel(CLIPModel.from_pretrained(model_name_or_path, dtype=torch.float32))
@@ -127,6 +135,17 @@ def evaluate_folder(
         pairs["test"].column("label"),
         pairs["test"].column("caption"),
         identical_captions_match,
+        prompts,
+    )
+
+
+def dataset_prompts(data_config: DataConfig) -> Prompts:
+    """The zero-shot prompts for this data: the user's files, else the Indo-fashion product-photo templates for
+    Indo-fashion-layout folders (and the demo) and CLIP's generic ones for a `datasets` source."""
+    return load_prompts(
+        data_config.zero_shot_templates,
+        data_config.zero_shot_class_names,
+        indo_fashion=data_config.dataset_name is None,
     )
 
 

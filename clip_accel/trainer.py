@@ -32,7 +32,7 @@ from .checkpoint import (
 from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_dict
 from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, prefetched, write_skip_report
 from .early_stopping import EarlyStopping
-from .evaluation import evaluate_retrieval
+from .evaluation import dataset_prompts, evaluate_retrieval
 from .launch import check_launch, check_supported_launch, data_prepared_per_node, storage_is_shared
 from .model import (
     ContrastiveModel,
@@ -45,6 +45,7 @@ from .model import (
     unwrap,
 )
 from .step import StepContext, exact_step, plain_step, use_tf32
+from .zero_shot import Prompts
 
 logger = get_logger(__name__)
 # Called after every optimizer step (and its logging, evaluation and checkpoint) with the loop's state.
@@ -79,6 +80,7 @@ class Run:
     captions: dict  # caption of every usable pair, per evaluation role (for the identical-caption figures)
     skipped: dict  # rows skipped per role (main process)
     resolved_config: dict  # every option, flat
+    prompts: Prompts  # how zero-shot classification words the classes
 
     @property
     def accelerator(self) -> Accelerator:
@@ -108,6 +110,7 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
 def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> Run:
     """Accelerator, data, model, optimizer and schedule; every check that can fail runs before the first step."""
     check_supported_launch()
+    prompts = dataset_prompts(data_config)  # a bad prompt file fails before anything is loaded
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         # Both accumulation modes group micro-batches and drive gradient sync themselves (step.py): Accelerate
@@ -176,6 +179,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         captions={role: pairs[role].column("caption") for role in ("validation", "test")},
         skipped=skipped,
         resolved_config=resolved_config,
+        prompts=prompts,
     )
 
 
@@ -345,6 +349,7 @@ def _evaluate(run: Run, role: str) -> dict[str, float]:
         run.labels[role],
         run.captions[role],
         run.config.identical_captions_match,
+        run.prompts,
     )
 
 

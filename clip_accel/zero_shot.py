@@ -11,14 +11,24 @@ top-k correct iff rank < k. A tie counts against the image, so a collapsed model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from .tokenizer import MAX_TEXT_TOKENS
 
-__all__ = ["DEFAULT_TEMPLATES", "class_text_embeddings", "label_to_text", "zero_shot_accuracy"]
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "GENERIC_TEMPLATES",
+    "Prompts",
+    "class_text_embeddings",
+    "label_to_text",
+    "load_prompts",
+    "zero_shot_accuracy",
+]
 
 # Product-photo phrasings in the spirit of CLIP's ImageNet prompts; the last ones name the domain, which helps
 # with class names a general-purpose model barely knows ("dhoti pants", "mojaris men").
@@ -31,6 +41,70 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {label}, a type of indian ethnic wear.",
     "an e-commerce photo of a {label}, indian fashion.",
 )
+
+# For datasets other than Indo-fashion (and the demo, which imitates it): CLIP's own generic phrasings.
+GENERIC_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {label}.",
+    "a good photo of a {label}.",
+    "a close-up photo of a {label}.",
+    "a cropped photo of a {label}.",
+    "a photo of the {label}.",
+)
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """How zero-shot classification words its classes: templates with a `{label}` placeholder, and the words
+    for each dataset label (labels not in `class_names` go through `label_to_text`)."""
+
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    class_names: Mapping[str, str] = field(default_factory=dict)
+
+    def words(self, label: str) -> str:
+        return self.class_names.get(label) or label_to_text(label)
+
+
+def load_prompts(templates_file: str | None, class_names_file: str | None, *, indo_fashion: bool) -> Prompts:
+    """Prompts from files in CLIP_benchmark's format, else the defaults for the dataset.
+
+    templates_file: a JSON list of templates, with CLIP_benchmark's `{c}` or our `{label}` placeholder (or a JSON
+    object whose first list value is taken, as in CLIP_benchmark's per-dataset files). class_names_file: a JSON
+    object mapping each dataset label to the words for it. Defaults: the Indo-fashion product-photo templates for
+    Indo-fashion-layout data, CLIP's generic ones for anything else.
+    """
+    templates = DEFAULT_TEMPLATES if indo_fashion else GENERIC_TEMPLATES
+    if templates_file:
+        loaded = _read_json(templates_file, "--zero_shot_templates")
+        if isinstance(loaded, dict):
+            loaded = next((value for value in loaded.values() if isinstance(value, list)), None)
+        if not isinstance(loaded, list) or not loaded or not all(isinstance(t, str) for t in loaded):
+            raise ValueError(
+                f"--zero_shot_templates {templates_file}: expected a JSON list of template strings, such as "
+                '["a photo of a {c}.", "a close-up photo of a {c}."]'
+            )
+        templates = tuple(template.replace("{c}", "{label}") for template in loaded)
+        _check_templates(templates, ["any"])
+    class_names: dict[str, str] = {}
+    if class_names_file:
+        loaded = _read_json(class_names_file, "--zero_shot_class_names")
+        if not isinstance(loaded, dict) or not all(isinstance(v, str) and v.strip() for v in loaded.values()):
+            raise ValueError(
+                f"--zero_shot_class_names {class_names_file}: expected a JSON object mapping each label to the "
+                'words for it, such as {"women_kurta": "kurta for women"}'
+            )
+        class_names = {str(label): words.strip() for label, words in loaded.items()}
+    return Prompts(templates, class_names)
+
+
+def _read_json(path: str, option: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"{option} {path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{option} {path} is not valid JSON: {error}") from None
+
 
 # Prompts embedded per forward pass: bounds memory for datasets with many classes.
 _PROMPTS_PER_BATCH = 256
@@ -52,6 +126,7 @@ def class_text_embeddings(
     labels: list[str],
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     device: torch.device | str | None = None,
+    class_names: Mapping[str, str] | None = None,
 ) -> torch.Tensor:
     """One L2-normalised text embedding per class, averaged over prompt templates.
 
@@ -60,16 +135,19 @@ def class_text_embeddings(
             trainer's `ContrastiveModel` (its forward's text embeddings).
         tokenizer: the model's tokenizer; prompts are truncated to MAX_TEXT_TOKENS (77) and padded with its pad token to
             the longest prompt of each batch.
-        labels: C class labels; each goes through `label_to_text` before filling a template.
+        labels: C class labels; each becomes its words in `class_names`, or goes through `label_to_text`, before
+            filling a template.
         templates: T format strings, each with a `{label}` placeholder.
         device: where to run the text tower; defaults to the model's device.
+        class_names: optional words for some or all labels.
 
     Returns:
         float32 (C, D) on `device`: for class c, normalise(mean_t(normalise(text_embed(template_t(label_c))))).
     """
     _check_templates(templates, labels)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    prompts = [template.format(label=label_to_text(label)) for label in labels for template in templates]
+    words = Prompts(tuple(templates), class_names or {}).words
+    prompts = [template.format(label=words(label)) for label in labels for template in templates]
     was_training = model.training
     model.eval()  # dropout off: the embedding must not depend on the call
     try:

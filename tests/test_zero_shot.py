@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,3 +182,74 @@ def test_demo_split_end_to_end(demo_dir, offline_tokenizer, tmp_path):
     means = torch.stack([clustered[[i for i, label in enumerate(labels) if label == name]].mean(0) for name in present])
     got = zero_shot_accuracy(clustered, labels, present, F.normalize(means, dim=-1))
     assert got["zero_shot_top1"] == 1.0 and got["zero_shot_images"] == len(labels)
+
+
+def test_prompt_files_in_clip_benchmark_format(tmp_path):
+    from clip_accel.zero_shot import GENERIC_TEMPLATES, Prompts, load_prompts
+
+    assert load_prompts(None, None, indo_fashion=True) == Prompts(DEFAULT_TEMPLATES, {})
+    assert load_prompts(None, None, indo_fashion=False) == Prompts(GENERIC_TEMPLATES, {})
+    templates, names = tmp_path / "templates.json", tmp_path / "names.json"
+    templates.write_text(json.dumps(["a scan of the digit {c}.", "the number {label}"]))
+    names.write_text(json.dumps({"7": "seven", "women_kurta": "kurta for women"}))
+    prompts = load_prompts(str(templates), str(names), indo_fashion=True)
+    assert prompts.templates == ("a scan of the digit {label}.", "the number {label}")
+    assert [prompts.words(label) for label in ("7", "women_kurta", "dhoti_pants")] == [
+        "seven",
+        "kurta for women",
+        "dhoti pants",
+    ]
+    # CLIP_benchmark's per-dataset file: an object holding the list.
+    templates.write_text(json.dumps({"mnist": ["a photo of the number: '{c}'."]}))
+    assert load_prompts(str(templates), None, indo_fashion=False).templates == ("a photo of the number: '{label}'.",)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("[not json", "not valid JSON"),
+        ('"a photo of a {c}."', "a JSON list of template strings"),
+        ('["a photo of a thing."]', "placeholder"),
+    ],
+)
+def test_bad_prompt_files_say_what_to_change(tmp_path, content, message):
+    from clip_accel.zero_shot import load_prompts
+
+    path = tmp_path / "templates.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_prompts(str(path), None, indo_fashion=True)
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["kurta"]))
+    with pytest.raises(ValueError, match="mapping each label"):
+        load_prompts(None, str(names), indo_fashion=True)
+
+
+def test_class_names_replace_the_labels_in_the_prompts(offline_tokenizer):
+    model = _tiny_clip(offline_tokenizer)
+    templates = ("a photo of a {label}.",)
+    named = class_text_embeddings(model, offline_tokenizer, ["w_k", "saree"], templates, class_names={"w_k": "kurta"})
+    plain = class_text_embeddings(model, offline_tokenizer, ["kurta", "saree"], templates)
+    torch.testing.assert_close(named, plain)
+
+
+def test_training_evaluates_with_the_prompts_it_was_given(make_configs, tmp_path, monkeypatch):
+    from clip_accel import evaluation
+    from clip_accel.trainer import train
+
+    seen = []
+    real = evaluation.class_text_embeddings
+
+    def recording(model, tokenizer, labels, templates, device=None, class_names=None):
+        seen.append((tuple(templates), tuple(sorted((class_names or {}).items()))))
+        return real(model, tokenizer, labels, templates, device=device, class_names=class_names)
+
+    monkeypatch.setattr(evaluation, "class_text_embeddings", recording)
+    templates, names = tmp_path / "templates.json", tmp_path / "names.json"
+    templates.write_text(json.dumps(["a garment: {c}."]))
+    names.write_text(json.dumps({"saree": "sari"}))
+    configs = make_configs(max_steps=1, zero_shot_templates=str(templates), zero_shot_class_names=str(names))
+    train(*configs)
+    assert seen and set(seen) == {(("a garment: {label}.",), (("saree", "sari"),))}
