@@ -240,5 +240,6 @@ def test_gradient_checkpointing_option_reaches_the_model(make_configs, tmp_path)
     for enabled in (False, True):
         run = prepare_run(*make_configs(gradient_checkpointing=enabled, output_dir=str(tmp_path / f"out-{enabled}")))
         clip = unwrap(run.accelerator, run.model).clip
-        assert clip.is_gradient_checkpointing is enabled
+        checking = getattr(clip, "is_activation_checkpointing", None)  # transformers >= 5 name
+        assert (checking if checking is not None else clip.is_gradient_checkpointing) is enabled
         _shut_down(run)
