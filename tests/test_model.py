@@ -100,8 +100,7 @@ def test_bundled_preset_loads_and_unknown_preset_lists_the_choices():
 
 
 def test_cached_uint8_plus_device_normalisation_matches_the_clip_image_processor(tmp_path):
-    # Users run CLIPProcessor at inference: training must see the same pixels (PNG here; JPEGs are decoded
-    # in draft mode, which differs by design).
+    # Users run CLIPProcessor at inference: training must see the same pixels (PNG here; the JPEG case below).
     rng = np.random.default_rng(0)
     smooth = np.kron(rng.integers(0, 256, (12, 9, 3)), np.ones((10, 10, 1))).astype(np.uint8)  # 120 x 90
     path = tmp_path / "photo.png"
@@ -112,3 +111,22 @@ def test_cached_uint8_plus_device_normalisation_matches_the_clip_image_processor
     ours = PixelNormalizer(processor.image_mean, processor.image_std)(cached)
     assert ours.shape == expected.shape == (1, 3, 32, 32)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_evaluation_pixels_of_a_large_jpeg_are_exactly_the_clip_image_processors(tmp_path):
+    # A photo over twice the model's resolution: libjpeg's draft decode would downscale it while decoding. The
+    # evaluation path decodes in full and gives CLIPProcessor's pixels; the training path's draft decode does not.
+    rng = np.random.default_rng(1)
+    coarse = rng.integers(0, 256, (40, 30, 3)).astype(np.float32)
+    photo = np.kron(coarse, np.ones((20, 20, 1)))[:, :, :] + rng.normal(0, 12, (800, 600, 3))
+    path = tmp_path / "large.jpeg"
+    Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).save(path, quality=92)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    expected = processor(Image.open(path), return_tensors="pt")["pixel_values"]
+    normalise = PixelNormalizer(processor.image_mean, processor.image_std)
+
+    def pixels(draft: bool) -> torch.Tensor:
+        return normalise(torch.from_numpy(load_rgb_image(str(path), 64, draft=draft).copy())[None])
+
+    torch.testing.assert_close(pixels(draft=False), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(pixels(draft=True), expected, atol=1e-5, rtol=0)

@@ -108,3 +108,26 @@ def test_transparency_becomes_white_as_in_clip_processor(tmp_path):
     image.save(tmp_path / "cutout.png")
     pixels = load_rgb_image(str(tmp_path / "cutout.png"), 10)
     assert pixels[0, 9].tolist() == [255, 255, 255] and pixels[0, 0].tolist() == [0, 0, 255]
+
+
+def test_training_keeps_the_fast_jpeg_decode_and_evaluation_splits_get_exact_pixels(
+    monkeypatch, demo_dir, offline_tokenizer, tmp_path
+):
+    from accelerate import Accelerator
+
+    import clip_accel.data as data
+    from clip_accel.config import DataConfig
+
+    drafts = {}
+    real = data.preprocess_split
+
+    def recording(raw, *args, draft=True, **kwargs):
+        drafts[raw.name] = draft
+        return real(raw, *args, draft=draft, **kwargs)
+
+    monkeypatch.setattr(data, "preprocess_split", recording)
+    config = DataConfig(data_dir=demo_dir, cache_dir=str(tmp_path / "cache"))
+    accelerator = Accelerator(cpu=True)
+    raw = data.load_raw_splits(accelerator, config)
+    data.build_pair_datasets(accelerator, config, raw, offline_tokenizer, 16)
+    assert drafts == {raw["train"].name: True, raw["validation"].name: False, raw["test"].name: False}

@@ -71,7 +71,10 @@ def build_pair_datasets(
     pairs = {}
     for role, raw in raw_splits.items():
         with accelerator.local_main_process_first() if per_node else accelerator.main_process_first():
-            cached = preprocess_split(raw, tokenizer, image_size, cache_dir, config.preprocessing_num_workers)
+            # Evaluation splits get CLIPProcessor's exact pixels; training keeps the faster JPEG decode.
+            cached = preprocess_split(
+                raw, tokenizer, image_size, cache_dir, config.preprocessing_num_workers, draft=role == "train"
+            )
         pairs[role] = PairDataset(cached, tokenizer.pad_token_id)
         if len(pairs[role]) == 0:
             raise ValueError(

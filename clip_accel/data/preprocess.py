@@ -47,11 +47,13 @@ def cached_features(image_size: int) -> datasets.Features:
     )
 
 
-def load_rgb_image(source: str | dict, image_size: int) -> np.ndarray:
+def load_rgb_image(source: str | dict, image_size: int, *, draft: bool = True) -> np.ndarray:
     """Decode, convert to RGB, resize the shortest edge to `image_size` (bicubic) and centre-crop: (S, S, 3) uint8.
 
     `draft` lets libjpeg downscale while decoding (2-3x faster on product photos); it never goes below the
-    requested size, so the final bicubic resize sees at least as many pixels as it outputs.
+    requested size, so the final bicubic resize sees at least as many pixels as it outputs, but for a JPEG at
+    least twice the model's resolution the pixels differ from `CLIPProcessor`'s. Training uses it; evaluation
+    splits are decoded in full (`draft=False`), so reported recall is what users get at inference.
     """
     if isinstance(source, dict):
         source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
@@ -61,7 +63,8 @@ def load_rgb_image(source: str | dict, image_size: int) -> np.ndarray:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(source)
     with image:
-        image.draft("RGB", (image_size, image_size))
+        if draft:
+            image.draft("RGB", (image_size, image_size))
         image = to_rgb(image)
         image.load()  # decode now, while the file is open
     width, height = image.size
@@ -92,10 +95,11 @@ class PairPreprocessor:
     """Batched `datasets.map` function: raw rows -> cached rows. A bad row is kept with a `skip_reason`
     (and blank pixels) instead of failing the whole pass; the loader leaves such rows out and reports them."""
 
-    def __init__(self, tokenizer, image_size: int, max_length: int) -> None:
+    def __init__(self, tokenizer, image_size: int, max_length: int, draft: bool = True) -> None:
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.max_length = max_length
+        self.draft = draft
 
     def __call__(self, batch: dict) -> dict:
         pixels, reasons = [], []
@@ -106,7 +110,7 @@ class PairPreprocessor:
             array = None
             if not reason:
                 try:
-                    array = load_rgb_image(image, self.image_size)
+                    array = load_rgb_image(image, self.image_size, draft=self.draft)
                 except IMAGE_ERRORS as error:
                     reason = f"unreadable image: {type(error).__name__}: {error}"
             blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
@@ -134,8 +138,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def preprocess_split(raw: RawSplit, tokenizer, image_size: int, cache_dir: str, num_proc: int = 1) -> datasets.Dataset:
-    """Decode and tokenize one split through `datasets.map`, reusing the cache when nothing changed."""
+def preprocess_split(
+    raw: RawSplit, tokenizer, image_size: int, cache_dir: str, num_proc: int = 1, *, draft: bool = True
+) -> datasets.Dataset:
+    """Decode and tokenize one split through `datasets.map`, reusing the cache when nothing changed. `draft`: the
+    fast JPEG decode (training), or the exact `CLIPProcessor` pixels (evaluation splits)."""
     max_length = min(tokenizer.model_max_length, MAX_TEXT_TOKENS)
     fingerprint = hashlib.sha256(
         json.dumps(
@@ -145,12 +152,13 @@ def preprocess_split(raw: RawSplit, tokenizer, image_size: int, cache_dir: str, 
                 image_size,
                 max_length,
                 tokenizer_fingerprint(tokenizer),
+                draft,
             ]
         ).encode()
     ).hexdigest()[:32]
     os.makedirs(cache_dir, exist_ok=True)
     return raw.dataset.map(
-        PairPreprocessor(tokenizer, image_size, max_length),
+        PairPreprocessor(tokenizer, image_size, max_length, draft),
         batched=True,
         batch_size=64,
         num_proc=num_proc if num_proc > 1 and len(raw.dataset) >= 2 * num_proc else None,
