@@ -19,10 +19,8 @@ same in-memory batches, K micro-batches per optimizer step:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
-from importlib import resources
 
 import common
 import torch  # noqa: E402
@@ -46,8 +44,7 @@ class NoSchedule:
 
 def clip_config(device: torch.device, smoke: bool) -> CLIPConfig:
     if device.type == "cuda" and not smoke:
-        preset = resources.files("clip_accel") / "presets" / "clip-vit-b-32.json"
-        return CLIPConfig(**json.loads(preset.read_text()))
+        return common.preset_config("clip-vit-b-32")
     config = dict(common.SMALL_CLIP_CONFIG)
     if smoke:
         config["vision_config"] = {**config["vision_config"], "image_size": 64}
@@ -221,9 +218,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as handle:
-            handle.write(text + "\n")
+    common.write_markdown(args.markdown, text)
 
 
 if __name__ == "__main__":

@@ -224,6 +224,22 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def write_markdown(path: str | None, text: str) -> None:
+    """The scripts' `--markdown FILE`: also write what they printed (nothing when no path was given)."""
+    if path:
+        with open(path, "w") as handle:
+            handle.write(text + "\n")
+
+
+def preset_config(name: str):
+    """A CLIPConfig from clip_accel's bundled presets (clip_accel/presets/NAME.json)."""
+    from importlib import resources
+
+    from transformers import CLIPConfig
+
+    return CLIPConfig(**json.loads((resources.files("clip_accel") / "presets" / f"{name}.json").read_text()))
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -27,7 +27,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import resources
 
 import common
 import torch  # noqa: E402
@@ -347,7 +346,7 @@ def main() -> None:
     num_images = args.num_images or (args.warmup_steps + args.steps + 2) * args.batch_size
     args.data_dir = str(common.write_bench_dataset(num_train=num_images, num_val=64, num_test=64))
     work = tempfile.mkdtemp(prefix="clip_accel_gpu_bench-")
-    config = CLIPConfig(**json.loads((resources.files("clip_accel") / "presets" / f"{args.preset}.json").read_text()))
+    config = common.preset_config(args.preset)
 
     cached_pairs = []
 
@@ -393,9 +392,9 @@ def main() -> None:
         ["variant", "pairs/s", "peak memory (GiB)", "text tokens", "train GFLOP/pair", "MFU", "notes"], rows
     )
     print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as handle:
-            handle.write(f"Device: {device_name}; batch {args.batch_size}, {args.steps} timed steps\n\n{table}\n")
+    common.write_markdown(
+        args.markdown, f"Device: {device_name}; batch {args.batch_size}, {args.steps} timed steps\n\n{table}"
+    )
     for result in results.values():
         if "checkpoint_seconds" in result:
             seconds, steps_per_second = result["checkpoint_seconds"], result["pairs_per_second"] / args.batch_size

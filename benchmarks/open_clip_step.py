@@ -16,7 +16,7 @@ import argparse
 import math
 import time
 
-import common  # noqa: F401  (environment first)
+import common
 import torch  # noqa: E402
 from gpu_throughput import forward_flops_per_pair, peak_flops  # noqa: E402
 
@@ -36,9 +36,7 @@ def main() -> None:
     except Exception as error:  # not carried, or a torchvision that does not match this torch
         message = f"open_clip not run: `import open_clip` fails ({type(error).__name__}: {error})"
         print(message)
-        if args.markdown:
-            with open(args.markdown, "w") as handle:
-                handle.write(message + "\n")
+        common.write_markdown(args.markdown, message)
         return
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None, device=device)
@@ -79,13 +77,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     rate = steps * batch_size / (time.perf_counter() - start)
-    import json
-    from importlib import resources
-
-    from transformers import CLIPConfig
-
-    preset = resources.files("clip_accel") / "presets" / "clip-vit-b-32.json"
-    flops = 3 * forward_flops_per_pair(CLIPConfig(**json.loads(preset.read_text())), 77)
+    flops = 3 * forward_flops_per_pair(common.preset_config("clip-vit-b-32"), 77)
     peak = peak_flops(device, None)
     memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "n/a"
     mfu = f"{100 * rate * flops / peak:.1f}%" if peak else "n/a"
@@ -94,9 +86,7 @@ def main() -> None:
         [[f"open_clip {open_clip.__version__} ViT-B-32, bf16 autocast", batch_size, round(rate, 1), memory, 77, mfu]],
     )
     print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as handle:
-            handle.write(table + "\n")
+    common.write_markdown(args.markdown, table)
 
 
 if __name__ == "__main__":
