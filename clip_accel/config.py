@@ -99,6 +99,24 @@ class DataConfig:
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where preprocessed splits are cached (default: the datasets cache)."}
     )
+    augment: bool = field(
+        default=False,
+        metadata={
+            "help": "Augment training images: the training split is cached at 8/7 of the model's resolution "
+            "(256 for 224) and each sample gets a random resized crop on the device, seeded by step (a resumed "
+            "run sees the same crops). Evaluation keeps CLIPProcessor's exact centre crop."
+        },
+    )
+    augment_scale: list[float] = field(
+        default_factory=lambda: [0.9, 1.0],
+        metadata={
+            "help": "With --augment: the crop's area as a fraction of the cached image, MIN MAX (open_clip's "
+            "default 0.9 1.0)."
+        },
+    )
+    augment_flip: bool = field(
+        default=False, metadata={"help": "With --augment: also flip half the training images left-right."}
+    )
 
     def __post_init__(self) -> None:
         sources = sum([self.data_dir is not None and not self.demo, self.dataset_name is not None, self.demo])
@@ -117,6 +135,15 @@ class DataConfig:
             value = getattr(self, name)
             _require(value is None or value >= 1, f"--{name} must be at least 1 (or left unset), got {value}.")
         _require(self.preprocessing_num_workers >= 1, "--preprocessing_num_workers must be at least 1.")
+        scale = list(self.augment_scale)
+        _require(
+            len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+            f"--augment_scale takes MIN MAX with 0 < MIN <= MAX <= 1 (e.g. 0.9 1.0), got {scale}.",
+        )
+        _require(
+            self.augment or (scale == [0.9, 1.0] and not self.augment_flip),
+            "--augment_scale and --augment_flip shape the training augmentation: add --augment to turn it on.",
+        )
 
 
 @dataclass(frozen=True)

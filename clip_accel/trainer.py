@@ -21,6 +21,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import CLIPModel, get_scheduler
 
+from .augment import Augmenter, training_cache_size
 from .checkpoint import (
     TrainerState,
     load_checkpoint,
@@ -81,6 +82,7 @@ class Run:
     skipped: dict  # rows skipped per role (main process)
     resolved_config: dict  # every option, flat
     prompts: Prompts  # how zero-shot classification words the classes
+    augmenter: Augmenter | None  # random crops of the training images (--augment), else None
 
     @property
     def accelerator(self) -> Accelerator:
@@ -180,6 +182,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         skipped=skipped,
         resolved_config=resolved_config,
         prompts=prompts,
+        augmenter=_augmenter(data_config, image_size_of(unwrap(accelerator, model).clip), config.seed),
     )
 
 
@@ -203,6 +206,8 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
     group_size = config.gradient_accumulation_steps
     skips = []  # device flags of the steps since the counts were last read (reading them syncs with the device)
     for micro_batches, epoch_over in optimizer_step_batches(run.train_loader, run.accelerator, state, group_size):
+        if run.augmenter is not None:  # drawn once per step: both passes of exact accumulation see the same crops
+            micro_batches = run.augmenter(micro_batches, state.step, run.accelerator.process_index)
         loss, skipped = take_step(run.step_context, micro_batches)
         state.step += 1
         losses.append(loss)
@@ -313,14 +318,27 @@ def _load_model_and_data(
         f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%), "
         f"freezing: {model_config.freeze}"
     )
+    image_size = image_size_of(clip)
     pairs = build_pair_datasets(
-        accelerator, data_config, raw_splits, processor.tokenizer, image_size_of(clip), per_node=per_node
+        accelerator,
+        data_config,
+        raw_splits,
+        processor.tokenizer,
+        image_size,
+        train_image_size=training_cache_size(image_size) if data_config.augment else None,
+        per_node=per_node,
     )
     if data_config.strict:
         check_strict(pairs, raw_splits)
     skipped = write_skip_report(pairs, raw_splits, config.output_dir) if accelerator.is_main_process else {}
     _check_split_sizes(config, accelerator.num_processes, {role: len(pairs[role]) for role in pairs})
     return ContrastiveModel(clip), processor, pairs, skipped
+
+
+def _augmenter(data_config: DataConfig, image_size: int, seed: int) -> Augmenter | None:
+    if not data_config.augment:
+        return None
+    return Augmenter(image_size, tuple(data_config.augment_scale), data_config.augment_flip, seed)
 
 
 def _restore(run: Run) -> TrainerState:

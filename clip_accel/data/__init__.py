@@ -63,18 +63,20 @@ def build_pair_datasets(
     tokenizer,
     image_size: int,
     *,
+    train_image_size: int | None = None,
     per_node: bool = False,
 ) -> dict[str, PairDataset]:
-    """Preprocess (or reuse the cache of) each split. The main process goes first so the others only read; with
-    `per_node` (node-local caches) each node's first process does."""
+    """Preprocess (or reuse the cache of) each split, at `image_size` (the training split at `train_image_size`
+    when given: larger, for augmentation's random crops). The main process goes first so the others only read;
+    with `per_node` (node-local caches) each node's first process does."""
     cache_dir = preprocessing_cache_dir(config)
     pairs = {}
     for role, raw in raw_splits.items():
         with accelerator.local_main_process_first() if per_node else accelerator.main_process_first():
             # Evaluation splits get CLIPProcessor's exact pixels; training keeps the faster JPEG decode.
-            cached = preprocess_split(
-                raw, tokenizer, image_size, cache_dir, config.preprocessing_num_workers, draft=role == "train"
-            )
+            train = role == "train"
+            size = (train_image_size or image_size) if train else image_size
+            cached = preprocess_split(raw, tokenizer, size, cache_dir, config.preprocessing_num_workers, draft=train)
         pairs[role] = PairDataset(cached, tokenizer.pad_token_id)
         if len(pairs[role]) == 0:
             raise ValueError(
