@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .lora import ADAPTER_DIR, has_lora, merged_state_dict, save_adapter
 from .model import ContrastiveModel, unwrap
 
 logger = get_logger(__name__)
@@ -157,9 +158,16 @@ def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, outp
         staging = os.path.join(output_dir, ".staging-model")
         os.makedirs(staging, exist_ok=True)
         clip = unwrap(accelerator, model).clip
-        clip.save_pretrained(staging, state_dict=ContrastiveModel.clip_state_dict(state_dict))
+        state_dict = ContrastiveModel.clip_state_dict(state_dict)
+        if has_lora(clip):  # the adapter alone, and the merged plain CLIPModel that loads without peft
+            save_adapter(clip, state_dict, os.path.join(staging, ADAPTER_DIR))
+            state_dict = merged_state_dict(clip, state_dict)
+        clip.save_pretrained(staging, state_dict=state_dict)
         processor.save_pretrained(staging)
         for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target):  # a folder (the adapter) is replaced whole
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
         os.rmdir(staging)
     accelerator.wait_for_everyone()

@@ -177,12 +177,46 @@ class ModelConfig:
         },
     )
 
+    lora_rank: int = field(
+        default=0,
+        metadata={
+            "help": "Train LoRA adapters of this rank instead of the whole model (0: off; 8 or 16 are common). "
+            "Needs peft. The output folder holds the merged plain CLIPModel, OUTPUT/adapter/ the adapter alone."
+        },
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha: the adapters are scaled by alpha/rank."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input (0: none)."})
+    lora_target_modules: str = field(
+        default="q_proj,k_proj,v_proj,out_proj",
+        metadata={
+            "help": "Comma list of the linear layers that get adapters, in both towers (default: every attention "
+            "projection; add fc1,fc2 for the MLPs)."
+        },
+    )
+
     def __post_init__(self) -> None:
+        _require(self.lora_rank >= 0, f"--lora_rank must be 0 (off) or more, got {self.lora_rank}.")
+        _require(0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.lora_rank:
+            _require(self.lora_alpha > 0, f"--lora_alpha must be positive, got {self.lora_alpha}.")
+            _require(bool(self.lora_targets), "--lora_target_modules names no layer (e.g. q_proj,v_proj).")
+            _require(
+                self.freeze == "none",
+                f"--lora_rank trains only the adapters (everything else is frozen): drop --freeze {self.freeze}.",
+            )
+            _require(
+                self.scratch_config is None,
+                "--lora_rank adapts a pretrained model: drop --scratch_config, or train from scratch without LoRA.",
+            )
         _require(
             self.freeze in ("none", "vision_layers", "backbones"),
             f"--freeze {self.freeze!r} is not a freezing strategy; use none, vision_layers or backbones.",
         )
         _require(self.freeze_vision_layers >= 0, "--freeze_vision_layers must be 0 or more.")
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.lora_target_modules.split(",") if name.strip())
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, Offl
 from . import __version__
 from .config import RECALL_KS
 from .data.demo import DEMO_MARKER
+from .lora import ADAPTER_DIR
 from .results import format_results_table, with_starting_model
 
 try:  # huggingface_hub 2.x talks HTTP through httpx2, 1.x through httpx; connection errors derive from these
@@ -280,7 +281,8 @@ def push_output_dir(output_dir: str, repo_id: str, *, private: bool = False, tok
 
 
 def _files_to_push(output_dir: str) -> list[str]:
-    """Top-level files only: staging folders, tracker logs and checkpoints live in sub-folders."""
+    """Top-level files and a LoRA run's adapter/: staging folders, tracker logs and checkpoints live in other
+    sub-folders."""
     names = sorted(
         name
         for name in os.listdir(output_dir)
@@ -292,6 +294,9 @@ def _files_to_push(output_dir: str) -> list[str]:
             f"{output_dir} holds no model (model.safetensors and config.json): point at the "
             "--output_dir of a finished `clip-accel train` run."
         )
+    adapter = os.path.join(output_dir, ADAPTER_DIR)  # a LoRA run's adapter, beside the merged model
+    if os.path.isdir(adapter):
+        names += [f"{ADAPTER_DIR}/{name}" for name in sorted(os.listdir(adapter)) if not name.startswith(".")]
     return names
 
 

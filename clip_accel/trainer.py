@@ -35,6 +35,7 @@ from .data import build_pair_datasets, check_strict, load_raw_splits, make_datal
 from .early_stopping import EarlyStopping
 from .evaluation import dataset_prompts, evaluate_retrieval
 from .launch import check_launch, check_supported_launch, data_prepared_per_node, storage_is_shared
+from .lora import add_lora, has_lora, lora_layout
 from .model import (
     ContrastiveModel,
     PixelNormalizer,
@@ -127,6 +128,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     )
     set_seed(config.seed)
     check_launch(accelerator)
+    _check_lora(accelerator, model_config, config)
     use_tf32(accelerator.device, config.tf32)
     # Node-local output folders: every node keeps its own checkpoints (resume reads them from its own disk).
     accelerator.project_configuration.save_on_each_node = not storage_is_shared(accelerator, config.output_dir)
@@ -312,12 +314,14 @@ def _load_model_and_data(
     _check_split_sizes(config, accelerator.num_processes, {role: len(raw.dataset) for role, raw in raw_splits.items()})
     clip, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
     trainable, total = freeze_parameters(clip, model_config.freeze, model_config.freeze_vision_layers)
+    how = f"freezing: {model_config.freeze}"
+    if model_config.lora_rank:
+        add_lora(clip, model_config)
+        trainable = sum(p.numel() for p in clip.parameters() if p.requires_grad)
+        how = f"LoRA rank {model_config.lora_rank} on {', '.join(model_config.lora_targets)} (the rest frozen)"
     if model_config.gradient_checkpointing:
         enable_gradient_checkpointing(clip)
-    logger.info(
-        f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%), "
-        f"freezing: {model_config.freeze}"
-    )
+    logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%), {how}")
     image_size = image_size_of(clip)
     pairs = build_pair_datasets(
         accelerator,
@@ -461,6 +465,8 @@ def _load_best_weights(run: Run) -> CLIPModel | None:
     if run.accelerator.is_main_process:
         best = CLIPModel.from_pretrained(run.config.output_dir, dtype=torch.float32)
         weights = ContrastiveModel.from_clip_state_dict(best.state_dict())
+        if has_lora(module.clip):  # the merged weights, in the adapted model's layout (adapters adding zero)
+            weights = lora_layout(weights, module.state_dict())
     if run.accelerator.num_processes == 1:
         module.load_state_dict(weights)
     else:
@@ -493,6 +499,21 @@ def _check_split_sizes(config: TrainConfig, num_processes: int, sizes: dict[str,
                 f"The {role} split has {sizes[role]} pairs, but recall@{max(RECALL_KS)} needs at least "
                 f"{max(RECALL_KS)}; use a larger split (or a larger --max_eval_samples)."
             )
+
+
+def _check_lora(accelerator: Accelerator, model_config: ModelConfig, config: TrainConfig) -> None:
+    if not model_config.lora_rank:
+        return
+    if accelerator.is_fsdp2 or accelerator.distributed_type.value == "DEEPSPEED":
+        raise ValueError(
+            "--lora_rank runs on one device or under DDP (the adapters are small: every process holds them whole); "
+            "launch without FSDP/DeepSpeed, e.g. --config_file accelerate_configs/multi_gpu.yaml."
+        )
+    if model_config.lora_dropout and config.accumulation == "exact" and config.gradient_accumulation_steps > 1:
+        raise ValueError(
+            "--lora_dropout with exact accumulation: each micro-batch runs twice and dropout would draw other "
+            "masks the second time, so the gradient would not be exact. Use --lora_dropout 0 or --accumulation plain."
+        )
 
 
 def _check_output_dir(config: TrainConfig) -> None:

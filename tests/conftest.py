@@ -94,3 +94,30 @@ def make_configs(demo_dir, tiny_model_config_path, tmp_path):
         return DataConfig(**split[DataConfig]), ModelConfig(**split[ModelConfig]), TrainConfig(**split[TrainConfig])
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained_dir(tmp_path_factory, demo_dir, tiny_model_config_path) -> str:
+    """A `from_pretrained` folder to fine-tune from (LoRA, WiSE-FT): a tiny model trained 2 epochs from scratch on
+    the demo catalogue, with its processor."""
+    from accelerate.state import AcceleratorState
+
+    from clip_accel.trainer import train
+
+    root = tmp_path_factory.mktemp("pretrained")
+    configs = (
+        DataConfig(data_dir=demo_dir, cache_dir=str(root / "cache")),
+        ModelConfig(scratch_config=tiny_model_config_path),
+        TrainConfig(
+            output_dir=str(root / "model"),
+            num_train_epochs=2,
+            per_device_train_batch_size=32,
+            per_device_eval_batch_size=32,
+            learning_rate=2e-3,
+            seed=0,
+            eval_initial_model=False,
+        ),
+    )
+    train(*configs)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return str(root / "model")

@@ -18,7 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_clip_config  # noqa: E402
 
 from clip_accel.checkpoint import TrainerState  # noqa: E402
+from clip_accel.config import ModelConfig  # noqa: E402
 from clip_accel.evaluation import evaluate_retrieval  # noqa: E402
+from clip_accel.lora import add_lora  # noqa: E402
 from clip_accel.loss import contrastive_loss  # noqa: E402
 from clip_accel.model import ContrastiveModel, PixelNormalizer, freeze_parameters  # noqa: E402
 from clip_accel.step import MAX_LOGIT_SCALE, StepContext, exact_step, plain_step  # noqa: E402
@@ -41,10 +43,14 @@ def stack(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
-def step_context(accelerator: Accelerator, freeze: str = "none", local_loss: bool = False) -> StepContext:
+def step_context(
+    accelerator: Accelerator, freeze: str = "none", local_loss: bool = False, lora: bool = False
+) -> StepContext:
     torch.manual_seed(0)
     clip = CLIPModel(tiny_clip_config())
     freeze_parameters(clip, freeze, vision_layers=1)
+    if lora:
+        add_lora(clip, ModelConfig(lora_rank=4, lora_alpha=8.0))
     model = ContrastiveModel(clip)
     # Plain SGD: the weights after one step are `before - lr * gradient`, so comparing them compares gradients.
     # (Adam's first step is ~lr * sign(g) and would turn rounding noise in near-zero gradients into lr-sized
@@ -57,10 +63,15 @@ def step_context(accelerator: Accelerator, freeze: str = "none", local_loss: boo
 
 
 def one_step(
-    accelerator: Accelerator, micro_batches_per_process: int, *, freeze: str = "none", local_loss: bool = False
+    accelerator: Accelerator,
+    micro_batches_per_process: int,
+    *,
+    freeze: str = "none",
+    local_loss: bool = False,
+    lora: bool = False,
 ) -> dict:
     """One optimizer step on this process's share of the same global batch of 16 pairs."""
-    context = step_context(accelerator, freeze, local_loss)
+    context = step_context(accelerator, freeze, local_loss, lora)
     before = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
     pairs = synthetic_pairs(GLOBAL_BATCH, seed=1)
     per_process = GLOBAL_BATCH // accelerator.num_processes
@@ -149,6 +160,8 @@ SCENARIOS = {
         f"freeze_{strategy}": (lambda acc, s=strategy: one_step(acc, 1, freeze=s))
         for strategy in ("none", "vision_layers", "backbones")
     },
+    "lora_step": lambda acc: one_step(acc, 1, lora=True),
+    "lora_step_exact_accumulation": lambda acc: one_step(acc, 2, lora=True),
     "evaluate": evaluate,
     "plain_accumulation_8": lambda acc: plain_accumulation(acc, 8),  # 2 full groups an epoch
     "plain_accumulation_6": lambda acc: plain_accumulation(acc, 6),  # a full group, then a short one of 2

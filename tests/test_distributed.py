@@ -56,6 +56,17 @@ def test_two_processes_times_b_equal_one_process_times_2b(measured, scenario):
     _assert_same_step(measured("step", 1), measured(scenario, 2))
 
 
+@pytest.mark.parametrize("scenario", ["lora_step", "lora_step_exact_accumulation"])
+def test_lora_on_two_processes_trains_the_adapters_as_on_one(measured, scenario):
+    one, two = measured("lora_step", 1), measured(scenario, 2)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    for name, weight in one["after"].items():
+        torch.testing.assert_close(two["after"][name], weight, rtol=1e-5, atol=1e-7, msg=name)
+    moved = {name for name, weight in two["after"].items() if not torch.equal(weight, two["before"][name])}
+    # lora_B starts at zero, so the first step moves lora_B only; nothing outside the adapters moves.
+    assert moved and moved == {name for name in two["after"] if ".lora_B." in name}
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_exact_accumulation_of_micro_batches_of_4_equals_one_batch_of_16(measured, world):
     # 1 process x 4 micro-batches of 4, and 2 processes x 2 micro-batches of 4, against 1 process x 16.

@@ -17,7 +17,21 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "clip_accel"
 LAYERS = (
     # "" is clip_accel/__init__.py (the version)
-    {"", "config", "tokenizer", "model", "loss", "metrics", "zero_shot", "plots", "results", "early_stopping", "data"},
+    {
+        "",
+        "config",
+        "tokenizer",
+        "model",
+        "loss",
+        "metrics",
+        "zero_shot",
+        "plots",
+        "results",
+        "early_stopping",
+        "data",
+        "augment",
+        "lora",
+    },
     {"step", "evaluation", "checkpoint", "launch"},
     {"trainer"},
     {"outputs", "hub", "sweep"},
