@@ -1,4 +1,4 @@
-"""Every entry point: `clip-accel train | evaluate | push | reproduce`.
+"""Every entry point: `clip-accel train | evaluate | push | reproduce | wise-ft`.
 
 `scripts/*.py`, `python -m clip_accel` and the console scripts in pyproject.toml are one-line wrappers of these
 functions. Each returns None, so a console script exits with status 0 on success (a console script hands the
@@ -17,13 +17,14 @@ import sys
 from accelerate import PartialState
 
 from .checkpoint import list_checkpoints
-from .config import DataConfig, ModelConfig, TrainConfig, parse_config
+from .config import METRIC_NAMES, DataConfig, ModelConfig, TrainConfig, parse_config
 from .evaluation import evaluate_folder
 from .hub import check_hub_access, push_output_dir, write_model_card
 from .outputs import write_outputs
 from .results import format_results_table
 from .sweep import SweepOptions, run_sweep
 from .trainer import TrainingResult, train
+from .wise_ft import WiseFtOptions, wise_ft
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> None:
     """`clip-accel COMMAND [options]`; `clip-accel COMMAND --help` lists each command's options."""
     parser = argparse.ArgumentParser(prog="clip-accel", description="Fine-tune CLIP with Accelerate and publish it.")
-    parser.add_argument("command", choices=COMMANDS, help="train, evaluate, push or reproduce")
+    parser.add_argument("command", choices=COMMANDS, help="train, evaluate, push, reproduce or wise-ft")
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the command's options")
     args = parser.parse_args(argv)
     COMMANDS[args.command](args.options)
@@ -162,6 +163,83 @@ def reproduce_main(argv: list[str] | None = None) -> None:
     run_sweep(options)
 
 
+def wise_ft_main(argv: list[str] | None = None) -> None:
+    """`clip-accel wise-ft OUTPUT [--weights 0 0.25 0.5 0.75 1] [--heldout_data_dir DIR]`"""
+    parser = argparse.ArgumentParser(
+        prog="clip-accel wise-ft",
+        description="WiSE-FT: mix a fine-tuned model's weights with its starting model's, score each mix in-domain "
+        "(and on a held-out dataset), write a table and a plot, and save the chosen mix.",
+    )
+    parser.add_argument("finetuned", help="The --output_dir of a finished `clip-accel train` run.")
+    parser.add_argument("--base", default=None, help="Starting model (default: the run's --model_name_or_path).")
+    parser.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        help="Mixing weights w in [0, 1]: (1 - w) start + w fine-tuned (default: 0 0.25 0.5 0.75 1).",
+    )
+    parser.add_argument("--output_dir", default=None, help="Default: FINETUNED/wise_ft.")
+    parser.add_argument(
+        "--save_weight", type=float, default=None, help="Save this mix (default: the best on the validation splits)."
+    )
+    metrics = [*METRIC_NAMES, "zero_shot_top1", "zero_shot_mean_per_class_recall"]
+    parser.add_argument("--metric", default="mean_R@1", choices=metrics, help="In-domain figure to choose by.")
+    parser.add_argument("--heldout_metric", default="mean_R@1", choices=metrics, help="Held-out figure to choose by.")
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=None, help="Default: the run's.")
+    parser.add_argument("--cache_dir", default=None, help="Preprocessing cache (default: the datasets cache).")
+    in_domain = parser.add_mutually_exclusive_group()
+    in_domain.add_argument("--data_dir", help="In-domain data (default: the data the run trained on).")
+    in_domain.add_argument("--dataset_name", help="In-domain data from datasets.load_dataset.")
+    in_domain.add_argument("--demo", action="store_true", help="In-domain data: the embedded demo catalogue.")
+    heldout = parser.add_mutually_exclusive_group()
+    heldout.add_argument("--heldout_data_dir", help="Held-out data in the Indo-fashion layout (general ability).")
+    heldout.add_argument("--heldout_dataset_name", help="Held-out data from datasets.load_dataset.")
+    for name in ("data_files", "image_column", "caption_column", "label_column"):
+        parser.add_argument(
+            f"--heldout_{name}", default={"image_column": "image", "caption_column": "caption"}.get(name)
+        )
+    parser.add_argument("--heldout_validation_split", default="validation")
+    parser.add_argument("--heldout_test_split", default="test")
+    args = parser.parse_args(argv)
+    if not all(0 <= weight <= 1 for weight in args.weights) or not args.weights:
+        parser.error(f"--weights must lie in [0, 1] (0: the starting model, 1: the fine-tuned one), got {args.weights}")
+    if args.save_weight is not None and args.save_weight not in args.weights:
+        parser.error(f"--save_weight {args.save_weight} is not among --weights {args.weights}: add it there.")
+    setup_logging()
+    data = None
+    if args.data_dir or args.dataset_name or args.demo:
+        data = DataConfig(
+            data_dir=args.data_dir, dataset_name=args.dataset_name, demo=args.demo, cache_dir=args.cache_dir
+        )
+    heldout = None
+    if args.heldout_data_dir or args.heldout_dataset_name:
+        heldout = DataConfig(
+            data_dir=args.heldout_data_dir,
+            dataset_name=args.heldout_dataset_name,
+            data_files=args.heldout_data_files,
+            image_column=args.heldout_image_column,
+            caption_column=args.heldout_caption_column,
+            label_column=args.heldout_label_column,
+            validation_split=args.heldout_validation_split,
+            test_split=args.heldout_test_split,
+            cache_dir=args.cache_dir,
+        )
+    options = WiseFtOptions(
+        finetuned=args.finetuned,
+        weights=tuple(sorted(set(args.weights))),
+        output_dir=args.output_dir or os.path.join(args.finetuned, "wise_ft"),
+        base=args.base,
+        data=data,
+        heldout=heldout,
+        metric=args.metric,
+        heldout_metric=args.heldout_metric,
+        save_weight=args.save_weight,
+        batch_size=args.per_device_eval_batch_size,
+    )
+    wise_ft(options)
+
+
 def _interrupted(output_dir: str, argv: list[str]) -> str:
     """One line: where an interrupted run can be resumed from, and how."""
     checkpoints = list_checkpoints(output_dir)
@@ -177,7 +255,13 @@ def _interrupted(output_dir: str, argv: list[str]) -> str:
     )
 
 
-COMMANDS = {"train": train_main, "evaluate": evaluate_main, "push": push_main, "reproduce": reproduce_main}
+COMMANDS = {
+    "train": train_main,
+    "evaluate": evaluate_main,
+    "push": push_main,
+    "reproduce": reproduce_main,
+    "wise-ft": wise_ft_main,
+}
 
 
 def setup_logging() -> None:

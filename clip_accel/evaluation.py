@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -101,6 +102,54 @@ def clip_benchmark_names(metrics: dict) -> dict[str, float]:
     return {ours_in_theirs: metrics[ours] for ours_in_theirs, ours in names.items() if ours in metrics}
 
 
+@dataclass
+class EvaluationSplit:
+    """One split ready to score: its prepared loader, and the labels and captions of its usable pairs."""
+
+    loader: DataLoader
+    labels: list[str]
+    captions: list[str]
+    prompts: Prompts
+
+
+def evaluation_splits(
+    accelerator: Accelerator, data_config: DataConfig, processor, image_size: int, batch_size: int, roles=("test",)
+) -> dict[str, EvaluationSplit]:
+    """The `roles` of `data_config` (e.g. validation, test) through the training data pipeline, for scoring any
+    model with `score`."""
+    prompts = dataset_prompts(data_config)  # a bad prompt file fails before anything is loaded
+    per_node = data_prepared_per_node(accelerator, data_config)
+    raw = load_raw_splits(accelerator, data_config, roles=roles, per_node=per_node)
+    pairs = build_pair_datasets(accelerator, data_config, raw, processor.tokenizer, image_size, per_node=per_node)
+    return {
+        role: EvaluationSplit(
+            accelerator.prepare(make_dataloader(pairs[role], batch_size, train=False)),
+            pairs[role].column("label"),
+            pairs[role].column("caption"),
+            prompts,
+        )
+        for role in roles
+    }
+
+
+def score(
+    accelerator: Accelerator, model: torch.nn.Module, processor, split: EvaluationSplit, identical_captions_match=False
+) -> dict:
+    """`evaluate_retrieval` of a (prepared) ContrastiveModel on one prepared split."""
+    normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
+    return evaluate_retrieval(
+        accelerator,
+        model,
+        split.loader,
+        normalizer.to(accelerator.device),
+        processor.tokenizer,
+        split.labels,
+        split.captions,
+        identical_captions_match,
+        split.prompts,
+    )
+
+
 def evaluate_folder(
     model_name_or_path: str,
     data_config: DataConfig,
@@ -113,30 +162,14 @@ def evaluate_folder(
     With the folder, split and batch size a training run used, this reproduces that run's eval_results.json figures;
     `batch_size` defaults to the one in the folder's training_config.json.
     """
-    prompts = dataset_prompts(data_config)  # a bad prompt file fails before anything is loaded
+    dataset_prompts(data_config)  # a bad prompt file fails before anything is loaded
     accelerator = Accelerator()
     check_processes(accelerator)
     model = ContrastiveModel(CLIPModel.from_pretrained(model_name_or_path, dtype=torch.float32))
     processor = CLIPProcessor.from_pretrained(model_name_or_path)
-    per_node = data_prepared_per_node(accelerator, data_config)
-    raw = load_raw_splits(accelerator, data_config, roles=("test",), per_node=per_node)
-    pairs = build_pair_datasets(
-        accelerator, data_config, raw, processor.tokenizer, image_size_of(model.clip), per_node=per_node
-    )
-    loader = make_dataloader(pairs["test"], batch_size or training_eval_batch_size(model_name_or_path), train=False)
-    model, loader = accelerator.prepare(model, loader)
-    normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
-    return evaluate_retrieval(
-        accelerator,
-        model,
-        loader,
-        normalizer.to(accelerator.device),
-        processor.tokenizer,
-        pairs["test"].column("label"),
-        pairs["test"].column("caption"),
-        identical_captions_match,
-        prompts,
-    )
+    batch_size = batch_size or training_eval_batch_size(model_name_or_path)
+    splits = evaluation_splits(accelerator, data_config, processor, image_size_of(model.clip), batch_size)
+    return score(accelerator, accelerator.prepare(model), processor, splits["test"], identical_captions_match)
 
 
 def dataset_prompts(data_config: DataConfig) -> Prompts:

@@ -11,7 +11,7 @@ import os
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_recall_bars", "plot_training_curves"]
+__all__ = ["plot_recall_bars", "plot_training_curves", "plot_wise_ft"]
 
 _DPI = 120
 _DIRECTIONS = (("image_to_text", "I2T"), ("text_to_image", "T2I"))
@@ -137,3 +137,36 @@ def _check_rows(rows: dict[str, dict[str, float]], keys: list[str]) -> None:
                 f"row {name!r} lacks {missing}; pass metrics from retrieval_metrics with "
                 f"ks=(1, 5, 10) (eval_results.json has them)"
             )
+
+
+def plot_wise_ft(result: dict, path: str) -> str:
+    """WiSE-FT mixes (`clip_accel.wise_ft` result): held-out vs in-domain test figure, one point per mixing weight
+    (a line from the starting model, w = 0, to the fine-tuned one, w = 1); without a held-out dataset, the in-domain
+    figure against w. The chosen mix is ringed."""
+    mixes, metric = result["mixes"], result["metric"]
+    weights = [mix["weight"] for mix in mixes]
+    in_domain = [mix["in-domain/test"][metric] for mix in mixes]
+    figure, (axis,) = _new_figure(6, 4.5)
+    if "held-out/test" in mixes[0]:
+        held_out = [mix["held-out/test"][result["heldout_metric"]] for mix in mixes]
+        axis.plot(in_domain, held_out, marker="o")
+        for weight, x, y in zip(weights, in_domain, held_out, strict=True):
+            axis.annotate(f"w={weight:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axis.set_xlabel(f"in-domain test {metric}")
+        axis.set_ylabel(f"held-out test {result['heldout_metric']}")
+        chosen = [(x, y) for w, x, y in zip(weights, in_domain, held_out, strict=True) if w == result["chosen_weight"]]
+    else:
+        axis.plot(weights, in_domain, marker="o")
+        axis.set_xlabel("mixing weight w (0: starting model, 1: fine-tuned)")
+        axis.set_ylabel(f"in-domain test {metric}")
+        chosen = [(w, y) for w, y in zip(weights, in_domain, strict=True) if w == result["chosen_weight"]]
+    for x, y in chosen:
+        axis.scatter(
+            [x], [y], s=160, facecolors="none", edgecolors="red", label=f"chosen, w={result['chosen_weight']:g}"
+        )
+    if chosen:
+        axis.legend(fontsize=8)
+    axis.set_title("WiSE-FT: weight-space mixes of the starting and fine-tuned models")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, path)

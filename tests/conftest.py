@@ -102,7 +102,7 @@ def tiny_pretrained_dir(tmp_path_factory, demo_dir, tiny_model_config_path) -> s
     the demo catalogue, with its processor."""
     from accelerate.state import AcceleratorState
 
-    from clip_accel.trainer import train
+    from clip_accel.cli import train_and_publish
 
     root = tmp_path_factory.mktemp("pretrained")
     configs = (
@@ -118,6 +118,6 @@ def tiny_pretrained_dir(tmp_path_factory, demo_dir, tiny_model_config_path) -> s
             eval_initial_model=False,
         ),
     )
-    train(*configs)
+    train_and_publish(*configs)
     AcceleratorState._reset_state(reset_partial_state=True)
     return str(root / "model")
