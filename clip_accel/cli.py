@@ -79,6 +79,11 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test", help="Split to evaluate (default: test).")
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--caption_column", default="caption")
+    parser.add_argument("--label_column", default=None, help="Class-label column, for zero-shot accuracy.")
+    parser.add_argument("--data_files", default=None, help="With --dataset_name: local folder or glob.")
+    parser.add_argument("--zero_shot_templates", default=None, help="JSON list of prompt templates ({c}).")
+    parser.add_argument("--zero_shot_class_names", default=None, help="JSON object: class label -> words.")
+    parser.add_argument("--cache_dir", default=None, help="Preprocessing cache (default: the datasets cache).")
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument(
         "--per_device_eval_batch_size",
@@ -102,6 +107,11 @@ def evaluate_main(argv: list[str] | None = None) -> None:
         demo=args.demo,
         image_column=args.image_column,
         caption_column=args.caption_column,
+        label_column=args.label_column,
+        data_files=args.data_files,
+        zero_shot_templates=args.zero_shot_templates,
+        zero_shot_class_names=args.zero_shot_class_names,
+        cache_dir=args.cache_dir,
         test_split=args.split,
         max_eval_samples=args.max_eval_samples,
     )

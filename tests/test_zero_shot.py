@@ -253,3 +253,28 @@ def test_training_evaluates_with_the_prompts_it_was_given(make_configs, tmp_path
     configs = make_configs(max_steps=1, zero_shot_templates=str(templates), zero_shot_class_names=str(names))
     train(*configs)
     assert seen and set(seen) == {(("a garment: {label}.",), (("saree", "sari"),))}
+
+
+def test_the_evaluate_command_uses_the_prompt_files_it_is_given(tiny_pretrained_dir, demo_dir, tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    from clip_accel import evaluation
+    from clip_accel.cli import evaluate_main
+
+    seen = []
+    real = evaluation.class_text_embeddings
+
+    def recording(model, tokenizer, labels, templates, device=None, class_names=None):
+        seen.append((tuple(templates), tuple(sorted((class_names or {}).items()))))
+        return real(model, tokenizer, labels, templates, device=device, class_names=class_names)
+
+    monkeypatch.setattr(evaluation, "class_text_embeddings", recording)
+    templates, names = tmp_path / "templates.json", tmp_path / "names.json"
+    templates.write_text(json.dumps(["catalogue photo of {c}."]))
+    names.write_text(json.dumps({"gowns": "gown"}))
+    argv = ["--model_name_or_path", tiny_pretrained_dir, "--data_dir", demo_dir, "--cache_dir", str(tmp_path / "c")]
+    try:
+        evaluate_main([*argv, "--zero_shot_templates", str(templates), "--zero_shot_class_names", str(names)])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen == [(("catalogue photo of {label}.",), (("gowns", "gown"),))]
