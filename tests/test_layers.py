@@ -1,7 +1,7 @@
 """The package's layers import only downwards, never in a circle, and every entry point is a wrapper of cli.
 
-library (config, data, model, loss, ...) -> step / evaluation / checkpoint -> trainer -> outputs / hub / sweep
--> cli. Read from the source (every import statement, those inside functions too), so a lazy import that
+library (config, data, model, loss, ...) -> step / evaluation / checkpoint -> trainer -> outputs / hub / sweep /
+wise_ft -> cli. Read from the source (every import statement, those inside functions too), so a lazy import that
 points upwards fails here as well.
 """
 
