@@ -35,7 +35,8 @@ class Augmenter:
 
     def __call__(self, micro_batches: list[dict[str, torch.Tensor]], step: int, process: int) -> list[dict]:
         """The step's micro-batches with `pixel_values` (B, S', S', 3) uint8 replaced by augmented (B, S, S, 3)
-        float32 pixels in [0, 255] (what `PixelNormalizer` takes), drawn for optimizer step `step` on `process`."""
+        uint8 pixels (what the cache holds without augmentation: no more device memory per step), drawn for
+        optimizer step `step` on `process`."""
         sizes = [batch["pixel_values"].shape[0] for batch in micro_batches]
         thetas = self.crop_transforms(sum(sizes), step, process)
         out, start = [], 0
@@ -67,9 +68,9 @@ class Augmenter:
         return torch.from_numpy(theta)
 
     def crop(self, pixels: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, S', S', 3) -> float32 (B, S, S, 3): each image cropped by its `theta` and resized bicubically
-        (clamped to [0, 255], as resizing an image does)."""
+        """uint8 (B, S', S', 3) -> uint8 (B, S, S, 3): each image cropped by its `theta` and resized bicubically,
+        rounded and clamped to [0, 255] as resizing an image does (torchvision's RandomResizedCrop on uint8)."""
         images = pixels.permute(0, 3, 1, 2).float()
         grid = F.affine_grid(theta, [len(images), 3, self.image_size, self.image_size], align_corners=False)
         images = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
-        return images.clamp_(0, 255).permute(0, 2, 3, 1)
+        return images.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

@@ -148,6 +148,19 @@ def load_from_main_process(module: torch.nn.Module, weights: dict[str, torch.Ten
                 tensor.copy_(whole)
 
 
+def _replace(source: str, target: str) -> None:
+    """Move `source` onto `target`; a folder (the adapter) is swapped whole: the old one is moved aside first, so a
+    crash leaves the old folder or the new one readable, never neither."""
+    if not os.path.isdir(target):
+        os.replace(source, target)
+        return
+    aside = f"{target}.old"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(target, aside)
+    os.replace(source, target)
+    shutil.rmtree(aside)
+
+
 def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, output_dir: str) -> None:
     """save_pretrained (safetensors) + processor into output_dir. Written to a temporary folder first and moved
     into place file by file, so a crash mid-save leaves the previous best model readable."""
@@ -165,9 +178,8 @@ def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, outp
         clip.save_pretrained(staging, state_dict=state_dict)
         processor.save_pretrained(staging)
         for name in os.listdir(staging):
-            target = os.path.join(output_dir, name)
-            if os.path.isdir(target):  # a folder (the adapter) is replaced whole
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
+            _replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        if not has_lora(clip):  # an earlier LoRA run's adapter in this folder would not belong to this model
+            shutil.rmtree(os.path.join(output_dir, ADAPTER_DIR), ignore_errors=True)
         os.rmdir(staging)
     accelerator.wait_for_everyone()

@@ -246,6 +246,7 @@ def wise_ft_main(argv: list[str] | None = None) -> None:
         heldout_metric=args.heldout_metric,
         save_weight=args.save_weight,
         batch_size=args.per_device_eval_batch_size,
+        cache_dir=args.cache_dir,
     )
     wise_ft(options)
 

@@ -158,7 +158,9 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     scheduler = build_scheduler(optimizer, config, total_steps)
     _log_startup(accelerator, config, total_steps, pairs)
     resolved_config = config_to_dict(data_config, model_config, config)
-    accelerator.init_trackers("clip_accel", config={k: str(v) if v is None else v for k, v in resolved_config.items()})
+    # Trackers take numbers, strings and booleans as hyperparameters: None and lists (--augment_scale) as text.
+    tracked = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in resolved_config.items()}
+    accelerator.init_trackers("clip_accel", config=tracked)
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
     step_context = StepContext(
         accelerator=accelerator,
@@ -318,6 +320,7 @@ def _load_model_and_data(
     if model_config.lora_rank:
         add_lora(clip, model_config)
         trainable = sum(p.numel() for p in clip.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in clip.parameters())
         how = f"LoRA rank {model_config.lora_rank} on {', '.join(model_config.lora_targets)} (the rest frozen)"
     if model_config.gradient_checkpointing:
         enable_gradient_checkpointing(clip)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from accelerate import Accelerator
@@ -42,6 +42,7 @@ class WiseFtOptions:
     heldout_metric: str = "mean_R@1"
     save_weight: float | None = None
     batch_size: int | None = None
+    cache_dir: str | None = None  # the preprocessing cache for every split (default: the data's own setting)
 
 
 def mix_state_dicts(start: dict, finetuned: dict, weight: float) -> dict[str, torch.Tensor]:
@@ -88,11 +89,15 @@ def starting_model(options: WiseFtOptions, trained_with: dict) -> str:
 
 
 def run_data(options: WiseFtOptions, trained_with: dict) -> DataConfig:
-    if options.data is not None:
-        return options.data
-    if not trained_with:
-        raise ValueError(f"{options.finetuned} has no training_config.json: name its data with --data_dir or --demo.")
-    return DataConfig(**{f.name: trained_with[f.name] for f in fields(DataConfig) if f.name in trained_with})
+    """The in-domain data: as given, else the run's own (training_config.json); `cache_dir` applied to it."""
+    data = options.data
+    if data is None:
+        if not trained_with:
+            raise ValueError(
+                f"{options.finetuned} has no training_config.json: name its data with --data_dir or --demo."
+            )
+        data = DataConfig(**{f.name: trained_with[f.name] for f in fields(DataConfig) if f.name in trained_with})
+    return replace(data, cache_dir=options.cache_dir) if options.cache_dir else data
 
 
 def wise_ft(options: WiseFtOptions) -> dict:
@@ -102,6 +107,8 @@ def wise_ft(options: WiseFtOptions) -> dict:
     data = run_data(options, trained_with)
     accelerator = Accelerator()
     check_processes(accelerator)
+    if accelerator.is_fsdp2 or accelerator.distributed_type.value == "DEEPSPEED":
+        raise ValueError("wise-ft loads whole weights into every process: launch it on one process or under DDP.")
     finetuned = CLIPModel.from_pretrained(options.finetuned, dtype=torch.float32)
     start = CLIPModel.from_pretrained(base, dtype=torch.float32).state_dict()
     # Copies: the state dict's tensors share the model's storage, which every mix is loaded into.
@@ -113,7 +120,15 @@ def wise_ft(options: WiseFtOptions) -> dict:
     roles = ("validation", "test")
     sources = {"in-domain": evaluation_splits(accelerator, data, processor, image_size, batch_size, roles)}
     if options.heldout is not None:
-        sources["held-out"] = evaluation_splits(accelerator, options.heldout, processor, image_size, batch_size, roles)
+        heldout = replace(options.heldout, cache_dir=options.cache_dir) if options.cache_dir else options.heldout
+        sources["held-out"] = evaluation_splits(accelerator, heldout, processor, image_size, batch_size, roles)
+    for source, metric in (("in-domain", options.metric), ("held-out", options.heldout_metric)):
+        splits = sources.get(source, {})
+        if metric.startswith("zero_shot") and any(len(set(split.labels) - {""}) < 2 for split in splits.values()):
+            raise ValueError(
+                f"The {source} data has no class labels (2 or more) to score {metric} with: choose a recall metric, "
+                "or give the data a label column."
+            )
     model = accelerator.prepare(ContrastiveModel(finetuned))
     mixes = []
     for weight in options.weights:

@@ -118,6 +118,8 @@ def tiny_pretrained_dir(tmp_path_factory, demo_dir, tiny_model_config_path) -> s
             eval_initial_model=False,
         ),
     )
-    train_and_publish(*configs)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        train_and_publish(*configs)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     return str(root / "model")

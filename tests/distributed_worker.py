@@ -51,6 +51,9 @@ def step_context(
     freeze_parameters(clip, freeze, vision_layers=1)
     if lora:
         add_lora(clip, ModelConfig(lora_rank=4, lora_alpha=8.0))
+        for name, parameter in clip.named_parameters():  # lora_B starts at 0, which leaves lora_A no gradient
+            if ".lora_B." in name:
+                torch.nn.init.normal_(parameter, std=0.05)
     model = ContrastiveModel(clip)
     # Plain SGD: the weights after one step are `before - lr * gradient`, so comparing them compares gradients.
     # (Adam's first step is ~lr * sign(g) and would turn rounding noise in near-zero gradients into lr-sized

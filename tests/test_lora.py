@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,8 +22,10 @@ LORA = {"lora_rank": 4, "lora_alpha": 8.0, "learning_rate": 1e-2, "eval_initial_
 
 @pytest.fixture(scope="module")
 def lora_run(make_configs_module):
-    # Exact accumulation over 2 micro-batches, as the issue asks LoRA to work with.
-    configs = make_configs_module(**LORA, num_train_epochs=2, gradient_accumulation_steps=2)
+    # Exact accumulation over 2 micro-batches, as the issue asks LoRA to work with. No later evaluation counts as an
+    # improvement (min_delta 1), so the best model is epoch 1's and the final figures must come from reloading it.
+    options = {"num_train_epochs": 2, "gradient_accumulation_steps": 2, "early_stopping_min_delta": 1.0}
+    configs = make_configs_module(**LORA, **options)
     try:
         return configs, train(*configs)
     finally:
@@ -94,6 +97,7 @@ def test_merged_folder_embeds_exactly_as_the_starting_model_plus_the_adapter(lor
 
 def test_final_figures_are_those_of_the_merged_folder(lora_run):
     configs, result = lora_run
+    assert result.metrics["training"]["best_step"] < result.metrics["training"]["optimizer_steps"]
     again = evaluate_folder(configs[2].output_dir, configs[0])
     for key in ("image_to_text_R@1", "text_to_image_R@5", "zero_shot_top1"):
         assert again[key] == pytest.approx(result.metrics["test"][key], abs=1e-9), key
@@ -150,3 +154,18 @@ def test_lora_with_freezing_or_from_scratch_fails_at_start_up():
         ModelConfig(lora_rank=4, freeze="backbones")
     with pytest.raises(ValueError, match="adapts a pretrained model"):
         ModelConfig(lora_rank=4, scratch_config="clip-tiny")
+
+
+def test_a_full_run_into_a_lora_runs_folder_leaves_no_stale_adapter(lora_run, make_configs_module, tmp_path):
+    import shutil
+
+    configs, _ = lora_run
+    reused = tmp_path / "reused"
+    shutil.copytree(configs[2].output_dir, reused, ignore=shutil.ignore_patterns("checkpoints"))
+    full = make_configs_module(max_steps=1, eval_initial_model=False, overwrite_output_dir=True)
+    try:
+        train(full[0], full[1], replace(full[2], output_dir=str(reused)))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert not (reused / "adapter").exists()
+    assert not any(name.startswith("adapter") for name in _files_to_push(str(reused)))
