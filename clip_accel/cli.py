@@ -1,4 +1,4 @@
-"""Every entry point: `clip-accel train | evaluate | push | reproduce | wise-ft`.
+"""Every entry point: `clip-accel train | evaluate | push | reproduce | wise-ft | embed | search`.
 
 `scripts/*.py`, `python -m clip_accel` and the console scripts in pyproject.toml are one-line wrappers of these
 functions. Each returns None, so a console script exits with status 0 on success (a console script hands the
@@ -18,10 +18,12 @@ from accelerate import PartialState
 
 from .checkpoint import list_checkpoints
 from .config import METRIC_NAMES, DataConfig, ModelConfig, TrainConfig, parse_config
+from .embedding import check_output_file, embed, load_embeddings, save_embeddings
 from .evaluation import evaluate_folder
 from .hub import check_hub_access, push_output_dir, write_model_card
 from .outputs import write_outputs
 from .results import format_results_table
+from .search import QueryEncoder, contact_sheet, format_hits, search
 from .sweep import SweepOptions, run_sweep
 from .trainer import TrainingResult, train
 from .wise_ft import WiseFtOptions, wise_ft
@@ -32,7 +34,7 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> None:
     """`clip-accel COMMAND [options]`; `clip-accel COMMAND --help` lists each command's options."""
     parser = argparse.ArgumentParser(prog="clip-accel", description="Fine-tune CLIP with Accelerate and publish it.")
-    parser.add_argument("command", choices=COMMANDS, help="train, evaluate, push, reproduce or wise-ft")
+    parser.add_argument("command", choices=COMMANDS, help="train, evaluate, push, reproduce, wise-ft, embed or search")
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the command's options")
     args = parser.parse_args(argv)
     COMMANDS[args.command](args.options)
@@ -251,6 +253,104 @@ def wise_ft_main(argv: list[str] | None = None) -> None:
     wise_ft(options)
 
 
+def embed_main(argv: list[str] | None = None) -> None:
+    """`clip-accel embed --model_name_or_path OUTPUT --data_dir DIR --split test --output_file emb.parquet`"""
+    parser = argparse.ArgumentParser(
+        prog="clip-accel embed",
+        description="Embed a split (or a folder of images) with a trained folder or Hub id, into a .parquet or "
+        ".safetensors file with row ids; runs on every process of an accelerate launch.",
+    )
+    parser.add_argument("--model_name_or_path", required=True, help="Folder from save_pretrained or a Hub id.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data_dir", help="Folder in the Indo-fashion layout.")
+    source.add_argument("--dataset_name", help="Any dataset datasets.load_dataset accepts.")
+    source.add_argument("--demo", action="store_true", help="The embedded demo catalogue.")
+    source.add_argument("--image_folder", help="A folder of image files (no captions): image embeddings only.")
+    parser.add_argument("--split", default="test", help="Split to embed (default: test).")
+    parser.add_argument("--data_files", default=None, help="With --dataset_name: local folder or glob.")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--caption_column", default="caption")
+    parser.add_argument("--label_column", default=None)
+    parser.add_argument("--cache_dir", default=None, help="Preprocessing cache (default: the datasets cache).")
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=None, help="Default: the run's, else 128.")
+    parser.add_argument("--output_file", required=True, help="Where to write: NAME.parquet or NAME.safetensors.")
+    args = parser.parse_args(argv)
+    check_output_file(args.output_file)
+    setup_logging()
+    data = None
+    if args.image_folder is None:
+        data = DataConfig(
+            data_dir=args.data_dir,
+            dataset_name=args.dataset_name,
+            demo=args.demo,
+            data_files=args.data_files,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            label_column=args.label_column,
+        )
+    elif not os.path.isdir(args.image_folder):
+        parser.error(f"--image_folder {args.image_folder!r} is not a folder.")
+    embeddings = embed(
+        args.model_name_or_path,
+        data,
+        args.split,
+        image_folder=args.image_folder,
+        cache_dir=args.cache_dir,
+        batch_size=args.per_device_eval_batch_size,
+    )
+    if PartialState().is_main_process:
+        save_embeddings(embeddings, args.output_file)
+        dims = tuple(embeddings.image_embeds.shape)
+        logger.info(f"Wrote {len(embeddings)} rows ({dims[1]}-dimensional embeddings) to {args.output_file}.")
+
+
+def search_main(argv: list[str] | None = None) -> None:
+    """`clip-accel search emb.parquet --text "red silk saree" [--image query.jpg] [--top_k 5]`"""
+    parser = argparse.ArgumentParser(
+        prog="clip-accel search",
+        description="Top K rows of an embeddings file (clip-accel embed) for text or image queries, by cosine "
+        "similarity, brute force on the device (exact; fine up to a few million rows).",
+    )
+    parser.add_argument("embeddings", help="A file written by `clip-accel embed`.")
+    parser.add_argument("--text", action="append", default=[], help="A text query (repeat for more).")
+    parser.add_argument("--image", action="append", default=[], help="An image file as the query (repeat).")
+    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument(
+        "--against",
+        choices=("image", "text"),
+        default="image",
+        help="Search the rows' image embeddings (default) or their caption embeddings.",
+    )
+    parser.add_argument("--model_name_or_path", default=None, help="Default: the model the file was embedded with.")
+    parser.add_argument("--contact_sheet", default=None, help="Also draw the hits into this PNG.")
+    parser.add_argument("--output_file", default=None, help="Also write the hits here as JSON.")
+    args = parser.parse_args(argv)
+    if not args.text and not args.image:
+        parser.error("give at least one query: --text '...' or --image FILE")
+    if args.top_k < 1:
+        parser.error(f"--top_k must be at least 1, got {args.top_k}")
+    setup_logging()
+    embeddings = load_embeddings(args.embeddings)
+    model = args.model_name_or_path or embeddings.model
+    if not model:
+        parser.error(f"{args.embeddings} does not name its model: pass --model_name_or_path")
+    encoder = QueryEncoder(model)
+    results = []
+    if args.text:
+        hits = search(embeddings, encoder.texts(args.text), args.top_k, args.against)
+        results += list(zip(args.text, hits, strict=True))
+    if args.image:
+        hits = search(embeddings, encoder.images(args.image), args.top_k, args.against)
+        results += list(zip(args.image, hits, strict=True))
+    print("\n\n".join(format_hits(query, hits) for query, hits in results))
+    if args.contact_sheet:
+        contact_sheet(results, args.contact_sheet)
+        logger.info(f"Contact sheet: {args.contact_sheet}")
+    if args.output_file:
+        with open(args.output_file, "w") as handle:
+            json.dump([{"query": q, "hits": [vars(hit) for hit in hits]} for q, hits in results], handle, indent=2)
+
+
 def _interrupted(output_dir: str, argv: list[str]) -> str:
     """One line: where an interrupted run can be resumed from, and how."""
     checkpoints = list_checkpoints(output_dir)
@@ -272,6 +372,8 @@ COMMANDS = {
     "push": push_main,
     "reproduce": reproduce_main,
     "wise-ft": wise_ft_main,
+    "embed": embed_main,
+    "search": search_main,
 }
 
 

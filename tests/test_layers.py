@@ -34,7 +34,7 @@ LAYERS = (
     },
     {"step", "evaluation", "checkpoint", "launch"},
     {"trainer"},
-    {"outputs", "hub", "sweep", "wise_ft"},
+    {"outputs", "hub", "sweep", "wise_ft", "embedding", "search"},
     {"cli", "__main__"},
 )
 # Below the trainer nothing may know the Hub exists (huggingface_hub is for hub.py alone).

@@ -13,7 +13,7 @@ from ..config import DataConfig
 from .demo import write_demo_dataset
 from .loader import PairDataset, make_dataloader, prefetched
 from .preprocess import preprocess_split
-from .sources import RawSplit, data_source_dir, load_raw_split
+from .sources import RawSplit, data_source_dir, load_raw_split, read_image_folder
 
 __all__ = [
     "PairDataset",
@@ -23,6 +23,7 @@ __all__ = [
     "load_raw_splits",
     "make_dataloader",
     "prefetched",
+    "read_image_folder",
     "skipped_rows",
     "write_skip_report",
 ]
@@ -65,6 +66,7 @@ def build_pair_datasets(
     *,
     train_image_size: int | None = None,
     per_node: bool = False,
+    require_captions: bool = True,
 ) -> dict[str, PairDataset]:
     """Preprocess (or reuse the cache of) each split, at `image_size` (the training split at `train_image_size`
     when given: larger, for augmentation's random crops). The main process goes first so the others only read;
@@ -76,7 +78,15 @@ def build_pair_datasets(
             # Evaluation splits get CLIPProcessor's exact pixels; training keeps the faster JPEG decode.
             train = role == "train"
             size = (train_image_size or image_size) if train else image_size
-            cached = preprocess_split(raw, tokenizer, size, cache_dir, config.preprocessing_num_workers, draft=train)
+            cached = preprocess_split(
+                raw,
+                tokenizer,
+                size,
+                cache_dir,
+                config.preprocessing_num_workers,
+                draft=train,
+                require_captions=require_captions,
+            )
         pairs[role] = PairDataset(cached, tokenizer.pad_token_id)
         if len(pairs[role]) == 0:
             raise ValueError(

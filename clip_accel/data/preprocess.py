@@ -95,16 +95,19 @@ class PairPreprocessor:
     """Batched `datasets.map` function: raw rows -> cached rows. A bad row is kept with a `skip_reason`
     (and blank pixels) instead of failing the whole pass; the loader leaves such rows out and reports them."""
 
-    def __init__(self, tokenizer, image_size: int, max_length: int, draft: bool = True) -> None:
+    def __init__(
+        self, tokenizer, image_size: int, max_length: int, draft: bool = True, require_captions: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.max_length = max_length
         self.draft = draft
+        self.require_captions = require_captions  # False: images alone (an image folder to embed)
 
     def __call__(self, batch: dict) -> dict:
         pixels, reasons = [], []
         for image, caption, label in zip(batch["image"], batch["caption"], batch["label"], strict=True):
-            reason = "" if caption and caption.strip() else "empty caption"
+            reason = "" if not self.require_captions or (caption and caption.strip()) else "empty caption"
             if not reason and label is not None and not label.strip():  # None: the source has no labels
                 reason = "empty class label"
             array = None
@@ -139,10 +142,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def preprocess_split(
-    raw: RawSplit, tokenizer, image_size: int, cache_dir: str, num_proc: int = 1, *, draft: bool = True
+    raw: RawSplit,
+    tokenizer,
+    image_size: int,
+    cache_dir: str,
+    num_proc: int = 1,
+    *,
+    draft: bool = True,
+    require_captions: bool = True,
 ) -> datasets.Dataset:
     """Decode and tokenize one split through `datasets.map`, reusing the cache when nothing changed. `draft`: the
-    fast JPEG decode (training), or the exact `CLIPProcessor` pixels (evaluation splits)."""
+    fast JPEG decode (training), or the exact `CLIPProcessor` pixels (evaluation splits). Without
+    `require_captions` an empty caption is not a reason to skip the row (images to embed)."""
     max_length = min(tokenizer.model_max_length, MAX_TEXT_TOKENS)
     fingerprint = hashlib.sha256(
         json.dumps(
@@ -153,12 +164,13 @@ def preprocess_split(
                 max_length,
                 tokenizer_fingerprint(tokenizer),
                 draft,
+                *([] if require_captions else ["captions optional"]),
             ]
         ).encode()
     ).hexdigest()[:32]
     os.makedirs(cache_dir, exist_ok=True)
     return raw.dataset.map(
-        PairPreprocessor(tokenizer, image_size, max_length, draft),
+        PairPreprocessor(tokenizer, image_size, max_length, draft, require_captions),
         batched=True,
         batch_size=64,
         num_proc=num_proc if num_proc > 1 and len(raw.dataset) >= 2 * num_proc else None,

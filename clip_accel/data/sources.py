@@ -150,6 +150,25 @@ def _parse_line(line: str, path: str, line_number: int) -> dict:
     return record
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def read_image_folder(folder: str) -> RawSplit:
+    """Every image file under `folder` (recursively, in sorted order) as a split without captions or labels
+    (`caption` empty: preprocess it with `require_captions=False`); `source_row` is the file's position."""
+    paths = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name.lower().endswith(IMAGE_SUFFIXES)
+    )
+    if not paths:
+        raise ValueError(f"{folder!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+    rows = {"image": paths, "caption": [""] * len(paths), "label": [None] * len(paths)}
+    dataset = datasets.Dataset.from_dict({**rows, "source_row": list(range(len(paths)))}, features=RAW_FEATURES)
+    return RawSplit("images", dataset, _hash("image-folder", _image_files_signature(paths)), folder)
+
+
 def _image_files_signature(paths: list[str]) -> str:
     """Size and modification time of every image, so a fixed or replaced image file invalidates the cache."""
     digest = hashlib.sha256()

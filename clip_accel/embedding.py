@@ -1,0 +1,210 @@
+"""`clip-accel embed`: a split (Indo-fashion layout or any `datasets` source) or a folder of images, through a
+trained folder or a Hub id, to an embeddings file with row ids; read back by `clip-accel search`.
+
+Splits go through the training pipeline (the preprocessing cache, evaluation's exact `CLIPProcessor` pixels), so
+the vectors are those evaluation scored. Every process embeds its share; the rows are gathered in split order
+and the main process writes the file. Two formats, chosen by the file's extension:
+
+- `.parquet`: one row per item: `id`, `image` (path, when the image is a file), `caption`, `label`,
+  `image_embedding` and `text_embedding` (float32 lists, L2-normalised; no text column for an image folder);
+- `.safetensors`: `image_embeds` (N, D) and `text_embeds` (N, D) tensors, the row fields as JSON in the metadata.
+Both record the model they came from, so a search embeds its queries with the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPModel, CLIPProcessor
+
+from .config import DataConfig
+from .data import build_pair_datasets, load_raw_splits, make_dataloader, read_image_folder
+from .data.sources import data_source_dir
+from .evaluation import training_eval_batch_size
+from .launch import check_processes, data_prepared_per_node
+from .model import ContrastiveModel, PixelNormalizer, image_size_of, unwrap
+
+logger = logging.getLogger(__name__)
+FORMATS = (".parquet", ".safetensors")
+
+
+@dataclass
+class Embeddings:
+    """What an embeddings file holds: per row an id, its image path (or None), caption and label (or None), and
+    the L2-normalised image (and, with captions, text) embeddings, on the CPU."""
+
+    ids: list[str]
+    images: list[str | None]
+    captions: list[str | None]
+    labels: list[str | None]
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor | None
+    model: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def check_output_file(path: str) -> None:
+    if not path.endswith(FORMATS):
+        raise ValueError(f"--output_file {path!r}: name it *.parquet or *.safetensors (the format follows the name).")
+
+
+def embed(
+    model_name_or_path: str,
+    data_config: DataConfig | None = None,
+    split: str = "test",
+    *,
+    image_folder: str | None = None,
+    cache_dir: str | None = None,
+    batch_size: int | None = None,
+) -> Embeddings:
+    """Every usable row of `split` of `data_config`, or every image under `image_folder`, through the model; rows
+    that do not preprocess (unreadable images, empty captions) are left out and counted in the log."""
+    accelerator, model, processor = _load(model_name_or_path)
+    if image_folder is not None:
+        config = DataConfig(data_dir=image_folder, cache_dir=cache_dir)
+        with accelerator.main_process_first():
+            raw = {"test": read_image_folder(image_folder)}
+    else:
+        config = replace(data_config, test_split=split, **({"cache_dir": cache_dir} if cache_dir else {}))
+        raw = load_raw_splits(
+            accelerator, config, roles=("test",), per_node=data_prepared_per_node(accelerator, config)
+        )
+    image_size = image_size_of(unwrap(accelerator, model).clip)
+    pairs = build_pair_datasets(
+        accelerator,
+        config,
+        raw,
+        processor.tokenizer,
+        image_size,
+        per_node=data_prepared_per_node(accelerator, config),
+        require_captions=image_folder is None,
+    )["test"]
+    skipped = pairs.skipped_rows()
+    if skipped and accelerator.is_main_process:
+        first = raw["test"].describe_row(skipped[0]["source_row"])
+        logger.warning(f"{len(skipped)} rows left out (first: {first}: {skipped[0]['reason']}).")
+    loader = make_dataloader(pairs, batch_size or training_eval_batch_size(model_name_or_path), train=False)
+    with_text = image_folder is None
+    image_embeds, text_embeds = _embed(accelerator, model, processor, accelerator.prepare(loader), with_text)
+    paths = raw["test"].dataset["image"]
+    images = [paths[row] if isinstance(paths[row], str) else None for row in pairs.rows]
+    # Ids: the image's path inside the folder read (Indo-fashion's image_path), else the split and row.
+    folder = image_folder or data_source_dir(config)
+    rows = pairs.column("source_row")
+    ids = [
+        os.path.relpath(image, folder) if image and folder else image or f"{split}/{row}"
+        for image, row in zip(images, rows, strict=True)
+    ]
+    if image_folder is not None:
+        captions = labels = [None] * len(ids)
+    else:
+        captions, labels = pairs.column("caption"), [label or None for label in pairs.column("label")]
+    return Embeddings(ids, images, captions, labels, image_embeds, text_embeds, model_name_or_path)
+
+
+def _load(model_name_or_path: str):
+    accelerator = Accelerator()
+    check_processes(accelerator)
+    model = ContrastiveModel(CLIPModel.from_pretrained(model_name_or_path, dtype=torch.float32))
+    processor = CLIPProcessor.from_pretrained(model_name_or_path)
+    return accelerator, accelerator.prepare(model), processor
+
+
+def _embed(accelerator: Accelerator, model, processor, loader, with_text: bool):
+    """(image, text or None) L2-normalised embeddings of every row, gathered in loader order, on the CPU."""
+    normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
+    normalizer = normalizer.to(accelerator.device)
+    module = unwrap(accelerator, model).eval()
+    image_parts, text_parts = [], []
+    hidden = {} if accelerator.is_local_main_process else {"disable": True}
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="Embedding", **hidden):
+            input_ids = batch.get("input_ids") if with_text else None
+            with accelerator.autocast():
+                image, text, _ = module(pixel_values=normalizer(batch["pixel_values"]), input_ids=input_ids)
+            gathered = accelerator.gather_for_metrics((image, text) if with_text else image)
+            image, text = gathered if with_text else (gathered, None)
+            image_parts.append(image.cpu())
+            if text is not None:
+                text_parts.append(text.cpu())
+    return torch.cat(image_parts), torch.cat(text_parts) if text_parts else None
+
+
+def save_embeddings(embeddings: Embeddings, path: str) -> None:
+    """Write `embeddings` to `path` (.parquet or .safetensors), atomically (a temporary file renamed into place)."""
+    check_output_file(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    staging = f"{path}.partial"
+    if path.endswith(".parquet"):
+        columns = {
+            "id": embeddings.ids,
+            "image": embeddings.images,
+            "caption": embeddings.captions,
+            "label": embeddings.labels,
+            "image_embedding": list(embeddings.image_embeds.float().numpy()),
+        }
+        if embeddings.text_embeds is not None:
+            columns["text_embedding"] = list(embeddings.text_embeds.float().numpy())
+        table = pa.table(columns).replace_schema_metadata({"clip_accel_model": embeddings.model})
+        pq.write_table(table, staging)
+    else:
+        tensors = {"image_embeds": embeddings.image_embeds.float().contiguous()}
+        if embeddings.text_embeds is not None:
+            tensors["text_embeds"] = embeddings.text_embeds.float().contiguous()
+        rows = {"ids": embeddings.ids, "images": embeddings.images, "captions": embeddings.captions}
+        metadata = {"clip_accel_model": embeddings.model, "rows": json.dumps({**rows, "labels": embeddings.labels})}
+        save_file(tensors, staging, metadata=metadata)
+    os.replace(staging, path)
+
+
+def load_embeddings(path: str) -> Embeddings:
+    """Read a file `save_embeddings` wrote."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: write it first with `clip-accel embed ... --output_file {path}`.")
+    check_output_file(path)
+    if path.endswith(".parquet"):
+        table = pq.read_table(path)
+        model = (table.schema.metadata or {}).get(b"clip_accel_model", b"").decode()
+
+        def matrix(name: str) -> torch.Tensor | None:
+            if name not in table.column_names:
+                return None
+            return torch.from_numpy(np.stack(table.column(name).to_numpy(zero_copy_only=False)).astype(np.float32))
+
+        columns = table.to_pydict()
+        return Embeddings(
+            columns["id"],
+            columns["image"],
+            columns["caption"],
+            columns["label"],
+            matrix("image_embedding"),
+            matrix("text_embedding"),
+            model,
+        )
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata() or {}
+    tensors = load_file(path)
+    rows = json.loads(metadata.get("rows", "{}"))
+    return Embeddings(
+        rows["ids"],
+        rows["images"],
+        rows["captions"],
+        rows["labels"],
+        tensors["image_embeds"],
+        tensors.get("text_embeds"),
+        metadata.get("clip_accel_model", ""),
+    )

@@ -1,0 +1,139 @@
+"""clip-accel embed and search: a split or an image folder to an embeddings file; text/image queries against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from launching import CPU_ENV, TORCHRUN_2
+from PIL import Image
+from transformers import CLIPModel, CLIPProcessor
+
+from clip_accel.cli import embed_main, search_main
+from clip_accel.embedding import load_embeddings
+from clip_accel.search import QueryEncoder, search, top_k
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _embed(argv):
+    try:
+        embed_main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, tiny_pretrained_dir, demo_dir):
+    """The demo test split embedded with the tiny trained model, in both formats."""
+    root = tmp_path_factory.mktemp("embed")
+    common = ["--model_name_or_path", tiny_pretrained_dir, "--data_dir", demo_dir, "--cache_dir", str(root / "cache")]
+    for name in ("emb.parquet", "emb.safetensors"):
+        _embed([*common, "--split", "test", "--output_file", str(root / name)])
+    return root
+
+
+def test_both_formats_hold_the_same_rows_ids_and_vectors(embedded, demo_dir):
+    parquet, safetensors = (
+        load_embeddings(str(embedded / "emb.parquet")),
+        load_embeddings(str(embedded / "emb.safetensors")),
+    )
+    assert len(parquet) == 45 and parquet.ids[0] == "images/test/0.jpeg"
+    assert parquet.ids == safetensors.ids and parquet.captions == safetensors.captions
+    assert parquet.labels == safetensors.labels and None not in parquet.labels
+    assert torch.equal(parquet.image_embeds, safetensors.image_embeds)
+    assert torch.equal(parquet.text_embeds, safetensors.text_embeds)
+    with open(os.path.join(demo_dir, "test_data.json")) as handle:
+        rows = [json.loads(line) for line in handle]
+    assert parquet.captions == [row["product_title"] for row in rows]
+
+
+def test_the_vectors_are_what_from_pretrained_and_the_processor_give(embedded, tiny_pretrained_dir, demo_dir):
+    stored = load_embeddings(str(embedded / "emb.parquet"))
+    model, processor = (
+        CLIPModel.from_pretrained(tiny_pretrained_dir),
+        CLIPProcessor.from_pretrained(tiny_pretrained_dir),
+    )
+    images = [Image.open(os.path.join(demo_dir, path)) for path in stored.ids[:6]]
+    inputs = processor(text=stored.captions[:6], images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    torch.testing.assert_close(stored.image_embeds[:6], out.image_embeds, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stored.text_embeds[:6], out.text_embeds, rtol=1e-4, atol=1e-5)
+
+
+def test_each_caption_finds_its_own_image_in_the_top_5_at_the_rate_r_at_5_says(embedded, tiny_pretrained_dir):
+    stored = load_embeddings(str(embedded / "emb.parquet"))
+    queries = QueryEncoder(tiny_pretrained_dir).texts(stored.captions)
+    torch.testing.assert_close(queries, stored.text_embeds, rtol=1e-4, atol=1e-5)
+    hits = search(stored, queries, k=5)
+    found = sum(row in [hit.row for hit in row_hits] for row, row_hits in enumerate(hits)) / len(stored)
+    with open(os.path.join(tiny_pretrained_dir, "eval_results.json")) as handle:
+        recall = json.load(handle)["test"]["text_to_image_R@5"]
+    assert 0 < recall < 1 and found == pytest.approx(recall, abs=1 / len(stored) + 1e-9)
+
+
+def test_chunked_top_k_is_the_exact_top_k():
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.nn.functional.normalize(torch.randn(1000, 16, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(7, 16, generator=generator), dim=1)
+    scores, index = top_k(rows, queries, 10, chunk_rows=64)
+    expected_scores, expected_index = (queries @ rows.T).topk(10, dim=1)
+    assert torch.equal(index, expected_index) and torch.allclose(scores, expected_scores)
+
+
+def test_search_command_prints_hits_and_draws_a_contact_sheet(embedded, demo_dir, capsys):
+    image = os.path.join(demo_dir, "images", "test", "3.jpeg")
+    sheet, found = embedded / "sheet.png", embedded / "hits.json"
+    argv = [str(embedded / "emb.parquet"), "--text", "red saree", "--image", image, "--top_k", "3"]
+    search_main([*argv, "--contact_sheet", str(sheet), "--output_file", str(found)])
+    printed = capsys.readouterr().out
+    assert "query: red saree" in printed and len(re.findall(r"^ +\d\. \d\.\d{4}  images/test/", printed, re.M)) == 6
+    results = json.loads(found.read_text())
+    assert results[1]["hits"][0]["id"] == "images/test/3.jpeg"  # an image finds itself first
+    with Image.open(sheet) as drawn:
+        assert drawn.size[1] > 2 * 128
+
+
+def test_an_image_folder_embeds_its_images_and_skips_a_broken_file(tmp_path, tiny_pretrained_dir, demo_dir, caplog):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for index, name in enumerate(("a.jpeg", "sub/b.jpeg")):
+        Image.open(os.path.join(demo_dir, "images", "test", f"{index}.jpeg")).save(folder / name)
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "photos.safetensors"
+    caplog.set_level("WARNING")
+    _embed(["--model_name_or_path", tiny_pretrained_dir, "--image_folder", str(folder), "--output_file", str(out)])
+    stored = load_embeddings(str(out))
+    assert stored.ids == ["a.jpeg", "sub/b.jpeg"] and stored.text_embeds is None
+    assert "1 rows left out" in caplog.text and "broken.png" in caplog.text
+    with pytest.raises(ValueError, match="no text embeddings"):
+        search(stored, stored.image_embeds[:1], against="text")
+
+
+def test_bad_embed_and_search_requests_say_what_to_change(tmp_path, tiny_pretrained_dir, capsys):
+    with pytest.raises(ValueError, match="name it \\*.parquet or \\*.safetensors"):
+        embed_main(["--model_name_or_path", tiny_pretrained_dir, "--demo", "--output_file", str(tmp_path / "x.npy")])
+    with pytest.raises(SystemExit):
+        search_main([str(tmp_path / "missing.parquet")])
+    assert "give at least one query" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="does not exist: write it first"):
+        search_main([str(tmp_path / "missing.parquet"), "--text", "saree"])
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_file_as_one(embedded, tiny_pretrained_dir, demo_dir, tmp_path):
+    out = tmp_path / "two.parquet"
+    command = [*TORCHRUN_2, "scripts/embed.py", "--model_name_or_path", tiny_pretrained_dir, "--data_dir", demo_dir]
+    command += ["--per_device_eval_batch_size", "8", "--cache_dir", str(tmp_path / "cache"), "--output_file", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=CPU_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = load_embeddings(str(embedded / "emb.parquet")), load_embeddings(str(out))
+    assert two.ids == one.ids and two.captions == one.captions  # 45 rows over 2 x 8: the repeated ones dropped
+    torch.testing.assert_close(two.image_embeds, one.image_embeds, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(two.text_embeds, one.text_embeds, rtol=1e-5, atol=1e-6)
