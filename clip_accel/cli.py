@@ -161,6 +161,11 @@ def reproduce_main(argv: list[str] | None = None) -> None:
         default=None,
         help="accelerate config file for every row (default: one process; bf16 on a GPU, the CPU with --smoke).",
     )
+    parser.add_argument(
+        "--siglip",
+        action="store_true",
+        help="Also run our SigLIP row (recipes/indo_fashion_siglip.yaml; marked as ours, not the reference's).",
+    )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="More training options for every row, after `--`.")
     args = parser.parse_args(argv)
     setup_logging()
@@ -168,6 +173,7 @@ def reproduce_main(argv: list[str] | None = None) -> None:
         output_dir=args.output_dir,
         data_dir=args.data_dir,
         smoke=args.smoke,
+        siglip=args.siglip,
         accelerate_config=args.accelerate_config,
         extra=tuple(option for option in args.extra if option != "--"),
         invocation=shlex.join(["clip-accel", "reproduce", *(sys.argv[1:] if argv is None else argv)]),

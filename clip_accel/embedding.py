@@ -25,14 +25,13 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import CLIPModel, CLIPProcessor
 
 from .config import DataConfig
 from .data import build_pair_datasets, load_raw_splits, make_dataloader, read_image_folder
 from .data.sources import data_source_dir
 from .evaluation import training_eval_batch_size
 from .launch import check_processes, data_prepared_per_node
-from .model import ContrastiveModel, PixelNormalizer, image_size_of, unwrap
+from .model import ContrastiveModel, PixelNormalizer, image_size_of, load_pretrained, unwrap
 
 logger = logging.getLogger(__name__)
 FORMATS = (".parquet", ".safetensors")
@@ -90,6 +89,7 @@ def embed(
         image_size,
         per_node=data_prepared_per_node(accelerator, config),
         require_captions=image_folder is None,
+        family=unwrap(accelerator, model).family,
     )["test"]
     skipped = pairs.skipped_rows()
     if skipped and accelerator.is_main_process:
@@ -117,8 +117,8 @@ def embed(
 def _load(model_name_or_path: str):
     accelerator = Accelerator()
     check_processes(accelerator)
-    model = ContrastiveModel(CLIPModel.from_pretrained(model_name_or_path, dtype=torch.float32))
-    processor = CLIPProcessor.from_pretrained(model_name_or_path)
+    clip, processor = load_pretrained(model_name_or_path)
+    model = ContrastiveModel(clip)
     return accelerator, accelerator.prepare(model), processor
 
 

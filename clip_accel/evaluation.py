@@ -9,13 +9,12 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from transformers import CLIPModel, CLIPProcessor
 
 from .config import RECALL_KS, DataConfig
 from .data import build_pair_datasets, load_raw_splits, make_dataloader
 from .launch import check_processes, data_prepared_per_node
 from .metrics import retrieval_metrics
-from .model import ContrastiveModel, PixelNormalizer, image_size_of, unwrap
+from .model import ContrastiveModel, PixelNormalizer, image_size_of, load_pretrained, unwrap
 from .zero_shot import Prompts, class_text_embeddings, load_prompts, zero_shot_accuracy
 
 
@@ -113,14 +112,22 @@ class EvaluationSplit:
 
 
 def evaluation_splits(
-    accelerator: Accelerator, data_config: DataConfig, processor, image_size: int, batch_size: int, roles=("test",)
+    accelerator: Accelerator,
+    data_config: DataConfig,
+    processor,
+    image_size: int,
+    batch_size: int,
+    roles=("test",),
+    family=None,
 ) -> dict[str, EvaluationSplit]:
-    """The `roles` of `data_config` (e.g. validation, test) through the training data pipeline, for scoring any
-    model with `score`."""
+    """The `roles` of `data_config` (e.g. validation, test) through the training data pipeline (with `family`'s
+    pixels and text padding), for scoring any model of that family with `score`."""
     prompts = dataset_prompts(data_config)  # a bad prompt file fails before anything is loaded
     per_node = data_prepared_per_node(accelerator, data_config)
     raw = load_raw_splits(accelerator, data_config, roles=roles, per_node=per_node)
-    pairs = build_pair_datasets(accelerator, data_config, raw, processor.tokenizer, image_size, per_node=per_node)
+    pairs = build_pair_datasets(
+        accelerator, data_config, raw, processor.tokenizer, image_size, per_node=per_node, family=family
+    )
     return {
         role: EvaluationSplit(
             accelerator.prepare(make_dataloader(pairs[role], batch_size, train=False)),
@@ -165,10 +172,11 @@ def evaluate_folder(
     dataset_prompts(data_config)  # a bad prompt file fails before anything is loaded
     accelerator = Accelerator()
     check_processes(accelerator)
-    model = ContrastiveModel(CLIPModel.from_pretrained(model_name_or_path, dtype=torch.float32))
-    processor = CLIPProcessor.from_pretrained(model_name_or_path)
+    clip, processor = load_pretrained(model_name_or_path)
+    model = ContrastiveModel(clip)
     batch_size = batch_size or training_eval_batch_size(model_name_or_path)
-    splits = evaluation_splits(accelerator, data_config, processor, image_size_of(model.clip), batch_size)
+    image_size = image_size_of(clip)
+    splits = evaluation_splits(accelerator, data_config, processor, image_size, batch_size, family=model.family)
     return score(accelerator, accelerator.prepare(model), processor, splits["test"], identical_captions_match)
 
 

@@ -115,6 +115,8 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
     config, results = files["training_config.json"], files["eval_results.json"]
     model_id = repo_id or os.path.basename(os.path.abspath(output_dir))
     data_kind, dataset_ids, dataset_label = _data_source(config)
+    arch = files["config.json"]
+    siglip = arch.get("model_type") == "siglip"
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
@@ -122,7 +124,8 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
         base_model=_base_model(config),
         datasets=dataset_ids,
         model_name=model_id,
-        tags=["clip", "contrastive", "image-text-retrieval", "zero-shot-image-classification", "clip_accel"],
+        tags=["siglip" if siglip else "clip", "contrastive", "image-text-retrieval", "zero-shot-image-classification"]
+        + ["clip_accel"],
         eval_results=_eval_results(
             results["test"], dataset_ids[0] if dataset_ids else data_kind, dataset_label, config["test_split"]
         ),
@@ -133,7 +136,12 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
         "config": config,
         "results": results,
         "training": results["training"],
-        "arch": files["config.json"],
+        "arch": arch,
+        # The family's names and the embedding width (SigLIP has no projection: its towers' heads give it).
+        "family": {"name": "SigLIP", "doc": "siglip", "model_class": "SiglipModel"}
+        if siglip
+        else {"name": "CLIP", "doc": "clip", "model_class": "CLIPModel"},
+        "embedding_dim": arch.get("projection_dim") or arch["text_config"].get("hidden_size"),
         "data_kind": data_kind,
         "dataset_label": dataset_label,
         "results_table": _results_table(results, model_id),

@@ -1,4 +1,5 @@
-"""The symmetric contrastive (InfoNCE) loss, with negatives from every process.
+"""The symmetric contrastive (InfoNCE) loss of CLIP and the sigmoid loss of SigLIP, with negatives from every
+process.
 
 On N processes with per-process batch B, each process gathers all N*B image and text embeddings so every pair is
 scored against the global batch. The gather keeps autograd, and its backward hands each process the gradient of
@@ -86,3 +87,29 @@ def contrastive_loss(
         logits_per_text = logits_per_image.T
         labels = torch.arange(all_image.shape[0], device=image_embeds.device)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def sigmoid_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_params: torch.Tensor, *, local_loss: bool = True
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss over the global batch: every (image, text) pair is a binary problem, its own
+    pair positive, all others negative: -sum(log sigmoid(label * (exp(t) x.y + b))) / (global batch).
+
+    logit_params: (2,) = (t, b), the learned log-scale and bias. With N processes each scores its own B images
+    against all N*B texts (the gathered texts' gradient reduce-scattered back to their owners) and divides by B:
+    the mean over processes is the global loss, and DDP's averaging gives its gradient, the same as one process
+    with batch N*B (the paper's chunked variant passes text blocks around a ring instead; the gradient is the
+    same). `local_loss` is accepted for a uniform signature: this loss is always computed locally.
+    """
+    image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
+    world_size, rank = _world()
+    all_text = gather_with_grad(text_embeds, same_gradient_everywhere=False)
+    scale, bias = logit_params.float()[0].exp(), logit_params.float()[1]
+    logits = scale * image_embeds @ all_text.T + bias
+    rows = image_embeds.shape[0]
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(rows, device=logits.device), torch.arange(rows, device=logits.device) + rank * rows] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / rows
+
+
+LOSSES = {"softmax": contrastive_loss, "sigmoid": sigmoid_loss}

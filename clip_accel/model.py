@@ -1,59 +1,132 @@
-"""Model loading (pretrained or from scratch), freezing strategies, and on-device pixel normalisation."""
+"""Model loading (pretrained or from scratch), model families, freezing strategies, and on-device pixel
+normalisation.
+
+Two families, told apart by the checkpoint's config (`model_type`), never by a flag: CLIP (`CLIPModel`: softmax
+contrastive loss, shortest-side resize and centre crop, text padded to the batch's longest caption, up to 77
+tokens) and SigLIP (`SiglipModel`: sigmoid loss with a learned bias, square resize without crop, text padded to
+64 tokens as it was trained, since its text tower pools the last position).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    PreTrainedModel,
+    SiglipConfig,
+    SiglipImageProcessorPil,
+    SiglipModel,
+    SiglipProcessor,
+)
 
 from .config import ModelConfig
 from .tokenizer import build_offline_tokenizer
 
 
+@dataclass(frozen=True)
+class Family:
+    """What differs between the model families the trainer supports."""
+
+    name: str
+    model_class: type[PreTrainedModel]
+    loss: str  # "softmax" (CLIP's InfoNCE) or "sigmoid" (SigLIP's, with a learned bias)
+    square_resize: bool  # resize to S x S without crop (SigLIP) instead of shortest side + centre crop (CLIP)
+    text_length: int  # the most text tokens
+    pad_to: int | None  # pad every text to this length (the model pools a fixed position), else to the longest
+    max_logit_scale: float | None  # the cap on logit_scale after each step (CLIP's ln 100), or none
+
+
+CLIP = Family("clip", CLIPModel, "softmax", False, 77, None, math.log(100.0))
+SIGLIP = Family("siglip", SiglipModel, "sigmoid", True, 64, 64, None)
+FAMILIES = {"clip": CLIP, "siglip": SIGLIP}
+
+
+def family_of(config) -> Family:
+    """The family of a model config (`model_type`); a clear error for the rest."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if model_type == "siglip2":
+        raise ValueError(
+            "SigLIP 2 checkpoints (variable-resolution NaFlex inputs) are not supported yet; start from a SigLIP "
+            "(google/siglip-*) or CLIP checkpoint."
+        )
+    raise ValueError(f"Model type {model_type!r} is not supported: start from a CLIP or SigLIP checkpoint.")
+
+
+def load_pretrained(name_or_path: str):
+    """(model in float32, processor) of a saved folder or Hub id, of whichever supported family its config names.
+
+    transformers 5 loads with dtype="auto": an fp16 checkpoint would train in fp16. Training wants fp32 master
+    weights; mixed precision is autocast's job."""
+    family = family_of(AutoConfig.from_pretrained(name_or_path))
+    model = family.model_class.from_pretrained(name_or_path, dtype=torch.float32)
+    return model, AutoProcessor.from_pretrained(name_or_path)
+
+
 def load_model_and_processor(
-    config: ModelConfig, training_captions: Callable[[], Iterable[str]]
-) -> tuple[CLIPModel, CLIPProcessor]:
+    config: ModelConfig, training_captions: Callable[[], Iterable[str]], global_batch: int = 32768
+):
     """Load `config.model_name_or_path`, or build a fresh model from `config.scratch_config`.
 
-    `training_captions` is only called on the from-scratch path, where the tokenizer is learned from them.
+    `training_captions` is only called on the from-scratch path, where the tokenizer is learned from them. A fresh
+    SigLIP starts at t = log 10 and b = -log(global_batch): the prior log-odds that a pair of the batch matches
+    (the paper's b = -10 is this for its batch of 32k; transformers initialises both at 0, far from the prior).
     """
     if config.scratch_config is None:
-        # transformers 5 loads with dtype="auto": an fp16 checkpoint would train in fp16. Training wants fp32
-        # master weights; mixed precision is autocast's job.
-        model = CLIPModel.from_pretrained(config.model_name_or_path, dtype=torch.float32)
-        processor = CLIPProcessor.from_pretrained(config.model_name_or_path)
-        return model, processor
-    tokenizer = build_offline_tokenizer(training_captions())
-    clip_config = _read_clip_config(config.scratch_config)
-    clip_config.text_config.vocab_size = len(tokenizer)
+        return load_pretrained(config.model_name_or_path)
+    model_config = _read_model_config(config.scratch_config)
+    family = family_of(model_config)
+    tokenizer = build_offline_tokenizer(training_captions(), max_length=family.text_length)
+    model_config.text_config.vocab_size = len(tokenizer)
     # CLIP pools the text tower at the end-of-text token; these ids must match the tokenizer we just built.
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(clip_config.text_config, name, getattr(tokenizer, name))
-    image_size = clip_config.vision_config.image_size
+        setattr(model_config.text_config, name, getattr(tokenizer, name))
+    image_size = model_config.vision_config.image_size
+    if family is SIGLIP:
+        model_config.text_config.max_position_embeddings = family.text_length
+        image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+        model = SiglipModel(model_config)
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(10.0))
+            model.logit_bias.fill_(-10.0)
+        return model, SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    model = CLIPModel(clip_config)
-    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return CLIPModel(model_config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def _read_clip_config(name_or_path: str) -> CLIPConfig:
-    """A bundled preset name (clip_accel/presets/NAME.json) or a path to a CLIPConfig JSON file."""
+def _read_model_config(name_or_path: str) -> CLIPConfig | SiglipConfig:
+    """A bundled preset name (clip_accel/presets/NAME.json) or a path to a CLIPConfig or SiglipConfig JSON file
+    (`"model_type": "siglip"` picks SigLIP)."""
     if os.path.isfile(name_or_path):
         with open(name_or_path) as handle:
-            return CLIPConfig(**json.load(handle))
-    preset = resources.files("clip_accel") / "presets" / f"{name_or_path}.json"
-    if not preset.is_file():
-        available = sorted(p.name.removesuffix(".json") for p in (resources.files("clip_accel") / "presets").iterdir())
-        raise ValueError(
-            f"--scratch_config {name_or_path!r} is neither a JSON file nor a preset; presets: {available}."
-        )
-    return CLIPConfig(**json.loads(preset.read_text()))
+            values = json.load(handle)
+    else:
+        preset = resources.files("clip_accel") / "presets" / f"{name_or_path}.json"
+        if not preset.is_file():
+            presets = resources.files("clip_accel") / "presets"
+            available = sorted(p.name.removesuffix(".json") for p in presets.iterdir())
+            raise ValueError(
+                f"--scratch_config {name_or_path!r} is neither a JSON file nor a preset; presets: {available}."
+            )
+        values = json.loads(preset.read_text())
+    config_class = SiglipConfig if values.get("model_type") == "siglip" else CLIPConfig
+    return config_class(**{key: value for key, value in values.items() if key != "model_type"})
 
 
 class ContrastiveModel(torch.nn.Module):
@@ -66,13 +139,16 @@ class ContrastiveModel(torch.nn.Module):
     `clip_state_dict` gives back CLIPModel's own layout for saving.
     """
 
-    def __init__(self, clip: CLIPModel) -> None:
+    def __init__(self, clip: CLIPModel | SiglipModel) -> None:
         super().__init__()
-        value = clip.logit_scale.detach().clone().reshape(1)
-        requires_grad = clip.logit_scale.requires_grad
-        del clip.logit_scale  # one owner: this module's parameter below
+        self.family = family_of(clip.config)
         self.clip = clip
-        self.logit_scale = torch.nn.Parameter(value, requires_grad=requires_grad)
+        # One owner each: this module's parameters (SigLIP also learns a bias added to every logit).
+        for name in ("logit_scale", "logit_bias") if self.family is SIGLIP else ("logit_scale",):
+            parameter = getattr(clip, name)
+            value, requires_grad = parameter.detach().clone().reshape(1), parameter.requires_grad
+            delattr(clip, name)
+            setattr(self, name, torch.nn.Parameter(value, requires_grad=requires_grad))
 
     def forward(
         self,
@@ -88,20 +164,28 @@ class ContrastiveModel(torch.nn.Module):
         if input_ids is not None:
             features = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
             text_embeds = F.normalize(features.float(), dim=-1)
-        # A new tensor, not a view: FSDP2 frees the gathered parameter when forward returns.
+        # New tensors, not views: FSDP2 frees the gathered parameters when forward returns. CLIP: the scale (0-D);
+        # SigLIP: (scale, bias).
+        if self.family is SIGLIP:
+            return image_embeds, text_embeds, torch.cat([self.logit_scale, self.logit_bias])
         return image_embeds, text_embeds, self.logit_scale.reshape(()).clone()
 
     @staticmethod
     def clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This module's state dict in CLIPModel's layout (what `save_pretrained` writes)."""
-        clip = {key.removeprefix("clip."): value for key, value in state_dict.items() if key != "logit_scale"}
+        """This module's state dict in the wrapped model's layout (what `save_pretrained` writes): CLIP keeps a 0-D
+        `logit_scale`, SigLIP 1-element `logit_scale` and `logit_bias`."""
+        logits = {"logit_scale", "logit_bias"}
+        clip = {key.removeprefix("clip."): value for key, value in state_dict.items() if key not in logits}
+        if "logit_bias" in state_dict:
+            return {**clip, "logit_scale": state_dict["logit_scale"], "logit_bias": state_dict["logit_bias"]}
         return {**clip, "logit_scale": state_dict["logit_scale"].reshape(())}
 
     @staticmethod
     def from_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A CLIPModel state dict in this module's layout."""
-        wrapped = {f"clip.{key}": value for key, value in state_dict.items() if key != "logit_scale"}
-        return {**wrapped, "logit_scale": state_dict["logit_scale"].reshape(1)}
+        """A CLIPModel (or SiglipModel) state dict in this module's layout."""
+        logits = {"logit_scale", "logit_bias"}
+        wrapped = {f"clip.{key}": value for key, value in state_dict.items() if key not in logits}
+        return {**wrapped, **{key: state_dict[key].reshape(1) for key in logits if key in state_dict}}
 
 
 def unwrap(accelerator, model: torch.nn.Module) -> ContrastiveModel:
@@ -136,8 +220,9 @@ def freeze_parameters(model: CLIPModel, strategy: str, vision_layers: int = 6) -
 
     - "none": everything trains.
     - "vision_layers": the vision embeddings and the first `vision_layers` vision encoder layers are frozen.
-    - "backbones": both towers are frozen except their final layer norms; the two projections and `logit_scale`
-      train (the reference project's "freeze both backbones" row).
+    - "backbones": both towers are frozen except their final layer norms; the two projections (SigLIP: the
+      towers' heads) and `logit_scale` (and `logit_bias`) train (the reference project's "freeze both backbones"
+      row).
     """
     model.requires_grad_(True)
     if strategy == "vision_layers":
@@ -148,7 +233,8 @@ def freeze_parameters(model: CLIPModel, strategy: str, vision_layers: int = 6) -
                 "of this model; pass a smaller number."
             )
         model.vision_model.embeddings.requires_grad_(False)
-        model.vision_model.pre_layrnorm.requires_grad_(False)
+        if hasattr(model.vision_model, "pre_layrnorm"):  # CLIP's; SigLIP has none
+            model.vision_model.pre_layrnorm.requires_grad_(False)
         for layer in encoder_layers[:vision_layers]:
             layer.requires_grad_(False)
     elif strategy == "backbones":
@@ -156,6 +242,9 @@ def freeze_parameters(model: CLIPModel, strategy: str, vision_layers: int = 6) -
         model.text_model.requires_grad_(False)
         model.vision_model.post_layernorm.requires_grad_(True)
         model.text_model.final_layer_norm.requires_grad_(True)
+        for tower in (model.vision_model, model.text_model):  # SigLIP's projections are its towers' heads
+            if hasattr(tower, "head"):
+                tower.head.requires_grad_(True)
     elif strategy != "none":
         raise ValueError(f"Unknown freezing strategy {strategy!r}; use none, vision_layers or backbones.")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

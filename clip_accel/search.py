@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw, ImageOps
-from transformers import CLIPModel, CLIPProcessor
 
 from .data.preprocess import IMAGE_ERRORS, load_rgb_image
 from .embedding import Embeddings
-from .model import ContrastiveModel, PixelNormalizer, image_size_of
+from .model import ContrastiveModel, PixelNormalizer, image_size_of, load_pretrained
 
 CHUNK_ROWS = 1 << 20
 
@@ -54,16 +53,18 @@ class QueryEncoder:
 
     def __init__(self, model_name_or_path: str, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        clip = CLIPModel.from_pretrained(model_name_or_path, dtype=torch.float32)
+        clip, self.processor = load_pretrained(model_name_or_path)
         self.image_size = image_size_of(clip)
         self.model = ContrastiveModel(clip).to(self.device).eval()
-        self.processor = CLIPProcessor.from_pretrained(model_name_or_path)
         image_processor = self.processor.image_processor
         self.normalizer = PixelNormalizer(image_processor.image_mean, image_processor.image_std).to(self.device)
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> torch.Tensor:
-        tokenizer = self.processor.tokenizer
+        tokenizer, family = self.processor.tokenizer, self.model.family
+        if family.pad_to:  # SigLIP: padded to its fixed length, no mask, as its captions were embedded
+            tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=family.pad_to)
+            return self.model(input_ids=torch.tensor(tokens["input_ids"], device=self.device))[1]
         tokens = tokenizer(texts, padding=True, truncation=True, max_length=min(tokenizer.model_max_length, 77))
         input_ids = torch.tensor(tokens["input_ids"], device=self.device)
         attention_mask = torch.tensor(tokens["attention_mask"], device=self.device)
@@ -74,7 +75,8 @@ class QueryEncoder:
         pixels = []
         for path in paths:
             try:
-                pixels.append(torch.from_numpy(load_rgb_image(path, self.image_size, draft=False)))
+                square = self.model.family.square_resize
+                pixels.append(torch.from_numpy(load_rgb_image(path, self.image_size, draft=False, square=square)))
             except IMAGE_ERRORS as error:
                 raise ValueError(f"Query image {path} does not open: {type(error).__name__}: {error}") from error
         return self.model(pixel_values=self.normalizer(torch.stack(pixels).to(self.device)))[0]

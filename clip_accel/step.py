@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from .loss import contrastive_loss
 from .model import PixelNormalizer, unwrap
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the inverse temperature; fp16 overflows without it
+Loss = Callable[..., torch.Tensor]
 
 
 def use_tf32(device: torch.device, enabled: bool) -> None:
@@ -39,6 +41,8 @@ class StepContext:
     normalizer: PixelNormalizer
     max_grad_norm: float
     local_loss: bool
+    loss: Loss = contrastive_loss  # the family's: CLIP's softmax, SigLIP's sigmoid (with the bias in logit_params)
+    max_logit_scale: float | None = MAX_LOGIT_SCALE  # CLIP's cap after each step; SigLIP has none
 
 
 def embed(context: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,7 +64,7 @@ def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]
         last = index == len(micro_batches) - 1
         with nullcontext() if last else accelerator.no_sync(context.model):
             image_embeds, text_embeds, logit_scale = embed(context, batch)
-            loss = contrastive_loss(image_embeds, text_embeds, logit_scale, local_loss=context.local_loss)
+            loss = context.loss(image_embeds, text_embeds, logit_scale, local_loss=context.local_loss)
             accelerator.backward(loss / len(micro_batches))
         losses.append(loss.detach())
     return torch.stack(losses).mean(), _optimizer_step(context)
@@ -84,7 +88,7 @@ def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]
     texts = torch.cat([text for _, text, _ in cached]).requires_grad_()
     scale = cached[0][2].detach().requires_grad_()
     with torch.enable_grad():
-        loss = contrastive_loss(images, texts, scale, local_loss=context.local_loss)
+        loss = context.loss(images, texts, scale, local_loss=context.local_loss)
         image_grads, text_grads, scale_grad = torch.autograd.grad(loss, [images, texts, scale])
     rows = 0
     for index, batch in enumerate(micro_batches):
@@ -93,8 +97,8 @@ def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]
             image_embeds, text_embeds, logit_scale = embed(context, batch)
             mine = slice(rows, rows + image_embeds.shape[0])
             surrogate = (image_embeds * image_grads[mine]).sum() + (text_embeds * text_grads[mine]).sum()
-            if last and logit_scale.requires_grad:
-                surrogate = surrogate + logit_scale * scale_grad
+            if last and logit_scale.requires_grad:  # (SigLIP: the scale and the bias)
+                surrogate = surrogate + (logit_scale * scale_grad).sum()
             accelerator.backward(surrogate)  # under fp16 the grad scaler scales it like a loss
         rows = mine.stop
     return loss.detach(), _optimizer_step(context)
@@ -130,6 +134,7 @@ def _optimizer_step(context: StepContext) -> torch.Tensor:
     scaler_skipped = accelerator.scaler is not None and accelerator.optimizer_step_was_skipped  # already on host
     if not scaler_skipped:
         context.scheduler.step()
-    with torch.no_grad():
-        unwrap(accelerator, context.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    if context.max_logit_scale is not None:
+        with torch.no_grad():
+            unwrap(accelerator, context.model).logit_scale.clamp_(0, context.max_logit_scale)
     return skipped | scaler_skipped

@@ -45,14 +45,17 @@ def learn_merges(captions: Iterable[str], max_merges: int = 4000, min_frequency:
     return [tuple(merge.split(" ") if isinstance(merge, str) else merge) for merge in merges[:max_merges]]
 
 
-def build_offline_tokenizer(captions: Iterable[str], max_merges: int = 4000) -> CLIPTokenizer:
-    """A CLIPTokenizer whose BPE merges were learned from `captions`; any text still tokenizes (down to bytes)."""
-    return _clip_tokenizer(learn_merges(captions, max_merges=max_merges))
+def build_offline_tokenizer(
+    captions: Iterable[str], max_merges: int = 4000, max_length: int = MAX_TEXT_TOKENS
+) -> CLIPTokenizer:
+    """A CLIPTokenizer whose BPE merges were learned from `captions`; any text still tokenizes (down to bytes).
+    `max_length`: the text tower's positions (77 for CLIP, 64 for SigLIP)."""
+    return _clip_tokenizer(learn_merges(captions, max_merges=max_merges), max_length)
 
 
-def _clip_tokenizer(merges: list[tuple[str, str]]) -> CLIPTokenizer:
+def _clip_tokenizer(merges: list[tuple[str, str]], max_length: int = MAX_TEXT_TOKENS) -> CLIPTokenizer:
     tokens = [*BYTE_SYMBOLS, *(symbol + END_OF_WORD for symbol in BYTE_SYMBOLS)]
     tokens += [left + right for left, right in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TEXT_TOKENS)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)

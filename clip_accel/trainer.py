@@ -36,10 +36,12 @@ from .early_stopping import EarlyStopping
 from .evaluation import dataset_prompts, evaluate_retrieval
 from .launch import check_launch, check_supported_launch, data_prepared_per_node, storage_is_shared
 from .lora import add_lora, has_lora, lora_layout
+from .loss import LOSSES
 from .model import (
     ContrastiveModel,
     PixelNormalizer,
     enable_gradient_checkpointing,
+    family_of,
     freeze_parameters,
     image_size_of,
     load_model_and_processor,
@@ -162,6 +164,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     tracked = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in resolved_config.items()}
     accelerator.init_trackers("clip_accel", config=tracked)
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
+    family = unwrap(accelerator, model).family
     step_context = StepContext(
         accelerator=accelerator,
         model=model,
@@ -170,6 +173,8 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         normalizer=normalizer.to(accelerator.device),
         max_grad_norm=config.max_grad_norm,
         local_loss=config.local_loss,
+        loss=LOSSES[family.loss],
+        max_logit_scale=family.max_logit_scale,
     )
     return Run(
         config=config,
@@ -314,7 +319,11 @@ def _load_model_and_data(
     per_node = data_prepared_per_node(accelerator, data_config)
     raw_splits = load_raw_splits(accelerator, data_config, per_node=per_node)
     _check_split_sizes(config, accelerator.num_processes, {role: len(raw.dataset) for role, raw in raw_splits.items()})
-    clip, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
+    clip, processor = load_model_and_processor(
+        model_config,
+        lambda: raw_splits["train"].dataset["caption"],
+        global_batch=config.global_batch_size(accelerator.num_processes),
+    )
     trainable, total = freeze_parameters(clip, model_config.freeze, model_config.freeze_vision_layers)
     how = f"freezing: {model_config.freeze}"
     if model_config.lora_rank:
@@ -334,6 +343,7 @@ def _load_model_and_data(
         image_size,
         train_image_size=training_cache_size(image_size) if data_config.augment else None,
         per_node=per_node,
+        family=family_of(clip.config),
     )
     if data_config.strict:
         check_strict(pairs, raw_splits)
@@ -466,7 +476,7 @@ def _load_best_weights(run: Run) -> CLIPModel | None:
     module = unwrap(run.accelerator, run.model)
     best, weights = None, {}
     if run.accelerator.is_main_process:
-        best = CLIPModel.from_pretrained(run.config.output_dir, dtype=torch.float32)
+        best = module.family.model_class.from_pretrained(run.config.output_dir, dtype=torch.float32)
         weights = ContrastiveModel.from_clip_state_dict(best.state_dict())
         if has_lora(module.clip):  # the merged weights, in the adapted model's layout (adapters adding zero)
             weights = lora_layout(weights, module.state_dict())

@@ -17,12 +17,12 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 from accelerate import Accelerator
-from transformers import CLIPModel, CLIPProcessor
+from transformers import PreTrainedModel
 
 from .config import DataConfig
 from .evaluation import evaluation_splits, score, training_eval_batch_size
 from .launch import check_processes
-from .model import ContrastiveModel, image_size_of, unwrap
+from .model import ContrastiveModel, family_of, image_size_of, load_pretrained, unwrap
 from .plots import plot_wise_ft
 from .results import markdown_table, metric_cells
 
@@ -109,19 +109,18 @@ def wise_ft(options: WiseFtOptions) -> dict:
     check_processes(accelerator)
     if accelerator.is_fsdp2 or accelerator.distributed_type.value == "DEEPSPEED":
         raise ValueError("wise-ft loads whole weights into every process: launch it on one process or under DDP.")
-    finetuned = CLIPModel.from_pretrained(options.finetuned, dtype=torch.float32)
-    start = CLIPModel.from_pretrained(base, dtype=torch.float32).state_dict()
+    finetuned, processor = load_pretrained(options.finetuned)
+    start = load_pretrained(base)[0].state_dict()
     # Copies: the state dict's tensors share the model's storage, which every mix is loaded into.
     tuned = {key: value.clone() for key, value in finetuned.state_dict().items()}
     mix_state_dicts(start, tuned, 1.0)  # the same architecture, checked before any image is decoded
-    processor = CLIPProcessor.from_pretrained(options.finetuned)
     batch_size = options.batch_size or training_eval_batch_size(options.finetuned)
     image_size = image_size_of(finetuned)
-    roles = ("validation", "test")
-    sources = {"in-domain": evaluation_splits(accelerator, data, processor, image_size, batch_size, roles)}
+    roles, family = ("validation", "test"), family_of(finetuned.config)
+    sources = {"in-domain": evaluation_splits(accelerator, data, processor, image_size, batch_size, roles, family)}
     if options.heldout is not None:
         heldout = replace(options.heldout, cache_dir=options.cache_dir) if options.cache_dir else options.heldout
-        sources["held-out"] = evaluation_splits(accelerator, heldout, processor, image_size, batch_size, roles)
+        sources["held-out"] = evaluation_splits(accelerator, heldout, processor, image_size, batch_size, roles, family)
     for source, metric in (("in-domain", options.metric), ("held-out", options.heldout_metric)):
         splits = sources.get(source, {})
         if metric.startswith("zero_shot") and any(len(set(split.labels) - {""}) < 2 for split in splits.values()):
@@ -200,7 +199,7 @@ def format_table(result: dict) -> str:
     return markdown_table(headers, rows)
 
 
-def _write(options: WiseFtOptions, result: dict, chosen: dict, processor, clip: CLIPModel) -> None:
+def _write(options: WiseFtOptions, result: dict, chosen: dict, processor, clip: PreTrainedModel) -> None:
     os.makedirs(options.output_dir, exist_ok=True)
     with open(os.path.join(options.output_dir, "wise_ft.json"), "w") as handle:
         json.dump(result, handle, indent=2)

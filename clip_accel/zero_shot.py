@@ -175,9 +175,15 @@ def _check_templates(templates: Sequence[str], labels: list[str]) -> None:
 
 
 def _embed_prompts(model: torch.nn.Module, tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """float32 (P, D) projected text embeddings of P prompts (normalised or not: the caller normalises)."""
-    tokens = tokenizer(prompts, padding="longest", truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
-    text = {"input_ids": tokens["input_ids"].to(device), "attention_mask": tokens["attention_mask"].to(device)}
+    """float32 (P, D) projected text embeddings of P prompts (normalised or not: the caller normalises). A SigLIP
+    model's prompts are padded to its fixed length, without a mask, as its captions are."""
+    pad_to = getattr(getattr(model, "family", None), "pad_to", None)
+    if pad_to:
+        tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=pad_to, return_tensors="pt")
+        text = {"input_ids": tokens["input_ids"].to(device)}
+    else:
+        tokens = tokenizer(prompts, padding="longest", truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
+        text = {"input_ids": tokens["input_ids"].to(device), "attention_mask": tokens["attention_mask"].to(device)}
     if hasattr(model, "get_text_features"):  # a CLIPModel
         return model.get_text_features(**text).pooler_output.float()
     return model(**text)[1].float()  # the trainer's ContrastiveModel: through forward, where FSDP2 gathers shards

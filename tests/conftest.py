@@ -43,6 +43,25 @@ def tiny_clip_config(vocab_size: int = 600, eos_token_id: int = 2) -> CLIPConfig
     )
 
 
+def tiny_siglip_values(vocab_size: int = 600) -> dict:
+    """A SiglipConfig's values (with `model_type`, as a --scratch_config file holds them): CLIP-tiny's sizes."""
+    common = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    return {
+        "model_type": "siglip",
+        "text_config": {**common, "vocab_size": vocab_size, "max_position_embeddings": 64},
+        "vision_config": {**common, "image_size": TINY_IMAGE_SIZE, "patch_size": 8},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_config_path(tmp_path_factory) -> str:
+    import json
+
+    path = tmp_path_factory.mktemp("model") / "siglip-test.json"
+    path.write_text(json.dumps(tiny_siglip_values()))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> str:
     """A small demo catalogue in the Indo-fashion layout (shared, read-only for tests)."""

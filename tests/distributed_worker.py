@@ -12,29 +12,30 @@ import sys
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from transformers import CLIPModel, get_scheduler
+from transformers import CLIPModel, SiglipConfig, SiglipModel, get_scheduler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import tiny_clip_config  # noqa: E402
+from conftest import tiny_clip_config, tiny_siglip_values  # noqa: E402
 
 from clip_accel.checkpoint import TrainerState  # noqa: E402
 from clip_accel.config import ModelConfig  # noqa: E402
 from clip_accel.evaluation import evaluate_retrieval  # noqa: E402
 from clip_accel.lora import add_lora  # noqa: E402
-from clip_accel.loss import contrastive_loss  # noqa: E402
+from clip_accel.loss import contrastive_loss, sigmoid_loss  # noqa: E402
 from clip_accel.model import ContrastiveModel, PixelNormalizer, freeze_parameters  # noqa: E402
 from clip_accel.step import MAX_LOGIT_SCALE, StepContext, exact_step, plain_step  # noqa: E402
 from clip_accel.trainer import optimizer_step_batches  # noqa: E402
 
 GLOBAL_BATCH = 16
+SIGLIP_VALUES = {key: value for key, value in tiny_siglip_values().items() if key != "model_type"}
 EVAL_PAIRS = 45  # divisible neither by the 2 processes nor by the eval batch of 8
 EOS = 2  # the tiny config's end-of-text id
 
 
-def synthetic_pairs(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+def synthetic_pairs(count: int, seed: int, text_length: int = 7) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8, generator=generator)
-    input_ids = torch.randint(3, 500, (count, 7), generator=generator)
+    input_ids = torch.randint(3, 500, (count, text_length), generator=generator)
     input_ids[:, -1] = EOS
     return [{"pixel_values": pixels[i], "input_ids": input_ids[i]} for i in range(count)]
 
@@ -44,10 +45,10 @@ def stack(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def step_context(
-    accelerator: Accelerator, freeze: str = "none", local_loss: bool = False, lora: bool = False
+    accelerator: Accelerator, freeze: str = "none", local_loss: bool = False, lora: bool = False, siglip: bool = False
 ) -> StepContext:
     torch.manual_seed(0)
-    clip = CLIPModel(tiny_clip_config())
+    clip = SiglipModel(SiglipConfig(**SIGLIP_VALUES)) if siglip else CLIPModel(tiny_clip_config())
     freeze_parameters(clip, freeze, vision_layers=1)
     if lora:
         add_lora(clip, ModelConfig(lora_rank=4, lora_alpha=8.0))
@@ -62,6 +63,12 @@ def step_context(
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = get_scheduler("constant", optimizer)
     normalizer = PixelNormalizer([0.5, 0.5, 0.5], [0.25, 0.25, 0.25]).to(accelerator.device)
+    if siglip:  # the sigmoid loss, its learned bias, no cap on the scale
+        with torch.no_grad():
+            model_module = accelerator.unwrap_model(model)
+            model_module.logit_scale.fill_(2.3)
+            model_module.logit_bias.fill_(-3.0)
+        return StepContext(accelerator, model, optimizer, scheduler, normalizer, 1.0, True, sigmoid_loss, None)
     return StepContext(accelerator, model, optimizer, scheduler, normalizer, 1.0, local_loss)
 
 
@@ -72,18 +79,19 @@ def one_step(
     freeze: str = "none",
     local_loss: bool = False,
     lora: bool = False,
+    siglip: bool = False,
 ) -> dict:
     """One optimizer step on this process's share of the same global batch of 16 pairs."""
-    context = step_context(accelerator, freeze, local_loss, lora)
+    context = step_context(accelerator, freeze, local_loss, lora, siglip)
     before = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
-    pairs = synthetic_pairs(GLOBAL_BATCH, seed=1)
+    pairs = synthetic_pairs(GLOBAL_BATCH, seed=1, text_length=64 if siglip else 7)
     per_process = GLOBAL_BATCH // accelerator.num_processes
     mine = pairs[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
     size = per_process // micro_batches_per_process
     micro_batches = [stack(mine[i : i + size]) for i in range(0, per_process, size)]
     take_step = exact_step if len(micro_batches) > 1 else plain_step
     loss, _ = take_step(context, micro_batches)
-    loss = accelerator.reduce(loss, "mean") if local_loss else loss
+    loss = accelerator.reduce(loss, "mean") if local_loss or siglip else loss
     after = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
     return {"loss": loss.item(), "before": before, "after": after}
 
@@ -163,6 +171,8 @@ SCENARIOS = {
         f"freeze_{strategy}": (lambda acc, s=strategy: one_step(acc, 1, freeze=s))
         for strategy in ("none", "vision_layers", "backbones")
     },
+    "siglip_step": lambda acc: one_step(acc, 1, siglip=True),
+    "siglip_step_exact_accumulation": lambda acc: one_step(acc, 2, siglip=True),
     "lora_step": lambda acc: one_step(acc, 1, lora=True),
     "lora_step_exact_accumulation": lambda acc: one_step(acc, 2, lora=True),
     "evaluate": evaluate,

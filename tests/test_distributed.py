@@ -56,6 +56,20 @@ def test_two_processes_times_b_equal_one_process_times_2b(measured, scenario):
     _assert_same_step(measured("step", 1), measured(scenario, 2))
 
 
+@pytest.mark.parametrize("scenario", ["siglip_step", "siglip_step_exact_accumulation"])
+def test_sigmoid_loss_on_two_processes_equals_one_process_with_the_doubled_batch(measured, scenario):
+    # SigLIP: 2 x 8 (each process its images against all 16 texts, the texts' gradient reduce-scattered) and
+    # 2 x (2 micro x 4) with exact accumulation vs one batch of 16; the bias and the scale move too.
+    one, two = measured("siglip_step", 1), measured(scenario, 2)
+    _assert_same_step(one, two)
+    assert {"logit_scale", "logit_bias"} <= set(two["after"])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigmoid_exact_accumulation_equals_one_batch(measured, world):
+    _assert_same_step(measured("siglip_step", 1), measured("siglip_step_exact_accumulation", world))
+
+
 @pytest.mark.parametrize("scenario", ["lora_step", "lora_step_exact_accumulation"])
 def test_lora_on_two_processes_trains_the_adapters_as_on_one(measured, scenario):
     one, two = measured("lora_step", 1), measured(scenario, 2)

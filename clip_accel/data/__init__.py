@@ -67,10 +67,14 @@ def build_pair_datasets(
     train_image_size: int | None = None,
     per_node: bool = False,
     require_captions: bool = True,
+    family=None,
 ) -> dict[str, PairDataset]:
     """Preprocess (or reuse the cache of) each split, at `image_size` (the training split at `train_image_size`
     when given: larger, for augmentation's random crops). The main process goes first so the others only read;
-    with `per_node` (node-local caches) each node's first process does."""
+    with `per_node` (node-local caches) each node's first process does. `family` (`model.Family`; default CLIP's
+    rules): SigLIP's square resize and fixed text padding."""
+    square = family is not None and family.square_resize
+    pad_to = family.pad_to if family is not None else None
     cache_dir = preprocessing_cache_dir(config)
     pairs = {}
     for role, raw in raw_splits.items():
@@ -86,8 +90,9 @@ def build_pair_datasets(
                 config.preprocessing_num_workers,
                 draft=train,
                 require_captions=require_captions,
+                square=square,
             )
-        pairs[role] = PairDataset(cached, tokenizer.pad_token_id)
+        pairs[role] = PairDataset(cached, tokenizer.pad_token_id, pad_to)
         if len(pairs[role]) == 0:
             raise ValueError(
                 f"Split {raw.name!r} has no usable pairs ({len(raw.dataset)} rows, all skipped); "

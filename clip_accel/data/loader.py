@@ -27,12 +27,13 @@ class PairDataset(Dataset):
     Rows whose `skip_reason` is set are left out; `skipped_rows()` lists them for the report.
     """
 
-    def __init__(self, cached: datasets.Dataset, pad_token_id: int) -> None:
+    def __init__(self, cached: datasets.Dataset, pad_token_id: int, pad_to: int | None = None) -> None:
         if cached._indices is not None:
             cached = cached.flatten_indices()
         table = cached.data.table
         self.cached = cached
         self.pad_token_id = pad_token_id
+        self.pad_to = pad_to  # SigLIP: every caption padded to this length (its text tower pools the last position)
         reasons = np.asarray(table.column("skip_reason").to_pylist(), dtype=object)
         self.rows = np.flatnonzero(reasons == "")
         self.skip_reasons = reasons
@@ -55,7 +56,9 @@ class PairDataset(Dataset):
         """A batch: `pixel_values` uint8 (B, S, S, 3) and `input_ids` int64 (B, L) padded to the longest caption.
 
         Padding uses the pad token (CLIP's end-of-text); the text tower is causal and pools at the first
-        end-of-text token, so padding to the batch's longest caption instead of 77 changes no output.
+        end-of-text token, so padding to the batch's longest caption instead of 77 changes no output. SigLIP's pools
+        the last position and attends to padding: there every caption is padded to `pad_to` (64), as it was
+        trained.
         """
         rows = self.rows[np.asarray(positions, dtype=np.int64)]
         chunk_ids = np.searchsorted(self.chunk_starts, rows, side="right") - 1
@@ -69,7 +72,8 @@ class PairDataset(Dataset):
         for chunk_id, offset in zip(chunk_ids, offsets, strict=True):
             starts, values = self.token_chunks[chunk_id]
             captions.append(values[starts[offset] : starts[offset + 1]])
-        input_ids = np.full((len(rows), max(len(c) for c in captions)), self.pad_token_id, dtype=np.int64)
+        length = self.pad_to or max(len(c) for c in captions)
+        input_ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int64)
         for index, caption in enumerate(captions):
             input_ids[index, : len(caption)] = caption
         return {"pixel_values": torch.from_numpy(pixels), "input_ids": torch.from_numpy(input_ids)}

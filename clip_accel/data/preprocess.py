@@ -47,8 +47,9 @@ def cached_features(image_size: int) -> datasets.Features:
     )
 
 
-def load_rgb_image(source: str | dict, image_size: int, *, draft: bool = True) -> np.ndarray:
+def load_rgb_image(source: str | dict, image_size: int, *, draft: bool = True, square: bool = False) -> np.ndarray:
     """Decode, convert to RGB, resize the shortest edge to `image_size` (bicubic) and centre-crop: (S, S, 3) uint8.
+    With `square` (SigLIP's processor), resize to S x S (bicubic) without a crop instead.
 
     `draft` lets libjpeg downscale while decoding (2-3x faster on product photos); it never goes below the
     requested size, so the final bicubic resize sees at least as many pixels as it outputs, but for a JPEG at
@@ -67,6 +68,8 @@ def load_rgb_image(source: str | dict, image_size: int, *, draft: bool = True) -
             image.draft("RGB", (image_size, image_size))
         image = to_rgb(image)
         image.load()  # decode now, while the file is open
+    if square:
+        return np.asarray(image.resize((image_size, image_size), Image.Resampling.BICUBIC), dtype=np.uint8)
     width, height = image.size
     # Same arithmetic as CLIPImageProcessor (long edge = int(size * long / short)), so training sees the pixels
     # that CLIPProcessor gives users at inference.
@@ -96,12 +99,19 @@ class PairPreprocessor:
     (and blank pixels) instead of failing the whole pass; the loader leaves such rows out and reports them."""
 
     def __init__(
-        self, tokenizer, image_size: int, max_length: int, draft: bool = True, require_captions: bool = True
+        self,
+        tokenizer,
+        image_size: int,
+        max_length: int,
+        draft: bool = True,
+        require_captions: bool = True,
+        square: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.max_length = max_length
         self.draft = draft
+        self.square = square
         self.require_captions = require_captions  # False: images alone (an image folder to embed)
 
     def __call__(self, batch: dict) -> dict:
@@ -113,7 +123,7 @@ class PairPreprocessor:
             array = None
             if not reason:
                 try:
-                    array = load_rgb_image(image, self.image_size, draft=self.draft)
+                    array = load_rgb_image(image, self.image_size, draft=self.draft, square=self.square)
                 except IMAGE_ERRORS as error:
                     reason = f"unreadable image: {type(error).__name__}: {error}"
             blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
@@ -150,10 +160,12 @@ def preprocess_split(
     *,
     draft: bool = True,
     require_captions: bool = True,
+    square: bool = False,
 ) -> datasets.Dataset:
     """Decode and tokenize one split through `datasets.map`, reusing the cache when nothing changed. `draft`: the
     fast JPEG decode (training), or the exact `CLIPProcessor` pixels (evaluation splits). Without
-    `require_captions` an empty caption is not a reason to skip the row (images to embed)."""
+    `require_captions` an empty caption is not a reason to skip the row (images to embed). `square`: SigLIP's
+    resize without crop."""
     max_length = min(tokenizer.model_max_length, MAX_TEXT_TOKENS)
     fingerprint = hashlib.sha256(
         json.dumps(
@@ -165,12 +177,13 @@ def preprocess_split(
                 tokenizer_fingerprint(tokenizer),
                 draft,
                 *([] if require_captions else ["captions optional"]),
+                *(["square resize"] if square else []),
             ]
         ).encode()
     ).hexdigest()[:32]
     os.makedirs(cache_dir, exist_ok=True)
     return raw.dataset.map(
-        PairPreprocessor(tokenizer, image_size, max_length, draft, require_captions),
+        PairPreprocessor(tokenizer, image_size, max_length, draft, require_captions, square),
         batched=True,
         batch_size=64,
         num_proc=num_proc if num_proc > 1 and len(raw.dataset) >= 2 * num_proc else None,
