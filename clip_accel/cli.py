@@ -73,19 +73,9 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="clip-accel evaluate", description="Retrieval recall@K of any CLIP checkpoint."
     )
-    parser.add_argument("--model_name_or_path", required=True, help="Folder from save_pretrained or a Hub id.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data_dir", help="Folder in the Indo-fashion layout.")
-    source.add_argument("--dataset_name", help="Any dataset datasets.load_dataset accepts.")
-    source.add_argument("--demo", action="store_true", help="The embedded demo catalogue.")
-    parser.add_argument("--split", default="test", help="Split to evaluate (default: test).")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--caption_column", default="caption")
-    parser.add_argument("--label_column", default=None, help="Class-label column, for zero-shot accuracy.")
-    parser.add_argument("--data_files", default=None, help="With --dataset_name: local folder or glob.")
+    _add_split_arguments(parser, "evaluate")
     parser.add_argument("--zero_shot_templates", default=None, help="JSON list of prompt templates ({c}).")
     parser.add_argument("--zero_shot_class_names", default=None, help="JSON object: class label -> words.")
-    parser.add_argument("--cache_dir", default=None, help="Preprocessing cache (default: the datasets cache).")
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument(
         "--per_device_eval_batch_size",
@@ -103,18 +93,10 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_file", default=None, help="Write the metrics here as JSON.")
     args = parser.parse_args(argv)
     setup_logging()
-    data_config = DataConfig(
-        data_dir=args.data_dir,
-        dataset_name=args.dataset_name,
-        demo=args.demo,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        label_column=args.label_column,
-        data_files=args.data_files,
+    data_config = _split_data_config(
+        args,
         zero_shot_templates=args.zero_shot_templates,
         zero_shot_class_names=args.zero_shot_class_names,
-        cache_dir=args.cache_dir,
-        test_split=args.split,
         max_eval_samples=args.max_eval_samples,
     )
     metrics = evaluate_folder(
@@ -181,6 +163,38 @@ def reproduce_main(argv: list[str] | None = None) -> None:
     run_sweep(options)
 
 
+def _add_split_arguments(parser: argparse.ArgumentParser, verb: str):
+    """The model and one split to read (`evaluate`, `embed`); returns the data-source group for more sources."""
+    parser.add_argument("--model_name_or_path", required=True, help="Folder from save_pretrained or a Hub id.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data_dir", help="Folder in the Indo-fashion layout.")
+    source.add_argument("--dataset_name", help="Any dataset datasets.load_dataset accepts.")
+    source.add_argument("--demo", action="store_true", help="The embedded demo catalogue.")
+    parser.add_argument("--split", default="test", help=f"Split to {verb} (default: test).")
+    parser.add_argument("--data_files", default=None, help="With --dataset_name: local folder or glob.")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--caption_column", default="caption")
+    parser.add_argument("--label_column", default=None, help="Class-label column, for zero-shot accuracy.")
+    parser.add_argument("--cache_dir", default=None, help="Preprocessing cache (default: the datasets cache).")
+    return source
+
+
+def _split_data_config(args: argparse.Namespace, **options) -> DataConfig:
+    """The DataConfig of `_add_split_arguments`' options (and `options`), `--split` as its test split."""
+    return DataConfig(
+        data_dir=args.data_dir,
+        dataset_name=args.dataset_name,
+        demo=args.demo,
+        data_files=args.data_files,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        label_column=args.label_column,
+        cache_dir=args.cache_dir,
+        test_split=args.split,
+        **options,
+    )
+
+
 def wise_ft_main(argv: list[str] | None = None) -> None:
     """`clip-accel wise-ft OUTPUT [--weights 0 0.25 0.5 0.75 1] [--heldout_data_dir DIR]`"""
     parser = argparse.ArgumentParser(
@@ -227,9 +241,7 @@ def wise_ft_main(argv: list[str] | None = None) -> None:
     setup_logging()
     data = None
     if args.data_dir or args.dataset_name or args.demo:
-        data = DataConfig(
-            data_dir=args.data_dir, dataset_name=args.dataset_name, demo=args.demo, cache_dir=args.cache_dir
-        )
+        data = DataConfig(data_dir=args.data_dir, dataset_name=args.dataset_name, demo=args.demo)
     heldout = None
     if args.heldout_data_dir or args.heldout_dataset_name:
         heldout = DataConfig(
@@ -241,7 +253,6 @@ def wise_ft_main(argv: list[str] | None = None) -> None:
             label_column=args.heldout_label_column,
             validation_split=args.heldout_validation_split,
             test_split=args.heldout_test_split,
-            cache_dir=args.cache_dir,
         )
     options = WiseFtOptions(
         finetuned=args.finetuned,
@@ -266,18 +277,8 @@ def embed_main(argv: list[str] | None = None) -> None:
         description="Embed a split (or a folder of images) with a trained folder or Hub id, into a .parquet or "
         ".safetensors file with row ids; runs on every process of an accelerate launch.",
     )
-    parser.add_argument("--model_name_or_path", required=True, help="Folder from save_pretrained or a Hub id.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data_dir", help="Folder in the Indo-fashion layout.")
-    source.add_argument("--dataset_name", help="Any dataset datasets.load_dataset accepts.")
-    source.add_argument("--demo", action="store_true", help="The embedded demo catalogue.")
+    source = _add_split_arguments(parser, "embed")
     source.add_argument("--image_folder", help="A folder of image files (no captions): image embeddings only.")
-    parser.add_argument("--split", default="test", help="Split to embed (default: test).")
-    parser.add_argument("--data_files", default=None, help="With --dataset_name: local folder or glob.")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--caption_column", default="caption")
-    parser.add_argument("--label_column", default=None)
-    parser.add_argument("--cache_dir", default=None, help="Preprocessing cache (default: the datasets cache).")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=None, help="Default: the run's, else 128.")
     parser.add_argument("--output_file", required=True, help="Where to write: NAME.parquet or NAME.safetensors.")
     args = parser.parse_args(argv)
@@ -285,21 +286,12 @@ def embed_main(argv: list[str] | None = None) -> None:
     setup_logging()
     data = None
     if args.image_folder is None:
-        data = DataConfig(
-            data_dir=args.data_dir,
-            dataset_name=args.dataset_name,
-            demo=args.demo,
-            data_files=args.data_files,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            label_column=args.label_column,
-        )
+        data = _split_data_config(args)
     elif not os.path.isdir(args.image_folder):
         parser.error(f"--image_folder {args.image_folder!r} is not a folder.")
     embeddings = embed(
         args.model_name_or_path,
         data,
-        args.split,
         image_folder=args.image_folder,
         cache_dir=args.cache_dir,
         batch_size=args.per_device_eval_batch_size,

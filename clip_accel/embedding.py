@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -24,14 +24,13 @@ import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .config import DataConfig
 from .data import build_pair_datasets, load_raw_splits, make_dataloader, read_image_folder
 from .data.sources import data_source_dir
-from .evaluation import training_eval_batch_size
+from .evaluation import embed_split, training_eval_batch_size
 from .launch import check_processes, data_prepared_per_node
-from .model import ContrastiveModel, PixelNormalizer, image_size_of, load_pretrained, unwrap
+from .model import ContrastiveModel, PixelNormalizer, image_size_of, load_pretrained
 
 logger = logging.getLogger(__name__)
 FORMATS = (".parquet", ".safetensors")
@@ -62,84 +61,61 @@ def check_output_file(path: str) -> None:
 def embed(
     model_name_or_path: str,
     data_config: DataConfig | None = None,
-    split: str = "test",
     *,
     image_folder: str | None = None,
     cache_dir: str | None = None,
     batch_size: int | None = None,
 ) -> Embeddings:
-    """Every usable row of `split` of `data_config`, or every image under `image_folder`, through the model; rows
-    that do not preprocess (unreadable images, empty captions) are left out and counted in the log."""
-    accelerator, model, processor = _load(model_name_or_path)
+    """Every usable row of `data_config`'s test split (the split to embed), or every image under `image_folder`
+    (preprocessed into `cache_dir`), through the model; rows that do not preprocess (unreadable images, empty
+    captions) are left out and counted in the log."""
+    accelerator = Accelerator()
+    check_processes(accelerator)
+    clip, processor = load_pretrained(model_name_or_path)
+    module = ContrastiveModel(clip)
+    config = data_config if image_folder is None else DataConfig(data_dir=image_folder, cache_dir=cache_dir)
+    per_node = data_prepared_per_node(accelerator, config)
     if image_folder is not None:
-        config = DataConfig(data_dir=image_folder, cache_dir=cache_dir)
         with accelerator.main_process_first():
             raw = {"test": read_image_folder(image_folder)}
     else:
-        config = replace(data_config, test_split=split, **({"cache_dir": cache_dir} if cache_dir else {}))
-        raw = load_raw_splits(
-            accelerator, config, roles=("test",), per_node=data_prepared_per_node(accelerator, config)
-        )
-    image_size = image_size_of(unwrap(accelerator, model).clip)
+        raw = load_raw_splits(accelerator, config, roles=("test",), per_node=per_node)
     pairs = build_pair_datasets(
         accelerator,
         config,
         raw,
         processor.tokenizer,
-        image_size,
-        per_node=data_prepared_per_node(accelerator, config),
+        image_size_of(clip),
+        per_node=per_node,
         require_captions=image_folder is None,
-        family=unwrap(accelerator, model).family,
+        family=module.family,
     )["test"]
     skipped = pairs.skipped_rows()
     if skipped and accelerator.is_main_process:
         first = raw["test"].describe_row(skipped[0]["source_row"])
         logger.warning(f"{len(skipped)} rows left out (first: {first}: {skipped[0]['reason']}).")
     loader = make_dataloader(pairs, batch_size or training_eval_batch_size(model_name_or_path), train=False)
+    model, loader = accelerator.prepare(module, loader)
+    normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
     with_text = image_folder is None
-    image_embeds, text_embeds = _embed(accelerator, model, processor, accelerator.prepare(loader), with_text)
+    image_embeds, text_embeds = embed_split(
+        accelerator, model, loader, normalizer.to(accelerator.device), with_text=with_text, progress=True
+    )
     paths = raw["test"].dataset["image"]
     images = [paths[row] if isinstance(paths[row], str) else None for row in pairs.rows]
     # Ids: the image's path inside the folder read (Indo-fashion's image_path), else the split and row.
     folder = image_folder or data_source_dir(config)
     rows = pairs.column("source_row")
     ids = [
-        os.path.relpath(image, folder) if image and folder else image or f"{split}/{row}"
+        os.path.relpath(image, folder) if image and folder else image or f"{config.test_split}/{row}"
         for image, row in zip(images, rows, strict=True)
     ]
     if image_folder is not None:
         captions = labels = [None] * len(ids)
     else:
         captions, labels = pairs.column("caption"), [label or None for label in pairs.column("label")]
+    image_embeds, text_embeds = image_embeds.cpu(), None if text_embeds is None else text_embeds.cpu()
     return Embeddings(ids, images, captions, labels, image_embeds, text_embeds, model_name_or_path)
-
-
-def _load(model_name_or_path: str):
-    accelerator = Accelerator()
-    check_processes(accelerator)
-    clip, processor = load_pretrained(model_name_or_path)
-    model = ContrastiveModel(clip)
-    return accelerator, accelerator.prepare(model), processor
-
-
-def _embed(accelerator: Accelerator, model, processor, loader, with_text: bool):
-    """(image, text or None) L2-normalised embeddings of every row, gathered in loader order, on the CPU."""
-    normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
-    normalizer = normalizer.to(accelerator.device)
-    module = unwrap(accelerator, model).eval()
-    image_parts, text_parts = [], []
-    hidden = {} if accelerator.is_local_main_process else {"disable": True}
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="Embedding", **hidden):
-            input_ids = batch.get("input_ids") if with_text else None
-            with accelerator.autocast():
-                image, text, _ = module(pixel_values=normalizer(batch["pixel_values"]), input_ids=input_ids)
-            gathered = accelerator.gather_for_metrics((image, text) if with_text else image)
-            image, text = gathered if with_text else (gathered, None)
-            image_parts.append(image.cpu())
-            if text is not None:
-                text_parts.append(text.cpu())
-    return torch.cat(image_parts), torch.cat(text_parts) if text_parts else None
 
 
 def save_embeddings(embeddings: Embeddings, path: str) -> None:

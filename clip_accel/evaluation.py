@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .config import RECALL_KS, DataConfig
 from .data import build_pair_datasets, load_raw_splits, make_dataloader
@@ -20,15 +21,22 @@ from .zero_shot import Prompts, class_text_embeddings, load_prompts, zero_shot_a
 
 @torch.no_grad()
 def embed_split(
-    accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, normalizer: PixelNormalizer
-) -> tuple[torch.Tensor, torch.Tensor]:
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    dataloader: DataLoader,
+    normalizer: PixelNormalizer,
+    *,
+    with_text: bool = True,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """L2-normalised (N, D) image and text embeddings of every pair of the split, in split order, on the device
     (where the recall is then computed: a GPU scores 100,000 pairs in well under a second, and no batch waits
     for a copy to the host).
 
     Gathered batch by batch with `gather_for_metrics`, which drops the samples Accelerate repeated to even out
     the last batches (after the loop it could no longer tell which they were). Image and text embeddings of a
-    batch are gathered together so pairs stay aligned.
+    batch are gathered together so pairs stay aligned. Without `with_text` only images are embedded (text None);
+    `progress` draws a bar on the local main process.
     """
     # The module itself, not DDP's wrapper (no gradient bookkeeping, no buffer broadcast per batch); under FSDP2
     # the module is its own wrapper and gathers its shards in forward.
@@ -36,14 +44,19 @@ def embed_split(
     was_training = module.training
     module.eval()
     image_parts, text_parts = [], []
-    for batch in dataloader:
+    hidden = {"disable": not (progress and accelerator.is_local_main_process)}
+    for batch in tqdm(dataloader, desc="Embedding", **hidden):
+        input_ids = batch["input_ids"] if with_text else None
         with accelerator.autocast():
-            image, text, _ = module(pixel_values=normalizer(batch["pixel_values"]), input_ids=batch["input_ids"])
-        image, text = accelerator.gather_for_metrics((image, text))
+            image, text, _ = module(pixel_values=normalizer(batch["pixel_values"]), input_ids=input_ids)
+        if with_text:
+            image, text = accelerator.gather_for_metrics((image, text))
+            text_parts.append(text)
+        else:
+            image = accelerator.gather_for_metrics(image)
         image_parts.append(image)
-        text_parts.append(text)
     module.train(was_training)
-    return torch.cat(image_parts), torch.cat(text_parts)
+    return torch.cat(image_parts), torch.cat(text_parts) if with_text else None
 
 
 def evaluate_retrieval(

@@ -102,7 +102,7 @@ def sigmoid_loss(
     same). `local_loss` is accepted for a uniform signature: this loss is always computed locally.
     """
     image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
-    world_size, rank = _world()
+    rank = _world()[1]
     all_text = gather_with_grad(text_embeds, same_gradient_everywhere=False)
     scale, bias = logit_params.float()[0].exp(), logit_params.float()[1]
     logits = scale * image_embeds @ all_text.T + bias

@@ -77,14 +77,12 @@ def load_pretrained(name_or_path: str):
     return model, AutoProcessor.from_pretrained(name_or_path)
 
 
-def load_model_and_processor(
-    config: ModelConfig, training_captions: Callable[[], Iterable[str]], global_batch: int = 32768
-):
+def load_model_and_processor(config: ModelConfig, training_captions: Callable[[], Iterable[str]]):
     """Load `config.model_name_or_path`, or build a fresh model from `config.scratch_config`.
 
     `training_captions` is only called on the from-scratch path, where the tokenizer is learned from them. A fresh
-    SigLIP starts at t = log 10 and b = -log(global_batch): the prior log-odds that a pair of the batch matches
-    (the paper's b = -10 is this for its batch of 32k; transformers initialises both at 0, far from the prior).
+    SigLIP starts at the paper's t = log 10, b = -10 (transformers initialises both at 0, from where the tiny demo
+    does not learn; b = -log(batch), the prior for small batches, collapsed it to constant embeddings).
     """
     if config.scratch_config is None:
         return load_pretrained(config.model_name_or_path)

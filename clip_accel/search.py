@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageOps
 from .data.preprocess import IMAGE_ERRORS, load_rgb_image
 from .embedding import Embeddings
 from .model import ContrastiveModel, PixelNormalizer, image_size_of, load_pretrained
+from .zero_shot import embed_texts
 
 CHUNK_ROWS = 1 << 20
 
@@ -61,14 +62,7 @@ class QueryEncoder:
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> torch.Tensor:
-        tokenizer, family = self.processor.tokenizer, self.model.family
-        if family.pad_to:  # SigLIP: padded to its fixed length, no mask, as its captions were embedded
-            tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=family.pad_to)
-            return self.model(input_ids=torch.tensor(tokens["input_ids"], device=self.device))[1]
-        tokens = tokenizer(texts, padding=True, truncation=True, max_length=min(tokenizer.model_max_length, 77))
-        input_ids = torch.tensor(tokens["input_ids"], device=self.device)
-        attention_mask = torch.tensor(tokens["attention_mask"], device=self.device)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask)[1]
+        return embed_texts(self.model, self.processor.tokenizer, texts, self.device)
 
     @torch.no_grad()
     def images(self, paths: list[str]) -> torch.Tensor:

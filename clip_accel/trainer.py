@@ -319,11 +319,7 @@ def _load_model_and_data(
     per_node = data_prepared_per_node(accelerator, data_config)
     raw_splits = load_raw_splits(accelerator, data_config, per_node=per_node)
     _check_split_sizes(config, accelerator.num_processes, {role: len(raw.dataset) for role, raw in raw_splits.items()})
-    clip, processor = load_model_and_processor(
-        model_config,
-        lambda: raw_splits["train"].dataset["caption"],
-        global_batch=config.global_batch_size(accelerator.num_processes),
-    )
+    clip, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
     trainable, total = freeze_parameters(clip, model_config.freeze, model_config.freeze_vision_layers)
     how = f"freezing: {model_config.freeze}"
     if model_config.lora_rank:

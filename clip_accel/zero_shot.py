@@ -153,7 +153,7 @@ def class_text_embeddings(
     try:
         prompt_embeds = torch.cat(
             [
-                _embed_prompts(model, tokenizer, prompts[start : start + _PROMPTS_PER_BATCH], device)
+                embed_texts(model, tokenizer, prompts[start : start + _PROMPTS_PER_BATCH], device)
                 for start in range(0, len(prompts), _PROMPTS_PER_BATCH)
             ]
         )
@@ -174,9 +174,10 @@ def _check_templates(templates: Sequence[str], labels: list[str]) -> None:
         raise ValueError(f"every template needs a '{{label}}' placeholder; these have none: {missing}")
 
 
-def _embed_prompts(model: torch.nn.Module, tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """float32 (P, D) projected text embeddings of P prompts (normalised or not: the caller normalises). A SigLIP
-    model's prompts are padded to its fixed length, without a mask, as its captions are."""
+def embed_texts(model: torch.nn.Module, tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """float32 (P, D) projected text embeddings of P prompts or queries (L2-normalised from the trainer's
+    ContrastiveModel, not from a CLIPModel: the caller normalises). A SigLIP model's texts are padded to its fixed
+    length, without a mask, as its captions are."""
     pad_to = getattr(getattr(model, "family", None), "pad_to", None)
     if pad_to:
         tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=pad_to, return_tensors="pt")

@@ -235,46 +235,48 @@ def test_class_names_replace_the_labels_in_the_prompts(offline_tokenizer):
     torch.testing.assert_close(named, plain)
 
 
-def test_training_evaluates_with_the_prompts_it_was_given(make_configs, tmp_path, monkeypatch):
+@pytest.fixture
+def prompts_embedded(monkeypatch) -> list:
+    """What evaluation embeds for zero-shot, one (templates, class-name map) per call."""
     from clip_accel import evaluation
+
+    seen = []
+    real = evaluation.class_text_embeddings
+
+    def recording(model, tokenizer, labels, templates, device=None, class_names=None):
+        seen.append((tuple(templates), tuple(sorted((class_names or {}).items()))))
+        return real(model, tokenizer, labels, templates, device=device, class_names=class_names)
+
+    monkeypatch.setattr(evaluation, "class_text_embeddings", recording)
+    return seen
+
+
+def _prompt_files(folder, template: str, names: dict) -> tuple[str, str]:
+    templates, class_names = folder / "templates.json", folder / "names.json"
+    templates.write_text(json.dumps([template]))
+    class_names.write_text(json.dumps(names))
+    return str(templates), str(class_names)
+
+
+def test_training_evaluates_with_the_prompts_it_was_given(make_configs, tmp_path, prompts_embedded):
     from clip_accel.trainer import train
 
-    seen = []
-    real = evaluation.class_text_embeddings
-
-    def recording(model, tokenizer, labels, templates, device=None, class_names=None):
-        seen.append((tuple(templates), tuple(sorted((class_names or {}).items()))))
-        return real(model, tokenizer, labels, templates, device=device, class_names=class_names)
-
-    monkeypatch.setattr(evaluation, "class_text_embeddings", recording)
-    templates, names = tmp_path / "templates.json", tmp_path / "names.json"
-    templates.write_text(json.dumps(["a garment: {c}."]))
-    names.write_text(json.dumps({"saree": "sari"}))
-    configs = make_configs(max_steps=1, zero_shot_templates=str(templates), zero_shot_class_names=str(names))
-    train(*configs)
-    assert seen and set(seen) == {(("a garment: {label}.",), (("saree", "sari"),))}
+    templates, names = _prompt_files(tmp_path, "a garment: {c}.", {"saree": "sari"})
+    train(*make_configs(max_steps=1, zero_shot_templates=templates, zero_shot_class_names=names))
+    assert prompts_embedded and set(prompts_embedded) == {(("a garment: {label}.",), (("saree", "sari"),))}
 
 
-def test_the_evaluate_command_uses_the_prompt_files_it_is_given(tiny_pretrained_dir, demo_dir, tmp_path, monkeypatch):
+def test_the_evaluate_command_uses_the_prompt_files_it_is_given(
+    tiny_pretrained_dir, demo_dir, tmp_path, prompts_embedded
+):
     from accelerate.state import AcceleratorState
 
-    from clip_accel import evaluation
     from clip_accel.cli import evaluate_main
 
-    seen = []
-    real = evaluation.class_text_embeddings
-
-    def recording(model, tokenizer, labels, templates, device=None, class_names=None):
-        seen.append((tuple(templates), tuple(sorted((class_names or {}).items()))))
-        return real(model, tokenizer, labels, templates, device=device, class_names=class_names)
-
-    monkeypatch.setattr(evaluation, "class_text_embeddings", recording)
-    templates, names = tmp_path / "templates.json", tmp_path / "names.json"
-    templates.write_text(json.dumps(["catalogue photo of {c}."]))
-    names.write_text(json.dumps({"gowns": "gown"}))
+    templates, names = _prompt_files(tmp_path, "catalogue photo of {c}.", {"gowns": "gown"})
     argv = ["--model_name_or_path", tiny_pretrained_dir, "--data_dir", demo_dir, "--cache_dir", str(tmp_path / "c")]
     try:
-        evaluate_main([*argv, "--zero_shot_templates", str(templates), "--zero_shot_class_names", str(names)])
+        evaluate_main([*argv, "--zero_shot_templates", templates, "--zero_shot_class_names", names])
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-    assert seen == [(("catalogue photo of {label}.",), (("gowns", "gown"),))]
+    assert prompts_embedded == [(("catalogue photo of {label}.",), (("gowns", "gown"),))]
