@@ -30,7 +30,7 @@ from .data import build_pair_datasets, load_raw_splits, make_dataloader, read_im
 from .data.sources import data_source_dir
 from .evaluation import embed_split, training_eval_batch_size
 from .launch import check_processes, data_prepared_per_node
-from .model import ContrastiveModel, PixelNormalizer, image_size_of, load_pretrained
+from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained
 
 logger = logging.getLogger(__name__)
 FORMATS = (".parquet", ".safetensors")
@@ -85,7 +85,7 @@ def embed(
         config,
         raw,
         processor.tokenizer,
-        image_size_of(clip),
+        image_layout(clip, processor),
         per_node=per_node,
         require_captions=image_folder is None,
         family=module.family,

@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import RECALL_KS, DataConfig
-from .data import build_pair_datasets, load_raw_splits, make_dataloader
+from .data import ImageLayout, build_pair_datasets, load_raw_splits, make_dataloader
 from .launch import check_processes, data_prepared_per_node
 from .metrics import retrieval_metrics
-from .model import ContrastiveModel, PixelNormalizer, image_size_of, load_pretrained, unwrap
+from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained, unwrap
 from .zero_shot import Prompts, class_text_embeddings, load_prompts, zero_shot_accuracy
 
 
@@ -48,7 +48,7 @@ def embed_split(
     for batch in tqdm(dataloader, desc="Embedding", **hidden):
         input_ids = batch["input_ids"] if with_text else None
         with accelerator.autocast():
-            image, text, _ = module(pixel_values=normalizer(batch["pixel_values"]), input_ids=input_ids)
+            image, text, _ = module(**normalizer.inputs(batch), input_ids=input_ids)
         if with_text:
             image, text = accelerator.gather_for_metrics((image, text))
             text_parts.append(text)
@@ -128,7 +128,7 @@ def evaluation_splits(
     accelerator: Accelerator,
     data_config: DataConfig,
     processor,
-    image_size: int,
+    layout: ImageLayout,
     batch_size: int,
     roles=("test",),
     family=None,
@@ -139,7 +139,7 @@ def evaluation_splits(
     per_node = data_prepared_per_node(accelerator, data_config)
     raw = load_raw_splits(accelerator, data_config, roles=roles, per_node=per_node)
     pairs = build_pair_datasets(
-        accelerator, data_config, raw, processor.tokenizer, image_size, per_node=per_node, family=family
+        accelerator, data_config, raw, processor.tokenizer, layout, per_node=per_node, family=family
     )
     return {
         role: EvaluationSplit(
@@ -188,8 +188,8 @@ def evaluate_folder(
     clip, processor = load_pretrained(model_name_or_path)
     model = ContrastiveModel(clip)
     batch_size = batch_size or training_eval_batch_size(model_name_or_path)
-    image_size = image_size_of(clip)
-    splits = evaluation_splits(accelerator, data_config, processor, image_size, batch_size, family=model.family)
+    layout = image_layout(clip, processor)
+    splits = evaluation_splits(accelerator, data_config, processor, layout, batch_size, family=model.family)
     return score(accelerator, accelerator.prepare(model), processor, splits["test"], identical_captions_match)
 
 

@@ -1,10 +1,11 @@
 """Model loading (pretrained or from scratch), model families, freezing strategies, and on-device pixel
 normalisation.
 
-Two families, told apart by the checkpoint's config (`model_type`), never by a flag: CLIP (`CLIPModel`: softmax
+Three families, told apart by the checkpoint's config (`model_type`), never by a flag: CLIP (`CLIPModel`: softmax
 contrastive loss, shortest-side resize and centre crop, text padded to the batch's longest caption, up to 77
-tokens) and SigLIP (`SiglipModel`: sigmoid loss with a learned bias, square resize without crop, text padded to
-64 tokens as it was trained, since its text tower pools the last position).
+tokens), SigLIP (`SiglipModel`: sigmoid loss with a learned bias, square resize without crop, text padded to
+64 tokens as it was trained, since its text tower pools the last position) and SigLIP 2 (`Siglip2Model`, NaFlex:
+SigLIP's loss and text, images kept at their aspect ratio as sequences of patches with their grid).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from transformers import (
     CLIPModel,
     CLIPProcessor,
     PreTrainedModel,
+    Siglip2Config,
+    Siglip2ImageProcessorPil,
+    Siglip2Model,
+    Siglip2Processor,
     SiglipConfig,
     SiglipImageProcessorPil,
     SiglipModel,
@@ -33,7 +38,8 @@ from transformers import (
 )
 
 from .config import ModelConfig
-from .tokenizer import build_offline_tokenizer
+from .data.preprocess import ImageLayout
+from .tokenizer import build_offline_siglip2_tokenizer, build_offline_tokenizer
 
 
 @dataclass(frozen=True)
@@ -43,15 +49,21 @@ class Family:
     name: str
     model_class: type[PreTrainedModel]
     loss: str  # "softmax" (CLIP's InfoNCE) or "sigmoid" (SigLIP's, with a learned bias)
-    square_resize: bool  # resize to S x S without crop (SigLIP) instead of shortest side + centre crop (CLIP)
+    resize: str  # the processor's image layout (ImageLayout): "crop" (CLIP), "square" (SigLIP), "patches" (SigLIP 2)
     text_length: int  # the most text tokens
     pad_to: int | None  # pad every text to this length (the model pools a fixed position), else to the longest
     max_logit_scale: float | None  # the cap on logit_scale after each step (CLIP's ln 100), or none
 
+    @property
+    def sigmoid(self) -> bool:  # SigLIP's loss, and its learned bias
+        return self.loss == "sigmoid"
 
-CLIP = Family("clip", CLIPModel, "softmax", False, 77, None, math.log(100.0))
-SIGLIP = Family("siglip", SiglipModel, "sigmoid", True, 64, 64, None)
-FAMILIES = {"clip": CLIP, "siglip": SIGLIP}
+
+CLIP = Family("clip", CLIPModel, "softmax", "crop", 77, None, math.log(100.0))
+SIGLIP = Family("siglip", SiglipModel, "sigmoid", "square", 64, 64, None)
+SIGLIP2 = Family("siglip2", Siglip2Model, "sigmoid", "patches", 64, 64, None)
+FAMILIES = {"clip": CLIP, "siglip": SIGLIP, "siglip2": SIGLIP2}
+CONFIG_CLASSES = {"clip": CLIPConfig, "siglip": SiglipConfig, "siglip2": Siglip2Config}
 
 
 def family_of(config) -> Family:
@@ -59,12 +71,28 @@ def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    if model_type == "siglip2":
+    raise ValueError(f"Model type {model_type!r} is not supported: start from a CLIP, SigLIP or SigLIP 2 checkpoint.")
+
+
+def image_layout(model: PreTrainedModel, processor) -> ImageLayout:
+    """How this model's processor lays out an image (what the cache stores, see `ImageLayout`). SigLIP 2: the patch
+    size and count that a `processor(images=...)` call uses, where the processor's defaults (256 patches of 16)
+    override its image processor's own settings."""
+    family = family_of(model.config)
+    if family.resize != "patches":
+        return ImageLayout(family.resize, model.config.vision_config.image_size)
+    image_processor = processor.image_processor
+    settings = {"patch_size": image_processor.patch_size, "max_num_patches": image_processor.max_num_patches}
+    # The processor's defaults: a class attribute in transformers >= 5.2x, `_defaults` of its kwargs type before.
+    legacy = getattr(getattr(processor, "valid_processor_kwargs", None), "_defaults", {}).get("images_kwargs", {})
+    for defaults in (getattr(processor, "images_kwargs", {}), legacy):
+        settings.update({key: value for key, value in defaults.items() if key in settings})
+    if settings["patch_size"] != model.config.vision_config.patch_size:
         raise ValueError(
-            "SigLIP 2 checkpoints (variable-resolution NaFlex inputs) are not supported yet; start from a SigLIP "
-            "(google/siglip-*) or CLIP checkpoint."
+            f"The processor cuts {settings['patch_size']}-pixel patches but the model's vision tower takes "
+            f"{model.config.vision_config.patch_size}-pixel ones: save the model with a matching processor."
         )
-    raise ValueError(f"Model type {model_type!r} is not supported: start from a CLIP or SigLIP checkpoint.")
+    return ImageLayout("patches", patch_size=settings["patch_size"], max_num_patches=settings["max_num_patches"])
 
 
 def load_pretrained(name_or_path: str):
@@ -88,29 +116,42 @@ def load_model_and_processor(config: ModelConfig, training_captions: Callable[[]
         return load_pretrained(config.model_name_or_path)
     model_config = _read_model_config(config.scratch_config)
     family = family_of(model_config)
-    tokenizer = build_offline_tokenizer(training_captions(), max_length=family.text_length)
+    if family is SIGLIP2:  # its folders always load a Siglip2Tokenizer (whatever they name): so it learns one
+        tokenizer = build_offline_siglip2_tokenizer(training_captions())
+    else:
+        tokenizer = build_offline_tokenizer(training_captions(), max_length=family.text_length)
     model_config.text_config.vocab_size = len(tokenizer)
     # CLIP pools the text tower at the end-of-text token; these ids must match the tokenizer we just built.
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model_config.text_config, name, getattr(tokenizer, name))
-    image_size = model_config.vision_config.image_size
-    if family is SIGLIP:
+    if family.sigmoid:
         model_config.text_config.max_position_embeddings = family.text_length
-        image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
-        model = SiglipModel(model_config)
+        model = family.model_class(model_config)
         with torch.no_grad():
             model.logit_scale.fill_(math.log(10.0))
             model.logit_bias.fill_(-10.0)
+        if family is SIGLIP2:
+            # A processor call cuts 256 patches of 16 whatever its image processor says (see image_layout).
+            if model_config.vision_config.patch_size != 16:
+                raise ValueError(
+                    f"--scratch_config: a SigLIP 2 needs vision_config.patch_size 16 (its processor's), not "
+                    f"{model_config.vision_config.patch_size}."
+                )
+            image_processor = Siglip2ImageProcessorPil(patch_size=16, max_num_patches=256)
+            return model, Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
+        size = model_config.vision_config.image_size
+        image_processor = SiglipImageProcessorPil(size={"height": size, "width": size})
         return model, SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    image_size = model_config.vision_config.image_size
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return CLIPModel(model_config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def _read_model_config(name_or_path: str) -> CLIPConfig | SiglipConfig:
-    """A bundled preset name (clip_accel/presets/NAME.json) or a path to a CLIPConfig or SiglipConfig JSON file
-    (`"model_type": "siglip"` picks SigLIP)."""
+def _read_model_config(name_or_path: str) -> CLIPConfig | SiglipConfig | Siglip2Config:
+    """A bundled preset name (clip_accel/presets/NAME.json) or a path to a CLIPConfig, SiglipConfig or
+    Siglip2Config JSON file (`"model_type": "siglip"` or `"siglip2"` picks those)."""
     if os.path.isfile(name_or_path):
         with open(name_or_path) as handle:
             values = json.load(handle)
@@ -123,7 +164,7 @@ def _read_model_config(name_or_path: str) -> CLIPConfig | SiglipConfig:
                 f"--scratch_config {name_or_path!r} is neither a JSON file nor a preset; presets: {available}."
             )
         values = json.loads(preset.read_text())
-    config_class = SiglipConfig if values.get("model_type") == "siglip" else CLIPConfig
+    config_class = CONFIG_CLASSES.get(values.get("model_type"), CLIPConfig)
     return config_class(**{key: value for key, value in values.items() if key != "model_type"})
 
 
@@ -142,7 +183,7 @@ class ContrastiveModel(torch.nn.Module):
         self.family = family_of(clip.config)
         self.clip = clip
         # One owner each: this module's parameters (SigLIP also learns a bias added to every logit).
-        for name in ("logit_scale", "logit_bias") if self.family is SIGLIP else ("logit_scale",):
+        for name in ("logit_scale", "logit_bias") if self.family.sigmoid else ("logit_scale",):
             parameter = getattr(clip, name)
             value, requires_grad = parameter.detach().clone().reshape(1), parameter.requires_grad
             delattr(clip, name)
@@ -153,18 +194,24 @@ class ContrastiveModel(torch.nn.Module):
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         # Normalised in float32 whatever the autocast dtype: the loss and the recall are computed in float32.
         image_embeds = text_embeds = None
         if pixel_values is not None:
-            features = self.clip.get_image_features(pixel_values=pixel_values).pooler_output
+            image_inputs = {"pixel_values": pixel_values}
+            if spatial_shapes is not None:  # SigLIP 2: patch sequences, the first rows x columns of each in use
+                in_use = spatial_shapes.prod(-1, keepdim=True)
+                mask = torch.arange(pixel_values.shape[1], device=pixel_values.device) < in_use
+                image_inputs.update(pixel_attention_mask=mask.long(), spatial_shapes=spatial_shapes)
+            features = self.clip.get_image_features(**image_inputs).pooler_output
             image_embeds = F.normalize(features.float(), dim=-1)
         if input_ids is not None:
             features = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
             text_embeds = F.normalize(features.float(), dim=-1)
         # New tensors, not views: FSDP2 frees the gathered parameters when forward returns. CLIP: the scale (0-D);
         # SigLIP: (scale, bias).
-        if self.family is SIGLIP:
+        if self.family.sigmoid:
             return image_embeds, text_embeds, torch.cat([self.logit_scale, self.logit_bias])
         return image_embeds, text_embeds, self.logit_scale.reshape(()).clone()
 
@@ -209,10 +256,6 @@ def enable_gradient_checkpointing(model: CLIPModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def image_size_of(model: CLIPModel) -> int:
-    return model.config.vision_config.image_size
-
-
 def freeze_parameters(model: CLIPModel, strategy: str, vision_layers: int = 6) -> tuple[int, int]:
     """Apply a freezing strategy in place; returns (trainable, total) parameter counts.
 
@@ -250,7 +293,8 @@ def freeze_parameters(model: CLIPModel, strategy: str, vision_layers: int = 6) -
 
 
 class PixelNormalizer(torch.nn.Module):
-    """uint8 (B, H, W, 3) pixels -> normalised float (B, 3, H, W) on the device.
+    """uint8 (B, H, W, 3) pixels -> normalised float (B, 3, H, W) on the device; SigLIP 2's uint8 patch sequences
+    (B, N, P * P * 3), channels fastest, -> normalised float (B, N, P * P * 3).
 
     The cache stores uint8 (4x smaller than float32); the permute leaves the result channels-last in memory,
     which the patch-embedding convolution likes.
@@ -263,4 +307,13 @@ class PixelNormalizer(torch.nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # In place on the fresh float copy: no further full-size temporaries (BENCHMARKS.md: +16 % pairs/s on CPU).
+        if pixels.dim() == 3:  # patch sequences
+            out = pixels.to(torch.float32, copy=True)
+            out.view(*out.shape[:-1], -1, 3).sub_(self.shift.view(3)).mul_(self.scale.view(3))
+            return out
         return pixels.permute(0, 3, 1, 2).to(torch.float32, copy=True).sub_(self.shift).mul_(self.scale)
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch's image inputs to `ContrastiveModel.forward`: the normalised pixels (and SigLIP 2's grids)."""
+        grids = batch.get("spatial_shapes")
+        return {"pixel_values": self(batch["pixel_values"]), **({} if grids is None else {"spatial_shapes": grids})}

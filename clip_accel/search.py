@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from .data.preprocess import IMAGE_ERRORS, load_rgb_image
+from .data.preprocess import IMAGE_ERRORS, load_pixels
 from .embedding import Embeddings
-from .model import ContrastiveModel, PixelNormalizer, image_size_of, load_pretrained
+from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained
 from .zero_shot import embed_texts
 
 CHUNK_ROWS = 1 << 20
@@ -55,7 +55,7 @@ class QueryEncoder:
     def __init__(self, model_name_or_path: str, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         clip, self.processor = load_pretrained(model_name_or_path)
-        self.image_size = image_size_of(clip)
+        self.layout = image_layout(clip, self.processor)
         self.model = ContrastiveModel(clip).to(self.device).eval()
         image_processor = self.processor.image_processor
         self.normalizer = PixelNormalizer(image_processor.image_mean, image_processor.image_std).to(self.device)
@@ -66,14 +66,18 @@ class QueryEncoder:
 
     @torch.no_grad()
     def images(self, paths: list[str]) -> torch.Tensor:
-        pixels = []
+        pixels, grids = [], []
         for path in paths:
             try:
-                square = self.model.family.square_resize
-                pixels.append(torch.from_numpy(load_rgb_image(path, self.image_size, draft=False, square=square)))
+                array, grid = load_pixels(path, self.layout, draft=False)
             except IMAGE_ERRORS as error:
                 raise ValueError(f"Query image {path} does not open: {type(error).__name__}: {error}") from error
-        return self.model(pixel_values=self.normalizer(torch.stack(pixels).to(self.device)))[0]
+            pixels.append(torch.from_numpy(array))
+            grids.append(grid)
+        batch = {"pixel_values": torch.stack(pixels).to(self.device)}
+        if self.layout.patches:
+            batch["spatial_shapes"] = torch.tensor(grids, device=self.device)
+        return self.model(**self.normalizer.inputs(batch))[0]
 
 
 def search(embeddings: Embeddings, queries: torch.Tensor, k: int = 5, against: str = "image") -> list[list[Hit]]:

@@ -48,7 +48,7 @@ class StepContext:
 def embed(context: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """L2-normalised (B, D) image and text embeddings and logit_scale, through the prepared model's forward so
     its hooks fire (DDP's, FSDP2's)."""
-    return context.model(input_ids=batch["input_ids"], pixel_values=context.normalizer(batch["pixel_values"]))
+    return context.model(input_ids=batch["input_ids"], **context.normalizer.inputs(batch))
 
 
 def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

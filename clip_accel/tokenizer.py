@@ -1,4 +1,4 @@
-"""An offline CLIP tokenizer learned from the training captions.
+"""Offline tokenizers learned from the training captions: CLIP's (also used for SigLIP) and SigLIP 2's.
 
 No tokenizer can be downloaded when training from scratch offline, so we learn byte-level BPE merges from the
 captions with the `tokenizers` library's BPE trainer, through CLIPTokenizer's own normaliser and pre-tokenizer
@@ -6,6 +6,10 @@ captions with the `tokenizers` library's BPE trainer, through CLIPTokenizer's ow
 `CLIPTokenizer(vocab=..., merges=...)`. The vocabulary follows CLIP's layout: 256 byte symbols, the same 256 with
 the end-of-word suffix `</w>`, the learned merges, then `<|startoftext|>` and `<|endoftext|>` last, so end-of-text
 has the highest id (CLIP's legacy pooling takes the argmax of `input_ids`).
+
+A SigLIP 2 folder always loads its tokenizer as `Siglip2Tokenizer` (transformers overrides the class its files
+name), so a from-scratch SigLIP 2 gets one of those: its lowercasing and "▁" word marks, byte fallback, padding on
+the left; the merges are learned within words.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPTokenizer
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import CLIPTokenizer, Siglip2Tokenizer
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -59,3 +63,23 @@ def _clip_tokenizer(merges: list[tuple[str, str]], max_length: int = MAX_TEXT_TO
     tokens += [BOS_TOKEN, EOS_TOKEN]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+SIGLIP2_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # Siglip2Tokenizer's, in its id order
+BYTE_TOKENS = [f"<0x{byte:02X}>" for byte in range(256)]  # byte fallback: any text still tokenizes
+
+
+def build_offline_siglip2_tokenizer(captions: Iterable[str], max_merges: int = 4000) -> Siglip2Tokenizer:
+    """A Siglip2Tokenizer (64 tokens, padded on the left) whose BPE merges were learned from `captions`."""
+    learner = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    learner.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" ", "▁")])
+    # Learned word by word ("▁" starts a word), so no merge spans two words.
+    learner.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    specials = SIGLIP2_SPECIAL_TOKENS + BYTE_TOKENS
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(specials) + max_merges, min_frequency=2, special_tokens=specials, show_progress=False
+    )
+    learner.train_from_iterator(captions, trainer)
+    state = json.loads(learner.to_str())["model"]
+    merges = [tuple(merge.split(" ") if isinstance(merge, str) else merge) for merge in state["merges"]]
+    return Siglip2Tokenizer(vocab=state["vocab"], merges=merges, model_max_length=64)

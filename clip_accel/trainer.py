@@ -43,7 +43,7 @@ from .model import (
     enable_gradient_checkpointing,
     family_of,
     freeze_parameters,
-    image_size_of,
+    image_layout,
     load_model_and_processor,
     logit_scale_value,
     unwrap,
@@ -191,7 +191,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         skipped=skipped,
         resolved_config=resolved_config,
         prompts=prompts,
-        augmenter=_augmenter(data_config, image_size_of(unwrap(accelerator, model).clip), config.seed),
+        augmenter=_augmenter(data_config, image_layout(unwrap(accelerator, model).clip, processor).size, config.seed),
     )
 
 
@@ -330,14 +330,19 @@ def _load_model_and_data(
     if model_config.gradient_checkpointing:
         enable_gradient_checkpointing(clip)
     logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%), {how}")
-    image_size = image_size_of(clip)
+    layout = image_layout(clip, processor)
+    if data_config.augment and layout.patches:
+        raise ValueError(
+            "--augment crops square images; SigLIP 2's variable-resolution patch sequences are not augmented yet. "
+            "Drop --augment (or start from a CLIP or SigLIP checkpoint)."
+        )
     pairs = build_pair_datasets(
         accelerator,
         data_config,
         raw_splits,
         processor.tokenizer,
-        image_size,
-        train_image_size=training_cache_size(image_size) if data_config.augment else None,
+        layout,
+        train_image_size=training_cache_size(layout.size) if data_config.augment else None,
         per_node=per_node,
         family=family_of(clip.config),
     )

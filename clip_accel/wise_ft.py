@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from .config import DataConfig
 from .evaluation import evaluation_splits, score, training_eval_batch_size
 from .launch import check_processes
-from .model import ContrastiveModel, family_of, image_size_of, load_pretrained, unwrap
+from .model import ContrastiveModel, family_of, image_layout, load_pretrained, unwrap
 from .plots import plot_wise_ft
 from .results import markdown_table, metric_cells
 
@@ -115,12 +115,12 @@ def wise_ft(options: WiseFtOptions) -> dict:
     tuned = {key: value.clone() for key, value in finetuned.state_dict().items()}
     mix_state_dicts(start, tuned, 1.0)  # the same architecture, checked before any image is decoded
     batch_size = options.batch_size or training_eval_batch_size(options.finetuned)
-    image_size = image_size_of(finetuned)
+    layout = image_layout(finetuned, processor)
     roles, family = ("validation", "test"), family_of(finetuned.config)
-    sources = {"in-domain": evaluation_splits(accelerator, data, processor, image_size, batch_size, roles, family)}
+    sources = {"in-domain": evaluation_splits(accelerator, data, processor, layout, batch_size, roles, family)}
     if options.heldout is not None:
         heldout = replace(options.heldout, cache_dir=options.cache_dir) if options.cache_dir else options.heldout
-        sources["held-out"] = evaluation_splits(accelerator, heldout, processor, image_size, batch_size, roles, family)
+        sources["held-out"] = evaluation_splits(accelerator, heldout, processor, layout, batch_size, roles, family)
     for source, metric in (("in-domain", options.metric), ("held-out", options.heldout_metric)):
         splits = sources.get(source, {})
         if metric.startswith("zero_shot") and any(len(set(split.labels) - {""}) < 2 for split in splits.values()):

@@ -53,6 +53,17 @@ def tiny_siglip_values(vocab_size: int = 600) -> dict:
     }
 
 
+def tiny_siglip2_values(vocab_size: int = 600, patch_size: int = 16) -> dict:
+    """A Siglip2Config's values (with `model_type`): CLIP-tiny's sizes, a 4 x 4 grid of position embeddings
+    (resized to each image's grid), `patch_size` 16 as its processor cuts them."""
+    common = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    return {
+        "model_type": "siglip2",
+        "text_config": {**common, "vocab_size": vocab_size, "max_position_embeddings": 64},
+        "vision_config": {**common, "patch_size": patch_size, "num_patches": 16},
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_siglip_config_path(tmp_path_factory) -> str:
     import json

@@ -12,10 +12,10 @@ import sys
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from transformers import CLIPModel, SiglipConfig, SiglipModel, get_scheduler
+from transformers import CLIPModel, Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel, get_scheduler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import tiny_clip_config, tiny_siglip_values  # noqa: E402
+from conftest import tiny_clip_config, tiny_siglip2_values, tiny_siglip_values  # noqa: E402
 
 from clip_accel.checkpoint import TrainerState  # noqa: E402
 from clip_accel.config import ModelConfig  # noqa: E402
@@ -28,16 +28,25 @@ from clip_accel.trainer import optimizer_step_batches  # noqa: E402
 
 GLOBAL_BATCH = 16
 SIGLIP_VALUES = {key: value for key, value in tiny_siglip_values().items() if key != "model_type"}
+SIGLIP2_VALUES = {key: value for key, value in tiny_siglip2_values(patch_size=4).items() if key != "model_type"}
+# SigLIP 2's patch sequences: 16 patches of 4 x 4 pixels, each image its own grid (most leave padding)
+PATCHES, PATCH_VALUES, GRIDS = 16, 4 * 4 * 3, [(4, 4), (2, 7), (3, 5), (1, 16), (5, 2)]
 EVAL_PAIRS = 45  # divisible neither by the 2 processes nor by the eval batch of 8
 EOS = 2  # the tiny config's end-of-text id
 
 
-def synthetic_pairs(count: int, seed: int, text_length: int = 7) -> list[dict[str, torch.Tensor]]:
+def synthetic_pairs(
+    count: int, seed: int, text_length: int = 7, patches: bool = False
+) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8, generator=generator)
+    shape = (count, PATCHES, PATCH_VALUES) if patches else (count, 32, 32, 3)
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
     input_ids = torch.randint(3, 500, (count, text_length), generator=generator)
     input_ids[:, -1] = EOS
-    return [{"pixel_values": pixels[i], "input_ids": input_ids[i]} for i in range(count)]
+    pairs = [{"pixel_values": pixels[i], "input_ids": input_ids[i]} for i in range(count)]
+    for i, pair in enumerate(pairs if patches else []):
+        pair["spatial_shapes"] = torch.tensor(GRIDS[i % len(GRIDS)])
+    return pairs
 
 
 def stack(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -45,10 +54,19 @@ def stack(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def step_context(
-    accelerator: Accelerator, freeze: str = "none", local_loss: bool = False, lora: bool = False, siglip: bool = False
+    accelerator: Accelerator,
+    freeze: str = "none",
+    local_loss: bool = False,
+    lora: bool = False,
+    siglip: bool = False,
+    siglip2: bool = False,
 ) -> StepContext:
     torch.manual_seed(0)
-    clip = SiglipModel(SiglipConfig(**SIGLIP_VALUES)) if siglip else CLIPModel(tiny_clip_config())
+    if siglip2:
+        clip = Siglip2Model(Siglip2Config(**SIGLIP2_VALUES))
+    else:
+        clip = SiglipModel(SiglipConfig(**SIGLIP_VALUES)) if siglip else CLIPModel(tiny_clip_config())
+    siglip = siglip or siglip2
     freeze_parameters(clip, freeze, vision_layers=1)
     if lora:
         add_lora(clip, ModelConfig(lora_rank=4, lora_alpha=8.0))
@@ -80,11 +98,13 @@ def one_step(
     local_loss: bool = False,
     lora: bool = False,
     siglip: bool = False,
+    siglip2: bool = False,
 ) -> dict:
     """One optimizer step on this process's share of the same global batch of 16 pairs."""
-    context = step_context(accelerator, freeze, local_loss, lora, siglip)
+    context = step_context(accelerator, freeze, local_loss, lora, siglip, siglip2)
+    siglip = siglip or siglip2
     before = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
-    pairs = synthetic_pairs(GLOBAL_BATCH, seed=1, text_length=64 if siglip else 7)
+    pairs = synthetic_pairs(GLOBAL_BATCH, seed=1, text_length=64 if siglip else 7, patches=siglip2)
     per_process = GLOBAL_BATCH // accelerator.num_processes
     mine = pairs[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
     size = per_process // micro_batches_per_process
@@ -173,6 +193,8 @@ SCENARIOS = {
     },
     "siglip_step": lambda acc: one_step(acc, 1, siglip=True),
     "siglip_step_exact_accumulation": lambda acc: one_step(acc, 2, siglip=True),
+    "siglip2_step": lambda acc: one_step(acc, 1, siglip2=True),
+    "siglip2_step_exact_accumulation": lambda acc: one_step(acc, 2, siglip2=True),
     "lora_step": lambda acc: one_step(acc, 1, lora=True),
     "lora_step_exact_accumulation": lambda acc: one_step(acc, 2, lora=True),
     "evaluate": evaluate,

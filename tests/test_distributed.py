@@ -65,6 +65,14 @@ def test_sigmoid_loss_on_two_processes_equals_one_process_with_the_doubled_batch
     assert {"logit_scale", "logit_bias"} <= set(two["after"])
 
 
+@pytest.mark.parametrize("scenario", ["siglip2_step", "siglip2_step_exact_accumulation"])
+def test_siglip2_on_two_processes_equals_one_process_with_the_doubled_batch(measured, scenario):
+    # SigLIP 2: patch sequences of different grids (most padded), the same sigmoid loss and gather.
+    one, two = measured("siglip2_step", 1), measured(scenario, 2)
+    _assert_same_step(one, two)
+    assert "clip.vision_model.embeddings.position_embedding.weight" in two["after"]
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_sigmoid_exact_accumulation_equals_one_batch(measured, world):
     _assert_same_step(measured("siglip_step", 1), measured("siglip_step_exact_accumulation", world))

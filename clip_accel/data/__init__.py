@@ -10,12 +10,14 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 from ..config import DataConfig
+from ..tokenizer import MAX_TEXT_TOKENS
 from .demo import write_demo_dataset
 from .loader import PairDataset, make_dataloader, prefetched
-from .preprocess import preprocess_split
+from .preprocess import ImageLayout, as_layout, preprocess_split
 from .sources import RawSplit, data_source_dir, load_raw_split, read_image_folder
 
 __all__ = [
+    "ImageLayout",
     "PairDataset",
     "RawSplit",
     "build_pair_datasets",
@@ -62,37 +64,40 @@ def build_pair_datasets(
     config: DataConfig,
     raw_splits: dict[str, RawSplit],
     tokenizer,
-    image_size: int,
+    layout: ImageLayout | int,
     *,
     train_image_size: int | None = None,
     per_node: bool = False,
     require_captions: bool = True,
     family=None,
 ) -> dict[str, PairDataset]:
-    """Preprocess (or reuse the cache of) each split, at `image_size` (the training split at `train_image_size`
-    when given: larger, for augmentation's random crops). The main process goes first so the others only read;
-    with `per_node` (node-local caches) each node's first process does. `family` (`model.Family`; default CLIP's
-    rules): SigLIP's square resize and fixed text padding."""
-    square = family is not None and family.square_resize
+    """Preprocess (or reuse the cache of) each split, in the family's `layout` (an int: CLIP's at that side; the
+    training split at `train_image_size` when given: larger, for augmentation's random crops). The main process
+    goes first so the others only read; with `per_node` (node-local caches) each node's first process does.
+    `family` (`model.Family`; default CLIP's rules): the text length and SigLIP's fixed padding, on the
+    tokenizer's side."""
+    layout = as_layout(layout)
     pad_to = family.pad_to if family is not None else None
+    max_length = family.text_length if family is not None else MAX_TEXT_TOKENS
     cache_dir = preprocessing_cache_dir(config)
     pairs = {}
     for role, raw in raw_splits.items():
         with accelerator.local_main_process_first() if per_node else accelerator.main_process_first():
-            # Evaluation splits get CLIPProcessor's exact pixels; training keeps the faster JPEG decode.
+            # Evaluation splits get the processor's exact pixels; training keeps the faster JPEG decode.
             train = role == "train"
-            size = (train_image_size or image_size) if train else image_size
             cached = preprocess_split(
                 raw,
                 tokenizer,
-                size,
+                layout.resized(train_image_size) if train else layout,
                 cache_dir,
                 config.preprocessing_num_workers,
                 draft=train,
                 require_captions=require_captions,
-                square=square,
+                max_length=max_length,
             )
-        pairs[role] = PairDataset(cached, tokenizer.pad_token_id, pad_to)
+        # (CLIP pools at the first end-of-text token, which padding on the left would put first: always right.)
+        pad_left = pad_to is not None and tokenizer.padding_side == "left"
+        pairs[role] = PairDataset(cached, tokenizer.pad_token_id, pad_to, pad_left)
         if len(pairs[role]) == 0:
             raise ValueError(
                 f"Split {raw.name!r} has no usable pairs ({len(raw.dataset)} rows, all skipped); "

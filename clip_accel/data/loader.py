@@ -27,22 +27,29 @@ class PairDataset(Dataset):
     Rows whose `skip_reason` is set are left out; `skipped_rows()` lists them for the report.
     """
 
-    def __init__(self, cached: datasets.Dataset, pad_token_id: int, pad_to: int | None = None) -> None:
+    def __init__(
+        self, cached: datasets.Dataset, pad_token_id: int, pad_to: int | None = None, pad_left: bool = False
+    ) -> None:
         if cached._indices is not None:
             cached = cached.flatten_indices()
         table = cached.data.table
         self.cached = cached
         self.pad_token_id = pad_token_id
         self.pad_to = pad_to  # SigLIP: every caption padded to this length (its text tower pools the last position)
+        self.pad_left = pad_left  # the tokenizer's padding side (SigLIP 2's pads on the left)
         reasons = np.asarray(table.column("skip_reason").to_pylist(), dtype=object)
         self.rows = np.flatnonzero(reasons == "")
         self.skip_reasons = reasons
         pixel_chunks = table.column("pixel_values").chunks
-        side = int(round((pixel_chunks[0].type.list_size // 3) ** 0.5)) if pixel_chunks else 0
         # flatten() honours a chunk's slice offset; to_numpy(zero_copy_only=True) refuses to copy silently.
-        self.pixel_chunks = [
-            chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), side, side, 3) for chunk in pixel_chunks
-        ]
+        self.pixel_shape = _pixel_shape(table.schema.field("pixel_values").type)
+        self.pixel_chunks = [_fixed_values(chunk).reshape(len(chunk), *self.pixel_shape) for chunk in pixel_chunks]
+        # SigLIP 2's patch sequences come with each image's grid of patches (rows, columns).
+        self.grid_chunks = (
+            [_fixed_values(chunk).reshape(len(chunk), 2) for chunk in table.column("spatial_shapes").chunks]
+            if "spatial_shapes" in table.column_names
+            else None
+        )
         self.token_chunks = [_list_chunk_arrays(chunk) for chunk in table.column("input_ids").chunks]
         self.chunk_starts = np.cumsum([0] + [len(chunk) for chunk in pixel_chunks])
 
@@ -53,30 +60,37 @@ class PairDataset(Dataset):
         return {name: tensor[0] for name, tensor in self.__getitems__([position]).items()}
 
     def __getitems__(self, positions) -> dict[str, torch.Tensor]:
-        """A batch: `pixel_values` uint8 (B, S, S, 3) and `input_ids` int64 (B, L) padded to the longest caption.
+        """A batch: `pixel_values` uint8 (B, *pixel_shape) (with SigLIP 2's patches, `spatial_shapes` int64 (B, 2)
+        too) and `input_ids` int64 (B, L) padded to the longest caption.
 
         Padding uses the pad token (CLIP's end-of-text); the text tower is causal and pools at the first
         end-of-text token, so padding to the batch's longest caption instead of 77 changes no output. SigLIP's pools
         the last position and attends to padding: there every caption is padded to `pad_to` (64), as it was
-        trained.
+        trained, on the tokenizer's side.
         """
         rows = self.rows[np.asarray(positions, dtype=np.int64)]
         chunk_ids = np.searchsorted(self.chunk_starts, rows, side="right") - 1
         offsets = rows - self.chunk_starts[chunk_ids]
-        side = self.pixel_chunks[0].shape[1]
-        pixels = np.empty((len(rows), side, side, 3), dtype=np.uint8)
+        pixels = np.empty((len(rows), *self.pixel_shape), dtype=np.uint8)
+        grids = np.empty((len(rows), 2), dtype=np.int64)
         captions = []
         for chunk_id in np.unique(chunk_ids):
             where = np.flatnonzero(chunk_ids == chunk_id)
             pixels[where] = self.pixel_chunks[chunk_id][offsets[where]]
+            if self.grid_chunks is not None:
+                grids[where] = self.grid_chunks[chunk_id][offsets[where]]
         for chunk_id, offset in zip(chunk_ids, offsets, strict=True):
             starts, values = self.token_chunks[chunk_id]
             captions.append(values[starts[offset] : starts[offset + 1]])
         length = self.pad_to or max(len(c) for c in captions)
         input_ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int64)
         for index, caption in enumerate(captions):
-            input_ids[index, : len(caption)] = caption
-        return {"pixel_values": torch.from_numpy(pixels), "input_ids": torch.from_numpy(input_ids)}
+            if self.pad_left:
+                input_ids[index, length - len(caption) :] = caption
+            else:
+                input_ids[index, : len(caption)] = caption
+        batch = {"pixel_values": torch.from_numpy(pixels), "input_ids": torch.from_numpy(input_ids)}
+        return batch if self.grid_chunks is None else {**batch, "spatial_shapes": torch.from_numpy(grids)}
 
     def column(self, name: str) -> list:
         """A cached column (e.g. `caption`, `label`) for the usable rows, in loader order."""
@@ -90,6 +104,22 @@ class PairDataset(Dataset):
             {"position": int(row), "source_row": int(sources[row]), "reason": str(self.skip_reasons[row])}
             for row in skipped
         ]
+
+
+def _pixel_shape(column_type: pa.DataType) -> tuple[int, ...]:
+    """The per-row pixel shape of the cache's fixed-size `pixel_values` column: (S, S, 3) images stored flat, or
+    (patches, patch values) stored nested (SigLIP 2)."""
+    if pa.types.is_fixed_size_list(column_type.value_type):
+        return (column_type.list_size, column_type.value_type.list_size)
+    side = int(round((column_type.list_size // 3) ** 0.5))
+    return (side, side, 3)
+
+
+def _fixed_values(chunk: pa.FixedSizeListArray) -> np.ndarray:
+    """The innermost values of a (nested) fixed-size list chunk, zero-copy."""
+    while pa.types.is_fixed_size_list(chunk.type):
+        chunk = chunk.flatten()
+    return chunk.to_numpy(zero_copy_only=True)
 
 
 def _list_chunk_arrays(chunk: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:

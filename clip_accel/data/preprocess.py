@@ -1,7 +1,8 @@
 """The one-off preprocessing pass: decode every image once, tokenize every caption once, cache the result.
 
-Images are stored as uint8 HWC at the model's resolution (normalised later, on the device: float32 pixels would
-cost 4x the disk). Captions are stored unpadded; batches are padded to their longest caption at load time.
+Images are stored as uint8 at the model's resolution, laid out as its family's processor gives them (`ImageLayout`;
+normalised later, on the device: float32 pixels would cost 4x the disk). Captions are stored unpadded; batches are
+padded at load time.
 The `datasets.map` cache is keyed by an explicit fingerprint of everything that shapes the output, so a second
 identical run decodes nothing, and any change to the rows, image files, tokenizer or resolution starts afresh.
 """
@@ -11,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import warnings
+from dataclasses import dataclass, replace
 
 import datasets
 import numpy as np
@@ -34,10 +37,56 @@ IMAGE_ERRORS = (
 )
 
 
-def cached_features(image_size: int) -> datasets.Features:
+@dataclass(frozen=True)
+class ImageLayout:
+    """How a model family's processor turns an image into pixels, and so what the cache holds for each image.
+
+    - "crop" (CLIP): shortest side to `size` (bicubic), centre crop: uint8 (S, S, 3).
+    - "square" (SigLIP): S x S (bicubic), no crop: uint8 (S, S, 3).
+    - "patches" (SigLIP 2's NaFlex): aspect ratio kept, resized (bilinear) to the largest grid of whole
+      `patch_size` patches with at most `max_num_patches` of them, cut into patches: uint8 (max_num_patches,
+      patch_size * patch_size * 3) in `Siglip2ImageProcessor`'s order (rows of patches, channels fastest), the
+      unused tail zero, with the grid's (rows, columns) beside it.
+    """
+
+    resize: str = "crop"
+    size: int = 224
+    patch_size: int = 16
+    max_num_patches: int = 256
+
+    @property
+    def patches(self) -> bool:
+        return self.resize == "patches"
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        if self.patches:
+            return (self.max_num_patches, self.patch_size * self.patch_size * 3)
+        return (self.size, self.size, 3)
+
+    def resized(self, size: int | None) -> ImageLayout:
+        """The same layout at another side (augmentation caches training images larger); patches have no side."""
+        return self if size is None or self.patches else replace(self, size=size)
+
+
+def as_layout(layout: ImageLayout | int) -> ImageLayout:
+    """An `ImageLayout`; a bare int is CLIP's crop at that side."""
+    return layout if isinstance(layout, ImageLayout) else ImageLayout("crop", layout)
+
+
+def cached_features(layout: ImageLayout | int) -> datasets.Features:
+    layout = as_layout(layout)
+    if layout.patches:  # (patches, patch values), fixed-size both ways, and the grid
+        count, width = layout.pixel_shape
+        pixels = {
+            "pixel_values": datasets.Sequence(datasets.Sequence(datasets.Value("uint8"), length=width), length=count),
+            "spatial_shapes": datasets.Sequence(datasets.Value("int32"), length=2),
+        }
+    else:
+        pixels = {"pixel_values": datasets.Sequence(datasets.Value("uint8"), length=math.prod(layout.pixel_shape))}
     return datasets.Features(
         {
-            "pixel_values": datasets.Sequence(datasets.Value("uint8"), length=image_size * image_size * 3),
+            **pixels,
             "input_ids": datasets.Sequence(datasets.Value("int32")),
             "caption": datasets.Value("string"),
             "label": datasets.Value("string"),
@@ -56,18 +105,7 @@ def load_rgb_image(source: str | dict, image_size: int, *, draft: bool = True, s
     least twice the model's resolution the pixels differ from `CLIPProcessor`'s. Training uses it; evaluation
     splits are decoded in full (`draft=False`), so reported recall is what users get at inference.
     """
-    if isinstance(source, dict):
-        source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
-    with warnings.catch_warnings():
-        # Above Image.MAX_IMAGE_PIXELS PIL only warns (it raises at twice that); a catalogue photo that large is
-        # far more likely a decompression bomb than a product, so treat the warning as a bad row too.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(source)
-    with image:
-        if draft:
-            image.draft("RGB", (image_size, image_size))
-        image = to_rgb(image)
-        image.load()  # decode now, while the file is open
+    image = _decode(source, (lambda width, height: (image_size, image_size)) if draft else None)
     if square:
         return np.asarray(image.resize((image_size, image_size), Image.Resampling.BICUBIC), dtype=np.uint8)
     width, height = image.size
@@ -81,6 +119,69 @@ def load_rgb_image(source: str | dict, image_size: int, *, draft: bool = True, s
     left, top = (resized[0] - image_size) // 2, (resized[1] - image_size) // 2
     image = image.crop((left, top, left + image_size, top + image_size))
     return np.asarray(image, dtype=np.uint8)
+
+
+def load_patches(source: str | dict, patch_size: int, max_num_patches: int, *, draft: bool = True):
+    """SigLIP 2's NaFlex pixels: ((max_num_patches, patch_size * patch_size * 3) uint8, (rows, columns)); see
+    `ImageLayout`. `draft` as in `load_rgb_image`, never below the target size."""
+    target = {}
+
+    def target_size(width: int, height: int) -> tuple[int, int]:
+        target["height"], target["width"] = naflex_size(height, width, patch_size, max_num_patches)
+        return target["width"], target["height"]
+
+    image = _decode(source, target_size if draft else None)
+    if not target:
+        target_size(*image.size)
+    height, width = target["height"], target["width"]
+    array = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+    rows, columns = height // patch_size, width // patch_size
+    patches = array.reshape(rows, patch_size, columns, patch_size, 3).transpose(0, 2, 1, 3, 4)
+    out = np.zeros((max_num_patches, patch_size * patch_size * 3), np.uint8)
+    out[: rows * columns] = patches.reshape(rows * columns, -1)
+    return out, (rows, columns)
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int, eps: float = 1e-5) -> tuple[int, int]:
+    """(height, width) in whole patches, at most `max_num_patches` of them, aspect ratio kept: the largest scale
+    found by the binary search `Siglip2ImageProcessor` runs (same arithmetic, so the same sizes)."""
+
+    def scaled(scale: float, size: int) -> int:
+        return max(patch_size, math.ceil(size * scale / patch_size) * patch_size)
+
+    low, high = eps / 10, 100.0
+    while high - low >= eps:
+        scale = (low + high) / 2
+        if (scaled(scale, height) / patch_size) * (scaled(scale, width) / patch_size) <= max_num_patches:
+            low = scale
+        else:
+            high = scale
+    return scaled(low, height), scaled(low, width)
+
+
+def _decode(source: str | dict, draft_size=None) -> Image.Image:
+    """Open and decode an image (a path, or a `datasets` Image dict) to RGB. `draft_size(width, height)` gives
+    the least size the JPEG decoder may downscale to."""
+    if isinstance(source, dict):
+        source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
+    with warnings.catch_warnings():
+        # Above Image.MAX_IMAGE_PIXELS PIL only warns (it raises at twice that); a catalogue photo that large is
+        # far more likely a decompression bomb than a product, so treat the warning as a bad row too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(source)
+    with image:
+        if draft_size is not None:
+            image.draft("RGB", draft_size(*image.size))
+        image = to_rgb(image)
+        image.load()  # decode now, while the file is open
+    return image
+
+
+def load_pixels(source: str | dict, layout: ImageLayout, *, draft: bool = True):
+    """What the cache holds for one image: (pixels in `layout.pixel_shape`, the patch grid or None)."""
+    if layout.patches:
+        return load_patches(source, layout.patch_size, layout.max_num_patches, draft=draft)
+    return load_rgb_image(source, layout.size, draft=draft, square=layout.resize == "square"), None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -101,39 +202,39 @@ class PairPreprocessor:
     def __init__(
         self,
         tokenizer,
-        image_size: int,
+        layout: ImageLayout | int,
         max_length: int,
         draft: bool = True,
         require_captions: bool = True,
-        square: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
-        self.image_size = image_size
+        self.layout = as_layout(layout)
         self.max_length = max_length
         self.draft = draft
-        self.square = square
         self.require_captions = require_captions  # False: images alone (an image folder to embed)
 
     def __call__(self, batch: dict) -> dict:
-        pixels, reasons = [], []
+        pixels, grids, reasons = [], [], []
         for image, caption, label in zip(batch["image"], batch["caption"], batch["label"], strict=True):
             reason = "" if not self.require_captions or (caption and caption.strip()) else "empty caption"
             if not reason and label is not None and not label.strip():  # None: the source has no labels
                 reason = "empty class label"
-            array = None
+            array, grid = None, (0, 0)
             if not reason:
                 try:
-                    array = load_rgb_image(image, self.image_size, draft=self.draft, square=self.square)
+                    array, grid = load_pixels(image, self.layout, draft=self.draft)
                 except IMAGE_ERRORS as error:
                     reason = f"unreadable image: {type(error).__name__}: {error}"
-            blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
-            pixels.append((blank if array is None else array).reshape(-1))
+            array = np.zeros(self.layout.pixel_shape, np.uint8) if array is None else array
+            pixels.append(array if self.layout.patches else array.reshape(-1))
+            grids.append(grid)
             reasons.append(reason)
         captions = [caption or "" for caption in batch["caption"]]
         # Truncation keeps the end-of-text token, which is where CLIP pools the text tower.
         input_ids = self.tokenizer(captions, truncation=True, max_length=self.max_length)["input_ids"]
         return {
             "pixel_values": pixels,
+            **({"spatial_shapes": grids} if self.layout.patches else {}),
             "input_ids": input_ids,
             "caption": captions,
             "label": [label or "" for label in batch["label"]],
@@ -154,41 +255,45 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def preprocess_split(
     raw: RawSplit,
     tokenizer,
-    image_size: int,
+    layout: ImageLayout | int,
     cache_dir: str,
     num_proc: int = 1,
     *,
     draft: bool = True,
     require_captions: bool = True,
-    square: bool = False,
+    max_length: int = MAX_TEXT_TOKENS,
 ) -> datasets.Dataset:
-    """Decode and tokenize one split through `datasets.map`, reusing the cache when nothing changed. `draft`: the
-    fast JPEG decode (training), or the exact `CLIPProcessor` pixels (evaluation splits). Without
-    `require_captions` an empty caption is not a reason to skip the row (images to embed). `square`: SigLIP's
-    resize without crop."""
-    max_length = min(tokenizer.model_max_length, MAX_TEXT_TOKENS)
+    """Decode and tokenize one split through `datasets.map`, reusing the cache when nothing changed. `layout`: the
+    family's pixels (an int: CLIP's at that side). `draft`: the fast JPEG decode (training), or the processor's
+    exact pixels (evaluation splits). Without `require_captions` an empty caption is not a reason to skip the row
+    (images to embed). Captions are cut at `max_length` tokens (the text tower's; the tokenizer's own limit if
+    lower)."""
+    layout = as_layout(layout)
+    max_length = min(tokenizer.model_max_length, max_length)
     fingerprint = hashlib.sha256(
         json.dumps(
             [
                 PREPROCESS_VERSION,
                 raw.fingerprint,
-                image_size,
+                layout.size,
                 max_length,
                 tokenizer_fingerprint(tokenizer),
                 draft,
                 *([] if require_captions else ["captions optional"]),
-                *(["square resize"] if square else []),
+                # (the layout's name only when it is not CLIP's, so caches written before it was a key still count)
+                *([] if layout.resize == "crop" else [f"{layout.resize} resize"]),
+                *([layout.patch_size, layout.max_num_patches] if layout.patches else []),
             ]
         ).encode()
     ).hexdigest()[:32]
     os.makedirs(cache_dir, exist_ok=True)
     return raw.dataset.map(
-        PairPreprocessor(tokenizer, image_size, max_length, draft, require_captions, square),
+        PairPreprocessor(tokenizer, layout, max_length, draft, require_captions),
         batched=True,
         batch_size=64,
         num_proc=num_proc if num_proc > 1 and len(raw.dataset) >= 2 * num_proc else None,
         remove_columns=raw.dataset.column_names,
-        features=cached_features(image_size),
+        features=cached_features(layout),
         cache_file_name=os.path.join(cache_dir, f"{raw.name}-{fingerprint}.arrow"),
         new_fingerprint=fingerprint,
         desc=f"Preprocessing {raw.name} (decoded once, then cached)",

@@ -1,0 +1,161 @@
+"""SigLIP 2 (NaFlex): chosen from the checkpoint's config, images cached as its processor cuts them (aspect ratio
+kept, patch sequences with their grid), text padded as its tokenizer pads, trained with the sigmoid loss."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate.state import AcceleratorState
+from conftest import tiny_siglip2_values
+from PIL import Image
+from transformers import AutoProcessor, Siglip2Config, Siglip2Model
+from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+
+from clip_accel.cli import train_and_publish
+from clip_accel.config import DataConfig, ModelConfig, TrainConfig
+from clip_accel.data.preprocess import ImageLayout, naflex_size
+from clip_accel.embedding import embed
+from clip_accel.model import SIGLIP2, family_of, freeze_parameters, image_layout, load_model_and_processor
+
+CAPTIONS = ["a red kurta with a gold border", "a blue silk saree", "men's black sherwani"] * 4
+
+
+def _values_path(tmp_path: Path, **vision) -> str:
+    values = tiny_siglip2_values()
+    values["vision_config"].update(vision)
+    path = tmp_path / "siglip2.json"
+    path.write_text(json.dumps(values))
+    return str(path)
+
+
+@pytest.mark.parametrize("height", [1, 15, 48, 333, 1000])
+@pytest.mark.parametrize("width", [1, 16, 48, 77, 4000])
+def test_naflex_sizes_are_the_processors(height, width):
+    for patch_size, max_num_patches in ((16, 256), (14, 64), (16, 1024)):
+        assert naflex_size(height, width, patch_size, max_num_patches) == get_image_size_for_max_num_patches(
+            height, width, patch_size, max_num_patches
+        )
+
+
+def test_a_siglip2_config_picks_the_family_its_processor_and_tokenizer(tmp_path):
+    model, processor = load_model_and_processor(ModelConfig(scratch_config=_values_path(tmp_path)), lambda: CAPTIONS)
+    assert family_of(model.config) is SIGLIP2 and isinstance(model, Siglip2Model)
+    assert image_layout(model, processor) == ImageLayout("patches", patch_size=16, max_num_patches=256)
+    # The tokenizer a SigLIP 2 folder always loads (Siglip2Tokenizer), learned from the captions.
+    assert type(processor.tokenizer).__name__ == "Siglip2Tokenizer" and processor.tokenizer.model_max_length == 64
+    with torch.no_grad():
+        assert model.logit_scale.item() == pytest.approx(np.log(10.0)) and model.logit_bias.item() == -10.0
+    with pytest.raises(ValueError, match="patch_size 16"):
+        load_model_and_processor(ModelConfig(scratch_config=_values_path(tmp_path, patch_size=8)), lambda: CAPTIONS)
+    processor.image_processor.patch_size = 14
+    processor.images_kwargs = {}  # else the processor's own default (16) wins, as in a processor call
+    with pytest.raises(ValueError, match="14-pixel patches"):
+        image_layout(model, processor)
+
+
+@pytest.fixture(scope="module")
+def siglip2_run(tmp_path_factory, demo_dir):
+    root = tmp_path_factory.mktemp("siglip2")
+    configs = (
+        DataConfig(data_dir=demo_dir, cache_dir=str(root / "cache")),
+        ModelConfig(scratch_config=_values_path(root)),
+        TrainConfig(
+            output_dir=str(root / "out"),
+            # As SigLIP from scratch: the prior (the bias) first (tested: 180 steps, 0.033 -> 0.144 mean R@1).
+            num_train_epochs=30,
+            per_device_train_batch_size=32,
+            per_device_eval_batch_size=32,
+            learning_rate=2e-3,
+            warmup_ratio=0.1,
+            seed=0,
+            early_stopping_patience=0,
+        ),
+    )
+    try:
+        return configs, train_and_publish(*configs)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_tiny_siglip2_trains_from_scratch_and_beats_its_starting_model(siglip2_run):
+    _, result = siglip2_run
+    initial, final = result.metrics["initial"]["test"], result.metrics["test"]
+    assert final["mean_R@1"] > initial["mean_R@1"] + 0.05 and final["text_to_image_R@5"] > initial["text_to_image_R@5"]
+    assert result.model.__class__ is Siglip2Model
+
+
+def _processor_embeddings(output_dir: str, images: list[Image.Image], texts: list[str] | None = None):
+    """What a user gets from the saved folder: Siglip2Model + AutoProcessor, the documented call."""
+    model, processor = Siglip2Model.from_pretrained(output_dir), AutoProcessor.from_pretrained(output_dir)
+    if texts is None:
+        inputs = processor(images=images, return_tensors="pt")
+        with torch.no_grad():
+            return F.normalize(model.get_image_features(**inputs).pooler_output, dim=-1), inputs
+    inputs = processor(text=texts, images=images, padding="max_length", max_length=64, return_tensors="pt")
+    inputs.pop("attention_mask", None)
+    with torch.no_grad():
+        out = model(**inputs)
+    return (F.normalize(out.image_embeds, dim=-1), F.normalize(out.text_embeds, dim=-1)), inputs
+
+
+def test_the_saved_folder_embeds_with_its_own_processor_as_in_the_trainer(siglip2_run, demo_dir, tmp_path):
+    configs, _ = siglip2_run
+    output_dir = configs[2].output_dir
+    assert json.loads(Path(output_dir, "config.json").read_text())["model_type"] == "siglip2"
+    try:
+        ours = embed(output_dir, DataConfig(data_dir=demo_dir, cache_dir=configs[0].cache_dir))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    images = [Image.open(os.path.join(demo_dir, path)) for path in ours.ids[:6]]
+    (image_embeds, text_embeds), inputs = _processor_embeddings(output_dir, images, ours.captions[:6])
+    assert not inputs["input_ids"][:, -1].eq(0).all()  # padded on the left, as its tokenizer pads
+    torch.testing.assert_close(ours.image_embeds[:6], image_embeds, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.text_embeds[:6], text_embeds, rtol=1e-4, atol=1e-5)
+    card = Path(output_dir, "README.md").read_text()
+    assert "Siglip2Model.from_pretrained" in card and 'padding="max_length"' in card and "- siglip2" in card
+
+    # Photos of other shapes keep their aspect ratio: each its own grid of patches, padded to 256.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index, (height, width) in enumerate([(50, 90), (200, 60), (33, 300)]):
+        pixels = (rng.random((height, width, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    try:
+        photos = embed(output_dir, image_folder=str(folder), cache_dir=str(tmp_path / "cache"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    expected, inputs = _processor_embeddings(output_dir, [Image.open(folder / name) for name in photos.ids])
+    assert inputs["spatial_shapes"].tolist() == [[12, 21], [28, 9], [5, 46]]
+    torch.testing.assert_close(photos.image_embeds, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_augmentation_is_refused_for_patch_sequences(tmp_path, demo_dir):
+    configs = (
+        DataConfig(data_dir=demo_dir, cache_dir=str(tmp_path / "cache"), augment=True),
+        ModelConfig(scratch_config=_values_path(tmp_path)),
+        TrainConfig(output_dir=str(tmp_path / "out"), num_train_epochs=1, per_device_train_batch_size=8),
+    )
+    try:
+        with pytest.raises(ValueError, match="Drop --augment"):
+            train_and_publish(*configs)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_freezing_backbones_keeps_siglip2_heads_and_logits_trainable():
+    model = Siglip2Model(Siglip2Config(**{k: v for k, v in tiny_siglip2_values().items() if k != "model_type"}))
+    freeze_parameters(model, "backbones")
+    trainable = {".".join(name.split(".")[:2]) for name, weight in model.named_parameters() if weight.requires_grad}
+    expected = {"text_model.final_layer_norm", "text_model.head", "vision_model.post_layernorm", "vision_model.head"}
+    assert trainable == expected | {"logit_scale", "logit_bias"}
+    freeze_parameters(model, "vision_layers", vision_layers=1)
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+    assert frozen and all(name.startswith("vision_model.") for name in frozen)
+    assert all(".embeddings." in name or ".layers.0." in name for name in frozen)
