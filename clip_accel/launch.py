@@ -33,6 +33,22 @@ def check_supported_launch() -> None:
         )
 
 
+def check_fsdp_layers(model: torch.nn.Module) -> None:
+    """Under FSDP, every layer class the accelerate config wraps (`fsdp_transformer_layer_cls_to_wrap`) must be in
+    this model: accelerate_configs/fsdp.yaml names CLIP's, and SigLIP's and SigLIP 2's are called otherwise."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("1", "true"):
+        return
+    wrapped = [name for name in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if name]
+    present = {type(module).__name__ for module in model.modules()}
+    missing = [name for name in wrapped if name not in present]
+    if missing:
+        layers = ",".join(sorted(name for name in present if name.endswith("EncoderLayer")))
+        raise ValueError(
+            f"The accelerate config's fsdp_transformer_layer_cls_to_wrap names {','.join(missing)}, which this "
+            f"{type(model).__name__} does not have: set `fsdp_transformer_layer_cls_to_wrap: {layers}` there."
+        )
+
+
 def check_launch(accelerator: Accelerator) -> None:
     """Stop before any work when the processes or the precision are not what the launch asked for."""
     check_processes(accelerator)

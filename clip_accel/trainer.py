@@ -34,7 +34,7 @@ from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_d
 from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, prefetched, write_skip_report
 from .early_stopping import EarlyStopping
 from .evaluation import dataset_prompts, evaluate_retrieval
-from .launch import check_launch, check_supported_launch, data_prepared_per_node, storage_is_shared
+from .launch import check_fsdp_layers, check_launch, check_supported_launch, data_prepared_per_node, storage_is_shared
 from .lora import add_lora, has_lora, lora_layout
 from .loss import LOSSES
 from .model import (
@@ -320,6 +320,7 @@ def _load_model_and_data(
     raw_splits = load_raw_splits(accelerator, data_config, per_node=per_node)
     _check_split_sizes(config, accelerator.num_processes, {role: len(raw.dataset) for role, raw in raw_splits.items()})
     clip, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
+    check_fsdp_layers(clip)
     trainable, total = freeze_parameters(clip, model_config.freeze, model_config.freeze_vision_layers)
     how = f"freezing: {model_config.freeze}"
     if model_config.lora_rank:

@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+from conftest import tiny_clip_config, tiny_siglip_values
+from transformers import CLIPModel, SiglipConfig, SiglipModel
 
+from clip_accel.launch import check_fsdp_layers
 from clip_accel.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,3 +88,15 @@ def test_the_readme_cpu_launch_trains_the_demo(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Processes: 1 (NO) on cpu; mixed precision: no" in result.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_an_fsdp_config_wrapping_another_familys_layers_is_refused_naming_the_right_class(monkeypatch):
+    # What `accelerate launch` sets from accelerate_configs/fsdp.yaml (CLIP's layer class), for a SigLIP model.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "CLIPEncoderLayer")
+    siglip = SiglipModel(SiglipConfig(**{k: v for k, v in tiny_siglip_values().items() if k != "model_type"}))
+    with pytest.raises(ValueError, match="fsdp_transformer_layer_cls_to_wrap: SiglipEncoderLayer"):
+        check_fsdp_layers(siglip)
+    check_fsdp_layers(CLIPModel(tiny_clip_config()))  # the class it names is there
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    check_fsdp_layers(siglip)  # not an FSDP launch
