@@ -27,8 +27,17 @@ def interrupt_after_checkpoint(
 ) -> tuple[str, int]:
     """Start the run, send `sig` to all of its processes once the checkpoint of `step` is announced; returns what
     it wrote to stderr, to the end, and its exit status."""
+    # SIGINT at its default in the run, as under a terminal: a shell's background job (CI started with `&`) has it
+    # ignored, which every child inherits, and Python then raises no KeyboardInterrupt.
     process = subprocess.Popen(
-        command, cwd=cwd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True
+        command,
+        cwd=cwd,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # A one-page pipe: the run blocks on its own log until this test has read it, so it cannot race past the
     # checkpoint to the end of training while the line that announces the checkpoint waits unread.
