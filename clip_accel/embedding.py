@@ -159,12 +159,9 @@ def load_embeddings(path: str) -> Embeddings:
                 return None
             return torch.from_numpy(np.stack(table.column(name).to_numpy(zero_copy_only=False)).astype(np.float32))
 
-        columns = table.to_pydict()
+        # The row columns only: the embedding columns go to numpy above, not through Python lists.
         return Embeddings(
-            columns["id"],
-            columns["image"],
-            columns["caption"],
-            columns["label"],
+            *(table.column(name).to_pylist() for name in ("id", "image", "caption", "label")),
             matrix("image_embedding"),
             matrix("text_embedding"),
             model,

@@ -22,6 +22,7 @@ from . import __version__
 from .config import RECALL_KS
 from .data.demo import DEMO_MARKER
 from .lora import ADAPTER_DIR
+from .model import CLIP, FAMILIES
 from .results import format_results_table, with_starting_model
 
 try:  # huggingface_hub 2.x talks HTTP through httpx2, 1.x through httpx; connection errors derive from these
@@ -109,14 +110,6 @@ def _access_problem(error: Exception, repo_id: str, endpoint: str) -> str:
     return f"Could not check access to {repo_id} on {endpoint}: {type(error).__name__}: {error}"
 
 
-# What the card names per model family (config.json's model_type).
-CARD_FAMILIES = {
-    "clip": {"name": "CLIP", "doc": "clip", "model_class": "CLIPModel", "tag": "clip"},
-    "siglip": {"name": "SigLIP", "doc": "siglip", "model_class": "SiglipModel", "tag": "siglip"},
-    "siglip2": {"name": "SigLIP 2", "doc": "siglip2", "model_class": "Siglip2Model", "tag": "siglip2"},
-}
-
-
 def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
     """Render model_card_template.md from OUTPUT's own files into OUTPUT/README.md; returns the path."""
     files = _read_run_files(output_dir)
@@ -124,7 +117,7 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
     model_id = repo_id or os.path.basename(os.path.abspath(output_dir))
     data_kind, dataset_ids, dataset_label = _data_source(config)
     arch = files["config.json"]
-    family = CARD_FAMILIES.get(arch.get("model_type"), CARD_FAMILIES["clip"])
+    family = FAMILIES.get(arch.get("model_type"), CLIP)
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
@@ -132,7 +125,7 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
         base_model=_base_model(config),
         datasets=dataset_ids,
         model_name=model_id,
-        tags=[family["tag"], "contrastive", "image-text-retrieval", "zero-shot-image-classification"] + ["clip_accel"],
+        tags=[family.name, "contrastive", "image-text-retrieval", "zero-shot-image-classification"] + ["clip_accel"],
         eval_results=_eval_results(
             results["test"], dataset_ids[0] if dataset_ids else data_kind, dataset_label, config["test_split"]
         ),
@@ -145,7 +138,12 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
         "training": results["training"],
         "arch": arch,
         # The family's names and the embedding width (SigLIP has no projection: its towers' heads give it).
-        "family": family,
+        "family": {
+            "name": family.title,
+            "doc": family.name,
+            "model_class": family.model_class.__name__,
+            "sigmoid": family.sigmoid,
+        },
         "embedding_dim": arch.get("projection_dim") or arch["text_config"].get("hidden_size"),
         "data_kind": data_kind,
         "dataset_label": dataset_label,

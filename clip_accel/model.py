@@ -46,7 +46,8 @@ from .tokenizer import build_offline_siglip2_tokenizer, build_offline_tokenizer
 class Family:
     """What differs between the model families the trainer supports."""
 
-    name: str
+    name: str  # config.json's model_type
+    title: str  # as people write it
     model_class: type[PreTrainedModel]
     loss: str  # "softmax" (CLIP's InfoNCE) or "sigmoid" (SigLIP's, with a learned bias)
     resize: str  # the processor's image layout (ImageLayout): "crop" (CLIP), "square" (SigLIP), "patches" (SigLIP 2)
@@ -59,9 +60,9 @@ class Family:
         return self.loss == "sigmoid"
 
 
-CLIP = Family("clip", CLIPModel, "softmax", "crop", 77, None, math.log(100.0))
-SIGLIP = Family("siglip", SiglipModel, "sigmoid", "square", 64, 64, None)
-SIGLIP2 = Family("siglip2", Siglip2Model, "sigmoid", "patches", 64, 64, None)
+CLIP = Family("clip", "CLIP", CLIPModel, "softmax", "crop", 77, None, math.log(100.0))
+SIGLIP = Family("siglip", "SigLIP", SiglipModel, "sigmoid", "square", 64, 64, None)
+SIGLIP2 = Family("siglip2", "SigLIP 2", Siglip2Model, "sigmoid", "patches", 64, 64, None)
 FAMILIES = {"clip": CLIP, "siglip": SIGLIP, "siglip2": SIGLIP2}
 CONFIG_CLASSES = {"clip": CLIPConfig, "siglip": SiglipConfig, "siglip2": Siglip2Config}
 

@@ -126,30 +126,36 @@ def make_configs(demo_dir, tiny_model_config_path, tmp_path):
     return build
 
 
+def with_fresh_state(function, *args, **kwargs):
+    """`function(*args, **kwargs)`, then Accelerate's process state reset: each train, evaluate or embed call builds
+    its own Accelerator, whose settings the next one in this test process must not inherit."""
+    from accelerate.state import AcceleratorState
+
+    try:
+        return function(*args, **kwargs)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def train_on_demo(root, demo_dir: str, model: ModelConfig, output: str = "out", **train):
+    """`clip-accel train` (train_and_publish) on the demo catalogue into ROOT/OUTPUT, caching in ROOT/cache; returns
+    the (data, model, train) configs and the TrainingResult."""
+    from clip_accel.cli import train_and_publish
+
+    configs = (
+        DataConfig(data_dir=demo_dir, cache_dir=str(root / "cache")),
+        model,
+        TrainConfig(output_dir=str(root / output), **train),
+    )
+    return configs, with_fresh_state(train_and_publish, *configs)
+
+
 @pytest.fixture(scope="session")
 def tiny_pretrained_dir(tmp_path_factory, demo_dir, tiny_model_config_path) -> str:
     """A `from_pretrained` folder to fine-tune from (LoRA, WiSE-FT): a tiny model trained 2 epochs from scratch on
     the demo catalogue, with its processor."""
-    from accelerate.state import AcceleratorState
-
-    from clip_accel.cli import train_and_publish
-
     root = tmp_path_factory.mktemp("pretrained")
-    configs = (
-        DataConfig(data_dir=demo_dir, cache_dir=str(root / "cache")),
-        ModelConfig(scratch_config=tiny_model_config_path),
-        TrainConfig(
-            output_dir=str(root / "model"),
-            num_train_epochs=2,
-            per_device_train_batch_size=32,
-            per_device_eval_batch_size=32,
-            learning_rate=2e-3,
-            seed=0,
-            eval_initial_model=False,
-        ),
-    )
-    try:
-        train_and_publish(*configs)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    model = ModelConfig(scratch_config=tiny_model_config_path)
+    schedule = {"num_train_epochs": 2, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 32}
+    train_on_demo(root, demo_dir, model, "model", **schedule, learning_rate=2e-3, seed=0, eval_initial_model=False)
     return str(root / "model")

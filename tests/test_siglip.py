@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState
-from conftest import tiny_clip_config, tiny_siglip_values
+from conftest import tiny_clip_config, tiny_siglip_values, train_on_demo, with_fresh_state
 from PIL import Image
 from transformers import AutoProcessor, SiglipConfig, SiglipModel
 
-from clip_accel.cli import train_and_publish
 from clip_accel.config import DataConfig
 from clip_accel.embedding import embed
 from clip_accel.loss import sigmoid_loss
@@ -50,29 +48,22 @@ def test_sigmoid_loss_is_the_loss_transformers_computes():
 
 @pytest.fixture(scope="module")
 def siglip_run(tmp_path_factory, demo_dir, tiny_siglip_config_path):
-    from clip_accel.config import ModelConfig, TrainConfig
+    from clip_accel.config import ModelConfig
 
-    root = tmp_path_factory.mktemp("siglip")
-    configs = (
-        DataConfig(data_dir=demo_dir, cache_dir=str(root / "cache")),
+    return train_on_demo(
+        tmp_path_factory.mktemp("siglip"),
+        demo_dir,
         ModelConfig(scratch_config=tiny_siglip_config_path),
-        TrainConfig(
-            output_dir=str(root / "out"),
-            # SigLIP from scratch first learns the prior (the bias) and only then to tell pairs apart: it needs
-            # more steps than CLIP (tested: 180 steps, 0.022 -> 0.089 mean R@1 on this split).
-            num_train_epochs=30,
-            per_device_train_batch_size=32,
-            per_device_eval_batch_size=32,
-            learning_rate=2e-3,
-            warmup_ratio=0.1,
-            seed=0,
-            early_stopping_patience=0,
-        ),
+        # SigLIP from scratch first learns the prior (the bias) and only then to tell pairs apart: it needs
+        # more steps than CLIP (tested: 180 steps, 0.022 -> 0.089 mean R@1 on this split).
+        num_train_epochs=30,
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=32,
+        learning_rate=2e-3,
+        warmup_ratio=0.1,
+        seed=0,
+        early_stopping_patience=0,
     )
-    try:
-        return configs, train_and_publish(*configs)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_a_tiny_siglip_trains_from_scratch_and_beats_its_starting_model(siglip_run):
@@ -87,10 +78,7 @@ def test_the_saved_folder_embeds_with_its_own_processor_as_in_the_trainer(siglip
     output_dir = configs[2].output_dir
     model, processor = SiglipModel.from_pretrained(output_dir), AutoProcessor.from_pretrained(output_dir)
     assert json.loads(Path(output_dir, "config.json").read_text())["model_type"] == "siglip"
-    try:
-        ours = embed(output_dir, DataConfig(data_dir=demo_dir, cache_dir=configs[0].cache_dir))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    ours = with_fresh_state(embed, output_dir, DataConfig(data_dir=demo_dir, cache_dir=configs[0].cache_dir))
     images = [Image.open(os.path.join(demo_dir, path)) for path in ours.ids[:6]]
     # The documented SigLIP call: text padded to max_length (64), no attention mask; images squashed, not cropped.
     inputs = processor(text=ours.captions[:6], images=images, padding="max_length", max_length=64, return_tensors="pt")

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState
-from conftest import tiny_siglip2_values
+from conftest import tiny_siglip2_values, train_on_demo, with_fresh_state
 from PIL import Image
 from transformers import AutoProcessor, Siglip2Config, Siglip2Model
 from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
@@ -62,26 +61,20 @@ def test_a_siglip2_config_picks_the_family_its_processor_and_tokenizer(tmp_path)
 @pytest.fixture(scope="module")
 def siglip2_run(tmp_path_factory, demo_dir):
     root = tmp_path_factory.mktemp("siglip2")
-    configs = (
-        DataConfig(data_dir=demo_dir, cache_dir=str(root / "cache")),
+    return train_on_demo(
+        root,
+        demo_dir,
         ModelConfig(scratch_config=_values_path(root)),
-        TrainConfig(
-            output_dir=str(root / "out"),
-            # As SigLIP from scratch: the prior (the bias) first, then pairs (tested: 168 steps of 16, 0.033 -> 0.100
-            # mean R@1; 0.033 -> 0.167 with seed 1; half the time of 30 epochs of 32).
-            num_train_epochs=14,
-            per_device_train_batch_size=16,
-            per_device_eval_batch_size=32,
-            learning_rate=3e-3,
-            warmup_ratio=0.1,
-            seed=0,
-            early_stopping_patience=0,
-        ),
+        # As SigLIP from scratch: the prior (the bias) first, then pairs (tested: 168 steps of 16, 0.033 -> 0.100
+        # mean R@1; 0.033 -> 0.167 with seed 1; half the time of 30 epochs of 32).
+        num_train_epochs=14,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        learning_rate=3e-3,
+        warmup_ratio=0.1,
+        seed=0,
+        early_stopping_patience=0,
     )
-    try:
-        return configs, train_and_publish(*configs)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_a_tiny_siglip2_trains_from_scratch_and_beats_its_starting_model(siglip2_run):
@@ -109,10 +102,7 @@ def test_the_saved_folder_embeds_with_its_own_processor_as_in_the_trainer(siglip
     configs, _ = siglip2_run
     output_dir = configs[2].output_dir
     assert json.loads(Path(output_dir, "config.json").read_text())["model_type"] == "siglip2"
-    try:
-        ours = embed(output_dir, DataConfig(data_dir=demo_dir, cache_dir=configs[0].cache_dir))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    ours = with_fresh_state(embed, output_dir, DataConfig(data_dir=demo_dir, cache_dir=configs[0].cache_dir))
     images = [Image.open(os.path.join(demo_dir, path)) for path in ours.ids[:6]]
     (image_embeds, text_embeds), inputs = _processor_embeddings(output_dir, images, ours.captions[:6])
     assert not inputs["input_ids"][:, -1].eq(0).all()  # padded on the left, as its tokenizer pads
@@ -128,10 +118,7 @@ def test_the_saved_folder_embeds_with_its_own_processor_as_in_the_trainer(siglip
     for index, (height, width) in enumerate([(50, 90), (200, 60), (33, 300)]):
         pixels = (rng.random((height, width, 3)) * 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{index}.png")
-    try:
-        photos = embed(output_dir, image_folder=str(folder), cache_dir=str(tmp_path / "cache"))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    photos = with_fresh_state(embed, output_dir, image_folder=str(folder), cache_dir=str(tmp_path / "cache"))
     expected, inputs = _processor_embeddings(output_dir, [Image.open(folder / name) for name in photos.ids])
     assert inputs["spatial_shapes"].tolist() == [[12, 21], [28, 9], [5, 46]]
     torch.testing.assert_close(photos.image_embeds, expected, rtol=1e-4, atol=1e-5)
@@ -143,11 +130,8 @@ def test_augmentation_is_refused_for_patch_sequences(tmp_path, demo_dir):
         ModelConfig(scratch_config=_values_path(tmp_path)),
         TrainConfig(output_dir=str(tmp_path / "out"), num_train_epochs=1, per_device_train_batch_size=8),
     )
-    try:
-        with pytest.raises(ValueError, match="Drop --augment"):
-            train_and_publish(*configs)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match="Drop --augment"):
+        with_fresh_state(train_and_publish, *configs)
 
 
 def test_freezing_backbones_keeps_siglip2_heads_and_logits_trainable():

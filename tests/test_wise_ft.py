@@ -8,9 +8,11 @@ import os
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import train_on_demo, with_fresh_state
 from safetensors.torch import load_file
 
-from clip_accel.cli import train_and_publish, wise_ft_main
+from clip_accel.cli import wise_ft_main
+from clip_accel.config import ModelConfig
 from clip_accel.data.demo import write_demo_dataset
 from clip_accel.evaluation import evaluate_folder
 from clip_accel.wise_ft import mix_state_dicts
@@ -19,35 +21,18 @@ from clip_accel.wise_ft import mix_state_dicts
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, demo_dir, tiny_pretrained_dir):
     """A full fine-tune of the tiny pretrained model, and a second catalogue as the held-out data."""
-    from clip_accel.config import DataConfig, ModelConfig, TrainConfig
-
     root = tmp_path_factory.mktemp("wise")
-    configs = (
-        DataConfig(data_dir=demo_dir, cache_dir=str(root / "cache")),
-        ModelConfig(model_name_or_path=tiny_pretrained_dir),
-        TrainConfig(
-            output_dir=str(root / "run"),
-            num_train_epochs=2,
-            per_device_train_batch_size=32,
-            per_device_eval_batch_size=32,
-            learning_rate=2e-3,
-            seed=1,
-            eval_initial_model=False,
-        ),
+    model = ModelConfig(model_name_or_path=tiny_pretrained_dir)
+    schedule = {"num_train_epochs": 2, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 32}
+    configs, result = train_on_demo(
+        root, demo_dir, model, "run", **schedule, learning_rate=2e-3, seed=1, eval_initial_model=False
     )
-    try:
-        result = train_and_publish(*configs)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
     heldout = write_demo_dataset(root / "heldout", num_train=32, num_val=20, num_test=20, image_size=48, seed=5)
     return configs, result, str(heldout), root
 
 
 def _wise_ft(argv):
-    try:
-        wise_ft_main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    with_fresh_state(wise_ft_main, argv)
 
 
 def test_weight_0_is_the_starting_model_and_weight_1_the_fine_tuned_one(finetuned, tiny_pretrained_dir):

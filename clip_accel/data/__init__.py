@@ -79,6 +79,8 @@ def build_pair_datasets(
     layout = as_layout(layout)
     pad_to = family.pad_to if family is not None else None
     max_length = family.text_length if family is not None else MAX_TEXT_TOKENS
+    # (CLIP pools at the first end-of-text token, which padding on the left would put first: always right.)
+    pad_left = pad_to is not None and tokenizer.padding_side == "left"
     cache_dir = preprocessing_cache_dir(config)
     pairs = {}
     for role, raw in raw_splits.items():
@@ -95,8 +97,6 @@ def build_pair_datasets(
                 require_captions=require_captions,
                 max_length=max_length,
             )
-        # (CLIP pools at the first end-of-text token, which padding on the left would put first: always right.)
-        pad_left = pad_to is not None and tokenizer.padding_side == "left"
         pairs[role] = PairDataset(cached, tokenizer.pad_token_id, pad_to, pad_left)
         if len(pairs[role]) == 0:
             raise ValueError(

@@ -105,7 +105,7 @@ def load_rgb_image(source: str | dict, image_size: int, *, draft: bool = True, s
     least twice the model's resolution the pixels differ from `CLIPProcessor`'s. Training uses it; evaluation
     splits are decoded in full (`draft=False`), so reported recall is what users get at inference.
     """
-    image = _decode(source, (lambda width, height: (image_size, image_size)) if draft else None)
+    image, _ = _decode(source, (lambda width, height: (image_size, image_size)) if draft else None)
     if square:
         return np.asarray(image.resize((image_size, image_size), Image.Resampling.BICUBIC), dtype=np.uint8)
     width, height = image.size
@@ -124,16 +124,12 @@ def load_rgb_image(source: str | dict, image_size: int, *, draft: bool = True, s
 def load_patches(source: str | dict, patch_size: int, max_num_patches: int, *, draft: bool = True):
     """SigLIP 2's NaFlex pixels: ((max_num_patches, patch_size * patch_size * 3) uint8, (rows, columns)); see
     `ImageLayout`. `draft` as in `load_rgb_image`, never below the target size."""
-    target = {}
 
-    def target_size(width: int, height: int) -> tuple[int, int]:
-        target["height"], target["width"] = naflex_size(height, width, patch_size, max_num_patches)
-        return target["width"], target["height"]
+    def target_size(width: int, height: int) -> tuple[int, int]:  # (width, height), from the file's own size
+        return naflex_size(height, width, patch_size, max_num_patches)[::-1]
 
-    image = _decode(source, target_size if draft else None)
-    if not target:
-        target_size(*image.size)
-    height, width = target["height"], target["width"]
+    image, original = _decode(source, target_size if draft else None)
+    width, height = target_size(*original)
     array = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
     rows, columns = height // patch_size, width // patch_size
     patches = array.reshape(rows, patch_size, columns, patch_size, 3).transpose(0, 2, 1, 3, 4)
@@ -159,9 +155,9 @@ def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int, 
     return scaled(low, height), scaled(low, width)
 
 
-def _decode(source: str | dict, draft_size=None) -> Image.Image:
-    """Open and decode an image (a path, or a `datasets` Image dict) to RGB. `draft_size(width, height)` gives
-    the least size the JPEG decoder may downscale to."""
+def _decode(source: str | dict, draft_size=None) -> tuple[Image.Image, tuple[int, int]]:
+    """Open and decode an image (a path, or a `datasets` Image dict) to RGB; returns it and the file's own (width,
+    height). `draft_size(width, height)` gives the least size the JPEG decoder may downscale to."""
     if isinstance(source, dict):
         source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
     with warnings.catch_warnings():
@@ -170,11 +166,12 @@ def _decode(source: str | dict, draft_size=None) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(source)
     with image:
+        original = image.size
         if draft_size is not None:
-            image.draft("RGB", draft_size(*image.size))
+            image.draft("RGB", draft_size(*original))
         image = to_rgb(image)
         image.load()  # decode now, while the file is open
-    return image
+    return image, original
 
 
 def load_pixels(source: str | dict, layout: ImageLayout, *, draft: bool = True):
