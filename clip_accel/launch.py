@@ -72,6 +72,13 @@ def check_precision(accelerator: Accelerator) -> None:
     if accelerator.mixed_precision == "no":
         return
     device = accelerator.device.type
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
+        # Accelerate makes fp16's autocast and grad scaler only off the CPU (accelerator.py: `mixed_precision ==
+        # "fp16" and self.device.type != "cpu"`); elsewhere it would train in float32 and log fp16.
+        raise ValueError(
+            f"--mixed_precision fp16 runs with a grad scaler, which Accelerate sets up on GPUs only: on {device} "
+            "the run would train in float32 while reporting fp16. Use --mixed_precision bf16 (or no) here."
+        )
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     if dtype is None or not torch.amp.is_autocast_available(device):
         raise ValueError(

@@ -106,35 +106,48 @@ def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]
 
 def _optimizer_step(context: StepContext) -> torch.Tensor:
     """Clip, step, zero, schedule, clamp logit_scale. Returns a 0-D bool tensor on the device: True where the step
-    was skipped because its gradients were not finite (nothing read back to the host; the trainer reads these on
-    logging steps).
+    was skipped because its gradients were not finite (the trainer reads these on logging steps).
 
-    A step whose gradients are not finite is not applied: the fused optimizer (the trainer's AdamW, on every
-    device) takes the decision on the device through its `found_inf` input, as it does for the fp16 grad scaler.
-    An optimizer without that input is stepped or not from the host (one sync). DDP has already averaged the
-    gradients, so every process sees the same norm and takes the same decision. The schedule moves on at a
-    skipped step (knowing would cost the sync), except under fp16, where Accelerate reads the grad scaler's
-    decision back anyway.
+    A step whose gradients are not finite is not applied. The fused optimizer (the trainer's AdamW, on every
+    device) takes the decision on the device through its `found_inf` input: set here from the gradient norm, or,
+    under fp16, by the grad scaler from the unscaled gradients. An optimizer without that input is stepped or not
+    from the host (one sync). DDP has already averaged the gradients, so every process takes the same decision.
+
+    The schedule moves on at a step skipped in bf16/float32 (a skip there is rare, and knowing would cost a sync
+    per step). Under fp16 skips are routine (the scaler lowers its scale until the gradients fit), so the
+    schedule follows the scaler: one sync per step, the price of fp16 (bf16 needs neither scaler nor sync).
     """
-    accelerator, optimizer = context.accelerator, context.optimizer
+    accelerator, optimizer, scaler = context.accelerator, context.optimizer, context.accelerator.scaler
     grad_norm = accelerator.clip_grad_norm_(context.model.parameters(), context.max_grad_norm or math.inf)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
-    skipped = ~torch.isfinite(grad_norm)
     inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
-    if accelerator.scaler is not None:  # fp16: the grad scaler finds the same non-finite values and skips
-        optimizer.step()
-    elif getattr(inner, "_step_supports_amp_scaling", False):
-        inner.grad_scale, inner.found_inf = None, skipped.float()
-        optimizer.step()
-        del inner.grad_scale, inner.found_inf
-    elif not bool(skipped):
-        optimizer.step()
+    if scaler is not None:
+        skipped = _scaler_step(optimizer, scaler)
+    else:
+        skipped = ~torch.isfinite(grad_norm)
+        if getattr(inner, "_step_supports_amp_scaling", False):
+            inner.grad_scale, inner.found_inf = None, skipped.float()
+            try:
+                optimizer.step()
+            finally:  # never left for the next step (or the grad scaler) to find
+                del inner.grad_scale, inner.found_inf
+        elif not bool(skipped):
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    scaler_skipped = accelerator.scaler is not None and accelerator.optimizer_step_was_skipped  # already on host
-    if not scaler_skipped:
+    if scaler is None or not bool(skipped):
         context.scheduler.step()
     if context.max_logit_scale is not None:
         with torch.no_grad():
             unwrap(accelerator, context.model).logit_scale.clamp_(0, context.max_logit_scale)
-    return skipped | scaler_skipped
+    return skipped
+
+
+def _scaler_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """fp16: step through Accelerate's wrapper (the scaler's step and update); True (on the device) where the scaler
+    skipped the step. With a fused optimizer the scaler always calls its step (the kernel skips on the device), so
+    Accelerate's `optimizer_step_was_skipped` is always False; the scale, which falls exactly when the scaler
+    found non-finite gradients (backoff < 1), says what happened."""
+    scale = scaler._scale.clone()  # the device tensor: get_scale() would read it back
+    optimizer.step()
+    return (scaler._scale < scale).reshape(())

@@ -227,3 +227,35 @@ def test_a_two_process_checkpoint_resumes_on_one_process_with_the_same_global_ba
     before, after = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_an_fp16_run_resumes_bit_identically_with_its_grad_scaler(make_configs, monkeypatch):
+    from accelerate.state import AcceleratorState
+    from fp16_cpu import keep_fp16_on_cpu
+
+    from clip_accel.trainer import train
+
+    # A scale that grows 16x after every applied step: it overflows again and again, so steps are skipped on
+    # both sides of the checkpoint, and a resumed run that restarted the scaler would skip other steps.
+    accelerators = keep_fp16_on_cpu(monkeypatch, init_scale=2.0**16, growth_factor=16.0, growth_interval=1)
+    options = {"max_steps": 10, "checkpointing_steps": 5, "eval_steps": 10, "eval_initial_model": False}
+    runs, scalers = [], []
+    try:
+        for resume in (None, "latest"):
+            AcceleratorState._reset_state(reset_partial_state=True)  # precision is fixed once per process
+            configs = make_configs(**options, mixed_precision="fp16", resume_from_checkpoint=resume)
+            runs.append(train(*configs))
+            scalers.append(accelerators[-1].scaler.state_dict())
+            if resume is None:
+                checkpoint = list_checkpoints(configs[2].output_dir)[0]
+                skipped_before = json.loads(Path(checkpoint, "trainer_state.json").read_text())["nonfinite_steps"]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    full, resumed = runs
+    assert os.path.basename(checkpoint) == "step-0000005"
+    assert 0 < skipped_before < full.metrics["training"]["nonfinite_steps"], "skips on both sides of the checkpoint"
+    assert scalers[1] == scalers[0]  # scale and growth tracker
+    assert resumed.metrics["training"]["nonfinite_steps"] == full.metrics["training"]["nonfinite_steps"]
+    assert [r["loss"] for r in resumed.history if "loss" in r] == [r["loss"] for r in full.history if "loss" in r]
+    for name, weight in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], weight), name

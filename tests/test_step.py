@@ -109,3 +109,70 @@ def test_gradient_checkpointing_leaves_the_gradient_unchanged(take_step, micro_b
     assert checkpointed_forwards > plain_forwards  # the layers really ran again in the backward
     for reference, gradient in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(gradient, reference, rtol=1e-5, atol=1e-7)
+
+
+def _fp16_context(monkeypatch, take_step_count: int = 0):
+    """The trainer's fused AdamW under Accelerate's fp16 path (autocast + grad scaler, kept on CPU by fp16_cpu)."""
+    from accelerate.state import AcceleratorState
+    from fp16_cpu import keep_fp16_on_cpu
+
+    keep_fp16_on_cpu(monkeypatch)
+    AcceleratorState._reset_state(reset_partial_state=True)  # precision is fixed once per process otherwise
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    assert accelerator.scaler is not None and accelerator.native_amp
+    context = distributed_worker.step_context(accelerator)
+    context.optimizer = accelerator.prepare(build_optimizer(accelerator.unwrap_model(context.model), TrainConfig()))
+    context.scheduler = distributed_worker.StepCounter()
+    return context
+
+
+@pytest.fixture
+def fp16_context(monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    yield _fp16_context(monkeypatch)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("take_step, micro_batches", [(plain_step, 1), (exact_step, 4)])
+def test_fp16_a_finite_step_applies_an_overflowing_one_is_skipped_and_the_scale_halves(
+    fp16_context, take_step, micro_batches
+):
+    context, scaler = fp16_context, fp16_context.accelerator.scaler
+    inner = context.optimizer.optimizer
+    model = context.accelerator.unwrap_model(context.model)
+    batches = _micro_batches(micro_batches)
+    dtypes = set()  # the step's forward really computes in float16
+    model.clip.visual_projection.register_forward_hook(lambda _module, _inputs, output: dtypes.add(output.dtype))
+    observed = []
+    for overflow in (False, True, False, True, True, False):
+        hook = None
+        if overflow:  # an inf gradient only: the forward stays finite, the scaler finds it when unscaling
+            hook = model.clip.text_projection.weight.register_hook(lambda grad: grad * float("inf"))
+        before = [p.detach().clone() for p in model.parameters()]
+        scale, steps = scaler.get_scale(), context.scheduler.steps
+        _, skipped = take_step(context, batches)
+        if hook is not None:
+            hook.remove()
+        unchanged = all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+        observed.append((bool(skipped), unchanged, scaler.get_scale() / scale, context.scheduler.steps - steps))
+        assert not hasattr(inner, "found_inf") and not hasattr(inner, "grad_scale"), "nothing leaks to the next step"
+    assert observed == [
+        (overflow, overflow, 0.5 if overflow else 1.0, 0 if overflow else 1)
+        for overflow in (False, True, False, True, True, False)
+    ]
+    assert dtypes == {torch.float16}
+    assert inner.state[next(iter(inner.state))]["step"].item() == 3  # AdamW counted the applied steps only
+
+
+def test_fp16_without_a_grad_scaler_is_refused_instead_of_training_in_float32(make_configs):
+    from accelerate.state import AcceleratorState
+
+    from clip_accel.trainer import train
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with pytest.raises(ValueError, match="fp16 runs with a grad scaler, which Accelerate sets up on GPUs only"):
+            train(*make_configs(mixed_precision="fp16"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
