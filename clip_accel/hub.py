@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 from importlib import metadata, resources
+from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
@@ -32,6 +33,7 @@ except ImportError:  # pragma: no cover
 
 logger = logging.getLogger(__name__)  # plain logging: the push command runs without an Accelerator
 CARD_NAME = "README.md"
+CARD_TEMPLATE = "model_card_template.md"  # at the repository's top level; in the wheel inside the package
 CARD_MARKER = "Written by clip_accel"  # in model_card_template.md: tells our cards from hand-written ones
 # Local image paths and per-row reasons: useful on your machine, noise (and possibly private) on the Hub.
 NOT_PUSHED = {"skipped_rows.jsonl"}
@@ -153,12 +155,18 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
         "versions": _framework_versions(),
         "pictures": [(caption, name) for caption, name in PICTURES if os.path.isfile(os.path.join(output_dir, name))],
     }
-    template = resources.files("clip_accel") / "model_card_template.md"
-    with resources.as_file(template) as template_path:
+    with resources.as_file(_card_template()) as template_path:
         card = ModelCard.from_template(card_data, template_path=str(template_path), **context)
     path = os.path.join(output_dir, CARD_NAME)
     card.save(path)
     return path
+
+
+def _card_template():
+    """model_card_template.md: inside the installed package (setup.py copies it there), else at the top of the
+    checkout the package runs from (an editable install, PYTHONPATH)."""
+    packaged = resources.files("clip_accel") / CARD_TEMPLATE
+    return packaged if packaged.is_file() else Path(__file__).resolve().parent.parent / CARD_TEMPLATE
 
 
 def _read_run_files(output_dir: str) -> dict[str, dict | list]:

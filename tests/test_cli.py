@@ -77,6 +77,16 @@ def test_train_console_script_exits_0_and_writes_only_its_output_folder(demo_run
     assert list(cwd.iterdir()) == []
 
 
+def test_the_wheel_ships_the_top_level_card_template_and_renders_the_card_from_it(installed, demo_run):
+    _, out, _ = demo_run
+    site = installed[0].parent
+    assert (site / "clip_accel" / "model_card_template.md").read_bytes() == (
+        ROOT / "model_card_template.md"
+    ).read_bytes()
+    assert not (ROOT / "clip_accel" / "model_card_template.md").exists(), "one template, at the top level"
+    assert "Written by clip_accel" in (out / "README.md").read_text()
+
+
 def test_evaluate_console_script_exits_0_and_reproduces_the_run(installed, demo_run, tmp_path):
     _, out, _ = demo_run
     metrics = tmp_path / "metrics.json"
