@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .config import RECALL_KS, DataConfig
 from .data import ImageLayout, build_pair_datasets, load_raw_splits, make_dataloader
 from .launch import check_processes, data_prepared_per_node
-from .metrics import retrieval_metrics
+from .metrics import full_float32_matmuls, retrieval_metrics
 from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained, unwrap
 from .zero_shot import Prompts, class_text_embeddings, load_prompts, zero_shot_accuracy
 
@@ -59,6 +59,7 @@ def embed_split(
     return torch.cat(image_parts), torch.cat(text_parts) if with_text else None
 
 
+@full_float32_matmuls()  # the same figures as `clip-accel evaluate`, with TF32 on for training or not
 def evaluate_retrieval(
     accelerator: Accelerator,
     model: torch.nn.Module,

@@ -93,6 +93,19 @@ def check_precision(accelerator: Accelerator) -> None:
         )
 
 
+def check_checkpoint_storage(accelerator: Accelerator, node_local: bool) -> None:
+    """FSDP2 checkpoints are sharded (torch.distributed.checkpoint), and their `.metadata`, which every shard's
+    loading needs, is written by the first process only: with node-local output folders the other nodes would
+    keep shards they cannot load. Stop before training instead of at the first resume."""
+    if node_local and accelerator.is_fsdp2:
+        raise ValueError(
+            "FSDP2 with a node-local --output_dir: each node would keep its shards of every checkpoint, but only "
+            "the first node the index of them (.metadata), so no run could resume. Give every node the same "
+            "--output_dir on shared storage, or train with DDP (accelerate_configs/multi_gpu.yaml), whose "
+            "checkpoints each node keeps whole."
+        )
+
+
 def storage_is_shared(accelerator: Accelerator, folder: str) -> bool:
     """True when every process sees the same `folder` (one filesystem for all nodes), False when each node sees
     its own (node-local disks). Each node's first process drops a marker there; every process counts the markers

@@ -12,13 +12,29 @@ the query, so a collapsed model (all embeddings equal) gets R@1 = 0, not 1.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["pair_ranks", "positive_ranks", "retrieval_metrics"]
+__all__ = ["full_float32_matmuls", "pair_ranks", "positive_ranks", "retrieval_metrics"]
 
 # Tiles are padded to a multiple of this: BLAS kernels may sum a dot product in a different order at the ragged
 # edge of a matrix, and two equal pairs must get bit-identical scores wherever they sit in their tiles.
 _TILE_MULTIPLE = 64
+
+
+@contextmanager
+def full_float32_matmuls() -> Iterator[None]:
+    """float32 products computed in full float32 inside the block, whatever the process-wide setting: training
+    on CUDA sets TF32 ("high") for speed, and TF32 similarities may order near-ties differently from the float32
+    ones `clip-accel evaluate` computes, so one model would get two sets of figures."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def _validate(query: torch.Tensor, candidate: torch.Tensor, chunk_size: int) -> None:
@@ -76,8 +92,20 @@ def _ranks(
     rules: tuple[str, ...],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """`pair_ranks` under each of `rules` ("own": the own pair is the only match; "group": any pair of the
-    query's group is), all from the same single pass over S."""
+    query's group is), all from the same single pass over S, in full float32."""
     _validate(image_embeds, text_embeds, chunk_size)
+    with full_float32_matmuls():
+        return _ranks_in_tiles(image_embeds, text_embeds, chunk_size, columns, groups, rules)
+
+
+def _ranks_in_tiles(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    chunk_size: int,
+    columns: bool,
+    groups: torch.Tensor | None,
+    rules: tuple[str, ...],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     device = image_embeds.device
     # float32 so fp16/bf16 inputs rank like their float32 originals.
     images = image_embeds.to(dtype=torch.float32)

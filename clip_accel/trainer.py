@@ -34,7 +34,14 @@ from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_d
 from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, prefetched, write_skip_report
 from .early_stopping import EarlyStopping
 from .evaluation import dataset_prompts, evaluate_retrieval
-from .launch import check_fsdp_layers, check_launch, check_supported_launch, data_prepared_per_node, storage_is_shared
+from .launch import (
+    check_checkpoint_storage,
+    check_fsdp_layers,
+    check_launch,
+    check_supported_launch,
+    data_prepared_per_node,
+    storage_is_shared,
+)
 from .lora import add_lora, has_lora, lora_layout
 from .loss import LOSSES
 from .model import (
@@ -134,6 +141,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     use_tf32(accelerator.device, config.tf32)
     # Node-local output folders: every node keeps its own checkpoints (resume reads them from its own disk).
     accelerator.project_configuration.save_on_each_node = not storage_is_shared(accelerator, config.output_dir)
+    check_checkpoint_storage(accelerator, node_local=accelerator.project_configuration.save_on_each_node)
     if accelerator.project_configuration.save_on_each_node:
         logger.info(
             f"{config.output_dir} is node-local: each node keeps its own checkpoints; the model and the "

@@ -100,3 +100,19 @@ def test_an_fsdp_config_wrapping_another_familys_layers_is_refused_naming_the_ri
     check_fsdp_layers(CLIPModel(tiny_clip_config()))  # the class it names is there
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     check_fsdp_layers(siglip)  # not an FSDP launch
+
+
+def test_fsdp2_with_node_local_output_folders_is_refused_at_start_up(make_configs, monkeypatch):
+    # Two nodes with their own disks under FSDP2: only the first would hold each checkpoint's .metadata.
+    from accelerate import Accelerator
+
+    import clip_accel.trainer
+
+    monkeypatch.setattr(clip_accel.trainer, "storage_is_shared", lambda accelerator, folder: False)
+    monkeypatch.setattr(Accelerator, "is_fsdp2", property(lambda self: True))
+    with pytest.raises(ValueError, match="FSDP2 with a node-local --output_dir"):
+        train(*make_configs())
+    monkeypatch.undo()
+    monkeypatch.setattr(clip_accel.trainer, "storage_is_shared", lambda accelerator, folder: False)
+    data, model, config = make_configs(max_steps=1, eval_initial_model=False)
+    assert train(data, model, config).metrics["training"]["optimizer_steps"] == 1, "DDP keeps whole checkpoints"

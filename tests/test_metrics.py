@@ -298,3 +298,24 @@ def test_group_ranks_of_a_matrix_against_itself():
     image_ranks, text_ranks = pair_ranks(embeds, embeds, chunk_size=8, groups=groups)
     expected = _group_ranks_by_brute_force(embeds, embeds, groups)
     assert image_ranks.tolist() == expected and text_ranks.tolist() == expected
+
+
+def test_ranking_runs_in_full_float32_whatever_the_process_wide_matmul_precision(monkeypatch) -> None:
+    # Training on CUDA sets "high" (TF32) for the whole process; near-ties must rank as `clip-accel evaluate`
+    # (float32) ranks them.
+    seen, mm = [], torch.mm
+
+    def recording_mm(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    default = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        embeds = torch.nn.functional.normalize(torch.randn(70, 8), dim=1)
+        retrieval_metrics(embeds, embeds.flip(0), chunk_size=32, captions=[str(i % 5) for i in range(70)])
+        assert torch.get_float32_matmul_precision() == "high", "the setting is restored afterwards"
+    finally:
+        torch.set_float32_matmul_precision(default)
+    assert seen and set(seen) == {"highest"}

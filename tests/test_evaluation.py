@@ -1,0 +1,30 @@
+"""Evaluation as training runs it: the figures do not depend on settings made for training speed."""
+
+from __future__ import annotations
+
+import distributed_worker
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from clip_accel.evaluation import evaluate_retrieval
+
+
+def test_evaluation_embeds_and_ranks_in_full_float32_under_a_tf32_training_run():
+    accelerator = Accelerator(cpu=True)
+    context = distributed_worker.step_context(accelerator)
+    loader = accelerator.prepare(
+        DataLoader(distributed_worker.synthetic_pairs(20, seed=2), batch_size=8, collate_fn=distributed_worker.stack)
+    )
+    seen = []
+    model = accelerator.unwrap_model(context.model)
+    model.register_forward_hook(lambda *_: seen.append(torch.get_float32_matmul_precision()))
+    default = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # as use_tf32 sets it for a CUDA training run
+    try:
+        expected = evaluate_retrieval(accelerator, context.model, loader, context.normalizer)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(default)
+    assert len(seen) == 3 and set(seen) == {"highest"}
+    assert evaluate_retrieval(accelerator, context.model, loader, context.normalizer) == expected
