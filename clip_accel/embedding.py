@@ -94,7 +94,8 @@ def embed(
     if skipped and accelerator.is_main_process:
         first = raw["test"].describe_row(skipped[0]["source_row"])
         logger.warning(f"{len(skipped)} rows left out (first: {first}: {skipped[0]['reason']}).")
-    loader = make_dataloader(pairs, batch_size or training_eval_batch_size(model_name_or_path), train=False)
+    batch_size = batch_size or training_eval_batch_size(model_name_or_path)
+    loader = make_dataloader(pairs, batch_size, train=False, device=accelerator.device)
     model, loader = accelerator.prepare(module, loader)
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
     with_text = image_folder is None

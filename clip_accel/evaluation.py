@@ -144,7 +144,7 @@ def evaluation_splits(
     )
     return {
         role: EvaluationSplit(
-            accelerator.prepare(make_dataloader(pairs[role], batch_size, train=False)),
+            accelerator.prepare(make_dataloader(pairs[role], batch_size, train=False, device=accelerator.device)),
             pairs[role].column("label"),
             pairs[role].column("caption"),
             prompts,

@@ -26,10 +26,11 @@ Loss = Callable[..., torch.Tensor]
 
 
 def use_tf32(device: torch.device, enabled: bool) -> None:
-    """On CUDA, let float32 matrix products use TF32 tensor cores (or forbid it). CPUs are left alone: there
-    "high" precision may mean bfloat16 passes."""
+    """On CUDA, let float32 matrix products and cuDNN convolutions (the patch embedding) use TF32 tensor cores,
+    or forbid both. CPUs are left alone: there "high" precision may mean bfloat16 passes."""
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high" if enabled else "highest")
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 @dataclass

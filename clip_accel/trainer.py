@@ -17,7 +17,7 @@ from datetime import timedelta
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import CLIPModel, get_scheduler
 
@@ -133,10 +133,15 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         # Pinned batches (make_dataloader, on CUDA) copied without blocking the host; see data.loader.prefetched.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         dynamo_backend="inductor" if config.torch_compile else None,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout)),
+            # The towers' only buffers are constant position ids: DDP need not broadcast them every forward.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+        ],
     )
     set_seed(config.seed)
     check_launch(accelerator)
+    _compute_fsdp2_like_ddp(accelerator)
     _check_lora(accelerator, model_config, config)
     use_tf32(accelerator.device, config.tf32)
     # Node-local output folders: every node keeps its own checkpoints (resume reads them from its own disk).
@@ -150,15 +155,10 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     if not config.resume_from_checkpoint:
         _check_output_dir(config)
     model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
-    loaders = [
-        make_dataloader(
-            pairs["train"], config.per_device_train_batch_size, train=True, num_workers=config.dataloader_num_workers
-        )
-    ]
+    loading = {"num_workers": config.dataloader_num_workers, "device": accelerator.device}
+    loaders = [make_dataloader(pairs["train"], config.per_device_train_batch_size, train=True, **loading)]
     loaders += [
-        make_dataloader(
-            pairs[role], config.per_device_eval_batch_size, train=False, num_workers=config.dataloader_num_workers
-        )
+        make_dataloader(pairs[role], config.per_device_eval_batch_size, train=False, **loading)
         for role in ("validation", "test")
     ]
     optimizer = build_optimizer(model, config)
@@ -360,6 +360,20 @@ def _load_model_and_data(
     skipped = write_skip_report(pairs, raw_splits, config.output_dir) if accelerator.is_main_process else {}
     _check_split_sizes(config, accelerator.num_processes, {role: len(pairs[role]) for role in pairs})
     return ContrastiveModel(clip), processor, pairs, skipped
+
+
+def _compute_fsdp2_like_ddp(accelerator: Accelerator) -> None:
+    """FSDP2 keeps float32 parameters and reduces gradients in float32; autocast alone lowers the precision, as
+    under DDP. Accelerate's default FSDP2 policy would gather bf16 parameters and sum gradients in bf16: the
+    accumulated (no_sync) gradients of several micro-batches and their reduce-scatter lose bits DDP keeps, and
+    `logit_scale` reaches the loss rounded to bf16 (ln 100 = 4.605 as 4.594). The price: the all-gathers move
+    float32, twice bf16's bytes."""
+    if not accelerator.is_fsdp2:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    logger.info(f"FSDP2: float32 parameters and gradient reduction, {accelerator.mixed_precision} autocast for compute")
 
 
 def _augmenter(data_config: DataConfig, image_size: int, seed: int) -> Augmenter | None:

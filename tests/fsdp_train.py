@@ -8,6 +8,9 @@ model with `fully_shard`, which torch runs on CPU tensors over gloo. Everything 
 sharded forward hooks, the float32 best-model save, sharded checkpoints, the broadcast reload) is then what runs.
 """
 
+import sys
+
+import torch.distributed.fsdp
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
@@ -20,10 +23,25 @@ def _keep_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs) -> None:
     _initialise(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
     if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
         self.distributed_type = DistributedType.FSDP
+        if self._mixed_precision != "no":  # Accelerate's default FSDP2 policy (state.py), as on GPUs
+            fsdp_plugin.set_mixed_precision(self._mixed_precision)
         self.fsdp_plugin = fsdp_plugin
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as Accelerate records it on GPUs
 
 
+_fully_shard, _reported = torch.distributed.fsdp.fully_shard, set()
+
+
+def _reporting_fully_shard(module, *args, mp_policy=None, **kwargs):
+    """Accelerate's `fully_shard` calls, each precision policy they pass written once to stderr for the tests."""
+    policy = (str(getattr(mp_policy, "param_dtype", None)), str(getattr(mp_policy, "reduce_dtype", None)))
+    if policy not in _reported:
+        _reported.add(policy)
+        print(f"fully_shard mp_policy: param_dtype={policy[0]} reduce_dtype={policy[1]}", file=sys.stderr)
+    return _fully_shard(module, *args, mp_policy=mp_policy, **kwargs)
+
+
 if __name__ == "__main__":
     AcceleratorState.__init__ = _keep_fsdp_on_cpu
+    torch.distributed.fsdp.fully_shard = _reporting_fully_shard  # Accelerate imports it when it prepares
     train_main()

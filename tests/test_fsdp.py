@@ -129,3 +129,22 @@ def test_a_checkpoint_resumes_only_under_the_sharding_that_wrote_it(tmp_path):
         with pytest.raises(ValueError, match="resume it with the launch that wrote it"):
             _check_resumable(accelerator, state, "ckpt")
     _check_resumable(SimpleNamespace(is_fsdp2=False, num_processes=1), TrainerState(num_processes=2), "ckpt")
+
+
+def test_fsdp2_under_bf16_keeps_float32_weights_and_gradients_and_trains_like_ddp(
+    tmp_path, demo_dir, tiny_model_config_path
+):
+    # Exact accumulation of 2 micro-batches (no_sync) under bf16 autocast: Accelerate's default FSDP2 policy would
+    # gather bf16 parameters and sum the gradients in bf16, where DDP keeps both in float32.
+    short = ("--num_train_epochs", "1", "--mixed_precision", "bf16")
+    sharded = fsdp(*options(demo_dir, tiny_model_config_path, tmp_path / "fsdp", "none", *short))
+    ddp(*options(demo_dir, tiny_model_config_path, tmp_path / "ddp", "none", *short))
+    policies = {line for line in sharded.stderr.splitlines() if line.startswith("fully_shard mp_policy")}
+    assert policies == {"fully_shard mp_policy: param_dtype=None reduce_dtype=torch.float32"}
+    losses = [
+        [record["loss"] for record in json.loads((out / "log_history.json").read_text()) if "loss" in record]
+        for out in (tmp_path / "fsdp", tmp_path / "ddp")
+    ]
+    # Under bf16 the two launches are ~5e-4 apart from the first step's loss on (under float32 they agree to 1e-5,
+    # test_fsdp2_trains_like_ddp); the cause is not pinned down. The policy above is what this test guards.
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=2e-3)

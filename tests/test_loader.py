@@ -110,3 +110,12 @@ def test_leaving_a_prefetched_loop_early_stops_its_thread():
     assert not [thread for thread in threading.enumerate() if thread.name == "clip_accel-prefetch"]
     assert len(log) < 10
     assert list(prefetched(iter([]))) == []
+
+
+@pytest.mark.parametrize("device, pinned", [(None, False), ("cpu", False), ("cuda", True)])
+def test_batches_are_pinned_for_a_cuda_run_only_whatever_the_host_has(tmp_path, monkeypatch, device, pinned):
+    # A CPU run on a GPU host (ACCELERATE_USE_CPU=1) must neither pin nor make a CUDA context.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pairs = PairDataset(_cached(tmp_path, [""] * 4, chunk_rows=4), pad_token_id=PAD)
+    device = torch.device(device) if device else None
+    assert make_dataloader(pairs, 2, train=False, device=device).pin_memory is pinned

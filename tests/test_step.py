@@ -70,14 +70,15 @@ def test_a_step_with_non_finite_gradients_changes_nothing_and_says_so(monkeypatc
 def test_tf32_is_switched_on_cuda_and_cpus_are_left_alone(enabled, precision):
     from clip_accel.step import use_tf32
 
-    default = torch.get_float32_matmul_precision()
+    default, convolutions = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
         use_tf32(torch.device("cpu"), enabled)
-        assert torch.get_float32_matmul_precision() == default
-        use_tf32(torch.device("cuda"), enabled)  # only sets a flag: no GPU needed
-        assert torch.get_float32_matmul_precision() == precision
+        assert torch.get_float32_matmul_precision() == default and torch.backends.cudnn.allow_tf32 == convolutions
+        use_tf32(torch.device("cuda"), enabled)  # only sets flags: no GPU needed
+        assert torch.get_float32_matmul_precision() == precision and torch.backends.cudnn.allow_tf32 == enabled
     finally:
         torch.set_float32_matmul_precision(default)
+        torch.backends.cudnn.allow_tf32 = convolutions
 
 
 @pytest.mark.parametrize("take_step, micro_batches", [(plain_step, 1), (exact_step, 4)])

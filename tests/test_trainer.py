@@ -243,3 +243,17 @@ def test_gradient_checkpointing_option_reaches_the_model(make_configs, tmp_path)
         checking = getattr(clip, "is_activation_checkpointing", None)  # transformers >= 5 name
         assert (checking if checking is not None else clip.is_gradient_checkpointing) is enabled
         _shut_down(run)
+
+
+def test_ddp_does_not_broadcast_the_constant_buffers_every_forward(make_configs, tmp_path):
+    from clip_accel.model import unwrap
+    from clip_accel.trainer import _shut_down, prepare_run
+
+    run = prepare_run(*make_configs(output_dir=str(tmp_path / "out")))
+    try:
+        assert run.accelerator.ddp_handler.to_kwargs() == {"broadcast_buffers": False}
+        # Safe because the towers' buffers are position ids that no step changes.
+        buffers = dict(unwrap(run.accelerator, run.model).named_buffers())
+        assert buffers and all(name.endswith("position_ids") for name in buffers), list(buffers)
+    finally:
+        _shut_down(run)

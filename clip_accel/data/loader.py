@@ -132,9 +132,14 @@ def _batch_as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def make_dataloader(dataset: PairDataset, batch_size: int, *, train: bool, num_workers: int = 0) -> DataLoader:
+def make_dataloader(
+    dataset: PairDataset, batch_size: int, *, train: bool, num_workers: int = 0, device: torch.device | None = None
+) -> DataLoader:
     """Training loaders shuffle and drop the last partial batch: a short or padded contrastive batch changes the
-    number of negatives, and padding duplicates would become false negatives."""
+    number of negatives, and padding duplicates would become false negatives.
+
+    `device`: where the batches go. For a CUDA device they are pinned (page-locked), so the copy does not block
+    the host; for any other (a CPU run on a GPU host included) nothing is pinned and no CUDA context is made."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -142,7 +147,7 @@ def make_dataloader(dataset: PairDataset, batch_size: int, *, train: bool, num_w
         drop_last=train,
         num_workers=num_workers,
         collate_fn=_batch_as_is,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=device is not None and device.type == "cuda",
         persistent_workers=num_workers > 0,
     )
 
