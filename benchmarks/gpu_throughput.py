@@ -243,6 +243,7 @@ def synchronize(device) -> None:
 
 def measure(variant: Variant, args, config: CLIPConfig, device, work: str, pairs_and_tokenizer) -> dict:
     torch.set_float32_matmul_precision("high" if variant.tf32 else "highest")
+    gc.collect()  # the previous row's model and optimizer, or its peak memory counts in this row's
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

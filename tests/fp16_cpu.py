@@ -5,6 +5,9 @@ Accelerate sets up fp16 only off the CPU (accelerator.py, `Accelerator.__init__`
 `keep_fp16_on_cpu` does what those lines do on a GPU (native autocast on, the scaler from Accelerate's own
 `get_grad_scaler`), so `prepare` wraps the optimizer with the scaler, `backward` scales, `step` unscales and
 skips, and `save_state`/`load_state` keep the scaler: the branches a GPU run of clip_accel under fp16 takes.
+
+As a script it runs `clip-accel` so (`python tests/fp16_cpu.py train --config demo --mixed_precision fp16`):
+the CPU smoke mode of benchmarks/gpu_check.sh runs its fp16 demo that way.
 """
 
 from __future__ import annotations
@@ -30,3 +33,13 @@ def keep_fp16_on_cpu(monkeypatch, **scaler_options) -> list[Accelerator]:
 
     monkeypatch.setattr(Accelerator, "__init__", with_fp16_on_cpu)
     return made
+
+
+if __name__ == "__main__":
+    import pytest
+
+    from clip_accel.cli import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        keep_fp16_on_cpu(patch)
+        main()

@@ -28,6 +28,7 @@ def test_gpu_check_smoke_mode_runs_every_step_and_writes_its_tables(tmp_path):
         "throughput",
         "accumulation",
         "demo",
+        "demo_fp16",
         "open_clip",
     ]
     assert all(line.split("|")[2].strip() == "0" for line in summary), summary
@@ -35,4 +36,10 @@ def test_gpu_check_smoke_mode_runs_every_step_and_writes_its_tables(tmp_path):
     assert "clip_accel trainer as shipped" in throughput and "failed" not in throughput
     accumulation = (tmp_path / "accumulation.md").read_text()
     assert "exact K=4" in accumulation and "bf16 autocast" in accumulation
-    assert "Results" in (tmp_path / "demo.log").read_text()
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert log.count("Results") == 2 and "mixed precision: fp16" in log and "mixed precision: bf16" in log
+    # A lent machine hands back at most 8 files; the step limits stay under the advised 540 s device call.
+    assert len(list(tmp_path.iterdir())) <= 8
+    script = open(os.path.join(REPO, "benchmarks", "gpu_check.sh")).read()
+    limits = [int(line.split()[2]) for line in script.splitlines() if line.startswith(("run ", "  run "))]
+    assert sum(limits) < 540, limits
