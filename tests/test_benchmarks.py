@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,6 @@ def test_gpu_check_smoke_mode_runs_every_step_and_writes_its_tables(tmp_path):
     assert log.count("Results") == 2 and "mixed precision: fp16" in log and "mixed precision: bf16" in log
     # A lent machine hands back at most 8 files; the step limits stay under the advised 540 s device call.
     assert len(list(tmp_path.iterdir())) <= 8
-    script = open(os.path.join(REPO, "benchmarks", "gpu_check.sh")).read()
+    script = Path(REPO, "benchmarks", "gpu_check.sh").read_text()
     limits = [int(line.split()[2]) for line in script.splitlines() if line.startswith(("run ", "  run "))]
     assert sum(limits) < 540, limits
