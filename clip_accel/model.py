@@ -10,6 +10,7 @@ SigLIP's loss and text, images kept at their aspect ratio as sequences of patche
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -36,8 +37,10 @@ from transformers import (
     SiglipModel,
     SiglipProcessor,
 )
+from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
 
 from .config import ModelConfig
+from .data.loader import HOST_GRIDS
 from .data.preprocess import ImageLayout
 from .tokenizer import build_offline_siglip2_tokenizer, build_offline_tokenizer
 
@@ -196,7 +199,10 @@ class ContrastiveModel(torch.nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
+        spatial_shapes_on_host: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """`spatial_shapes` (SigLIP 2): (B, 2) grids on the device; `spatial_shapes_on_host`, the same on the CPU
+        when the loader has them, handed to a transformers whose position embeddings read each grid on the host."""
         # Normalised in float32 whatever the autocast dtype: the loss and the recall are computed in float32.
         image_embeds = text_embeds = None
         if pixel_values is not None:
@@ -204,7 +210,9 @@ class ContrastiveModel(torch.nn.Module):
             if spatial_shapes is not None:  # SigLIP 2: patch sequences, the first rows x columns of each in use
                 in_use = spatial_shapes.prod(-1, keepdim=True)
                 mask = torch.arange(pixel_values.shape[1], device=pixel_values.device) < in_use
-                image_inputs.update(pixel_attention_mask=mask.long(), spatial_shapes=spatial_shapes)
+                read_on_host = spatial_shapes_on_host is not None and POSITIONS_READ_GRIDS_ON_HOST
+                grids = spatial_shapes_on_host if read_on_host else spatial_shapes
+                image_inputs.update(pixel_attention_mask=mask.long(), spatial_shapes=grids)
             features = self.clip.get_image_features(**image_inputs).pooler_output
             image_embeds = F.normalize(features.float(), dim=-1)
         if input_ids is not None:
@@ -293,6 +301,20 @@ def freeze_parameters(model: CLIPModel, strategy: str, vision_layers: int = 6) -
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+def _positions_read_grids_on_host() -> bool:
+    """Whether this transformers' SigLIP 2 resizes its position embeddings image by image, reading each grid with
+    `.tolist()` (up to 5.18): given device grids that is one host sync per image per forward (and a recompile
+    per grid under torch.compile), so it gets the loader's host copy. Later versions compute on the grids'
+    device, and get the device copy."""
+    try:
+        return ".tolist()" in inspect.getsource(Siglip2VisionEmbeddings.resize_positional_embeddings)
+    except (OSError, TypeError):  # no source (a frozen install): the device copy, correct either way
+        return False
+
+
+POSITIONS_READ_GRIDS_ON_HOST = _positions_read_grids_on_host()
+
+
 class PixelNormalizer(torch.nn.Module):
     """uint8 (B, H, W, 3) pixels -> normalised float (B, 3, H, W) on the device; SigLIP 2's uint8 patch sequences
     (B, N, P * P * 3), channels fastest, -> normalised float (B, N, P * P * 3).
@@ -314,7 +336,12 @@ class PixelNormalizer(torch.nn.Module):
             return out
         return pixels.permute(0, 3, 1, 2).to(torch.float32, copy=True).sub_(self.shift).mul_(self.scale)
 
-    def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A batch's image inputs to `ContrastiveModel.forward`: the normalised pixels (and SigLIP 2's grids)."""
-        grids = batch.get("spatial_shapes")
-        return {"pixel_values": self(batch["pixel_values"]), **({} if grids is None else {"spatial_shapes": grids})}
+    def inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """A batch's image inputs to `ContrastiveModel.forward`: the normalised pixels (and SigLIP 2's grids, with
+        their host copy when the loader sent one: a numpy array, which the copy to the device leaves alone)."""
+        inputs = {"pixel_values": self(batch["pixel_values"])}
+        if "spatial_shapes" in batch:
+            inputs["spatial_shapes"] = batch["spatial_shapes"]
+        if batch.get(HOST_GRIDS) is not None:
+            inputs["spatial_shapes_on_host"] = torch.from_numpy(batch[HOST_GRIDS])
+        return inputs

@@ -144,3 +144,55 @@ def test_freezing_backbones_keeps_siglip2_heads_and_logits_trainable():
     frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
     assert frozen and all(name.startswith("vision_model.") for name in frozen)
     assert all(".embeddings." in name or ".layers.0." in name for name in frozen)
+
+
+@pytest.mark.parametrize("read_on_host", [False, True])
+def test_a_transformers_that_reads_grids_on_the_host_gets_the_loaders_host_copy(monkeypatch, read_on_host):
+    # Up to transformers 5.18 the position embeddings are resized image by image from `grid.tolist()`: device
+    # grids would cost one host sync per image per forward. The attention mask still comes from the device copy.
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
+
+    import clip_accel.model as model_module
+    from clip_accel.data.loader import HOST_GRIDS
+    from clip_accel.model import ContrastiveModel, PixelNormalizer
+
+    torch.manual_seed(0)
+    values = {key: value for key, value in tiny_siglip2_values(patch_size=4).items() if key != "model_type"}
+    model = ContrastiveModel(Siglip2Model(Siglip2Config(**values))).eval()
+    grids = np.array([[4, 4], [2, 7], [1, 16]], dtype=np.int64)
+    batch = {
+        "pixel_values": torch.randint(0, 256, (3, 16, 48), dtype=torch.uint8),
+        "spatial_shapes": torch.from_numpy(grids.copy()),
+        HOST_GRIDS: grids,
+    }
+    seen, resize = [], Siglip2VisionEmbeddings.resize_positional_embeddings
+
+    def recording_resize(positional_embeddings, spatial_shapes, max_length):
+        seen.append(spatial_shapes)
+        return resize(positional_embeddings, spatial_shapes, max_length)
+
+    monkeypatch.setattr(Siglip2VisionEmbeddings, "resize_positional_embeddings", staticmethod(recording_resize))
+    normalizer = PixelNormalizer([0.5] * 3, [0.5] * 3)
+    monkeypatch.setattr(model_module, "POSITIONS_READ_GRIDS_ON_HOST", False)
+    with torch.no_grad():
+        expected = model(**normalizer.inputs(batch))[0]
+    monkeypatch.setattr(model_module, "POSITIONS_READ_GRIDS_ON_HOST", read_on_host)
+    with torch.no_grad():
+        image_embeds = model(**normalizer.inputs(batch))[0]
+    host = seen[-1].data_ptr() == grids.ctypes.data
+    assert host is read_on_host and seen[-1].tolist() == grids.tolist()
+    torch.testing.assert_close(image_embeds, expected, rtol=0, atol=0)
+
+
+def test_the_grids_are_read_on_the_host_exactly_for_a_per_image_resize(monkeypatch):
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
+
+    from clip_accel.model import _positions_read_grids_on_host
+
+    def per_image(positional_embeddings, spatial_shapes, max_length):  # the shape of transformers <= 5.18's loop
+        for index in range(spatial_shapes.shape[0]):
+            height, width = spatial_shapes[index].tolist()
+        return positional_embeddings
+
+    monkeypatch.setattr(Siglip2VisionEmbeddings, "resize_positional_embeddings", staticmethod(per_image))
+    assert _positions_read_grids_on_host()

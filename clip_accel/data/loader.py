@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 T = TypeVar("T")
+HOST_GRIDS = "spatial_shapes_on_host"  # the batch key of SigLIP 2's grids kept on the host (a numpy array)
 
 
 class PairDataset(Dataset):
@@ -61,7 +62,8 @@ class PairDataset(Dataset):
 
     def __getitems__(self, positions) -> dict[str, torch.Tensor]:
         """A batch: `pixel_values` uint8 (B, *pixel_shape) (with SigLIP 2's patches, `spatial_shapes` int64 (B, 2)
-        too) and `input_ids` int64 (B, L) padded to the longest caption.
+        too, and the same as a numpy array under `HOST_GRIDS`) and `input_ids` int64 (B, L) padded to the longest
+        caption.
 
         Padding uses the pad token (CLIP's end-of-text); the text tower is causal and pools at the first
         end-of-text token, so padding to the batch's longest caption instead of 77 changes no output. SigLIP's pools
@@ -90,7 +92,11 @@ class PairDataset(Dataset):
             else:
                 input_ids[index, : len(caption)] = caption
         batch = {"pixel_values": torch.from_numpy(pixels), "input_ids": torch.from_numpy(input_ids)}
-        return batch if self.grid_chunks is None else {**batch, "spatial_shapes": torch.from_numpy(grids)}
+        if self.grid_chunks is None:
+            return batch
+        # The grids twice: as a tensor (moved to the device, for the attention mask) and as a numpy array, which
+        # the copy to the device leaves on the host (see model.POSITIONS_READ_GRIDS_ON_HOST).
+        return {**batch, "spatial_shapes": torch.from_numpy(grids), HOST_GRIDS: grids.copy()}
 
     def column(self, name: str) -> list:
         """A cached column (e.g. `caption`, `label`) for the usable rows, in loader order."""
