@@ -31,7 +31,15 @@ from .checkpoint import (
     save_model,
 )
 from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_dict
-from .data import build_pair_datasets, check_strict, load_raw_splits, make_dataloader, prefetched, write_skip_report
+from .data import (
+    CopyStream,
+    build_pair_datasets,
+    check_strict,
+    load_raw_splits,
+    make_dataloader,
+    prefetched,
+    write_skip_report,
+)
 from .early_stopping import EarlyStopping
 from .evaluation import dataset_prompts, evaluate_retrieval
 from .launch import (
@@ -278,11 +286,12 @@ def _epoch_batches(loader, accelerator: Accelerator, state: TrainerState):
     """This epoch's batches in the seeded order for `state.epoch`, minus those a resumed run already consumed,
     read ahead by a background thread."""
     loader.set_epoch(state.epoch)
+    copy_stream = CopyStream.for_device(accelerator.device)
     if state.batches_in_epoch == 0:
-        return prefetched(loader)
+        return prefetched(loader, copy_stream=copy_stream)
     skipping = accelerator.skip_first_batches(loader, state.batches_in_epoch)
     skipping.set_epoch(state.epoch)
-    return prefetched(skipping)
+    return prefetched(skipping, copy_stream=copy_stream)
 
 
 def _progress_bar(run: Run, state: TrainerState) -> tqdm:

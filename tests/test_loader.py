@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -119,3 +120,49 @@ def test_batches_are_pinned_for_a_cuda_run_only_whatever_the_host_has(tmp_path, 
     pairs = PairDataset(_cached(tmp_path, [""] * 4, chunk_rows=4), pad_token_id=PAD)
     device = torch.device(device) if device else None
     assert make_dataloader(pairs, 2, train=False, device=device).pin_memory is pinned
+
+
+class _RecordingCopyStream:
+    """CopyStream's protocol on CPU: which thread reads inside the copy stream, and what the consumer waits for."""
+
+    def __init__(self) -> None:
+        self.log = []
+
+    @contextlib.contextmanager
+    def reading(self):
+        self.log.append(("reading", threading.current_thread().name))
+        yield
+
+    def copied(self):
+        self.log.append(("copied", len(self.log)))
+        return len(self.log) - 1  # stands for the event recorded after this batch's copies
+
+    def hand_over(self, batch, copied):
+        self.log.append(("hand_over", batch, copied))
+        return batch
+
+
+def test_each_prefetched_batch_is_handed_over_only_after_its_own_copies():
+    stream = _RecordingCopyStream()
+    source, _ = _reading_log(4)
+    assert list(prefetched(source, copy_stream=stream)) == [0, 1, 2, 3]
+    assert stream.log[0] == ("reading", "clip_accel-prefetch")  # batches 1.. are read (and copied) there
+    events = [entry for entry in stream.log if entry[0] == "copied"]
+    handed = [entry for entry in stream.log if entry[0] == "hand_over"]
+    # Batch 0 is read and copied in the caller's thread, on its own stream: nothing to wait for.
+    assert [batch for _, batch, _ in handed] == [1, 2, 3]
+    assert [event for _, _, event in handed] == [stream.log.index(entry) for entry in events]
+
+
+def test_batches_held_by_the_consumer_are_never_overwritten_by_the_reader(tmp_path):
+    # The reader reads ahead into new buffers every time: a batch still in use (or still being copied from, on
+    # a GPU) keeps its contents while later batches are read.
+    pairs = PairDataset(_cached(tmp_path, [""] * 12, chunk_rows=4), pad_token_id=PAD)
+    loader = make_dataloader(pairs, 2, train=False)
+    held = []
+    for batch in prefetched(loader, depth=2):
+        held.append((batch, {name: tensor.clone() for name, tensor in batch.items()}))
+    pointers = [tensor.data_ptr() for batch, _ in held for tensor in batch.values()]
+    assert len(set(pointers)) == len(pointers), "a buffer was handed out twice"
+    for batch, contents in held:
+        assert all(torch.equal(batch[name], contents[name]) for name in contents)

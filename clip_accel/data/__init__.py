@@ -12,11 +12,12 @@ from accelerate.logging import get_logger
 from ..config import DataConfig
 from ..tokenizer import MAX_TEXT_TOKENS
 from .demo import write_demo_dataset
-from .loader import PairDataset, make_dataloader, prefetched
+from .loader import CopyStream, PairDataset, make_dataloader, prefetched
 from .preprocess import ImageLayout, as_layout, preprocess_split
 from .sources import RawSplit, data_source_dir, load_raw_split, read_image_folder
 
 __all__ = [
+    "CopyStream",
     "ImageLayout",
     "PairDataset",
     "RawSplit",

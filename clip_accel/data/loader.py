@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from typing import TypeVar
 
 import datasets
@@ -158,10 +159,60 @@ def make_dataloader(
     )
 
 
-def prefetched(batches: Iterable[T], depth: int = 2) -> Iterator[T]:
+class CopyStream:
+    """On CUDA, the host-to-device copies of prefetched batches on a stream of their own, so they overlap the
+    compute on the default stream instead of queueing behind it.
+
+    Lifetimes, made explicit: each batch's copies are followed by an event (`copied`), and the consumer's stream
+    waits for that event before it touches the batch (`hand_over`), which also marks the batch's device tensors as
+    used on the consumer's stream (`record_stream`), so the caching allocator does not hand their memory to a
+    later copy while a step still reads them. The pinned host buffers they were copied from are freed when the
+    copy has been issued; torch's caching host allocator records each non-blocking copy's stream and reuses a
+    freed pinned block only after that copy has finished, and every batch is read into new buffers (PairDataset
+    allocates them per batch), so no pinned buffer is ever overwritten while a copy reads it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device)
+
+    @staticmethod
+    def for_device(device: torch.device | None) -> CopyStream | None:
+        return CopyStream(device) if device is not None and device.type == "cuda" else None
+
+    def reading(self):
+        """The reader thread's context: copies issued inside it go to the copy stream."""
+        return torch.cuda.stream(self.stream)
+
+    def copied(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def hand_over(self, batch: T, copied: torch.cuda.Event) -> T:
+        consumer = torch.cuda.current_stream(self.stream.device)
+        consumer.wait_event(copied)
+        for tensor in _tensors(batch):
+            if tensor.is_cuda:
+                tensor.record_stream(consumer)
+        return batch
+
+
+def _tensors(batch) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, dict):
+        for value in batch.values():
+            yield from _tensors(value)
+    elif isinstance(batch, list | tuple):
+        for value in batch:
+            yield from _tensors(value)
+
+
+def prefetched(batches: Iterable[T], depth: int = 2, copy_stream: CopyStream | None = None) -> Iterator[T]:
     """`batches`, read up to `depth` ahead by a background thread: while one batch trains, the next is gathered
-    from the cache, pinned and copied to the device (Accelerate's non-blocking copy), so the GPU does not wait
-    for the host between steps. Worker processes would copy every batch between processes (BENCHMARKS.md).
+    from the cache, pinned and copied to the device (Accelerate's non-blocking copy, on `copy_stream` where one
+    is given: `CopyStream.for_device`), so the GPU does not wait for the host between steps. Worker processes
+    would copy every batch between processes (BENCHMARKS.md).
 
     The first batch is read in the calling thread: starting an Accelerate loader synchronises RNG states across
     processes, and collectives stay on the thread that issues all the others. An error while reading is raised
@@ -186,24 +237,26 @@ def prefetched(batches: Iterable[T], depth: int = 2) -> Iterator[T]:
 
     def read() -> None:
         try:
-            for batch in iterator:
-                if not hand_over((batch, None)):
-                    return
-            hand_over((end, None))
+            with copy_stream.reading() if copy_stream is not None else nullcontext():
+                for batch in iterator:
+                    copied = copy_stream.copied() if copy_stream is not None else None
+                    if not hand_over((batch, copied, None)):
+                        return
+            hand_over((end, None, None))
         except BaseException as error:  # handed to the consumer, raised there
-            hand_over((end, error))
+            hand_over((end, None, error))
 
     reader = threading.Thread(target=read, name="clip_accel-prefetch", daemon=True)
     reader.start()
     try:
         yield first
         while True:
-            batch, error = ready.get()
+            batch, copied, error = ready.get()
             if error is not None:
                 raise error
             if batch is end:
                 return
-            yield batch
+            yield batch if copy_stream is None else copy_stream.hand_over(batch, copied)
     finally:
         stop.set()
         reader.join()
