@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from transformers import CLIPModel, Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel, get_scheduler
 
@@ -19,11 +22,12 @@ from conftest import tiny_clip_config, tiny_siglip2_values, tiny_siglip_values  
 
 from clip_accel.checkpoint import TrainerState  # noqa: E402
 from clip_accel.config import ModelConfig  # noqa: E402
-from clip_accel.evaluation import evaluate_retrieval  # noqa: E402
+from clip_accel.evaluation import embed_split, evaluate_retrieval  # noqa: E402
 from clip_accel.lora import add_lora  # noqa: E402
 from clip_accel.loss import contrastive_loss, sigmoid_loss  # noqa: E402
 from clip_accel.model import ContrastiveModel, PixelNormalizer, freeze_parameters  # noqa: E402
 from clip_accel.step import MAX_LOGIT_SCALE, StepContext, exact_step, plain_step  # noqa: E402
+from clip_accel.tokenizer import build_offline_tokenizer  # noqa: E402
 from clip_accel.trainer import optimizer_step_batches  # noqa: E402
 
 GLOBAL_BATCH = 16
@@ -181,6 +185,48 @@ def evaluate(accelerator: Accelerator) -> dict:
     return evaluate_retrieval(accelerator, context.model, loader, context.normalizer)
 
 
+COLLECTIVES = ("all_gather_into_tensor", "all_gather", "reduce_scatter_tensor", "all_reduce", "broadcast")
+
+
+def record_collectives(records: list) -> Callable[[], None]:
+    """Append (collective, shapes of its tensor arguments) to `records` for every call of the collectives that
+    NCCL needs equal sizes for, until the returned function is called."""
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def recorder(name: str):
+        def recording(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [t for a in args if isinstance(a, list) for t in a if isinstance(t, torch.Tensor)]
+            records.append((name, [tuple(tensor.shape) for tensor in tensors]))
+            return originals[name](*args, **kwargs)
+
+        return recording
+
+    for name in COLLECTIVES:
+        setattr(dist, name, recorder(name))
+    return lambda: [setattr(dist, name, original) for name, original in originals.items()]
+
+
+def uneven_evaluation(accelerator: Accelerator) -> dict:
+    """EVAL_PAIRS (45) pairs in batches of 8 on each process (uneven last batches): retrieval with zero-shot
+    prompts, image-only embedding and one exact step, every collective's sizes recorded on every process."""
+    context = step_context(accelerator, local_loss=True)
+    pairs = synthetic_pairs(EVAL_PAIRS, seed=2)
+    loader = accelerator.prepare(DataLoader(pairs, batch_size=8))
+    labels = [("kurta", "saree", "sherwani")[i % 3] for i in range(EVAL_PAIRS)]
+    tokenizer = build_offline_tokenizer(["a red kurta", "a blue saree", "a black sherwani", "a photo of a"] * 3)
+    records = []
+    stop_recording = record_collectives(records)
+    try:
+        metrics = evaluate_retrieval(accelerator, context.model, loader, context.normalizer, tokenizer, labels)
+        image_only, _ = embed_split(accelerator, context.model, loader, context.normalizer, with_text=False)
+        mine = pairs[accelerator.process_index * 8 : (accelerator.process_index + 1) * 8]
+        exact_step(context, [stack(mine[:4]), stack(mine[4:])])
+    finally:
+        stop_recording()
+    return {"metrics": metrics, "image_only": image_only, "collectives": gather_object([records])}
+
+
 SCENARIOS = {
     "step": lambda acc: one_step(acc, 1),
     "step_local_loss": lambda acc: one_step(acc, 1, local_loss=True),
@@ -198,6 +244,7 @@ SCENARIOS = {
     "lora_step": lambda acc: one_step(acc, 1, lora=True),
     "lora_step_exact_accumulation": lambda acc: one_step(acc, 2, lora=True),
     "evaluate": evaluate,
+    "uneven_evaluation": uneven_evaluation,
     "plain_accumulation_8": lambda acc: plain_accumulation(acc, 8),  # 2 full groups an epoch
     "plain_accumulation_6": lambda acc: plain_accumulation(acc, 6),  # a full group, then a short one of 2
 }

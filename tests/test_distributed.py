@@ -150,6 +150,21 @@ def test_recall_on_two_processes_equals_one_process_exactly(measured):
     assert two == one
 
 
+def test_uneven_last_batches_give_every_collective_equal_sizes_and_one_process_figures(measured):
+    # 45 pairs in batches of 8 on 2 processes: 23 + 22 rows, last batches of 7 and 6. NCCL needs every process to
+    # hand each collective the same sizes (gloo, here, would forgive some mismatches).
+    one, two = measured("uneven_evaluation", 1), measured("uneven_evaluation", 2)
+    assert "zero_shot_top1" in one["metrics"] and two["metrics"] == one["metrics"]
+    assert len(one["image_only"]) == 45  # the repeated pairs that even out the last batches dropped, in order
+    # (The last batch is 5 pairs on one process and a padded 8 on two: BLAS may round differently.)
+    torch.testing.assert_close(two["image_only"], one["image_only"], rtol=1e-5, atol=1e-6)
+    first, second = two["collectives"]
+    assert first == second, "a collective saw different sizes on the two processes"
+    # gather_for_metrics (all_gather on gloo), the loss's gather and its backward; DDP's own gradient all-reduce
+    # runs in its C++ reducer, on buckets of equal size by construction.
+    assert {name for name, _ in first} == {"all_gather", "all_gather_into_tensor", "reduce_scatter_tensor"}
+
+
 def run_options(demo_dir: str, model_config: str, out) -> list[str]:
     """A short demo run: 192 pairs / (16 x 2 processes) = 6 micro-batches per process per epoch, 2 accumulated
     per optimizer step."""
