@@ -177,3 +177,32 @@ def test_fp16_without_a_grad_scaler_is_refused_instead_of_training_in_float32(ma
             train(*make_configs(mixed_precision="fp16"))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("take_step, micro_batches", [(plain_step, 1), (exact_step, 2)])
+def test_under_torch_compile_the_steps_compile_once_without_graph_breaks_or_recompiles(take_step, micro_batches):
+    # Dynamo's tracing (graph breaks, guards, recompiles) is the same whatever the backend; "eager" skips inductor's
+    # lowering of each graph (the trainer's --torch_compile uses inductor). Captions are padded to each batch's
+    # longest, so the text length changes every step: after the second length Dynamo marks it dynamic.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    accelerator = Accelerator(cpu=True, dynamo_backend="eager")
+    context = distributed_worker.step_context(accelerator)
+    assert isinstance(context.model, torch._dynamo.eval_frame.OptimizedModule)
+
+    def steps(*lengths: int) -> None:
+        for index, length in enumerate(lengths):
+            pairs = distributed_worker.synthetic_pairs(16, seed=index, text_length=length)
+            size = 16 // micro_batches
+            take_step(context, [distributed_worker.stack(pairs[i : i + size]) for i in range(0, 16, size)])
+
+    steps(7, 9)  # warm-up: a static graph, then one with a dynamic length (exact: each with and without grad)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2 * micro_batches < torch._dynamo.config.recompile_limit
+    steps(11, 5, 13, 6)
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled after the first steps"
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    torch._dynamo.reset()
