@@ -48,8 +48,10 @@ class StepContext:
 
 def embed(context: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """L2-normalised (B, D) image and text embeddings and logit_scale, through the prepared model's forward so
-    its hooks fire (DDP's, FSDP2's)."""
-    return context.model(input_ids=batch["input_ids"], **context.normalizer.inputs(batch))
+    its hooks fire (DDP's, FSDP2's), under the run's autocast: Accelerate wraps a DDP model's forward in it, but
+    not an FSDP2 one's (its prepare leaves the precision to FSDP2's policy, which trainer.py sets to float32)."""
+    with context.accelerator.autocast():
+        return context.model(input_ids=batch["input_ids"], **context.normalizer.inputs(batch))
 
 
 def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

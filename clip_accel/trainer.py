@@ -373,10 +373,11 @@ def _load_model_and_data(
 
 def _compute_fsdp2_like_ddp(accelerator: Accelerator) -> None:
     """FSDP2 keeps float32 parameters and reduces gradients in float32; autocast alone lowers the precision, as
-    under DDP. Accelerate's default FSDP2 policy would gather bf16 parameters and sum gradients in bf16: the
-    accumulated (no_sync) gradients of several micro-batches and their reduce-scatter lose bits DDP keeps, and
-    `logit_scale` reaches the loss rounded to bf16 (ln 100 = 4.605 as 4.594). The price: the all-gathers move
-    float32, twice bf16's bytes."""
+    under DDP (the step and evaluation enter it themselves: Accelerate wraps no FSDP2 forward in it). Accelerate's
+    default FSDP2 policy would gather bf16 parameters and sum gradients in bf16: the accumulated (no_sync)
+    gradients of several micro-batches and their reduce-scatter lose bits DDP keeps, and `logit_scale` reaches
+    the loss rounded to bf16 (ln 100 = 4.605 as 4.594). The price: the all-gathers move float32, twice bf16's
+    bytes."""
     if not accelerator.is_fsdp2:
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy
