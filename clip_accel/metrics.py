@@ -26,15 +26,18 @@ _TILE_MULTIPLE = 64
 
 @contextmanager
 def full_float32_matmuls() -> Iterator[None]:
-    """float32 products computed in full float32 inside the block, whatever the process-wide setting: training
-    on CUDA sets TF32 ("high") for speed, and TF32 similarities may order near-ties differently from the float32
-    ones `clip-accel evaluate` computes, so one model would get two sets of figures."""
-    precision = torch.get_float32_matmul_precision()
+    """float32 matrix products and cuDNN convolutions computed in full float32 inside the block, whatever the
+    process-wide settings: training on CUDA sets TF32 for speed (or not, with --no_tf32), torch's own default
+    lets cuDNN use it, and TF32 similarities may order near-ties differently, so one model would get one set of
+    figures in training and another from `clip-accel evaluate`."""
+    precision, convolutions = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = convolutions
 
 
 def _validate(query: torch.Tensor, candidate: torch.Tensor, chunk_size: int) -> None:

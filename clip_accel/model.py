@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import (
@@ -199,10 +200,11 @@ class ContrastiveModel(torch.nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
-        spatial_shapes_on_host: torch.Tensor | None = None,
+        spatial_shapes_on_host: np.ndarray | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """`spatial_shapes` (SigLIP 2): (B, 2) grids on the device; `spatial_shapes_on_host`, the same on the CPU
-        when the loader has them, handed to a transformers whose position embeddings read each grid on the host."""
+        """`spatial_shapes` (SigLIP 2): (B, 2) grids on the device; `spatial_shapes_on_host`, the same as a numpy
+        array, for a transformers whose position embeddings read each grid on the host. A numpy array, not a
+        tensor: DDP and FSDP2 copy every tensor input of a forward to the device (a blocking copy)."""
         # Normalised in float32 whatever the autocast dtype: the loss and the recall are computed in float32.
         image_embeds = text_embeds = None
         if pixel_values is not None:
@@ -210,8 +212,8 @@ class ContrastiveModel(torch.nn.Module):
             if spatial_shapes is not None:  # SigLIP 2: patch sequences, the first rows x columns of each in use
                 in_use = spatial_shapes.prod(-1, keepdim=True)
                 mask = torch.arange(pixel_values.shape[1], device=pixel_values.device) < in_use
-                read_on_host = spatial_shapes_on_host is not None and POSITIONS_READ_GRIDS_ON_HOST
-                grids = spatial_shapes_on_host if read_on_host else spatial_shapes
+                on_host = spatial_shapes_on_host is not None
+                grids = torch.from_numpy(spatial_shapes_on_host) if on_host else spatial_shapes
                 image_inputs.update(pixel_attention_mask=mask.long(), spatial_shapes=grids)
             features = self.clip.get_image_features(**image_inputs).pooler_output
             image_embeds = F.normalize(features.float(), dim=-1)
@@ -336,12 +338,13 @@ class PixelNormalizer(torch.nn.Module):
             return out
         return pixels.permute(0, 3, 1, 2).to(torch.float32, copy=True).sub_(self.shift).mul_(self.scale)
 
-    def inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+    def inputs(self, batch: dict) -> dict:
         """A batch's image inputs to `ContrastiveModel.forward`: the normalised pixels (and SigLIP 2's grids, with
-        their host copy when the loader sent one: a numpy array, which the copy to the device leaves alone)."""
+        their host copy where this transformers reads grids on the host and the loader sent one: a numpy array,
+        which the copies to the device leave alone)."""
         inputs = {"pixel_values": self(batch["pixel_values"])}
         if "spatial_shapes" in batch:
             inputs["spatial_shapes"] = batch["spatial_shapes"]
-        if batch.get(HOST_GRIDS) is not None:
-            inputs["spatial_shapes_on_host"] = torch.from_numpy(batch[HOST_GRIDS])
+        if POSITIONS_READ_GRIDS_ON_HOST and batch.get(HOST_GRIDS) is not None:
+            inputs["spatial_shapes_on_host"] = batch[HOST_GRIDS]
         return inputs

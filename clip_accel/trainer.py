@@ -230,7 +230,9 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
     run.model.train()
     group_size = config.gradient_accumulation_steps
     skips = []  # device flags of the steps since the counts were last read (reading them syncs with the device)
-    for micro_batches, epoch_over in optimizer_step_batches(run.train_loader, run.accelerator, state, group_size):
+    copy_stream = CopyStream.for_device(run.accelerator.device)  # one for the run: its memory pool is per stream
+    batches = optimizer_step_batches(run.train_loader, run.accelerator, state, group_size, copy_stream)
+    for micro_batches, epoch_over in batches:
         if run.augmenter is not None:  # drawn once per step: both passes of exact accumulation see the same crops
             micro_batches = run.augmenter(micro_batches, state.step, run.accelerator.process_index)
         loss, skipped = take_step(run.step_context, micro_batches)
@@ -260,7 +262,7 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
 
 
 def optimizer_step_batches(
-    loader, accelerator: Accelerator, state: TrainerState, group_size: int
+    loader, accelerator: Accelerator, state: TrainerState, group_size: int, copy_stream: CopyStream | None = None
 ) -> Iterator[tuple[list[dict], bool]]:
     """(micro-batches of one optimizer step, whether they end the epoch), epoch after epoch, without end.
 
@@ -271,7 +273,7 @@ def optimizer_step_batches(
     """
     while True:
         group = []
-        for batch in _epoch_batches(loader, accelerator, state):
+        for batch in _epoch_batches(loader, accelerator, state, copy_stream):
             group.append(batch)
             state.batches_in_epoch += 1
             epoch_over = state.batches_in_epoch == len(loader)
@@ -282,11 +284,10 @@ def optimizer_step_batches(
                 group = []
 
 
-def _epoch_batches(loader, accelerator: Accelerator, state: TrainerState):
+def _epoch_batches(loader, accelerator: Accelerator, state: TrainerState, copy_stream: CopyStream | None):
     """This epoch's batches in the seeded order for `state.epoch`, minus those a resumed run already consumed,
-    read ahead by a background thread."""
+    read ahead by a background thread (copied to the device on `copy_stream`, where given)."""
     loader.set_epoch(state.epoch)
-    copy_stream = CopyStream.for_device(accelerator.device)
     if state.batches_in_epoch == 0:
         return prefetched(loader, copy_stream=copy_stream)
     skipping = accelerator.skip_first_batches(loader, state.batches_in_epoch)

@@ -22,7 +22,7 @@ ON_THE_HOST = {
     ("metrics", "torch.tensor([ids[caption] for caption in captions])"): "moved to the embeddings' device in _ranks",
     ("model", "torch.tensor(list(image_std))"): "a PixelNormalizer buffer, moved with .to(device) by its callers",
     ("model", "torch.tensor(list(image_mean))"): "a PixelNormalizer buffer, moved with .to(device) by its callers",
-    ("model", "torch.from_numpy(batch[HOST_GRIDS])"): "SigLIP 2's grids, read on the host (model.py explains)",
+    ("model", "torch.from_numpy(spatial_shapes_on_host)"): "SigLIP 2's grids, read on the host (model.py explains)",
     ("augment", "torch.from_numpy(theta)"): "moved to the pixels' device before the crop",
     ("data/loader", "torch.from_numpy(pixels)"): "a batch on the host: Accelerate's loader copies it to the device",
     ("data/loader", "torch.from_numpy(input_ids)"): "a batch on the host: Accelerate's loader copies it",

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from clip_accel.evaluation import evaluate_retrieval
 
 
-def test_evaluation_embeds_and_ranks_in_full_float32_under_a_tf32_training_run():
+def test_evaluation_embeds_and_ranks_in_full_float32_under_a_tf32_training_run(monkeypatch):
     accelerator = Accelerator(cpu=True)
     context = distributed_worker.step_context(accelerator)
     loader = accelerator.prepare(
@@ -18,13 +18,16 @@ def test_evaluation_embeds_and_ranks_in_full_float32_under_a_tf32_training_run()
     )
     seen = []
     model = accelerator.unwrap_model(context.model)
-    model.register_forward_hook(lambda *_: seen.append(torch.get_float32_matmul_precision()))
+    model.register_forward_hook(
+        lambda *_: seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+    )
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     default = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # as use_tf32 sets it for a CUDA training run
+    torch.set_float32_matmul_precision("high")  # as use_tf32 sets both for a CUDA training run
     try:
         expected = evaluate_retrieval(accelerator, context.model, loader, context.normalizer)
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(default)
-    assert len(seen) == 3 and set(seen) == {"highest"}
+    assert len(seen) == 3 and set(seen) == {("highest", False)}
     assert evaluate_retrieval(accelerator, context.model, loader, context.normalizer) == expected

@@ -134,7 +134,7 @@ class _RecordingCopyStream:
         yield
 
     def copied(self):
-        self.log.append(("copied", len(self.log)))
+        self.log.append(("copied",))
         return len(self.log) - 1  # stands for the event recorded after this batch's copies
 
     def hand_over(self, batch, copied):
@@ -144,14 +144,22 @@ class _RecordingCopyStream:
 
 def test_each_prefetched_batch_is_handed_over_only_after_its_own_copies():
     stream = _RecordingCopyStream()
-    source, _ = _reading_log(4)
-    assert list(prefetched(source, copy_stream=stream)) == [0, 1, 2, 3]
-    assert stream.log[0] == ("reading", "clip_accel-prefetch")  # batches 1.. are read (and copied) there
-    events = [entry for entry in stream.log if entry[0] == "copied"]
-    handed = [entry for entry in stream.log if entry[0] == "hand_over"]
-    # Batch 0 is read and copied in the caller's thread, on its own stream: nothing to wait for.
-    assert [batch for _, batch, _ in handed] == [1, 2, 3]
-    assert [event for _, _, event in handed] == [stream.log.index(entry) for entry in events]
+
+    def source():  # reading a batch from an Accelerate loader issues its copies
+        for index in range(4):
+            stream.log.append(("read", index))
+            yield index
+
+    assert list(prefetched(source(), copy_stream=stream)) == [0, 1, 2, 3]
+    log = stream.log
+    # Batch 0 is read and copied in the caller's thread, on its own stream: nothing to wait for. Batches 1.. are
+    # read inside the copy stream, in the reader thread.
+    assert log[:2] == [("read", 0), ("reading", "clip_accel-prefetch")]
+    for batch in (1, 2, 3):
+        read = log.index(("read", batch))
+        (handed,) = [position for position, entry in enumerate(log) if entry[:2] == ("hand_over", batch)]
+        event = log[handed][2]  # the event the consumer waited for: recorded right after this batch's read
+        assert read < event < handed and log[event][0] == "copied" and log[read + 1] == log[event]
 
 
 def test_batches_held_by_the_consumer_are_never_overwritten_by_the_reader(tmp_path):

@@ -306,16 +306,18 @@ def test_ranking_runs_in_full_float32_whatever_the_process_wide_matmul_precision
     seen, mm = [], torch.mm
 
     def recording_mm(*args, **kwargs):
-        seen.append(torch.get_float32_matmul_precision())
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
         return mm(*args, **kwargs)
 
     monkeypatch.setattr(torch, "mm", recording_mm)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default
     default = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
         embeds = torch.nn.functional.normalize(torch.randn(70, 8), dim=1)
         retrieval_metrics(embeds, embeds.flip(0), chunk_size=32, captions=[str(i % 5) for i in range(70)])
         assert torch.get_float32_matmul_precision() == "high", "the setting is restored afterwards"
+        assert torch.backends.cudnn.allow_tf32
     finally:
         torch.set_float32_matmul_precision(default)
-    assert seen and set(seen) == {"highest"}
+    assert seen and set(seen) == {("highest", False)}

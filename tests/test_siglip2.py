@@ -177,8 +177,11 @@ def test_a_transformers_that_reads_grids_on_the_host_gets_the_loaders_host_copy(
     with torch.no_grad():
         expected = model(**normalizer.inputs(batch))[0]
     monkeypatch.setattr(model_module, "POSITIONS_READ_GRIDS_ON_HOST", read_on_host)
+    inputs = normalizer.inputs(batch)
+    # Handed over as numpy, not as a tensor: DDP and FSDP2 copy every tensor input of a forward to the device.
+    assert isinstance(inputs.get("spatial_shapes_on_host", grids), np.ndarray)
     with torch.no_grad():
-        image_embeds = model(**normalizer.inputs(batch))[0]
+        image_embeds = model(**inputs)[0]
     host = seen[-1].data_ptr() == grids.ctypes.data
     assert host is read_on_host and seen[-1].tolist() == grids.tolist()
     torch.testing.assert_close(image_embeds, expected, rtol=0, atol=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import TypeVar
 
 import datasets
@@ -179,9 +179,13 @@ class CopyStream:
     def for_device(device: torch.device | None) -> CopyStream | None:
         return CopyStream(device) if device is not None and device.type == "cuda" else None
 
-    def reading(self):
-        """The reader thread's context: copies issued inside it go to the copy stream."""
-        return torch.cuda.stream(self.stream)
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """The reader thread's context: copies issued inside it go to the copy stream. The device first: a new
+        thread's current device is 0, and entering then leaving a stream of device k from there would end on
+        device 0 (on another process's GPU, a CUDA context of its own)."""
+        with torch.cuda.device(self.stream.device), torch.cuda.stream(self.stream):
+            yield
 
     def copied(self) -> torch.cuda.Event:
         event = torch.cuda.Event()
