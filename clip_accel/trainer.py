@@ -149,7 +149,6 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     )
     set_seed(config.seed)
     check_launch(accelerator)
-    _compute_fsdp2_like_ddp(accelerator)
     _check_lora(accelerator, model_config, config)
     use_tf32(accelerator.device, config.tf32)
     # Node-local output folders: every node keeps its own checkpoints (resume reads them from its own disk).
@@ -162,6 +161,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         )
     if not config.resume_from_checkpoint:
         _check_output_dir(config)
+    _compute_fsdp2_like_ddp(accelerator)
     model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
     loading = {"num_workers": config.dataloader_num_workers, "device": accelerator.device}
     loaders = [make_dataloader(pairs["train"], config.per_device_train_batch_size, train=True, **loading)]
