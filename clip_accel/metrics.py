@@ -86,6 +86,7 @@ def pair_ranks(
     return _ranks(image_embeds, text_embeds, chunk_size, columns, groups, rules=(rule,))[rule]
 
 
+@full_float32_matmuls()
 def _ranks(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -97,18 +98,6 @@ def _ranks(
     """`pair_ranks` under each of `rules` ("own": the own pair is the only match; "group": any pair of the
     query's group is), all from the same single pass over S, in full float32."""
     _validate(image_embeds, text_embeds, chunk_size)
-    with full_float32_matmuls():
-        return _ranks_in_tiles(image_embeds, text_embeds, chunk_size, columns, groups, rules)
-
-
-def _ranks_in_tiles(
-    image_embeds: torch.Tensor,
-    text_embeds: torch.Tensor,
-    chunk_size: int,
-    columns: bool,
-    groups: torch.Tensor | None,
-    rules: tuple[str, ...],
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     device = image_embeds.device
     # float32 so fp16/bf16 inputs rank like their float32 originals.
     images = image_embeds.to(dtype=torch.float32)

@@ -112,7 +112,8 @@ def test_gradient_checkpointing_leaves_the_gradient_unchanged(take_step, micro_b
         torch.testing.assert_close(gradient, reference, rtol=1e-5, atol=1e-7)
 
 
-def _fp16_context(monkeypatch, take_step_count: int = 0):
+@pytest.fixture
+def fp16_context(monkeypatch):
     """The trainer's fused AdamW under Accelerate's fp16 path (autocast + grad scaler, kept on CPU by fp16_cpu)."""
     from accelerate.state import AcceleratorState
     from fp16_cpu import keep_fp16_on_cpu
@@ -124,14 +125,7 @@ def _fp16_context(monkeypatch, take_step_count: int = 0):
     context = distributed_worker.step_context(accelerator)
     context.optimizer = accelerator.prepare(build_optimizer(accelerator.unwrap_model(context.model), TrainConfig()))
     context.scheduler = distributed_worker.StepCounter()
-    return context
-
-
-@pytest.fixture
-def fp16_context(monkeypatch):
-    from accelerate.state import AcceleratorState
-
-    yield _fp16_context(monkeypatch)
+    yield context
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
