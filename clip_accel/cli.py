@@ -19,7 +19,7 @@ from accelerate import PartialState
 from .checkpoint import list_checkpoints
 from .config import METRIC_NAMES, DataConfig, ModelConfig, TrainConfig, parse_config
 from .embedding import check_output_file, embed, load_embeddings, save_embeddings
-from .evaluation import evaluate_folder
+from .evaluation import evaluate_folder, training_option
 from .hub import check_hub_access, push_output_dir, write_model_card
 from .outputs import write_outputs
 from .results import format_results_table
@@ -175,13 +175,24 @@ def _add_split_arguments(parser: argparse.ArgumentParser, verb: str):
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--caption_column", default="caption")
     parser.add_argument("--label_column", default=None, help="Class-label column, for zero-shot accuracy.")
+    parser.add_argument(
+        "--caption_template",
+        default=None,
+        help="Compose captions from columns, e.g. '{product_title}, by {brand}' (default: the template the model "
+        "folder was trained with, from its training_config.json, else the source's captions).",
+    )
     parser.add_argument("--cache_dir", default=None, help="Preprocessing cache (default: the datasets cache).")
     return source
 
 
 def _split_data_config(args: argparse.Namespace, **options) -> DataConfig:
-    """The DataConfig of `_add_split_arguments`' options (and `options`), `--split` as its test split."""
+    """The DataConfig of `_add_split_arguments`' options (and `options`), `--split` as its test split; captions
+    composed as the model was trained on them unless `--caption_template` says otherwise."""
+    template = args.caption_template or training_option(args.model_name_or_path, "caption_template")
+    if template and not args.caption_template:
+        logger.info(f"Captions composed as in training: --caption_template {template!r}")
     return DataConfig(
+        caption_template=template,
         data_dir=args.data_dir,
         dataset_name=args.dataset_name,
         demo=args.demo,

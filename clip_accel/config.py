@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import string
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from typing import Literal
@@ -24,6 +25,31 @@ METRIC_NAMES = (
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """The column names a --caption_template places, in order of first use. Only plain `{column}` placeholders
+    are accepted (no positions, attributes, indices, conversions or format specs); `{{` and `}}` are braces."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ValueError(
+            f"--caption_template {template!r}: {error}; write columns as {{column}}, braces as {{{{ }}}}."
+        ) from None
+    names = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        _require(
+            name.strip() and not name.isdigit() and not set(name) & set(".[]") and not spec and conversion is None,
+            f"--caption_template {template!r}: {{{name}{'!' + conversion if conversion else ''}"
+            f"{':' + spec if spec else ''}}} is not a column placeholder; use plain {{column}} names such as "
+            "{product_title} or {brand}.",
+        )
+        if name not in names:
+            names.append(name)
+    _require(bool(names), f"--caption_template {template!r} names no column; e.g. '{{product_title}}, by {{brand}}'.")
+    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,16 @@ class DataConfig:
         metadata={
             "help": "Train on the embedded synthetic fashion catalogue (written in the Indo-fashion layout on "
             "first use, then read through the real Indo-fashion loader)."
+        },
+    )
+    caption_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Compose each caption from the source's columns, e.g. '{product_title}, by {brand}': any field "
+            "of the Indo-fashion JSON lines (product_title, brand, class_label, ...) or any column of a "
+            "--dataset_name source (it then replaces --caption_column). Applied when the rows are read, for "
+            "training and evaluation alike (the cache follows it); a null value is written as an empty string. "
+            "Default: the title (product_title), or --caption_column."
         },
     )
     image_column: str = field(default="image", metadata={"help": "Image column of --dataset_name."})
@@ -135,6 +171,8 @@ class DataConfig:
             value = getattr(self, name)
             _require(value is None or value >= 1, f"--{name} must be at least 1 (or left unset), got {value}.")
         _require(self.preprocessing_num_workers >= 1, "--preprocessing_num_workers must be at least 1.")
+        if self.caption_template is not None:
+            template_fields(self.caption_template)
         scale = list(self.augment_scale)
         _require(
             len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
@@ -246,6 +284,16 @@ class TrainConfig:
             "columns: the same gradient, logits memory O(B x N*B) instead of O((N*B)^2), one reduce-scatter in "
             "the backward. --no_local_loss computes the whole (N*B)^2 loss on every process (no communication "
             "in the backward). No effect on one process."
+        },
+    )
+    caption_positives: Literal["identical", "own"] = field(
+        default="identical",
+        metadata={
+            "help": "identical: pairs whose captions are the same string are positives of each other in the loss "
+            "(a catalogue's repeated titles are not pushed apart; CLIP: cross-entropy against the positives "
+            "weighted uniformly, SigLIP: each such pair labelled +1), across processes and accumulated "
+            "micro-batches. With all captions distinct it is exactly the usual loss. own: a pair's only positive "
+            "is itself (the usual CLIP/SigLIP loss, as open_clip and run_clip.py train)."
         },
     )
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
@@ -361,6 +409,10 @@ class TrainConfig:
             "save_total_limit",
         ):
             _require(getattr(self, name) >= 0, f"--{name} must be 0 or more, got {getattr(self, name)}.")
+        _require(
+            self.caption_positives in ("identical", "own"),
+            f"--caption_positives {self.caption_positives!r}: use identical or own.",
+        )
         _require(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}.")
         _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         _require(self.max_grad_norm >= 0, "--max_grad_norm must be 0 (off) or positive.")

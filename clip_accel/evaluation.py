@@ -207,8 +207,13 @@ def dataset_prompts(data_config: DataConfig) -> Prompts:
 def training_eval_batch_size(model_name_or_path: str, default: int = 128) -> int:
     """The batch size a training run evaluated with (its training_config.json), else `default`: the same batch
     size gives bit-identical embeddings, another can flip near-ties."""
+    return training_option(model_name_or_path, "per_device_eval_batch_size", default)
+
+
+def training_option(model_name_or_path: str, name: str, default=None):
+    """An option of the training run that wrote this folder (its training_config.json), else `default`."""
     run_config = os.path.join(model_name_or_path, "training_config.json")
     if os.path.isfile(run_config):
         with open(run_config) as handle:
-            return json.load(handle)["per_device_eval_batch_size"]
+            return json.load(handle).get(name, default)
     return default

@@ -13,6 +13,13 @@ its own rows only:
 
 Either way DDP's gradient averaging then yields exactly the gradient of the global loss (the same weights as one
 process with batch N*B). Assumes equal per-process batches, which the training loader's drop_last guarantees.
+
+Positives. By default a pair's only positive is itself. Given `caption_ids` (B,) (a hash of each row's caption
+string, stored in the preprocessing cache), every pair whose caption is the same string is a positive too: two
+photos of one catalogue title are not pushed apart. The ids are gathered with the embeddings, so the mask is the
+global batch's, and it is built on the device (no host sync). CLIP's softmax loss then takes the cross-entropy
+against each row's positives weighted uniformly (UniCL / SupCon), SigLIP's sigmoid loss labels every positive pair
++1. With all captions distinct both are today's loss bit for bit.
 """
 
 from __future__ import annotations
@@ -40,9 +47,7 @@ class _GatherWithGrad(torch.autograd.Function):
         world_size, rank = _world()
         ctx.world_size, ctx.same = world_size, same_gradient_everywhere
         ctx.rows = slice(rank * tensor.shape[0], (rank + 1) * tensor.shape[0])
-        gathered = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(gathered, tensor.contiguous())
-        return gathered
+        return _all_gather(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -51,6 +56,16 @@ class _GatherWithGrad(torch.autograd.Function):
         mine = grad.new_empty((ctx.rows.stop - ctx.rows.start, *grad.shape[1:]))
         dist.reduce_scatter_tensor(mine, grad.contiguous())
         return mine, None
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each process -> (N*B, ...), process 0's rows first; no autograd."""
+    world_size = _world()[0]
+    if world_size == 1:
+        return tensor
+    gathered = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(gathered, tensor.contiguous())
+    return gathered
 
 
 def gather_with_grad(tensor: torch.Tensor, *, same_gradient_everywhere: bool = False) -> torch.Tensor:
@@ -62,15 +77,21 @@ def gather_with_grad(tensor: torch.Tensor, *, same_gradient_everywhere: bool = F
 
 
 def contrastive_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, *, local_loss: bool = True
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    local_loss: bool = True,
+    caption_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CLIP loss over the global batch.
 
     image_embeds, text_embeds: (B, D), L2-normalised, row i of each is a pair. logit_scale: scalar parameter
     (log of the inverse temperature). With `local_loss` (and more than one process), this process scores only its
     own B rows against all N*B columns (O(B*N*B) memory instead of O((N*B)^2)); the gradient is the same, the
-    value is this process's share (their mean over processes is the global loss). Computed in float32 whatever
-    the autocast dtype.
+    value is this process's share (their mean over processes is the global loss). `caption_ids` (B,) int64: pairs
+    with equal ids are positives of each other (module docstring); None: only the own pair. Computed in float32
+    whatever the autocast dtype.
     """
     image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
     world_size, rank = _world()
@@ -78,19 +99,54 @@ def contrastive_loss(
     all_image = gather_with_grad(image_embeds, same_gradient_everywhere=not local)
     all_text = gather_with_grad(text_embeds, same_gradient_everywhere=not local)
     scale = logit_scale.float().exp()
+    positives = positive_mask(caption_ids, local)
     if local:
         logits_per_image = scale * image_embeds @ all_text.T
         logits_per_text = scale * text_embeds @ all_image.T
         labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + rank * image_embeds.shape[0]
+        text_positives = positives  # equal captions are symmetric: text i's positives are image i's
     else:
         logits_per_image = scale * all_image @ all_text.T
         logits_per_text = logits_per_image.T
         labels = torch.arange(all_image.shape[0], device=image_embeds.device)
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        text_positives = None if positives is None else positives.T
+    return (
+        _cross_entropy(logits_per_image, labels, positives) + _cross_entropy(logits_per_text, labels, text_positives)
+    ) / 2
+
+
+def positive_mask(caption_ids: torch.Tensor | None, local: bool) -> torch.Tensor | None:
+    """(rows, N*B) bool: True where the column's caption is the row's (its own pair included). Rows: this
+    process's B with `local`, else all N*B. None without `caption_ids`. The ids are gathered (one small
+    all_gather), so duplicates held by other processes count too."""
+    if caption_ids is None:
+        return None
+    all_ids = _all_gather(caption_ids)
+    return (caption_ids if local else all_ids)[:, None] == all_ids[None, :]
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy of each row of `logits` (R, C) against its positives (R, C) weighted uniformly (UniCL /
+    SupCon), or against its own column `labels` (R,) alone when `positives` is None.
+
+    Written as the own-column cross-entropy plus the other positives' share: where a row has no other positive
+    its target minus the one-hot is exactly 0, so with all captions distinct value and gradient are those of
+    `F.cross_entropy(logits, labels)` bit for bit (a soft-target cross-entropy would round differently)."""
+    if positives is None:
+        return F.cross_entropy(logits, labels)
+    log_probs = logits.log_softmax(dim=1)
+    targets = positives.float() / positives.sum(dim=1, keepdim=True)
+    others = targets - F.one_hot(labels, logits.shape[1]).float()
+    return F.nll_loss(log_probs, labels) - (others * log_probs).sum(dim=1).mean()
 
 
 def sigmoid_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_params: torch.Tensor, *, local_loss: bool = True
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_params: torch.Tensor,
+    *,
+    local_loss: bool = True,
+    caption_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss over the global batch: every (image, text) pair is a binary problem, its own
     pair positive, all others negative: -sum(log sigmoid(label * (exp(t) x.y + b))) / (global batch).
@@ -100,6 +156,7 @@ def sigmoid_loss(
     the mean over processes is the global loss, and DDP's averaging gives its gradient, the same as one process
     with batch N*B (the paper's chunked variant passes text blocks around a ring instead; the gradient is the
     same). `local_loss` is accepted for a uniform signature: this loss is always computed locally.
+    `caption_ids` (B,) int64: every pair of equal ids is labelled +1 (module docstring); None: only the own pair.
     """
     image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
     rank = _world()[1]
@@ -107,8 +164,13 @@ def sigmoid_loss(
     scale, bias = logit_params.float()[0].exp(), logit_params.float()[1]
     logits = scale * image_embeds @ all_text.T + bias
     rows = image_embeds.shape[0]
-    labels = -torch.ones_like(logits)
-    labels[torch.arange(rows, device=logits.device), torch.arange(rows, device=logits.device) + rank * rows] = 1.0
+    positives = positive_mask(caption_ids, local=True)
+    if positives is not None:
+        labels = positives.float() * 2 - 1
+    else:
+        labels = -torch.ones_like(logits)
+        own = torch.arange(rows, device=logits.device)
+        labels[own, own + rank * rows] = 1.0
     return -F.logsigmoid(labels * logits).sum() / rows
 
 

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -44,6 +45,9 @@ class StepContext:
     local_loss: bool
     loss: Loss = contrastive_loss  # the family's: CLIP's softmax, SigLIP's sigmoid (with the bias in logit_params)
     max_logit_scale: float | None = MAX_LOGIT_SCALE  # CLIP's cap after each step; SigLIP has none
+    # "identical": pairs with the same caption string are positives of each other (the batches' `caption_ids`);
+    # "own": a pair's only positive is itself.
+    caption_positives: Literal["identical", "own"] = "own"
 
 
 def embed(context: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,6 +56,13 @@ def embed(context: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     not an FSDP2 one's (its prepare leaves the precision to FSDP2's policy, which trainer.py sets to float32)."""
     with context.accelerator.autocast():
         return context.model(input_ids=batch["input_ids"], **context.normalizer.inputs(batch))
+
+
+def caption_ids(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """The caption ids (rows,) of `micro_batches`, concatenated, for the loss's positives; None for "own"."""
+    if context.caption_positives == "own":
+        return None
+    return torch.cat([batch["caption_ids"] for batch in micro_batches])
 
 
 def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +78,8 @@ def plain_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]
         last = index == len(micro_batches) - 1
         with nullcontext() if last else accelerator.no_sync(context.model):
             image_embeds, text_embeds, logit_scale = embed(context, batch)
-            loss = context.loss(image_embeds, text_embeds, logit_scale, local_loss=context.local_loss)
+            ids = caption_ids(context, [batch])
+            loss = context.loss(image_embeds, text_embeds, logit_scale, local_loss=context.local_loss, caption_ids=ids)
             accelerator.backward(loss / len(micro_batches))
         losses.append(loss.detach())
     return torch.stack(losses).mean(), _optimizer_step(context)
@@ -91,7 +103,8 @@ def exact_step(context: StepContext, micro_batches: list[dict[str, torch.Tensor]
     texts = torch.cat([text for _, text, _ in cached]).requires_grad_()
     scale = cached[0][2].detach().requires_grad_()
     with torch.enable_grad():
-        loss = context.loss(images, texts, scale, local_loss=context.local_loss)
+        ids = caption_ids(context, micro_batches)  # in the order of the cached rows
+        loss = context.loss(images, texts, scale, local_loss=context.local_loss, caption_ids=ids)
         image_grads, text_grads, scale_grad = torch.autograd.grad(loss, [images, texts, scale])
     rows = 0
     for index, batch in enumerate(micro_batches):

@@ -95,6 +95,7 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     pair_counts: dict  # usable pairs per role
+    shared_train_captions: int  # training pairs whose caption another training pair also has
     labels: dict  # class label of every usable pair, per evaluation role (for zero-shot accuracy)
     captions: dict  # caption of every usable pair, per evaluation role (for the identical-caption figures)
     skipped: dict  # rows skipped per role (main process)
@@ -174,7 +175,8 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     total_steps = config.max_steps or config.num_train_epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, config, total_steps)
-    _log_startup(accelerator, config, total_steps, pairs)
+    shared = pairs["train"].shared_captions()
+    _log_startup(accelerator, config, total_steps, pairs, shared)
     resolved_config = config_to_dict(data_config, model_config, config)
     # Trackers take numbers, strings and booleans as hyperparameters: None and lists (--augment_scale) as text.
     tracked = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in resolved_config.items()}
@@ -191,6 +193,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         local_loss=config.local_loss,
         loss=LOSSES[family.loss],
         max_logit_scale=family.max_logit_scale,
+        caption_positives=config.caption_positives,
     )
     return Run(
         config=config,
@@ -202,6 +205,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         pair_counts={role: len(pairs[role]) for role in pairs},
+        shared_train_captions=shared,
         labels={role: pairs[role].column("label") for role in ("validation", "test")},
         captions={role: pairs[role].column("caption") for role in ("validation", "test")},
         skipped=skipped,
@@ -572,7 +576,7 @@ def _check_output_dir(config: TrainConfig) -> None:
         )
 
 
-def _log_startup(accelerator: Accelerator, config: TrainConfig, total_steps: int, pairs: dict) -> None:
+def _log_startup(accelerator: Accelerator, config: TrainConfig, total_steps: int, pairs: dict, shared: int) -> None:
     processes = accelerator.num_processes
     logger.info(
         f"Processes: {processes} ({accelerator.distributed_type.value}) on {accelerator.device.type}; "
@@ -586,6 +590,9 @@ def _log_startup(accelerator: Accelerator, config: TrainConfig, total_steps: int
         f"Pairs: train {len(pairs['train'])}, validation {len(pairs['validation'])}, test {len(pairs['test'])}; "
         f"optimizer steps: {total_steps}"
     )
+    identical = config.caption_positives == "identical"
+    treated = "positives of each other" if identical else "negatives (--caption_positives own)"
+    logger.info(f"{shared} training pairs share their caption with another; in one batch they are {treated}")
 
 
 def _training_summary(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> dict:
@@ -596,6 +603,7 @@ def _training_summary(run: Run, state: TrainerState, early_stopping: EarlyStoppi
         "warmup_steps": run.config.warmup_steps_for(run.total_steps),
         "nonfinite_steps": state.nonfinite_steps,
         "train_pairs": run.pair_counts["train"],
+        "train_pairs_sharing_a_caption": run.shared_train_captions,
         "pairs": run.pair_counts,
         "skipped_rows": run.skipped,
         "epochs_run": round(state.step / run.steps_per_epoch, 2),

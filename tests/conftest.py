@@ -82,6 +82,14 @@ def demo_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def shared_titles_demo_dir(tmp_path_factory) -> str:
+    """`demo_dir`'s catalogue with 30 % of the items sharing a title with another photo of the same product."""
+    root = tmp_path_factory.mktemp("demo-shared") / "indo-fashion-demo"
+    write_demo_dataset(root, num_train=192, num_val=45, num_test=45, image_size=48, seed=0, shared_titles=0.3)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_config_path(tmp_path_factory) -> str:
     """A CLIPConfig JSON for --scratch_config (vocab size and special ids are set from the offline tokenizer)."""
     path = tmp_path_factory.mktemp("model") / "clip-test.json"

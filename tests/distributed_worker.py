@@ -39,15 +39,32 @@ EVAL_PAIRS = 45  # divisible neither by the 2 processes nor by the eval batch of
 EOS = 2  # the tiny config's end-of-text id
 
 
+# Pairs whose caption repeats an earlier one's (copy: original). One step of 2 processes x 8 (pairs 0-7 are process
+# 0's, 8-15 process 1's; micro-batches of 4): within a micro-batch (1, 14), across micro-batches of one process
+# (6), across processes (9, 12, 15). Plain accumulation's global micro-batches of 4 (pairs 4k..4k+3, 4k and 4k+1 on
+# process 0): 14 and 13 straddle the processes inside one.
+REPEATS = {1: 0, 6: 2, 9: 1, 12: 3, 15: 3, 14: 13}
+
+
 def synthetic_pairs(
-    count: int, seed: int, text_length: int = 7, patches: bool = False
+    count: int, seed: int, text_length: int = 7, patches: bool = False, repeats: str | None = None
 ) -> list[dict[str, torch.Tensor]]:
+    """Random pairs. `repeats`: give the pairs in REPEATS their original's caption id, with its token ids
+    ("same") or with their own ("own tokens": as if dropout made two embeddings of one caption differ; with equal
+    texts CLIP's softmax loss is the same with or without positives, and the mask would go untested)."""
     generator = torch.Generator().manual_seed(seed)
     shape = (count, PATCHES, PATCH_VALUES) if patches else (count, 32, 32, 3)
     pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
     input_ids = torch.randint(3, 500, (count, text_length), generator=generator)
     input_ids[:, -1] = EOS
+    caption_ids = torch.arange(count) * 1000 + 17
+    for copy, original in REPEATS.items() if repeats else ():
+        caption_ids[copy] = caption_ids[original]
+        if repeats == "same":
+            input_ids[copy] = input_ids[original]
     pairs = [{"pixel_values": pixels[i], "input_ids": input_ids[i]} for i in range(count)]
+    for i, pair in enumerate(pairs if repeats else []):
+        pair["caption_ids"] = caption_ids[i]
     for i, pair in enumerate(pairs if patches else []):
         pair["spatial_shapes"] = torch.tensor(GRIDS[i % len(GRIDS)])
     return pairs
@@ -64,6 +81,7 @@ def step_context(
     lora: bool = False,
     siglip: bool = False,
     siglip2: bool = False,
+    positives: str = "own",
 ) -> StepContext:
     torch.manual_seed(0)
     if siglip2:
@@ -90,8 +108,12 @@ def step_context(
             model_module = accelerator.unwrap_model(model)
             model_module.logit_scale.fill_(2.3)
             model_module.logit_bias.fill_(-3.0)
-        return StepContext(accelerator, model, optimizer, scheduler, normalizer, 1.0, True, sigmoid_loss, None)
-    return StepContext(accelerator, model, optimizer, scheduler, normalizer, 1.0, local_loss)
+        return StepContext(
+            accelerator, model, optimizer, scheduler, normalizer, 1.0, True, sigmoid_loss, None, positives
+        )
+    return StepContext(
+        accelerator, model, optimizer, scheduler, normalizer, 1.0, local_loss, caption_positives=positives
+    )
 
 
 def one_step(
@@ -103,12 +125,15 @@ def one_step(
     lora: bool = False,
     siglip: bool = False,
     siglip2: bool = False,
+    repeats: str | None = None,
 ) -> dict:
-    """One optimizer step on this process's share of the same global batch of 16 pairs."""
-    context = step_context(accelerator, freeze, local_loss, lora, siglip, siglip2)
+    """One optimizer step on this process's share of the same global batch of 16 pairs. `repeats`: with the
+    repeated captions of REPEATS as positives (see `synthetic_pairs`)."""
+    positives = "identical" if repeats else "own"
+    context = step_context(accelerator, freeze, local_loss, lora, siglip, siglip2, positives)
     siglip = siglip or siglip2
     before = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
-    pairs = synthetic_pairs(GLOBAL_BATCH, seed=1, text_length=64 if siglip else 7, patches=siglip2)
+    pairs = synthetic_pairs(GLOBAL_BATCH, seed=1, text_length=64 if siglip else 7, patches=siglip2, repeats=repeats)
     per_process = GLOBAL_BATCH // accelerator.num_processes
     mine = pairs[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
     size = per_process // micro_batches_per_process
@@ -133,12 +158,13 @@ class StepCounter:
 ACCUMULATION, EPOCHS, MICRO_BATCH = 4, 2, 4  # micro-batches per step, epochs, pairs per global micro-batch
 
 
-def plain_accumulation(accelerator: Accelerator, batches_per_epoch: int) -> dict:
+def plain_accumulation(accelerator: Accelerator, batches_per_epoch: int, repeats: str | None = None) -> dict:
     """EPOCHS epochs of plain accumulation through the trainer's own grouping and step: each global micro-batch
-    of MICRO_BATCH pairs spread over the processes, ACCUMULATION micro-batches per optimizer step."""
-    context = step_context(accelerator)
+    of MICRO_BATCH pairs spread over the processes, ACCUMULATION micro-batches per optimizer step. `repeats`:
+    with REPEATS' captions as positives."""
+    context = step_context(accelerator, positives="identical" if repeats else "own")
     context.scheduler = StepCounter()
-    pairs = synthetic_pairs(MICRO_BATCH * batches_per_epoch, seed=3)
+    pairs = synthetic_pairs(MICRO_BATCH * batches_per_epoch, seed=3, repeats=repeats)
     # Not shuffled: on N processes global micro-batch i is rank 0's batch i, then rank 1's, ...: the same pairs,
     # in the same order, as batch i of one process reading MICRO_BATCH at a time.
     loader = DataLoader(pairs, batch_size=MICRO_BATCH // accelerator.num_processes, collate_fn=stack, drop_last=True)
@@ -243,6 +269,14 @@ SCENARIOS = {
     "siglip2_step_exact_accumulation": lambda acc: one_step(acc, 2, siglip2=True),
     "lora_step": lambda acc: one_step(acc, 1, lora=True),
     "lora_step_exact_accumulation": lambda acc: one_step(acc, 2, lora=True),
+    # Repeated captions as positives, the repeats straddling micro-batches and processes (REPEATS).
+    "positives_step": lambda acc: one_step(acc, 1, repeats="own tokens"),
+    "positives_step_local_loss": lambda acc: one_step(acc, 1, local_loss=True, repeats="own tokens"),
+    "positives_step_exact_accumulation": lambda acc: one_step(acc, 2, repeats="own tokens"),
+    "positives_step_exact_accumulation_local_loss": lambda acc: one_step(acc, 2, local_loss=True, repeats="own tokens"),
+    "siglip_positives_step": lambda acc: one_step(acc, 1, siglip=True, repeats="same"),
+    "siglip_positives_step_exact_accumulation": lambda acc: one_step(acc, 2, siglip=True, repeats="same"),
+    "plain_accumulation_positives": lambda acc: plain_accumulation(acc, 8, repeats="own tokens"),
     "evaluate": evaluate,
     "uneven_evaluation": uneven_evaluation,
     "plain_accumulation_8": lambda acc: plain_accumulation(acc, 8),  # 2 full groups an epoch

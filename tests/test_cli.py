@@ -143,3 +143,19 @@ def test_smoke_sweep_from_the_wheel_writes_only_under_its_output_dir(installed, 
 def test_bad_command_lines_exit_non_zero_with_the_reason(installed, tmp_path, args, message):
     failed = run(installed, "clip-accel", *args, cwd=tmp_path, timeout=120)
     assert failed.returncode != 0 and message in failed.stderr, failed.stderr[-2000:]
+
+
+def test_evaluate_and_embed_compose_captions_as_the_model_was_trained_unless_told_otherwise(tmp_path, demo_dir):
+    import argparse
+
+    from clip_accel.cli import _add_split_arguments, _split_data_config
+
+    parser = argparse.ArgumentParser()
+    _add_split_arguments(parser, "evaluate")
+    (tmp_path / "training_config.json").write_text(json.dumps({"caption_template": "{product_title}, by {brand}"}))
+    trained = ["--model_name_or_path", str(tmp_path), "--data_dir", demo_dir]
+    assert _split_data_config(parser.parse_args(trained)).caption_template == "{product_title}, by {brand}"
+    given = parser.parse_args([*trained, "--caption_template", "{product_title}"])
+    assert _split_data_config(given).caption_template == "{product_title}"
+    hub_id = parser.parse_args(["--model_name_or_path", "openai/clip-vit-base-patch32", "--data_dir", demo_dir])
+    assert _split_data_config(hub_id).caption_template is None

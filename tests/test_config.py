@@ -68,3 +68,25 @@ def test_bad_values_fail_with_a_message_saying_what_to_change(make, message):
 def test_unknown_freezing_strategy_is_rejected_by_the_parser():
     with pytest.raises(SystemExit):
         parse_config(["--demo", "--freeze", "half"])
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{product_title}, by {brand.name}", r"\{brand.name\} is not a column placeholder"),
+        ("{0} kurta", r"\{0\} is not a column placeholder"),
+        ("{price:.2f}", r"\{price:.2f\} is not a column placeholder"),
+        ("a kurta", "names no column"),
+        ("{product_title", "expected '}'"),
+    ],
+)
+def test_a_caption_template_that_is_not_plain_column_placeholders_fails_at_start_up(template, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(demo=True, caption_template=template)
+    assert DataConfig(demo=True, caption_template="{product_title}, by {brand} {{new}}").caption_template
+
+
+def test_caption_positives_is_a_choice_and_defaults_to_identical(tmp_path):
+    assert TrainConfig().caption_positives == "identical"
+    with pytest.raises(ValueError, match="--caption_positives 'same'"):
+        TrainConfig(caption_positives="same")

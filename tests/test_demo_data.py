@@ -177,3 +177,25 @@ def test_plain_items_are_painted_in_their_title_colour(tmp_path: Path) -> None:
         assert list(_COLOURS)[int(close.argmax())] == named, row["product_title"]
         checked += 1
     assert checked >= 10
+
+
+def test_shared_titles_give_that_share_of_items_a_repeated_title_with_another_photo(tmp_path: Path) -> None:
+    plain = write_demo_dataset(tmp_path / "plain", num_train=400, num_val=2, num_test=2, image_size=32)
+    shared = write_demo_dataset(
+        tmp_path / "shared", num_train=400, num_val=2, num_test=2, image_size=32, shared_titles=0.3
+    )
+    titles = [row["product_title"] for row in _rows(shared, "train")]
+    repeated = [index for index, title in enumerate(titles) if titles.count(title) > 1]
+    assert 0.25 <= len(repeated) / len(titles) <= 0.4
+    pairs = [index for index in repeated if index % 2 and titles[index] == titles[index - 1]]
+    assert len(pairs) > 40
+    rows = _rows(shared, "train")
+    for index in pairs[:10]:  # the same product (title, class, brand), another photo of it
+        assert (
+            rows[index]["class_label"] == rows[index - 1]["class_label"]
+            and rows[index]["brand"] == rows[index - 1]["brand"]
+        )
+        assert not np.array_equal(_pixels(shared, rows[index]), _pixels(shared, rows[index - 1]))
+    # The even items are the plain demo's, byte for byte; so is every item at the default share.
+    assert _rows(shared, "train")[::2] == _rows(plain, "train")[::2]
+    assert (shared / "images/train/4.jpeg").read_bytes() == (plain / "images/train/4.jpeg").read_bytes()

@@ -251,3 +251,36 @@ def test_two_nodes_without_shared_storage_train_as_two_processes_of_one_node(
     # Each node keeps its own checkpoints (to resume from its own disk); the model and results are node 0's.
     assert os.listdir(node0 / "checkpoints") == os.listdir(node1 / "checkpoints") != []
     assert not (node1 / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "positives_step",
+        "positives_step_local_loss",
+        "positives_step_exact_accumulation",
+        "positives_step_exact_accumulation_local_loss",
+    ],
+)
+def test_repeated_captions_are_positives_across_processes_and_micro_batches(measured, scenario):
+    # The repeats straddle processes and micro-batches (distributed_worker.REPEATS): 2 processes x 8 (global and
+    # local loss) and 2 x (2 micro x 4) with exact accumulation train as 1 process x 16 with the whole mask.
+    one = measured("positives_step", 1)
+    _assert_same_step(one, measured(scenario, 2))
+    assert one["loss"] != pytest.approx(measured("step", 1)["loss"], rel=1e-3)  # the positives do count
+
+
+@pytest.mark.parametrize("scenario", ["siglip_positives_step", "siglip_positives_step_exact_accumulation"])
+def test_repeated_captions_are_positive_pairs_of_the_sigmoid_loss_across_processes(measured, scenario):
+    one = measured("siglip_positives_step", 1)
+    _assert_same_step(one, measured(scenario, 2))
+    assert one["loss"] != pytest.approx(measured("siglip_step", 1)["loss"], rel=1e-3)
+
+
+def test_plain_accumulation_with_repeated_captions_equals_one_process(measured):
+    one, two = measured("plain_accumulation_positives", 1), measured("plain_accumulation_positives", 2)
+    assert two["optimizer_steps"] == one["optimizer_steps"] == 4
+    for name, weight in one["after"].items():
+        torch.testing.assert_close(two["after"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    own = measured("plain_accumulation_8", 1)["after"]
+    assert any(not torch.allclose(own[name], weight) for name, weight in one["after"].items())

@@ -154,6 +154,27 @@ def test_card_names_the_hub_base_model_and_dataset(pushed_run, tmp_path):
     assert (folder / "README.md").read_text().endswith("Edited by hand.\n")
 
 
+def test_card_states_how_captions_were_composed_and_which_pairs_were_positives(pushed_run, tmp_path):
+    folder = shutil.copytree(pushed_run[0], tmp_path / "catalogue-run")
+    results = read_json(folder, "eval_results.json")
+    card = ModelCard.load(write_model_card(str(folder)))  # the demo run: titles, identical-caption positives
+    shared, pairs = results["training"]["train_pairs_sharing_a_caption"], results["training"]["train_pairs"]
+    assert "**Captions:** the product titles (`product_title`)." in card.text
+    assert f"({shared} of {pairs} training pairs share their caption with another)" in card.text
+    config = read_json(folder, "training_config.json")
+    config.update(caption_template="{product_title}, by {brand}", caption_positives="own")
+    (folder / "training_config.json").write_text(json.dumps(config))
+    card = ModelCard.load(write_model_card(str(folder)))
+    assert "composed from each row's columns as `{product_title}, by {brand}`" in card.text
+    assert "each pair's only positive was itself" in card.text
+    # A folder trained before these options: its own pairs were its only positives, its captions the titles.
+    for name in ("caption_template", "caption_positives"):
+        del config[name]
+    (folder / "training_config.json").write_text(json.dumps(config))
+    card = ModelCard.load(write_model_card(str(folder)))
+    assert "each pair's only positive was itself" in card.text and "the product titles" in card.text
+
+
 @pytest.mark.parametrize("label", [None, "Handwritten digit scans"])
 def test_card_names_a_data_folder_by_its_name_or_the_label_given_never_indo_fashion(pushed_run, tmp_path, label):
     """A --data_dir run on some other catalogue in the same layout (seen: a folder of handwritten-digit scans

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from clip_accel.data.loader import PairDataset, make_dataloader, prefetched
-from clip_accel.data.preprocess import cached_features
+from clip_accel.data.preprocess import cached_features, caption_id
 
 SIDE = 4
 PAD = 99
@@ -23,7 +23,8 @@ def _cached(tmp_path, reasons: list[str], chunk_rows: int) -> datasets.Dataset:
     rows = {
         "pixel_values": [np.full(SIDE * SIDE * 3, i, np.uint8) for i in range(len(reasons))],
         "input_ids": [list(range(1, 2 + i % 4)) for i in range(len(reasons))],
-        "caption": [f"caption {i}" for i in range(len(reasons))],
+        "caption": [f"caption {i % 6}" for i in range(len(reasons))],  # rows 6 and 7 repeat rows 0 and 1
+        "caption_id": [caption_id(f"caption {i % 6}") for i in range(len(reasons))],
         "label": ["x"] * len(reasons),
         "source_row": list(range(10, 10 + len(reasons))),
         "skip_reason": reasons,
@@ -42,6 +43,9 @@ def test_batches_hold_the_cached_rows_and_skip_bad_ones(tmp_path):
     assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (3, SIDE, SIDE, 3)
     assert [int(image[0, 0, 0]) for image in batch["pixel_values"]] == [7, 0, 4]
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [1, PAD, PAD, PAD], [1, PAD, PAD, PAD]]
+    # Row 7 repeats row 1's caption (its id, not row 0's); row 6 (skipped) repeated row 0's: it counts no more.
+    assert batch["caption_ids"].tolist() == [caption_id("caption 1"), caption_id("caption 0"), caption_id("caption 4")]
+    assert pairs.shared_captions() == 2
     assert pairs.skipped_rows() == [
         {"position": 2, "source_row": 12, "reason": "unreadable image: OSError"},
         {"position": 6, "source_row": 16, "reason": "empty caption"},

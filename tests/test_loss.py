@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_accel.loss import contrastive_loss, gather_with_grad
+from clip_accel.loss import contrastive_loss, gather_with_grad, sigmoid_loss
 
 
 def _embeds(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,3 +64,112 @@ def test_gradients_reach_embeddings_and_logit_scale():
 def test_gather_is_identity_without_a_process_group():
     tensor = torch.randn(3, 2)
     assert gather_with_grad(tensor) is tensor
+
+
+# Identical-caption positives (--caption_positives identical): a caption id per row, equal ids equal captions.
+DUPLICATES = torch.tensor([7, 3, 7, 5, 3, 7])  # rows 0, 2, 5 share one caption, rows 1, 4 another; row 3 alone
+DISTINCT = torch.tensor([11, -4, 9, 2**40, 0, 5])
+
+
+def _multi_positive_reference(image: torch.Tensor, text: torch.Tensor, scale: float, ids: list[int]) -> float:
+    """Each row's cross-entropy against its positives (the columns with its caption) weighted 1/|positives|,
+    both directions, written out by hand."""
+    total, n = 0.0, image.shape[0]
+    for i in range(n):
+        positives = [j for j in range(n) if ids[j] == ids[i]]
+        for a, b in ((image, text), (text, image)):
+            row = [scale * float(a[i] @ b[j]) for j in range(n)]
+            log_sum = math.log(sum(math.exp(v) for v in row))
+            total += -sum(row[j] - log_sum for j in positives) / len(positives)
+    return total / (2 * n)
+
+
+def _sigmoid_reference(image, text, scale: float, bias: float, ids: list[int]) -> float:
+    n = image.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            label = 1.0 if ids[i] == ids[j] else -1.0
+            total += -math.log(1 / (1 + math.exp(-label * (scale * float(image[i] @ text[j]) + bias))))
+    return total / n
+
+
+def test_identical_captions_are_positives_as_written_out_by_hand():
+    image, text = _embeds(6, 8, seed=5)
+    loss = contrastive_loss(image, text, torch.tensor(math.log(10.0)), caption_ids=DUPLICATES)
+    expected = _multi_positive_reference(image, text, 10.0, DUPLICATES.tolist())
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() != pytest.approx(_reference(image, text, 10.0), rel=1e-3)  # the duplicates do count
+
+
+def test_identical_captions_are_positive_pairs_of_the_sigmoid_loss_as_written_out_by_hand():
+    image, text = _embeds(6, 8, seed=6)
+    params = torch.tensor([math.log(10.0), -2.0])
+    loss = sigmoid_loss(image, text, params, caption_ids=DUPLICATES)
+    assert loss.item() == pytest.approx(_sigmoid_reference(image, text, 10.0, -2.0, DUPLICATES.tolist()), rel=1e-5)
+    own = _sigmoid_reference(image, text, 10.0, -2.0, list(range(6)))
+    assert sigmoid_loss(image, text, params).item() == pytest.approx(own, rel=1e-5)
+    assert loss.item() != pytest.approx(own, rel=1e-3)
+
+
+def _loss_and_gradients(loss_fn, scale: torch.Tensor, seed: int, **options):
+    image, text = (t.requires_grad_() for t in _embeds(16, 8, seed=seed))
+    scale = scale.clone().requires_grad_()
+    loss = loss_fn(image, text, scale, **options)
+    return [loss, *torch.autograd.grad(loss, [image, text, scale])]
+
+
+@pytest.mark.parametrize(
+    "loss_fn, scale",
+    [(contrastive_loss, torch.tensor(math.log(20.0))), (sigmoid_loss, torch.tensor([math.log(10.0), -3.0]))],
+)
+@pytest.mark.parametrize("local_loss", [True, False])
+def test_all_distinct_captions_give_the_own_pair_loss_and_gradient_bit_for_bit(loss_fn, scale, local_loss):
+    # Several batches: another formula that is right to rounding (a soft-target cross-entropy) differs in the
+    # last bit on about half of them.
+    distinct = torch.tensor([*DISTINCT.tolist(), *range(100, 110)])
+    for seed in range(8):
+        own = _loss_and_gradients(loss_fn, scale, seed, local_loss=local_loss)
+        identical = _loss_and_gradients(loss_fn, scale, seed, local_loss=local_loss, caption_ids=distinct)
+        for expected, got in zip(own, identical, strict=True):
+            assert torch.equal(expected, got), seed
+
+
+def _with_shared_texts(loss_fn, scale, image, text, **options):
+    """Loss and gradients where texts 0 and 1 are one caption embedded once (as the text tower does for equal
+    strings): the gradient reaching that caption's embedding is the sum over its rows."""
+    image, text, scale = image.clone().requires_grad_(), text.clone().requires_grad_(), scale.clone().requires_grad_()
+    loss = loss_fn(image, text, scale, **options)
+    image_grad, text_grad, scale_grad = torch.autograd.grad(loss, [image, text, scale])
+    return [loss, image_grad, torch.cat([text_grad[:1] + text_grad[1:2], text_grad[2:]]), scale_grad]
+
+
+def test_for_the_softmax_loss_an_identical_caption_is_already_a_positive():
+    # Why --caption_positives changes nothing for CLIP when equal captions embed equally: image 1 is a negative
+    # of text 0's row and the positive of text 1's, the same vector; the two rows' own-pair terms sum to exactly
+    # the multi-positive target's. Same value, same gradient reaching each tower (to rounding).
+    image, text = _embeds(5, 8, seed=8)
+    text = torch.cat([text[:1], text[:1], text[2:]])
+    ids, scale = torch.tensor([1, 1, 2, 3, 4]), torch.tensor(math.log(20.0))
+    own = _with_shared_texts(contrastive_loss, scale, image, text)
+    identical = _with_shared_texts(contrastive_loss, scale, image, text, caption_ids=ids)
+    for expected, got in zip(own, identical, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Not vacuous: where the two texts differ (dropout, a different caption) the positives do change the loss.
+    other = torch.cat([text[:1], F.normalize(text[1:2] + 0.5 * text[2:3], dim=-1), text[2:]])
+    assert contrastive_loss(image, other, scale, caption_ids=ids) != pytest.approx(
+        contrastive_loss(image, other, scale).item(), rel=1e-3
+    )
+
+
+def test_the_sigmoid_own_pair_loss_pushes_two_photos_of_one_title_apart():
+    # SigLIP: image 1 with the shared text is labelled -1 (as text 0's negative) and +1 (as text 1's pair): the
+    # own-pair loss drives that score to sigmoid 0.5, pushing a matching photo away from its title once it is
+    # above. With the title's positives both labels are +1 and the photo is pulled towards it.
+    basis = torch.eye(8)
+    image, text = basis[[0, 0, 2, 3]], basis[[0, 0, 2, 3]]  # every other pair orthogonal: only the title acts
+    ids, params = torch.tensor([1, 1, 2, 3]), torch.tensor([math.log(10.0), -2.0])
+    own = _with_shared_texts(sigmoid_loss, params, image, text)[1]
+    identical = _with_shared_texts(sigmoid_loss, params, image, text, caption_ids=ids)[1]
+    # A gradient step moves image 1 by -gradient: along its title's text (basis 0) away from it, or towards it.
+    assert float(own[1] @ basis[0]) > 2 and float(identical[1] @ basis[0]) < -1e-3

@@ -131,3 +131,24 @@ def test_training_keeps_the_fast_jpeg_decode_and_evaluation_splits_get_exact_pix
     raw = data.load_raw_splits(accelerator, config)
     data.build_pair_datasets(accelerator, config, raw, offline_tokenizer, 16)
     assert drafts == {raw["train"].name: True, raw["validation"].name: False, raw["test"].name: False}
+
+
+def test_each_caption_template_gets_its_own_cache_with_its_captions_and_caption_ids(tmp_path, demo_dir):
+    from clip_accel.config import DataConfig
+    from clip_accel.data.preprocess import caption_id
+    from clip_accel.data.sources import load_raw_split
+    from clip_accel.tokenizer import build_offline_tokenizer
+
+    templates = (None, "{product_title}, by {brand}", "{product_title} ({class_label})")
+    raws = {t: load_raw_split(DataConfig(data_dir=demo_dir, caption_template=t), "test", 6) for t in templates}
+    # One tokenizer for all: only the template tells the caches apart.
+    tokenizer = build_offline_tokenizer([c for raw in raws.values() for c in raw.dataset["caption"]])
+    caches = {}
+    for template, raw in raws.items():
+        captions = list(raw.dataset["caption"])
+        cached = preprocess_split(raw, tokenizer, 16, str(tmp_path / "cache"))
+        assert list(cached["caption"]) == captions
+        assert list(cached["caption_id"]) == [caption_id(caption) for caption in captions]
+        assert list(cached["input_ids"]) == tokenizer(captions, truncation=True, max_length=77)["input_ids"]
+        caches[template] = cached.cache_files[0]["filename"]
+    assert len(set(caches.values())) == 3

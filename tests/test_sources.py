@@ -134,3 +134,45 @@ def test_datasets_source_with_a_wrong_column_or_split_lists_what_exists(tmp_path
         load_raw_split(
             DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_column="text"), "dev", None
         )
+
+
+def test_a_caption_template_composes_captions_from_the_lines_fields(tmp_path):
+    _write_foreign_layout(tmp_path)
+    raw = read_indo_fashion(str(tmp_path), "train", "{product_title}, by {brand} ({class_label})")
+    assert raw.dataset["caption"][0] == "Red Banarasi silk saree – zari border, by Ṛangrez (saree)"
+    assert raw.fingerprint != read_indo_fashion(str(tmp_path), "train").fingerprint
+    assert raw.fingerprint != read_indo_fashion(str(tmp_path), "train", "{product_title} by {brand}").fingerprint
+
+
+def test_a_template_naming_a_missing_field_fails_before_anything_is_loaded_naming_the_fields(tmp_path):
+    _write_foreign_layout(tmp_path)
+    expected = (
+        r"train_data.json, line 1: --caption_template names \['colour'\].*its fields are \['brand', 'class_label'"
+    )
+    with pytest.raises(ValueError, match=expected):
+        load_raw_split(DataConfig(data_dir=str(tmp_path), caption_template="{product_title} in {colour}"), "train", 2)
+
+
+def test_a_null_field_is_written_as_an_empty_string_and_a_template_needs_no_title(tmp_path):
+    _write_foreign_layout(tmp_path)
+    lines = (tmp_path / "val_data.json").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    records[0]["brand"] = None
+    for record in records:
+        del record["product_title"]
+    (tmp_path / "val_data.json").write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    raw = read_indo_fashion(str(tmp_path), "val", "{class_label} [{brand}]")
+    assert raw.dataset["caption"][:2] == ["saree []", "saree [Ṛangrez]"]
+
+
+def test_a_template_composes_captions_of_a_datasets_source_and_a_missing_column_lists_its_columns(tmp_path):
+    _write_imagefolder(tmp_path)
+    config = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_template="{text} ({category})")
+    raw = load_raw_split(config, "validation", None)
+    assert raw.dataset.column_names == ["image", "caption", "label", "source_row"]
+    assert raw.dataset["caption"] == ["a red kurta (kurta)", "a blue kurta (kurta)"]
+    plain = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_column="text")
+    assert raw.fingerprint != load_raw_split(plain, "validation", None).fingerprint
+    wrong = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_template="{title}")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['title'\].*'text', 'category'.*--caption_template"):
+        load_raw_split(wrong, "validation", None)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import with_fresh_state
 from transformers import CLIPModel, CLIPProcessor
 
 from clip_accel.cli import evaluate_main, train_and_publish
@@ -257,3 +258,37 @@ def test_ddp_does_not_broadcast_the_constant_buffers_every_forward(make_configs,
         assert buffers and all(name.endswith("position_ids") for name in buffers), list(buffers)
     finally:
         _shut_down(run)
+
+
+def test_identical_caption_positives_reach_the_loss_and_change_nothing_where_captions_are_distinct(
+    make_configs, shared_titles_demo_dir, tiny_siglip_config_path
+):
+    # SigLIP, where a repeated title changes the loss (test_loss): the run with identical-caption positives differs
+    # from the own-pair run. With every caption made distinct (the image URL holds the item's index) the two runs
+    # are the same, bit for bit.
+    runs = {}
+    for template in (None, "{product_title} {image_url}"):
+        for positives in ("own", "identical"):
+            configs = make_configs(
+                data_dir=shared_titles_demo_dir,
+                scratch_config=tiny_siglip_config_path,
+                caption_template=template,
+                caption_positives=positives,
+                max_steps=3,
+                eval_steps=3,
+                eval_initial_model=False,
+                overwrite_output_dir=True,
+            )
+            runs[template, positives] = with_fresh_state(train, *configs)
+    shared = runs[None, "own"].metrics["training"]["train_pairs_sharing_a_caption"]
+    assert shared > 0.25 * 192
+    assert runs["{product_title} {image_url}", "own"].metrics["training"]["train_pairs_sharing_a_caption"] == 0
+
+    def weights(run):
+        return run.model.state_dict()
+
+    own, identical = weights(runs[None, "own"]), weights(runs[None, "identical"])
+    assert any(not torch.equal(own[name], identical[name]) for name in own)
+    own, identical = (weights(runs["{product_title} {image_url}", p]) for p in ("own", "identical"))
+    for name in own:
+        assert torch.equal(own[name], identical[name]), name

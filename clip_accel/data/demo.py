@@ -8,6 +8,10 @@ every title names the garment's class, main colour, pattern and border colour, a
 
 Every item gets its own RNG seeded from (seed, split, index), so output is byte-identical for the same
 arguments and a split's first N items do not change when another split's count does.
+
+`shared_titles` imitates a catalogue that repeats titles: that share of the items (in pairs: item 2k+1 takes item
+2k's product, drawn again with its own jitter, scale and position) has a title another item also has, as a
+catalogue lists one product under several photos. The default (0) leaves only the repeats the random draws make.
 """
 
 from __future__ import annotations
@@ -255,9 +259,20 @@ def _draw_item(label: str, colour: str, pattern: str, border: str, size: int, rn
     return image
 
 
-def _make_item(index: int, split: str, size: int, seed: int) -> tuple[dict[str, str], Image.Image]:
+def _make_item(
+    index: int, split: str, size: int, seed: int, shared_titles: float = 0.0
+) -> tuple[dict[str, str], Image.Image]:
     # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms.
     rng = random.Random(f"clip_accel-demo:{seed}:{split}:{index}")
+    photo_rng = rng
+    if (
+        shared_titles
+        and index % 2
+        and random.Random(f"clip_accel-demo-shared:{seed}:{split}:{index}").random() < shared_titles
+    ):
+        # Another photo of the previous item's product: its draws for the title, new ones for the picture.
+        rng = random.Random(f"clip_accel-demo:{seed}:{split}:{index - 1}")
+        photo_rng = random.Random(f"clip_accel-demo-photo:{seed}:{split}:{index}")
     label, colour, pattern = rng.choice(CLASS_LABELS), rng.choice(list(_COLOURS)), rng.choice(_PATTERNS)
     border, brand = rng.choice(list(_BORDERS)), rng.choice(_BRANDS)
     gender, noun = _NOUNS[label]
@@ -276,7 +291,7 @@ def _make_item(index: int, split: str, size: int, seed: int) -> tuple[dict[str, 
     slug = title.lower().replace("'", "").replace(",", "").replace(" ", "-")
     fields = {"image_url": f"https://example.com/demo/{split}/{index}-{slug}.jpeg", "brand": brand}
     fields.update(product_title=title, class_label=label)
-    return fields, _draw_item(label, colour, pattern, border, size, rng)
+    return fields, _draw_item(label, colour, pattern, border, size, photo_rng)
 
 
 def _validate(counts: dict[str, int], image_size: int, seed: int) -> None:
@@ -317,8 +332,10 @@ def write_demo_dataset(
     num_test: int = 200,
     image_size: int = 64,
     seed: int = 0,
+    shared_titles: float = 0.0,
 ) -> Path:
-    """Write the demo catalogue under root (created if missing) and return root as a Path.
+    """Write the demo catalogue under root (created if missing) and return root as a Path. `shared_titles`: the
+    share of items whose title another item (another photo of the same product) also has (module docstring).
 
     A no-op when root already holds a complete dataset written with the same arguments. Otherwise the
     dataset is built in a hidden sibling folder and renamed into place, so an interrupted run never leaves
@@ -326,8 +343,12 @@ def write_demo_dataset(
     """
     counts = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
     _validate(counts, image_size, seed)
+    if not 0 <= shared_titles <= 1:
+        raise ValueError(f"shared_titles is a share of the items, in [0, 1]; got {shared_titles!r}.")
     root = Path(root)
     marker = {"format": "clip_accel-demo", "version": _FORMAT_VERSION, **counts, "image_size": image_size, "seed": seed}
+    if shared_titles:  # (absent at 0, so demo folders written before the option stay current)
+        marker["shared_titles"] = shared_titles
     if _is_current(root, marker):
         return root
     _check_replaceable(root)
@@ -335,7 +356,7 @@ def write_demo_dataset(
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         for split, count in zip(INDO_FASHION_FILES, counts.values(), strict=True):
-            make_item = partial(_make_item, split=split, size=image_size, seed=seed)
+            make_item = partial(_make_item, split=split, size=image_size, seed=seed, shared_titles=shared_titles)
             write_indo_fashion_split(staging, split, make_item, count, quality=90, subsampling=0)
         (staging / DEMO_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
         _swap_into_place(staging, root, marker)

@@ -53,6 +53,7 @@ class PairDataset(Dataset):
             else None
         )
         self.token_chunks = [_list_chunk_arrays(chunk) for chunk in table.column("input_ids").chunks]
+        self.caption_ids = table.column("caption_id").to_numpy()  # (rows,) int64: 8 bytes a row, held in memory
         self.chunk_starts = np.cumsum([0] + [len(chunk) for chunk in pixel_chunks])
 
     def __len__(self) -> int:
@@ -63,8 +64,8 @@ class PairDataset(Dataset):
 
     def __getitems__(self, positions) -> dict[str, torch.Tensor]:
         """A batch: `pixel_values` uint8 (B, *pixel_shape) (with SigLIP 2's patches, `spatial_shapes` int64 (B, 2)
-        too, and the same as a numpy array under `HOST_GRIDS`) and `input_ids` int64 (B, L) padded to the longest
-        caption.
+        too, and the same as a numpy array under `HOST_GRIDS`), `input_ids` int64 (B, L) padded to the longest
+        caption, and `caption_ids` int64 (B,) (equal captions, equal ids: the loss's positives).
 
         Padding uses the pad token (CLIP's end-of-text); the text tower is causal and pools at the first
         end-of-text token, so padding to the batch's longest caption instead of 77 changes no output. SigLIP's pools
@@ -92,7 +93,11 @@ class PairDataset(Dataset):
                 input_ids[index, length - len(caption) :] = caption
             else:
                 input_ids[index, : len(caption)] = caption
-        batch = {"pixel_values": torch.from_numpy(pixels), "input_ids": torch.from_numpy(input_ids)}
+        batch = {
+            "pixel_values": torch.from_numpy(pixels),
+            "input_ids": torch.from_numpy(input_ids),
+            "caption_ids": torch.from_numpy(self.caption_ids[rows]),
+        }
         if self.grid_chunks is None:
             return batch
         # The grids twice: as a tensor (moved to the device, for the attention mask) and as a numpy array, which
@@ -103,6 +108,11 @@ class PairDataset(Dataset):
         """A cached column (e.g. `caption`, `label`) for the usable rows, in loader order."""
         values = self.cached.data.table.column(name).to_pylist()  # one conversion, not one lookup per row
         return [values[row] for row in self.rows]
+
+    def shared_captions(self) -> int:
+        """How many usable pairs have a caption that another usable pair also has."""
+        _, inverse, counts = np.unique(self.caption_ids[self.rows], return_inverse=True, return_counts=True)
+        return int((counts[inverse] > 1).sum())
 
     def skipped_rows(self) -> list[dict]:
         skipped = np.flatnonzero(self.skip_reasons != "")

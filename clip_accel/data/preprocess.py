@@ -1,8 +1,9 @@
 """The one-off preprocessing pass: decode every image once, tokenize every caption once, cache the result.
 
 Images are stored as uint8 at the model's resolution, laid out as its family's processor gives them (`ImageLayout`;
-normalised later, on the device: float32 pixels would cost 4x the disk). Captions are stored unpadded; batches are
-padded at load time.
+normalised later, on the device: float32 pixels would cost 4x the disk). Captions are stored unpadded (batches are
+padded at load time), with a 64-bit hash of each caption string (`caption_id`): the loss's identical-caption
+positives compare these on the device.
 The `datasets.map` cache is keyed by an explicit fingerprint of everything that shapes the output, so a second
 identical run decodes nothing, and any change to the rows, image files, tokenizer or resolution starts afresh.
 """
@@ -25,7 +26,7 @@ from ..tokenizer import MAX_TEXT_TOKENS
 from .sources import RawSplit
 
 # Bump when the cached layout or the pixel pipeline changes, so old caches are not reused.
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3
 # What PIL can raise for a file that is missing, empty, truncated, corrupt, not an image, or a decompression bomb.
 IMAGE_ERRORS = (
     OSError,
@@ -89,11 +90,18 @@ def cached_features(layout: ImageLayout | int) -> datasets.Features:
             **pixels,
             "input_ids": datasets.Sequence(datasets.Value("int32")),
             "caption": datasets.Value("string"),
+            "caption_id": datasets.Value("int64"),
             "label": datasets.Value("string"),
             "source_row": datasets.Value("int64"),
             "skip_reason": datasets.Value("string"),
         }
     )
+
+
+def caption_id(caption: str) -> int:
+    """A signed 64-bit hash of the caption string (BLAKE2b): equal strings, equal ids. Two different captions share
+    an id with probability about n^2 / 2^65 for n distinct captions (3e-8 for a million)."""
+    return int.from_bytes(hashlib.blake2b(caption.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def load_rgb_image(source: str | dict, image_size: int, *, draft: bool = True, square: bool = False) -> np.ndarray:
@@ -234,6 +242,7 @@ class PairPreprocessor:
             **({"spatial_shapes": grids} if self.layout.patches else {}),
             "input_ids": input_ids,
             "caption": captions,
+            "caption_id": [caption_id(caption) for caption in captions],
             "label": [label or "" for label in batch["label"]],
             "source_row": batch["source_row"],
             "skip_reason": reasons,

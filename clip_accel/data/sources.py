@@ -19,7 +19,7 @@ from functools import partial
 import datasets
 from PIL import Image
 
-from ..config import DataConfig
+from ..config import DataConfig, template_fields
 
 # The Kaggle download's annotation file per split; its validation split is called "val".
 INDO_FASHION_FILES = {"train": "train_data.json", "val": "val_data.json", "test": "test_data.json"}
@@ -67,18 +67,28 @@ def data_source_dir(config: DataConfig) -> str | None:
 
 def load_raw_split(config: DataConfig, split: str, max_samples: int | None) -> RawSplit:
     folder = data_source_dir(config)
-    raw = read_indo_fashion(folder, split) if folder is not None else read_hub_dataset(config, split)
+    if folder is not None:
+        raw = read_indo_fashion(folder, split, config.caption_template)
+    else:
+        raw = read_hub_dataset(config, split)
     if max_samples is not None and max_samples < len(raw.dataset):
         fingerprint = _hash(raw.fingerprint, "first", max_samples)
         return RawSplit(split, raw.dataset.select(range(max_samples)), fingerprint, raw.source)
     return raw
 
 
-def read_indo_fashion(data_dir: str, split: str) -> RawSplit:
-    """Read `{train,val,test}_data.json` (JSON lines) from a folder in the Indo-fashion Kaggle layout.
+def compose_caption(template: str, values: dict) -> str:
+    """A caption from a `--caption_template` and one row's values of the columns it names (None written as "")."""
+    return template.format_map({name: "" if value is None else str(value) for name, value in values.items()})
 
-    A line that is not valid JSON or lacks a required field is an error naming the file and line: a broken
-    annotation file is a problem to fix, not data to skip. Image problems are found later, per row.
+
+def read_indo_fashion(data_dir: str, split: str, caption_template: str | None = None) -> RawSplit:
+    """Read `{train,val,test}_data.json` (JSON lines) from a folder in the Indo-fashion Kaggle layout. Captions
+    are the titles, or composed from each line's fields by `caption_template` (e.g. "{product_title}, by {brand}").
+
+    A line that is not valid JSON or lacks a required field (one the template names included) is an error naming
+    the file and line: a broken annotation file is a problem to fix, not data to skip. Image problems are found
+    later, per row.
     """
     file_name = INDO_FASHION_FILES.get(SPLIT_ALIASES.get(split, split))
     if file_name is None:
@@ -90,19 +100,27 @@ def read_indo_fashion(data_dir: str, split: str) -> RawSplit:
             "test_data.json as in the Indo-fashion Kaggle download."
         )
     rows = {name: [] for name in RAW_FEATURES}
+    caption_fields = template_fields(caption_template) if caption_template is not None else ()
     with open(path, "rb") as handle:
         content = handle.read()
     # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line.
     for line_number, line in enumerate(content.decode("utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
-        record = _parse_line(line, path, line_number)
+        record = _parse_line(line, path, line_number, caption_fields)
         rows["image"].append(os.path.join(data_dir, record["image_path"]))
-        rows["caption"].append(str(record["product_title"]))
+        if caption_template is None:
+            rows["caption"].append(str(record["product_title"]))
+        else:
+            rows["caption"].append(compose_caption(caption_template, {name: record[name] for name in caption_fields}))
         rows["label"].append("" if record["class_label"] is None else str(record["class_label"]).strip())
         rows["source_row"].append(line_number)
     dataset = datasets.Dataset.from_dict(rows, features=RAW_FEATURES)
-    signature = _hash(hashlib.sha256(content).hexdigest(), _image_files_signature(rows["image"]))
+    signature = _hash(
+        hashlib.sha256(content).hexdigest(),
+        _image_files_signature(rows["image"]),
+        *([] if caption_template is None else [caption_template]),
+    )
     return RawSplit(split, dataset, signature, path)
 
 
@@ -133,7 +151,7 @@ def _write_item(folder: str, split: str, make_item: Callable, jpeg_options: dict
     return json.dumps({"image_path": image_path, **fields}, ensure_ascii=False) + "\n"
 
 
-def _parse_line(line: str, path: str, line_number: int) -> dict:
+def _parse_line(line: str, path: str, line_number: int, caption_fields: tuple[str, ...] = ()) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -142,10 +160,15 @@ def _parse_line(line: str, path: str, line_number: int) -> dict:
         ) from None
     if not isinstance(record, dict):
         raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}.")
-    missing = [name for name in INDO_FASHION_FIELDS if name not in record]
+    required = INDO_FASHION_FIELDS if not caption_fields else ("image_path", "class_label")
+    missing = [name for name in required if name not in record]
+    if missing:
+        raise ValueError(f"{path}, line {line_number}: missing field(s) {missing}; every line needs {list(required)}.")
+    missing = [name for name in caption_fields if name not in record]
     if missing:
         raise ValueError(
-            f"{path}, line {line_number}: missing field(s) {missing}; every line needs {list(INDO_FASHION_FIELDS)}."
+            f"{path}, line {line_number}: --caption_template names {missing}, which this line does not have; its "
+            f"fields are {sorted(record)}. Use those names in the template (e.g. '{{product_title}}, by {{brand}}')."
         )
     return record
 
@@ -195,23 +218,38 @@ def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
             "Set --train_split/--validation_split/--test_split accordingly."
         )
     dataset = splits[split]
-    wanted = {config.image_column: "image", config.caption_column: "caption"}
+    template = config.caption_template
+    wanted = {config.image_column: "image"}
+    if template is None:
+        wanted[config.caption_column] = "caption"
     if config.label_column is not None:
         wanted[config.label_column] = "label"
-    missing = [column for column in wanted if column not in dataset.column_names]
+    caption_fields = template_fields(template) if template is not None else ()
+    missing = [column for column in [*wanted, *caption_fields] if column not in dataset.column_names]
     if missing:
+        options = "--image_column/" + ("--caption_template" if template else "--caption_column") + "/--label_column"
         raise ValueError(
             f"{config.dataset_name}[{split}] has no column(s) {missing}; its columns are "
-            f"{dataset.column_names}. Set --image_column/--caption_column/--label_column."
+            f"{dataset.column_names}. Set {options}."
         )
+    captions = None
+    if template is not None:  # text columns only: read once, composed here (the cache key follows the template)
+        columns = dataset.select_columns(list(caption_fields)).to_dict()
+        captions = [
+            compose_caption(template, {name: columns[name][row] for name in caption_fields})
+            for row in range(len(dataset))
+        ]
     if isinstance(dataset.features[config.image_column], datasets.Image):
         # We decode ourselves (draft-mode JPEG, per-row error handling); hand over the encoded bytes.
         dataset = dataset.cast_column(config.image_column, datasets.Image(decode=False))
     dataset = dataset.select_columns(list(wanted)).rename_columns(wanted)
+    if captions is not None:
+        dataset = dataset.add_column("caption", captions, feature=datasets.Value("string"))
     if "label" not in dataset.column_names:
         dataset = dataset.add_column("label", [None] * len(dataset), feature=datasets.Value("string"))
     dataset = dataset.add_column("source_row", list(range(len(dataset))))
-    return RawSplit(split, dataset, _hash(dataset._fingerprint), config.dataset_name)
+    fingerprint = _hash(dataset._fingerprint, *([] if template is None else [template]))
+    return RawSplit(split, dataset, fingerprint, config.dataset_name)
 
 
 def _hash(*parts) -> str:
