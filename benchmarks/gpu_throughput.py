@@ -103,12 +103,14 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
 
 # ------------------------------------------------------------------------------------------------------- data
 def synthetic_batches(batch_size: int, text_length: int, image_size: int, vocab_size: int, eos: int, device):
-    """One random batch, uint8 pixels (B, S, S, 3) and input_ids ending in end-of-text, already on the device."""
+    """One random batch, uint8 pixels (B, S, S, 3), input_ids ending in end-of-text and distinct caption ids (the
+    trainer's identical-caption positives read them), already on the device."""
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8, generator=generator)
     input_ids = torch.randint(0, eos, (batch_size, text_length), generator=generator)
     input_ids[:, -1] = eos
     batch = {"pixel_values": pixels.to(device), "input_ids": input_ids.to(device)}
+    batch["caption_ids"] = torch.arange(batch_size, device=device)
     while True:
         yield batch
 
