@@ -136,7 +136,9 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, positives: torch.
         return F.cross_entropy(logits, labels)
     log_probs = logits.log_softmax(dim=1)
     targets = positives.float() / positives.sum(dim=1, keepdim=True)
-    others = targets - F.one_hot(labels, logits.shape[1]).float()
+    # (not F.one_hot: off CUDA it checks the labels' range on the host)
+    own = torch.arange(logits.shape[1], device=logits.device)[None, :] == labels[:, None]
+    others = targets - own.float()
     return F.nll_loss(log_probs, labels) - (others * log_probs).sum(dim=1).mean()
 
 

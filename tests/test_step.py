@@ -21,8 +21,8 @@ def _context_with_the_trainers_optimizer():
     return context
 
 
-def _micro_batches(count: int) -> list[dict[str, torch.Tensor]]:
-    pairs = distributed_worker.synthetic_pairs(16, seed=1)
+def _micro_batches(count: int, repeats: str | None = None) -> list[dict[str, torch.Tensor]]:
+    pairs = distributed_worker.synthetic_pairs(16, seed=1, repeats=repeats)
     size = 16 // count
     return [distributed_worker.stack(pairs[i : i + size]) for i in range(0, 16, size)]
 
@@ -37,10 +37,12 @@ def _forbid_reading_back(monkeypatch) -> None:
         monkeypatch.setattr(torch.Tensor, name, read_back)
 
 
+@pytest.mark.parametrize("positives", ["own", "identical"])
 @pytest.mark.parametrize("take_step, micro_batches", [(plain_step, 1), (plain_step, 4), (exact_step, 4)])
-def test_an_optimizer_step_reads_nothing_back_from_the_device(monkeypatch, take_step, micro_batches):
+def test_an_optimizer_step_reads_nothing_back_from_the_device(monkeypatch, take_step, micro_batches, positives):
     context = _context_with_the_trainers_optimizer()
-    batches = _micro_batches(micro_batches)
+    context.caption_positives = positives  # identical: the positive mask of repeated captions, built on the device
+    batches = _micro_batches(micro_batches, repeats="same" if positives == "identical" else None)
     before = [p.detach().clone() for p in context.model.parameters()]
     _forbid_reading_back(monkeypatch)
     loss, skipped = take_step(context, batches)
