@@ -22,6 +22,7 @@ import argparse
 import collections
 import json
 import os
+import random
 import shutil
 import statistics
 import time
@@ -59,14 +60,17 @@ def figures(metrics: dict) -> list[str]:
 
 
 def step_times(argv: list[str], rounds: int, steps: int) -> dict[str, float]:
-    """Median seconds per optimizer step of each loss, on the trainer's prepared run, interleaved."""
+    """Median seconds per optimizer step of each loss on the trainer's prepared run, interleaved in a new order
+    every round; "own (A/A)" is the own-pair loss timed a second time, the noise floor of the comparison."""
     try:
         run = prepare_run(*parse_config(argv))
         batches = [batch for batch, _ in zip(run.train_loader, range(steps), strict=False)]
-        times = {"own": [], "identical": []}
+        modes = {"own": "own", "identical": "identical", "own (A/A)": "own"}
+        times = {mode: [] for mode in modes}
+        order = random.Random(0)
         for index in range(rounds + 1):  # round 0 warms up
-            for mode in ("own", "identical") if index % 2 else ("identical", "own"):
-                run.step_context.caption_positives = mode
+            for mode in order.sample(list(modes), len(modes)):
+                run.step_context.caption_positives = modes[mode]
                 start = time.perf_counter()
                 for batch in batches:
                     plain_step(run.step_context, [batch])
@@ -75,6 +79,38 @@ def step_times(argv: list[str], rounds: int, steps: int) -> dict[str, float]:
         return {mode: statistics.median(values) for mode, values in times.items()}
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def loss_times(batch: int, dim: int, repeats: int) -> list[str]:
+    """Forward + backward of the CLIP and SigLIP losses alone on one process at a large batch, own against
+    identical positives (30 % of the rows repeat a caption), median of interleaved repeats."""
+    import torch
+    import torch.nn.functional as F
+
+    from clip_accel.loss import contrastive_loss, sigmoid_loss
+
+    generator = torch.Generator().manual_seed(0)
+    image, text = (F.normalize(torch.randn(batch, dim, generator=generator), dim=-1) for _ in range(2))
+    ids = torch.arange(batch)
+    ids[1 : int(0.3 * batch) : 2] = ids[0 : int(0.3 * batch) - 1 : 2]
+    rows = []
+    for name, loss_fn, scale in (
+        ("CLIP", contrastive_loss, torch.tensor(4.6)),
+        ("SigLIP", sigmoid_loss, torch.tensor([2.3, -10.0])),
+    ):
+        times = {"own": [], "identical": []}
+        for index in range(repeats + 1):
+            for mode in ("own", "identical") if index % 2 else ("identical", "own"):
+                leaves = [t.clone().requires_grad_() for t in (image, text, scale)]
+                start = time.perf_counter()
+                loss_fn(*leaves, caption_ids=ids if mode == "identical" else None).backward()
+                if index:
+                    times[mode].append(time.perf_counter() - start)
+        own, identical = (statistics.median(times[mode]) for mode in ("own", "identical"))
+        rows.append(
+            [name, f"{batch} x {batch}", f"{own * 1000:.1f}", f"{identical * 1000:.1f}", f"{identical / own:.2f}"]
+        )
+    return rows
 
 
 def shared_titles(folder, split: str) -> str:
@@ -120,17 +156,23 @@ def main() -> None:
     for family, preset in FAMILIES.items():
         output_dir = str(ROOT / "runs" / f"timing-{preset}")
         argv = [*base, "--scratch_config", preset, "--output_dir", output_dir, "--seed", "0"]
-        seconds = step_times(argv, rounds=2 if smoke else 5, steps=3 if smoke else 10)
-        own, identical = seconds["own"], seconds["identical"]
-        timing.append([family, f"{own * 1000:.1f}", f"{identical * 1000:.1f}", f"{identical / own:.3f}"])
+        seconds = step_times(argv, rounds=2 if smoke else 9, steps=3 if smoke else 10)
+        own = seconds["own"]
+        timing.append([family] + [f"{seconds[mode] * 1000:.1f}" for mode in seconds])
+        timing[-1] += [f"{seconds['identical'] / own:.3f}", f"{seconds['own (A/A)'] / own:.3f}"]
+    losses = loss_times(256 if smoke else 4096, 512, repeats=2 if smoke else 7)
     text = "\n\n".join(
         [
             f"Machine: {common.machine_description()}",
             f"Training split: {shared[0]} of {shared[1]} pairs share their title with another pair; test split: "
             f"{shared_titles(demo, 'test')}. Global batch 64; the recipe's schedule with early stopping.",
             common.markdown_table(headers, rows),
-            "Step time (`plain_step`, batch 64, median of rounds, the two losses interleaved on one model):",
-            common.markdown_table(["Model", "own ms/step", "identical ms/step", "identical/own"], timing),
+            "Step time (`plain_step`, batch 64, median of rounds, the losses interleaved on one model):",
+            common.markdown_table(
+                ["Model", "own ms", "identical ms", "own again ms", "identical/own", "A/A: own again/own"], timing
+            ),
+            "The losses alone, forward + backward on one process, embeddings of width 512, median of repeats:",
+            common.markdown_table(["Loss", "logits", "own ms", "identical ms", "identical/own"], losses),
         ]
     )
     print(text)
