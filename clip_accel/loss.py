@@ -127,19 +127,20 @@ def positive_mask(caption_ids: torch.Tensor | None, local: bool) -> torch.Tensor
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
     """Mean cross-entropy of each row of `logits` (R, C) against its positives (R, C) weighted uniformly (UniCL /
-    SupCon), or against its own column `labels` (R,) alone when `positives` is None.
+    SupCon: -mean over the positives of log softmax), or against its own column `labels` (R,) alone when
+    `positives` is None.
 
-    Written as the own-column cross-entropy plus the other positives' share: where a row has no other positive
-    its target minus the one-hot is exactly 0, so with all captions distinct value and gradient are those of
-    `F.cross_entropy(logits, labels)` bit for bit (a soft-target cross-entropy would round differently)."""
+    Written as the own-column cross-entropy minus each row's (mean positive - own) log-probability, gated to the
+    rows that have another positive: with all captions distinct that term and its gradient are exactly 0, so value
+    and gradient are those of `F.cross_entropy(logits, labels)` bit for bit (a soft-target cross-entropy rounds
+    differently). One more pass over the (R, C) log-probabilities; no host sync."""
     if positives is None:
         return F.cross_entropy(logits, labels)
     log_probs = logits.log_softmax(dim=1)
-    targets = positives.float() / positives.sum(dim=1, keepdim=True)
-    # (not F.one_hot: off CUDA it checks the labels' range on the host)
-    own = torch.arange(logits.shape[1], device=logits.device)[None, :] == labels[:, None]
-    others = targets - own.float()
-    return F.nll_loss(log_probs, labels) - (others * log_probs).sum(dim=1).mean()
+    count = positives.sum(dim=1)
+    mean_positive = torch.where(positives, log_probs, 0.0).sum(dim=1) / count
+    own = log_probs.gather(1, labels[:, None]).squeeze(1)
+    return F.nll_loss(log_probs, labels) - ((mean_positive - own) * (count > 1)).mean()
 
 
 def sigmoid_loss(
