@@ -135,6 +135,16 @@ class DataConfig:
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where preprocessed splits are cached (default: the datasets cache)."}
     )
+    cache_format: Literal["uint8", "jpeg"] = field(
+        default="uint8",
+        metadata={
+            "help": "uint8: the training split's pixels cached as they are (fastest to read: ~150 KB per 224 px "
+            "image). jpeg: each resized crop re-encoded once at quality 95 (~16 KB per 224 px product photo) and "
+            "decoded per batch: for catalogues whose uint8 cache would not fit the disk; decode in parallel with "
+            "--dataloader_num_workers (BENCHMARKS.md section 2). Validation and test splits stay uint8, so the "
+            "reported recall keeps CLIPProcessor's exact pixels. Not for SigLIP 2's patch sequences."
+        },
+    )
     augment: bool = field(
         default=False,
         metadata={
@@ -171,6 +181,7 @@ class DataConfig:
             value = getattr(self, name)
             _require(value is None or value >= 1, f"--{name} must be at least 1 (or left unset), got {value}.")
         _require(self.preprocessing_num_workers >= 1, "--preprocessing_num_workers must be at least 1.")
+        _require(self.cache_format in ("uint8", "jpeg"), f"--cache_format {self.cache_format!r}: use uint8 or jpeg.")
         if self.caption_template is not None:
             template_fields(self.caption_template)
         scale = list(self.augment_scale)

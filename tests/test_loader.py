@@ -178,3 +178,23 @@ def test_batches_held_by_the_consumer_are_never_overwritten_by_the_reader(tmp_pa
     assert len(set(pointers)) == len(pointers), "a buffer was handed out twice"
     for batch, contents in held:
         assert all(torch.equal(batch[name], contents[name]) for name in contents)
+
+
+def test_the_compact_cache_is_decoded_in_worker_processes_to_the_same_batches(tmp_path, demo_dir):
+    from clip_accel.config import DataConfig
+    from clip_accel.data.loader import make_dataloader
+    from clip_accel.data.preprocess import preprocess_split
+    from clip_accel.data.sources import load_raw_split
+    from clip_accel.tokenizer import build_offline_tokenizer
+
+    raw = load_raw_split(DataConfig(data_dir=demo_dir), "test", 20)
+    tokenizer = build_offline_tokenizer(list(raw.dataset["caption"]))
+    cached = preprocess_split(raw, tokenizer, 16, str(tmp_path / "cache"), cache_format="jpeg")
+    pairs = PairDataset(cached, tokenizer.pad_token_id)
+    assert pairs.pixel_shape == (16, 16, 3) and pairs.pixel_chunks is None
+    here, workers = (list(make_dataloader(pairs, 8, train=False, num_workers=n)) for n in (0, 2))
+    assert len(here) == len(workers) == 3
+    for mine, theirs in zip(here, workers, strict=True):
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            assert torch.equal(mine[name], theirs[name]), name

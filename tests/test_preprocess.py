@@ -7,7 +7,8 @@ import io
 import datasets
 import numpy as np
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageFilter
 
 from clip_accel.data import preprocess
 from clip_accel.data.preprocess import load_rgb_image, preprocess_split
@@ -152,3 +153,34 @@ def test_each_caption_template_gets_its_own_cache_with_its_captions_and_caption_
         assert list(cached["input_ids"]) == tokenizer(captions, truncation=True, max_length=77)["input_ids"]
         caches[template] = cached.cache_files[0]["filename"]
     assert len(set(caches.values())) == 3
+
+
+def test_the_compact_cache_holds_one_small_jpeg_per_image_close_to_the_uint8_pixels(tmp_path, offline_tokenizer):
+    from clip_accel.data.loader import PairDataset
+
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(90, 160, (50, 40, 3), dtype=np.uint8)).filter(ImageFilter.SMOOTH_MORE)]
+    photos += [Image.new("RGB", (40, 60), "blue"), b"not an image", Image.new("RGB", (60, 40), "red")]
+    raw = _raw(tmp_path, photos, ["a kurta", "a saree", "a broken file", "a red kurta"])
+    uint8 = preprocess_split(raw, offline_tokenizer, 32, str(tmp_path / "cache"))
+    compact = preprocess_split(raw, offline_tokenizer, 32, str(tmp_path / "cache"), cache_format="jpeg")
+    assert compact.cache_files != uint8.cache_files
+    assert compact.features["pixel_values"].dtype == "binary" and compact["pixel_values"][2] == b""
+    assert compact["skip_reason"] == uint8["skip_reason"] and compact["skip_reason"][2].startswith("unreadable")
+    assert all(len(data) < 32 * 32 * 3 / 2 for data in compact["pixel_values"])
+    pairs = {
+        name: PairDataset(cached, offline_tokenizer.pad_token_id) for name, cached in (("u", uint8), ("j", compact))
+    }
+    assert len(pairs["j"]) == len(pairs["u"]) == 3
+    batches = {name: dataset.__getitems__([0, 1, 2]) for name, dataset in pairs.items()}
+    assert batches["j"]["pixel_values"].shape == batches["u"]["pixel_values"].shape == (3, 32, 32, 3)
+    error = (batches["j"]["pixel_values"].int() - batches["u"]["pixel_values"].int()).abs().float().mean()
+    assert 0 < error < 3
+    assert torch.equal(batches["j"]["input_ids"], batches["u"]["input_ids"])
+
+
+def test_the_compact_cache_refuses_siglip2_patch_sequences(tmp_path, offline_tokenizer):
+    raw = _raw(tmp_path, [Image.new("RGB", (30, 30), "green")], ["a kurta"])
+    layout = preprocess.ImageLayout("patches", patch_size=8, max_num_patches=16)
+    with pytest.raises(ValueError, match="--cache_format jpeg stores square images"):
+        preprocess_split(raw, offline_tokenizer, layout, str(tmp_path / "cache"), cache_format="jpeg")

@@ -292,3 +292,29 @@ def test_identical_caption_positives_reach_the_loss_and_change_nothing_where_cap
     own, identical = (weights(runs["{product_title} {image_url}", p]) for p in ("own", "identical"))
     for name in own:
         assert torch.equal(own[name], identical[name]), name
+
+
+def test_a_run_on_the_compact_cache_trains_and_keeps_the_evaluation_pixels_exact(make_configs, tmp_path):
+    import datasets
+
+    runs = {}
+    for cache_format in ("uint8", "jpeg"):
+        configs = make_configs(
+            cache_format=cache_format,
+            max_steps=4,
+            eval_steps=4,
+            output_dir=str(tmp_path / cache_format),
+            cache_dir=str(tmp_path / "cache"),
+        )
+        runs[cache_format] = with_fresh_state(train, *configs)
+    # The starting model scored on the same uint8 evaluation pixels: the same figures, whatever the training cache.
+    assert runs["jpeg"].metrics["initial"] == runs["uint8"].metrics["initial"]
+    losses = {name: [r["loss"] for r in run.history if "loss" in r] for name, run in runs.items()}
+    assert losses["jpeg"] != losses["uint8"]  # trained on the decoded JPEGs
+    assert runs["jpeg"].metrics["training"]["optimizer_steps"] == 4
+    kinds = {}
+    for path in (tmp_path / "cache").glob("*.arrow"):
+        feature = datasets.Dataset.from_file(str(path)).features["pixel_values"]
+        jpeg = isinstance(feature, datasets.Value) and feature.dtype == "binary"
+        kinds.setdefault(path.name.split("-")[0], set()).add("jpeg" if jpeg else "uint8")
+    assert kinds["train"] == {"jpeg", "uint8"} and kinds["test"] == kinds["validation"] == {"uint8"}

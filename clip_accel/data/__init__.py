@@ -97,6 +97,7 @@ def build_pair_datasets(
                 draft=train,
                 require_captions=require_captions,
                 max_length=max_length,
+                cache_format=config.cache_format if train else "uint8",  # evaluation keeps the exact pixels
             )
         pairs[role] = PairDataset(cached, tokenizer.pad_token_id, pad_to, pad_left)
         if len(pairs[role]) == 0:

@@ -19,6 +19,8 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .preprocess import decode_jpeg, jpeg_shape
+
 T = TypeVar("T")
 HOST_GRIDS = "spatial_shapes_on_host"  # the batch key of SigLIP 2's grids kept on the host (a numpy array)
 
@@ -43,9 +45,19 @@ class PairDataset(Dataset):
         self.rows = np.flatnonzero(reasons == "")
         self.skip_reasons = reasons
         pixel_chunks = table.column("pixel_values").chunks
-        # flatten() honours a chunk's slice offset; to_numpy(zero_copy_only=True) refuses to copy silently.
-        self.pixel_shape = _pixel_shape(table.schema.field("pixel_values").type)
-        self.pixel_chunks = [_fixed_values(chunk).reshape(len(chunk), *self.pixel_shape) for chunk in pixel_chunks]
+        self.chunk_starts = np.cumsum([0] + [len(chunk) for chunk in pixel_chunks])
+        pixel_type = table.schema.field("pixel_values").type
+        self.jpeg_chunks = (
+            None  # the compact cache (--cache_format jpeg): (offsets, bytes) per chunk, decoded per batch
+        )
+        if pa.types.is_binary(pixel_type):
+            self.jpeg_chunks = [_binary_chunk_arrays(chunk) for chunk in pixel_chunks]
+            self.pixel_chunks = None
+            self.pixel_shape = self._decoded_shape()
+        else:
+            # flatten() honours a chunk's slice offset; to_numpy(zero_copy_only=True) refuses to copy silently.
+            self.pixel_shape = _pixel_shape(pixel_type)
+            self.pixel_chunks = [_fixed_values(chunk).reshape(len(chunk), *self.pixel_shape) for chunk in pixel_chunks]
         # SigLIP 2's patch sequences come with each image's grid of patches (rows, columns).
         self.grid_chunks = (
             [_fixed_values(chunk).reshape(len(chunk), 2) for chunk in table.column("spatial_shapes").chunks]
@@ -54,7 +66,6 @@ class PairDataset(Dataset):
         )
         self.token_chunks = [_list_chunk_arrays(chunk) for chunk in table.column("input_ids").chunks]
         self.caption_ids = table.column("caption_id").to_numpy()  # (rows,) int64: 8 bytes a row, held in memory
-        self.chunk_starts = np.cumsum([0] + [len(chunk) for chunk in pixel_chunks])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -80,7 +91,12 @@ class PairDataset(Dataset):
         captions = []
         for chunk_id in np.unique(chunk_ids):
             where = np.flatnonzero(chunk_ids == chunk_id)
-            pixels[where] = self.pixel_chunks[chunk_id][offsets[where]]
+            if self.jpeg_chunks is None:
+                pixels[where] = self.pixel_chunks[chunk_id][offsets[where]]
+            else:
+                starts, data = self.jpeg_chunks[chunk_id]
+                for index, offset in zip(where, offsets[where], strict=True):
+                    decode_jpeg(data[starts[offset] : starts[offset + 1]], pixels[index])
             if self.grid_chunks is not None:
                 grids[where] = self.grid_chunks[chunk_id][offsets[where]]
         for chunk_id, offset in zip(chunk_ids, offsets, strict=True):
@@ -103,6 +119,16 @@ class PairDataset(Dataset):
         # The grids twice: as a tensor (moved to the device, for the attention mask) and as a numpy array, which
         # the copy to the device leaves on the host (see model.POSITIONS_READ_GRIDS_ON_HOST).
         return {**batch, "spatial_shapes": torch.from_numpy(grids), HOST_GRIDS: grids.copy()}
+
+    def _decoded_shape(self) -> tuple[int, ...]:
+        """The compact cache's image shape, from its first usable row (a skipped row holds no image)."""
+        if not len(self.rows):
+            return (0, 0, 3)
+        row = int(self.rows[0])
+        chunk_id = int(np.searchsorted(self.chunk_starts, row, side="right") - 1)
+        starts, data = self.jpeg_chunks[chunk_id]
+        offset = row - self.chunk_starts[chunk_id]
+        return jpeg_shape(data[starts[offset] : starts[offset + 1]])
 
     def column(self, name: str) -> list:
         """A cached column (e.g. `caption`, `label`) for the usable rows, in loader order."""
@@ -137,6 +163,13 @@ def _fixed_values(chunk: pa.FixedSizeListArray) -> np.ndarray:
     while pa.types.is_fixed_size_list(chunk.type):
         chunk = chunk.flatten()
     return chunk.to_numpy(zero_copy_only=True)
+
+
+def _binary_chunk_arrays(chunk: pa.BinaryArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, bytes) of a binary chunk, zero-copy: row i's bytes are bytes[offsets[i] : offsets[i + 1]]."""
+    _, offsets, data = chunk.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+    return offsets, np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
 
 
 def _list_chunk_arrays(chunk: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:

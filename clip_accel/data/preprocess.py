@@ -27,6 +27,9 @@ from .sources import RawSplit
 
 # Bump when the cached layout or the pixel pipeline changes, so old caches are not reused.
 PREPROCESS_VERSION = 3
+# The compact cache (`--cache_format jpeg`): each resized crop re-encoded once. Quality 95 with 4:2:0 chroma: ~16 KB
+# per 224 px product photo, mean absolute error ~1.4 of 255 (BENCHMARKS.md section 2).
+JPEG_QUALITY = 95
 # What PIL can raise for a file that is missing, empty, truncated, corrupt, not an image, or a decompression bomb.
 IMAGE_ERRORS = (
     OSError,
@@ -75,9 +78,11 @@ def as_layout(layout: ImageLayout | int) -> ImageLayout:
     return layout if isinstance(layout, ImageLayout) else ImageLayout("crop", layout)
 
 
-def cached_features(layout: ImageLayout | int) -> datasets.Features:
+def cached_features(layout: ImageLayout | int, cache_format: str = "uint8") -> datasets.Features:
     layout = as_layout(layout)
-    if layout.patches:  # (patches, patch values), fixed-size both ways, and the grid
+    if cache_format == "jpeg":  # one JPEG per row (empty for a skipped row), decoded per batch
+        pixels = {"pixel_values": datasets.Value("binary")}
+    elif layout.patches:  # (patches, patch values), fixed-size both ways, and the grid
         count, width = layout.pixel_shape
         pixels = {
             "pixel_values": datasets.Sequence(datasets.Sequence(datasets.Value("uint8"), length=width), length=count),
@@ -211,12 +216,14 @@ class PairPreprocessor:
         max_length: int,
         draft: bool = True,
         require_captions: bool = True,
+        cache_format: str = "uint8",
     ) -> None:
         self.tokenizer = tokenizer
         self.layout = as_layout(layout)
         self.max_length = max_length
         self.draft = draft
         self.require_captions = require_captions  # False: images alone (an image folder to embed)
+        self.cache_format = cache_format  # "jpeg": each image re-encoded (the compact cache)
 
     def __call__(self, batch: dict) -> dict:
         pixels, grids, reasons = [], [], []
@@ -230,8 +237,11 @@ class PairPreprocessor:
                     array, grid = load_pixels(image, self.layout, draft=self.draft)
                 except IMAGE_ERRORS as error:
                     reason = f"unreadable image: {type(error).__name__}: {error}"
-            array = np.zeros(self.layout.pixel_shape, np.uint8) if array is None else array
-            pixels.append(array if self.layout.patches else array.reshape(-1))
+            if self.cache_format == "jpeg":
+                pixels.append(b"" if array is None else encode_jpeg(array))
+            else:
+                array = np.zeros(self.layout.pixel_shape, np.uint8) if array is None else array
+                pixels.append(array if self.layout.patches else array.reshape(-1))
             grids.append(grid)
             reasons.append(reason)
         captions = [caption or "" for caption in batch["caption"]]
@@ -247,6 +257,25 @@ class PairPreprocessor:
             "source_row": batch["source_row"],
             "skip_reason": reasons,
         }
+
+
+def encode_jpeg(array: np.ndarray) -> bytes:
+    """(S, S, 3) uint8 -> the compact cache's JPEG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def decode_jpeg(data, out: np.ndarray) -> None:
+    """The compact cache's bytes (any buffer) decoded into `out` (S, S, 3) uint8."""
+    with Image.open(io.BytesIO(data)) as image:
+        out[...] = np.asarray(image.convert("RGB"))
+
+
+def jpeg_shape(data) -> tuple[int, int, int]:
+    """(height, width, 3) of the compact cache's bytes, without decoding them."""
+    with Image.open(io.BytesIO(data)) as image:
+        return (image.height, image.width, 3)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -268,13 +297,20 @@ def preprocess_split(
     draft: bool = True,
     require_captions: bool = True,
     max_length: int = MAX_TEXT_TOKENS,
+    cache_format: str = "uint8",
 ) -> datasets.Dataset:
     """Decode and tokenize one split through `datasets.map`, reusing the cache when nothing changed. `layout`: the
     family's pixels (an int: CLIP's at that side). `draft`: the fast JPEG decode (training), or the processor's
     exact pixels (evaluation splits). Without `require_captions` an empty caption is not a reason to skip the row
     (images to embed). Captions are cut at `max_length` tokens (the text tower's; the tokenizer's own limit if
-    lower)."""
+    lower). `cache_format`: "uint8" (the pixels as they are) or "jpeg" (each re-encoded once: ~10x smaller, decoded
+    per batch; not for SigLIP 2's patches)."""
     layout = as_layout(layout)
+    if cache_format == "jpeg" and layout.patches:
+        raise ValueError(
+            "--cache_format jpeg stores square images; SigLIP 2's patch sequences are cached as uint8 only. Drop "
+            "--cache_format jpeg (or start from a CLIP or SigLIP checkpoint)."
+        )
     max_length = min(tokenizer.model_max_length, max_length)
     fingerprint = hashlib.sha256(
         json.dumps(
@@ -289,17 +325,18 @@ def preprocess_split(
                 # (the layout's name only when it is not CLIP's, so caches written before it was a key still count)
                 *([] if layout.resize == "crop" else [f"{layout.resize} resize"]),
                 *([layout.patch_size, layout.max_num_patches] if layout.patches else []),
+                *([] if cache_format == "uint8" else [f"{cache_format} cache", JPEG_QUALITY]),
             ]
         ).encode()
     ).hexdigest()[:32]
     os.makedirs(cache_dir, exist_ok=True)
     return raw.dataset.map(
-        PairPreprocessor(tokenizer, layout, max_length, draft, require_captions),
+        PairPreprocessor(tokenizer, layout, max_length, draft, require_captions, cache_format),
         batched=True,
         batch_size=64,
         num_proc=num_proc if num_proc > 1 and len(raw.dataset) >= 2 * num_proc else None,
         remove_columns=raw.dataset.column_names,
-        features=cached_features(layout),
+        features=cached_features(layout, cache_format),
         cache_file_name=os.path.join(cache_dir, f"{raw.name}-{fingerprint}.arrow"),
         new_fingerprint=fingerprint,
         desc=f"Preprocessing {raw.name} (decoded once, then cached)",
