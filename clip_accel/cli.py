@@ -179,7 +179,8 @@ def _add_split_arguments(parser: argparse.ArgumentParser, verb: str):
         "--caption_template",
         default=None,
         help="Compose captions from columns, e.g. '{product_title}, by {brand}' (default: the template the model "
-        "folder was trained with, from its training_config.json, else the source's captions).",
+        "folder was trained with, from its training_config.json, else the source's captions; '' for the source's "
+        "captions).",
     )
     parser.add_argument("--cache_dir", default=None, help="Preprocessing cache (default: the datasets cache).")
     return source
@@ -188,11 +189,8 @@ def _add_split_arguments(parser: argparse.ArgumentParser, verb: str):
 def _split_data_config(args: argparse.Namespace, **options) -> DataConfig:
     """The DataConfig of `_add_split_arguments`' options (and `options`), `--split` as its test split; captions
     composed as the model was trained on them unless `--caption_template` says otherwise."""
-    template = args.caption_template or training_option(args.model_name_or_path, "caption_template")
-    if template and not args.caption_template:
-        logger.info(f"Captions composed as in training: --caption_template {template!r}")
     return DataConfig(
-        caption_template=template,
+        caption_template=_caption_template(args.caption_template, args.model_name_or_path),
         data_dir=args.data_dir,
         dataset_name=args.dataset_name,
         demo=args.demo,
@@ -204,6 +202,16 @@ def _split_data_config(args: argparse.Namespace, **options) -> DataConfig:
         test_split=args.split,
         **options,
     )
+
+
+def _caption_template(given: str | None, model_folder: str) -> str | None:
+    """--caption_template as given ('' for the source's own captions), else the one the model was trained with."""
+    if given is not None:
+        return given or None
+    template = training_option(model_folder, "caption_template")
+    if template:
+        logger.info(f"Captions composed as in training: --caption_template {template!r}")
+    return template
 
 
 def wise_ft_main(argv: list[str] | None = None) -> None:
@@ -235,6 +243,11 @@ def wise_ft_main(argv: list[str] | None = None) -> None:
     in_domain.add_argument("--data_dir", help="In-domain data (default: the data the run trained on).")
     in_domain.add_argument("--dataset_name", help="In-domain data from datasets.load_dataset.")
     in_domain.add_argument("--demo", action="store_true", help="In-domain data: the embedded demo catalogue.")
+    parser.add_argument(
+        "--caption_template",
+        default=None,
+        help="In-domain captions from columns (default: the run's template; '' for the source's captions).",
+    )
     heldout = parser.add_mutually_exclusive_group()
     heldout.add_argument("--heldout_data_dir", help="Held-out data in the Indo-fashion layout (general ability).")
     heldout.add_argument("--heldout_dataset_name", help="Held-out data from datasets.load_dataset.")
@@ -249,10 +262,17 @@ def wise_ft_main(argv: list[str] | None = None) -> None:
         parser.error(f"--weights must lie in [0, 1] (0: the starting model, 1: the fine-tuned one), got {args.weights}")
     if args.save_weight is not None and args.save_weight not in args.weights:
         parser.error(f"--save_weight {args.save_weight} is not among --weights {args.weights}: add it there.")
+    if args.caption_template is not None and not (args.data_dir or args.dataset_name or args.demo):
+        parser.error(
+            "--caption_template goes with --data_dir, --dataset_name or --demo (the run's own data keeps its own)."
+        )
     setup_logging()
     data = None
     if args.data_dir or args.dataset_name or args.demo:
-        data = DataConfig(data_dir=args.data_dir, dataset_name=args.dataset_name, demo=args.demo)
+        template = _caption_template(args.caption_template, args.finetuned)
+        data = DataConfig(
+            data_dir=args.data_dir, dataset_name=args.dataset_name, demo=args.demo, caption_template=template
+        )
     heldout = None
     if args.heldout_data_dir or args.heldout_dataset_name:
         heldout = DataConfig(

@@ -300,7 +300,8 @@ class TrainConfig:
     caption_positives: Literal["identical", "own"] = field(
         default="identical",
         metadata={
-            "help": "identical: pairs whose captions are the same string are positives of each other in the loss "
+            "help": "identical: pairs whose captions are the same text (the same token ids, after the tokenizer's "
+            "lowercasing and truncation) are positives of each other in the loss "
             "(a catalogue's repeated titles are not pushed apart; CLIP: cross-entropy against the positives "
             "weighted uniformly, SigLIP: each such pair labelled +1), across processes and accumulated "
             "micro-batches. With all captions distinct it is exactly the usual loss. own: a pair's only positive "

@@ -15,11 +15,11 @@ Either way DDP's gradient averaging then yields exactly the gradient of the glob
 process with batch N*B). Assumes equal per-process batches, which the training loader's drop_last guarantees.
 
 Positives. By default a pair's only positive is itself. Given `caption_ids` (B,) (a hash of each row's caption
-string, stored in the preprocessing cache), every pair whose caption is the same string is a positive too: two
-photos of one catalogue title are not pushed apart. The ids are gathered with the embeddings, so the mask is the
-global batch's, and it is built on the device (no host sync). CLIP's softmax loss then takes the cross-entropy
-against each row's positives weighted uniformly (UniCL / SupCon), SigLIP's sigmoid loss labels every positive pair
-+1. With all captions distinct both are today's loss bit for bit.
+token ids, stored in the preprocessing cache), every pair whose caption reads the same to the text tower is a
+positive too: two photos of one catalogue title are not pushed apart. The ids are gathered with the embeddings, so
+the mask is the global batch's, and it is built on the device (no host sync). CLIP's softmax loss then takes the
+cross-entropy against each row's positives weighted uniformly (UniCL / SupCon), SigLIP's sigmoid loss labels every
+positive pair +1. With all captions distinct both are today's loss bit for bit.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class StepContext:
     local_loss: bool
     loss: Loss = contrastive_loss  # the family's: CLIP's softmax, SigLIP's sigmoid (with the bias in logit_params)
     max_logit_scale: float | None = MAX_LOGIT_SCALE  # CLIP's cap after each step; SigLIP has none
-    # "identical": pairs with the same caption string are positives of each other (the batches' `caption_ids`);
+    # "identical": pairs with the same caption (token ids) are positives of each other (the batches' `caption_ids`);
     # "own": a pair's only positive is itself.
     caption_positives: Literal["identical", "own"] = "own"
 

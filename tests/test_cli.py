@@ -157,5 +157,7 @@ def test_evaluate_and_embed_compose_captions_as_the_model_was_trained_unless_tol
     assert _split_data_config(parser.parse_args(trained)).caption_template == "{product_title}, by {brand}"
     given = parser.parse_args([*trained, "--caption_template", "{product_title}"])
     assert _split_data_config(given).caption_template == "{product_title}"
+    own_captions = parser.parse_args([*trained, "--caption_template", ""])  # the source's captions
+    assert _split_data_config(own_captions).caption_template is None
     hub_id = parser.parse_args(["--model_name_or_path", "openai/clip-vit-base-patch32", "--data_dir", demo_dir])
     assert _split_data_config(hub_id).caption_template is None

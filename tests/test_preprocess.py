@@ -149,8 +149,8 @@ def test_each_caption_template_gets_its_own_cache_with_its_captions_and_caption_
         captions = list(raw.dataset["caption"])
         cached = preprocess_split(raw, tokenizer, 16, str(tmp_path / "cache"))
         assert list(cached["caption"]) == captions
-        assert list(cached["caption_id"]) == [caption_id(caption) for caption in captions]
         assert list(cached["input_ids"]) == tokenizer(captions, truncation=True, max_length=77)["input_ids"]
+        assert list(cached["caption_id"]) == [caption_id(ids) for ids in cached["input_ids"]]
         caches[template] = cached.cache_files[0]["filename"]
     assert len(set(caches.values())) == 3
 
@@ -184,3 +184,13 @@ def test_the_compact_cache_refuses_siglip2_patch_sequences(tmp_path, offline_tok
     layout = preprocess.ImageLayout("patches", patch_size=8, max_num_patches=16)
     with pytest.raises(ValueError, match="--cache_format jpeg stores square images"):
         preprocess_split(raw, offline_tokenizer, layout, str(tmp_path / "cache"), cache_format="jpeg")
+
+
+def test_captions_the_text_tower_cannot_tell_apart_share_a_caption_id(tmp_path, offline_tokenizer):
+    # The tokenizer lowercases and folds whitespace, and truncation keeps the first 77 tokens: these read the same
+    # to the model, so the loss must not make one of them a negative of the other's image.
+    long = " ".join(["red"] * 100)
+    captions = ["Red striped kurta", "red  striped   KURTA", long, long + " saree", "red striped saree"]
+    raw = _raw(tmp_path, [Image.new("RGB", (30, 30), "green")] * len(captions), captions)
+    ids = preprocess_split(raw, offline_tokenizer, 16, str(tmp_path / "cache"))["caption_id"]
+    assert ids[0] == ids[1] and ids[2] == ids[3] and len({ids[0], ids[2], ids[4]}) == 3

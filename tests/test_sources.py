@@ -176,3 +176,9 @@ def test_a_template_composes_captions_of_a_datasets_source_and_a_missing_column_
     wrong = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_template="{title}")
     with pytest.raises(ValueError, match=r"no column\(s\) \['title'\].*'text', 'category'.*--caption_template"):
         load_raw_split(wrong, "validation", None)
+    with pytest.raises(ValueError, match=r"--caption_template names \['image'\].*not text or numbers"):
+        load_raw_split(
+            DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_template="{image} {text}"),
+            "validation",
+            None,
+        )

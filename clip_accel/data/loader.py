@@ -50,7 +50,7 @@ class PairDataset(Dataset):
         self.jpeg_chunks = (
             None  # the compact cache (--cache_format jpeg): (offsets, bytes) per chunk, decoded per batch
         )
-        if pa.types.is_binary(pixel_type):
+        if pa.types.is_binary(pixel_type) or pa.types.is_large_binary(pixel_type):
             self.jpeg_chunks = [_binary_chunk_arrays(chunk) for chunk in pixel_chunks]
             self.pixel_chunks = None
             self.pixel_shape = self._decoded_shape()
@@ -165,10 +165,11 @@ def _fixed_values(chunk: pa.FixedSizeListArray) -> np.ndarray:
     return chunk.to_numpy(zero_copy_only=True)
 
 
-def _binary_chunk_arrays(chunk: pa.BinaryArray) -> tuple[np.ndarray, np.ndarray]:
+def _binary_chunk_arrays(chunk: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, bytes) of a binary chunk, zero-copy: row i's bytes are bytes[offsets[i] : offsets[i + 1]]."""
     _, offsets, data = chunk.buffers()
-    offsets = np.frombuffer(offsets, dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+    width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+    offsets = np.frombuffer(offsets, dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1]
     return offsets, np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
 
 

@@ -2,7 +2,7 @@
 
 Images are stored as uint8 at the model's resolution, laid out as its family's processor gives them (`ImageLayout`;
 normalised later, on the device: float32 pixels would cost 4x the disk). Captions are stored unpadded (batches are
-padded at load time), with a 64-bit hash of each caption string (`caption_id`): the loss's identical-caption
+padded at load time), with a 64-bit hash of each caption's token ids (`caption_id`): the loss's identical-caption
 positives compare these on the device.
 The `datasets.map` cache is keyed by an explicit fingerprint of everything that shapes the output, so a second
 identical run decodes nothing, and any change to the rows, image files, tokenizer or resolution starts afresh.
@@ -26,7 +26,7 @@ from ..tokenizer import MAX_TEXT_TOKENS
 from .sources import RawSplit
 
 # Bump when the cached layout or the pixel pipeline changes, so old caches are not reused.
-PREPROCESS_VERSION = 3
+PREPROCESS_VERSION = 4
 # The compact cache (`--cache_format jpeg`): each resized crop re-encoded once. Quality 95 with 4:2:0 chroma: ~16 KB
 # per 224 px product photo, mean absolute error ~1.4 of 255 (BENCHMARKS.md section 2).
 JPEG_QUALITY = 95
@@ -103,10 +103,13 @@ def cached_features(layout: ImageLayout | int, cache_format: str = "uint8") -> d
     )
 
 
-def caption_id(caption: str) -> int:
-    """A signed 64-bit hash of the caption string (BLAKE2b): equal strings, equal ids. Two different captions share
-    an id with probability about n^2 / 2^65 for n distinct captions (3e-8 for a million)."""
-    return int.from_bytes(hashlib.blake2b(caption.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+def caption_id(input_ids) -> int:
+    """A signed 64-bit hash (BLAKE2b) of a caption's token ids, as the text tower reads them (after the tokenizer's
+    normalisation and the truncation): two captions the model cannot tell apart get one id, so the loss never makes
+    one text both a positive and a negative of an image. Two different captions share an id with probability about
+    n^2 / 2^65 for n distinct captions (3e-8 for a million)."""
+    data = np.asarray(input_ids, dtype=np.int32).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 def load_rgb_image(source: str | dict, image_size: int, *, draft: bool = True, square: bool = False) -> np.ndarray:
@@ -252,7 +255,7 @@ class PairPreprocessor:
             **({"spatial_shapes": grids} if self.layout.patches else {}),
             "input_ids": input_ids,
             "caption": captions,
-            "caption_id": [caption_id(caption) for caption in captions],
+            "caption_id": [caption_id(ids) for ids in input_ids],
             "label": [label or "" for label in batch["label"]],
             "source_row": batch["source_row"],
             "skip_reason": reasons,

@@ -232,6 +232,12 @@ def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
             f"{config.dataset_name}[{split}] has no column(s) {missing}; its columns are "
             f"{dataset.column_names}. Set {options}."
         )
+    not_text = [name for name in caption_fields if not isinstance(dataset.features[name], datasets.Value)]
+    if not_text:
+        raise ValueError(
+            f"--caption_template names {not_text}, which hold {[str(dataset.features[n]) for n in not_text]}, not text "
+            "or numbers; a caption is composed from text and number columns only."
+        )
     captions = None
     if template is not None:  # text columns only: read once, composed here (the cache key follows the template)
         columns = dataset.select_columns(list(caption_fields)).to_dict()
