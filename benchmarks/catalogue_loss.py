@@ -30,7 +30,6 @@ import time
 import common
 from accelerate.state import AcceleratorState  # noqa: E402
 
-from clip_accel.cli import train_and_publish  # noqa: E402
 from clip_accel.config import parse_config  # noqa: E402
 from clip_accel.data.demo import write_demo_dataset  # noqa: E402
 from clip_accel.data.sources import INDO_FASHION_FILES  # noqa: E402
@@ -42,13 +41,6 @@ SHARED_TITLES = 0.3
 SEEDS = (0, 1, 2)
 FAMILIES = {"CLIP": "clip-tiny", "SigLIP": "siglip-tiny"}
 BRAND_TEMPLATE = "{product_title}, by {brand}"
-
-
-def train_row(argv: list[str]) -> dict:
-    try:
-        return train_and_publish(*parse_config(argv)).metrics
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def figures(metrics: dict) -> list[str]:
@@ -142,13 +134,13 @@ def main() -> None:
             for positives in ("own", "identical"):
                 output_dir = str(ROOT / "runs" / f"{preset}-{positives}-{seed}")
                 options = ["--scratch_config", preset, "--caption_positives", positives, "--seed", str(seed)]
-                metrics = train_row([*base, *options, "--output_dir", output_dir])
+                metrics, _ = common.train_row([*base, *options, "--output_dir", output_dir])
                 shared = metrics["training"]["train_pairs_sharing_a_caption"], metrics["training"]["train_pairs"]
                 rows.append([family, "titles", positives, seed, *figures(metrics)])
     for seed in seeds:
         output_dir = str(ROOT / "runs" / f"clip-tiny-brand-{seed}")
         options = ["--scratch_config", "clip-tiny", "--caption_template", BRAND_TEMPLATE, "--seed", str(seed)]
-        metrics = train_row([*base, *options, "--output_dir", output_dir])
+        metrics, _ = common.train_row([*base, *options, "--output_dir", output_dir])
         rows.append(["CLIP", f"`{BRAND_TEMPLATE}`", "identical", seed, *figures(metrics)])
     rows.sort(key=lambda row: (row[0], row[1] != "titles", row[1], row[2] != "own", row[3]))
 

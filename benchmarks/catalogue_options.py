@@ -33,7 +33,7 @@ import time
 import common
 from accelerate.state import AcceleratorState  # noqa: E402
 
-from clip_accel.cli import train_and_publish, wise_ft_main  # noqa: E402
+from clip_accel.cli import wise_ft_main  # noqa: E402
 from clip_accel.config import parse_config  # noqa: E402
 from clip_accel.data.demo import CLASS_LABELS, write_demo_dataset  # noqa: E402
 from clip_accel.data.sources import INDO_FASHION_FILES  # noqa: E402
@@ -66,15 +66,6 @@ def split_by_class(source: str, target: str, keep) -> str:
     if not os.path.exists(os.path.join(target, "images")):
         os.symlink(os.path.join(source, "images"), os.path.join(target, "images"))
     return target
-
-
-def train_row(argv: list[str]) -> tuple[dict, float]:
-    start = time.perf_counter()
-    try:
-        result = train_and_publish(*parse_config(argv))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    return result.metrics, time.perf_counter() - start
 
 
 def general_figures(model: str, general: str, smoke: bool) -> dict:
@@ -153,14 +144,14 @@ def main() -> None:
     own = split_by_class(str(demo), str(demo) + "-own", lambda label: label not in GENERAL)
     base = [*SCHEDULE, *common_options(smoke)] + (["--num_train_epochs", "2"] if smoke else [])
     start_dir = str(ROOT / "runs" / "start")
-    train_row([*base, *PRETRAIN, "--data_dir", general, "--output_dir", start_dir])
+    common.train_row([*base, *PRETRAIN, "--data_dir", general, "--output_dir", start_dir])
     tuned = [*base, *FINE_TUNE, "--data_dir", own, "--model_name_or_path", start_dir]
 
     headers = ["Row", "own I2T R@1", "own T2I R@1", "own ZS top-1", "general mean R@1", "general ZS top-1", "wall s"]
     rows, full = [], None
     for index, (name, options) in enumerate(OPTIONS.items()):
         output_dir = str(ROOT / "runs" / f"option-{index}")
-        metrics, seconds = train_row([*tuned, "--output_dir", output_dir, *options])
+        metrics, seconds = common.train_row([*tuned, "--output_dir", output_dir, *options])
         if full is None:  # the first row: the full fine-tune, whose starting-model figures head the table
             full = (metrics, output_dir)
             kept = general_figures(start_dir, general, smoke)

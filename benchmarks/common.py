@@ -251,3 +251,19 @@ class Stopwatch:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def train_row(argv: list[str]) -> tuple[dict, float]:
+    """`clip-accel train ARGV` in this process (train_and_publish): its metrics and wall seconds. Accelerate's
+    process state is reset after it, so the next row builds its own Accelerator."""
+    from accelerate.state import AcceleratorState
+
+    from clip_accel.cli import train_and_publish
+    from clip_accel.config import parse_config
+
+    start = time.perf_counter()
+    try:
+        result = train_and_publish(*parse_config(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return result.metrics, time.perf_counter() - start

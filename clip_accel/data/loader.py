@@ -47,9 +47,8 @@ class PairDataset(Dataset):
         pixel_chunks = table.column("pixel_values").chunks
         self.chunk_starts = np.cumsum([0] + [len(chunk) for chunk in pixel_chunks])
         pixel_type = table.schema.field("pixel_values").type
-        self.jpeg_chunks = (
-            None  # the compact cache (--cache_format jpeg): (offsets, bytes) per chunk, decoded per batch
-        )
+        # The compact cache (--cache_format jpeg): (offsets, bytes) per chunk, decoded per batch.
+        self.jpeg_chunks = None
         if pa.types.is_binary(pixel_type) or pa.types.is_large_binary(pixel_type):
             self.jpeg_chunks = [_binary_chunk_arrays(chunk) for chunk in pixel_chunks]
             self.pixel_chunks = None
