@@ -44,6 +44,7 @@ class TrainerState:
     history: list = field(default_factory=list)
     sharded: bool = False  # written under FSDP2 (a sharded model and optimizer)
     num_processes: int = 1
+    stream: list = field(default_factory=list)  # --streaming: each process's position in the stream (data.streaming)
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerState, keep: int) -> str:

@@ -111,8 +111,17 @@ class DataConfig:
         },
     )
     image_column: str = field(default="image", metadata={"help": "Image column of --dataset_name."})
-    caption_column: str = field(default="caption", metadata={"help": "Caption column of --dataset_name."})
-    label_column: str | None = field(default=None, metadata={"help": "Optional class-label column of --dataset_name."})
+    caption_column: str = field(
+        default="caption",
+        metadata={
+            "help": "Caption column of --dataset_name (with --streaming also a JSON column's field as COLUMN.FIELD, "
+            "e.g. json.product_title in WebDataset shards)."
+        },
+    )
+    label_column: str | None = field(
+        default=None,
+        metadata={"help": "Optional class-label column of --dataset_name (with --streaming also COLUMN.FIELD)."},
+    )
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     validation_split: str = field(
         default="validation", metadata={"help": "Split for early stopping ('val' in the Indo-fashion files)."}
@@ -143,6 +152,31 @@ class DataConfig:
             "decoded per batch: for catalogues whose uint8 cache would not fit the disk; decode in parallel with "
             "--dataloader_num_workers (BENCHMARKS.md section 2). Validation and test splits stay uint8, so the "
             "reported recall keeps CLIPProcessor's exact pixels. Not for SigLIP 2's patch sequences."
+        },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the training split of --dataset_name as a stream (datasets streaming: a Hub id, or a local "
+            "folder of WebDataset .tar shards named train-*.tar, validation-*.tar, test-*.tar), decoded in the "
+            "--dataloader_num_workers processes and never cached: for catalogues no disk holds. Every pair is seen "
+            "once per pass of the stream; validation and test are read once and cached as usual (README, "
+            "'Streaming')."
+        },
+    )
+    epoch_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --streaming: the training rows of one epoch (an epoch is this many rows' worth of "
+            "batches). Default: the dataset's recorded row count, else counted once before training (every "
+            "row's bytes read, no image decoded)."
+        },
+    )
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={
+            "help": "With --streaming: rows each DataLoader worker shuffles among (the shard order is shuffled per "
+            "pass too); 0 keeps each shard's order."
         },
     )
     augment: bool = field(
@@ -184,6 +218,28 @@ class DataConfig:
         _require(self.cache_format in ("uint8", "jpeg"), f"--cache_format {self.cache_format!r}: use uint8 or jpeg.")
         if self.caption_template is not None:
             template_fields(self.caption_template)
+        if self.streaming:
+            _require(
+                self.dataset_name is not None,
+                "--streaming reads --dataset_name (a Hub id, or a folder of WebDataset .tar shards); an Indo-fashion "
+                "folder or the demo is cached instead: drop --streaming, or write it as shards "
+                "(clip_accel.data.write_webdataset_shards).",
+            )
+            _require(
+                self.max_train_samples is None,
+                "--max_train_samples takes the first rows of a cached split; with --streaming set --epoch_rows.",
+            )
+            _require(self.cache_format == "uint8", "--streaming caches no training images: drop --cache_format.")
+        else:
+            _require(
+                self.epoch_rows is None and self.shuffle_buffer == 1000,
+                "--epoch_rows and --shuffle_buffer shape a stream: add --streaming (a cached split is shuffled "
+                "whole each epoch).",
+            )
+        _require(
+            self.epoch_rows is None or self.epoch_rows >= 1, f"--epoch_rows must be at least 1, got {self.epoch_rows}."
+        )
+        _require(self.shuffle_buffer >= 0, f"--shuffle_buffer must be 0 or more, got {self.shuffle_buffer}.")
         scale = list(self.augment_scale)
         _require(
             len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,

@@ -17,7 +17,7 @@ from datetime import timedelta
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import CLIPModel, get_scheduler
 
@@ -32,13 +32,19 @@ from .checkpoint import (
 )
 from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_dict
 from .data import (
+    STREAM_POSITION,
     CopyStream,
+    StreamingLoader,
+    StreamingPairs,
+    StreamSplit,
     build_pair_datasets,
     check_strict,
     load_raw_splits,
     make_dataloader,
     prefetched,
+    stream_captions,
     write_skip_report,
+    write_stream_skip_report,
 )
 from .early_stopping import EarlyStopping
 from .evaluation import dataset_prompts, evaluate_retrieval
@@ -95,7 +101,7 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     pair_counts: dict  # usable pairs per role
-    shared_train_captions: int  # training pairs whose caption another training pair also has
+    shared_train_captions: int | None  # training pairs whose caption another has (None for a stream: not counted)
     labels: dict  # class label of every usable pair, per evaluation role (for zero-shot accuracy)
     captions: dict  # caption of every usable pair, per evaluation role (for the identical-caption figures)
     skipped: dict  # rows skipped per role (main process)
@@ -123,6 +129,8 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
     metrics = {"initial": state.initial} if state.initial else {}
     metrics["validation"] = early_stopping.best_metrics
     metrics["test"] = _evaluate(run, "test")
+    if isinstance(run.train_loader, StreamingLoader):
+        run.skipped["train"] = write_stream_skip_report(run.accelerator, run.train_loader, config.output_dir)
     metrics["training"] = _training_summary(run, state, early_stopping)
     _shut_down(run)
     return TrainingResult(metrics, state.history, run.resolved_config, best_model, run.processor)
@@ -165,17 +173,23 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     _compute_fsdp2_like_ddp(accelerator)
     model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
     loading = {"num_workers": config.dataloader_num_workers, "device": accelerator.device}
-    loaders = [make_dataloader(pairs["train"], config.per_device_train_batch_size, train=True, **loading)]
+    streamed = data_config.streaming  # each process reads its own rows already: not prepared (data.streaming)
+    loaders = (
+        [] if streamed else [make_dataloader(pairs["train"], config.per_device_train_batch_size, train=True, **loading)]
+    )
     loaders += [
         make_dataloader(pairs[role], config.per_device_eval_batch_size, train=False, **loading)
         for role in ("validation", "test")
     ]
     optimizer = build_optimizer(model, config)
-    model, optimizer, train_loader, validation_loader, test_loader = accelerator.prepare(model, optimizer, *loaders)
+    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
+    if streamed:
+        loaders.insert(0, StreamingLoader(pairs["train"], config.per_device_train_batch_size, **loading))
+    train_loader, validation_loader, test_loader = loaders
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     total_steps = config.max_steps or config.num_train_epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, config, total_steps)
-    shared = pairs["train"].shared_captions()
+    shared = None if streamed else pairs["train"].shared_captions()  # a stream is not read ahead to count them
     _log_startup(accelerator, config, total_steps, pairs, shared)
     resolved_config = config_to_dict(data_config, model_config, config)
     # Trackers take numbers, strings and booleans as hyperparameters: None and lists (--augment_scale) as text.
@@ -204,7 +218,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         test_loader=test_loader,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
-        pair_counts={role: len(pairs[role]) for role in pairs},
+        pair_counts={role: _pair_count(pairs[role]) for role in pairs},
         shared_train_captions=shared,
         labels={role: pairs[role].column("label") for role in ("validation", "test")},
         captions={role: pairs[role].column("caption") for role in ("validation", "test")},
@@ -278,6 +292,8 @@ def optimizer_step_batches(
     while True:
         group = []
         for batch in _epoch_batches(loader, accelerator, state, copy_stream):
+            if STREAM_POSITION in batch:  # the stream's position after this batch, kept for the next checkpoint
+                loader.consumed(batch.pop(STREAM_POSITION))
             group.append(batch)
             state.batches_in_epoch += 1
             epoch_over = state.batches_in_epoch == len(loader)
@@ -290,7 +306,10 @@ def optimizer_step_batches(
 
 def _epoch_batches(loader, accelerator: Accelerator, state: TrainerState, copy_stream: CopyStream | None):
     """This epoch's batches in the seeded order for `state.epoch`, minus those a resumed run already consumed,
-    read ahead by a background thread (copied to the device on `copy_stream`, where given)."""
+    read ahead by a background thread (copied to the device on `copy_stream`, where given). A stream resumes
+    from its own position (restored with the checkpoint): only the epoch's remaining batches are read."""
+    if isinstance(loader, StreamingLoader):
+        return prefetched(loader.epoch(state.epoch, state.batches_in_epoch), copy_stream=copy_stream)
     loader.set_epoch(state.epoch)
     if state.batches_in_epoch == 0:
         return prefetched(loader, copy_stream=copy_stream)
@@ -340,8 +359,14 @@ def _load_model_and_data(
     """Rows (cheap, checked first), then the model and tokenizer, then the cached preprocessing pass."""
     per_node = data_prepared_per_node(accelerator, data_config)
     raw_splits = load_raw_splits(accelerator, data_config, per_node=per_node)
-    _check_split_sizes(config, accelerator.num_processes, {role: len(raw.dataset) for role, raw in raw_splits.items()})
-    clip, processor = load_model_and_processor(model_config, lambda: raw_splits["train"].dataset["caption"])
+    _check_split_sizes(config, accelerator.num_processes, {role: _row_count(raw) for role, raw in raw_splits.items()})
+    train = raw_splits["train"]
+    captions = (
+        (lambda: stream_captions(train, data_config))
+        if isinstance(train, StreamSplit)
+        else (lambda: train.dataset["caption"])
+    )
+    clip, processor = load_model_and_processor(model_config, captions)
     check_fsdp_layers(clip)
     trainable, total = freeze_parameters(clip, model_config.freeze, model_config.freeze_vision_layers)
     how = f"freezing: {model_config.freeze}"
@@ -368,12 +393,24 @@ def _load_model_and_data(
         train_image_size=training_cache_size(layout.size) if data_config.augment else None,
         per_node=per_node,
         family=family_of(clip.config),
+        seed=config.seed,
     )
-    if data_config.strict:
-        check_strict(pairs, raw_splits)
-    skipped = write_skip_report(pairs, raw_splits, config.output_dir) if accelerator.is_main_process else {}
-    _check_split_sizes(config, accelerator.num_processes, {role: len(pairs[role]) for role in pairs})
+    cached = {role: pairs[role] for role in pairs if not isinstance(raw_splits[role], StreamSplit)}
+    if data_config.strict:  # (a stream's workers stop at its first bad row themselves)
+        check_strict(cached, raw_splits)
+    skipped = write_skip_report(cached, raw_splits, config.output_dir) if accelerator.is_main_process else {}
+    _check_split_sizes(config, accelerator.num_processes, {role: _pair_count(pairs[role]) for role in pairs})
     return ContrastiveModel(clip), processor, pairs, skipped
+
+
+def _row_count(raw) -> int:
+    """Rows of a split; of a stream, an epoch's."""
+    return raw.rows if isinstance(raw, StreamSplit) else len(raw.dataset)
+
+
+def _pair_count(pairs) -> int:
+    """Usable pairs of a cached split; of a stream, an epoch's rows (its bad rows are found as it is read)."""
+    return pairs.split.rows if isinstance(pairs, StreamingPairs) else len(pairs)
 
 
 def _compute_fsdp2_like_ddp(accelerator: Accelerator) -> None:
@@ -409,6 +446,13 @@ def _restore(run: Run) -> TrainerState:
             "or restore its model files."
         )
     run.step_context.scheduler.load_state_dict(state.scheduler)
+    if isinstance(run.train_loader, StreamingLoader):
+        if len(state.stream) != run.accelerator.num_processes:
+            raise ValueError(
+                f"{checkpoint} holds the stream's position of {len(state.stream)} processes; each process reads "
+                "its own rows of the stream, so resume it on as many processes (or start afresh)."
+            )
+        run.train_loader.restore(state.stream[run.accelerator.process_index])
     return state
 
 
@@ -505,6 +549,8 @@ def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping, lo
     state.early_stopping = asdict(early_stopping)
     state.scheduler = run.step_context.scheduler.state_dict()
     state.sharded, state.num_processes = run.accelerator.is_fsdp2, run.accelerator.num_processes
+    if isinstance(run.train_loader, StreamingLoader):  # every process's position in the stream
+        state.stream = gather_object([run.train_loader.checkpoint()])
     save_checkpoint(run.accelerator, run.config.output_dir, state, run.config.save_total_limit)
 
 
@@ -587,12 +633,14 @@ def _log_startup(accelerator: Accelerator, config: TrainConfig, total_steps: int
         f"x {processes} processes x {config.gradient_accumulation_steps} accumulation steps"
     )
     logger.info(
-        f"Pairs: train {len(pairs['train'])}, validation {len(pairs['validation'])}, test {len(pairs['test'])}; "
+        f"Pairs: train {_pair_count(pairs['train'])}{' (streamed: rows per epoch)' if shared is None else ''}, "
+        f"validation {len(pairs['validation'])}, test {len(pairs['test'])}; "
         f"optimizer steps: {total_steps}"
     )
     identical = config.caption_positives == "identical"
     treated = "positives of each other" if identical else "negatives (--caption_positives own)"
-    logger.info(f"{shared} training pairs share their caption with another; in one batch they are {treated}")
+    counted = "Streamed (not counted ahead): pairs that" if shared is None else f"{shared} training pairs"
+    logger.info(f"{counted} share their caption with another; in one batch they are {treated}")
 
 
 def _training_summary(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> dict:

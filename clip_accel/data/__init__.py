@@ -8,19 +8,36 @@ import os
 import datasets
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list, gather_object
 
 from ..config import DataConfig
 from ..tokenizer import MAX_TEXT_TOKENS
 from .demo import write_demo_dataset
 from .loader import CopyStream, PairDataset, make_dataloader, prefetched
-from .preprocess import ImageLayout, as_layout, preprocess_split
+from .preprocess import ImageLayout, PairPreprocessor, as_layout, preprocess_split
 from .sources import RawSplit, data_source_dir, load_raw_split, read_image_folder
+from .streaming import (
+    STREAM_POSITION,
+    StreamingLoader,
+    StreamingPairs,
+    StreamSplit,
+    count_shard_rows,
+    load_stream_split,
+    needs_count,
+    read_stream_split,
+    stream_captions,
+    write_webdataset_shards,
+)
 
 __all__ = [
     "CopyStream",
     "ImageLayout",
     "PairDataset",
     "RawSplit",
+    "STREAM_POSITION",
+    "StreamSplit",
+    "StreamingLoader",
+    "StreamingPairs",
     "build_pair_datasets",
     "check_strict",
     "load_raw_splits",
@@ -28,7 +45,10 @@ __all__ = [
     "prefetched",
     "read_image_folder",
     "skipped_rows",
+    "stream_captions",
     "write_skip_report",
+    "write_stream_skip_report",
+    "write_webdataset_shards",
 ]
 
 logger = get_logger(__name__)
@@ -48,6 +68,8 @@ def load_raw_splits(
 ) -> dict[str, RawSplit]:
     """Read the requested roles' rows (no image is decoded here); writes the demo catalogue on first use: once,
     or once per node with `per_node` (each node's disk has its own copy)."""
+    if config.streaming:  # (not one process after another: the count is broadcast)
+        return _load_streamed_splits(accelerator, config, roles)
     with accelerator.local_main_process_first() if per_node else accelerator.main_process_first():
         if config.demo:
             write_demo_dataset(data_source_dir(config))
@@ -58,6 +80,22 @@ def load_raw_splits(
             )
             for role in roles
         }
+
+
+def _load_streamed_splits(accelerator: Accelerator, config: DataConfig, roles) -> dict:
+    """--streaming: the training split as a stream (its rows counted once, on the main process, when neither
+    --epoch_rows nor the dataset says how many), the evaluation splits read whole."""
+    names = split_names(config)
+    splits = {
+        role: read_stream_split(config, names[role], config.max_eval_samples) for role in roles if role != "train"
+    }
+    if "train" in roles:
+        counted = [None]
+        if accelerator.is_main_process and needs_count(config, names["train"]):
+            counted = [count_shard_rows(config, names["train"])]
+        broadcast_object_list(counted)
+        splits["train"] = load_stream_split(config, names["train"], counted[0])
+    return splits
 
 
 def build_pair_datasets(
@@ -71,12 +109,13 @@ def build_pair_datasets(
     per_node: bool = False,
     require_captions: bool = True,
     family=None,
-) -> dict[str, PairDataset]:
+    seed: int = 0,
+) -> dict[str, PairDataset | StreamingPairs]:
     """Preprocess (or reuse the cache of) each split, in the family's `layout` (an int: CLIP's at that side; the
     training split at `train_image_size` when given: larger, for augmentation's random crops). The main process
     goes first so the others only read; with `per_node` (node-local caches) each node's first process does.
     `family` (`model.Family`; default CLIP's rules): the text length and SigLIP's fixed padding, on the
-    tokenizer's side."""
+    tokenizer's side. A streamed split (`StreamSplit`) becomes `StreamingPairs` (shuffled by `seed`), not cached."""
     layout = as_layout(layout)
     pad_to = family.pad_to if family is not None else None
     max_length = family.text_length if family is not None else MAX_TEXT_TOKENS
@@ -85,6 +124,20 @@ def build_pair_datasets(
     cache_dir = preprocessing_cache_dir(config)
     pairs = {}
     for role, raw in raw_splits.items():
+        if isinstance(raw, StreamSplit):  # decoded on the fly by the same code, in the loader's workers
+            preprocessor = PairPreprocessor(
+                tokenizer, layout.resized(train_image_size), min(tokenizer.model_max_length, max_length)
+            )
+            pairs[role] = StreamingPairs(
+                raw,
+                config,
+                preprocessor,
+                accelerator.process_index,
+                accelerator.num_processes,
+                seed,
+                (tokenizer.pad_token_id, pad_to, pad_left),
+            )
+            continue
         with accelerator.local_main_process_first() if per_node else accelerator.main_process_first():
             # Evaluation splits get the processor's exact pixels; training keeps the faster JPEG decode.
             train = role == "train"
@@ -152,3 +205,26 @@ def write_skip_report(pairs: dict[str, PairDataset], raw_splits: dict[str, RawSp
                 f"{total} rows skipped" + (" (see skipped_rows.jsonl)" if skipped else "")
             )
     return counts
+
+
+def write_stream_skip_report(accelerator: Accelerator, loader: StreamingLoader, output_dir: str) -> int:
+    """Every process's skipped training rows of a stream, appended to OUTPUT/skipped_rows.jsonl by the main
+    process; returns how many distinct rows were skipped (on every process)."""
+    skipped = {}
+    for rows in gather_object([loader.skipped]):
+        skipped.update(rows)
+    if accelerator.is_main_process:
+        split = loader.pairs.split
+        with open(os.path.join(output_dir, "skipped_rows.jsonl"), "a") as report:
+            for where, reason in sorted(skipped.items()):
+                report.write(
+                    json.dumps(
+                        {"split": split.name, "where": f"{split.source}[{split.name}] {where}", "reason": reason}
+                    )
+                    + "\n"
+                )
+        logger.info(
+            f"train split {split.name!r} (streamed): {len(skipped)} rows skipped"
+            + (" (see skipped_rows.jsonl)" if skipped else "")
+        )
+    return len(skipped)

@@ -101,23 +101,8 @@ class PairDataset(Dataset):
         for chunk_id, offset in zip(chunk_ids, offsets, strict=True):
             starts, values = self.token_chunks[chunk_id]
             captions.append(values[starts[offset] : starts[offset + 1]])
-        length = self.pad_to or max(len(c) for c in captions)
-        input_ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int64)
-        for index, caption in enumerate(captions):
-            if self.pad_left:
-                input_ids[index, length - len(caption) :] = caption
-            else:
-                input_ids[index, : len(caption)] = caption
-        batch = {
-            "pixel_values": torch.from_numpy(pixels),
-            "input_ids": torch.from_numpy(input_ids),
-            "caption_ids": torch.from_numpy(self.caption_ids[rows]),
-        }
-        if self.grid_chunks is None:
-            return batch
-        # The grids twice: as a tensor (moved to the device, for the attention mask) and as a numpy array, which
-        # the copy to the device leaves on the host (see model.POSITIONS_READ_GRIDS_ON_HOST).
-        return {**batch, "spatial_shapes": torch.from_numpy(grids), HOST_GRIDS: grids.copy()}
+        input_ids = pad_captions(captions, self.pad_token_id, self.pad_to, self.pad_left)
+        return pair_batch(pixels, input_ids, self.caption_ids[rows], grids if self.grid_chunks is not None else None)
 
     def _decoded_shape(self) -> tuple[int, ...]:
         """The compact cache's image shape, from its first usable row (a skipped row holds no image)."""
@@ -146,6 +131,35 @@ class PairDataset(Dataset):
             {"position": int(row), "source_row": int(sources[row]), "reason": str(self.skip_reasons[row])}
             for row in skipped
         ]
+
+
+def pad_captions(captions: list, pad_token_id: int, pad_to: int | None, pad_left: bool) -> np.ndarray:
+    """Token-id arrays -> int64 (B, L): padded to the longest caption, or to `pad_to` (SigLIP), on the tokenizer's
+    side; see `PairDataset.__getitems__`."""
+    length = pad_to or max(len(c) for c in captions)
+    input_ids = np.full((len(captions), length), pad_token_id, dtype=np.int64)
+    for index, caption in enumerate(captions):
+        if pad_left:
+            input_ids[index, length - len(caption) :] = caption
+        else:
+            input_ids[index, : len(caption)] = caption
+    return input_ids
+
+
+def pair_batch(
+    pixels: np.ndarray, input_ids: np.ndarray, caption_ids: np.ndarray, grids: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
+    """The batch every loader hands the step (see `PairDataset.__getitems__`); `grids`: SigLIP 2's, else None."""
+    batch = {
+        "pixel_values": torch.from_numpy(pixels),
+        "input_ids": torch.from_numpy(input_ids),
+        "caption_ids": torch.from_numpy(np.ascontiguousarray(caption_ids, dtype=np.int64)),
+    }
+    if grids is None:
+        return batch
+    # The grids twice: as a tensor (moved to the device, for the attention mask) and as a numpy array, which
+    # the copy to the device leaves on the host (see model.POSITIONS_READ_GRIDS_ON_HOST).
+    return {**batch, "spatial_shapes": torch.from_numpy(grids), HOST_GRIDS: grids.copy()}
 
 
 def _pixel_shape(column_type: pa.DataType) -> tuple[int, ...]:

@@ -204,14 +204,16 @@ def _image_files_signature(paths: list[str]) -> str:
     return digest.hexdigest()
 
 
+def hub_location(config: DataConfig) -> dict:
+    """`--data_files` as load_dataset takes it: a folder (data_dir) or files/a glob (data_files)."""
+    if config.data_files is None:
+        return {}
+    return {"data_dir": config.data_files} if os.path.isdir(config.data_files) else {"data_files": config.data_files}
+
+
 def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
     """Load any `datasets` source and rename its columns to the raw schema."""
-    location = {}
-    if config.data_files is not None:
-        location = (
-            {"data_dir": config.data_files} if os.path.isdir(config.data_files) else {"data_files": config.data_files}
-        )
-    splits = datasets.load_dataset(config.dataset_name, config.dataset_config_name, **location)
+    splits = datasets.load_dataset(config.dataset_name, config.dataset_config_name, **hub_location(config))
     if split not in splits:
         raise ValueError(
             f"{config.dataset_name} has no split {split!r}; it has {sorted(splits)}. "
@@ -219,25 +221,9 @@ def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
         )
     dataset = splits[split]
     template = config.caption_template
-    wanted = {config.image_column: "image"}
-    if template is None:
-        wanted[config.caption_column] = "caption"
-    if config.label_column is not None:
-        wanted[config.label_column] = "label"
+    wanted = source_columns(config)
+    check_source_columns(config, split, dataset.column_names, dataset.features)
     caption_fields = template_fields(template) if template is not None else ()
-    missing = [column for column in [*wanted, *caption_fields] if column not in dataset.column_names]
-    if missing:
-        options = "--image_column/" + ("--caption_template" if template else "--caption_column") + "/--label_column"
-        raise ValueError(
-            f"{config.dataset_name}[{split}] has no column(s) {missing}; its columns are "
-            f"{dataset.column_names}. Set {options}."
-        )
-    not_text = [name for name in caption_fields if not isinstance(dataset.features[name], datasets.Value)]
-    if not_text:
-        raise ValueError(
-            f"--caption_template names {not_text}, which hold {[str(dataset.features[n]) for n in not_text]}, not text "
-            "or numbers; a caption is composed from text and number columns only."
-        )
     captions = None
     if template is not None:  # text columns only: read once, composed here (the cache key follows the template)
         columns = dataset.select_columns(list(caption_fields)).to_dict()
@@ -256,6 +242,40 @@ def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
     dataset = dataset.add_column("source_row", list(range(len(dataset))))
     fingerprint = _hash(dataset._fingerprint, *([] if template is None else [template]))
     return RawSplit(split, dataset, fingerprint, config.dataset_name)
+
+
+def source_columns(config: DataConfig) -> dict[str, str]:
+    """The source's columns read as the raw schema's: {source column: raw name} (the caption's when no template)."""
+    wanted = {config.image_column: "image"}
+    if config.caption_template is None:
+        wanted[config.caption_column] = "caption"
+    if config.label_column is not None:
+        wanted[config.label_column] = "label"
+    return wanted
+
+
+def check_source_columns(config: DataConfig, split: str, column_names: list[str], features, nested=()) -> None:
+    """Every column the options name exists (a name in `nested` may be COLUMN.FIELD of a JSON column), and a
+    template names text or number columns only."""
+    template = config.caption_template
+    caption_fields = template_fields(template) if template is not None else ()
+    missing = [
+        column
+        for column in [*source_columns(config), *caption_fields]
+        if column not in column_names and not (column in nested and column.split(".", 1)[0] in column_names)
+    ]
+    if missing:
+        options = "--image_column/" + ("--caption_template" if template else "--caption_column") + "/--label_column"
+        raise ValueError(
+            f"{config.dataset_name}[{split}] has no column(s) {missing}; its columns are "
+            f"{list(column_names)}. Set {options}."
+        )
+    not_text = [name for name in caption_fields if features and not isinstance(features[name], datasets.Value)]
+    if not_text:
+        raise ValueError(
+            f"--caption_template names {not_text}, which hold {[str(features[n]) for n in not_text]}, not text "
+            "or numbers; a caption is composed from text and number columns only."
+        )
 
 
 def _hash(*parts) -> str:

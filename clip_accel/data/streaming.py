@@ -1,0 +1,492 @@
+"""Streaming sources (`--streaming`): the training split read as a stream, decoded and tokenized in DataLoader
+workers, never cached; and WebDataset tar shards written from an Indo-fashion-layout folder.
+
+How a pass over the stream is split, so that every pair is seen once per pass on any number of processes:
+- The shards are read in an order drawn from (seed, pass). DataLoader worker w of W reads shards order[w::W].
+- Every process reads the same shards in each worker and keeps row j of shard s when (j + s) % processes == its
+  rank: the processes' rows are disjoint and together are every row, whatever the shards' sizes. (Each process
+  reads every shard's bytes and decodes only its own rows; on one node the page cache serves the repeats.)
+- Each worker shuffles its rows through a buffer seeded by (seed, pass, worker) and decodes them in chunks with
+  the cached path's own code (`PairPreprocessor`: the same pixels, token ids and skip rules).
+- Each process cuts its batches from the chunks in the order the DataLoader delivers them. Epoch e reads pass e;
+  every process takes the same number of batches: as many as the process with the fewest rows fills (the shards'
+  rows are counted once), or `--epoch_rows` // the global batch. The rows after that are left, as a cached epoch
+  leaves its last partial batch; a pass that runs short (damaged rows) is topped up from the next one's start.
+
+Resume: each batch carries the stream's position after it (the pass, and per worker how many of its rows are
+consumed). A resumed run replays that pass's rows up to there without decoding them (reading their bytes) and
+goes on: no pair of the pass is seen twice or missed. `datasets`' own `state_dict` loses the shuffle buffer's rows
+on resume (its documentation says so), so it is not used. The batches after a resume are grouped differently from
+an uninterrupted run's: the same pairs, not the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import tarfile
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import send_to_device
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..config import DataConfig, template_fields
+from .loader import HOST_GRIDS, pad_captions, pair_batch
+from .preprocess import PairPreprocessor
+from .sources import INDO_FASHION_FILES, RawSplit, check_source_columns, compose_caption, hub_location
+
+logger = get_logger(__name__)
+STREAM_POSITION = "stream_position"  # the batch key of the stream's position after the batch (a dict)
+CHUNK_ROWS = 16  # rows a worker decodes and hands over at a time
+SPLIT_FILES = {"train": "train", "val": "validation", "test": "test"}  # Indo-fashion split -> shard file prefix
+
+
+@dataclass(frozen=True)
+class StreamSplit:
+    """The training split as a stream: `stream` yields the source's rows (images as encoded bytes); `rows` is an
+    epoch's rows (`--epoch_rows`, the recorded count, or counted once)."""
+
+    name: str
+    stream: datasets.IterableDataset
+    rows: int
+    source: str
+    shard_rows: list[int] | None = None  # each shard's rows, where they were counted
+
+
+def open_stream(config: DataConfig, split: str) -> datasets.IterableDataset:
+    """`--dataset_name`'s `split` as a `datasets` stream, its columns checked, images left encoded."""
+    splits = datasets.load_dataset(
+        config.dataset_name, config.dataset_config_name, streaming=True, **hub_location(config)
+    )
+    if split not in splits:
+        raise ValueError(
+            f"{config.dataset_name} has no split {split!r}; it has {sorted(splits)}. Set "
+            "--train_split/--validation_split/--test_split (WebDataset shards: name the files train-*.tar, "
+            "validation-*.tar, test-*.tar)."
+        )
+    stream = splits[split]
+    if stream.features is not None:
+        nested = [name for name in (config.caption_column, config.label_column) if name and "." in name]
+        check_source_columns(config, split, list(stream.features), stream.features, nested)
+        if isinstance(stream.features[config.image_column], datasets.Image):
+            stream = stream.cast_column(config.image_column, datasets.Image(decode=False))
+    return stream
+
+
+def stream_row(example: dict, config: DataConfig) -> dict:
+    """One source row in the raw schema (`image`, `caption`, `label`; see `sources`)."""
+    if config.caption_template is not None:
+        fields = template_fields(config.caption_template)
+        caption = compose_caption(config.caption_template, {name: example[name] for name in fields})
+    else:
+        caption = _column_value(example, config.caption_column)
+    label = _column_value(example, config.label_column) if config.label_column is not None else None
+    return {
+        "image": example[config.image_column],
+        "caption": None if caption is None else str(caption),
+        "label": None if label is None else str(label),
+    }
+
+
+def _column_value(example: dict, name: str):
+    """A column's value, or a JSON column's field named COLUMN.FIELD (None when the row lacks it)."""
+    if name in example:
+        return example[name]
+    column, _, key = name.partition(".")
+    value = example.get(column)
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def _where(example: dict, position: int) -> str:
+    """A row's place in error reports: its shard and key (WebDataset), else its position in the stream."""
+    if "__key__" in example:
+        return f"{os.path.basename(str(example.get('__url__', '')))} key {example['__key__']}"
+    return f"row {position}"
+
+
+def load_stream_split(config: DataConfig, split: str, counted: list[int] | None = None) -> StreamSplit:
+    """The stream, with an epoch's rows: --epoch_rows, else `counted` (each shard's rows, from `count_shard_rows`),
+    else the dataset's recorded count."""
+    stream = open_stream(config, split)
+    rows, shard_rows = config.epoch_rows, None
+    if rows is None and counted is not None:
+        rows, shard_rows = sum(counted), counted
+    if rows is None:
+        recorded = stream.info.splits.get(split) if stream.info.splits else None
+        rows = recorded.num_examples if recorded is not None and recorded.num_examples else None
+    if rows is None:
+        raise ValueError(f"{config.dataset_name}[{split}]: the rows were not counted; set --epoch_rows.")
+    return StreamSplit(split, stream, rows, config.dataset_name, shard_rows)
+
+
+def needs_count(config: DataConfig, split: str) -> bool:
+    """Whether an epoch's length must be counted: neither --epoch_rows nor a recorded count."""
+    if config.epoch_rows is not None:
+        return False
+    splits = open_stream(config, split).info.splits
+    return not (splits and splits.get(split) is not None and splits.get(split).num_examples)
+
+
+def count_shard_rows(config: DataConfig, split: str) -> list[int]:
+    """Each shard's rows, read once (their bytes, no image decoded)."""
+    stream = open_stream(config, split).select_columns([config.image_column])
+    logger.info(f"Counting the rows of {config.dataset_name}[{split}] once (set --epoch_rows to skip this)")
+    return [
+        sum(len(batch[config.image_column]) for batch in stream.shard(stream.num_shards, shard, True).iter(256))
+        for shard in range(stream.num_shards)
+    ]
+
+
+def stream_captions(split: StreamSplit, config: DataConfig, limit: int = 10_000) -> list[str]:
+    """The first `limit` captions of a stream (a tokenizer learned from scratch, for tiny test models)."""
+    return [stream_row(example, config)["caption"] or "" for example in split.stream.take(limit)]
+
+
+def read_stream_split(config: DataConfig, split: str, max_samples: int | None) -> RawSplit:
+    """An evaluation split of a streamed source, read whole into memory (they are small) as a map-style split, so
+    it is preprocessed and cached like any other; its fingerprint hashes its rows' bytes."""
+    stream = open_stream(config, split)
+    if max_samples is not None:
+        stream = stream.take(max_samples)
+    rows = {"image": [], "caption": [], "label": [], "source_row": []}
+    digest = hashlib.sha256()
+    for position, example in enumerate(stream):
+        row = stream_row(example, config)
+        for name in ("image", "caption", "label"):
+            rows[name].append(row[name])
+        rows["source_row"].append(position)
+        image = row["image"]
+        if isinstance(image, dict):
+            digest.update(image.get("bytes") or str(image.get("path")).encode())
+        else:
+            digest.update(str(image).encode())
+        digest.update(json.dumps([row["caption"], row["label"]]).encode())
+    features = datasets.Features(
+        {
+            "image": datasets.Image(decode=False),
+            "caption": datasets.Value("string"),
+            "label": datasets.Value("string"),
+            "source_row": datasets.Value("int64"),
+        }
+    )
+    if rows["image"] and not isinstance(rows["image"][0], dict):
+        features["image"] = datasets.Value("string")
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    return RawSplit(split, dataset, digest.hexdigest()[:32], config.dataset_name)
+
+
+class StreamingPairs(IterableDataset):
+    """One process's share of one pass of the stream, as chunks of decoded pairs (see the module docstring).
+
+    Set `pass_index` (and `resume`: per worker, rows of this pass already consumed) before each iteration; the
+    DataLoader's workers start afresh for each pass and take these with them."""
+
+    def __init__(
+        self,
+        split: StreamSplit,
+        config: DataConfig,
+        preprocessor: PairPreprocessor,
+        rank: int,
+        num_processes: int,
+        seed: int,
+        padding: tuple[int, int | None, bool] = (0, None, False),
+    ) -> None:
+        self.split = split
+        self.padding = padding  # (pad token id, pad_to, pad_left): how the batches' captions are padded
+        self.config = config
+        self.preprocessor = preprocessor
+        self.rank = rank
+        self.num_processes = num_processes
+        self.seed = seed
+        self.pass_index = 0
+        self.resume: list[int] | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skip = self.resume[worker] if self.resume else 0
+        chunk = []
+        for position, (example, where) in enumerate(self._shuffled(self._rows(worker, workers), worker)):
+            if position < skip:  # consumed before the checkpoint: read, not decoded
+                continue
+            chunk.append((position, example, where))
+            if len(chunk) == CHUNK_ROWS:
+                yield self._decode(chunk, worker)
+                chunk = []
+        if chunk:
+            yield self._decode(chunk, worker)
+
+    def _rows(self, worker: int, workers: int) -> Iterator[tuple[dict, str]]:
+        """This worker's shards in this pass's order, and of each shard this process's rows."""
+        stream = self.split.stream
+        shards = stream.num_shards
+        order = np.random.default_rng([self.seed, self.pass_index]).permutation(shards)
+        for shard in order[worker::workers]:
+            index = 0
+            for batch in stream.shard(num_shards=shards, index=int(shard), contiguous=True).iter(batch_size=64):
+                for example in (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)):
+                    if (index + shard) % self.num_processes == self.rank:
+                        yield example, _where(example, index)
+                    index += 1
+
+    def _shuffled(self, rows: Iterator, worker: int) -> Iterator:
+        size = self.config.shuffle_buffer
+        if size == 0:
+            yield from rows
+            return
+        generator = np.random.default_rng([self.seed, self.pass_index, worker])
+        buffer = []
+        for row in rows:
+            if len(buffer) < size:
+                buffer.append(row)
+                continue
+            index = int(generator.integers(size))
+            yield buffer[index]
+            buffer[index] = row
+        generator.shuffle(buffer)
+        yield from buffer
+
+    def _decode(self, chunk: list, worker: int) -> dict:
+        """Decode and tokenize a chunk of rows; rows with a damaged image or a missing caption or label are left
+        out and listed under `skipped` (with --strict the first is an error)."""
+        raw = [stream_row(example, self.config) for _, example, _ in chunk]
+        batch = {name: [row[name] for row in raw] for name in ("image", "caption", "label")}
+        cached = self.preprocessor({**batch, "source_row": [position for position, _, _ in chunk]})
+        usable = [index for index, reason in enumerate(cached["skip_reason"]) if not reason]
+        skipped = [(chunk[i][2], reason) for i, reason in enumerate(cached["skip_reason"]) if reason]
+        if skipped and self.config.strict:
+            raise ValueError(
+                f"--strict: {self.split.source}[{self.split.name}] {skipped[0][0]}: {skipped[0][1]}. Fix or remove "
+                "the row, or drop --strict to skip bad rows (counted, and listed in skipped_rows.jsonl)."
+            )
+        shape = self.preprocessor.layout.pixel_shape
+        return {
+            "pass": self.pass_index,
+            "worker": worker,
+            "positions": np.asarray([chunk[i][0] for i in usable], dtype=np.int64),
+            "pixel_values": np.stack([np.asarray(cached["pixel_values"][i]).reshape(shape) for i in usable])
+            if usable
+            else np.empty((0, *shape), np.uint8),
+            "spatial_shapes": np.asarray([cached["spatial_shapes"][i] for i in usable], np.int64).reshape(-1, 2)
+            if "spatial_shapes" in cached
+            else None,
+            "input_ids": [np.asarray(cached["input_ids"][i], np.int64) for i in usable],
+            "caption_ids": np.asarray([cached["caption_id"][i] for i in usable], dtype=np.int64),
+            "skipped": skipped,
+        }
+
+
+class StreamingLoader:
+    """Batches of `batch_size` pairs, epoch e's from pass e of the stream (module docstring); `len()` is an epoch's
+    batches, the same on every process. Not handed to `accelerator.prepare`: each process already reads only its
+    own rows, and the batches are moved to `device` here (pinned first on CUDA)."""
+
+    def __init__(
+        self,
+        pairs: StreamingPairs,
+        batch_size: int,
+        *,
+        num_workers: int = 0,
+        device: torch.device | None = None,
+    ) -> None:
+        self.pairs = pairs
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.device = device
+        self.batches_per_epoch = epoch_batches(pairs.split, batch_size, pairs.num_processes)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"An epoch of {pairs.split.rows} rows is less than one batch of all processes "
+                f"({batch_size} x {pairs.num_processes}): raise --epoch_rows or lower --per_device_train_batch_size."
+            )
+        # The position after the last batch the training loop consumed (`consumed`), or restored (`restore`).
+        self.position = {"pass": 0, "consumed": [0] * max(1, num_workers)}
+        self.restored = False
+        self.skipped: dict[str, str] = {}  # every row left out so far: where -> reason
+        self.borrowed = 0  # pairs taken from the next pass because a pass ran short (damaged rows)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Each epoch reads its own pass: see `epoch`."""
+
+    def restore(self, position: dict) -> None:
+        """Continue from a checkpoint's position (`STREAM_POSITION` of the last batch consumed)."""
+        consumed = list(position["consumed"])
+        if len(consumed) != max(1, self.num_workers):
+            raise ValueError(
+                f"The checkpoint's stream was read by {len(consumed)} DataLoader workers per process; resume with "
+                f"--dataloader_num_workers {len(consumed) if len(consumed) > 1 else 0} (the position is per worker)."
+            )
+        self.position = {"pass": position["pass"], "consumed": consumed}
+        self.restored = True
+        self.skipped.update(position.get("skipped", {}))
+
+    def consumed(self, position: dict) -> None:
+        """The training loop has taken the batch that carried `position` (batches are read ahead of it)."""
+        self.position = position
+
+    def checkpoint(self) -> dict:
+        """What a checkpoint keeps of this process's stream: the position after the last batch consumed, and the
+        rows skipped so far."""
+        return {**self.position, "skipped": dict(self.skipped)}
+
+    def epoch(self, epoch: int, done: int = 0) -> Iterator[dict]:
+        """Epoch `epoch`'s batches after the first `done` (a resumed run's; the stream restarts at its restored
+        position), on the device. They come from pass `epoch`; the rows after its last full batch are left, as a
+        cached epoch leaves its last partial batch. A pass that runs short (rows skipped as damaged) is topped up
+        from the start of the next one, logged."""
+        # A run resumed mid-epoch goes on from the restored position (in this pass, or the next if it had run short).
+        start = self.position if self.restored and done else {"pass": epoch, "consumed": None}
+        self.restored = False
+        position = {"pass": start["pass"], "consumed": list(start["consumed"] or [0] * max(1, self.num_workers))}
+        batches = self._cut(position, start["consumed"])
+        for _ in range(len(self) - done):
+            batch = next(batches)
+            if self.device is not None:
+                if self.device.type == "cuda":
+                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                batch = send_to_device(batch, self.device, non_blocking=True, skip_keys=[HOST_GRIDS, STREAM_POSITION])
+            yield batch
+        batches.close()  # the pass's remaining rows are not read; its workers stop
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.epoch(self.position["pass"])
+
+    def batches(self, count: int) -> Iterator[dict]:
+        """The first `count` batches, epoch after epoch from the first (benchmarks and tests read the stream so)."""
+        epoch = 0
+        while count > 0:
+            for batch in itertools.islice(self.epoch(epoch), count):
+                count -= 1
+                yield batch
+            epoch += 1
+
+    def _cut(self, position: dict, resume: list | None) -> Iterator[dict]:
+        """Batches cut from the chunks of pass `position["pass"]` (resumed per worker at `resume`), then of the
+        passes after it; `position` moves past each batch's pairs."""
+        pending: deque = deque()  # [chunk, first unused index]
+        waiting = 0
+        pass_index = position["pass"]
+        while True:
+            self.pairs.pass_index, self.pairs.resume = pass_index, resume
+            loader = DataLoader(self.pairs, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
+            for chunk in loader:
+                for where, reason in chunk["skipped"]:
+                    if where not in self.skipped:
+                        self.skipped[where] = reason
+                        logger.warning(f"{self.pairs.split.source}[{self.pairs.split.name}] {where} skipped: {reason}")
+                pending.append([chunk, 0])
+                waiting += len(chunk["positions"])
+                while waiting >= self.batch_size:
+                    batch = self._take(pending, self.batch_size, position)
+                    waiting -= self.batch_size
+                    yield batch
+            logger.warning(
+                f"Pass {pass_index} of the stream ran out before the epoch's {len(self)} batches on process "
+                f"{self.pairs.rank} (rows skipped as damaged): the epoch is topped up from the next pass.",
+                main_process_only=False,
+            )
+            pass_index, resume = pass_index + 1, None
+            self.borrowed += 1
+
+    def _take(self, pending: deque, count: int, position: dict) -> dict:
+        """`count` pairs off the front of `pending` as a batch; `position` moves past them."""
+        pixels, grids, captions, caption_ids = [], [], [], []
+        while count:
+            entry = pending[0]
+            chunk, start = entry
+            end = min(start + count, len(chunk["positions"]))
+            if end > start:
+                if chunk["pass"] != position["pass"]:
+                    position["pass"], position["consumed"] = chunk["pass"], [0] * len(position["consumed"])
+                position["consumed"][chunk["worker"]] = int(chunk["positions"][end - 1]) + 1
+                pixels.append(chunk["pixel_values"][start:end])
+                if chunk["spatial_shapes"] is not None:
+                    grids.append(chunk["spatial_shapes"][start:end])
+                captions.extend(chunk["input_ids"][start:end])
+                caption_ids.append(chunk["caption_ids"][start:end])
+                count -= end - start
+            entry[1] = end
+            if end == len(chunk["positions"]):
+                pending.popleft()
+        input_ids = pad_captions(captions, *self.pairs.padding)
+        batch = pair_batch(
+            np.concatenate(pixels), input_ids, np.concatenate(caption_ids), np.concatenate(grids) if grids else None
+        )
+        return {**batch, STREAM_POSITION: {"pass": position["pass"], "consumed": list(position["consumed"])}}
+
+
+def process_rows(shard_rows: list[int], rank: int, num_processes: int) -> int:
+    """Rows of one pass that process `rank` reads: of shard s, rows j with (j + s) % num_processes == rank."""
+    return sum(
+        rows // num_processes + ((rank - shard) % num_processes < rows % num_processes)
+        for shard, rows in enumerate(shard_rows)
+    )
+
+
+def epoch_batches(split: StreamSplit, batch_size: int, num_processes: int) -> int:
+    """An epoch's batches per process: as many as the process with the fewest rows fills (the shards' rows counted),
+    else the epoch's rows over the global batch (--epoch_rows, or the recorded count)."""
+    if split.shard_rows is None:
+        return split.rows // (batch_size * num_processes)
+    return min(process_rows(split.shard_rows, rank, num_processes) for rank in range(num_processes)) // batch_size
+
+
+def _as_is(chunk: dict) -> dict:
+    return chunk
+
+
+def write_webdataset_shards(
+    data_dir: str, output_dir: str, split: str = "train", rows_per_shard: int = 1000
+) -> list[str]:
+    """One Indo-fashion split (`train`, `val`, `test`) as WebDataset tar shards `{train,validation,test}-NNNNN.tar`:
+    per row `KEY.jpg` (the image file's bytes as they are), `KEY.txt` (the title) and `KEY.json` (the line's other
+    fields: class_label, brand, ...). Read them with `--dataset_name OUTPUT --streaming --image_column jpg
+    --caption_column txt --label_column json.class_label`. Returns the shard paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(data_dir, INDO_FASHION_FILES[split]), encoding="utf-8-sig") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    paths = []
+    for first in range(0, len(records), rows_per_shard):
+        path = os.path.join(output_dir, f"{SPLIT_FILES[split]}-{first // rows_per_shard:05d}.tar")
+        with tarfile.open(path, "w") as tar:
+            for index, record in enumerate(records[first : first + rows_per_shard], start=first):
+                fields = {name: value for name, value in record.items() if name != "image_path"}
+                with open(os.path.join(data_dir, record["image_path"]), "rb") as image:
+                    members = {"jpg": image.read(), "txt": str(record.get("product_title", "")).encode()}
+                members["json"] = json.dumps(fields, ensure_ascii=False).encode()
+                for extension, data in members.items():
+                    add_tar_member(tar, f"{index:08d}.{extension}", data)
+        paths.append(path)
+    return paths
+
+
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+__all__ = [
+    "STREAM_POSITION",
+    "StreamSplit",
+    "StreamingLoader",
+    "StreamingPairs",
+    "count_shard_rows",
+    "load_stream_split",
+    "needs_count",
+    "read_stream_split",
+    "stream_captions",
+    "write_webdataset_shards",
+]

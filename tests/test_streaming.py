@@ -1,0 +1,326 @@
+"""--streaming: WebDataset tar shards read as a stream, split across processes and DataLoader workers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from accelerate import PartialState
+from conftest import with_fresh_state
+from PIL import Image
+from test_distributed import torchrun
+
+from clip_accel.config import DataConfig, ModelConfig, TrainConfig
+from clip_accel.data import (
+    STREAM_POSITION,
+    StreamingLoader,
+    StreamingPairs,
+    build_pair_datasets,
+    load_raw_splits,
+    write_webdataset_shards,
+)
+from clip_accel.data.preprocess import PairPreprocessor, caption_id
+from clip_accel.data.streaming import add_tar_member, count_shard_rows, load_stream_split
+from clip_accel.tokenizer import build_offline_tokenizer
+from clip_accel.trainer import train
+
+BATCH = 4
+IMAGE_SIZE = 16
+
+
+def caption(item: int) -> str:
+    return f"item {item} kurta"
+
+
+def write_shards(folder, sizes: list[int], split: str = "train", damaged: dict | None = None, first: int = 0) -> list:
+    """Shards of `sizes` rows (item ids numbered on from `first`): KEY.jpg, KEY.txt and KEY.json each. `damaged`:
+    {item: "image"} for bytes that are no image, {item: "caption"} for a row without its KEY.txt."""
+    os.makedirs(folder, exist_ok=True)
+    damaged = damaged or {}
+    item, items = first, []
+    for shard, size in enumerate(sizes):
+        with tarfile.open(os.path.join(folder, f"{split}-{shard:05d}.tar"), "w") as tar:
+            for _ in range(size):
+                image = io.BytesIO()
+                Image.new("RGB", (24, 20), (item % 256, 40, 200)).save(image, "JPEG")
+                members = {"jpg": image.getvalue(), "txt": caption(item).encode()}
+                members["json"] = json.dumps({"class_label": f"class{item % 3}"}).encode()
+                if damaged.get(item) == "image":
+                    members["jpg"] = b"not a jpeg"
+                if damaged.get(item) == "caption":
+                    del members["txt"]
+                for extension, data in members.items():
+                    add_tar_member(tar, f"{item:06d}.{extension}", data)
+                items.append(item)
+                item += 1
+    return items
+
+
+def stream_config(shards: str, **overrides) -> DataConfig:
+    values = {
+        "dataset_name": shards,
+        "streaming": True,
+        "image_column": "jpg",
+        "caption_column": "txt",
+        "label_column": "json.class_label",
+        "shuffle_buffer": 8,
+    }
+    return DataConfig(**{**values, **overrides})
+
+
+TOKENIZER = build_offline_tokenizer([caption(item) for item in range(200)])
+CAPTION_IDS = {caption_id(TOKENIZER(caption(item))["input_ids"]): item for item in range(200)}
+
+
+def streaming_loader(shards: str, rank: int = 0, world: int = 1, workers: int = 0, **overrides) -> StreamingLoader:
+    """Process `rank` of `world`'s loader of batches of BATCH (16 px images)."""
+    PartialState(cpu=True)  # (Accelerate's logger needs one)
+    config = stream_config(shards, **overrides)
+    split = load_stream_split(config, "train", count_shard_rows(config, "train"))
+    preprocessor = PairPreprocessor(TOKENIZER, IMAGE_SIZE, 77)
+    pairs = StreamingPairs(
+        split, config, preprocessor, rank, world, seed=0, padding=(TOKENIZER.pad_token_id, None, False)
+    )
+    return StreamingLoader(pairs, BATCH, num_workers=workers)
+
+
+def read_caption_ids(loader: StreamingLoader, count: int, batches=None) -> list[int]:
+    """The item ids of the first `count` batches (or of `batches`), consumed as the training loop does."""
+    items = []
+    for batch in batches if batches is not None else loader.batches(count):
+        loader.consumed(batch.pop(STREAM_POSITION))
+        items += [CAPTION_IDS[value] for value in batch["caption_ids"].tolist()]
+    return items
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory) -> tuple[str, list[int]]:
+    folder = tmp_path_factory.mktemp("uneven")
+    return str(folder), write_shards(folder, [13, 7, 9])
+
+
+@pytest.fixture(scope="module")
+def even_shards(tmp_path_factory) -> tuple[str, list[int]]:
+    """64 rows in shards of different sizes, each of which 2 processes split evenly: 32 rows (8 batches) each."""
+    folder = tmp_path_factory.mktemp("even")
+    return str(folder), write_shards(folder, [20, 12, 16, 16])
+
+
+def test_two_processes_with_two_workers_see_every_row_once_per_epoch(even_shards):
+    shards, items = even_shards
+    loaders = [streaming_loader(shards, rank, 2, workers=2) for rank in range(2)]
+    assert [len(loader) for loader in loaders] == [8, 8]
+    for epoch in range(2):
+        seen = [read_caption_ids(loader, 0, loader.epoch(epoch)) for loader in loaders]
+        assert sorted(seen[0] + seen[1]) == items, f"epoch {epoch}: a row missed or seen twice"
+
+
+def test_uneven_shards_give_every_process_as_many_batches_and_no_pair_twice(uneven_shards):
+    shards, items = uneven_shards
+    # 15 and 14 rows a pass: 14 // 4 = 3 batches per process an epoch, the rows after them left.
+    loaders = [streaming_loader(shards, rank, 2, workers=2) for rank in range(2)]
+    assert [len(loader) for loader in loaders] == [3, 3]
+    shares = [set(), set()]
+    for epoch in range(4):
+        for rank, loader in enumerate(loaders):
+            seen = read_caption_ids(loader, 0, loader.epoch(epoch))
+            assert len(seen) == len(set(seen)) == 12
+            shares[rank] |= set(seen)
+    assert shares[0].isdisjoint(shares[1]) and len(shares[0] | shares[1]) > 24
+    assert shares[0] | shares[1] <= set(items)
+
+
+def test_passes_are_shuffled_differently_and_the_same_for_the_same_seed(uneven_shards):
+    shards, _ = uneven_shards
+    first = read_caption_ids(streaming_loader(shards, workers=2), 7)  # 1 process: 29 // 4 = 7 batches an epoch
+    again = read_caption_ids(streaming_loader(shards, workers=2), 7)
+    assert first == again
+    passes = read_caption_ids(streaming_loader(shards, workers=2), 14)
+    assert passes[:28] == first and len(set(passes[28:])) == 28 and passes[28:] != first
+    assert first != sorted(first)
+    assert read_caption_ids(streaming_loader(shards, shuffle_buffer=0), 7) != first
+
+
+def test_without_a_buffer_each_pass_reads_the_shards_in_a_new_order(even_shards):
+    shards, _ = even_shards
+    passes = read_caption_ids(streaming_loader(shards, shuffle_buffer=0), 32)  # 16 batches an epoch
+    assert passes[:64] != passes[64:] and sorted(passes[:64]) == sorted(passes[64:])
+
+
+def test_resume_reads_the_rest_of_the_pass_without_a_pair_twice(uneven_shards):
+    shards, items = uneven_shards
+    whole = read_caption_ids(streaming_loader(shards, workers=2), 7)
+    first = streaming_loader(shards, workers=2)
+    head = read_caption_ids(first, 3)
+    resumed = streaming_loader(shards, workers=2)
+    resumed.restore(first.checkpoint())
+    tail = read_caption_ids(resumed, 0, resumed.epoch(0, done=3))
+    assert head == whole[:12]
+    assert len(head + tail) == len(set(head + tail)) == 28 and set(tail) <= set(items) - set(head)
+    with pytest.raises(ValueError, match="--dataloader_num_workers 2"):
+        streaming_loader(shards, workers=0).restore(first.checkpoint())
+
+
+def test_damaged_rows_are_skipped_and_counted_and_strict_stops_at_the_first(tmp_path):
+    shards = str(tmp_path / "shards")
+    write_shards(shards, [6, 6], damaged={2: "image", 7: "caption"})
+    loader = streaming_loader(shards)  # 12 rows: 3 batches an epoch, of a pass of 10 usable rows
+    seen = read_caption_ids(loader, 0, loader.epoch(0))
+    assert 2 not in seen and 7 not in seen
+    assert set(seen[:10]) == set(range(12)) - {2, 7}
+    assert loader.borrowed == 1  # the epoch's last 2 pairs from the next pass
+    reasons = dict(loader.skipped)
+    assert sorted(reasons) == ["train-00000.tar key 000002", "train-00001.tar key 000007"]
+    assert reasons["train-00000.tar key 000002"].startswith("unreadable image")
+    assert reasons["train-00001.tar key 000007"] == "empty caption"
+    with pytest.raises(ValueError, match="--strict: .* key 000002: unreadable image"):
+        read_caption_ids(streaming_loader(shards, strict=True, shuffle_buffer=0), 1)
+
+
+def test_streamed_pairs_are_the_cached_pairs(tmp_path, demo_dir, accelerator):
+    """Shards written from an Indo-fashion folder stream the same pixels, token ids and labels as its cache."""
+    shards = str(tmp_path / "shards")
+    for split in ("train", "val", "test"):
+        write_webdataset_shards(demo_dir, shards, split, rows_per_shard=50)
+    tokenizer = build_offline_tokenizer(["a women's red kurta"] * 2)
+    cached = build_pair_datasets(
+        accelerator,
+        DataConfig(data_dir=demo_dir, cache_dir=str(tmp_path / "cache")),
+        load_raw_splits(accelerator, DataConfig(data_dir=demo_dir)),
+        tokenizer,
+        IMAGE_SIZE,
+    )
+    config = stream_config(shards, cache_dir=str(tmp_path / "cache"), shuffle_buffer=0, epoch_rows=192)
+    raw = load_raw_splits(accelerator, config)
+    streamed = build_pair_datasets(accelerator, config, raw, tokenizer, IMAGE_SIZE)
+    assert isinstance(streamed["train"], StreamingPairs)
+    assert streamed["validation"].column("label") == cached["validation"].column("label")
+    for role in ("validation", "test"):
+        every = list(range(len(cached[role])))
+        assert np.array_equal(
+            streamed[role].__getitems__(every)["pixel_values"], cached[role].__getitems__(every)["pixel_values"]
+        )
+    batch = next(StreamingLoader(streamed["train"], 8).batches(1))
+    by_caption = {value: row for row, value in enumerate(cached["train"].caption_ids)}
+    rows = [by_caption[value] for value in batch["caption_ids"].tolist()]
+    expected = cached["train"].__getitems__(rows)
+    assert np.array_equal(batch["pixel_values"], expected["pixel_values"])
+    assert np.array_equal(batch["input_ids"], expected["input_ids"])
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory, demo_dir) -> str:
+    """The demo catalogue as shards: 4 training shards of 48 rows, one validation and one test shard."""
+    shards = str(tmp_path_factory.mktemp("demo-shards"))
+    for split in ("train", "val", "test"):
+        write_webdataset_shards(demo_dir, shards, split, rows_per_shard=48)
+    return shards
+
+
+def streamed_run_configs(shards: str, model_config: str, root, **train) -> tuple:
+    values = {
+        "output_dir": str(root / "out"),
+        "num_train_epochs": 2,
+        "per_device_train_batch_size": 32,
+        "per_device_eval_batch_size": 32,
+        "learning_rate": 2e-3,
+        "logging_steps": 1,
+        "seed": 0,
+        "dataloader_num_workers": 2,
+        **train,
+    }
+    return (
+        stream_config(shards, cache_dir=str(root / "cache")),
+        ModelConfig(scratch_config=model_config),
+        TrainConfig(**values),
+    )
+
+
+def test_a_streamed_run_trains_and_resumes_mid_epoch_where_its_checkpoint_left_the_stream(
+    demo_shards, tiny_model_config_path, tmp_path
+):
+    configs = streamed_run_configs(
+        demo_shards, tiny_model_config_path, tmp_path, checkpointing_steps=2, save_total_limit=0
+    )
+    result = with_fresh_state(train, *configs)
+    training = result.metrics["training"]
+    assert training["optimizer_steps"] == 12 and training["train_pairs"] == 192  # 192 // 32 = 6 steps an epoch
+    assert training["skipped_rows"]["train"] == 0
+    checkpoints = tmp_path / "out" / "checkpoints"
+    state = json.loads((checkpoints / "step-0000004" / "trainer_state.json").read_text())
+    (position,) = state["stream"]
+    assert position["pass"] == 0 and sum(position["consumed"]) == 4 * 32
+    # Resume at step 4: the epoch's last 2 batches come from where the stream stood, not from its start.
+    resumed = streamed_run_configs(
+        demo_shards,
+        tiny_model_config_path,
+        tmp_path,
+        checkpointing_steps=2,
+        save_total_limit=0,
+        resume_from_checkpoint=str(checkpoints / "step-0000004"),
+    )
+    shutil.rmtree(checkpoints / "step-0000006")
+    result = with_fresh_state(train, *resumed)
+    assert result.metrics["training"]["optimizer_steps"] == 12
+    state = json.loads((checkpoints / "step-0000006" / "trainer_state.json").read_text())
+    assert sum(state["stream"][0]["consumed"]) == 6 * 32 and state["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"streaming": True, "data_dir": "."}, "--streaming reads --dataset_name"),
+        ({"dataset_name": "x", "epoch_rows": 10}, "add --streaming"),
+        ({"dataset_name": "x", "streaming": True, "max_train_samples": 10}, "set --epoch_rows"),
+        ({"dataset_name": "x", "streaming": True, "cache_format": "jpeg"}, "drop --cache_format"),
+    ],
+)
+def test_streaming_options_that_cannot_apply_fail_with_what_to_change(options, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**options)
+
+
+@pytest.mark.slow
+def test_two_launched_processes_split_the_shards_exactly_and_train(
+    even_shards, demo_shards, tiny_model_config_path, tmp_path
+):
+    shards, items = even_shards
+    torchrun("tests/streaming_worker.py", shards, str(tmp_path))
+    per_process = json.loads((tmp_path / "streamed.json").read_text())
+    assert [process["batches"] for process in per_process] == [8, 8]
+    for epoch in range(2):
+        assert sorted(per_process[0]["epochs"][epoch] + per_process[1]["epochs"][epoch]) == items
+    for process in per_process:  # resumed after 3 batches: the same pairs as the uninterrupted epoch
+        assert sorted(process["resumed"]) == sorted(process["epochs"][0])
+    options = {
+        "dataset_name": demo_shards,
+        "streaming": "true",
+        "image_column": "jpg",
+        "caption_column": "txt",
+        "label_column": "json.class_label",
+        "scratch_config": tiny_model_config_path,
+        "output_dir": tmp_path / "out",
+        "cache_dir": tmp_path / "cache",
+        "num_train_epochs": 2,
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 16,
+        "dataloader_num_workers": 2,
+        "learning_rate": 2e-3,
+    }
+    torchrun("scripts/train.py", *[str(part) for name, value in options.items() for part in (f"--{name}", value)])
+    training = json.loads((tmp_path / "out" / "eval_results.json").read_text())["training"]
+    assert training["num_processes"] == 2 and training["optimizer_steps"] == 2 * 192 // 32
