@@ -32,16 +32,24 @@ import common
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 import torch  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from clip_accel.config import DataConfig  # noqa: E402
 from clip_accel.data.loader import PairDataset, make_dataloader  # noqa: E402
-from clip_accel.data.preprocess import load_rgb_image, preprocess_split  # noqa: E402
+from clip_accel.data.preprocess import PairPreprocessor, load_rgb_image, preprocess_split  # noqa: E402
+from clip_accel.data.shards import write_webdataset_shards  # noqa: E402
 from clip_accel.data.sources import read_indo_fashion  # noqa: E402
+from clip_accel.data.streaming import StreamingLoader, StreamingPairs, count_shard_rows, load_stream_split  # noqa: E402
 from clip_accel.tokenizer import build_offline_tokenizer  # noqa: E402
 
 IMAGE_SIZE, BATCH_SIZE = 224, 64
 COMPACT = "compact cache (--cache_format jpeg, decoded per batch)"
+SHARDS = "streaming tar shards (--streaming), the photos as they are"
+SMALL_SHARDS = f"streaming tar shards (--streaming), written at {IMAGE_SIZE} px shortest side"
+CROPPED_SHARDS = f"streaming tar shards (--streaming), written as the {IMAGE_SIZE} px crop"
+SHARD_ROWS = 125  # 8 shards of the 1,000 training images: enough for 2 processes x 2 workers
 
 
 # ------------------------------------------------------------------------------------------------ preprocessing
@@ -171,6 +179,12 @@ def loader_table(data_dir: str, quick: bool, rounds: int) -> str:
     compact = PairDataset(
         preprocess_split(raw, tokenizer, IMAGE_SIZE, cache_dir, cache_format="jpeg"), pairs.pad_token_id
     )
+    shard_dirs = {
+        name: tempfile.mkdtemp(prefix="clip_accel_bench_shards-") for name in (SHARDS, SMALL_SHARDS, CROPPED_SHARDS)
+    }
+    write_webdataset_shards(data_dir, shard_dirs[SHARDS], "train", SHARD_ROWS)
+    write_webdataset_shards(data_dir, shard_dirs[SMALL_SHARDS], "train", SHARD_ROWS, image_size=IMAGE_SIZE)
+    write_webdataset_shards(data_dir, shard_dirs[CROPPED_SHARDS], "train", SHARD_ROWS, image_size=IMAGE_SIZE, crop=True)
     count = 256 if quick else len(raw.dataset)
     paths = raw.dataset["image"][:count]
     input_ids = torch.tensor(
@@ -181,6 +195,9 @@ def loader_table(data_dir: str, quick: bool, rounds: int) -> str:
             pairs, BATCH_SIZE, train=True, num_workers=workers
         ),
         COMPACT: lambda workers: make_dataloader(compact, BATCH_SIZE, train=True, num_workers=workers),
+        SHARDS: lambda workers: shard_loader(shard_dirs[SHARDS], tokenizer, workers),
+        SMALL_SHARDS: lambda workers: shard_loader(shard_dirs[SMALL_SHARDS], tokenizer, workers),
+        CROPPED_SHARDS: lambda workers: shard_loader(shard_dirs[CROPPED_SHARDS], tokenizer, workers),
         "decode every step: clip_accel's load_rgb_image": lambda workers: DataLoader(
             DecodeEveryStep(paths, input_ids, clip_accel_decode),
             batch_size=BATCH_SIZE,
@@ -228,16 +245,51 @@ def loader_table(data_dir: str, quick: bool, rounds: int) -> str:
         f"core): {'met' if one_core >= 1500 else 'MISSED'} on one core (num_workers 0: {one_core:.0f}); with 2 "
         f"workers {per_worker:.0f} per worker, the main process sharing this machine's cores. A GPU training "
         f"ViT-B/32 at ~8,000 pairs/s would need ~{8000 / min(one_core, per_worker):.0f} cores decoding at the lower "
-        "rate.\n\n" + cache_size_table(pairs, compact)
+        "rate.\n\n" + streaming_verdict(rates) + "\n\n" + cache_size_table(pairs, compact, shard_dirs)
     )
 
 
-def cache_size_table(pairs: PairDataset, compact: PairDataset) -> str:
-    """Bytes per image of each cache file, extrapolated to 100,000 images, and the compact cache's pixel error."""
+def shard_loader(shards: str, tokenizer, workers: int) -> StreamingLoader:
+    """What --streaming trains from: one process's batches of the shards, decoded in `workers` processes."""
+    PartialState(cpu=True)  # (Accelerate's logger)
+    config = DataConfig(
+        dataset_name=shards, streaming=True, image_column="jpg", caption_column="txt", label_column="json.class_label"
+    )
+    split = load_stream_split(config, "train", count_shard_rows(config, "train"))
+    preprocessor = PairPreprocessor(tokenizer, IMAGE_SIZE, 77)
+    pairs = StreamingPairs(split, config, preprocessor, 0, 1, seed=0, padding=(tokenizer.pad_token_id, None, False))
+    return StreamingLoader(pairs, BATCH_SIZE, num_workers=workers)
+
+
+def streaming_verdict(rates: dict) -> str:
+    """The streaming target: within 20 % of the compact cache's pairs/s per core."""
+    parts = []
+    for name in (SHARDS, SMALL_SHARDS, CROPPED_SHARDS):
+        ratios = [rates[name, w] / rates[COMPACT, w] for w in (0, 2)]
+        verdict = "met" if min(ratios) >= 0.8 else "MISSED"
+        parts.append(
+            f"{name}: {verdict} ({', '.join(f'num_workers {w}: {r:.2f}x' for w, r in zip((0, 2), ratios, strict=True))}"
+            " of the compact cache)"
+        )
+    return (
+        "Target (streaming within 20 % of the compact cache per core): "
+        + "; ".join(parts)
+        + ". A stream decodes each row's JPEG as written into the shard, then resizes and crops it, and tokenizes "
+        "its caption; the compact cache decodes a crop already at the model's size, its captions tokenized once. "
+        "Written as the crop, shards hold what the compact cache holds."
+    )
+
+
+def cache_size_table(pairs: PairDataset, compact: PairDataset, shard_dirs: dict[str, str]) -> str:
+    """Bytes per image of each cache file and shard set, extrapolated to 100,000 images, and the compact cache's
+    pixel error."""
     rows = []
     for name, dataset in (("uint8 (default)", pairs), ("jpeg (--cache_format jpeg)", compact)):
         path = dataset.cached.cache_files[0]["filename"]
         per_image = os.path.getsize(path) / len(dataset.cached)
+        rows.append([name, f"{per_image / 1024:.1f}", f"{per_image * 100_000 / 1e9:.1f}"])
+    for name, folder in shard_dirs.items():
+        per_image = sum(os.path.getsize(os.path.join(folder, file)) for file in os.listdir(folder)) / len(pairs.cached)
         rows.append([name, f"{per_image / 1024:.1f}", f"{per_image * 100_000 / 1e9:.1f}"])
     counts = torch.zeros(256, dtype=torch.int64)  # a histogram of |difference|: 150M values, no quantile() there
     for start in range(0, len(pairs), 256):
@@ -247,7 +299,11 @@ def cache_size_table(pairs: PairDataset, compact: PairDataset) -> str:
     mean = float((counts * torch.arange(256)).sum() / counts.sum())
     p99 = int(torch.searchsorted(counts.cumsum(0), 0.99 * counts.sum()))
     return common.markdown_table(
-        ["training cache", "KB per image (file / rows, captions included)", "GB for 100,000 images (extrapolated)"],
+        [
+            "training data on disk",
+            "KB per image (files / rows, captions included)",
+            "GB for 100,000 images (extrapolated)",
+        ],
         rows,
     ) + (
         f"\n\nThe compact cache's pixels against the uint8 cache's (the same resized crops): mean absolute "

@@ -25,7 +25,8 @@ from clip_accel.data import (
     write_webdataset_shards,
 )
 from clip_accel.data.preprocess import PairPreprocessor, caption_id
-from clip_accel.data.streaming import add_tar_member, count_shard_rows, load_stream_split
+from clip_accel.data.shards import add_tar_member
+from clip_accel.data.streaming import count_shard_rows, load_stream_split
 from clip_accel.tokenizer import build_offline_tokenizer
 from clip_accel.trainer import train
 

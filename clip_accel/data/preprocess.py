@@ -131,9 +131,11 @@ def load_rgb_image(source: str | dict, image_size: int, *, draft: bool = True, s
         resized = (image_size, int(image_size * height / width))
     else:
         resized = (int(image_size * width / height), image_size)
-    image = image.resize(resized, Image.Resampling.BICUBIC)
-    left, top = (resized[0] - image_size) // 2, (resized[1] - image_size) // 2
-    image = image.crop((left, top, left + image_size, top + image_size))
+    if resized != image.size:  # (PIL's resize to the same size is a copy: an image already at size is kept)
+        image = image.resize(resized, Image.Resampling.BICUBIC)
+    if resized != (image_size, image_size):
+        left, top = (resized[0] - image_size) // 2, (resized[1] - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -234,6 +236,8 @@ class PairPreprocessor:
             reason = "" if not self.require_captions or (caption and caption.strip()) else "empty caption"
             if not reason and label is not None and not label.strip():  # None: the source has no labels
                 reason = "empty class label"
+            if not reason and image is None:  # (a shard row without its image member, a null image cell)
+                reason = "no image"
             array, grid = None, (0, 0)
             if not reason:
                 try:

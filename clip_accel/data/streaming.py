@@ -1,5 +1,5 @@
-"""Streaming sources (`--streaming`): the training split read as a stream, decoded and tokenized in DataLoader
-workers, never cached; and WebDataset tar shards written from an Indo-fashion-layout folder.
+"""Streaming (`--streaming`): the training split read as a stream of shards (`shards`), decoded and tokenized in
+DataLoader workers, never cached.
 
 How a pass over the stream is split, so that every pair is seen once per pass on any number of processes:
 - The shards are read in an order drawn from (seed, pass). DataLoader worker w of W reads shards order[w::W].
@@ -23,11 +23,10 @@ an uninterrupted run's: the same pairs, not the same batches.
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
+import multiprocessing
 import os
-import tarfile
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,12 +41,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import DataConfig, template_fields
 from .loader import HOST_GRIDS, pad_captions, pair_batch
 from .preprocess import PairPreprocessor
-from .sources import INDO_FASHION_FILES, RawSplit, check_source_columns, compose_caption, hub_location
+from .shards import DatasetShards, TarShards, open_shards
+from .sources import RawSplit, check_source_columns, compose_caption
 
 logger = get_logger(__name__)
 STREAM_POSITION = "stream_position"  # the batch key of the stream's position after the batch (a dict)
-CHUNK_ROWS = 16  # rows a worker decodes and hands over at a time
-SPLIT_FILES = {"train": "train", "val": "validation", "test": "test"}  # Indo-fashion split -> shard file prefix
+CHUNK_ROWS = 64  # rows a worker decodes at a time, and pairs it hands over (the loader sets its batch size)
 
 
 @dataclass(frozen=True)
@@ -56,29 +55,20 @@ class StreamSplit:
     epoch's rows (`--epoch_rows`, the recorded count, or counted once)."""
 
     name: str
-    stream: datasets.IterableDataset
+    stream: TarShards | DatasetShards
     rows: int
     source: str
     shard_rows: list[int] | None = None  # each shard's rows, where they were counted
 
 
-def open_stream(config: DataConfig, split: str) -> datasets.IterableDataset:
-    """`--dataset_name`'s `split` as a `datasets` stream, its columns checked, images left encoded."""
-    splits = datasets.load_dataset(
-        config.dataset_name, config.dataset_config_name, streaming=True, **hub_location(config)
-    )
-    if split not in splits:
-        raise ValueError(
-            f"{config.dataset_name} has no split {split!r}; it has {sorted(splits)}. Set "
-            "--train_split/--validation_split/--test_split (WebDataset shards: name the files train-*.tar, "
-            "validation-*.tar, test-*.tar)."
-        )
-    stream = splits[split]
-    if stream.features is not None:
-        nested = [name for name in (config.caption_column, config.label_column) if name and "." in name]
-        check_source_columns(config, split, list(stream.features), stream.features, nested)
-        if isinstance(stream.features[config.image_column], datasets.Image):
-            stream = stream.cast_column(config.image_column, datasets.Image(decode=False))
+def open_stream(config: DataConfig, split: str) -> TarShards | DatasetShards:
+    """`--dataset_name`'s `split`, shard by shard, its columns checked."""
+    stream = open_shards(config, split)
+    nested = [name for name in (config.caption_column, config.label_column) if name and "." in name]
+    columns = stream.column_names()
+    features = stream.stream.features if isinstance(stream, DatasetShards) else None
+    if columns:
+        check_source_columns(config, split, columns, features, nested)
     return stream
 
 
@@ -91,7 +81,7 @@ def stream_row(example: dict, config: DataConfig) -> dict:
         caption = _column_value(example, config.caption_column)
     label = _column_value(example, config.label_column) if config.label_column is not None else None
     return {
-        "image": example[config.image_column],
+        "image": example.get(config.image_column),
         "caption": None if caption is None else str(caption),
         "label": None if label is None else str(label),
     }
@@ -121,45 +111,46 @@ def load_stream_split(config: DataConfig, split: str, counted: list[int] | None 
     if rows is None and counted is not None:
         rows, shard_rows = sum(counted), counted
     if rows is None:
-        recorded = stream.info.splits.get(split) if stream.info.splits else None
-        rows = recorded.num_examples if recorded is not None and recorded.num_examples else None
+        rows = _recorded_rows(stream)
     if rows is None:
         raise ValueError(f"{config.dataset_name}[{split}]: the rows were not counted; set --epoch_rows.")
     return StreamSplit(split, stream, rows, config.dataset_name, shard_rows)
 
 
+def _recorded_rows(stream) -> int | None:
+    return stream.recorded_rows if isinstance(stream, DatasetShards) else None
+
+
 def needs_count(config: DataConfig, split: str) -> bool:
     """Whether an epoch's length must be counted: neither --epoch_rows nor a recorded count."""
-    if config.epoch_rows is not None:
-        return False
-    splits = open_stream(config, split).info.splits
-    return not (splits and splits.get(split) is not None and splits.get(split).num_examples)
+    return config.epoch_rows is None and _recorded_rows(open_stream(config, split)) is None
 
 
 def count_shard_rows(config: DataConfig, split: str) -> list[int]:
     """Each shard's rows, read once (their bytes, no image decoded)."""
-    stream = open_stream(config, split).select_columns([config.image_column])
+    stream = open_stream(config, split)
     logger.info(f"Counting the rows of {config.dataset_name}[{split}] once (set --epoch_rows to skip this)")
-    return [
-        sum(len(batch[config.image_column]) for batch in stream.shard(stream.num_shards, shard, True).iter(256))
-        for shard in range(stream.num_shards)
-    ]
+    return [stream.count(shard) for shard in range(stream.num_shards)]
+
+
+def all_rows(stream, limit: int | None = None) -> Iterator[dict]:
+    """A sharded source's rows, shard after shard, the first `limit` of them."""
+    rows = (row for shard in range(stream.num_shards) for row in stream.rows(shard))
+    return itertools.islice(rows, limit)
 
 
 def stream_captions(split: StreamSplit, config: DataConfig, limit: int = 10_000) -> list[str]:
     """The first `limit` captions of a stream (a tokenizer learned from scratch, for tiny test models)."""
-    return [stream_row(example, config)["caption"] or "" for example in split.stream.take(limit)]
+    return [stream_row(example, config)["caption"] or "" for example in all_rows(split.stream, limit)]
 
 
 def read_stream_split(config: DataConfig, split: str, max_samples: int | None) -> RawSplit:
     """An evaluation split of a streamed source, read whole into memory (they are small) as a map-style split, so
     it is preprocessed and cached like any other; its fingerprint hashes its rows' bytes."""
     stream = open_stream(config, split)
-    if max_samples is not None:
-        stream = stream.take(max_samples)
     rows = {"image": [], "caption": [], "label": [], "source_row": []}
     digest = hashlib.sha256()
-    for position, example in enumerate(stream):
+    for position, example in enumerate(all_rows(stream, max_samples)):
         row = stream_row(example, config)
         for name in ("image", "caption", "label"):
             rows[name].append(row[name])
@@ -187,8 +178,9 @@ def read_stream_split(config: DataConfig, split: str, max_samples: int | None) -
 class StreamingPairs(IterableDataset):
     """One process's share of one pass of the stream, as chunks of decoded pairs (see the module docstring).
 
-    Set `pass_index` (and `resume`: per worker, rows of this pass already consumed) before each iteration; the
-    DataLoader's workers start afresh for each pass and take these with them."""
+    `set_pass` before each iteration: the pass, and where each worker resumes in it. The DataLoader's workers are
+    persistent (started once: forking them for every pass cost a sixth of a 1,000-row pass), so these go to them
+    through shared memory (`share_with_workers`)."""
 
     def __init__(
         self,
@@ -208,22 +200,43 @@ class StreamingPairs(IterableDataset):
         self.num_processes = num_processes
         self.seed = seed
         self.pass_index = 0
-        self.resume: list[int] | None = None
+        self.resume: list[int] | None = None  # per worker, rows of this pass already consumed
+        self.shared = None  # [pass, resuming?, resume per worker...] seen by the worker processes
+        self.batch_rows = CHUNK_ROWS  # pairs per chunk handed over: the loader's batch size
+
+    def share_with_workers(self, num_workers: int) -> None:
+        """Before the DataLoader starts its workers: they read each pass's `set_pass` from shared memory."""
+        self.shared = multiprocessing.Array("q", 2 + max(1, num_workers), lock=False)
+
+    def set_pass(self, pass_index: int, resume: list[int] | None) -> None:
+        self.pass_index, self.resume = pass_index, resume
+        if self.shared is not None:
+            self.shared[:] = [pass_index, resume is not None, *(resume or [0] * (len(self.shared) - 2))]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.shared is not None:  # (in a worker: this pass's, set by the main process)
+            self.pass_index, resuming, *resume = self.shared[:]
+            self.resume = resume if resuming else None
         skip = self.resume[worker] if self.resume else 0
-        chunk = []
+        rows, decoded, usable = [], [], 0
         for position, (example, where) in enumerate(self._shuffled(self._rows(worker, workers), worker)):
             if position < skip:  # consumed before the checkpoint: read, not decoded
                 continue
-            chunk.append((position, example, where))
-            if len(chunk) == CHUNK_ROWS:
-                yield self._decode(chunk, worker)
-                chunk = []
-        if chunk:
-            yield self._decode(chunk, worker)
+            rows.append((position, example, where))
+            if len(rows) == self.batch_rows:
+                decoded.append(self._decode(rows, worker))
+                usable += len(decoded[-1]["positions"])
+                rows = []
+            if usable >= self.batch_rows:  # a chunk of exactly one batch: the main process passes it on whole
+                chunk, rest = _split(_join(decoded), self.batch_rows)  # (no copy unless rows were skipped)
+                yield chunk
+                decoded, usable = [rest] if len(rest["positions"]) else [], usable - self.batch_rows
+        if rows:
+            decoded.append(self._decode(rows, worker))
+        if decoded:
+            yield _join(decoded)
 
     def _rows(self, worker: int, workers: int) -> Iterator[tuple[dict, str]]:
         """This worker's shards in this pass's order, and of each shard this process's rows."""
@@ -231,12 +244,9 @@ class StreamingPairs(IterableDataset):
         shards = stream.num_shards
         order = np.random.default_rng([self.seed, self.pass_index]).permutation(shards)
         for shard in order[worker::workers]:
-            index = 0
-            for batch in stream.shard(num_shards=shards, index=int(shard), contiguous=True).iter(batch_size=64):
-                for example in (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)):
-                    if (index + shard) % self.num_processes == self.rank:
-                        yield example, _where(example, index)
-                    index += 1
+            for index, example in enumerate(stream.rows(int(shard))):
+                if (index + shard) % self.num_processes == self.rank:
+                    yield example, _where(example, index)
 
     def _shuffled(self, rows: Iterator, worker: int) -> Iterator:
         size = self.config.shuffle_buffer
@@ -273,9 +283,12 @@ class StreamingPairs(IterableDataset):
             "pass": self.pass_index,
             "worker": worker,
             "positions": np.asarray([chunk[i][0] for i in usable], dtype=np.int64),
-            "pixel_values": np.stack([np.asarray(cached["pixel_values"][i]).reshape(shape) for i in usable])
-            if usable
-            else np.empty((0, *shape), np.uint8),
+            # A tensor: from a worker process it travels through shared memory, not pickled
+            "pixel_values": torch.from_numpy(
+                np.stack([np.asarray(cached["pixel_values"][i]).reshape(shape) for i in usable])
+                if usable
+                else np.empty((0, *shape), np.uint8)
+            ),
             "spatial_shapes": np.asarray([cached["spatial_shapes"][i] for i in usable], np.int64).reshape(-1, 2)
             if "spatial_shapes" in cached
             else None,
@@ -312,7 +325,8 @@ class StreamingLoader:
         self.position = {"pass": 0, "consumed": [0] * max(1, num_workers)}
         self.restored = False
         self.skipped: dict[str, str] = {}  # every row left out so far: where -> reason
-        self.borrowed = 0  # pairs taken from the next pass because a pass ran short (damaged rows)
+        self.borrowed = 0  # epochs topped up from the next pass because a pass ran short (damaged rows)
+        self.loader = None  # the DataLoader over `pairs`, made on first use
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -379,8 +393,8 @@ class StreamingLoader:
         waiting = 0
         pass_index = position["pass"]
         while True:
-            self.pairs.pass_index, self.pairs.resume = pass_index, resume
-            loader = DataLoader(self.pairs, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
+            loader = self._loader()  # (its workers' shared memory first, then what they read from it)
+            self.pairs.set_pass(pass_index, resume)
             for chunk in loader:
                 for where, reason in chunk["skipped"]:
                     if where not in self.skipped:
@@ -400,9 +414,35 @@ class StreamingLoader:
             pass_index, resume = pass_index + 1, None
             self.borrowed += 1
 
+    def _loader(self) -> DataLoader:
+        if self.loader is None:
+            self.pairs.batch_rows = self.batch_size
+            if self.num_workers:
+                self.pairs.share_with_workers(self.num_workers)
+            self.loader = DataLoader(
+                self.pairs,
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=_as_is,
+                persistent_workers=self.num_workers > 0,
+            )
+        return self.loader
+
     def _take(self, pending: deque, count: int, position: dict) -> dict:
         """`count` pairs off the front of `pending` as a batch; `position` moves past them."""
         pixels, grids, captions, caption_ids = [], [], [], []
+        if (
+            pending[0][1] == 0
+            and len(pending[0][0]["positions"]) == count
+            and pending[0][0]["pass"] == position["pass"]
+        ):
+            chunk = pending.popleft()[0]  # a whole chunk of one batch (the usual case): no copy
+            position["consumed"][chunk["worker"]] = int(chunk["positions"][-1]) + 1
+            pixels, grids = (
+                [chunk["pixel_values"]],
+                [chunk["spatial_shapes"]] if chunk["spatial_shapes"] is not None else [],
+            )
+            captions, caption_ids, count = chunk["input_ids"], [chunk["caption_ids"]], 0
         while count:
             entry = pending[0]
             chunk, start = entry
@@ -421,8 +461,9 @@ class StreamingLoader:
             if end == len(chunk["positions"]):
                 pending.popleft()
         input_ids = pad_captions(captions, *self.pairs.padding)
+        pixels = pixels[0] if len(pixels) == 1 else torch.cat(pixels)
         batch = pair_batch(
-            np.concatenate(pixels), input_ids, np.concatenate(caption_ids), np.concatenate(grids) if grids else None
+            pixels.numpy(), input_ids, np.concatenate(caption_ids), np.concatenate(grids) if grids else None
         )
         return {**batch, STREAM_POSITION: {"pass": position["pass"], "consumed": list(position["consumed"])}}
 
@@ -447,35 +488,30 @@ def _as_is(chunk: dict) -> dict:
     return chunk
 
 
-def write_webdataset_shards(
-    data_dir: str, output_dir: str, split: str = "train", rows_per_shard: int = 1000
-) -> list[str]:
-    """One Indo-fashion split (`train`, `val`, `test`) as WebDataset tar shards `{train,validation,test}-NNNNN.tar`:
-    per row `KEY.jpg` (the image file's bytes as they are), `KEY.txt` (the title) and `KEY.json` (the line's other
-    fields: class_label, brand, ...). Read them with `--dataset_name OUTPUT --streaming --image_column jpg
-    --caption_column txt --label_column json.class_label`. Returns the shard paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(data_dir, INDO_FASHION_FILES[split]), encoding="utf-8-sig") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    paths = []
-    for first in range(0, len(records), rows_per_shard):
-        path = os.path.join(output_dir, f"{SPLIT_FILES[split]}-{first // rows_per_shard:05d}.tar")
-        with tarfile.open(path, "w") as tar:
-            for index, record in enumerate(records[first : first + rows_per_shard], start=first):
-                fields = {name: value for name, value in record.items() if name != "image_path"}
-                with open(os.path.join(data_dir, record["image_path"]), "rb") as image:
-                    members = {"jpg": image.read(), "txt": str(record.get("product_title", "")).encode()}
-                members["json"] = json.dumps(fields, ensure_ascii=False).encode()
-                for extension, data in members.items():
-                    add_tar_member(tar, f"{index:08d}.{extension}", data)
-        paths.append(path)
-    return paths
+def _join(chunks: list[dict]) -> dict:
+    """Consecutive chunks of one worker's pass as one."""
+    if len(chunks) == 1:
+        return chunks[0]
+    grids = [chunk["spatial_shapes"] for chunk in chunks if chunk["spatial_shapes"] is not None]
+    return {
+        "pass": chunks[0]["pass"],
+        "worker": chunks[0]["worker"],
+        "positions": np.concatenate([chunk["positions"] for chunk in chunks]),
+        "pixel_values": torch.cat([chunk["pixel_values"] for chunk in chunks]),
+        "spatial_shapes": np.concatenate(grids) if grids else None,
+        "input_ids": [ids for chunk in chunks for ids in chunk["input_ids"]],
+        "caption_ids": np.concatenate([chunk["caption_ids"] for chunk in chunks]),
+        "skipped": [row for chunk in chunks for row in chunk["skipped"]],
+    }
 
 
-def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+def _split(chunk: dict, count: int) -> tuple[dict, dict]:
+    """A chunk's first `count` pairs (and its skipped rows), and the rest."""
+    head, rest = dict(chunk), {**chunk, "skipped": []}
+    for name in ("positions", "pixel_values", "spatial_shapes", "input_ids", "caption_ids"):
+        if chunk[name] is not None:
+            head[name], rest[name] = chunk[name][:count], chunk[name][count:]
+    return head, rest
 
 
 __all__ = [
@@ -488,5 +524,4 @@ __all__ = [
     "needs_count",
     "read_stream_split",
     "stream_captions",
-    "write_webdataset_shards",
 ]

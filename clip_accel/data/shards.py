@@ -1,0 +1,200 @@
+"""Sharded sources for `--streaming`, read one shard at a time: WebDataset tar shards, and any `datasets` stream;
+and WebDataset shards written from an Indo-fashion-layout folder.
+
+`datasets` resolves where the shards are (a local folder or glob, a Hub repository: `train-*.tar` and so on, per
+split). Tar shards are then read here, not through `datasets`' webdataset loader: its Python tar and feature
+layers cost ~470 us a row on these machines, against ~14 us for this reader (BENCHMARKS.md section 2), which would
+make reading the shards cost as much as decoding their JPEGs. Members are decoded as that loader decodes them
+(text, JSON and integer extensions with its own decoders; images left as bytes); pickled members are never loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+
+import datasets
+from datasets.packaged_modules.webdataset.webdataset import DECODERS, IMAGE_EXTENSIONS
+from datasets.utils.file_utils import xopen
+from PIL import Image
+
+from ..config import DataConfig
+from .preprocess import JPEG_QUALITY, encode_jpeg, load_rgb_image, to_rgb
+from .sources import INDO_FASHION_FILES, hub_location
+
+# The webdataset loader's decoders for plain data only (its npy/pth/pickle ones could run code from a shard).
+SAFE_DECODERS = {
+    extension: DECODERS[extension]
+    for extension in ("txt", "text", "transcript", "json", "jsn", "cls", "cls2", "index", "inx", "id")
+}
+SPLIT_FILES = {"train": "train", "val": "validation", "test": "test"}  # Indo-fashion split -> shard file prefix
+
+
+class TarShards:
+    """WebDataset tar shards: row k of shard s is the k-th group of members sharing a key (`KEY.jpg`, `KEY.txt`,
+    ...), as a dict of extension -> value plus `__key__` and `__url__`."""
+
+    def __init__(self, files: list[str]) -> None:
+        self.files = files
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.files)
+
+    def column_names(self) -> list[str]:
+        first = next(self.rows(0), {})
+        return [name for name in first if not name.startswith("__")]
+
+    def image_column(self, name: str) -> bool:
+        return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+    def rows(self, shard: int) -> Iterator[dict]:
+        url = self.files[shard]
+        key, row = None, {}
+        with xopen(url, "rb") as handle:
+            while len(header := handle.read(512)) == 512 and header[0] != 0:  # a zero block ends a tar
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")  # ustar: long paths' folders
+                size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+                value = handle.read(size)
+                handle.read(-size % 512)  # members are padded to whole blocks
+                if header[156:157] not in (b"0", b"\0"):  # folders, links, pax headers
+                    continue
+                base, _, field = f"{prefix}/{name}".rpartition("/")[2].partition(".")
+                if base != key:
+                    if row:
+                        yield {**row, "__key__": key, "__url__": url}
+                    key, row = base, {}
+                row[field] = self._decode(field, value, key)
+        if row:
+            yield {**row, "__key__": key, "__url__": url}
+
+    def _decode(self, field: str, value: bytes, key: str):
+        extension = field.rsplit(".", 1)[-1].lower()
+        if extension in IMAGE_EXTENSIONS:
+            return {"bytes": value, "path": f"{key}.{field}"}
+        decoder = SAFE_DECODERS.get(extension)
+        return decoder(value) if decoder is not None else value
+
+    def count(self, shard: int) -> int:
+        return sum(1 for _ in self.rows(shard))
+
+
+class DatasetShards:
+    """Any `datasets` stream, read one of its shards (files) at a time; images left encoded."""
+
+    def __init__(self, stream: datasets.IterableDataset) -> None:
+        self.stream = stream
+
+    @property
+    def num_shards(self) -> int:
+        return self.stream.num_shards
+
+    def column_names(self) -> list[str]:
+        return list(self.stream.features or {})
+
+    def image_column(self, name: str) -> bool:
+        return isinstance((self.stream.features or {}).get(name), datasets.Image)
+
+    def rows(self, shard: int) -> Iterator[dict]:
+        # (.iter, not iteration: inside a DataLoader worker a datasets stream would split itself among the workers)
+        for batch in self.stream.shard(num_shards=self.num_shards, index=shard, contiguous=True).iter(batch_size=64):
+            yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
+
+    def count(self, shard: int) -> int:
+        column = next(iter(self.stream.features or {}), None)
+        part = self.stream.shard(num_shards=self.num_shards, index=shard, contiguous=True)
+        if column is not None:
+            part = part.select_columns([column])
+        return sum(len(next(iter(batch.values()))) for batch in part.iter(batch_size=256))
+
+    @property
+    def recorded_rows(self) -> int | None:
+        splits = self.stream.info.splits
+        recorded = splits.get(self.stream.split) if splits else None
+        return recorded.num_examples if recorded is not None and recorded.num_examples else None
+
+
+def open_shards(config: DataConfig, split: str) -> TarShards | DatasetShards:
+    """`--dataset_name`'s `split`, shard by shard: WebDataset tar shards read directly, anything else through
+    `datasets` streaming."""
+    location = hub_location(config)
+    builder = datasets.load_dataset_builder(config.dataset_name, config.dataset_config_name, **location)
+    if builder.name == "webdataset":
+        files = builder.config.data_files or {}
+        if split not in files:
+            raise ValueError(
+                f"{config.dataset_name} has no split {split!r}; it has {sorted(files)}. Name the shards "
+                "train-*.tar, validation-*.tar, test-*.tar, or set --train_split/--validation_split/--test_split."
+            )
+        return TarShards(sorted(files[split]))
+    splits = datasets.load_dataset(config.dataset_name, config.dataset_config_name, streaming=True, **location)
+    if split not in splits:
+        raise ValueError(
+            f"{config.dataset_name} has no split {split!r}; it has {sorted(splits)}. Set "
+            "--train_split/--validation_split/--test_split accordingly."
+        )
+    stream = splits[split]
+    if isinstance((stream.features or {}).get(config.image_column), datasets.Image):
+        stream = stream.cast_column(config.image_column, datasets.Image(decode=False))
+    return DatasetShards(stream)
+
+
+def write_webdataset_shards(
+    data_dir: str,
+    output_dir: str,
+    split: str = "train",
+    rows_per_shard: int = 1000,
+    image_size: int | None = None,
+    crop: bool = False,
+) -> list[str]:
+    """One Indo-fashion split (`train`, `val`, `test`) as WebDataset tar shards `{train,validation,test}-NNNNN.tar`:
+    per row `KEY.jpg`, `KEY.txt` (the title) and `KEY.json` (the line's other fields: class_label, brand, ...).
+    Read them with `--dataset_name OUTPUT --streaming --image_column jpg --caption_column txt --label_column
+    json.class_label`. `image_size`: each image's shortest side resized to it (bicubic, JPEG quality 95), as
+    img2dataset writes shards, so a stream decodes small JPEGs; with `crop`, then cut to the centre square as
+    CLIPProcessor cuts it (the compact cache's crop: the stream's own resize and crop then change nothing, but the
+    shards fit only that resolution). None keeps the image files' bytes as they are. Returns the shard paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(data_dir, INDO_FASHION_FILES[split]), encoding="utf-8-sig") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    paths = []
+    for first in range(0, len(records), rows_per_shard):
+        path = os.path.join(output_dir, f"{SPLIT_FILES[split]}-{first // rows_per_shard:05d}.tar")
+        with tarfile.open(path, "w") as tar:
+            for index, record in enumerate(records[first : first + rows_per_shard], start=first):
+                fields = {name: value for name, value in record.items() if name != "image_path"}
+                image = _shard_image(os.path.join(data_dir, record["image_path"]), image_size, crop)
+                members = {"jpg": image, "txt": str(record.get("product_title", "")).encode()}
+                members["json"] = json.dumps(fields, ensure_ascii=False).encode()
+                for extension, data in members.items():
+                    add_tar_member(tar, f"{index:08d}.{extension}", data)
+        paths.append(path)
+    return paths
+
+
+def _shard_image(path: str, image_size: int | None, crop: bool) -> bytes:
+    if crop and image_size is not None:
+        return encode_jpeg(load_rgb_image(path, image_size))
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if image_size is None:
+        return data
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (image_size, image_size))
+        image = to_rgb(image)
+        scale = image_size / min(image.size)
+        if scale < 1:
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        return buffer.getvalue()
+
+
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
