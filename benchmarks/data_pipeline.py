@@ -39,9 +39,13 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from clip_accel.config import DataConfig  # noqa: E402
 from clip_accel.data.loader import PairDataset, make_dataloader  # noqa: E402
 from clip_accel.data.preprocess import PairPreprocessor, load_rgb_image, preprocess_split  # noqa: E402
-from clip_accel.data.shards import write_webdataset_shards  # noqa: E402
+from clip_accel.data.shards import (  # noqa: E402
+    count_shard_rows,
+    load_stream_split,
+    write_webdataset_shards,  # noqa: E402
+)
 from clip_accel.data.sources import read_indo_fashion  # noqa: E402
-from clip_accel.data.streaming import StreamingLoader, StreamingPairs, count_shard_rows, load_stream_split  # noqa: E402
+from clip_accel.data.streaming import StreamingLoader, StreamingPairs  # noqa: E402
 from clip_accel.tokenizer import build_offline_tokenizer  # noqa: E402
 
 IMAGE_SIZE, BATCH_SIZE = 224, 64

@@ -114,13 +114,13 @@ class DataConfig:
     caption_column: str = field(
         default="caption",
         metadata={
-            "help": "Caption column of --dataset_name (with --streaming also a JSON column's field as COLUMN.FIELD, "
-            "e.g. json.product_title in WebDataset shards)."
+            "help": "Caption column of --dataset_name, or a JSON column's field as COLUMN.FIELD (e.g. "
+            "json.product_title in WebDataset shards)."
         },
     )
     label_column: str | None = field(
         default=None,
-        metadata={"help": "Optional class-label column of --dataset_name (with --streaming also COLUMN.FIELD)."},
+        metadata={"help": "Optional class-label column of --dataset_name (or COLUMN.FIELD, e.g. json.class_label)."},
     )
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     validation_split: str = field(

@@ -25,8 +25,7 @@ from clip_accel.data import (
     write_webdataset_shards,
 )
 from clip_accel.data.preprocess import PairPreprocessor, caption_id
-from clip_accel.data.shards import add_tar_member
-from clip_accel.data.streaming import count_shard_rows, load_stream_split
+from clip_accel.data.shards import add_tar_member, count_shard_rows, load_stream_split
 from clip_accel.tokenizer import build_offline_tokenizer
 from clip_accel.trainer import train
 
@@ -325,3 +324,62 @@ def test_two_launched_processes_split_the_shards_exactly_and_train(
     torchrun("scripts/train.py", *[str(part) for name, value in options.items() for part in (f"--{name}", value)])
     training = json.loads((tmp_path / "out" / "eval_results.json").read_text())["training"]
     assert training["num_processes"] == 2 and training["optimizer_steps"] == 2 * 192 // 32
+
+
+def test_a_streamed_model_folder_evaluates_to_its_own_figures_and_has_a_card(
+    demo_shards, tiny_model_config_path, tmp_path
+):
+    """`clip-accel evaluate` on the shards (read through datasets' webdataset loader, map-style) gives the test
+    figures the streamed run measured on its own reading of them; the card is written as for any run."""
+    from clip_accel.cli import main as cli_main
+    from clip_accel.cli import train_and_publish
+
+    configs = streamed_run_configs(
+        demo_shards, tiny_model_config_path, tmp_path, accumulation="exact", gradient_accumulation_steps=2
+    )
+    result = with_fresh_state(train_and_publish, *configs)
+    assert result.metrics["training"]["optimizer_steps"] == 2 * 3  # 6 batches an epoch, 2 per exact step
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "demo-shards" in card  # the dataset, named after the shards' folder
+    output = tmp_path / "evaluated.json"
+    with_fresh_state(
+        cli_main,
+        [
+            "evaluate",
+            *("--model_name_or_path", str(tmp_path / "out"), "--dataset_name", demo_shards),
+            *("--image_column", "jpg", "--caption_column", "txt", "--label_column", "json.class_label"),
+            *("--cache_dir", str(tmp_path / "cache2"), "--output_file", str(output)),
+        ],
+    )
+    evaluated = json.loads(output.read_text())
+    for name in ("image_to_text_R@1", "text_to_image_R@5", "zero_shot_top1"):
+        assert evaluated[name] == pytest.approx(result.metrics["test"][name], abs=1e-6)
+
+
+def test_any_datasets_stream_is_split_the_same_way(tmp_path):
+    """A source datasets streams itself (here parquet files, one shard each): every row once per epoch over 2
+    processes, damaged rows skipped, columns checked."""
+    import datasets
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    features = datasets.Features(
+        {"image": datasets.Image(), "caption": datasets.Value("string"), "label": datasets.Value("string")}
+    )
+    for shard, items in enumerate([range(0, 10), range(10, 16)]):
+        rows = {"image": [], "caption": [], "label": []}
+        for item in items:
+            image = io.BytesIO()
+            Image.new("RGB", (24, 20), (item, 40, 200)).save(image, "JPEG")
+            rows["image"].append({"bytes": image.getvalue() if item != 3 else b"broken", "path": None})
+            rows["caption"].append(caption(item))
+            rows["label"].append(f"class{item % 3}")
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"train-{shard:05d}.parquet"))
+    options = {"data_files": str(folder), "image_column": "image", "caption_column": "caption", "label_column": "label"}
+    loaders = [streaming_loader("parquet", rank, 2, **options) for rank in range(2)]
+    assert [len(loader) for loader in loaders] == [2, 2]  # 8 rows each, 4 a batch
+    seen = [read_caption_ids(loader, 0, loader.epoch(0)) for loader in loaders]
+    assert 3 not in seen[0] + seen[1] and len(set(seen[0] + seen[1])) == 16 - 1
+    assert [where for loader in loaders for where in loader.skipped] == ["shard 0 row 3"]
+    with pytest.raises(ValueError, match="no column.*'text'"):
+        streaming_loader("parquet", caption_column="text", data_files=str(folder))

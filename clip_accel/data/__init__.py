@@ -15,19 +15,17 @@ from ..tokenizer import MAX_TEXT_TOKENS
 from .demo import write_demo_dataset
 from .loader import CopyStream, PairDataset, make_dataloader, prefetched
 from .preprocess import ImageLayout, PairPreprocessor, as_layout, preprocess_split
-from .shards import write_webdataset_shards
-from .sources import RawSplit, data_source_dir, load_raw_split, read_image_folder
-from .streaming import (
-    STREAM_POSITION,
-    StreamingLoader,
-    StreamingPairs,
+from .shards import (
     StreamSplit,
     count_shard_rows,
     load_stream_split,
     needs_count,
     read_stream_split,
     stream_captions,
+    write_webdataset_shards,
 )
+from .sources import RawSplit, data_source_dir, load_raw_split, read_image_folder
+from .streaming import STREAM_POSITION, StreamingLoader, StreamingPairs
 
 __all__ = [
     "CopyStream",

@@ -1,5 +1,6 @@
 """Sharded sources for `--streaming`, read one shard at a time: WebDataset tar shards, and any `datasets` stream;
-and WebDataset shards written from an Indo-fashion-layout folder.
+their rows in the raw schema, the training split's epoch length, the evaluation splits read whole; and WebDataset
+shards written from an Indo-fashion-layout folder.
 
 `datasets` resolves where the shards are (a local folder or glob, a Hub repository: `train-*.tar` and so on, per
 split). Tar shards are then read here, not through `datasets`' webdataset loader: its Python tar and feature
@@ -10,20 +11,26 @@ make reading the shards cost as much as decoding their JPEGs. Members are decode
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import json
 import os
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import datasets
+from accelerate.logging import get_logger
 from datasets.packaged_modules.webdataset.webdataset import DECODERS, IMAGE_EXTENSIONS
 from datasets.utils.file_utils import xopen
 from PIL import Image
 
-from ..config import DataConfig
+from ..config import DataConfig, template_fields
 from .preprocess import JPEG_QUALITY, encode_jpeg, load_rgb_image, to_rgb
-from .sources import INDO_FASHION_FILES, hub_location
+from .sources import INDO_FASHION_FILES, RawSplit, check_source_columns, compose_caption, hub_location
+
+logger = get_logger(__name__)
 
 # The webdataset loader's decoders for plain data only (its npy/pth/pickle ones could run code from a shard).
 SAFE_DECODERS = {
@@ -141,6 +148,132 @@ def open_shards(config: DataConfig, split: str) -> TarShards | DatasetShards:
     if isinstance((stream.features or {}).get(config.image_column), datasets.Image):
         stream = stream.cast_column(config.image_column, datasets.Image(decode=False))
     return DatasetShards(stream)
+
+
+@dataclass(frozen=True)
+class StreamSplit:
+    """The training split as a stream: `stream` yields the source's rows (images as encoded bytes); `rows` is an
+    epoch's rows (`--epoch_rows`, the recorded count, or counted once)."""
+
+    name: str
+    stream: TarShards | DatasetShards
+    rows: int
+    source: str
+    shard_rows: list[int] | None = None  # each shard's rows, where they were counted
+
+
+def open_stream(config: DataConfig, split: str) -> TarShards | DatasetShards:
+    """`--dataset_name`'s `split`, shard by shard, its columns checked."""
+    stream = open_shards(config, split)
+    nested = [name for name in (config.caption_column, config.label_column) if name and "." in name]
+    columns = stream.column_names()
+    features = stream.stream.features if isinstance(stream, DatasetShards) else None
+    if columns:
+        check_source_columns(config, split, columns, features, nested)
+    return stream
+
+
+def stream_row(example: dict, config: DataConfig) -> dict:
+    """One source row in the raw schema (`image`, `caption`, `label`; see `sources`)."""
+    if config.caption_template is not None:
+        fields = template_fields(config.caption_template)
+        caption = compose_caption(config.caption_template, {name: example[name] for name in fields})
+    else:
+        caption = _column_value(example, config.caption_column)
+    label = _column_value(example, config.label_column) if config.label_column is not None else None
+    return {
+        "image": example.get(config.image_column),
+        "caption": None if caption is None else str(caption),
+        "label": None if label is None else str(label),
+    }
+
+
+def _column_value(example: dict, name: str):
+    """A column's value, or a JSON column's field named COLUMN.FIELD (None when the row lacks it)."""
+    if name in example:
+        return example[name]
+    column, _, key = name.partition(".")
+    value = example.get(column)
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def where_in_stream(example: dict, shard: int, index: int) -> str:
+    """A row's place in error reports: its shard file and key (WebDataset), else its shard and row there."""
+    if "__key__" in example:
+        return f"{os.path.basename(str(example.get('__url__', '')))} key {example['__key__']}"
+    return f"shard {shard} row {index}"
+
+
+def load_stream_split(config: DataConfig, split: str, counted: list[int] | None = None) -> StreamSplit:
+    """The stream, with an epoch's rows: --epoch_rows, else `counted` (each shard's rows, from `count_shard_rows`),
+    else the dataset's recorded count."""
+    stream = open_stream(config, split)
+    rows, shard_rows = config.epoch_rows, None
+    if rows is None and counted is not None:
+        rows, shard_rows = sum(counted), counted
+    if rows is None:
+        rows = _recorded_rows(stream)
+    if rows is None:
+        raise ValueError(f"{config.dataset_name}[{split}]: the rows were not counted; set --epoch_rows.")
+    return StreamSplit(split, stream, rows, config.dataset_name, shard_rows)
+
+
+def _recorded_rows(stream) -> int | None:
+    return stream.recorded_rows if isinstance(stream, DatasetShards) else None
+
+
+def needs_count(config: DataConfig, split: str) -> bool:
+    """Whether an epoch's length must be counted: neither --epoch_rows nor a recorded count."""
+    return config.epoch_rows is None and _recorded_rows(open_stream(config, split)) is None
+
+
+def count_shard_rows(config: DataConfig, split: str) -> list[int]:
+    """Each shard's rows, read once (their bytes, no image decoded)."""
+    stream = open_stream(config, split)
+    logger.info(f"Counting the rows of {config.dataset_name}[{split}] once (set --epoch_rows to skip this)")
+    return [stream.count(shard) for shard in range(stream.num_shards)]
+
+
+def all_rows(stream, limit: int | None = None) -> Iterator[dict]:
+    """A sharded source's rows, shard after shard, the first `limit` of them."""
+    rows = (row for shard in range(stream.num_shards) for row in stream.rows(shard))
+    return itertools.islice(rows, limit)
+
+
+def stream_captions(split: StreamSplit, config: DataConfig, limit: int = 10_000) -> list[str]:
+    """The first `limit` captions of a stream (a tokenizer learned from scratch, for tiny test models)."""
+    return [stream_row(example, config)["caption"] or "" for example in all_rows(split.stream, limit)]
+
+
+def read_stream_split(config: DataConfig, split: str, max_samples: int | None) -> RawSplit:
+    """An evaluation split of a streamed source, read whole into memory (they are small) as a map-style split, so
+    it is preprocessed and cached like any other; its fingerprint hashes its rows' bytes."""
+    stream = open_stream(config, split)
+    rows = {"image": [], "caption": [], "label": [], "source_row": []}
+    digest = hashlib.sha256()
+    for position, example in enumerate(all_rows(stream, max_samples)):
+        row = stream_row(example, config)
+        for name in ("image", "caption", "label"):
+            rows[name].append(row[name])
+        rows["source_row"].append(position)
+        image = row["image"]
+        if isinstance(image, dict):
+            digest.update(image.get("bytes") or str(image.get("path")).encode())
+        else:
+            digest.update(str(image).encode())
+        digest.update(json.dumps([row["caption"], row["label"]]).encode())
+    features = datasets.Features(
+        {
+            "image": datasets.Image(decode=False),
+            "caption": datasets.Value("string"),
+            "label": datasets.Value("string"),
+            "source_row": datasets.Value("int64"),
+        }
+    )
+    if rows["image"] and not isinstance(rows["image"][0], dict):
+        features["image"] = datasets.Value("string")
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    return RawSplit(split, dataset, digest.hexdigest()[:32], config.dataset_name)
 
 
 def write_webdataset_shards(

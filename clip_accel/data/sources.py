@@ -222,6 +222,8 @@ def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
     dataset = splits[split]
     template = config.caption_template
     wanted = source_columns(config)
+    if any("." in name and name not in dataset.column_names for name in wanted):
+        dataset = dataset.flatten()  # a JSON column's fields as COLUMN.FIELD columns (json.class_label)
     check_source_columns(config, split, dataset.column_names, dataset.features)
     caption_fields = template_fields(template) if template is not None else ()
     captions = None

@@ -22,157 +22,25 @@ an uninterrupted run's: the same pairs, not the same batches.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import multiprocessing
-import os
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import datasets
 import numpy as np
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..config import DataConfig, template_fields
+from ..config import DataConfig
 from .loader import HOST_GRIDS, pad_captions, pair_batch
 from .preprocess import PairPreprocessor
-from .shards import DatasetShards, TarShards, open_shards
-from .sources import RawSplit, check_source_columns, compose_caption
+from .shards import StreamSplit, stream_row, where_in_stream
 
 logger = get_logger(__name__)
 STREAM_POSITION = "stream_position"  # the batch key of the stream's position after the batch (a dict)
 CHUNK_ROWS = 64  # rows a worker decodes at a time, and pairs it hands over (the loader sets its batch size)
-
-
-@dataclass(frozen=True)
-class StreamSplit:
-    """The training split as a stream: `stream` yields the source's rows (images as encoded bytes); `rows` is an
-    epoch's rows (`--epoch_rows`, the recorded count, or counted once)."""
-
-    name: str
-    stream: TarShards | DatasetShards
-    rows: int
-    source: str
-    shard_rows: list[int] | None = None  # each shard's rows, where they were counted
-
-
-def open_stream(config: DataConfig, split: str) -> TarShards | DatasetShards:
-    """`--dataset_name`'s `split`, shard by shard, its columns checked."""
-    stream = open_shards(config, split)
-    nested = [name for name in (config.caption_column, config.label_column) if name and "." in name]
-    columns = stream.column_names()
-    features = stream.stream.features if isinstance(stream, DatasetShards) else None
-    if columns:
-        check_source_columns(config, split, columns, features, nested)
-    return stream
-
-
-def stream_row(example: dict, config: DataConfig) -> dict:
-    """One source row in the raw schema (`image`, `caption`, `label`; see `sources`)."""
-    if config.caption_template is not None:
-        fields = template_fields(config.caption_template)
-        caption = compose_caption(config.caption_template, {name: example[name] for name in fields})
-    else:
-        caption = _column_value(example, config.caption_column)
-    label = _column_value(example, config.label_column) if config.label_column is not None else None
-    return {
-        "image": example.get(config.image_column),
-        "caption": None if caption is None else str(caption),
-        "label": None if label is None else str(label),
-    }
-
-
-def _column_value(example: dict, name: str):
-    """A column's value, or a JSON column's field named COLUMN.FIELD (None when the row lacks it)."""
-    if name in example:
-        return example[name]
-    column, _, key = name.partition(".")
-    value = example.get(column)
-    return value.get(key) if isinstance(value, dict) else None
-
-
-def _where(example: dict, position: int) -> str:
-    """A row's place in error reports: its shard and key (WebDataset), else its position in the stream."""
-    if "__key__" in example:
-        return f"{os.path.basename(str(example.get('__url__', '')))} key {example['__key__']}"
-    return f"row {position}"
-
-
-def load_stream_split(config: DataConfig, split: str, counted: list[int] | None = None) -> StreamSplit:
-    """The stream, with an epoch's rows: --epoch_rows, else `counted` (each shard's rows, from `count_shard_rows`),
-    else the dataset's recorded count."""
-    stream = open_stream(config, split)
-    rows, shard_rows = config.epoch_rows, None
-    if rows is None and counted is not None:
-        rows, shard_rows = sum(counted), counted
-    if rows is None:
-        rows = _recorded_rows(stream)
-    if rows is None:
-        raise ValueError(f"{config.dataset_name}[{split}]: the rows were not counted; set --epoch_rows.")
-    return StreamSplit(split, stream, rows, config.dataset_name, shard_rows)
-
-
-def _recorded_rows(stream) -> int | None:
-    return stream.recorded_rows if isinstance(stream, DatasetShards) else None
-
-
-def needs_count(config: DataConfig, split: str) -> bool:
-    """Whether an epoch's length must be counted: neither --epoch_rows nor a recorded count."""
-    return config.epoch_rows is None and _recorded_rows(open_stream(config, split)) is None
-
-
-def count_shard_rows(config: DataConfig, split: str) -> list[int]:
-    """Each shard's rows, read once (their bytes, no image decoded)."""
-    stream = open_stream(config, split)
-    logger.info(f"Counting the rows of {config.dataset_name}[{split}] once (set --epoch_rows to skip this)")
-    return [stream.count(shard) for shard in range(stream.num_shards)]
-
-
-def all_rows(stream, limit: int | None = None) -> Iterator[dict]:
-    """A sharded source's rows, shard after shard, the first `limit` of them."""
-    rows = (row for shard in range(stream.num_shards) for row in stream.rows(shard))
-    return itertools.islice(rows, limit)
-
-
-def stream_captions(split: StreamSplit, config: DataConfig, limit: int = 10_000) -> list[str]:
-    """The first `limit` captions of a stream (a tokenizer learned from scratch, for tiny test models)."""
-    return [stream_row(example, config)["caption"] or "" for example in all_rows(split.stream, limit)]
-
-
-def read_stream_split(config: DataConfig, split: str, max_samples: int | None) -> RawSplit:
-    """An evaluation split of a streamed source, read whole into memory (they are small) as a map-style split, so
-    it is preprocessed and cached like any other; its fingerprint hashes its rows' bytes."""
-    stream = open_stream(config, split)
-    rows = {"image": [], "caption": [], "label": [], "source_row": []}
-    digest = hashlib.sha256()
-    for position, example in enumerate(all_rows(stream, max_samples)):
-        row = stream_row(example, config)
-        for name in ("image", "caption", "label"):
-            rows[name].append(row[name])
-        rows["source_row"].append(position)
-        image = row["image"]
-        if isinstance(image, dict):
-            digest.update(image.get("bytes") or str(image.get("path")).encode())
-        else:
-            digest.update(str(image).encode())
-        digest.update(json.dumps([row["caption"], row["label"]]).encode())
-    features = datasets.Features(
-        {
-            "image": datasets.Image(decode=False),
-            "caption": datasets.Value("string"),
-            "label": datasets.Value("string"),
-            "source_row": datasets.Value("int64"),
-        }
-    )
-    if rows["image"] and not isinstance(rows["image"][0], dict):
-        features["image"] = datasets.Value("string")
-    dataset = datasets.Dataset.from_dict(rows, features=features)
-    return RawSplit(split, dataset, digest.hexdigest()[:32], config.dataset_name)
 
 
 class StreamingPairs(IterableDataset):
@@ -246,7 +114,7 @@ class StreamingPairs(IterableDataset):
         for shard in order[worker::workers]:
             for index, example in enumerate(stream.rows(int(shard))):
                 if (index + shard) % self.num_processes == self.rank:
-                    yield example, _where(example, index)
+                    yield example, where_in_stream(example, int(shard), index)
 
     def _shuffled(self, rows: Iterator, worker: int) -> Iterator:
         size = self.config.shuffle_buffer
@@ -512,16 +380,3 @@ def _split(chunk: dict, count: int) -> tuple[dict, dict]:
         if chunk[name] is not None:
             head[name], rest[name] = chunk[name][:count], chunk[name][count:]
     return head, rest
-
-
-__all__ = [
-    "STREAM_POSITION",
-    "StreamSplit",
-    "StreamingLoader",
-    "StreamingPairs",
-    "count_shard_rows",
-    "load_stream_split",
-    "needs_count",
-    "read_stream_split",
-    "stream_captions",
-]
