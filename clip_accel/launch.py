@@ -138,3 +138,12 @@ def data_prepared_per_node(accelerator: Accelerator, config: DataConfig) -> bool
     """Whether each node writes its own demo catalogue and preprocessing cache: their folders are node-local."""
     folders = [preprocessing_cache_dir(config)] + ([data_source_dir(config)] if config.demo else [])
     return not all(storage_is_shared(accelerator, folder) for folder in folders)
+
+
+def check_streaming_launch(accelerator: Accelerator, config: DataConfig) -> None:
+    """--streaming is tested on one process and under DDP, not under FSDP."""
+    if config.streaming and (accelerator.is_fsdp2 or accelerator.distributed_type.value == "FSDP"):
+        raise ValueError(
+            "--streaming runs on one device or under DDP (tested); launch without FSDP, e.g. --config_file "
+            "accelerate_configs/multi_gpu.yaml, or drop --streaming."
+        )

@@ -52,6 +52,7 @@ from .launch import (
     check_checkpoint_storage,
     check_fsdp_layers,
     check_launch,
+    check_streaming_launch,
     check_supported_launch,
     data_prepared_per_node,
     storage_is_shared,
@@ -159,6 +160,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     set_seed(config.seed)
     check_launch(accelerator)
     _check_lora(accelerator, model_config, config)
+    check_streaming_launch(accelerator, data_config)
     use_tf32(accelerator.device, config.tf32)
     # Node-local output folders: every node keeps its own checkpoints (resume reads them from its own disk).
     accelerator.project_configuration.save_on_each_node = not storage_is_shared(accelerator, config.output_dir)

@@ -27,7 +27,7 @@ ON_THE_HOST = {
     ("data/loader", "torch.from_numpy(pixels)"): "a batch on the host: Accelerate's loader copies it to the device",
     ("data/loader", "torch.from_numpy(input_ids)"): "a batch on the host: Accelerate's loader copies it",
     ("data/loader", "torch.from_numpy(grids)"): "a batch on the host: Accelerate's loader copies it",
-    ("data/loader", "torch.from_numpy(self.caption_ids[rows])"): "a batch on the host: Accelerate's loader copies it",
+    ("data/loader", "torch.from_numpy(caption_ids)"): "a batch on the host: Accelerate's loader copies it",
 }
 
 

@@ -383,3 +383,34 @@ def test_any_datasets_stream_is_split_the_same_way(tmp_path):
     assert [where for loader in loaders for where in loader.skipped] == ["shard 0 row 3"]
     with pytest.raises(ValueError, match="no column.*'text'"):
         streaming_loader("parquet", caption_column="text", data_files=str(folder))
+
+
+def test_a_streamed_run_under_fsdp_stops_at_start_up(even_shards):
+    from types import SimpleNamespace
+
+    from clip_accel.launch import check_streaming_launch
+
+    fsdp = SimpleNamespace(is_fsdp2=True, distributed_type=SimpleNamespace(value="FSDP"))
+    with pytest.raises(ValueError, match="launch without FSDP"):
+        check_streaming_launch(fsdp, stream_config(even_shards[0]))
+    check_streaming_launch(fsdp, DataConfig(dataset_name="x"))  # a cached split under FSDP is fine
+
+
+@pytest.mark.parametrize("variant", ["siglip", "siglip2", "augment"])
+def test_streaming_trains_every_model_family_and_with_augmentation(
+    variant, demo_shards, tiny_model_config_path, tiny_siglip_config_path, tmp_path
+):
+    """SigLIP (square images, captions padded to 64), SigLIP 2 (patch sequences and their grids) and --augment
+    (training images decoded larger, cropped on the device) from a stream: one epoch, then the usual evaluation."""
+    from conftest import tiny_siglip2_values
+
+    model_config = {"siglip": tiny_siglip_config_path, "augment": tiny_model_config_path}.get(variant)
+    if variant == "siglip2":
+        model_config = str(tmp_path / "siglip2.json")
+        (tmp_path / "siglip2.json").write_text(json.dumps(tiny_siglip2_values()))
+    data, model, training = streamed_run_configs(demo_shards, model_config, tmp_path, num_train_epochs=1)
+    if variant == "augment":
+        data = stream_config(demo_shards, cache_dir=str(tmp_path / "cache"), augment=True, augment_flip=True)
+    result = with_fresh_state(train, data, model, training)
+    assert result.metrics["training"]["optimizer_steps"] == 192 // 32
+    assert 0 <= result.metrics["test"]["image_to_text_R@1"] <= 1

@@ -153,7 +153,7 @@ def pair_batch(
     batch = {
         "pixel_values": torch.from_numpy(pixels),
         "input_ids": torch.from_numpy(input_ids),
-        "caption_ids": torch.from_numpy(np.ascontiguousarray(caption_ids, dtype=np.int64)),
+        "caption_ids": torch.from_numpy(caption_ids),
     }
     if grids is None:
         return batch
