@@ -54,6 +54,8 @@ def write_shards(folder, sizes: list[int], split: str = "train", damaged: dict |
                     members["jpg"] = b"not a jpeg"
                 if damaged.get(item) == "caption":
                     del members["txt"]
+                if damaged.get(item) == "json":
+                    members["json"] = b"{not json"
                 for extension, data in members.items():
                     add_tar_member(tar, f"{item:06d}.{extension}", data)
                 items.append(item)
@@ -168,16 +170,17 @@ def test_resume_reads_the_rest_of_the_pass_without_a_pair_twice(uneven_shards):
 
 def test_damaged_rows_are_skipped_and_counted_and_strict_stops_at_the_first(tmp_path):
     shards = str(tmp_path / "shards")
-    write_shards(shards, [6, 6], damaged={2: "image", 7: "caption"})
-    loader = streaming_loader(shards)  # 12 rows: 3 batches an epoch, of a pass of 10 usable rows
+    write_shards(shards, [6, 6], damaged={2: "image", 7: "caption", 9: "json"})
+    loader = streaming_loader(shards)  # 12 rows: 3 batches an epoch, of a pass of 9 usable rows
     seen = read_caption_ids(loader, 0, loader.epoch(0))
-    assert 2 not in seen and 7 not in seen
-    assert set(seen[:10]) == set(range(12)) - {2, 7}
-    assert loader.borrowed == 1  # the epoch's last 2 pairs from the next pass
+    assert not {2, 7, 9} & set(seen)
+    assert set(seen[:9]) == set(range(12)) - {2, 7, 9}
+    assert loader.borrowed == 1  # the epoch's last 3 pairs from the next pass
     reasons = dict(loader.skipped)
-    assert sorted(reasons) == ["train-00000.tar key 000002", "train-00001.tar key 000007"]
+    assert sorted(reasons) == [f"train-0000{item // 6}.tar key {item:06d}" for item in (2, 7, 9)]
     assert reasons["train-00000.tar key 000002"].startswith("unreadable image")
     assert reasons["train-00001.tar key 000007"] == "empty caption"
+    assert reasons["train-00001.tar key 000009"].startswith("member json does not decode")
     with pytest.raises(ValueError, match="--strict: .* key 000002: unreadable image"):
         read_caption_ids(streaming_loader(shards, strict=True, shuffle_buffer=0), 1)
 
@@ -414,3 +417,17 @@ def test_streaming_trains_every_model_family_and_with_augmentation(
     result = with_fresh_state(train, data, model, training)
     assert result.metrics["training"]["optimizer_steps"] == 192 // 32
     assert 0 <= result.metrics["test"]["image_to_text_R@1"] <= 1
+
+
+def test_a_stream_with_no_usable_row_stops_with_what_to_check_and_a_truncated_shard_is_named(tmp_path):
+    shards = str(tmp_path / "shards")
+    write_shards(shards, [4, 4], damaged=dict.fromkeys(range(8), "image"))
+    with pytest.raises(ValueError, match="no usable pair .* check --image_column"):
+        read_caption_ids(streaming_loader(shards), 1)
+    good = str(tmp_path / "good")
+    write_shards(good, [8])
+    path = os.path.join(good, "train-00000.tar")
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ValueError, match="train-00000.tar is truncated"):
+        streaming_loader(good)

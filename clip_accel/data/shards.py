@@ -59,23 +59,36 @@ class TarShards:
         return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
 
     def rows(self, shard: int) -> Iterator[dict]:
+        """The shard's rows. Plain ustar members only (names of up to 100 characters, plus the ustar prefix); a
+        member that does not decode becomes an `__errors__` entry of its row (the row is then skipped and
+        counted); a truncated shard is an error naming it."""
         url = self.files[shard]
         key, row = None, {}
         with xopen(url, "rb") as handle:
             while len(header := handle.read(512)) == 512 and header[0] != 0:  # a zero block ends a tar
-                name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")  # ustar: long paths' folders
-                size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")  # ustar: long paths' folders
+                try:
+                    size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+                except ValueError:
+                    raise ValueError(f"{url}: a tar header at byte {handle.tell() - 512} is not a tar header") from None
                 value = handle.read(size)
-                handle.read(-size % 512)  # members are padded to whole blocks
+                if len(value) < size or len(handle.read(-size % 512)) < -size % 512:  # (padded to whole blocks)
+                    raise ValueError(f"{url} is truncated (member {name!r}): write the shard again or remove it.")
                 if header[156:157] not in (b"0", b"\0"):  # folders, links, pax headers
                     continue
-                base, _, field = f"{prefix}/{name}".rpartition("/")[2].partition(".")
+                path = f"{prefix}/{name}" if prefix else name
+                folder, _, file_name = path.rpartition("/")
+                base, _, field = file_name.partition(".")
+                base = f"{folder}/{base}" if folder else base  # (the key keeps its folder, as webdataset's does)
                 if base != key:
                     if row:
                         yield {**row, "__key__": key, "__url__": url}
                     key, row = base, {}
-                row[field] = self._decode(field, value, key)
+                try:
+                    row[field] = self._decode(field, value, key)
+                except (ValueError, UnicodeDecodeError) as error:
+                    row.setdefault("__errors__", []).append(f"member {field} does not decode: {error}")
         if row:
             yield {**row, "__key__": key, "__url__": url}
 
@@ -177,14 +190,19 @@ def stream_row(example: dict, config: DataConfig) -> dict:
     """One source row in the raw schema (`image`, `caption`, `label`; see `sources`)."""
     if config.caption_template is not None:
         fields = template_fields(config.caption_template)
-        caption = compose_caption(config.caption_template, {name: example[name] for name in fields})
+        missing = [name for name in fields if example.get(name) is None]
+        values = {name: example.get(name) for name in fields}
+        caption = None if missing else compose_caption(config.caption_template, values)
     else:
         caption = _column_value(example, config.caption_column)
     label = _column_value(example, config.label_column) if config.label_column is not None else None
+    if config.label_column is not None and label is None:
+        label = ""  # a row without its label: skipped as "empty class label"
     return {
         "image": example.get(config.image_column),
         "caption": None if caption is None else str(caption),
         "label": None if label is None else str(label),
+        "errors": example.get("__errors__"),
     }
 
 

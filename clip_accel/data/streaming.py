@@ -139,8 +139,13 @@ class StreamingPairs(IterableDataset):
         raw = [stream_row(example, self.config) for _, example, _ in chunk]
         batch = {name: [row[name] for row in raw] for name in ("image", "caption", "label")}
         cached = self.preprocessor({**batch, "source_row": [position for position, _, _ in chunk]})
-        usable = [index for index, reason in enumerate(cached["skip_reason"]) if not reason]
-        skipped = [(chunk[i][2], reason) for i, reason in enumerate(cached["skip_reason"]) if reason]
+        # (a member of the row that did not decode, e.g. broken JSON, is its reason first)
+        reasons = [
+            row["errors"][0] if row["errors"] else reason
+            for row, reason in zip(raw, cached["skip_reason"], strict=True)
+        ]
+        usable = [index for index, reason in enumerate(reasons) if not reason]
+        skipped = [(chunk[i][2], reason) for i, reason in enumerate(reasons) if reason]
         if skipped and self.config.strict:
             raise ValueError(
                 f"--strict: {self.split.source}[{self.split.name}] {skipped[0][0]}: {skipped[0][1]}. Fix or remove "
@@ -263,7 +268,9 @@ class StreamingLoader:
         while True:
             loader = self._loader()  # (its workers' shared memory first, then what they read from it)
             self.pairs.set_pass(pass_index, resume)
+            produced = 0  # usable pairs this pass gave
             for chunk in loader:
+                produced += len(chunk["positions"])
                 for where, reason in chunk["skipped"]:
                     if where not in self.skipped:
                         self.skipped[where] = reason
@@ -274,9 +281,17 @@ class StreamingLoader:
                     batch = self._take(pending, self.batch_size, position)
                     waiting -= self.batch_size
                     yield batch
+            if not produced and waiting == 0:
+                raise ValueError(
+                    f"{self.pairs.split.source}[{self.pairs.split.name}]: pass {pass_index} gave process "
+                    f"{self.pairs.rank} no usable pair ({len(self.skipped)} rows skipped, e.g. "
+                    f"{next(iter(self.skipped.items()), ('-', '-'))}); check --image_column/--caption_column/"
+                    "--label_column and the shards."
+                )
             logger.warning(
                 f"Pass {pass_index} of the stream ran out before the epoch's {len(self)} batches on process "
-                f"{self.pairs.rank} (rows skipped as damaged): the epoch is topped up from the next pass.",
+                f"{self.pairs.rank} (rows skipped as damaged, or fewer rows than --epoch_rows / the recorded count "
+                "gives it): the epoch is topped up from the next pass.",
                 main_process_only=False,
             )
             pass_index, resume = pass_index + 1, None
