@@ -42,6 +42,7 @@ from clip_accel.data.preprocess import PairPreprocessor, load_rgb_image, preproc
 from clip_accel.data.shards import (  # noqa: E402
     count_shard_rows,
     load_stream_split,
+    open_stream,
     write_webdataset_shards,  # noqa: E402
 )
 from clip_accel.data.sources import read_indo_fashion  # noqa: E402
@@ -259,7 +260,8 @@ def shard_loader(shards: str, tokenizer, workers: int) -> StreamingLoader:
     config = DataConfig(
         dataset_name=shards, streaming=True, image_column="jpg", caption_column="txt", label_column="json.class_label"
     )
-    split = load_stream_split(config, "train", count_shard_rows(config, "train"))
+    stream = open_stream(config, "train")
+    split = load_stream_split(config, "train", count_shard_rows(config, stream), stream)
     preprocessor = PairPreprocessor(tokenizer, IMAGE_SIZE, 77)
     pairs = StreamingPairs(split, config, preprocessor, 0, 1, seed=0, padding=(tokenizer.pad_token_id, None, False))
     return StreamingLoader(pairs, BATCH_SIZE, num_workers=workers)

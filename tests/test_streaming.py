@@ -15,7 +15,7 @@ from conftest import with_fresh_state
 from PIL import Image
 from test_distributed import torchrun
 
-from clip_accel.config import DataConfig, ModelConfig, TrainConfig
+from clip_accel.config import DataConfig
 from clip_accel.data import (
     STREAM_POSITION,
     StreamingLoader,
@@ -25,7 +25,7 @@ from clip_accel.data import (
     write_webdataset_shards,
 )
 from clip_accel.data.preprocess import PairPreprocessor, caption_id
-from clip_accel.data.shards import add_tar_member, count_shard_rows, load_stream_split
+from clip_accel.data.shards import add_tar_member, count_shard_rows, load_stream_split, open_stream
 from clip_accel.tokenizer import build_offline_tokenizer
 from clip_accel.trainer import train
 
@@ -63,16 +63,17 @@ def write_shards(folder, sizes: list[int], split: str = "train", damaged: dict |
     return items
 
 
+STREAM_OPTIONS = {
+    "streaming": True,
+    "image_column": "jpg",
+    "caption_column": "txt",
+    "label_column": "json.class_label",
+    "shuffle_buffer": 8,
+}
+
+
 def stream_config(shards: str, **overrides) -> DataConfig:
-    values = {
-        "dataset_name": shards,
-        "streaming": True,
-        "image_column": "jpg",
-        "caption_column": "txt",
-        "label_column": "json.class_label",
-        "shuffle_buffer": 8,
-    }
-    return DataConfig(**{**values, **overrides})
+    return DataConfig(**{"dataset_name": shards, **STREAM_OPTIONS, **overrides})
 
 
 TOKENIZER = build_offline_tokenizer([caption(item) for item in range(200)])
@@ -83,7 +84,8 @@ def streaming_loader(shards: str, rank: int = 0, world: int = 1, workers: int = 
     """Process `rank` of `world`'s loader of batches of BATCH (16 px images)."""
     PartialState(cpu=True)  # (Accelerate's logger needs one)
     config = stream_config(shards, **overrides)
-    split = load_stream_split(config, "train", count_shard_rows(config, "train"))
+    stream = open_stream(config, "train")
+    split = load_stream_split(config, "train", count_shard_rows(config, stream), stream)
     preprocessor = PairPreprocessor(TOKENIZER, IMAGE_SIZE, 77)
     pairs = StreamingPairs(
         split, config, preprocessor, rank, world, seed=0, padding=(TOKENIZER.pad_token_id, None, False)
@@ -234,31 +236,21 @@ def demo_shards(tmp_path_factory, demo_dir) -> str:
     return shards
 
 
-def streamed_run_configs(shards: str, model_config: str, root, **train) -> tuple:
-    values = {
-        "output_dir": str(root / "out"),
-        "num_train_epochs": 2,
-        "per_device_train_batch_size": 32,
-        "per_device_eval_batch_size": 32,
-        "learning_rate": 2e-3,
-        "logging_steps": 1,
-        "seed": 0,
-        "dataloader_num_workers": 2,
-        **train,
-    }
-    return (
-        stream_config(shards, cache_dir=str(root / "cache")),
-        ModelConfig(scratch_config=model_config),
-        TrainConfig(**values),
-    )
+@pytest.fixture
+def make_stream_configs(make_configs, demo_shards):
+    """`make_configs` (conftest) for a run streamed from the demo's shards with 2 workers; keywords override."""
+
+    def build(**overrides) -> tuple:
+        stream = {"data_dir": None, "dataset_name": demo_shards, **STREAM_OPTIONS, "dataloader_num_workers": 2}
+        return make_configs(**{**stream, **overrides})
+
+    return build
 
 
 def test_a_streamed_run_trains_and_resumes_mid_epoch_where_its_checkpoint_left_the_stream(
-    demo_shards, tiny_model_config_path, tmp_path
+    make_stream_configs, tmp_path
 ):
-    configs = streamed_run_configs(
-        demo_shards, tiny_model_config_path, tmp_path, checkpointing_steps=2, save_total_limit=0
-    )
+    configs = make_stream_configs(checkpointing_steps=2, save_total_limit=0)
     result = with_fresh_state(train, *configs)
     training = result.metrics["training"]
     assert training["optimizer_steps"] == 12 and training["train_pairs"] == 192  # 192 // 32 = 6 steps an epoch
@@ -268,13 +260,8 @@ def test_a_streamed_run_trains_and_resumes_mid_epoch_where_its_checkpoint_left_t
     (position,) = state["stream"]
     assert position["pass"] == 0 and sum(position["consumed"]) == 4 * 32
     # Resume at step 4: the epoch's last 2 batches come from where the stream stood, not from its start.
-    resumed = streamed_run_configs(
-        demo_shards,
-        tiny_model_config_path,
-        tmp_path,
-        checkpointing_steps=2,
-        save_total_limit=0,
-        resume_from_checkpoint=str(checkpoints / "step-0000004"),
+    resumed = make_stream_configs(
+        checkpointing_steps=2, save_total_limit=0, resume_from_checkpoint=str(checkpoints / "step-0000004")
     )
     shutil.rmtree(checkpoints / "step-0000006")
     result = with_fresh_state(train, *resumed)
@@ -330,16 +317,14 @@ def test_two_launched_processes_split_the_shards_exactly_and_train(
 
 
 def test_a_streamed_model_folder_evaluates_to_its_own_figures_and_has_a_card(
-    demo_shards, tiny_model_config_path, tmp_path
+    make_stream_configs, demo_shards, tmp_path
 ):
     """`clip-accel evaluate` on the shards (read through datasets' webdataset loader, map-style) gives the test
     figures the streamed run measured on its own reading of them; the card is written as for any run."""
     from clip_accel.cli import main as cli_main
     from clip_accel.cli import train_and_publish
 
-    configs = streamed_run_configs(
-        demo_shards, tiny_model_config_path, tmp_path, accumulation="exact", gradient_accumulation_steps=2
-    )
+    configs = make_stream_configs(accumulation="exact", gradient_accumulation_steps=2)
     result = with_fresh_state(train_and_publish, *configs)
     assert result.metrics["training"]["optimizer_steps"] == 2 * 3  # 6 batches an epoch, 2 per exact step
     card = (tmp_path / "out" / "README.md").read_text()
@@ -401,7 +386,7 @@ def test_a_streamed_run_under_fsdp_stops_at_start_up(even_shards):
 
 @pytest.mark.parametrize("variant", ["siglip", "siglip2", "augment"])
 def test_streaming_trains_every_model_family_and_with_augmentation(
-    variant, demo_shards, tiny_model_config_path, tiny_siglip_config_path, tmp_path
+    variant, make_stream_configs, tiny_model_config_path, tiny_siglip_config_path, tmp_path
 ):
     """SigLIP (square images, captions padded to 64), SigLIP 2 (patch sequences and their grids) and --augment
     (training images decoded larger, cropped on the device) from a stream: one epoch, then the usual evaluation."""
@@ -411,10 +396,9 @@ def test_streaming_trains_every_model_family_and_with_augmentation(
     if variant == "siglip2":
         model_config = str(tmp_path / "siglip2.json")
         (tmp_path / "siglip2.json").write_text(json.dumps(tiny_siglip2_values()))
-    data, model, training = streamed_run_configs(demo_shards, model_config, tmp_path, num_train_epochs=1)
-    if variant == "augment":
-        data = stream_config(demo_shards, cache_dir=str(tmp_path / "cache"), augment=True, augment_flip=True)
-    result = with_fresh_state(train, data, model, training)
+    augment = {"augment": True, "augment_flip": True} if variant == "augment" else {}
+    configs = make_stream_configs(scratch_config=model_config, num_train_epochs=1, **augment)
+    result = with_fresh_state(train, *configs)
     assert result.metrics["training"]["optimizer_steps"] == 192 // 32
     assert 0 <= result.metrics["test"]["image_to_text_R@1"] <= 1
 

@@ -20,6 +20,7 @@ from .shards import (
     count_shard_rows,
     load_stream_split,
     needs_count,
+    open_stream,
     read_stream_split,
     stream_captions,
     write_webdataset_shards,
@@ -88,11 +89,13 @@ def _load_streamed_splits(accelerator: Accelerator, config: DataConfig, roles) -
         role: read_stream_split(config, names[role], config.max_eval_samples) for role in roles if role != "train"
     }
     if "train" in roles:
-        counted = [None]
-        if accelerator.is_main_process and needs_count(config, names["train"]):
-            counted = [count_shard_rows(config, names["train"])]
+        counted, stream = [None], None
+        if accelerator.is_main_process:  # (opened once here, for the count and the run)
+            stream = open_stream(config, names["train"])
+            if needs_count(config, stream):
+                counted = [count_shard_rows(config, stream)]
         broadcast_object_list(counted)
-        splits["train"] = load_stream_split(config, names["train"], counted[0])
+        splits["train"] = load_stream_split(config, names["train"], counted[0], stream)
     return splits
 
 

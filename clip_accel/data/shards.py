@@ -222,10 +222,12 @@ def where_in_stream(example: dict, shard: int, index: int) -> str:
     return f"shard {shard} row {index}"
 
 
-def load_stream_split(config: DataConfig, split: str, counted: list[int] | None = None) -> StreamSplit:
-    """The stream, with an epoch's rows: --epoch_rows, else `counted` (each shard's rows, from `count_shard_rows`),
-    else the dataset's recorded count."""
-    stream = open_stream(config, split)
+def load_stream_split(
+    config: DataConfig, split: str, counted: list[int] | None = None, stream: TarShards | DatasetShards | None = None
+) -> StreamSplit:
+    """The stream (`stream` when already open), with an epoch's rows: --epoch_rows, else `counted` (each shard's
+    rows, from `count_shard_rows`), else the dataset's recorded count."""
+    stream = stream if stream is not None else open_stream(config, split)
     rows, shard_rows = config.epoch_rows, None
     if rows is None and counted is not None:
         rows, shard_rows = sum(counted), counted
@@ -240,15 +242,16 @@ def _recorded_rows(stream) -> int | None:
     return stream.recorded_rows if isinstance(stream, DatasetShards) else None
 
 
-def needs_count(config: DataConfig, split: str) -> bool:
+def needs_count(config: DataConfig, stream: TarShards | DatasetShards) -> bool:
     """Whether an epoch's length must be counted: neither --epoch_rows nor a recorded count."""
-    return config.epoch_rows is None and _recorded_rows(open_stream(config, split)) is None
+    return config.epoch_rows is None and _recorded_rows(stream) is None
 
 
-def count_shard_rows(config: DataConfig, split: str) -> list[int]:
+def count_shard_rows(config: DataConfig, stream: TarShards | DatasetShards) -> list[int]:
     """Each shard's rows, read once (their bytes, no image decoded)."""
-    stream = open_stream(config, split)
-    logger.info(f"Counting the rows of {config.dataset_name}[{split}] once (set --epoch_rows to skip this)")
+    logger.info(
+        f"Counting the rows of {config.dataset_name}[{config.train_split}] once (set --epoch_rows to skip this)"
+    )
     return [stream.count(shard) for shard in range(stream.num_shards)]
 
 
