@@ -12,6 +12,7 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.native_kernels
 def test_gpu_check_smoke_mode_runs_every_step_and_writes_its_tables(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
     result = subprocess.run(

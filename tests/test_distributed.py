@@ -193,6 +193,7 @@ def two_process_run(tmp_path_factory, demo_dir, tiny_model_config_path):
     return out, result.stdout + result.stderr
 
 
+@pytest.mark.learning
 def test_launch_line_trains_on_two_processes_and_logs_what_it_got(two_process_run):
     out, log = two_process_run
     results = json.loads((out / "eval_results.json").read_text())

@@ -95,6 +95,7 @@ def test_merged_folder_embeds_exactly_as_the_starting_model_plus_the_adapter(lor
     assert not torch.allclose(start[0], _embeddings(merged, processor, demo_dir)[0], atol=1e-3)
 
 
+@pytest.mark.learning
 def test_final_figures_are_those_of_the_merged_folder(lora_run):
     configs, result = lora_run
     assert result.metrics["training"]["best_step"] < result.metrics["training"]["optimizer_steps"]

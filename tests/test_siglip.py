@@ -55,21 +55,25 @@ def siglip_run(tmp_path_factory, demo_dir, tiny_siglip_config_path):
         demo_dir,
         ModelConfig(scratch_config=tiny_siglip_config_path),
         # SigLIP from scratch first learns the prior (the bias) and only then to tell pairs apart: it needs
-        # more steps than CLIP (tested: 180 steps, 0.022 -> 0.089 mean R@1 on this split).
+        # more steps than CLIP. 360 steps of 16: mean R@1 0.022 -> 0.189, mean R@5 0.111 -> 0.58-0.60 under the
+        # avx512, avx2 and default kernels alike (180 steps of 32 gave 0.044 under two of them, 0.056 under avx2).
         num_train_epochs=30,
-        per_device_train_batch_size=32,
+        per_device_train_batch_size=16,
         per_device_eval_batch_size=32,
-        learning_rate=2e-3,
+        learning_rate=3e-3,
         warmup_ratio=0.1,
         seed=0,
         early_stopping_patience=0,
     )
 
 
+@pytest.mark.learning
 def test_a_tiny_siglip_trains_from_scratch_and_beats_its_starting_model(siglip_run):
     _, result = siglip_run
     initial, final = result.metrics["initial"]["test"], result.metrics["test"]
-    assert final["mean_R@1"] > initial["mean_R@1"] + 0.03 and final["text_to_image_R@5"] > initial["text_to_image_R@5"]
+    assert final["mean_R@1"] > initial["mean_R@1"] + 0.1
+    for direction in ("image_to_text", "text_to_image"):
+        assert final[f"{direction}_R@5"] > initial[f"{direction}_R@5"] + 0.25, direction
     assert result.model.__class__ is SiglipModel and result.model.logit_bias.shape == (1,)
 
 

@@ -65,8 +65,8 @@ def siglip2_run(tmp_path_factory, demo_dir):
         root,
         demo_dir,
         ModelConfig(scratch_config=_values_path(root)),
-        # As SigLIP from scratch: the prior (the bias) first, then pairs (tested: 168 steps of 16, 0.033 -> 0.100
-        # mean R@1; 0.033 -> 0.167 with seed 1; half the time of 30 epochs of 32).
+        # As SigLIP from scratch: the prior (the bias) first, then pairs. 168 steps of 16: mean R@1 0.033 ->
+        # 0.122 (avx512, default kernels) or 0.133 (avx2); mean R@5 0.122 -> 0.51-0.53.
         num_train_epochs=14,
         per_device_train_batch_size=16,
         per_device_eval_batch_size=32,
@@ -77,10 +77,13 @@ def siglip2_run(tmp_path_factory, demo_dir):
     )
 
 
+@pytest.mark.learning
 def test_a_tiny_siglip2_trains_from_scratch_and_beats_its_starting_model(siglip2_run):
     _, result = siglip2_run
     initial, final = result.metrics["initial"]["test"], result.metrics["test"]
-    assert final["mean_R@1"] > initial["mean_R@1"] + 0.05 and final["text_to_image_R@5"] > initial["text_to_image_R@5"]
+    assert final["mean_R@1"] > initial["mean_R@1"] + 0.05
+    for direction in ("image_to_text", "text_to_image"):
+        assert final[f"{direction}_R@5"] > initial[f"{direction}_R@5"] + 0.2, direction
     assert result.model.__class__ is Siglip2Model
 
 

@@ -176,6 +176,7 @@ def test_fp16_without_a_grad_scaler_is_refused_instead_of_training_in_float32(ma
 
 
 @pytest.mark.parametrize("take_step, micro_batches", [(plain_step, 1), (exact_step, 2)])
+@pytest.mark.native_kernels
 def test_under_torch_compile_the_steps_compile_once_without_graph_breaks_or_recompiles(take_step, micro_batches):
     # Dynamo's tracing (graph breaks, guards, recompiles) is the same whatever the backend; "eager" skips inductor's
     # lowering of each graph (the trainer's --torch_compile uses inductor). Captions are padded to each batch's

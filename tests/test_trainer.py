@@ -41,6 +41,7 @@ def trained(tmp_path_factory, demo_dir, tiny_model_config_path):
     return configs, train_and_publish(*configs)
 
 
+@pytest.mark.learning
 def test_training_raises_recall_above_the_untrained_model(trained):
     _, result = trained
     initial, final = result.metrics["initial"]["test"], result.metrics["test"]
@@ -214,6 +215,7 @@ def test_missing_split_of_the_data_folder_fails_at_start_up(make_configs, tmp_pa
         train(*make_configs(data_dir=str(broken)))
 
 
+@pytest.mark.native_kernels
 def test_torch_compile_option_trains_the_same_and_saves_a_plain_clip_model(make_configs, tmp_path):
     from accelerate.state import AcceleratorState
 
