@@ -44,9 +44,14 @@ def learn_merges(captions: Iterable[str], max_merges: int = 4000, min_frequency:
         end_of_word_suffix=END_OF_WORD,
         show_progress=False,
     )
-    learner.train_from_iterator(captions, trainer)
+    learner.train_from_iterator(_texts(captions), trainer)
     merges = json.loads(learner.to_str())["model"]["merges"]
     return [tuple(merge.split(" ") if isinstance(merge, str) else merge) for merge in merges[:max_merges]]
+
+
+def _texts(captions: Iterable) -> Iterable[str]:
+    """The captions that are text (a skipped row's caption may be None)."""
+    return (caption for caption in captions if isinstance(caption, str))
 
 
 def build_offline_tokenizer(
@@ -79,7 +84,7 @@ def build_offline_siglip2_tokenizer(captions: Iterable[str], max_merges: int = 4
     trainer = trainers.BpeTrainer(
         vocab_size=len(specials) + max_merges, min_frequency=2, special_tokens=specials, show_progress=False
     )
-    learner.train_from_iterator(captions, trainer)
+    learner.train_from_iterator(_texts(captions), trainer)
     state = json.loads(learner.to_str())["model"]
     merges = [tuple(merge.split(" ") if isinstance(merge, str) else merge) for merge in state["merges"]]
     return Siglip2Tokenizer(vocab=state["vocab"], merges=merges, model_max_length=64)

@@ -98,3 +98,77 @@ def test_strict_mode_stops_at_the_first_bad_row_naming_file_line_and_reason(dama
     data, model, config = make_configs(data_dir=str(damaged_dir), strict=True)
     with pytest.raises(ValueError, match=r"--strict: .*train_data.json, line 1: unreadable image.*0.jpeg"):
         train(data, model, config)
+
+
+# The same bad cells in every kind of source: a null caption, a caption that is not text, a null class label.
+BAD_CELLS = {1: "no caption (null)", 2: "caption is not text (int '5')", 3: "empty class label"}
+
+
+def _bad_cell_records(demo_dir: str, count: int = 8) -> list[dict]:
+    lines = Path(demo_dir, "train_data.json").read_text().splitlines()[:count]
+    records = [{**json.loads(line)} for line in lines]
+    for record in records:
+        record["image_path"] = os.path.join(demo_dir, record["image_path"])
+    records[1]["product_title"] = None
+    records[2]["product_title"] = 5
+    records[3]["class_label"] = None
+    return records
+
+
+def _read_source(kind: str, records: list[dict], folder: Path):
+    from clip_accel.data.shards import add_tar_member, read_stream_split
+
+    folder.mkdir()
+    if kind == "indo_fashion":
+        (folder / "train_data.json").write_text("".join(json.dumps(record) + "\n" for record in records))
+        return load_raw_split(DataConfig(data_dir=str(folder)), "train", None)
+    if kind == "datasets":  # (a JSON column is one type: the number is the shards' and the folder's case)
+        records = [{**record, "product_title": None} if record["product_title"] == 5 else record for record in records]
+        (folder / "train.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        config = DataConfig(
+            dataset_name="json",
+            data_files=str(folder / "train.jsonl"),
+            image_column="image_path",
+            caption_column="product_title",
+            label_column="class_label",
+        )
+        return load_raw_split(config, "train", None)
+    import tarfile
+
+    with tarfile.open(folder / "train-00000.tar", "w") as tar:
+        for index, record in enumerate(records):
+            add_tar_member(tar, f"{index:04d}.jpg", Path(record["image_path"]).read_bytes())
+            add_tar_member(tar, f"{index:04d}.json", json.dumps(record).encode())
+    config = DataConfig(
+        dataset_name=str(folder),
+        streaming=True,
+        image_column="jpg",
+        caption_column="json.product_title",
+        label_column="json.class_label",
+    )
+    return read_stream_split(config, "train", None)  # (the training stream's rows pass the same stream_row)
+
+
+@pytest.mark.parametrize("kind", ["indo_fashion", "datasets", "shards"])
+def test_null_or_non_text_captions_and_null_labels_are_skipped_alike_in_every_source(
+    kind, demo_dir, offline_tokenizer, tmp_path
+):
+    raw = _read_source(kind, _bad_cell_records(demo_dir), tmp_path / kind)
+    cached = preprocess_split(raw, offline_tokenizer, 16, str(tmp_path / "cache"))
+    expected = {**BAD_CELLS, **({2: "no caption (null)"} if kind == "datasets" else {})}
+    assert {row: reason for row, reason in enumerate(cached["skip_reason"]) if reason} == expected
+    assert "None" not in cached["caption"] and "5" not in cached["caption"]
+
+
+def test_a_caption_list_or_a_column_that_is_not_text_stops_naming_the_column_file_or_line(demo_dir, tmp_path):
+    records = _bad_cell_records(demo_dir)[:1]
+    records[0]["product_title"] = ["a red kurta", "a kurta in red"]
+    with pytest.raises(ValueError, match=r"train_data.json, line 1: product_title holds a list of captions"):
+        _read_source("indo_fashion", records, tmp_path / "folder")
+    with pytest.raises(ValueError, match=r"--caption_column 'json.product_title' holds a list of captions"):
+        _read_source("shards", records, tmp_path / "shards")
+    with pytest.raises(ValueError, match=r"--caption_column 'product_title' holds a list of captions"):
+        _read_source("datasets", records, tmp_path / "list")
+    records[0]["product_title"] = 0
+    with pytest.raises(ValueError, match=r"--caption_column 'product_title' holds int64, not text.*--caption_template"):
+        _read_source("datasets", records, tmp_path / "numbers")

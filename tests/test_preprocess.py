@@ -194,3 +194,50 @@ def test_captions_the_text_tower_cannot_tell_apart_share_a_caption_id(tmp_path, 
     raw = _raw(tmp_path, [Image.new("RGB", (30, 30), "green")] * len(captions), captions)
     ids = preprocess_split(raw, offline_tokenizer, 16, str(tmp_path / "cache"))["caption_id"]
     assert ids[0] == ids[1] and ids[2] == ids[3] and len({ids[0], ids[2], ids[4]}) == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_multi_process_pass_exits_130_with_one_line_and_leaves_no_temporary_file(tmp_path, demo_dir):
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from launching import CPU_ENV, ROOT
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(demo_dir, data)
+    # Every training row shows one large noisy PNG (no draft decode): a pass of minutes, interrupted in its first.
+    noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(data / "large.png")
+    rows = [json.loads(line) for line in (data / "train_data.json").read_text().splitlines()]
+    (data / "train_data.json").write_text(
+        "".join(json.dumps({**row, "image_path": "large.png"}) + "\n" for row in rows * 10)
+    )
+    command = [sys.executable, "-m", "clip_accel", "train", "--data_dir", str(data), "--scratch_config", "clip-tiny"]
+    command += ["--output_dir", str(tmp_path / "out"), "--cache_dir", str(cache), "--preprocessing_num_workers", "2"]
+    with open(tmp_path / "log", "w") as log:  # (a terminal's Ctrl-C reaches the whole process group)
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=CPU_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        deadline = time.monotonic() + 120
+        while not (cache.is_dir() and any(name.startswith("tmp") for name in os.listdir(cache))):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(1)  # the workers are writing the cache
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=60)
+    output = (tmp_path / "log").read_text()
+    assert process.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "TimeoutError" not in output
+    assert len([line for line in output.splitlines() if "Interrupted" in line]) == 1
+    assert not [name for name in os.listdir(cache) if name.startswith("tmp")]

@@ -182,3 +182,44 @@ def test_a_template_composes_captions_of_a_datasets_source_and_a_missing_column_
             "validation",
             None,
         )
+
+
+def test_a_line_that_is_not_utf8_names_its_file_and_line_and_u2028_in_a_title_is_no_line_end(tmp_path):
+    _write_foreign_layout(tmp_path)
+    lines = (tmp_path / "train_data.json").read_bytes().split(b"\r\n")
+    record = json.loads(lines[1])
+    record["product_title"] = "Blue saree\u2028zari border"  # JSON may hold it as it is
+    lines[1] = json.dumps(record, ensure_ascii=False).encode()
+    (tmp_path / "train_data.json").write_bytes(b"\r\n".join(lines))
+    raw = read_indo_fashion(str(tmp_path), "train")
+    assert raw.dataset["caption"][1] == "Blue saree\u2028zari border" and raw.dataset["source_row"] == [1, 2, 3]
+    lines[2] = lines[2].replace(b"Green", b"Gr\xe9en")  # Latin-1, not UTF-8
+    (tmp_path / "train_data.json").write_bytes(b"\r\n".join(lines))
+    with pytest.raises(ValueError, match=r"train_data.json, line 3: not UTF-8 \(byte 0xe9 at column \d+\)"):
+        read_indo_fashion(str(tmp_path), "train")
+
+
+def test_a_datasets_source_skips_null_labels_as_every_source_does_and_names_class_labels(tmp_path):
+    from clip_accel.data.preprocess import preprocess_split
+    from clip_accel.tokenizer import build_offline_tokenizer
+
+    _write_imagefolder(tmp_path / "meta")
+    metadata = tmp_path / "meta" / "validation" / "metadata.jsonl"
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    rows[0]["category"] = None
+    metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = DataConfig(
+        dataset_name="imagefolder", data_files=str(tmp_path / "meta"), caption_column="text", label_column="category"
+    )
+    raw = load_raw_split(config, "validation", None)
+    assert raw.dataset["label"] == ["", "kurta"]
+    cached = preprocess_split(raw, build_offline_tokenizer(["a red kurta"]), 16, str(tmp_path / "cache"))
+    assert cached["skip_reason"] == ["empty class label", ""]
+    for split in ("train", "validation", "test"):  # class folders: a ClassLabel column, its cells are indices
+        for label in ("kurta", "saree"):
+            os.makedirs(tmp_path / "folders" / split / label)
+            Image.new("RGB", (20, 20), "red").save(tmp_path / "folders" / split / label / "0.png")
+    config = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path / "folders"), caption_template="{label}")
+    config = DataConfig(**{**config.__dict__, "label_column": "label"})
+    named = load_raw_split(config, "test", None).dataset
+    assert named["label"] == ["kurta", "saree"] and named["caption"] == ["kurta", "saree"]

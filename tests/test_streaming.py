@@ -181,7 +181,7 @@ def test_damaged_rows_are_skipped_and_counted_and_strict_stops_at_the_first(tmp_
     reasons = dict(loader.skipped)
     assert sorted(reasons) == [f"train-0000{item // 6}.tar key {item:06d}" for item in (2, 7, 9)]
     assert reasons["train-00000.tar key 000002"].startswith("unreadable image")
-    assert reasons["train-00001.tar key 000007"] == "empty caption"
+    assert reasons["train-00001.tar key 000007"] == "no caption (null)"
     assert reasons["train-00001.tar key 000009"].startswith("member json does not decode")
     with pytest.raises(ValueError, match="--strict: .* key 000002: unreadable image"):
         read_caption_ids(streaming_loader(shards, strict=True, shuffle_buffer=0), 1)

@@ -10,15 +10,19 @@ identical run decodes nothing, and any change to the rows, image files, tokenize
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import os
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, replace
 
 import datasets
+import multiprocess  # datasets' multiprocessing (its map's pool and manager)
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -26,7 +30,7 @@ from ..tokenizer import MAX_TEXT_TOKENS
 from .sources import RawSplit
 
 # Bump when the cached layout or the pixel pipeline changes, so old caches are not reused.
-PREPROCESS_VERSION = 4
+PREPROCESS_VERSION = 5  # 5: null and non-text captions skipped (were cached as the text 'None')
 # The compact cache (`--cache_format jpeg`): each resized crop re-encoded once. Quality 95 with 4:2:0 chroma: ~16 KB
 # per 224 px product photo, mean absolute error ~1.4 of 255 (BENCHMARKS.md section 2).
 JPEG_QUALITY = 95
@@ -232,8 +236,14 @@ class PairPreprocessor:
 
     def __call__(self, batch: dict) -> dict:
         pixels, grids, reasons = [], [], []
-        for image, caption, label in zip(batch["image"], batch["caption"], batch["label"], strict=True):
-            reason = "" if not self.require_captions or (caption and caption.strip()) else "empty caption"
+        problems = batch.get("problem") or [None] * len(batch["image"])  # (found by the source's reader)
+        rows = zip(batch["image"], batch["caption"], batch["label"], problems, strict=True)
+        for image, caption, label, problem in rows:
+            reason = problem or ""
+            if not reason and self.require_captions and caption is None:
+                reason = "no caption (null)"
+            if not reason and self.require_captions and not caption.strip():
+                reason = "empty caption"
             if not reason and label is not None and not label.strip():  # None: the source has no labels
                 reason = "empty class label"
             if not reason and image is None:  # (a shard row without its image member, a null image cell)
@@ -337,14 +347,55 @@ def preprocess_split(
         ).encode()
     ).hexdigest()[:32]
     os.makedirs(cache_dir, exist_ok=True)
-    return raw.dataset.map(
-        PairPreprocessor(tokenizer, layout, max_length, draft, require_captions, cache_format),
-        batched=True,
-        batch_size=64,
-        num_proc=num_proc if num_proc > 1 and len(raw.dataset) >= 2 * num_proc else None,
-        remove_columns=raw.dataset.column_names,
-        features=cached_features(layout, cache_format),
-        cache_file_name=os.path.join(cache_dir, f"{raw.name}-{fingerprint}.arrow"),
-        new_fingerprint=fingerprint,
-        desc=f"Preprocessing {raw.name} (decoded once, then cached)",
-    )
+    with _interruptible(cache_dir):
+        return raw.dataset.map(
+            PairPreprocessor(tokenizer, layout, max_length, draft, require_captions, cache_format),
+            batched=True,
+            batch_size=64,
+            num_proc=num_proc if num_proc > 1 and len(raw.dataset) >= 2 * num_proc else None,
+            remove_columns=raw.dataset.column_names,
+            features=cached_features(layout, cache_format),
+            cache_file_name=os.path.join(cache_dir, f"{raw.name}-{fingerprint}.arrow"),
+            new_fingerprint=fingerprint,
+            desc=f"Preprocessing {raw.name} (decoded once, then cached)",
+        )
+
+
+@contextlib.contextmanager
+def _interruptible(cache_dir: str):
+    """Ctrl-C during the pass ends it as cleanly with worker processes as without, and leaves no partial file.
+
+    A terminal's Ctrl-C reaches every process of the group: `datasets.map`'s pool workers (forked, so they inherit
+    this handler) then ignore it and only this process raises KeyboardInterrupt; the pool is terminated on the way
+    out. Left alone, each worker raised it too, and `datasets` waiting on their results replaced the interrupt with
+    a `TimeoutError` (or hung). The temporary files it writes the cache through (renamed into place only when
+    complete) are removed, and the interrupt is raised as one, whatever it became on the way.
+    """
+    main, interrupted = os.getpid(), []
+
+    def interrupt(signum, frame):
+        if os.getpid() == main:
+            interrupted.append(signum)
+            raise KeyboardInterrupt
+
+    before = set(os.listdir(cache_dir))
+    in_main_thread = threading.current_thread() is threading.main_thread()  # (signals are the main thread's)
+    previous = signal.signal(signal.SIGINT, interrupt) if in_main_thread else None
+    try:
+        yield
+    except BaseException:
+        if not interrupted:
+            raise
+        # The pool's Manager process (datasets' result queue) outlives an interrupted pass: the generator that
+        # would shut it down stays referenced by the traceback, and at exit Python would wait for it forever.
+        for child in multiprocess.active_children():
+            child.terminate()
+            child.join(timeout=5)
+        for name in set(os.listdir(cache_dir)) - before:
+            if name.startswith("tmp"):  # (tempfile's names: this pass's unfinished cache files)
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(cache_dir, name))
+        raise KeyboardInterrupt from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)

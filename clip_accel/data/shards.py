@@ -28,7 +28,17 @@ from PIL import Image
 
 from ..config import DataConfig, template_fields
 from .preprocess import JPEG_QUALITY, encode_jpeg, load_rgb_image, to_rgb
-from .sources import INDO_FASHION_FILES, RawSplit, check_source_columns, compose_caption, hub_location
+from .sources import (
+    CAPTION_LISTS,
+    INDO_FASHION_FILES,
+    RawSplit,
+    caption_text,
+    check_source_columns,
+    class_names,
+    compose_caption,
+    hub_location,
+    label_text,
+)
 
 logger = get_logger(__name__)
 
@@ -44,6 +54,8 @@ class TarShards:
     """WebDataset tar shards: row k of shard s is the k-th group of members sharing a key (`KEY.jpg`, `KEY.txt`,
     ...), as a dict of extension -> value plus `__key__` and `__url__`."""
 
+    features = None  # (no schema: the members' extensions are the columns)
+
     def __init__(self, files: list[str]) -> None:
         self.files = files
 
@@ -51,9 +63,11 @@ class TarShards:
     def num_shards(self) -> int:
         return len(self.files)
 
+    def first_row(self) -> dict:
+        return next(self.rows(0), {})
+
     def column_names(self) -> list[str]:
-        first = next(self.rows(0), {})
-        return [name for name in first if not name.startswith("__")]
+        return [name for name in self.first_row() if not name.startswith("__")]
 
     def image_column(self, name: str) -> bool:
         return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
@@ -112,6 +126,10 @@ class DatasetShards:
     @property
     def num_shards(self) -> int:
         return self.stream.num_shards
+
+    @property
+    def features(self) -> datasets.Features | None:
+        return self.stream.features
 
     def column_names(self) -> list[str]:
         return list(self.stream.features or {})
@@ -180,30 +198,32 @@ def open_stream(config: DataConfig, split: str) -> TarShards | DatasetShards:
     stream = open_shards(config, split)
     nested = [name for name in (config.caption_column, config.label_column) if name and "." in name]
     columns = stream.column_names()
-    features = stream.stream.features if isinstance(stream, DatasetShards) else None
     if columns:
-        check_source_columns(config, split, columns, features, nested)
+        check_source_columns(config, split, columns, stream.features, nested)
+    # (tar shards have no schema: their first row says what the caption member holds)
+    first = stream.first_row() if isinstance(stream, TarShards) and config.caption_template is None else {}
+    if isinstance(_column_value(first, config.caption_column), list):
+        raise ValueError(f"{config.dataset_name}[{split}]: --caption_column {config.caption_column!r} {CAPTION_LISTS}.")
     return stream
 
 
-def stream_row(example: dict, config: DataConfig) -> dict:
-    """One source row in the raw schema (`image`, `caption`, `label`; see `sources`)."""
+def stream_row(example: dict, config: DataConfig, class_names: list[str] | None = None) -> dict:
+    """One source row in the raw schema (`image`, `caption`, `label`, `problem`; see `sources`), by the same
+    damaged-row rules as every source's (a member that did not decode is the row's problem first)."""
+    problem = (example.get("__errors__") or [None])[0]
     if config.caption_template is not None:
         fields = template_fields(config.caption_template)
-        missing = [name for name in fields if example.get(name) is None]
-        values = {name: example.get(name) for name in fields}
+        missing = [name for name in fields if not _has_column(example, name)]
+        values = {name: _column_value(example, name) for name in fields}  # (a null is written as "")
         caption = None if missing else compose_caption(config.caption_template, values)
+        problem = problem or (f"no {missing} for --caption_template" if missing else None)
     else:
-        caption = _column_value(example, config.caption_column)
-    label = _column_value(example, config.label_column) if config.label_column is not None else None
-    if config.label_column is not None and label is None:
-        label = ""  # a row without its label: skipped as "empty class label"
-    return {
-        "image": example.get(config.image_column),
-        "caption": None if caption is None else str(caption),
-        "label": None if label is None else str(label),
-        "errors": example.get("__errors__"),
-    }
+        caption, caption_problem = caption_text(_column_value(example, config.caption_column))
+        problem = problem or caption_problem  # (a list is refused at start-up when the first row holds one)
+    label = None
+    if config.label_column is not None:  # a row without its label: skipped as "empty class label"
+        label = label_text(_column_value(example, config.label_column), class_names)
+    return {"image": example.get(config.image_column), "caption": caption, "label": label, "problem": problem}
 
 
 def _column_value(example: dict, name: str):
@@ -213,6 +233,11 @@ def _column_value(example: dict, name: str):
     column, _, key = name.partition(".")
     value = example.get(column)
     return value.get(key) if isinstance(value, dict) else None
+
+
+def _has_column(example: dict, name: str) -> bool:
+    column, _, key = name.partition(".")
+    return name in example or (isinstance(example.get(column), dict) and key in example[column])
 
 
 def where_in_stream(example: dict, shard: int, index: int) -> str:
@@ -270,11 +295,12 @@ def read_stream_split(config: DataConfig, split: str, max_samples: int | None) -
     """An evaluation split of a streamed source, read whole into memory (they are small) as a map-style split, so
     it is preprocessed and cached like any other; its fingerprint hashes its rows' bytes."""
     stream = open_stream(config, split)
-    rows = {"image": [], "caption": [], "label": [], "source_row": []}
+    rows = {"image": [], "caption": [], "label": [], "problem": [], "source_row": []}
     digest = hashlib.sha256()
+    names = class_names(stream.features, config.label_column)
     for position, example in enumerate(all_rows(stream, max_samples)):
-        row = stream_row(example, config)
-        for name in ("image", "caption", "label"):
+        row = stream_row(example, config, names)
+        for name in ("image", "caption", "label", "problem"):
             rows[name].append(row[name])
         rows["source_row"].append(position)
         image = row["image"]
@@ -288,6 +314,7 @@ def read_stream_split(config: DataConfig, split: str, max_samples: int | None) -
             "image": datasets.Image(decode=False),
             "caption": datasets.Value("string"),
             "label": datasets.Value("string"),
+            "problem": datasets.Value("string"),
             "source_row": datasets.Value("int64"),
         }
     )

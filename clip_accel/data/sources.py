@@ -2,9 +2,13 @@
 the benchmarks), anything `datasets` can load.
 
 Every source yields the same raw schema, so preprocessing has one code path:
-`image` (a file path, or a `{"bytes", "path"}` dict), `caption` (str), `label` (str; None when the source has
-no labels, "" when a row's label is empty: such a row is skipped and reported),
+`image` (a file path, or a `{"bytes", "path"}` dict), `caption` (str; None when the row has none), `label` (str;
+None when the source has no labels, "" when a row's label is empty or null: such a row is skipped and reported),
+`problem` (optional; str: why the row is damaged, found when it was read, e.g. a caption that is not text),
 `source_row` (int, the row's position in its source, for error reports).
+
+The damaged-row rules for what a source's cells hold are here (`caption_text`, `label_text`), for every kind of
+source alike; preprocessing skips a row with a `problem`, no caption, an empty label or an unreadable image.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ RAW_FEATURES = datasets.Features(
         "label": datasets.Value("string"),
         "source_row": datasets.Value("int64"),
     }
+)
+# What a list-valued caption cell gets until several captions per image are supported.
+CAPTION_LISTS = (
+    "holds a list of captions; several captions per image are not supported yet: pick one caption column (or "
+    "field), or write one caption per row"
 )
 
 
@@ -77,6 +86,29 @@ def load_raw_split(config: DataConfig, split: str, max_samples: int | None) -> R
     return raw
 
 
+def caption_text(value) -> tuple[str | None, str | None]:
+    """A source's caption cell as (caption, problem): a string is the caption (an empty one is skipped later as
+    "empty caption"); a null, a non-string (a number, an object) or a list of captions is a damaged row, skipped
+    with its reason (readers refuse a list where they can name the file and line, or the column)."""
+    if isinstance(value, str):
+        return value, None
+    if value is None:
+        return None, "no caption (null)"
+    if isinstance(value, list | tuple):
+        return None, f"the caption {CAPTION_LISTS}"
+    return None, f"caption is not text ({type(value).__name__} {str(value)[:40]!r})"
+
+
+def label_text(value, names: list[str] | None = None) -> str:
+    """A class-label cell as text: a null is "" (the row is skipped as "empty class label", in every source);
+    `names`: a `datasets.ClassLabel`'s names, for its integer cells."""
+    if value is None:
+        return ""
+    if names is not None and isinstance(value, int) and 0 <= value < len(names):
+        return names[value]
+    return str(value).strip()
+
+
 def compose_caption(template: str, values: dict) -> str:
     """A caption from a `--caption_template` and one row's values of the columns it names (None written as "")."""
     return template.format_map({name: "" if value is None else str(value) for name, value in values.items()})
@@ -99,23 +131,30 @@ def read_indo_fashion(data_dir: str, split: str, caption_template: str | None = 
             f"{path} is missing: --data_dir must hold train_data.json, val_data.json and "
             "test_data.json as in the Indo-fashion Kaggle download."
         )
-    rows = {name: [] for name in RAW_FEATURES}
+    features = datasets.Features({**RAW_FEATURES, "problem": datasets.Value("string")})
+    rows = {name: [] for name in features}
     caption_fields = template_fields(caption_template) if caption_template is not None else ()
     with open(path, "rb") as handle:
         content = handle.read()
-    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line.
-    for line_number, line in enumerate(content.decode("utf-8-sig").splitlines(), start=1):
+    # Split on the bytes' own line ends: str.splitlines would also cut at U+2028 and other separators, which a
+    # JSON string may hold as they are. A byte-order mark (Windows editors write one) is not part of line 1.
+    for line_number, line in enumerate(content.removeprefix(b"\xef\xbb\xbf").splitlines(), start=1):
         if not line.strip():
             continue
-        record = _parse_line(line, path, line_number, caption_fields)
+        record = _parse_line(_decode_line(line, path, line_number), path, line_number, caption_fields)
         rows["image"].append(os.path.join(data_dir, record["image_path"]))
         if caption_template is None:
-            rows["caption"].append(str(record["product_title"]))
+            if isinstance(record["product_title"], list):
+                raise ValueError(f"{path}, line {line_number}: product_title {CAPTION_LISTS}.")
+            caption, problem = caption_text(record["product_title"])
         else:
-            rows["caption"].append(compose_caption(caption_template, {name: record[name] for name in caption_fields}))
-        rows["label"].append("" if record["class_label"] is None else str(record["class_label"]).strip())
+            caption = compose_caption(caption_template, {name: record[name] for name in caption_fields})
+            problem = None
+        rows["caption"].append(caption)
+        rows["problem"].append(problem)
+        rows["label"].append(label_text(record["class_label"]))
         rows["source_row"].append(line_number)
-    dataset = datasets.Dataset.from_dict(rows, features=RAW_FEATURES)
+    dataset = datasets.Dataset.from_dict(rows, features=features)
     signature = _hash(
         hashlib.sha256(content).hexdigest(),
         _image_files_signature(rows["image"]),
@@ -149,6 +188,16 @@ def _write_item(folder: str, split: str, make_item: Callable, jpeg_options: dict
     image_path = f"images/{split}/{index}.jpeg"
     image.save(os.path.join(folder, image_path), format="JPEG", **jpeg_options)
     return json.dumps({"image_path": image_path, **fields}, ensure_ascii=False) + "\n"
+
+
+def _decode_line(line: bytes, path: str, line_number: int) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}, line {line_number}: not UTF-8 (byte {line[error.start]:#04x} at column {error.start + 1}). "
+            "Save the file as UTF-8, or fix or delete that line."
+        ) from None
 
 
 def _parse_line(line: str, path: str, line_number: int, caption_fields: tuple[str, ...] = ()) -> dict:
@@ -229,6 +278,9 @@ def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
     captions = None
     if template is not None:  # text columns only: read once, composed here (the cache key follows the template)
         columns = dataset.select_columns(list(caption_fields)).to_dict()
+        for name in caption_fields:  # a class-label column's names, not its indices
+            if (labels := class_names(dataset.features, name)) is not None:
+                columns[name] = [label_text(value, labels) for value in columns[name]]
         captions = [
             compose_caption(template, {name: columns[name][row] for name in caption_fields})
             for row in range(len(dataset))
@@ -236,14 +288,24 @@ def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
     if isinstance(dataset.features[config.image_column], datasets.Image):
         # We decode ourselves (draft-mode JPEG, per-row error handling); hand over the encoded bytes.
         dataset = dataset.cast_column(config.image_column, datasets.Image(decode=False))
+    names = class_names(dataset.features, config.label_column)
     dataset = dataset.select_columns(list(wanted)).rename_columns(wanted)
     if captions is not None:
         dataset = dataset.add_column("caption", captions, feature=datasets.Value("string"))
-    if "label" not in dataset.column_names:
-        dataset = dataset.add_column("label", [None] * len(dataset), feature=datasets.Value("string"))
+    labels = [None] * len(dataset)
+    if "label" in dataset.column_names:  # text, the same rules as every source's (a null label is skipped)
+        labels = [label_text(value, names) for value in dataset["label"]]
+        dataset = dataset.remove_columns("label")
+    dataset = dataset.add_column("label", labels, feature=datasets.Value("string"))
     dataset = dataset.add_column("source_row", list(range(len(dataset))))
     fingerprint = _hash(dataset._fingerprint, *([] if template is None else [template]))
     return RawSplit(split, dataset, fingerprint, config.dataset_name)
+
+
+def class_names(features, column: str | None) -> list[str] | None:
+    """The names of a `datasets.ClassLabel` column (its cells are their indices), else None."""
+    feature = (features or {}).get(column) if column is not None else None
+    return feature.names if isinstance(feature, datasets.ClassLabel) else None
 
 
 def source_columns(config: DataConfig) -> dict[str, str]:
@@ -272,11 +334,31 @@ def check_source_columns(config: DataConfig, split: str, column_names: list[str]
             f"{config.dataset_name}[{split}] has no column(s) {missing}; its columns are "
             f"{list(column_names)}. Set {options}."
         )
-    not_text = [name for name in caption_fields if features and not isinstance(features[name], datasets.Value)]
+    not_text = [
+        name
+        for name in caption_fields
+        if features and not isinstance(features[name], datasets.Value | datasets.ClassLabel)
+    ]
     if not_text:
         raise ValueError(
             f"--caption_template names {not_text}, which hold {[str(features[n]) for n in not_text]}, not text "
-            "or numbers; a caption is composed from text and number columns only."
+            "or numbers; a caption is composed from text, number and class-label columns only."
+        )
+    caption = features.get(config.caption_column) if features and template is None else None
+    if caption is not None:
+        _check_caption_feature(config, split, caption)
+
+
+def _check_caption_feature(config: DataConfig, split: str, feature) -> None:
+    """The caption column holds text (a list of captions is refused until several per image are supported)."""
+    where = f"{config.dataset_name}[{split}]: --caption_column {config.caption_column!r}"
+    if isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence | list):
+        raise ValueError(f"{where} {CAPTION_LISTS}.")
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+        raise ValueError(
+            f"{where} holds {kind}, not text. Name the column that holds the captions, or compose captions from "
+            f"columns with --caption_template (e.g. '{{{config.caption_column}}}' writes each value as text)."
         )
 
 

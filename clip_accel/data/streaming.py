@@ -37,6 +37,7 @@ from ..config import DataConfig
 from .loader import HOST_GRIDS, pad_captions, pair_batch
 from .preprocess import PairPreprocessor
 from .shards import StreamSplit, stream_row, where_in_stream
+from .sources import class_names
 
 logger = get_logger(__name__)
 STREAM_POSITION = "stream_position"  # the batch key of the stream's position after the batch (a dict)
@@ -136,14 +137,11 @@ class StreamingPairs(IterableDataset):
     def _decode(self, chunk: list, worker: int) -> dict:
         """Decode and tokenize a chunk of rows; rows with a damaged image or a missing caption or label are left
         out and listed under `skipped` (with --strict the first is an error)."""
-        raw = [stream_row(example, self.config) for _, example, _ in chunk]
-        batch = {name: [row[name] for row in raw] for name in ("image", "caption", "label")}
+        names = class_names(self.split.stream.features, self.config.label_column)
+        raw = [stream_row(example, self.config, names) for _, example, _ in chunk]
+        batch = {name: [row[name] for row in raw] for name in ("image", "caption", "label", "problem")}
         cached = self.preprocessor({**batch, "source_row": [position for position, _, _ in chunk]})
-        # (a member of the row that did not decode, e.g. broken JSON, is its reason first)
-        reasons = [
-            row["errors"][0] if row["errors"] else reason
-            for row, reason in zip(raw, cached["skip_reason"], strict=True)
-        ]
+        reasons = cached["skip_reason"]
         usable = [index for index, reason in enumerate(reasons) if not reason]
         skipped = [(chunk[i][2], reason) for i, reason in enumerate(reasons) if reason]
         if skipped and self.config.strict:
