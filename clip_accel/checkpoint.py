@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .config import DataConfig, ModelConfig, TrainConfig
 from .lora import ADAPTER_DIR, has_lora, merged_state_dict, save_adapter
 from .model import ContrastiveModel, unwrap
 
@@ -45,6 +47,116 @@ class TrainerState:
     sharded: bool = False  # written under FSDP2 (a sharded model and optimizer)
     num_processes: int = 1
     stream: list = field(default_factory=list)  # --streaming: each process's position in the stream (data.streaming)
+    settings: dict = field(default_factory=dict)  # what a resume depends on (`resume_settings`)
+
+
+# The options a resumed run must share with the run that wrote the checkpoint: they shape the optimizer's state,
+# the schedule, the data order or what is learned. Others (logging, evaluation cadence, workers, output) may change.
+RESUME_OPTIONS = {
+    TrainConfig: (
+        "seed",
+        "num_train_epochs",
+        "max_steps",
+        "gradient_accumulation_steps",
+        "accumulation",
+        "caption_positives",
+        "learning_rate",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "warmup_ratio",
+        "max_grad_norm",
+        "early_stopping_metric",
+        "early_stopping_patience",
+        "early_stopping_min_delta",
+    ),
+    ModelConfig: ("freeze", "freeze_vision_layers", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"),
+    DataConfig: ("caption_template", "max_train_samples", "augment", "augment_scale", "augment_flip", "epoch_rows"),
+}
+# Model configuration fields that say nothing about the weights' shapes or the computation.
+UNCOMPARED_MODEL_FIELDS = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"}
+
+
+def resume_settings(
+    configs: tuple[DataConfig, ModelConfig, TrainConfig],
+    num_processes: int,
+    model_config: dict | None = None,
+    train_pairs: int | None = None,
+) -> dict:
+    """What a resume depends on, as `check_resume` compares it: the options of `RESUME_OPTIONS`, the batch of all
+    processes, and (once known) the model configuration and the training pairs."""
+    train_config = next(config for config in configs if isinstance(config, TrainConfig))
+    options = {name: getattr(config, name) for config in configs for name in RESUME_OPTIONS[type(config)]}
+    settings = {
+        "options": options,
+        "batch": {"per_device": train_config.per_device_train_batch_size, "processes": num_processes},
+    }
+    if model_config is not None:
+        settings["model_config"] = _flat(model_config)
+    if train_pairs is not None:
+        settings["train_pairs"] = train_pairs
+    return json.loads(json.dumps(settings))  # as the checkpoint holds it (tuples as lists)
+
+
+def check_resume(path: str, saved: dict, current: dict) -> None:
+    """Stop when this run differs from the checkpoint's run in what a resume depends on (what both name), naming
+    each option and both values. Another per-device batch is taken when the batch of all processes is the same:
+    the seeded sampler then cuts the same pairs into each step, only split otherwise among the processes."""
+    changed = [
+        f"--{name} {saved['options'][name]!r} -> {value!r}"
+        for name, value in current.get("options", {}).items()
+        if name in saved.get("options", {}) and saved["options"][name] != value
+    ]
+    if "batch" in saved and "batch" in current:
+        (was, now) = (saved["batch"], current["batch"])
+        if was["per_device"] * was["processes"] != now["per_device"] * now["processes"]:
+            keep = was["per_device"] * was["processes"] / now["processes"]
+            changed.append(
+                f"the batch of all processes {was['per_device'] * was['processes']} ({was['per_device']} per device "
+                f"x {was['processes']} processes) -> {now['per_device'] * now['processes']} ({now['per_device']} x "
+                f"{now['processes']})"
+                + (f": --per_device_train_batch_size {int(keep)} keeps it" if keep == int(keep) else "")
+            )
+    if "model_config" in saved and "model_config" in current:
+        fields = sorted(set(saved["model_config"]) | set(current["model_config"]))
+        differ = [
+            f"{name} {saved['model_config'].get(name)!r} -> {current['model_config'].get(name)!r}"
+            for name in fields
+            if saved["model_config"].get(name) != current["model_config"].get(name)
+        ]
+        if differ:
+            changed.append(
+                "the model configuration (--model_name_or_path / --scratch_config): "
+                + ", ".join(differ[:8])
+                + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
+            )
+    if "train_pairs" in saved and "train_pairs" in current and saved["train_pairs"] != current["train_pairs"]:
+        changed.append(
+            f"the usable training pairs {saved['train_pairs']} -> {current['train_pairs']} (the data changed)"
+        )
+    if changed:
+        raise ValueError(
+            f"{path} was written by a run that differs from this one in what a resume depends on: "
+            + "; ".join(changed)
+            + ". Resume with the checkpoint's settings, or start a new run (from its model: --model_name_or_path "
+            "OUTPUT) to train with the new ones."
+        )
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """A nested configuration as {"text_config.hidden_size": 32, ...}, less `UNCOMPARED_MODEL_FIELDS`."""
+    flat = {}
+    for name, value in values.items():
+        if name in UNCOMPARED_MODEL_FIELDS:
+            continue
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerState, keep: int) -> str:
@@ -76,6 +188,26 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerSta
     return final
 
 
+def check_output_folder(output_dir: str) -> None:
+    """--output_dir can be written: a folder (made if missing) where a file can be created. Checked before any
+    image is decoded, so a typo costs seconds, not a preprocessing pass."""
+    problem = None
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        problem = "is a file, not a folder"
+    else:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            descriptor, probe = tempfile.mkstemp(prefix=".clip_accel-write-test-", dir=output_dir)
+            os.close(descriptor)
+            os.remove(probe)
+        except OSError as error:
+            problem = f"cannot be written ({error.strerror or error})"
+    if problem is not None:
+        raise ValueError(
+            f"--output_dir {output_dir!r} {problem}: name a folder this user can write (it is made if missing)."
+        )
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
     """Complete checkpoints, oldest first."""
     root = os.path.join(output_dir, CHECKPOINTS)
@@ -103,10 +235,17 @@ def resolve_checkpoint(output_dir: str, which: str) -> str:
     return which
 
 
-def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
-    """Restore model, optimizer, scaler and RNG (Accelerate loads with weights_only=True) and the loop state."""
+def read_state(path: str) -> TrainerState:
     with open(os.path.join(path, STATE_FILE)) as handle:
-        state = TrainerState(**json.load(handle))
+        return TrainerState(**json.load(handle))
+
+
+def load_checkpoint(accelerator: Accelerator, path: str, settings: dict | None = None) -> TrainerState:
+    """Restore model, optimizer, scaler and RNG (Accelerate loads with weights_only=True) and the loop state, once
+    `settings` (`resume_settings`) are found to match the checkpoint's."""
+    state = read_state(path)
+    if settings is not None:
+        check_resume(path, state.settings, settings)
     _check_resumable(accelerator, state, path)
     accelerator.load_state(path)
     logger.info(

@@ -18,9 +18,10 @@ from accelerate import PartialState
 
 from .checkpoint import list_checkpoints
 from .config import METRIC_NAMES, DataConfig, ModelConfig, TrainConfig, parse_config
-from .embedding import check_output_file, embed, load_embeddings, save_embeddings
+from .embedding import check_output_file, check_writable_file, embed, load_embeddings, save_embeddings
 from .evaluation import evaluate_folder, training_option
 from .hub import check_hub_access, push_output_dir, write_model_card
+from .model import is_local_path
 from .outputs import write_outputs
 from .results import format_results_table
 from .search import QueryEncoder, contact_sheet, format_hits, search
@@ -358,11 +359,19 @@ def search_main(argv: list[str] | None = None) -> None:
         parser.error("give at least one query: --text '...' or --image FILE")
     if args.top_k < 1:
         parser.error(f"--top_k must be at least 1, got {args.top_k}")
+    for path, option in ((args.contact_sheet, "--contact_sheet"), (args.output_file, "--output_file")):
+        if path is not None:
+            check_writable_file(path, option)
     setup_logging()
     embeddings = load_embeddings(args.embeddings)
     model = args.model_name_or_path or embeddings.model
     if not model:
         parser.error(f"{args.embeddings} does not name its model: pass --model_name_or_path")
+    if not args.model_name_or_path and is_local_path(model) and not os.path.isdir(model):
+        parser.error(
+            f"{args.embeddings} was embedded with the model folder {model}, which no longer exists: name where it "
+            "is now with --model_name_or_path FOLDER."
+        )
     encoder = QueryEncoder(model)
     results = []
     if args.text:

@@ -56,6 +56,17 @@ class Embeddings:
 def check_output_file(path: str) -> None:
     if not path.endswith(FORMATS):
         raise ValueError(f"--output_file {path!r}: name it *.parquet or *.safetensors (the format follows the name).")
+    check_writable_file(path, "--output_file")
+
+
+def check_writable_file(path: str, option: str) -> None:
+    """`path` can be written: not a folder, its folder made if missing. Checked before the work, not after it."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path!r} is a folder: name a file in it.")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{option} {path!r}: its folder cannot be made ({error.strerror or error}).") from None
 
 
 def embed(
@@ -116,7 +127,9 @@ def embed(
     else:
         captions, labels = pairs.column("caption"), [label or None for label in pairs.column("label")]
     image_embeds, text_embeds = image_embeds.cpu(), None if text_embeds is None else text_embeds.cpu()
-    return Embeddings(ids, images, captions, labels, image_embeds, text_embeds, model_name_or_path)
+    # A folder recorded whole, so a search from another working folder embeds its queries with it too.
+    model = os.path.abspath(model_name_or_path) if os.path.isdir(model_name_or_path) else model_name_or_path
+    return Embeddings(ids, images, captions, labels, image_embeds, text_embeds, model)
 
 
 def save_embeddings(embeddings: Embeddings, path: str) -> None:
@@ -148,9 +161,13 @@ def save_embeddings(embeddings: Embeddings, path: str) -> None:
 
 def load_embeddings(path: str) -> Embeddings:
     """Read a file `save_embeddings` wrote."""
+    if not path.endswith(FORMATS):
+        raise ValueError(
+            f"{path} is not an embeddings file: name the *.parquet or *.safetensors file that `clip-accel embed "
+            "--output_file` wrote."
+        )
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist: write it first with `clip-accel embed ... --output_file {path}`.")
-    check_output_file(path)
     if path.endswith(".parquet"):
         table = pq.read_table(path)
         model = (table.schema.metadata or {}).get(b"clip_accel_model", b"").decode()

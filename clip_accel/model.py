@@ -100,11 +100,31 @@ def image_layout(model: PreTrainedModel, processor) -> ImageLayout:
     return ImageLayout("patches", patch_size=settings["patch_size"], max_num_patches=settings["max_num_patches"])
 
 
+def is_local_path(name_or_path: str) -> bool:
+    """Whether a model name can only be a folder: it exists, or it is absolute or starts with ./, ../ or ~ (a Hub
+    id is NAME or ORG/NAME)."""
+    return os.path.exists(name_or_path) or os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
+
+
+def check_model_location(name_or_path: str) -> None:
+    """A model folder holds a config.json; a name that can only be a folder exists. Said plainly, before
+    transformers reads it as a Hub id or asks the folder for a `model_type`."""
+    if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise ValueError(
+                f"{name_or_path} holds no config.json, so it is not a model folder (clip-accel train and "
+                "save_pretrained write one): name a trained model's folder or a Hub id."
+            )
+    elif is_local_path(name_or_path):
+        raise ValueError(f"{name_or_path} is not a folder: name a trained model's folder or a Hub id (ORG/NAME).")
+
+
 def load_pretrained(name_or_path: str):
     """(model in float32, processor) of a saved folder or Hub id, of whichever supported family its config names.
 
     transformers 5 loads with dtype="auto": an fp16 checkpoint would train in fp16. Training wants fp32 master
     weights; mixed precision is autocast's job."""
+    check_model_location(name_or_path)
     family = family_of(AutoConfig.from_pretrained(name_or_path))
     model = family.model_class.from_pretrained(name_or_path, dtype=torch.float32)
     return model, AutoProcessor.from_pretrained(name_or_path)

@@ -24,9 +24,13 @@ from transformers import CLIPModel, get_scheduler
 from .augment import Augmenter, training_cache_size
 from .checkpoint import (
     TrainerState,
+    check_output_folder,
+    check_resume,
     load_checkpoint,
     load_from_main_process,
+    read_state,
     resolve_checkpoint,
+    resume_settings,
     save_checkpoint,
     save_model,
 )
@@ -107,6 +111,7 @@ class Run:
     captions: dict  # caption of every usable pair, per evaluation role (for the identical-caption figures)
     skipped: dict  # rows skipped per role (main process)
     resolved_config: dict  # every option, flat
+    settings: dict  # what a resume of this run's checkpoints depends on (checkpoint.resume_settings)
     prompts: Prompts  # how zero-shot classification words the classes
     augmenter: Augmenter | None  # random crops of the training images (--augment), else None
 
@@ -140,6 +145,7 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
 def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> Run:
     """Accelerator, data, model, optimizer and schedule; every check that can fail runs before the first step."""
     check_supported_launch()
+    check_output_folder(config.output_dir)
     prompts = dataset_prompts(data_config)  # a bad prompt file fails before anything is loaded
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -170,7 +176,11 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
             f"{config.output_dir} is node-local: each node keeps its own checkpoints; the model and the "
             "results are written on the main node."
         )
-    if not config.resume_from_checkpoint:
+    configs = (data_config, model_config, config)
+    if config.resume_from_checkpoint:  # the options it must share with this run, before any image is decoded
+        checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+        check_resume(checkpoint, read_state(checkpoint).settings, resume_settings(configs, accelerator.num_processes))
+    else:
         _check_output_dir(config)
     _compute_fsdp2_like_ddp(accelerator)
     model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
@@ -193,7 +203,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     scheduler = build_scheduler(optimizer, config, total_steps)
     shared = None if streamed else pairs["train"].shared_captions()  # a stream is not read ahead to count them
     _log_startup(accelerator, config, total_steps, pairs, shared)
-    resolved_config = config_to_dict(data_config, model_config, config)
+    resolved_config = config_to_dict(*configs)
     # Trackers take numbers, strings and booleans as hyperparameters: None and lists (--augment_scale) as text.
     tracked = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in resolved_config.items()}
     accelerator.init_trackers("clip_accel", config=tracked)
@@ -226,6 +236,12 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         captions={role: pairs[role].column("caption") for role in ("validation", "test")},
         skipped=skipped,
         resolved_config=resolved_config,
+        settings=resume_settings(
+            configs,
+            accelerator.num_processes,
+            unwrap(accelerator, model).clip.config.to_dict(),
+            _pair_count(pairs["train"]),
+        ),
         prompts=prompts,
         augmenter=_augmenter(data_config, image_layout(unwrap(accelerator, model).clip, processor).size, config.seed),
     )
@@ -438,7 +454,7 @@ def _augmenter(data_config: DataConfig, image_size: int, seed: int) -> Augmenter
 
 def _restore(run: Run) -> TrainerState:
     checkpoint = resolve_checkpoint(run.config.output_dir, run.config.resume_from_checkpoint)
-    state = load_checkpoint(run.accelerator, checkpoint)
+    state = load_checkpoint(run.accelerator, checkpoint, run.settings)
     best_step = state.early_stopping.get("best_step", 0)
     saved = os.path.isfile(os.path.join(run.config.output_dir, "model.safetensors"))
     if best_step and not saved and run.accelerator.is_main_process:
@@ -551,6 +567,7 @@ def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping, lo
     state.early_stopping = asdict(early_stopping)
     state.scheduler = run.step_context.scheduler.state_dict()
     state.sharded, state.num_processes = run.accelerator.is_fsdp2, run.accelerator.num_processes
+    state.settings = run.settings
     if isinstance(run.train_loader, StreamingLoader):  # every process's position in the stream
         state.stream = gather_object([run.train_loader.checkpoint()])
     save_checkpoint(run.accelerator, run.config.output_dir, state, run.config.save_total_limit)

@@ -139,6 +139,46 @@ def test_resume_without_the_best_model_it_relies_on_says_so_before_training(make
         train(*make_configs(**options, resume_from_checkpoint="latest"))
 
 
+def test_a_resume_that_changes_what_it_depends_on_stops_at_start_up_naming_each_option_and_both_values(
+    make_configs, tmp_path
+):
+    from conftest import tiny_clip_config, with_fresh_state
+
+    from clip_accel.trainer import train
+
+    options = {"max_steps": 4, "checkpointing_steps": 3, "eval_initial_model": False, "early_stopping_patience": 0}
+    with_fresh_state(train, *make_configs(**options))
+    resume = {**options, "resume_from_checkpoint": "latest", "logging_steps": 2}  # (logging may change)
+    bigger = tiny_clip_config()
+    bigger.text_config.hidden_size = bigger.vision_config.hidden_size = 48
+    (tmp_path / "bigger.json").write_text(bigger.to_json_string())
+    changes = [
+        # 32 pairs a step on 1 process: 16 per device would skip 3 x 16 pairs where 3 x 32 were consumed.
+        ({"per_device_train_batch_size": 16}, r"the batch of all processes 32 \(32 per device x 1 processes\) -> 16"),
+        ({"learning_rate": 0.5}, r"--learning_rate 0.002 -> 0.5"),
+        ({"seed": 1, "early_stopping_patience": 2}, r"--seed 0 -> 1; --early_stopping_patience 0 -> 2\."),
+        (
+            {"scratch_config": str(tmp_path / "bigger.json")},
+            r"model configuration .*text_config.hidden_size 32 -> 48.*vision_config.hidden_size 32 -> 48",
+        ),
+    ]
+    for change, message in changes:
+        with pytest.raises(ValueError, match=r"step-0000003 was written by a run that differs .*" + message):
+            with_fresh_state(train, *make_configs(**{**resume, **change}))
+    resumed = with_fresh_state(train, *make_configs(**resume))
+    assert resumed.metrics["training"]["optimizer_steps"] == 4
+
+
+def test_an_output_dir_that_cannot_be_written_stops_before_any_image_is_decoded(make_configs, tmp_path):
+    from clip_accel.trainer import train
+
+    (tmp_path / "a-file").write_text("")
+    for output_dir, problem in ((tmp_path / "a-file", "is a file, not a folder"), (tmp_path / "a-file" / "out", "")):
+        with pytest.raises(ValueError, match=rf"--output_dir '{output_dir}' {problem or 'cannot be written'}"):
+            train(*make_configs(output_dir=str(output_dir)))
+    assert not (tmp_path / "cache").exists()  # nothing was preprocessed
+
+
 def test_only_the_newest_checkpoints_are_kept(make_configs):
     from clip_accel.trainer import train
 
@@ -182,6 +222,7 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_stop_the_run(make_con
 
 
 @pytest.mark.parametrize("compiled_first", [True, False])
+@pytest.mark.native_kernels
 def test_a_checkpoint_resumes_with_or_without_torch_compile(make_configs, caplog, compiled_first):
     from accelerate.state import AcceleratorState
 

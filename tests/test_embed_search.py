@@ -126,6 +126,32 @@ def test_bad_embed_and_search_requests_say_what_to_change(tmp_path, tiny_pretrai
         search_main([str(tmp_path / "missing.parquet"), "--text", "saree"])
 
 
+def test_search_and_evaluate_name_what_is_wrong_before_the_work(embedded, demo_dir, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from clip_accel.cli import evaluate_main
+
+    with pytest.raises(ValueError, match=r"some.log is not an embeddings file: name the \*.parquet") as raised:
+        search_main([str(tmp_path / "some.log"), "--text", "saree"])
+    assert "--output_file" not in str(raised.value).split(":")[0]
+    query = [str(embedded / "emb.parquet"), "--text", "red saree"]
+    with pytest.raises(ValueError, match=r"--contact_sheet '.*' is a folder"):
+        search_main([*query, "--contact_sheet", str(tmp_path)])
+    assert "query: red saree" not in capsys.readouterr().out  # stopped before the search
+    search_main([*query, "--contact_sheet", str(tmp_path / "new" / "sheet.png")])  # a missing folder is made
+    assert (tmp_path / "new" / "sheet.png").stat().st_size > 0
+    table = pq.read_table(embedded / "emb.parquet")  # embedded with a folder since moved away
+    moved = table.replace_schema_metadata({"clip_accel_model": str(tmp_path / "moved-away")})
+    pq.write_table(moved, tmp_path / "moved.parquet")
+    with pytest.raises(SystemExit):
+        search_main([str(tmp_path / "moved.parquet"), "--text", "saree"])
+    assert "moved-away, which no longer exists: name where it is now with --model_name_or_path" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(ValueError, match=r"holds no config.json, so it is not a model folder"):
+        evaluate_main(["--model_name_or_path", demo_dir, "--data_dir", demo_dir])
+
+
 @pytest.mark.slow
 def test_two_processes_write_the_same_file_as_one(embedded, tiny_pretrained_dir, demo_dir, tmp_path):
     out = tmp_path / "two.parquet"
