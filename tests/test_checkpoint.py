@@ -139,14 +139,52 @@ def test_resume_without_the_best_model_it_relies_on_says_so_before_training(make
         train(*make_configs(**options, resume_from_checkpoint="latest"))
 
 
+def _source_options(kind: str, demo_dir: str, folder: Path) -> dict:
+    """Options reading the demo catalogue as `kind`: its Indo-fashion folder, a `datasets` JSON-lines source, or
+    WebDataset shards streamed."""
+    if kind == "indo_fashion":
+        return {}
+    if kind == "datasets":
+        folder.mkdir()
+        for split, file in (("train", "train"), ("validation", "val"), ("test", "test")):
+            rows = [json.loads(line) for line in Path(demo_dir, f"{file}_data.json").read_text().splitlines()]
+            (folder / f"{split}.jsonl").write_text(
+                "".join(
+                    json.dumps({**row, "image_path": os.path.join(demo_dir, row["image_path"])}) + "\n" for row in rows
+                )
+            )
+        return {
+            "data_dir": None,
+            "dataset_name": "json",
+            "data_files": str(folder),
+            "image_column": "image_path",
+            "caption_column": "product_title",
+            "label_column": "class_label",
+        }
+    from clip_accel.data import write_webdataset_shards
+
+    for split in ("train", "val", "test"):
+        write_webdataset_shards(demo_dir, str(folder), split, rows_per_shard=48)
+    return {
+        "data_dir": None,
+        "dataset_name": str(folder),
+        "streaming": True,
+        "image_column": "jpg",
+        "caption_column": "txt",
+        "label_column": "json.class_label",
+    }
+
+
+@pytest.mark.parametrize("kind", ["indo_fashion", "datasets", "shards"])
 def test_a_resume_that_changes_what_it_depends_on_stops_at_start_up_naming_each_option_and_both_values(
-    make_configs, tmp_path
+    kind, make_configs, demo_dir, tmp_path
 ):
     from conftest import tiny_clip_config, with_fresh_state
 
     from clip_accel.trainer import train
 
     options = {"max_steps": 4, "checkpointing_steps": 3, "eval_initial_model": False, "early_stopping_patience": 0}
+    options.update(_source_options(kind, demo_dir, tmp_path / "source"))
     with_fresh_state(train, *make_configs(**options))
     resume = {**options, "resume_from_checkpoint": "latest", "logging_steps": 2}  # (logging may change)
     bigger = tiny_clip_config()
