@@ -145,5 +145,9 @@ def test_fsdp2_under_bf16_keeps_float32_weights_and_gradients_and_trains_like_dd
         [record["loss"] for record in json.loads((out / "log_history.json").read_text()) if "loss" in record]
         for out in (tmp_path / "fsdp", tmp_path / "ddp")
     ]
-    # The same bf16 autocast in both (an FSDP2 forward without it computes in float32: 5e-4 apart at step 1).
-    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+    # Step 1 runs the same weights under the same bf16 autocast: its loss is DDP's to the last bits. An FSDP2 forward
+    # without autocast, or with parameters gathered in bf16, is 5e-4 apart (1.2e-4 relative) there. After a step the
+    # two differ by their gradient sums' order (a reduce-scatter against an all-reduce), which bf16 compute turns
+    # into 1e-4 relative at step 3 on an AVX-512 machine: "trains like DDP" is held to 1e-3 from step 2 on.
+    assert len(losses[0]) == 3 and losses[0][0] == pytest.approx(losses[1][0], rel=1e-6, abs=0)
+    assert losses[0][1:] == pytest.approx(losses[1][1:], rel=1e-3)
