@@ -18,6 +18,8 @@ from accelerate import PartialState
 
 from .checkpoint import list_checkpoints
 from .config import METRIC_NAMES, DataConfig, ModelConfig, TrainConfig, parse_config
+from .data.shard_index import count_tar_rows, index_file, shard_prefix, write_shard_index
+from .data.sources import local_tar_splits
 from .embedding import check_output_file, check_writable_file, embed, load_embeddings, save_embeddings
 from .evaluation import evaluate_folder, training_option
 from .hub import check_hub_access, push_output_dir, write_model_card
@@ -35,7 +37,9 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> None:
     """`clip-accel COMMAND [options]`; `clip-accel COMMAND --help` lists each command's options."""
     parser = argparse.ArgumentParser(prog="clip-accel", description="Fine-tune CLIP with Accelerate and publish it.")
-    parser.add_argument("command", choices=COMMANDS, help="train, evaluate, push, reproduce, wise-ft, embed or search")
+    parser.add_argument(
+        "command", choices=COMMANDS, help="train, evaluate, push, reproduce, wise-ft, embed, search or index-shards"
+    )
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the command's options")
     args = parser.parse_args(argv)
     COMMANDS[args.command](args.options)
@@ -389,6 +393,34 @@ def search_main(argv: list[str] | None = None) -> None:
             json.dump([{"query": q, "hits": [vars(hit) for hit in hits]} for q, hits in results], handle, indent=2)
 
 
+def index_shards_main(argv: list[str] | None = None) -> None:
+    """`clip-accel index-shards FOLDER [--output FILE]`"""
+    parser = argparse.ArgumentParser(
+        prog="clip-accel index-shards",
+        description="Write a shard index (wids' JSON: each tar shard's rows) for every split of a folder of WebDataset "
+        "tar shards, read from the tar headers alone (the images are skipped), so that --streaming starts without "
+        "counting. Written beside the shards as SPLIT.shardindex.json, where --streaming finds it.",
+    )
+    parser.add_argument("folder", help="A folder of tar shards (train-*.tar, validation-*.tar, ...; or img2dataset's).")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="Write the training split's index here instead (a folder you cannot write to); pass it as --shard_index.",
+    )
+    args = parser.parse_args(argv)
+    splits = local_tar_splits(args.folder)
+    if splits is None:
+        parser.error(f"{args.folder!r} is not a folder holding .tar shards")
+    setup_logging()
+    for split, shards in splits.items():
+        if args.output is not None and split != "train":
+            continue
+        path = args.output or index_file(args.folder, shard_prefix(shards[0]) or split)
+        counts = [count_tar_rows(shard) for shard in shards]
+        write_shard_index(path, shards, counts)
+        logger.info(f"{path}: {len(shards)} {split} shards, {sum(counts)} rows")
+
+
 def _interrupted(output_dir: str, argv: list[str]) -> str:
     """One line: where an interrupted run can be resumed from, and how."""
     checkpoints = list_checkpoints(output_dir)
@@ -412,6 +444,7 @@ COMMANDS = {
     "wise-ft": wise_ft_main,
     "embed": embed_main,
     "search": search_main,
+    "index-shards": index_shards_main,
 }
 
 

@@ -172,6 +172,15 @@ class DataConfig:
             "row's bytes read, no image decoded)."
         },
     )
+    shard_index: str | None = field(
+        default=None,
+        metadata={
+            "help": 'With --streaming: a shard index (wids\' JSON: {"wids_version": 1, "shardlist": [{"url", '
+            '"nsamples"}]}) giving each training shard\'s rows, for shards whose folder you cannot write to. '
+            "Default: SPLIT.shardindex.json beside the shards (clip-accel index-shards writes it), else img2dataset's "
+            "*_stats.json, else each local shard's tar headers are read (not its images)."
+        },
+    )
     shuffle_buffer: int = field(
         default=1000,
         metadata={
@@ -232,10 +241,14 @@ class DataConfig:
             _require(self.cache_format == "uint8", "--streaming caches no training images: drop --cache_format.")
         else:
             _require(
-                self.epoch_rows is None and self.shuffle_buffer == 1000,
-                "--epoch_rows and --shuffle_buffer shape a stream: add --streaming (a cached split is shuffled "
-                "whole each epoch).",
+                self.epoch_rows is None and self.shuffle_buffer == 1000 and self.shard_index is None,
+                "--epoch_rows, --shuffle_buffer and --shard_index shape a stream: add --streaming (a cached split is "
+                "shuffled whole each epoch).",
             )
+        _require(
+            self.shard_index is None or os.path.isfile(self.shard_index),
+            f"--shard_index {self.shard_index!r} is not a file: write one with `clip-accel index-shards FOLDER`.",
+        )
         _require(
             self.epoch_rows is None or self.epoch_rows >= 1, f"--epoch_rows must be at least 1, got {self.epoch_rows}."
         )

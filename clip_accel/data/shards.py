@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from PIL import Image
 
 from ..config import DataConfig, template_fields
 from .preprocess import JPEG_QUALITY, encode_jpeg, load_rgb_image, to_rgb
+from .shard_index import count_tar_rows, index_file, indexed_counts, parse_header, write_shard_index
 from .sources import (
     CAPTION_LISTS,
     INDO_FASHION_FILES,
@@ -36,8 +38,8 @@ from .sources import (
     check_source_columns,
     class_names,
     compose_caption,
-    hub_location,
     label_text,
+    load_arguments,
 )
 
 logger = get_logger(__name__)
@@ -56,8 +58,9 @@ class TarShards:
 
     features = None  # (no schema: the members' extensions are the columns)
 
-    def __init__(self, files: list[str]) -> None:
+    def __init__(self, files: list[str], index: str | None = None) -> None:
         self.files = files
+        self.index = index  # a shard index naming each shard's rows (`shard_index`), else the one beside them
 
     @property
     def num_shards(self) -> int:
@@ -80,21 +83,12 @@ class TarShards:
         key, row = None, {}
         with xopen(url, "rb") as handle:
             while len(header := handle.read(512)) == 512 and header[0] != 0:  # a zero block ends a tar
-                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")  # ustar: long paths' folders
-                try:
-                    size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-                except ValueError:
-                    raise ValueError(f"{url}: a tar header at byte {handle.tell() - 512} is not a tar header") from None
+                size, base, field = parse_header(header, url, handle.tell() - 512)
                 value = handle.read(size)
                 if len(value) < size or len(handle.read(-size % 512)) < -size % 512:  # (padded to whole blocks)
-                    raise ValueError(f"{url} is truncated (member {name!r}): write the shard again or remove it.")
-                if header[156:157] not in (b"0", b"\0"):  # folders, links, pax headers
+                    raise ValueError(f"{url} is truncated (member {base}.{field}): write the shard again or remove it.")
+                if base is None:  # folders, links, pax headers
                     continue
-                path = f"{prefix}/{name}" if prefix else name
-                folder, _, file_name = path.rpartition("/")
-                base, _, field = file_name.partition(".")
-                base = f"{folder}/{base}" if folder else base  # (the key keeps its folder, as webdataset's does)
                 if base != key:
                     if row:
                         yield {**row, "__key__": key, "__url__": url}
@@ -113,8 +107,18 @@ class TarShards:
         decoder = SAFE_DECODERS.get(extension)
         return decoder(value) if decoder is not None else value
 
-    def count(self, shard: int) -> int:
-        return sum(1 for _ in self.rows(shard))
+    def counts(self) -> list[int]:
+        """Each shard's rows: from an index or img2dataset's stats files, else from the local shards' headers."""
+        counts = indexed_counts(self.files, self.index)
+        if counts is not None:
+            return counts
+        remote = [url for url in self.files if "://" in url]
+        if remote:
+            raise ValueError(
+                f"{remote[0]} and the other remote shards have no shard index: write one with `clip-accel "
+                "index-shards` and pass it as --shard_index FILE (or put it beside them), or set --epoch_rows."
+            )
+        return [count_tar_rows(url) for url in self.files]
 
 
 class DatasetShards:
@@ -142,12 +146,16 @@ class DatasetShards:
         for batch in self.stream.shard(num_shards=self.num_shards, index=shard, contiguous=True).iter(batch_size=64):
             yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
 
-    def count(self, shard: int) -> int:
+    def counts(self) -> list[int]:
+        """Each shard's rows, read once (one column of it)."""
         column = next(iter(self.stream.features or {}), None)
-        part = self.stream.shard(num_shards=self.num_shards, index=shard, contiguous=True)
-        if column is not None:
-            part = part.select_columns([column])
-        return sum(len(next(iter(batch.values()))) for batch in part.iter(batch_size=256))
+        counts = []
+        for shard in range(self.num_shards):
+            part = self.stream.shard(num_shards=self.num_shards, index=shard, contiguous=True)
+            if column is not None:
+                part = part.select_columns([column])
+            counts.append(sum(len(next(iter(batch.values()))) for batch in part.iter(batch_size=256)))
+        return counts
 
     @property
     def recorded_rows(self) -> int | None:
@@ -159,8 +167,8 @@ class DatasetShards:
 def open_shards(config: DataConfig, split: str) -> TarShards | DatasetShards:
     """`--dataset_name`'s `split`, shard by shard: WebDataset tar shards read directly, anything else through
     `datasets` streaming."""
-    location = hub_location(config)
-    builder = datasets.load_dataset_builder(config.dataset_name, config.dataset_config_name, **location)
+    path, name, location = load_arguments(config)
+    builder = datasets.load_dataset_builder(path, name, **location)
     if builder.name == "webdataset":
         files = builder.config.data_files or {}
         if split not in files:
@@ -168,8 +176,8 @@ def open_shards(config: DataConfig, split: str) -> TarShards | DatasetShards:
                 f"{config.dataset_name} has no split {split!r}; it has {sorted(files)}. Name the shards "
                 "train-*.tar, validation-*.tar, test-*.tar, or set --train_split/--validation_split/--test_split."
             )
-        return TarShards(sorted(files[split]))
-    splits = datasets.load_dataset(config.dataset_name, config.dataset_config_name, streaming=True, **location)
+        return TarShards(sorted(files[split]), config.shard_index if split == config.train_split else None)
+    splits = datasets.load_dataset(path, name, streaming=True, **location)
     if split not in splits:
         raise ValueError(
             f"{config.dataset_name} has no split {split!r}; it has {sorted(splits)}. Set "
@@ -273,11 +281,15 @@ def needs_count(config: DataConfig, stream: TarShards | DatasetShards) -> bool:
 
 
 def count_shard_rows(config: DataConfig, stream: TarShards | DatasetShards) -> list[int]:
-    """Each shard's rows, read once (their bytes, no image decoded)."""
+    """Each shard's rows: a tar shard's from its index, img2dataset's stats or its headers (`shard_index`); a
+    `datasets` stream's read once (no image decoded). Logged with the seconds it took."""
+    start = time.perf_counter()
+    counts = stream.counts()
     logger.info(
-        f"Counting the rows of {config.dataset_name}[{config.train_split}] once (set --epoch_rows to skip this)"
+        f"{config.dataset_name}[{config.train_split}]: {sum(counts)} rows in {len(counts)} shards, counted in "
+        f"{time.perf_counter() - start:.1f} s"
     )
-    return [stream.count(shard) for shard in range(stream.num_shards)]
+    return counts
 
 
 def all_rows(stream, limit: int | None = None) -> Iterator[dict]:
@@ -338,22 +350,27 @@ def write_webdataset_shards(
     json.class_label`. `image_size`: each image's shortest side resized to it (bicubic, JPEG quality 95), as
     img2dataset writes shards, so a stream decodes small JPEGs; with `crop`, then cut to the centre square as
     CLIPProcessor cuts it (the compact cache's crop: the stream's own resize and crop then change nothing, but the
-    shards fit only that resolution). None keeps the image files' bytes as they are. Returns the shard paths."""
+    shards fit only that resolution). None keeps the image files' bytes as they are. A row whose title is not text
+    gets no `KEY.txt` (it is skipped as "no caption" when read). The shards' index (`shard_index`) is written beside
+    them. Returns the shard paths."""
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(data_dir, INDO_FASHION_FILES[split]), encoding="utf-8-sig") as handle:
         records = [json.loads(line) for line in handle if line.strip()]
-    paths = []
+    paths, counts = [], []
     for first in range(0, len(records), rows_per_shard):
         path = os.path.join(output_dir, f"{SPLIT_FILES[split]}-{first // rows_per_shard:05d}.tar")
         with tarfile.open(path, "w") as tar:
             for index, record in enumerate(records[first : first + rows_per_shard], start=first):
                 fields = {name: value for name, value in record.items() if name != "image_path"}
                 image = _shard_image(os.path.join(data_dir, record["image_path"]), image_size, crop)
-                members = {"jpg": image, "txt": str(record.get("product_title", "")).encode()}
+                title = record.get("product_title")
+                members = {"jpg": image, **({"txt": title.encode()} if isinstance(title, str) else {})}
                 members["json"] = json.dumps(fields, ensure_ascii=False).encode()
                 for extension, data in members.items():
                     add_tar_member(tar, f"{index:08d}.{extension}", data)
         paths.append(path)
+        counts.append(len(records[first : first + rows_per_shard]))
+    write_shard_index(index_file(output_dir, SPLIT_FILES[split]), paths, counts)
     return paths
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import datasets
+from datasets.data_files import DataFilesDict, get_data_patterns
 from PIL import Image
 
 from ..config import DataConfig, template_fields
@@ -253,16 +254,35 @@ def _image_files_signature(paths: list[str]) -> str:
     return digest.hexdigest()
 
 
-def hub_location(config: DataConfig) -> dict:
-    """`--data_files` as load_dataset takes it: a folder (data_dir) or files/a glob (data_files)."""
-    if config.data_files is None:
-        return {}
-    return {"data_dir": config.data_files} if os.path.isdir(config.data_files) else {"data_files": config.data_files}
+def load_arguments(config: DataConfig) -> tuple[str, str | None, dict]:
+    """(path, name, keywords) of `datasets.load_dataset` for `--dataset_name`: `--data_files` as a folder
+    (data_dir) or files/a glob (data_files); a local folder of tar shards as WebDataset shards."""
+    if config.data_files is not None:
+        where = "data_dir" if os.path.isdir(config.data_files) else "data_files"
+        return config.dataset_name, config.dataset_config_name, {where: config.data_files}
+    shards = local_tar_splits(config.dataset_name)
+    if shards is not None:
+        return "webdataset", None, {"data_files": shards}
+    return config.dataset_name, config.dataset_config_name, {}
+
+
+def local_tar_splits(folder: str) -> dict[str, list[str]] | None:
+    """A local folder's tar shards by split (named as `datasets` names them: train-*, validation-*, test-*; a name
+    without a split's is training data), whatever lies beside them: img2dataset writes `NNNNN_stats.json` (and
+    `NNNNN.parquet`) next to each `NNNNN.tar`, from which `datasets` would infer a JSON (or parquet) dataset. None
+    when `folder` is no local folder or holds no tar file."""
+    if not os.path.isdir(folder):
+        return None
+    patterns = get_data_patterns(folder)
+    files = DataFilesDict.from_patterns(patterns, base_path=folder, allowed_extensions=[".tar"])
+    splits = {str(split): sorted(found) for split, found in files.items() if found}
+    return splits or None
 
 
 def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
     """Load any `datasets` source and rename its columns to the raw schema."""
-    splits = datasets.load_dataset(config.dataset_name, config.dataset_config_name, **hub_location(config))
+    path, name, location = load_arguments(config)
+    splits = datasets.load_dataset(path, name, **location)
     if split not in splits:
         raise ValueError(
             f"{config.dataset_name} has no split {split!r}; it has {sorted(splits)}. "

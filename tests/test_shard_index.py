@@ -1,0 +1,154 @@
+"""Each tar shard's rows known without reading the shards: wids' shard index, img2dataset's stats files, headers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from test_streaming import read_caption_ids, stream_config, streaming_loader, write_shards
+
+import clip_accel.data.shards as shards_module
+from clip_accel.cli import main
+from clip_accel.config import DataConfig
+from clip_accel.data import write_webdataset_shards
+from clip_accel.data.shard_index import count_tar_rows, indexed_counts
+from clip_accel.data.shards import TarShards, add_tar_member, open_stream
+from clip_accel.data.sources import local_tar_splits, read_hub_dataset
+
+
+def no_shard_read(monkeypatch):
+    """Counting a shard's headers fails from here on: counts must come from an index or stats files."""
+
+    def refuse(path):
+        raise AssertionError(f"{path} was read to count its rows")
+
+    monkeypatch.setattr(shards_module, "count_tar_rows", refuse)
+
+
+def test_index_shards_writes_wids_index_that_a_stream_counts_from_without_opening_a_shard(tmp_path, monkeypatch):
+    folder = str(tmp_path / "shards")
+    items = write_shards(folder, [13, 7, 9])
+    main(["index-shards", folder])
+    index = json.loads((tmp_path / "shards" / "train.shardindex.json").read_text())
+    assert index == {
+        "wids_version": 1,
+        "shardlist": [{"url": f"train-{n:05d}.tar", "nsamples": rows} for n, rows in enumerate([13, 7, 9])],
+    }
+    no_shard_read(monkeypatch)
+    assert open_stream(stream_config(folder), "train").counts() == [13, 7, 9]
+    epoch = read_caption_ids(streaming_loader(folder), 7)  # 29 rows: 7 batches of 4, each row once
+    assert len(set(epoch)) == 28 and set(epoch) <= set(items)
+
+
+def test_an_index_elsewhere_is_passed_as_shard_index_and_a_stale_or_broken_one_is_named(tmp_path, monkeypatch):
+    folder = str(tmp_path / "shards")
+    write_shards(folder, [5, 6])
+    elsewhere = str(tmp_path / "mine" / "train.json")
+    os.makedirs(os.path.dirname(elsewhere))
+    main(["index-shards", folder, "--output", elsewhere])
+    assert not os.path.exists(os.path.join(folder, "train.shardindex.json"))
+    with monkeypatch.context() as patch:
+        no_shard_read(patch)
+        assert open_stream(stream_config(folder, shard_index=elsewhere), "train").counts() == [5, 6]
+    write_shards(folder, [5, 6, 4])  # a shard added after the index was written
+    with pytest.raises(ValueError, match=r"does not list 1 of the 3 shards \(e.g. train-00002.tar\).*index-shards"):
+        open_stream(stream_config(folder, shard_index=elsewhere), "train").counts()
+    with open(elsewhere, "w") as handle:
+        handle.write('{"shardlist": [{"url": "train-00000.tar"}]}')
+    with pytest.raises(ValueError, match="is not a readable shard index .*nsamples"):
+        open_stream(stream_config(folder, shard_index=elsewhere), "train").counts()
+    with pytest.raises(ValueError, match="--shard_index .* is not a file: write one with `clip-accel index-shards"):
+        stream_config(folder, shard_index=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="--shard_index shape a stream: add --streaming"):
+        stream_config(folder, streaming=False, shard_index=elsewhere)
+
+
+def test_remote_shards_without_an_index_stop_with_the_command_to_write_one():
+    message = "have no shard index: write one with `clip-accel index-shards`.*--shard_index"
+    with pytest.raises(ValueError, match=message):
+        TarShards(["https://example.org/train-00000.tar"]).counts()
+
+
+def write_img2dataset_shard(folder: str, shard: int, rows: int, first: int) -> None:
+    """`NNNNN.tar` with `KEY.jpg`, `KEY.txt` and `KEY.json` per sample, `NNNNN.parquet` and `NNNNN_stats.json`
+    beside it, as img2dataset writes them (keys are the shard number and the sample's, 9 digits)."""
+    name = os.path.join(folder, f"{shard:05d}")
+    with tarfile.open(f"{name}.tar", "w") as tar:
+        for row in range(rows):
+            key, item = f"{shard:05d}{row:04d}", first + row
+            image = io.BytesIO()
+            Image.new("RGB", (24, 20), (item % 256, 40, 200)).save(image, "JPEG")
+            meta = {"url": f"https://example.org/{item}.jpg", "key": key, "status": "success"}
+            members = {"jpg": image.getvalue(), "txt": f"item {item} kurta".encode()}
+            members["json"] = json.dumps({**meta, "class_label": f"class{item % 3}"}).encode()
+            for extension, data in members.items():
+                add_tar_member(tar, f"{key}.{extension}", data)
+    pq.write_table(pa.table({"key": [f"{shard:05d}{row:04d}" for row in range(rows)]}), f"{name}.parquet")
+    with open(f"{name}_stats.json", "w") as handle:
+        json.dump({"count": rows + 1, "successes": rows, "failed_to_download": 1}, handle)
+
+
+def test_an_img2dataset_folder_streams_as_it_is_counted_from_its_stats_files(tmp_path, monkeypatch):
+    # `datasets` infers a JSON (or parquet) dataset from such a folder; the tars are what trains.
+    folder = str(tmp_path / "img2dataset")
+    os.makedirs(folder)
+    for shard, (rows, first) in enumerate([(9, 0), (7, 9)]):
+        write_img2dataset_shard(folder, shard, rows, first)
+    assert local_tar_splits(folder) == {"train": [os.path.join(folder, f"{n:05d}.tar") for n in range(2)]}
+    no_shard_read(monkeypatch)
+    assert open_stream(stream_config(folder), "train").counts() == [9, 7]
+    assert sorted(read_caption_ids(streaming_loader(folder), 4)) == list(range(16))
+    # And cached, not streamed: the same folder read through `datasets` (as WebDataset shards).
+    config = DataConfig(dataset_name=folder, image_column="jpg", caption_column="txt", label_column="json.class_label")
+    train = read_hub_dataset(config, "train").dataset
+    assert sorted(train["caption"]) == sorted(f"item {item} kurta" for item in range(16))
+
+
+def test_header_counts_skip_the_payloads(tmp_path):
+    # 12 rows of 200 KB noise images: the count reads each member's header, not the images.
+    folder = tmp_path / "big"
+    folder.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    path = str(folder / "train-00000.tar")
+    with tarfile.open(path, "w") as tar:
+        for row in range(12):
+            image = io.BytesIO()
+            Image.fromarray(np.roll(noise, row, axis=0)).save(image, "PNG")
+            add_tar_member(tar, f"{row:06d}.png", image.getvalue())
+            add_tar_member(tar, f"{row:06d}.txt", b"a caption")
+    before = _bytes_read()
+    assert count_tar_rows(path) == 12
+    read = _bytes_read() - before
+    assert read < os.path.getsize(path) / 20, (read, os.path.getsize(path))
+
+
+def _bytes_read() -> int:
+    with open("/proc/self/io") as handle:
+        return int(next(line for line in handle if line.startswith("rchar:")).split()[1])
+
+
+def test_written_shards_carry_their_index_and_a_null_title_is_no_caption(tmp_path, demo_dir):
+    data = tmp_path / "catalogue"
+    data.mkdir()
+    os.symlink(os.path.join(demo_dir, "images"), data / "images")
+    for name in ("val_data.json", "test_data.json"):
+        shutil.copy(os.path.join(demo_dir, name), data / name)
+    lines = (Path(demo_dir) / "train_data.json").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines[:10]]
+    records[3]["product_title"] = None
+    (data / "train_data.json").write_text("".join(json.dumps(record) + "\n" for record in records))
+    out = str(tmp_path / "shards")
+    paths = write_webdataset_shards(str(data), out, "train", rows_per_shard=4)
+    assert indexed_counts(paths) == [count_tar_rows(path) for path in paths] == [4, 4, 2]
+    with tarfile.open(paths[0]) as tar:
+        names = tar.getnames()
+    assert "00000003.jpg" in names and "00000003.txt" not in names  # (it used to hold the text "None")
