@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,15 @@ def test_gpu_check_smoke_mode_runs_every_step_and_writes_its_tables(tmp_path):
     script = Path(REPO, "benchmarks", "gpu_check.sh").read_text()
     limits = [int(line.split()[2]) for line in script.splitlines() if line.startswith(("run ", "  run "))]
     assert sum(limits) < 540, limits
+
+
+def test_streaming_scale_quick_run_shows_each_process_reading_its_share(tmp_path):
+    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "benchmarks/streaming_scale.py", "--quick", "--markdown", str(tmp_path / "scale.md")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "scale.md").read_text().splitlines() if "| slots" in line]
+    shares = {int(cells[0]): float(cells[3]) for cells in rows}
+    assert sorted(shares) == [1, 2, 4, 8]
+    for processes, share in shares.items():  # 16 shards: two of them are 1/8 of a pass
+        assert share <= 1 / processes + 2 / 16, (processes, share)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from test_streaming import read_caption_ids, stream_config, streaming_loader, write_shards
+from test_streaming import bytes_read, read_caption_ids, stream_config, streaming_loader, write_shards
 
 import clip_accel.data.shards as shards_module
 from clip_accel.cli import main
@@ -125,15 +125,10 @@ def test_header_counts_skip_the_payloads(tmp_path):
             Image.fromarray(np.roll(noise, row, axis=0)).save(image, "PNG")
             add_tar_member(tar, f"{row:06d}.png", image.getvalue())
             add_tar_member(tar, f"{row:06d}.txt", b"a caption")
-    before = _bytes_read()
+    before = bytes_read()
     assert count_tar_rows(path) == 12
-    read = _bytes_read() - before
+    read = bytes_read() - before
     assert read < os.path.getsize(path) / 20, (read, os.path.getsize(path))
-
-
-def _bytes_read() -> int:
-    with open("/proc/self/io") as handle:
-        return int(next(line for line in handle if line.startswith("rchar:")).split()[1])
 
 
 def test_written_shards_carry_their_index_and_a_null_title_is_no_caption(tmp_path, demo_dir):

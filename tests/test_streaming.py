@@ -129,14 +129,13 @@ def test_uneven_shards_give_every_process_as_many_batches_and_no_pair_twice(unev
     # 15 and 14 rows a pass: 14 // 4 = 3 batches per process an epoch, the rows after them left.
     loaders = [streaming_loader(shards, rank, 2, workers=2) for rank in range(2)]
     assert [len(loader) for loader in loaders] == [3, 3]
-    shares = [set(), set()]
+    trained = set()
     for epoch in range(4):
-        for rank, loader in enumerate(loaders):
-            seen = read_caption_ids(loader, 0, loader.epoch(epoch))
-            assert len(seen) == len(set(seen)) == 12
-            shares[rank] |= set(seen)
-    assert shares[0].isdisjoint(shares[1]) and len(shares[0] | shares[1]) > 24
-    assert shares[0] | shares[1] <= set(items)
+        seen = [read_caption_ids(loader, 0, loader.epoch(epoch)) for loader in loaders]
+        assert [len(set(share)) for share in seen] == [len(share) for share in seen] == [12, 12]
+        assert set(seen[0]).isdisjoint(seen[1]) and set(seen[0] + seen[1]) <= set(items)
+        trained |= set(seen[0] + seen[1])
+    assert len(trained) > 24  # (each pass leaves other rows)
 
 
 def test_passes_are_shuffled_differently_and_the_same_for_the_same_seed(uneven_shards):
@@ -415,3 +414,33 @@ def test_a_stream_with_no_usable_row_stops_with_what_to_check_and_a_truncated_sh
         handle.truncate(os.path.getsize(path) // 2)
     with pytest.raises(ValueError, match="train-00000.tar is truncated"):
         streaming_loader(good)
+
+
+def test_each_process_reads_only_its_share_of_the_shards_bytes(tmp_path):
+    # 8 shards of 6 rows of 64 px noise (~12 KB a row) on 4 processes: a pass's rows are cut into 4 contiguous
+    # runs, so a process reads a quarter of the bytes, plus at most the two shards its run starts and ends in.
+    folder = tmp_path / "noise"
+    folder.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for shard in range(8):
+        with tarfile.open(folder / f"train-{shard:05d}.tar", "w") as tar:
+            for item in range(shard * 6, shard * 6 + 6):
+                image = io.BytesIO()
+                Image.fromarray(np.roll(noise, item, axis=1)).save(image, "PNG")
+                add_tar_member(tar, f"{item:06d}.png", image.getvalue())
+                add_tar_member(tar, f"{item:06d}.txt", caption(item).encode())
+    sizes = [os.path.getsize(path) for path in folder.iterdir()]
+    seen = []
+    for rank in range(4):
+        loader = streaming_loader(str(folder), rank, 4, image_column="png", label_column=None)
+        before = bytes_read()
+        seen += read_caption_ids(loader, 0, loader.epoch(0))
+        read = bytes_read() - before
+        assert read <= sum(sizes) / 4 + 2 * max(sizes), (rank, read, sum(sizes))
+    assert sorted(seen) == list(range(48))  # 12 rows (3 batches) each, every row once
+
+
+def bytes_read() -> int:
+    """Bytes this process has read from files so far (Linux)."""
+    with open("/proc/self/io") as handle:
+        return int(next(line for line in handle if line.startswith("rchar:")).split()[1])

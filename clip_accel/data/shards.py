@@ -75,28 +75,34 @@ class TarShards:
     def image_column(self, name: str) -> bool:
         return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
 
-    def rows(self, shard: int) -> Iterator[dict]:
-        """The shard's rows. Plain ustar members only (names of up to 100 characters, plus the ustar prefix); a
-        member that does not decode becomes an `__errors__` entry of its row (the row is then skipped and
-        counted); a truncated shard is an error naming it."""
+    def rows(self, shard: int, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+        """The shard's rows `start` to `stop`; the rows before `start` are passed over by their headers, their
+        payloads seeked past (not read), and nothing after `stop` is read. Plain ustar members only (names of up
+        to 100 characters, plus the ustar prefix); a member that does not decode becomes an `__errors__` entry of
+        its row (the row is then skipped and counted); a truncated shard is an error naming it."""
         url = self.files[shard]
-        key, row = None, {}
+        key, row, index = None, {}, -1
         with xopen(url, "rb") as handle:
             while len(header := handle.read(512)) == 512 and header[0] != 0:  # a zero block ends a tar
                 size, base, field = parse_header(header, url, handle.tell() - 512)
-                value = handle.read(size)
-                if len(value) < size or len(handle.read(-size % 512)) < -size % 512:  # (padded to whole blocks)
-                    raise ValueError(f"{url} is truncated (member {base}.{field}): write the shard again or remove it.")
-                if base is None:  # folders, links, pax headers
-                    continue
-                if base != key:
+                if base is not None and base != key:
                     if row:
                         yield {**row, "__key__": key, "__url__": url}
-                    key, row = base, {}
+                    key, row, index = base, {}, index + 1
+                    if stop is not None and index >= stop:
+                        return
+                if base is None or index < start:  # folders, links, pax headers; rows before `start`
+                    handle.seek(size + (-size % 512), os.SEEK_CUR)  # (payloads are padded to whole blocks)
+                    continue
+                value = handle.read(size)
+                if len(value) < size or len(handle.read(-size % 512)) < -size % 512:
+                    raise ValueError(f"{url} is truncated (member {base}.{field}): write the shard again or remove it.")
                 try:
                     row[field] = self._decode(field, value, key)
                 except (ValueError, UnicodeDecodeError) as error:
                     row.setdefault("__errors__", []).append(f"member {field} does not decode: {error}")
+            if len(header) < 512 and (header or handle.tell() > handle.seek(0, os.SEEK_END)):  # (a seek past the end)
+                raise ValueError(f"{url} is truncated: write the shard again or remove it.")
         if row:
             yield {**row, "__key__": key, "__url__": url}
 
@@ -141,10 +147,13 @@ class DatasetShards:
     def image_column(self, name: str) -> bool:
         return isinstance((self.stream.features or {}).get(name), datasets.Image)
 
-    def rows(self, shard: int) -> Iterator[dict]:
+    def rows(self, shard: int, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+        """The shard's rows `start` to `stop` (the rows before `start` are read: a `datasets` stream cannot seek)."""
         # (.iter, not iteration: inside a DataLoader worker a datasets stream would split itself among the workers)
-        for batch in self.stream.shard(num_shards=self.num_shards, index=shard, contiguous=True).iter(batch_size=64):
-            yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
+        part = self.stream.shard(num_shards=self.num_shards, index=shard, contiguous=True)
+        batches = part.iter(batch_size=64)
+        rows = (dict(zip(batch, row, strict=True)) for batch in batches for row in zip(*batch.values(), strict=True))
+        yield from itertools.islice(rows, start, stop)
 
     def counts(self) -> list[int]:
         """Each shard's rows, read once (one column of it)."""

@@ -2,15 +2,19 @@
 DataLoader workers, never cached.
 
 How a pass over the stream is split, so that every pair is seen once per pass on any number of processes:
-- The shards are read in an order drawn from (seed, pass). DataLoader worker w of W reads shards order[w::W].
-- Every process reads the same shards in each worker and keeps row j of shard s when (j + s) % processes == its
-  rank: the processes' rows are disjoint and together are every row, whatever the shards' sizes. (Each process
-  reads every shard's bytes and decodes only its own rows; on one node the page cache serves the repeats.)
+- The shards are read in an order drawn from (seed, pass). Where each shard's rows are counted (an index, stats
+  files or the headers: `shard_index`), the pass's rows in that order are cut into processes x workers contiguous
+  slots, as equal as whole rows allow; DataLoader worker w of process p reads slot p * W + w, and only it: the
+  shards inside the slot whole, the (at most two) shards at its ends from or up to a row, the rows before its
+  first passed over by their tar headers. A process reads about 1/N of the pass's bytes; the slots are disjoint
+  and together are every row, whatever the shards' sizes, and a single shard is split too.
+- Without per-shard counts (`--epoch_rows`, or a `datasets` stream's recorded count), worker w reads shards
+  order[w::W], and every process reads them all, keeping row j of shard s when (j + s) % processes == its rank.
 - Each worker shuffles its rows through a buffer seeded by (seed, pass, worker) and decodes them in chunks with
   the cached path's own code (`PairPreprocessor`: the same pixels, token ids and skip rules).
 - Each process cuts its batches from the chunks in the order the DataLoader delivers them. Epoch e reads pass e;
   every process takes the same number of batches: as many as the process with the fewest rows fills (the shards'
-  rows are counted once), or `--epoch_rows` // the global batch. The rows after that are left, as a cached epoch
+  rows counted), or `--epoch_rows` // the global batch. The rows after that are left, as a cached epoch
   leaves its last partial batch; a pass that runs short (damaged rows) is topped up from the next one's start.
 
 Resume: each batch carries the stream's position after it (the pass, and per worker how many of its rows are
@@ -108,14 +112,22 @@ class StreamingPairs(IterableDataset):
             yield _join(decoded)
 
     def _rows(self, worker: int, workers: int) -> Iterator[tuple[dict, str]]:
-        """This worker's shards in this pass's order, and of each shard this process's rows."""
+        """This worker's rows of this pass (module docstring): its slot of the pass's rows where the shards' rows
+        are counted, else its shards and of each shard this process's rows."""
         stream = self.split.stream
-        shards = stream.num_shards
-        order = np.random.default_rng([self.seed, self.pass_index]).permutation(shards)
+        order = [
+            int(shard) for shard in np.random.default_rng([self.seed, self.pass_index]).permutation(stream.num_shards)
+        ]
+        if self.split.shard_rows is not None:
+            slot, slots = self.rank * workers + worker, self.num_processes * workers
+            for shard, start, stop in slot_ranges(self.split.shard_rows, order, slot, slots):
+                for index, example in enumerate(stream.rows(shard, start, stop), start=start):
+                    yield example, where_in_stream(example, shard, index)
+            return
         for shard in order[worker::workers]:
-            for index, example in enumerate(stream.rows(int(shard))):
+            for index, example in enumerate(stream.rows(shard)):
                 if (index + shard) % self.num_processes == self.rank:
-                    yield example, where_in_stream(example, int(shard), index)
+                    yield example, where_in_stream(example, shard, index)
 
     def _shuffled(self, rows: Iterator, worker: int) -> Iterator:
         size = self.config.shuffle_buffer
@@ -349,20 +361,33 @@ class StreamingLoader:
         return {**batch, STREAM_POSITION: {"pass": position["pass"], "consumed": list(position["consumed"])}}
 
 
-def process_rows(shard_rows: list[int], rank: int, num_processes: int) -> int:
-    """Rows of one pass that process `rank` reads: of shard s, rows j with (j + s) % num_processes == rank."""
-    return sum(
-        rows // num_processes + ((rank - shard) % num_processes < rows % num_processes)
-        for shard, rows in enumerate(shard_rows)
-    )
+def slot_ranges(shard_rows: list[int], order: list[int], slot: int, slots: int) -> list[tuple[int, int, int]]:
+    """(shard, first row, end row) of slot `slot` of `slots`: the pass's rows (its shards in `order`, end to end)
+    cut into `slots` contiguous runs as equal as whole rows allow. A run starts and ends inside at most two shards."""
+    total = sum(shard_rows)
+    begin, end = total * slot // slots, total * (slot + 1) // slots
+    ranges, offset = [], 0
+    for shard in order:
+        rows = shard_rows[shard]
+        first, last = max(begin - offset, 0), min(end - offset, rows)
+        if first < last:
+            ranges.append((shard, first, last))
+        offset += rows
+        if offset >= end:
+            break
+    return ranges
 
 
 def epoch_batches(split: StreamSplit, batch_size: int, num_processes: int) -> int:
-    """An epoch's batches per process: as many as the process with the fewest rows fills (the shards' rows counted),
-    else the epoch's rows over the global batch (--epoch_rows, or the recorded count)."""
+    """An epoch's batches per process: as many as the process with the fewest rows fills (process p's rows are the
+    p-th of `num_processes` equal runs of the counted rows), else the epoch's rows over the global batch
+    (--epoch_rows, or the recorded count)."""
     if split.shard_rows is None:
         return split.rows // (batch_size * num_processes)
-    return min(process_rows(split.shard_rows, rank, num_processes) for rank in range(num_processes)) // batch_size
+    total = sum(split.shard_rows)
+    return (
+        min(total * (p + 1) // num_processes - total * p // num_processes for p in range(num_processes)) // batch_size
+    )
 
 
 def _as_is(chunk: dict) -> dict:
