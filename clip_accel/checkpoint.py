@@ -74,7 +74,15 @@ RESUME_OPTIONS = {
         "early_stopping_min_delta",
     ),
     ModelConfig: ("freeze", "freeze_vision_layers", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"),
-    DataConfig: ("caption_template", "max_train_samples", "augment", "augment_scale", "augment_flip", "epoch_rows"),
+    DataConfig: (
+        "caption_template",
+        "max_train_samples",
+        "augment",
+        "augment_scale",
+        "augment_flip",
+        "epoch_rows",
+        "shuffle_buffer",
+    ),
 }
 # Model configuration fields that say nothing about the weights' shapes or the computation.
 UNCOMPARED_MODEL_FIELDS = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"}
@@ -85,9 +93,11 @@ def resume_settings(
     num_processes: int,
     model_config: dict | None = None,
     train_pairs: int | None = None,
+    stream: dict | None = None,
 ) -> dict:
     """What a resume depends on, as `check_resume` compares it: the options of `RESUME_OPTIONS`, the batch of all
-    processes, and (once known) the model configuration and the training pairs."""
+    processes, and (once known) the model configuration, the training pairs and a stream's shards and their rows
+    (`{"shards": [file names], "rows": [per shard] or None}`)."""
     train_config = next(config for config in configs if isinstance(config, TrainConfig))
     options = {name: getattr(config, name) for config in configs for name in RESUME_OPTIONS[type(config)]}
     settings = {
@@ -98,6 +108,8 @@ def resume_settings(
         settings["model_config"] = _flat(model_config)
     if train_pairs is not None:
         settings["train_pairs"] = train_pairs
+    if stream is not None:
+        settings["stream"] = stream
     return json.loads(json.dumps(settings))  # as the checkpoint holds it (tuples as lists)
 
 
@@ -137,6 +149,8 @@ def check_resume(path: str, saved: dict, current: dict) -> None:
         changed.append(
             f"the usable training pairs {saved['train_pairs']} -> {current['train_pairs']} (the data changed)"
         )
+    if "stream" in saved and "stream" in current and saved["stream"] != current["stream"]:
+        changed.append(_stream_change(saved["stream"], current["stream"]))
     if changed:
         raise ValueError(
             f"{path} was written by a run that differs from this one in what a resume depends on: "
@@ -144,6 +158,24 @@ def check_resume(path: str, saved: dict, current: dict) -> None:
             + ". Resume with the checkpoint's settings, or start a new run (from its model: --model_name_or_path "
             "OUTPUT) to train with the new ones."
         )
+
+
+def _stream_change(was: dict, now: dict) -> str:
+    """What changed in a stream's shards, in words: the checkpoint's position is in the order of the old ones."""
+    added = [name for name in now["shards"] if name not in was["shards"]]
+    removed = [name for name in was["shards"] if name not in now["shards"]]
+    if added or removed:
+        return (
+            f"the stream's shards ({len(was['shards'])} -> {len(now['shards'])}"
+            + (f"; added {added[0]}" + (f" and {len(added) - 1} more" if len(added) > 1 else "") if added else "")
+            + (
+                f"; removed {removed[0]}" + (f" and {len(removed) - 1} more" if len(removed) > 1 else "")
+                if removed
+                else ""
+            )
+            + ")"
+        )
+    return "the rows of the stream's shards (rewritten shards, or another --shard_index)"
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

@@ -241,6 +241,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
             accelerator.num_processes,
             unwrap(accelerator, model).clip.config.to_dict(),
             _pair_count(pairs["train"]),
+            _stream_identity(pairs["train"]),
         ),
         prompts=prompts,
         augmenter=_augmenter(data_config, image_layout(unwrap(accelerator, model).clip, processor).size, config.seed),
@@ -446,6 +447,18 @@ def _compute_fsdp2_like_ddp(accelerator: Accelerator) -> None:
     logger.info(f"FSDP2: float32 parameters and gradient reduction, {accelerator.mixed_precision} autocast for compute")
 
 
+def _stream_identity(pairs) -> dict | None:
+    """A stream's shards and their rows, which its checkpointed position refers to (`resume_settings`)."""
+    if not isinstance(pairs, StreamingPairs):
+        return None
+    stream = pairs.split.stream
+    files = getattr(stream, "files", None)
+    shards = (
+        [os.path.basename(name) for name in files] if files is not None else [str(n) for n in range(stream.num_shards)]
+    )
+    return {"shards": shards, "rows": pairs.split.shard_rows}
+
+
 def _augmenter(data_config: DataConfig, image_size: int, seed: int) -> Augmenter | None:
     if not data_config.augment:
         return None
@@ -464,13 +477,8 @@ def _restore(run: Run) -> TrainerState:
             "or restore its model files."
         )
     run.step_context.scheduler.load_state_dict(state.scheduler)
-    if isinstance(run.train_loader, StreamingLoader):
-        if len(state.stream) != run.accelerator.num_processes:
-            raise ValueError(
-                f"{checkpoint} holds the stream's position of {len(state.stream)} processes; each process reads "
-                "its own rows of the stream, so resume it on as many processes (or start afresh)."
-            )
-        run.train_loader.restore(state.stream[run.accelerator.process_index])
+    if isinstance(run.train_loader, StreamingLoader):  # (on another topology too: data.streaming)
+        run.train_loader.restore(state.stream)
     return state
 
 

@@ -80,8 +80,10 @@ TOKENIZER = build_offline_tokenizer([caption(item) for item in range(200)])
 CAPTION_IDS = {caption_id(TOKENIZER(caption(item))["input_ids"]): item for item in range(200)}
 
 
-def streaming_loader(shards: str, rank: int = 0, world: int = 1, workers: int = 0, **overrides) -> StreamingLoader:
-    """Process `rank` of `world`'s loader of batches of BATCH (16 px images)."""
+def streaming_loader(
+    shards: str, rank: int = 0, world: int = 1, workers: int = 0, batch: int = BATCH, **overrides
+) -> StreamingLoader:
+    """Process `rank` of `world`'s loader of batches of `batch` (16 px images)."""
     PartialState(cpu=True)  # (Accelerate's logger needs one)
     config = stream_config(shards, **overrides)
     stream = open_stream(config, "train")
@@ -90,7 +92,7 @@ def streaming_loader(shards: str, rank: int = 0, world: int = 1, workers: int = 
     pairs = StreamingPairs(
         split, config, preprocessor, rank, world, seed=0, padding=(TOKENIZER.pad_token_id, None, False)
     )
-    return StreamingLoader(pairs, BATCH, num_workers=workers)
+    return StreamingLoader(pairs, batch, num_workers=workers)
 
 
 def read_caption_ids(loader: StreamingLoader, count: int, batches=None) -> list[int]:
@@ -161,12 +163,43 @@ def test_resume_reads_the_rest_of_the_pass_without_a_pair_twice(uneven_shards):
     first = streaming_loader(shards, workers=2)
     head = read_caption_ids(first, 3)
     resumed = streaming_loader(shards, workers=2)
-    resumed.restore(first.checkpoint())
+    resumed.restore([first.checkpoint()])
     tail = read_caption_ids(resumed, 0, resumed.epoch(0, done=3))
     assert head == whole[:12]
     assert len(head + tail) == len(set(head + tail)) == 28 and set(tail) <= set(items) - set(head)
-    with pytest.raises(ValueError, match="--dataloader_num_workers 2"):
-        streaming_loader(shards, workers=0).restore(first.checkpoint())
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [((4, 0), (2, 0)), ((2, 0), (1, 0)), ((1, 0), (2, 0)), ((1, 2), (1, 0)), ((2, 2), (4, 0))],
+    ids=["4->2", "2->1", "1->2", "2 workers->0", "2x2->4"],
+)
+def test_a_pass_resumes_on_another_number_of_processes_and_workers_with_every_row_once(even_shards, before, after):
+    # The batch of all processes stays 8; 3 of the epoch's 8 batches are read on `before` (processes, workers),
+    # the rest on `after`: the epoch's 64 rows are each trained once, and every resumed process gets its 5 batches.
+    shards, items = even_shards
+    (processes, workers), (resumed_processes, resumed_workers) = before, after
+    first = [streaming_loader(shards, rank, processes, workers, 8 // processes) for rank in range(processes)]
+    head = [item for loader in first for item in read_caption_ids(loader, 3)]
+    positions = [loader.checkpoint() for loader in first]
+    tail = []
+    for rank in range(resumed_processes):
+        loader = streaming_loader(shards, rank, resumed_processes, resumed_workers, 8 // resumed_processes)
+        loader.restore(positions)
+        mine = read_caption_ids(loader, 0, loader.epoch(0, done=3))
+        assert len(mine) == 5 * 8 // resumed_processes
+        tail += mine
+    assert sorted(head + tail) == items
+
+
+def test_an_elastic_resume_is_refused_where_the_pass_cannot_be_replayed(even_shards):
+    shards, _ = even_shards
+    first = [streaming_loader(shards, rank, 2, epoch_rows=64) for rank in range(2)]  # (no per-shard counts)
+    positions = [loader.checkpoint() for loader in first]
+    with pytest.raises(
+        ValueError, match="rows are not counted .*resume on 2 processes with --dataloader_num_workers 0"
+    ):
+        streaming_loader(shards, 0, 1, batch=8, epoch_rows=64).restore(positions)
 
 
 def test_damaged_rows_are_skipped_and_counted_and_strict_stops_at_the_first(tmp_path):
@@ -267,6 +300,40 @@ def test_a_streamed_run_trains_and_resumes_mid_epoch_where_its_checkpoint_left_t
     assert result.metrics["training"]["optimizer_steps"] == 12
     state = json.loads((checkpoints / "step-0000006" / "trainer_state.json").read_text())
     assert sum(state["stream"][0]["consumed"]) == 6 * 32 and state["epoch"] == 1
+
+
+def test_a_streamed_run_written_with_two_workers_resumes_with_none(make_stream_configs, tmp_path):
+    configs = make_stream_configs(checkpointing_steps=2, save_total_limit=0, num_train_epochs=1)
+    with_fresh_state(train, *configs)
+    checkpoints = tmp_path / "out" / "checkpoints"
+    shutil.rmtree(checkpoints / "step-0000004")
+    resumed = make_stream_configs(
+        checkpointing_steps=2,
+        save_total_limit=0,
+        num_train_epochs=1,
+        dataloader_num_workers=0,
+        resume_from_checkpoint=str(checkpoints / "step-0000002"),
+    )
+    result = with_fresh_state(train, *resumed)
+    assert result.metrics["training"]["optimizer_steps"] == 6
+    (position,) = json.loads((checkpoints / "step-0000004" / "trainer_state.json").read_text())["stream"]
+    (segment,) = position["segments"]  # 2 steps read by 2 workers, then 2 more by the process alone
+    assert len(segment["consumed"][0]) == 2 and sum(segment["consumed"][0]) == 2 * 32
+    assert position["consumed"] == [2 * 32]
+
+
+def test_a_stream_resumes_only_from_the_same_shards_and_shuffle(make_stream_configs, demo_shards, tmp_path):
+    shards = str(tmp_path / "shards")
+    shutil.copytree(demo_shards, shards)
+    options = {"dataset_name": shards, "checkpointing_steps": 2, "save_total_limit": 0, "num_train_epochs": 1}
+    with_fresh_state(train, *make_stream_configs(**options))
+    checkpoint = str(tmp_path / "out" / "checkpoints" / "step-0000002")
+    with pytest.raises(ValueError, match=r"--shuffle_buffer 8 -> 4"):
+        with_fresh_state(train, *make_stream_configs(**options, shuffle_buffer=4, resume_from_checkpoint=checkpoint))
+    shutil.copy(os.path.join(shards, "train-00003.tar"), os.path.join(shards, "train-00004.tar"))
+    os.remove(os.path.join(shards, "train.shardindex.json"))
+    with pytest.raises(ValueError, match=r"the stream's shards \(4 -> 5; added train-00004.tar\)"):
+        with_fresh_state(train, *make_stream_configs(**options, resume_from_checkpoint=checkpoint))
 
 
 @pytest.mark.parametrize(

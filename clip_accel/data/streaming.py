@@ -19,9 +19,12 @@ How a pass over the stream is split, so that every pair is seen once per pass on
 
 Resume: each batch carries the stream's position after it (the pass, and per worker how many of its rows are
 consumed). A resumed run replays that pass's rows up to there without decoding them (reading their bytes) and
-goes on: no pair of the pass is seen twice or missed. `datasets`' own `state_dict` loses the shuffle buffer's rows
-on resume (its documentation says so), so it is not used. The batches after a resume are grouped differently from
-an uninterrupted run's: the same pairs, not the same batches.
+goes on: no pair of the pass is seen twice or missed. On another number of processes or workers (`restore` with
+every process's position), the pass's consumed rows are replayed from the shuffle's order, which depends only on
+the slots' sizes, and the rows left are cut into the new slots (`rows_left`; a later resume adds a segment).
+`datasets`' own `state_dict` loses the shuffle buffer's rows on resume (its documentation says so), so it is not
+used. The batches after a resume are grouped differently from an uninterrupted run's: the same pairs, not the
+same batches.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class StreamingPairs(IterableDataset):
         self.seed = seed
         self.pass_index = 0
         self.resume: list[int] | None = None  # per worker, rows of this pass already consumed
+        self.segments: dict[int, list] = {}  # a pass resumed on another topology: what each earlier one consumed
         self.shared = None  # [pass, resuming?, resume per worker...] seen by the worker processes
         self.batch_rows = CHUNK_ROWS  # pairs per chunk handed over: the loader's batch size
 
@@ -118,8 +122,14 @@ class StreamingPairs(IterableDataset):
         order = [
             int(shard) for shard in np.random.default_rng([self.seed, self.pass_index]).permutation(stream.num_shards)
         ]
+        slot, slots = self.rank * workers + worker, self.num_processes * workers
+        segments = self.segments.get(self.pass_index)
+        if segments:  # resumed on another topology: a slot of the rows the earlier ones left
+            left = rows_left(self.split.shard_rows, segments, self.seed, self.pass_index, self.config.shuffle_buffer)
+            mine = left[len(left) * slot // slots : len(left) * (slot + 1) // slots]
+            yield from _read_rows(stream, self.split.shard_rows, order, mine)
+            return
         if self.split.shard_rows is not None:
-            slot, slots = self.rank * workers + worker, self.num_processes * workers
             for shard, start, stop in slot_ranges(self.split.shard_rows, order, slot, slots):
                 for index, example in enumerate(stream.rows(shard, start, stop), start=start):
                     yield example, where_in_stream(example, shard, index)
@@ -130,21 +140,7 @@ class StreamingPairs(IterableDataset):
                     yield example, where_in_stream(example, shard, index)
 
     def _shuffled(self, rows: Iterator, worker: int) -> Iterator:
-        size = self.config.shuffle_buffer
-        if size == 0:
-            yield from rows
-            return
-        generator = np.random.default_rng([self.seed, self.pass_index, worker])
-        buffer = []
-        for row in rows:
-            if len(buffer) < size:
-                buffer.append(row)
-                continue
-            index = int(generator.integers(size))
-            yield buffer[index]
-            buffer[index] = row
-        generator.shuffle(buffer)
-        yield from buffer
+        return shuffled(rows, self.config.shuffle_buffer, (self.seed, self.pass_index, worker))
 
     def _decode(self, chunk: list, worker: int) -> dict:
         """Decode and tokenize a chunk of rows; rows with a damaged image or a missing caption or label are left
@@ -205,7 +201,7 @@ class StreamingLoader:
                 f"({batch_size} x {pairs.num_processes}): raise --epoch_rows or lower --per_device_train_batch_size."
             )
         # The position after the last batch the training loop consumed (`consumed`), or restored (`restore`).
-        self.position = {"pass": 0, "consumed": [0] * max(1, num_workers)}
+        self.position = {"pass": 0, "consumed": [0] * max(1, num_workers), "segments": []}
         self.restored = False
         self.skipped: dict[str, str] = {}  # every row left out so far: where -> reason
         self.borrowed = 0  # epochs topped up from the next pass because a pass ran short (damaged rows)
@@ -217,17 +213,37 @@ class StreamingLoader:
     def set_epoch(self, epoch: int) -> None:
         """Each epoch reads its own pass: see `epoch`."""
 
-    def restore(self, position: dict) -> None:
-        """Continue from a checkpoint's position (`STREAM_POSITION` of the last batch consumed)."""
-        consumed = list(position["consumed"])
-        if len(consumed) != max(1, self.num_workers):
-            raise ValueError(
-                f"The checkpoint's stream was read by {len(consumed)} DataLoader workers per process; resume with "
-                f"--dataloader_num_workers {len(consumed) if len(consumed) > 1 else 0} (the position is per worker)."
-            )
-        self.position = {"pass": position["pass"], "consumed": consumed}
+    def restore(self, positions: list[dict]) -> None:
+        """Continue from a checkpoint's positions (every process's `checkpoint()`). On the processes and workers
+        that wrote them, each process goes on where it stood; on others (an elastic resume: the batch of all
+        processes kept), the rows the pass has left are cut into this topology's slots (module docstring)."""
+        workers = max(1, self.num_workers)
+        for position in positions:  # (the report is the union of every process's)
+            self.skipped.update(position.get("skipped", {}))
+        if len(positions) == self.pairs.num_processes and all(len(p["consumed"]) == workers for p in positions):
+            position = positions[self.pairs.rank]
+            segments = position.get("segments", [])
+            self.position = {"pass": position["pass"], "consumed": list(position["consumed"]), "segments": segments}
+        else:
+            self.position = self._elastic(positions)
+        self.pairs.segments = {self.position["pass"]: self.position["segments"]}
         self.restored = True
-        self.skipped.update(position.get("skipped", {}))
+
+    def _elastic(self, positions: list[dict]) -> dict:
+        """The position on this topology of a pass other processes or workers read part of."""
+        passes = sorted({position["pass"] for position in positions})
+        old_workers = len(positions[0]["consumed"])
+        was = f"{len(positions)} processes x {old_workers} DataLoader workers"
+        if self.pairs.split.shard_rows is None or len(passes) > 1:
+            why = "its processes stood in different passes" if len(passes) > 1 else "the shards' rows are not counted"
+            raise ValueError(
+                f"The checkpoint's stream was read by {was}, and {why} (--epoch_rows), so its pass cannot be "
+                f"replayed on another topology: resume on {len(positions)} processes with --dataloader_num_workers "
+                f"{old_workers if old_workers > 1 else 0}."
+            )
+        segments = [*positions[0].get("segments", []), {"consumed": [list(p["consumed"]) for p in positions]}]
+        logger.info(f"The stream resumes pass {passes[0]}, read so far by {was}, on this launch's processes")
+        return {"pass": passes[0], "consumed": [0] * max(1, self.num_workers), "segments": segments}
 
     def consumed(self, position: dict) -> None:
         """The training loop has taken the batch that carried `position` (batches are read ahead of it)."""
@@ -246,7 +262,11 @@ class StreamingLoader:
         # A run resumed mid-epoch goes on from the restored position (in this pass, or the next if it had run short).
         start = self.position if self.restored and done else {"pass": epoch, "consumed": None}
         self.restored = False
-        position = {"pass": start["pass"], "consumed": list(start["consumed"] or [0] * max(1, self.num_workers))}
+        position = {
+            "pass": start["pass"],
+            "consumed": list(start["consumed"] or [0] * max(1, self.num_workers)),
+            "segments": start.get("segments", []),
+        }
         batches = self._cut(position, start["consumed"])
         for _ in range(len(self) - done):
             batch = next(batches)
@@ -341,8 +361,10 @@ class StreamingLoader:
             chunk, start = entry
             end = min(start + count, len(chunk["positions"]))
             if end > start:
-                if chunk["pass"] != position["pass"]:
-                    position["pass"], position["consumed"] = chunk["pass"], [0] * len(position["consumed"])
+                if chunk["pass"] != position["pass"]:  # (a pass topped up from the next: its own slots)
+                    position.update(
+                        {"pass": chunk["pass"], "consumed": [0] * len(position["consumed"]), "segments": []}
+                    )
                 position["consumed"][chunk["worker"]] = int(chunk["positions"][end - 1]) + 1
                 pixels.append(chunk["pixel_values"][start:end])
                 if chunk["spatial_shapes"] is not None:
@@ -358,7 +380,7 @@ class StreamingLoader:
         batch = pair_batch(
             pixels.numpy(), input_ids, np.concatenate(caption_ids), np.concatenate(grids) if grids else None
         )
-        return {**batch, STREAM_POSITION: {"pass": position["pass"], "consumed": list(position["consumed"])}}
+        return {**batch, STREAM_POSITION: {**position, "consumed": list(position["consumed"])}}
 
 
 def slot_ranges(shard_rows: list[int], order: list[int], slot: int, slots: int) -> list[tuple[int, int, int]]:
@@ -376,6 +398,58 @@ def slot_ranges(shard_rows: list[int], order: list[int], slot: int, slots: int) 
         if offset >= end:
             break
     return ranges
+
+
+def shuffled(rows, size: int, seed: tuple) -> Iterator:
+    """`rows` through a shuffle buffer of `size` seeded by `seed` (none with 0). The order depends only on the
+    number of rows, so it can be replayed on row ids (`rows_left`)."""
+    if size == 0:
+        yield from rows
+        return
+    generator = np.random.default_rng(list(seed))
+    buffer = []
+    for row in rows:
+        if len(buffer) < size:
+            buffer.append(row)
+            continue
+        index = int(generator.integers(size))
+        yield buffer[index]
+        buffer[index] = row
+    generator.shuffle(buffer)
+    yield from buffer
+
+
+def rows_left(shard_rows: list[int], segments: list[dict], seed: int, pass_index: int, buffer: int) -> np.ndarray:
+    """The rows of a pass (indices into its shards' order, ascending) that `segments` left: each segment is a
+    topology that read part of the pass (`consumed`: per process, per worker, the rows of its shuffled slot it
+    consumed). It had cut the rows the segments before it left into its slots; its consumed rows are replayed
+    from the shuffle's order, which depends on the slot's size only."""
+    left = np.arange(sum(shard_rows))
+    for segment in segments:
+        consumed = segment["consumed"]
+        workers = len(consumed[0])
+        slots = len(consumed) * workers
+        taken = []
+        for rank, counts in enumerate(consumed):
+            for worker, count in enumerate(counts):
+                slot = rank * workers + worker
+                run = left[len(left) * slot // slots : len(left) * (slot + 1) // slots]
+                order = shuffled(range(len(run)), buffer, (seed, pass_index, worker))
+                taken.append(run[np.fromiter(itertools.islice(order, count), np.int64, count)])
+        left = np.setdiff1d(left, np.concatenate(taken), assume_unique=True)
+    return left
+
+
+def _read_rows(stream, shard_rows: list[int], order: list[int], rows: np.ndarray) -> Iterator[tuple[dict, str]]:
+    """The pass's rows `rows` (ascending indices into its shards' order), shard by shard."""
+    starts = np.cumsum([0] + [shard_rows[shard] for shard in order])
+    places = np.searchsorted(starts, rows, side="right") - 1
+    for place in np.unique(places):
+        shard, wanted = order[place], rows[places == place] - starts[place]
+        keep, first = set(wanted.tolist()), int(wanted[0])
+        for index, example in enumerate(stream.rows(shard, first, int(wanted[-1]) + 1), start=first):
+            if index in keep:
+                yield example, where_in_stream(example, shard, index)
 
 
 def epoch_batches(split: StreamSplit, batch_size: int, num_processes: int) -> int:
