@@ -141,9 +141,9 @@ def data_prepared_per_node(accelerator: Accelerator, config: DataConfig) -> bool
 
 
 def check_streaming_launch(accelerator: Accelerator, config: DataConfig) -> None:
-    """--streaming is tested on one process and under DDP, not under FSDP."""
-    if config.streaming and (accelerator.is_fsdp2 or accelerator.distributed_type.value == "FSDP"):
+    """--streaming is tested on one process, under DDP and under FSDP2; not under FSDP1."""
+    if config.streaming and accelerator.distributed_type.value == "FSDP" and not accelerator.is_fsdp2:
         raise ValueError(
-            "--streaming runs on one device or under DDP (tested); launch without FSDP, e.g. --config_file "
-            "accelerate_configs/multi_gpu.yaml, or drop --streaming."
+            "--streaming runs on one device, under DDP or under FSDP2 (tested): set fsdp_version: 2 in the "
+            "Accelerate config (accelerate_configs/fsdp.yaml), or drop --streaming."
         )

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import CLIPModel
 
 from clip_accel.checkpoint import TrainerState, _check_resumable
+from clip_accel.data import write_webdataset_shards
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,3 +152,29 @@ def test_fsdp2_under_bf16_keeps_float32_weights_and_gradients_and_trains_like_dd
     # into 1e-4 relative at step 3 on an AVX-512 machine: "trains like DDP" is held to 1e-3 from step 2 on.
     assert len(losses[0]) == 3 and losses[0][0] == pytest.approx(losses[1][0], rel=1e-6, abs=0)
     assert losses[0][1:] == pytest.approx(losses[1][1:], rel=1e-3)
+
+
+def test_fsdp2_streams_the_same_pairs_and_trains_like_ddp(tmp_path, demo_dir, tiny_model_config_path):
+    # Each process reads its own slots of the shards, under FSDP2 as under DDP: the same batches, the same losses.
+    shards = tmp_path / "shards"
+    for split in ("train", "val", "test"):
+        write_webdataset_shards(demo_dir, str(shards), split, rows_per_shard=48)
+    stream = ["--streaming", "true", "--image_column", "jpg", "--caption_column", "txt"]
+    stream += ["--label_column", "json.class_label", "--num_train_epochs", "1"]
+
+    def streamed(out: Path) -> list[str]:
+        values = options(demo_dir, tiny_model_config_path, out, "none", *stream)
+        at = values.index("--data_dir")
+        return values[:at] + ["--dataset_name", str(shards)] + values[at + 2 :]
+
+    sharded = fsdp(*streamed(tmp_path / "fsdp"))
+    ddp(*streamed(tmp_path / "ddp"))
+    assert "Processes: 2 (FSDP) on cpu" in sharded.stderr
+    logs = [json.loads((tmp_path / out / "log_history.json").read_text()) for out in ("fsdp", "ddp")]
+    losses = [[record["loss"] for record in log if "loss" in record] for log in logs]
+    assert len(losses[0]) == len(losses[1]) == 3
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    results = [json.loads((tmp_path / out / "eval_results.json").read_text()) for out in ("fsdp", "ddp")]
+    assert results[0]["training"]["train_pairs"] == results[1]["training"]["train_pairs"] == 192
+    for key in ("image_to_text_mean_rank", "text_to_image_mean_rank"):
+        assert results[0]["test"][key] == pytest.approx(results[1]["test"][key], rel=1e-3)

@@ -439,15 +439,17 @@ def test_any_datasets_stream_is_split_the_same_way(tmp_path):
         streaming_loader("parquet", caption_column="text", data_files=str(folder))
 
 
-def test_a_streamed_run_under_fsdp_stops_at_start_up(even_shards):
+def test_a_streamed_run_under_fsdp1_stops_at_start_up(even_shards):
     from types import SimpleNamespace
 
     from clip_accel.launch import check_streaming_launch
 
-    fsdp = SimpleNamespace(is_fsdp2=True, distributed_type=SimpleNamespace(value="FSDP"))
-    with pytest.raises(ValueError, match="launch without FSDP"):
-        check_streaming_launch(fsdp, stream_config(even_shards[0]))
-    check_streaming_launch(fsdp, DataConfig(dataset_name="x"))  # a cached split under FSDP is fine
+    fsdp1 = SimpleNamespace(is_fsdp2=False, distributed_type=SimpleNamespace(value="FSDP"))
+    with pytest.raises(ValueError, match="under FSDP2 .*fsdp_version: 2"):
+        check_streaming_launch(fsdp1, stream_config(even_shards[0]))
+    check_streaming_launch(fsdp1, DataConfig(dataset_name="x"))  # a cached split is refused elsewhere, if at all
+    fsdp2 = SimpleNamespace(is_fsdp2=True, distributed_type=SimpleNamespace(value="FSDP"))
+    check_streaming_launch(fsdp2, stream_config(even_shards[0]))  # (trained like DDP: tests/test_fsdp.py)
 
 
 @pytest.mark.parametrize("variant", ["siglip", "siglip2", "augment"])
