@@ -6,14 +6,17 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import tarfile
+import time
 
 import numpy as np
 import pytest
 from accelerate import PartialState
 from conftest import with_fresh_state
+from launching import CPU_ENV, TORCHRUN_2
 from PIL import Image
-from test_distributed import torchrun
+from test_distributed import REPO, torchrun
 
 from clip_accel.config import DataConfig
 from clip_accel.data import (
@@ -380,6 +383,20 @@ def test_two_launched_processes_split_the_shards_exactly_and_train(
     torchrun("scripts/train.py", *[str(part) for name, value in options.items() for part in (f"--{name}", value)])
     training = json.loads((tmp_path / "out" / "eval_results.json").read_text())["training"]
     assert training["num_processes"] == 2 and training["optimizer_steps"] == 2 * 192 // 32
+
+
+@pytest.mark.slow
+def test_a_start_up_failure_on_one_process_stops_every_process_with_its_message(demo_shards, tmp_path):
+    options = {"dataset_name": demo_shards, **STREAM_OPTIONS, "scratch_config": "clip-tiny"}
+    options |= {"output_dir": tmp_path / "out", "cache_dir": tmp_path / "cache"}
+    args = [str(part) for name, value in options.items() for part in (f"--{name}", value)]
+    command = [*TORCHRUN_2, "tests/startup_failure.py", *args]
+    start = time.monotonic()
+    result = subprocess.run(command, cwd=REPO, env=CPU_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and time.monotonic() - start < 120
+    message = "this node cannot read the shard index"
+    assert f"Process 1 stopped at start-up: ValueError: {message}" in result.stderr  # process 0's own words
+    assert f"ValueError: {message}" in result.stderr.replace(f"start-up: ValueError: {message}", "")  # process 1's
 
 
 def test_a_streamed_model_folder_evaluates_to_its_own_figures_and_has_a_card(

@@ -83,20 +83,46 @@ def load_raw_splits(
 
 def _load_streamed_splits(accelerator: Accelerator, config: DataConfig, roles) -> dict:
     """--streaming: the training split as a stream (its rows counted once, on the main process, when neither
-    --epoch_rows nor the dataset says how many), the evaluation splits read whole."""
+    --epoch_rows nor the dataset says how many), the evaluation splits read whole. Whatever one process fails on
+    here, every process stops with its message (`_together`): none waits for a process that is gone."""
     names = split_names(config)
-    splits = {
-        role: read_stream_split(config, names[role], config.max_eval_samples) for role in roles if role != "train"
-    }
-    if "train" in roles:
-        counted, stream = [None], None
-        if accelerator.is_main_process:  # (opened once here, for the count and the run)
-            stream = open_stream(config, names["train"])
-            if needs_count(config, stream):
-                counted = [count_shard_rows(config, stream)]
-        broadcast_object_list(counted)
-        splits["train"] = load_stream_split(config, names["train"], counted[0], stream)
-    return splits
+
+    def count() -> tuple:
+        if "train" not in roles or not accelerator.is_main_process:
+            return None, None
+        stream = open_stream(config, names["train"])  # (opened once here, for the count and the run)
+        return (count_shard_rows(config, stream) if needs_count(config, stream) else None), stream
+
+    counted, stream = _together(accelerator, count)
+    shared = [counted]
+    broadcast_object_list(shared)
+
+    def load() -> dict:
+        splits = {
+            role: read_stream_split(config, names[role], config.max_eval_samples) for role in roles if role != "train"
+        }
+        if "train" in roles:
+            splits["train"] = load_stream_split(config, names["train"], shared[0], stream)
+        return splits
+
+    return _together(accelerator, load)
+
+
+def _together(accelerator: Accelerator, work):
+    """`work()` on every process, then a check that all succeeded: where one failed, the others stop too, with
+    its message ("process 1 stopped at start-up: ..."), and it with its own error."""
+    try:
+        result, failure = work(), None
+    except Exception as error:  # (any: every process must reach the gather)
+        result, failure = None, error
+    message = None if failure is None else f"{type(failure).__name__}: {failure}"
+    messages = gather_object([message]) if accelerator.num_processes > 1 else [message]
+    if failure is not None:
+        raise failure
+    for rank, message in enumerate(messages):
+        if message is not None:
+            raise RuntimeError(f"Process {rank} stopped at start-up: {message}")
+    return result
 
 
 def build_pair_datasets(

@@ -1,0 +1,20 @@
+"""`clip-accel train` on 2 processes where only process 1 fails at start-up (its training stream does not open):
+run by test_streaming.py to show that both stop, each with process 1's message.
+
+Usage: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/startup_failure.py TRAIN_OPTIONS...
+"""
+
+import os
+import sys
+
+import clip_accel.data as data
+from clip_accel.cli import train_main
+
+if os.environ.get("RANK") == "1":
+
+    def fail(*args, **kwargs):
+        raise ValueError("this node cannot read the shard index (a test's failure on process 1 only)")
+
+    data.load_stream_split = fail
+
+train_main(sys.argv[1:])
