@@ -246,6 +246,10 @@ class DataConfig:
                 "shuffled whole each epoch).",
             )
         _require(
+            self.streaming or not (self.dataset_name or "").startswith(("http://", "https://")),
+            f"--dataset_name {self.dataset_name!r} is a URL: tar shards over HTTP are read with --streaming.",
+        )
+        _require(
             self.shard_index is None or os.path.isfile(self.shard_index),
             f"--shard_index {self.shard_index!r} is not a file: write one with `clip-accel index-shards FOLDER`.",
         )

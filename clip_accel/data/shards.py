@@ -29,6 +29,7 @@ from PIL import Image
 
 from ..config import DataConfig, template_fields
 from .preprocess import JPEG_QUALITY, encode_jpeg, load_rgb_image, to_rgb
+from .remote import HttpShard, ShardUnavailable, is_remote, remote_splits
 from .shard_index import count_tar_rows, index_file, indexed_counts, parse_header, write_shard_index
 from .sources import (
     CAPTION_LISTS,
@@ -58,9 +59,10 @@ class TarShards:
 
     features = None  # (no schema: the members' extensions are the columns)
 
-    def __init__(self, files: list[str], index: str | None = None) -> None:
+    def __init__(self, files: list[str], index: str | None = None, counts: list[int] | None = None) -> None:
         self.files = files
         self.index = index  # a shard index naming each shard's rows (`shard_index`), else the one beside them
+        self.known_counts = counts  # the rows a remote index gave (data.remote)
 
     @property
     def num_shards(self) -> int:
@@ -79,32 +81,45 @@ class TarShards:
         """The shard's rows `start` to `stop`; the rows before `start` are passed over by their headers, their
         payloads seeked past (not read), and nothing after `stop` is read. Plain ustar members only (names of up
         to 100 characters, plus the ustar prefix); a member that does not decode becomes an `__errors__` entry of
-        its row (the row is then skipped and counted); a truncated shard is an error naming it."""
+        its row (the row is then skipped and counted); a truncated shard is an error naming it. A remote shard
+        that still fails after its retries (`remote.HttpShard`) makes its rows left `__errors__` rows: skipped
+        and counted as consumed, so every other row of the pass is still read once."""
         url = self.files[shard]
-        key, row, index = None, {}, -1
-        with xopen(url, "rb") as handle:
-            while len(header := handle.read(512)) == 512 and header[0] != 0:  # a zero block ends a tar
-                size, base, field = parse_header(header, url, handle.tell() - 512)
-                if base is not None and base != key:
-                    if row:
-                        yield {**row, "__key__": key, "__url__": url}
-                    key, row, index = base, {}, index + 1
-                    if stop is not None and index >= stop:
-                        return
-                if base is None or index < start:  # folders, links, pax headers; rows before `start`
-                    handle.seek(size + (-size % 512), os.SEEK_CUR)  # (payloads are padded to whole blocks)
-                    continue
-                value = handle.read(size)
-                if len(value) < size or len(handle.read(-size % 512)) < -size % 512:
-                    raise ValueError(f"{url} is truncated (member {base}.{field}): write the shard again or remove it.")
-                try:
-                    row[field] = self._decode(field, value, key)
-                except (ValueError, UnicodeDecodeError) as error:
-                    row.setdefault("__errors__", []).append(f"member {field} does not decode: {error}")
-            if len(header) < 512 and (header or handle.tell() > handle.seek(0, os.SEEK_END)):  # (a seek past the end)
-                raise ValueError(f"{url} is truncated: write the shard again or remove it.")
-        if row:
-            yield {**row, "__key__": key, "__url__": url}
+        at = {"key": None, "row": {}, "index": -1}  # the row being read: its key, members and number
+        try:
+            with HttpShard(url) if is_remote(url) else xopen(url, "rb") as handle:
+                yield from self._members(handle, url, start, stop, at)
+        except ShardUnavailable as error:
+            if at["index"] >= start and (stop is None or at["index"] < stop):
+                yield {**at["row"], "__errors__": [str(error)], "__key__": at["key"], "__url__": url}
+            for missing in range(max(at["index"] + 1, start), stop if stop is not None else 0):
+                yield {"__errors__": [str(error)], "__key__": f"row {missing}", "__url__": url}
+            return
+        if at["row"]:
+            yield {**at["row"], "__key__": at["key"], "__url__": url}
+
+    def _members(self, handle, url: str, start: int, stop: int | None, at: dict) -> Iterator[dict]:
+        """The rows `rows` reads, each when the next begins (the last one stays in `at`)."""
+        while len(header := handle.read(512)) == 512 and header[0] != 0:  # a zero block ends a tar
+            size, base, field = parse_header(header, url, handle.tell() - 512)
+            if base is not None and base != at["key"]:
+                if at["row"]:
+                    yield {**at["row"], "__key__": at["key"], "__url__": url}
+                at.update(key=base, row={}, index=at["index"] + 1)
+                if stop is not None and at["index"] >= stop:
+                    return
+            if base is None or at["index"] < start:  # folders, links, pax headers; rows before `start`
+                handle.seek(size + (-size % 512), os.SEEK_CUR)  # (payloads are padded to whole blocks)
+                continue
+            value = handle.read(size)
+            if len(value) < size or len(handle.read(-size % 512)) < -size % 512:
+                raise ValueError(f"{url} is truncated (member {base}.{field}): write the shard again or remove it.")
+            try:
+                at["row"][field] = self._decode(field, value, at["key"])
+            except (ValueError, UnicodeDecodeError) as error:
+                at["row"].setdefault("__errors__", []).append(f"member {field} does not decode: {error}")
+        if len(header) < 512 and (header or handle.tell() > handle.seek(0, os.SEEK_END)):  # (a seek past the end)
+            raise ValueError(f"{url} is truncated: write the shard again or remove it.")
 
     def _decode(self, field: str, value: bytes, key: str):
         extension = field.rsplit(".", 1)[-1].lower()
@@ -115,6 +130,8 @@ class TarShards:
 
     def counts(self) -> list[int]:
         """Each shard's rows: from an index or img2dataset's stats files, else from the local shards' headers."""
+        if self.known_counts is not None and self.index is None:
+            return list(self.known_counts)
         counts = indexed_counts(self.files, self.index)
         if counts is not None:
             return counts
@@ -176,6 +193,11 @@ class DatasetShards:
 def open_shards(config: DataConfig, split: str) -> TarShards | DatasetShards:
     """`--dataset_name`'s `split`, shard by shard: WebDataset tar shards read directly, anything else through
     `datasets` streaming."""
+    if is_remote(config.dataset_name):
+        files, counts = remote_splits(config.dataset_name)
+        if split not in files:
+            raise ValueError(f"{config.dataset_name} has no split {split!r}; it has {sorted(files)}.")
+        return TarShards(files[split], config.shard_index if split == config.train_split else None, counts[split])
     path, name, location = load_arguments(config)
     builder = datasets.load_dataset_builder(path, name, **location)
     if builder.name == "webdataset":

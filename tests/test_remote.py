@@ -1,0 +1,189 @@
+"""Tar shards streamed over HTTP from a server on 127.0.0.1 (Range requests): each process fetches its share,
+a dropped connection resumes at its byte, a shard that stays unreachable is skipped and counted."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_streaming import caption, read_caption_ids, streaming_loader
+
+from clip_accel.cli import main
+from clip_accel.config import DataConfig
+from clip_accel.data.remote import HttpShard, expand_braces
+from clip_accel.data.shards import add_tar_member
+
+
+class ShardServer(ThreadingHTTPServer):
+    """Serves `root` with Range requests; counts the body bytes it sends; `drop_after`: each file's first
+    response is cut after that many bytes (the connection closed mid-body)."""
+
+    daemon_threads = True
+
+    def __init__(self, root: str, drop_after: int | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root, self.drop_after = root, drop_after
+        self.sent, self.dropped, self.lock = 0, set(), threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        path = os.path.join(self.server.root, self.path.lstrip("/"))
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return
+        size = os.path.getsize(path)
+        first, last = 0, size - 1
+        ranged = self.headers.get("Range")
+        if ranged:
+            start, _, end = ranged.removeprefix("bytes=").partition("-")
+            first, last = int(start), min(int(end) if end else size - 1, size - 1)
+            if first >= size:
+                self.send_error(416)
+                return
+        self.send_response(206 if ranged else 200)
+        self.send_header("Content-Length", str(last - first + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        if ranged:
+            self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+        self.end_headers()
+        if not body:
+            return
+        with open(path, "rb") as handle:
+            handle.seek(first)
+            data = handle.read(last - first + 1)
+        with self.server.lock:
+            drop = self.server.drop_after is not None and path not in self.server.dropped
+            if drop:
+                self.server.dropped.add(path)
+                data = data[: self.server.drop_after]
+            self.server.sent += len(data)
+        self.wfile.write(data)
+        if drop:
+            self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(root: str, **options) -> ShardServer:
+        server = ShardServer(root, **options)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def write_noise_shards(folder, shards: int, rows: int) -> list[int]:
+    """Shards of `rows` rows of 48 px noise PNGs (~7 KB a row) and their captions, with their index."""
+    os.makedirs(folder, exist_ok=True)
+    noise = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    for shard in range(shards):
+        with tarfile.open(os.path.join(folder, f"train-{shard:05d}.tar"), "w") as tar:
+            for item in range(shard * rows, (shard + 1) * rows):
+                image = io.BytesIO()
+                Image.fromarray(np.roll(noise, item, axis=1)).save(image, "PNG")
+                add_tar_member(tar, f"{item:06d}.png", image.getvalue())
+                add_tar_member(tar, f"{item:06d}.txt", caption(item).encode())
+    main(["index-shards", str(folder)])
+    return list(range(shards * rows))
+
+
+def read_epoch(url: str, processes: int, **options) -> list[int]:
+    """Every process's items of epoch 0, the processes simulated one after another."""
+    seen = []
+    for rank in range(processes):
+        loader = streaming_loader(url, rank, processes, image_column="png", label_column=None, **options)
+        seen += read_caption_ids(loader, 0, loader.epoch(0))
+    return seen
+
+
+def test_four_processes_stream_every_row_once_fetching_little_more_than_the_shards(tmp_path, serve):
+    # 16 shards of 12 rows on 4 processes x 1 worker: index, probes and the pass together stay within 1.3x.
+    folder = tmp_path / "shards"
+    items = write_noise_shards(folder, 16, 12)
+    server = serve(str(folder))
+    seen = read_epoch(server.url, 4, workers=1)
+    assert sorted(seen) == items  # 192 rows: 48 per process, 12 batches of 4
+    shard_bytes = sum(os.path.getsize(folder / name) for name in os.listdir(folder) if name.endswith(".tar"))
+    assert server.sent <= 1.3 * shard_bytes, server.sent / shard_bytes
+
+
+def test_a_dropped_connection_continues_at_its_byte(tmp_path, serve):
+    folder = tmp_path / "shards"
+    items = write_noise_shards(folder, 4, 10)
+    server = serve(str(folder), drop_after=5000)
+    assert sorted(read_epoch(server.url, 2)) == items
+    assert len(server.dropped) == 5  # every shard's first response cut, and the index's
+
+
+def test_a_shard_that_stays_unreachable_is_skipped_and_counted_and_strict_stops(tmp_path, serve):
+    folder = tmp_path / "shards"
+    write_noise_shards(folder, 4, 8)
+    os.rename(folder / "train-00002.tar", tmp_path / "gone.tar")
+    server = serve(str(folder))
+    loader = streaming_loader(server.url, image_column="png", label_column=None, shuffle_buffer=0)
+    seen = read_caption_ids(loader, 0, loader.epoch(0))
+    # The pass gives its 24 reachable rows; the epoch's last 2 batches come from the next pass (logged).
+    assert sorted(seen[:24]) == [item for item in range(32) if not 16 <= item < 24] and loader.borrowed == 1
+    assert len(loader.skipped) == 8 and all("train-00002.tar: HTTP 404" in why for why in loader.skipped.values())
+    strict = streaming_loader(server.url, image_column="png", label_column=None, strict=True)
+    with pytest.raises(ValueError, match="--strict: .*train-00002.tar: HTTP 404"):
+        read_caption_ids(strict, 0, strict.epoch(0))
+
+
+def test_a_base_url_without_an_index_stops_with_the_command_to_write_one(tmp_path, serve):
+    folder = tmp_path / "shards"
+    write_noise_shards(folder, 2, 4)
+    os.remove(folder / "train.shardindex.json")
+    server = serve(str(folder))
+    with pytest.raises(ValueError, match="train.shardindex.json is not there: .*clip-accel index-shards"):
+        streaming_loader(server.url, image_column="png", label_column=None)
+    pattern = server.url + "train-{00000..00001}.tar"
+    with pytest.raises(ValueError, match="have no shard index: write one with `clip-accel index-shards`"):
+        streaming_loader(pattern, image_column="png", label_column=None)
+    index = str(tmp_path / "index.json")
+    main(["index-shards", str(folder), "--output", index])
+    loader = streaming_loader(pattern, image_column="png", label_column=None, shard_index=index)
+    assert len(read_caption_ids(loader, 2)) == 8
+
+
+def test_brace_patterns_and_seeks_over_http(tmp_path, serve):
+    with pytest.raises(ValueError, match="is a URL: tar shards over HTTP are read with --streaming"):
+        DataConfig(dataset_name="https://host/data/", image_column="jpg", caption_column="txt")
+    assert expand_braces("s/train-{008..011}.tar") == [f"s/train-{n:03d}.tar" for n in range(8, 12)]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    data = bytes(range(256)) * 2000
+    (tmp_path / "blob").write_bytes(data)
+    server = serve(str(tmp_path))
+    with HttpShard(server.url + "blob") as handle:
+        assert handle.read(10) == data[:10]
+        handle.seek(300_000)
+        assert handle.read(5) == data[300_000:300_005] and handle.tell() == 300_005
+        assert handle.seek(0, os.SEEK_END) == len(data) and handle.read(5) == b""
