@@ -4,18 +4,22 @@ a dropped connection resumes at its byte, a shard that stays unreachable is skip
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from launching import CPU_ENV, ROOT, TORCHRUN
 from PIL import Image
 from test_streaming import caption, read_caption_ids, streaming_loader
 
 from clip_accel.cli import main
 from clip_accel.config import DataConfig
+from clip_accel.data import write_webdataset_shards
 from clip_accel.data.remote import HttpShard, expand_braces
 from clip_accel.data.shards import add_tar_member
 
@@ -30,6 +34,11 @@ class ShardServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root, self.drop_after = root, drop_after
         self.sent, self.dropped, self.lock = 0, set(), threading.Lock()
+        self.sent_by_file: dict[str, int] = {}
+
+    def sent_to(self, prefix: str) -> int:
+        """Body bytes sent of the files whose names start with `prefix`."""
+        return sum(sent for name, sent in self.sent_by_file.items() if name.startswith(prefix))
 
     @property
     def url(self) -> str:
@@ -76,6 +85,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.dropped.add(path)
                 data = data[: self.server.drop_after]
             self.server.sent += len(data)
+            name = os.path.basename(path)
+            self.server.sent_by_file[name] = self.server.sent_by_file.get(name, 0) + len(data)
         self.wfile.write(data)
         if drop:
             self.close_connection = True
@@ -187,3 +198,28 @@ def test_brace_patterns_and_seeks_over_http(tmp_path, serve):
         handle.seek(300_000)
         assert handle.read(5) == data[300_000:300_005] and handle.tell() == 300_005
         assert handle.seek(0, os.SEEK_END) == len(data) and handle.read(5) == b""
+
+
+@pytest.mark.slow
+def test_a_four_process_run_streams_its_training_split_over_http_once(tmp_path, serve, demo_dir, tiny_pretrained_dir):
+    # 16 training shards of 12 demo rows (img2dataset's stats files beside them) on 4 processes x 1 worker: the
+    # whole 1-epoch run, start-up, index and evaluation included, fetches at most 1.3x the training shards.
+    folder = tmp_path / "shards"
+    for split in ("train", "val", "test"):
+        write_webdataset_shards(demo_dir, str(folder), split, rows_per_shard=12)
+    for shard in folder.glob("train-*.tar"):
+        (folder / shard.name.replace(".tar", "_stats.json")).write_text('{"successes": 12, "count": 12}')
+    server = serve(str(folder))
+    options = {"dataset_name": server.url, "streaming": "true", "image_column": "jpg", "caption_column": "txt"}
+    # (a model folder with its tokenizer: a model from scratch learns one from the training captions, read once more)
+    options |= {"label_column": "json.class_label", "model_name_or_path": tiny_pretrained_dir, "num_train_epochs": 1}
+    options |= {"per_device_train_batch_size": 8, "dataloader_num_workers": 1, "output_dir": tmp_path / "out"}
+    options |= {"cache_dir": tmp_path / "cache"}
+    args = [str(part) for name, value in options.items() for part in (f"--{name}", value)]
+    command = [*TORCHRUN, "--standalone", "--nproc_per_node", "4", "scripts/train.py", *args]
+    result = subprocess.run(command, cwd=ROOT, env=CPU_ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    training = json.loads((tmp_path / "out" / "eval_results.json").read_text())["training"]
+    assert training["num_processes"] == 4 and training["optimizer_steps"] == 192 // 32
+    shards = sum(shard.stat().st_size for shard in folder.glob("train-*.tar"))
+    assert server.sent_to("train-") <= 1.3 * shards, server.sent_to("train-") / shards
