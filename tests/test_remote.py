@@ -223,3 +223,6 @@ def test_a_four_process_run_streams_its_training_split_over_http_once(tmp_path, 
     assert training["num_processes"] == 4 and training["optimizer_steps"] == 192 // 32
     shards = sum(shard.stat().st_size for shard in folder.glob("train-*.tar"))
     assert server.sent_to("train-") <= 1.3 * shards, server.sent_to("train-") / shards
+    for split in ("validation-", "test-"):  # read once, by the main process, and sent to the others
+        size = sum(shard.stat().st_size for shard in folder.glob(f"{split}*.tar"))
+        assert server.sent_to(split) <= 1.3 * size, (split, server.sent_to(split) / size)

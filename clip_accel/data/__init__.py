@@ -82,30 +82,30 @@ def load_raw_splits(
 
 
 def _load_streamed_splits(accelerator: Accelerator, config: DataConfig, roles) -> dict:
-    """--streaming: the training split as a stream (its rows counted once, on the main process, when neither
-    --epoch_rows nor the dataset says how many), the evaluation splits read whole. Whatever one process fails on
-    here, every process stops with its message (`_together`): none waits for a process that is gone."""
+    """--streaming: the evaluation splits read whole and the training split's rows counted (when neither
+    --epoch_rows nor the dataset says how many), both once, on the main process, and sent to the others; then
+    every process opens its stream of the training split. Whatever one process fails on here, every process
+    stops with its message (`_together`): none waits for a process that is gone."""
     names = split_names(config)
 
-    def count() -> tuple:
-        if "train" not in roles or not accelerator.is_main_process:
-            return None, None
-        stream = open_stream(config, names["train"])  # (opened once here, for the count and the run)
-        return (count_shard_rows(config, stream) if needs_count(config, stream) else None), stream
-
-    counted, stream = _together(accelerator, count)
-    shared = [counted]
-    broadcast_object_list(shared)
-
-    def load() -> dict:
+    def read() -> tuple:
+        if not accelerator.is_main_process:
+            return {}, None, None
         splits = {
             role: read_stream_split(config, names[role], config.max_eval_samples) for role in roles if role != "train"
         }
-        if "train" in roles:
-            splits["train"] = load_stream_split(config, names["train"], shared[0], stream)
-        return splits
+        if "train" not in roles:
+            return splits, None, None
+        stream = open_stream(config, names["train"])  # (opened once here, for the count and the run)
+        return splits, (count_shard_rows(config, stream) if needs_count(config, stream) else None), stream
 
-    return _together(accelerator, load)
+    splits, counted, stream = _together(accelerator, read)
+    shared = [splits, counted]
+    broadcast_object_list(shared)
+    splits, counted = shared
+    if "train" in roles:
+        splits["train"] = _together(accelerator, lambda: load_stream_split(config, names["train"], counted, stream))
+    return splits
 
 
 def _together(accelerator: Accelerator, work):
