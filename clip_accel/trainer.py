@@ -17,13 +17,7 @@ from datetime import timedelta
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import (
-    DistributedDataParallelKwargs,
-    InitProcessGroupKwargs,
-    broadcast_object_list,
-    gather_object,
-    set_seed,
-)
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import CLIPModel, get_scheduler
 
@@ -49,6 +43,7 @@ from .data import (
     StreamSplit,
     build_pair_datasets,
     check_strict,
+    from_main,
     load_raw_splits,
     make_dataloader,
     prefetched,
@@ -387,7 +382,7 @@ def _load_model_and_data(
     _check_split_sizes(config, accelerator.num_processes, {role: _row_count(raw) for role, raw in raw_splits.items()})
     train = raw_splits["train"]
     captions = (
-        (lambda: _on_main_then_everywhere(accelerator, lambda: stream_captions(train, data_config)))
+        (lambda: from_main(accelerator, lambda: stream_captions(train, data_config)))
         if isinstance(train, StreamSplit)
         else (lambda: train.dataset["caption"])
     )
@@ -451,13 +446,6 @@ def _compute_fsdp2_like_ddp(accelerator: Accelerator) -> None:
 
     accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     logger.info(f"FSDP2: float32 parameters and gradient reduction, {accelerator.mixed_precision} autocast for compute")
-
-
-def _on_main_then_everywhere(accelerator: Accelerator, work):
-    """`work()` on the main process, its result broadcast to the others (a stream read once, not per process)."""
-    shared = [work() if accelerator.is_main_process else None]
-    broadcast_object_list(shared)
-    return shared[0]
 
 
 def _stream_identity(pairs) -> dict | None:

@@ -87,25 +87,30 @@ def _load_streamed_splits(accelerator: Accelerator, config: DataConfig, roles) -
     every process opens its stream of the training split. Whatever one process fails on here, every process
     stops with its message (`_together`): none waits for a process that is gone."""
     names = split_names(config)
+    opened = {}  # the main process's stream of the training split: opened once, for the count and the run
 
     def read() -> tuple:
-        if not accelerator.is_main_process:
-            return {}, None, None
         splits = {
             role: read_stream_split(config, names[role], config.max_eval_samples) for role in roles if role != "train"
         }
         if "train" not in roles:
-            return splits, None, None
-        stream = open_stream(config, names["train"])  # (opened once here, for the count and the run)
-        return splits, (count_shard_rows(config, stream) if needs_count(config, stream) else None), stream
+            return splits, None
+        stream = opened["train"] = open_stream(config, names["train"])
+        return splits, (count_shard_rows(config, stream) if needs_count(config, stream) else None)
 
-    splits, counted, stream = _together(accelerator, read)
-    shared = [splits, counted]
-    broadcast_object_list(shared)
-    splits, counted = shared
+    splits, counted = from_main(accelerator, read)
     if "train" in roles:
+        stream = opened.get("train")
         splits["train"] = _together(accelerator, lambda: load_stream_split(config, names["train"], counted, stream))
     return splits
+
+
+def from_main(accelerator: Accelerator, work):
+    """`work()` on the main process, its result sent to the others (read once, not per process); where it fails,
+    every process stops with its message (`_together`)."""
+    shared = [_together(accelerator, work if accelerator.is_main_process else lambda: None)]
+    broadcast_object_list(shared)
+    return shared[0]
 
 
 def _together(accelerator: Accelerator, work):

@@ -117,7 +117,8 @@ class StreamingPairs(IterableDataset):
 
     def _rows(self, worker: int, workers: int) -> Iterator[tuple[dict, str]]:
         """This worker's rows of this pass (module docstring): its slot of the pass's rows where the shards' rows
-        are counted, else its shards and of each shard this process's rows."""
+        are counted (of the rows it has left, in a pass resumed on another topology), else its shards and of each
+        shard this process's rows."""
         stream = self.split.stream
         order = [
             int(shard) for shard in np.random.default_rng([self.seed, self.pass_index]).permutation(stream.num_shards)
