@@ -97,7 +97,7 @@ def resume_settings(
 ) -> dict:
     """What a resume depends on, as `check_resume` compares it: the options of `RESUME_OPTIONS`, the batch of all
     processes, and (once known) the model configuration, the training pairs and a stream's shards and their rows
-    (`{"shards": [file names], "rows": [per shard] or None}`)."""
+    (`{"shards": [file names], "rows": [per shard] or None, "kept_slots": whether a shard cache keeps them}`)."""
     train_config = next(config for config in configs if isinstance(config, TrainConfig))
     options = {name: getattr(config, name) for config in configs for name in RESUME_OPTIONS[type(config)]}
     settings = {
@@ -174,6 +174,11 @@ def _stream_change(was: dict, now: dict) -> str:
                 else ""
             )
             + ")"
+        )
+    if was.get("kept_slots") != now.get("kept_slots"):
+        return (
+            "the stream's order: with --shard_cache_dir each worker keeps its shards every pass, without it they "
+            "are drawn anew: resume " + ("with" if was.get("kept_slots") else "without") + " --shard_cache_dir"
         )
     return "the rows of the stream's shards (rewritten shards, or another --shard_index)"
 

@@ -18,8 +18,7 @@ from accelerate import PartialState
 
 from .checkpoint import list_checkpoints
 from .config import METRIC_NAMES, DataConfig, ModelConfig, TrainConfig, parse_config
-from .data.shard_index import count_tar_rows, index_file, shard_prefix, write_shard_index
-from .data.sources import local_tar_splits
+from .data.shards import index_shards
 from .embedding import check_output_file, check_writable_file, embed, load_embeddings, save_embeddings
 from .evaluation import evaluate_folder, training_option
 from .hub import check_hub_access, push_output_dir, write_model_card
@@ -394,31 +393,33 @@ def search_main(argv: list[str] | None = None) -> None:
 
 
 def index_shards_main(argv: list[str] | None = None) -> None:
-    """`clip-accel index-shards FOLDER [--output FILE]`"""
+    """`clip-accel index-shards FOLDER_OR_URL [--output FILE]`"""
     parser = argparse.ArgumentParser(
         prog="clip-accel index-shards",
         description="Write a shard index (wids' JSON: each tar shard's rows) for every split of a folder of WebDataset "
-        "tar shards, read from the tar headers alone (the images are skipped), so that --streaming starts without "
-        "counting. Written beside the shards as SPLIT.shardindex.json, where --streaming finds it.",
+        "tar shards, read from the tar headers alone (the images are skipped; Range requests when remote), so that "
+        "--streaming starts without counting. Written beside the shards as SPLIT.shardindex.json, where "
+        "--streaming finds it.",
     )
-    parser.add_argument("folder", help="A folder of tar shards (train-*.tar, validation-*.tar, ...; or img2dataset's).")
+    parser.add_argument(
+        "folder",
+        help="A folder of tar shards (train-*.tar, validation-*.tar, ...; or img2dataset's), or a remote location of "
+        "them: an s3://, gs://, hf:// folder or glob, or a brace pattern of http(s):// URLs.",
+    )
     parser.add_argument(
         "--output",
         default=None,
-        help="Write the training split's index here instead (a folder you cannot write to); pass it as --shard_index.",
+        help="Write the training split's index here instead (a folder you cannot write to, or remote shards); pass "
+        "it as --shard_index.",
     )
     args = parser.parse_args(argv)
-    splits = local_tar_splits(args.folder)
-    if splits is None:
-        parser.error(f"{args.folder!r} is not a folder holding .tar shards")
     setup_logging()
-    for split, shards in splits.items():
-        if args.output is not None and split != "train":
-            continue
-        path = args.output or index_file(args.folder, shard_prefix(shards[0]) or split)
-        counts = [count_tar_rows(shard) for shard in shards]
-        write_shard_index(path, shards, counts)
-        logger.info(f"{path}: {len(shards)} {split} shards, {sum(counts)} rows")
+    try:
+        written = index_shards(args.folder, args.output)
+    except ValueError as error:
+        parser.error(str(error))
+    for path, split, shards, rows in written:
+        logger.info(f"{path}: {shards} {split} shards, {rows} rows")
 
 
 def _interrupted(output_dir: str, argv: list[str]) -> str:

@@ -157,8 +157,9 @@ class DataConfig:
     streaming: bool = field(
         default=False,
         metadata={
-            "help": "Read the training split of --dataset_name as a stream (datasets streaming: a Hub id, or a local "
-            "folder of WebDataset .tar shards named train-*.tar, validation-*.tar, test-*.tar), decoded in the "
+            "help": "Read the training split of --dataset_name as a stream (datasets streaming: a Hub id; a local "
+            "folder of WebDataset .tar shards named train-*.tar, validation-*.tar, test-*.tar, or img2dataset's; "
+            "remote shards at an http(s)://, s3://, gs:// or hf:// URL), decoded in the "
             "--dataloader_num_workers processes and never cached: for catalogues no disk holds. Every pair is seen "
             "once per pass of the stream; validation and test are read once and cached as usual (README, "
             "'Streaming')."
@@ -187,6 +188,19 @@ class DataConfig:
             "help": "With --streaming: rows each DataLoader worker shuffles among (the shard order is shuffled per "
             "pass too); 0 keeps each shard's order."
         },
+    )
+    shard_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --streaming: a node-local folder (a local SSD) where each training shard is copied "
+            "whole when first read (remote or on a shared file system), and read from after that; each worker "
+            "fetches its next shards in the background. The node's processes share it. Default: shards are "
+            "read where they are, a remote one's bytes fetched every pass."
+        },
+    )
+    shard_cache_gb: float = field(
+        default=100.0,
+        metadata={"help": "With --shard_cache_dir: the most it holds; the least recently used shards go first."},
     )
     augment: bool = field(
         default=False,
@@ -241,13 +255,17 @@ class DataConfig:
             _require(self.cache_format == "uint8", "--streaming caches no training images: drop --cache_format.")
         else:
             _require(
-                self.epoch_rows is None and self.shuffle_buffer == 1000 and self.shard_index is None,
-                "--epoch_rows, --shuffle_buffer and --shard_index shape a stream: add --streaming (a cached split is "
-                "shuffled whole each epoch).",
+                self.epoch_rows is None
+                and self.shuffle_buffer == 1000
+                and self.shard_index is None
+                and self.shard_cache_dir is None,
+                "--epoch_rows, --shuffle_buffer, --shard_index and --shard_cache_dir shape a stream: add --streaming "
+                "(a cached split is shuffled whole each epoch).",
             )
         _require(
-            self.streaming or not (self.dataset_name or "").startswith(("http://", "https://")),
-            f"--dataset_name {self.dataset_name!r} is a URL: tar shards over HTTP are read with --streaming.",
+            self.streaming or "://" not in (self.dataset_name or ""),
+            f"--dataset_name {self.dataset_name!r} is a URL: remote tar shards (http(s)://, s3://, gs://, hf://) "
+            "are read with --streaming.",
         )
         _require(
             self.shard_index is None or os.path.isfile(self.shard_index),
@@ -257,6 +275,7 @@ class DataConfig:
             self.epoch_rows is None or self.epoch_rows >= 1, f"--epoch_rows must be at least 1, got {self.epoch_rows}."
         )
         _require(self.shuffle_buffer >= 0, f"--shuffle_buffer must be 0 or more, got {self.shuffle_buffer}.")
+        _require(self.shard_cache_gb > 0, f"--shard_cache_gb must be more than 0, got {self.shard_cache_gb}.")
         scale = list(self.augment_scale)
         _require(
             len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,

@@ -457,7 +457,10 @@ def _stream_identity(pairs) -> dict | None:
     shards = (
         [os.path.basename(name) for name in files] if files is not None else [str(n) for n in range(stream.num_shards)]
     )
-    return {"shards": shards, "rows": pairs.split.shard_rows}
+    identity = {"shards": shards, "rows": pairs.split.shard_rows}
+    if pairs.keeps_slots:
+        identity["kept_slots"] = True  # (the pass order it reads: `streaming.pass_runs`)
+    return identity
 
 
 def _augmenter(data_config: DataConfig, image_size: int, seed: int) -> Augmenter | None:

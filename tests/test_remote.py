@@ -186,7 +186,7 @@ def test_a_base_url_without_an_index_stops_with_the_command_to_write_one(tmp_pat
 
 
 def test_brace_patterns_and_seeks_over_http(tmp_path, serve):
-    with pytest.raises(ValueError, match="is a URL: tar shards over HTTP are read with --streaming"):
+    with pytest.raises(ValueError, match="is a URL: remote tar shards .* are read with --streaming"):
         DataConfig(dataset_name="https://host/data/", image_column="jpg", caption_column="txt")
     assert expand_braces("s/train-{008..011}.tar") == [f"s/train-{n:03d}.tar" for n in range(8, 12)]
     assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
@@ -198,6 +198,87 @@ def test_brace_patterns_and_seeks_over_http(tmp_path, serve):
         handle.seek(300_000)
         assert handle.read(5) == data[300_000:300_005] and handle.tell() == 300_005
         assert handle.seek(0, os.SEEK_END) == len(data) and handle.read(5) == b""
+
+
+def test_a_shard_cache_fetches_each_node_s_share_once_for_every_epoch(tmp_path, serve):
+    # 2 "nodes" (a cache folder each) x 1 process x 2 workers, 3 epochs: each node fetches its half of the shards
+    # once (a boundary shard is fetched by both), every epoch still sees every row once, in a new order.
+    folder = tmp_path / "shards"
+    items = write_noise_shards(folder, 8, 10)
+    server = serve(str(folder))
+    shard_bytes = sum(os.path.getsize(folder / name) for name in os.listdir(folder) if name.endswith(".tar"))
+    loaders = [
+        streaming_loader(
+            server.url,
+            rank,
+            2,
+            workers=2,
+            image_column="png",
+            label_column=None,
+            shard_cache_dir=str(tmp_path / f"node{rank}"),
+        )
+        for rank in range(2)
+    ]
+    epochs = []
+    for epoch in range(3):
+        epochs.append([item for loader in loaders for item in read_caption_ids(loader, 0, loader.epoch(epoch))])
+        assert sorted(epochs[-1]) == items
+    assert epochs[0] != epochs[1] != epochs[2]
+    # (the three epochs together: epochs 1 and 2 read the nodes' copies)
+    assert server.sent_to("train-") <= shard_bytes + 2 * shard_bytes / 8, server.sent_to("train-") / shard_bytes
+
+
+def test_a_shard_cache_stays_within_its_limit_and_keeps_no_partial_shard(tmp_path, serve):
+    folder = tmp_path / "shards"
+    items = write_noise_shards(folder, 6, 10)
+    os.rename(folder / "train-00004.tar", tmp_path / "gone.tar")  # a 404: its rows skipped, nothing left behind
+    server = serve(str(folder))
+    shard = os.path.getsize(folder / "train-00000.tar")
+    cache = tmp_path / "cache"
+    loader = streaming_loader(
+        server.url, image_column="png", label_column=None, shard_cache_dir=str(cache), shard_cache_gb=2.5 * shard / 1e9
+    )
+    seen = read_caption_ids(loader, 0, loader.epoch(0))
+    loader.pairs.split.stream.cache.wait()  # (the shards it fetched ahead)
+    assert sorted(seen[:50]) == [item for item in items if not 40 <= item < 50]
+    kept = [entry for entry in os.listdir(cache) if entry.endswith(".tar")]
+    assert len(kept) == 2 and not [entry for entry in os.listdir(cache) if ".part" in entry]
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A moto S3 server on 127.0.0.1 with a bucket `clip-shards`, found as the real store is (AWS_* variables)."""
+    s3fs = pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    for name, value in {"AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "not-a-secret"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    store = s3fs.S3FileSystem()
+    store.mkdir("clip-shards")
+    yield store
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_shards_stream_from_s3_with_their_index_or_one_written_by_index_shards(tmp_path, s3_bucket, caplog):
+    folder = tmp_path / "shards"
+    items = write_noise_shards(folder, 4, 6)
+    s3_bucket.put(f"{folder}/", "clip-shards/data/", recursive=True)
+    assert sorted(read_epoch("s3://clip-shards/data/", 2, workers=1)) == items  # (DataLoader workers read S3 too)
+    s3_bucket.rm("clip-shards/data/train.shardindex.json")
+    with pytest.raises(ValueError, match="have no shard index: write one with `clip-accel index-shards`"):
+        streaming_loader("s3://clip-shards/data/", image_column="png", label_column=None)
+    index = str(tmp_path / "index.json")
+    main(["index-shards", "s3://clip-shards/data/", "--output", index])  # (tar headers only, by ranged reads)
+    loader = streaming_loader("s3://clip-shards/data/*.tar", image_column="png", label_column=None, shard_index=index)
+    assert sorted(read_caption_ids(loader, 0, loader.epoch(0))) == items
+    assert "not-a-secret" not in caplog.text
 
 
 @pytest.mark.slow

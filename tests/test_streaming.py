@@ -173,21 +173,32 @@ def test_resume_reads_the_rest_of_the_pass_without_a_pair_twice(uneven_shards):
 
 
 @pytest.mark.parametrize(
-    ("before", "after"),
-    [((4, 0), (2, 0)), ((2, 0), (1, 0)), ((1, 0), (2, 0)), ((1, 2), (1, 0)), ((2, 2), (4, 0))],
-    ids=["4->2", "2->1", "1->2", "2 workers->0", "2x2->4"],
+    ("before", "after", "cached"),
+    [
+        ((4, 0), (2, 0), False),
+        ((2, 0), (1, 0), False),
+        ((1, 0), (2, 0), False),
+        ((1, 2), (1, 0), False),
+        ((2, 2), (4, 0), False),
+        ((2, 2), (1, 0), True),
+    ],
+    ids=["4->2", "2->1", "1->2", "2 workers->0", "2x2->4", "2x2->1 with a shard cache"],
 )
-def test_a_pass_resumes_on_another_number_of_processes_and_workers_with_every_row_once(even_shards, before, after):
+def test_a_pass_resumes_on_another_number_of_processes_and_workers_with_every_row_once(
+    even_shards, before, after, cached, tmp_path
+):
     # The batch of all processes stays 8; 3 of the epoch's 8 batches are read on `before` (processes, workers),
     # the rest on `after`: the epoch's 64 rows are each trained once, and every resumed process gets its 5 batches.
+    # (A shard cache keeps each slot's rows every pass: the resumed pass is the one its first topology drew.)
     shards, items = even_shards
     (processes, workers), (resumed_processes, resumed_workers) = before, after
-    first = [streaming_loader(shards, rank, processes, workers, 8 // processes) for rank in range(processes)]
+    options = {"shard_cache_dir": str(tmp_path / "cache")} if cached else {}
+    first = [streaming_loader(shards, rank, processes, workers, 8 // processes, **options) for rank in range(processes)]
     head = [item for loader in first for item in read_caption_ids(loader, 3)]
     positions = [loader.checkpoint() for loader in first]
     tail = []
     for rank in range(resumed_processes):
-        loader = streaming_loader(shards, rank, resumed_processes, resumed_workers, 8 // resumed_processes)
+        loader = streaming_loader(shards, rank, resumed_processes, resumed_workers, 8 // resumed_processes, **options)
         loader.restore(positions)
         mine = read_caption_ids(loader, 0, loader.epoch(0, done=3))
         assert len(mine) == 5 * 8 // resumed_processes
@@ -333,6 +344,11 @@ def test_a_stream_resumes_only_from_the_same_shards_and_shuffle(make_stream_conf
     checkpoint = str(tmp_path / "out" / "checkpoints" / "step-0000002")
     with pytest.raises(ValueError, match=r"--shuffle_buffer 8 -> 4"):
         with_fresh_state(train, *make_stream_configs(**options, shuffle_buffer=4, resume_from_checkpoint=checkpoint))
+    cache = str(tmp_path / "shard-cache")  # (each worker's rows kept every pass: another order)
+    with pytest.raises(ValueError, match=r"the stream's order: .*resume without --shard_cache_dir"):
+        with_fresh_state(
+            train, *make_stream_configs(**options, shard_cache_dir=cache, resume_from_checkpoint=checkpoint)
+        )
     shutil.copy(os.path.join(shards, "train-00003.tar"), os.path.join(shards, "train-00004.tar"))
     os.remove(os.path.join(shards, "train.shardindex.json"))
     with pytest.raises(ValueError, match=r"the stream's shards \(4 -> 5; added train-00004.tar\)"):

@@ -1,15 +1,22 @@
-"""WebDataset tar shards over HTTP(S): where they are (`remote_splits`) and how one is read (`HttpShard`).
+"""Remote WebDataset tar shards: where they are (`remote_splits`), how one is read (`open_shard`), and a node-local
+cache of fetched shards (`ShardCache`).
 
-A stream's `--dataset_name` may be
-- a base URL whose splits have a shard index beside their shards (`BASE/train.shardindex.json`, and
+A stream's `--dataset_name` may be an `http(s)://` URL, or `s3://`, `gs://`, `hf://` (any store `fsspec` knows,
+its package installed: `pip install clip_accel[s3]` adds s3fs, `[gcs]` gcsfs; `hf://` comes with
+huggingface_hub), naming
+- a base location whose splits have a shard index beside their shards (`BASE/train.shardindex.json`, and
   `validation`/`test`: what `write_webdataset_shards` and `clip-accel index-shards` write; upload the folder as it
-  is), the shards' URLs relative to the index; or
+  is), the shards' URLs relative to the index;
 - a brace pattern of shard URLs (`https://host/data/train-{00000..00015}.tar`, several patterns joined by `::`,
-  a split named by each shard's prefix as in a local folder); their rows then come from `--shard_index FILE`.
+  a split named by each shard's prefix as in a local folder); their rows then come from `--shard_index FILE`;
+- or, in a store that lists its files (not HTTP), a folder or glob of tar shards without an index (their rows
+  then from `--shard_index FILE`, which `clip-accel index-shards URL --output FILE` writes).
 
 `HttpShard` reads a shard front to back in `Range` windows, seeks with a new one (past what a slot does not
-need), and when a connection drops mid-shard retries with backoff from the byte where it stopped, so
-no row is lost or read twice. Credentials: none are sent but what the URL carries; nothing is logged but the URL.
+need), and when a connection drops mid-shard retries with backoff from the byte where it stopped, so no row is
+lost or read twice; `StoreShard` does the same over an fsspec file. Credentials: from where each store's own
+client looks (the URL for HTTP; for s3 the `AWS_*` variables and ~/.aws, an endpoint as `AWS_ENDPOINT_URL`; gcloud's
+for gs; the Hub token for hf), never from an option, and nothing is logged but the URL.
 """
 
 from __future__ import annotations
@@ -32,8 +39,25 @@ TIMEOUT_S = 60
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "test": "test", "eval": "validation"}
 
 
+STORE_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # the extra that installs a store's package
+
+
 def is_remote(location: str) -> bool:
+    """An `http(s)://` URL or a store's (`s3://`, `gs://`, `hf://`, ...): not a local path or a Hub id."""
+    return "://" in location and not location.startswith("file://")
+
+
+def is_http(location: str) -> bool:
     return location.startswith(("http://", "https://"))
+
+
+def open_shard(url: str):
+    """A shard's bytes as a seekable binary file: over HTTP Range requests, through fsspec, or from the disk."""
+    if is_http(url):
+        return HttpShard(url)
+    if is_remote(url):
+        return StoreShard(url)
+    return open(url, "rb")
 
 
 class ShardUnavailable(OSError):
@@ -117,14 +141,7 @@ class HttpShard(io.RawIOBase):
         super().close()
 
     def _retry(self, attempt: int, failure: BaseException | None) -> int:
-        attempt += 1
-        if attempt > self.retries:
-            raise ShardUnavailable(
-                f"{self.url}: the connection failed {attempt} times at byte {self.offset}"
-                + (f" ({type(failure).__name__}: {failure})" if failure is not None else " (it ended early)")
-            )
-        time.sleep(0.2 * 2 ** (attempt - 1))
-        return attempt
+        return backoff(self, attempt, failure)
 
     def _open(self) -> None:
         end = self.offset + self.window
@@ -166,8 +183,104 @@ class HttpShard(io.RawIOBase):
             self.response = None
 
 
+def backoff(shard, attempt: int, failure: BaseException | None) -> int:
+    """Wait before attempt `attempt` + 1 at `shard.offset` (0.2 s, 0.4 s, ...); past `shard.retries`, the shard is
+    unavailable."""
+    attempt += 1
+    if attempt > shard.retries:
+        raise ShardUnavailable(
+            f"{shard.url}: the connection failed {attempt} times at byte {shard.offset}"
+            + (f" ({type(failure).__name__}: {failure})" if failure is not None else " (it ended early)")
+        )
+    time.sleep(0.2 * 2 ** (attempt - 1))
+    return attempt
+
+
+class StoreShard(io.RawIOBase):
+    """A read-only, seekable file in an fsspec store (`s3://`, `gs://`, `hf://`): the store's own ranged reads
+    (blocks of 1 MB), reopened at the byte it stood at, with backoff, when a read fails."""
+
+    BLOCK = 1024 * 1024
+
+    def __init__(self, url: str, retries: int = RETRIES) -> None:
+        super().__init__()
+        self.url, self.retries = url, retries
+        self.fs, self.path = store(url)
+        self.offset, self.file = 0, None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.offset
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_END:
+            offset += self._call(lambda file: file.size)
+        elif whence == os.SEEK_CUR:
+            offset += self.offset
+        self.offset = offset
+        if self.file is not None:
+            self.file.seek(offset)
+        return offset
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._call(lambda file: file.read(size))
+        self.offset += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        super().close()
+
+    def _call(self, action):
+        attempt = 0
+        while True:
+            try:
+                if self.file is None:
+                    self.file = self.fs.open(self.path, "rb", block_size=self.BLOCK)
+                    self.file.seek(self.offset)
+                return action(self.file)
+            except (FileNotFoundError, PermissionError) as error:
+                raise ShardUnavailable(f"{self.url}: {type(error).__name__}: {error}") from None
+            except Exception as error:  # (a store's client raises its own errors: any failure is retried)
+                if self.file is not None:
+                    self.file.close()
+                    self.file = None
+                attempt = backoff(self, attempt, error)
+
+
+def store(url: str):
+    """(fsspec filesystem, path) of a store's URL; a store whose package is missing is an error naming it."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as error:
+        scheme = url.split("://", 1)[0]
+        extra = STORE_EXTRAS.get(scheme)
+        hint = f"`pip install clip_accel[{extra}]`" if extra else f"the fsspec package for {scheme}://"
+        raise ValueError(f"{url}: {scheme}:// needs {hint} ({type(error).__name__}: {error}).") from None
+
+
 def fetch_json(url: str) -> dict | None:
-    """A small JSON file (a shard index) over HTTP; None where the server has none."""
+    """A small JSON file (a shard index), over HTTP or from a store; None where there is none."""
+    if not is_http(url):
+        fs, path = store(url)
+        try:
+            return json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            return None
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             return json.loads(response.read())
@@ -177,28 +290,35 @@ def fetch_json(url: str) -> dict | None:
         raise
 
 
+def join_url(base: str, relative: str) -> str:
+    """`relative` (a shard index's url) against the index's own URL."""
+    if "://" in relative:
+        return relative
+    return urljoin(base, relative) if is_http(base) else base.rsplit("/", 1)[0] + "/" + relative
+
+
 def remote_splits(location: str) -> tuple[dict[str, list[str]], dict[str, list[int] | None]]:
     """({split: shard URLs}, {split: their rows, or None where no index gives them}) of a remote location
     (module docstring)."""
-    if "{" in location or location.endswith(".tar"):
-        urls = [url for pattern in location.split("::") for url in expand_braces(pattern)]
-        splits: dict[str, list[str]] = {}
-        for url in urls:
-            split = SPLIT_NAMES.get(shard_prefix(url.rsplit("/", 1)[-1]) or "train", "train")
-            splits.setdefault(split, []).append(url)
-        return splits, dict.fromkeys(splits)
+    if "{" in location or location.endswith(".tar") or (not is_http(location) and "*" in location):
+        urls = [url for pattern in location.split("::") for url in _shard_urls(pattern)]
+        return _by_split(urls), dict.fromkeys(_by_split(urls))
     base = location if location.endswith("/") else location + "/"
     splits, counts = {}, {}
     for split in ("train", "validation", "test"):
-        index_url = urljoin(base, f"{split}.shardindex.json")
+        index_url = base + f"{split}.shardindex.json"
         index = fetch_json(index_url)
         if index is None:
             continue
         try:
-            entries = [(urljoin(index_url, entry["url"]), int(entry["nsamples"])) for entry in index["shardlist"]]
+            entries = [(join_url(index_url, entry["url"]), int(entry["nsamples"])) for entry in index["shardlist"]]
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{index_url} is not a shard index ({type(error).__name__}: {error})") from None
         splits[split], counts[split] = [url for url, _ in entries], [rows for _, rows in entries]
+    if not splits and not is_http(location):  # a store's folder without an index: its shards, rows from elsewhere
+        urls = _shard_urls(base + "*.tar")
+        if urls:
+            return _by_split(urls), dict.fromkeys(_by_split(urls))
     if not splits:
         raise ValueError(
             f"{base}train.shardindex.json is not there: put the shard index beside the shards (`clip-accel "
@@ -206,6 +326,23 @@ def remote_splits(location: str) -> tuple[dict[str, list[str]], dict[str, list[i
             "(https://host/train-{00000..00099}.tar) with --shard_index FILE."
         )
     return splits, counts
+
+
+def _shard_urls(pattern: str) -> list[str]:
+    """A pattern's shard URLs: its braces expanded; in a store (not HTTP) its `*` matched against the listing."""
+    urls = expand_braces(pattern)
+    if is_http(pattern) or "*" not in pattern:
+        return urls
+    fs, _ = store(urls[0])
+    return sorted(fs.unstrip_protocol(path) for url in urls for path in fs.glob(store(url)[1]))
+
+
+def _by_split(urls: list[str]) -> dict[str, list[str]]:
+    splits: dict[str, list[str]] = {}
+    for url in urls:
+        split = SPLIT_NAMES.get(shard_prefix(url.rsplit("/", 1)[-1]) or "train", "train")
+        splits.setdefault(split, []).append(url)
+    return splits
 
 
 def expand_braces(pattern: str) -> list[str]:

@@ -25,10 +25,11 @@ def index_file(folder: str, split: str) -> str:
 
 
 def write_shard_index(path: str, shards: list[str], counts: list[int]) -> str:
-    """Write a wids shard index of `shards` (their rows `counts`), each url relative to the index's folder."""
+    """Write a wids shard index of `shards` (their rows `counts`), each url relative to the index's folder (a
+    remote shard's URL as it is)."""
     folder = os.path.dirname(os.path.abspath(path))
     shardlist = [
-        {"url": os.path.relpath(os.path.abspath(shard), folder), "nsamples": count}
+        {"url": shard if "://" in shard else os.path.relpath(os.path.abspath(shard), folder), "nsamples": count}
         for shard, count in zip(shards, counts, strict=True)
     ]
     with open(path, "w") as handle:
@@ -90,16 +91,17 @@ def parse_header(header: bytes, url: str, offset: int) -> tuple[int, str | None,
     return size, f"{folder}/{base}" if folder else base, field
 
 
-def count_tar_rows(path: str) -> int:
-    """The rows (groups of members sharing a key) of a local tar shard, from its headers alone."""
+def count_tar_rows(path: str, open_file=None) -> int:
+    """The rows (groups of members sharing a key) of a tar shard, from its headers alone (`open_file`: a remote
+    shard's opener, whose seeks are Range requests)."""
     rows, key = 0, None
-    with open(path, "rb") as handle:
+    with open_file(path) if open_file is not None else open(path, "rb") as handle:
         while len(header := handle.read(512)) == 512 and header[0] != 0:
             size, base, _ = parse_header(header, path, handle.tell() - 512)
             handle.seek(size + (-size % 512), os.SEEK_CUR)  # (past the payload, padded to whole blocks)
             if base is not None and base != key:
                 rows, key = rows + 1, base
-        if handle.tell() > os.fstat(handle.fileno()).st_size:
+        if handle.tell() > handle.seek(0, os.SEEK_END):
             raise ValueError(f"{path} is truncated: write the shard again or remove it.")
     return rows
 

@@ -24,13 +24,20 @@ from dataclasses import dataclass
 import datasets
 from accelerate.logging import get_logger
 from datasets.packaged_modules.webdataset.webdataset import DECODERS, IMAGE_EXTENSIONS
-from datasets.utils.file_utils import xopen
 from PIL import Image
 
 from ..config import DataConfig, template_fields
 from .preprocess import JPEG_QUALITY, encode_jpeg, load_rgb_image, to_rgb
-from .remote import HttpShard, ShardUnavailable, is_remote, remote_splits
-from .shard_index import count_tar_rows, index_file, indexed_counts, parse_header, write_shard_index
+from .remote import ShardUnavailable, is_remote, open_shard, remote_splits
+from .shard_cache import ShardCache
+from .shard_index import (
+    count_tar_rows,
+    index_file,
+    indexed_counts,
+    parse_header,
+    shard_prefix,
+    write_shard_index,
+)
 from .sources import (
     CAPTION_LISTS,
     INDO_FASHION_FILES,
@@ -41,6 +48,7 @@ from .sources import (
     compose_caption,
     label_text,
     load_arguments,
+    local_tar_splits,
 )
 
 logger = get_logger(__name__)
@@ -59,17 +67,29 @@ class TarShards:
 
     features = None  # (no schema: the members' extensions are the columns)
 
-    def __init__(self, files: list[str], index: str | None = None, counts: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        files: list[str],
+        index: str | None = None,
+        counts: list[int] | None = None,
+        cache: ShardCache | None = None,
+    ) -> None:
         self.files = files
         self.index = index  # a shard index naming each shard's rows (`shard_index`), else the one beside them
         self.known_counts = counts  # the rows a remote index gave (data.remote)
+        self.cache = cache  # --shard_cache_dir: shards read from the node's copies
+
+    def prefetch(self, shards: list[int]) -> None:
+        """With a shard cache: fetch these shards in the background (a worker's next ones)."""
+        if self.cache is not None:
+            self.cache.prefetch([self.files[shard] for shard in shards])
 
     @property
     def num_shards(self) -> int:
         return len(self.files)
 
     def first_row(self) -> dict:
-        return next(self.rows(0), {})
+        return next(self.rows(0, 0, 1, cached=False), {})
 
     def column_names(self) -> list[str]:
         return [name for name in self.first_row() if not name.startswith("__")]
@@ -77,17 +97,18 @@ class TarShards:
     def image_column(self, name: str) -> bool:
         return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
 
-    def rows(self, shard: int, start: int = 0, stop: int | None = None) -> Iterator[dict]:
-        """The shard's rows `start` to `stop`; the rows before `start` are passed over by their headers, their
+    def rows(self, shard: int, start: int = 0, stop: int | None = None, *, cached: bool = True) -> Iterator[dict]:
+        """The shard's rows `start` to `stop` (from the shard cache's copy, if there is a cache and `cached`); the
+        rows before `start` are passed over by their headers, their
         payloads seeked past (not read), and nothing after `stop` is read. Plain ustar members only (names of up
         to 100 characters, plus the ustar prefix); a member that does not decode becomes an `__errors__` entry of
         its row (the row is then skipped and counted); a truncated shard is an error naming it. A remote shard
-        that still fails after its retries (`remote.HttpShard`) makes its rows left `__errors__` rows: skipped
+        that still fails after its retries (`remote.open_shard`) makes its rows left `__errors__` rows: skipped
         and counted as consumed, so every other row of the pass is still read once."""
         url = self.files[shard]
         at = {"key": None, "row": {}, "index": -1}  # the row being read: its key, members and number
         try:
-            with HttpShard(url) if is_remote(url) else xopen(url, "rb") as handle:
+            with open_shard(self.cache.local(url) if self.cache is not None and cached else url) as handle:
                 yield from self._members(handle, url, start, stop, at)
         except ShardUnavailable as error:
             if at["index"] >= start and (stop is None or at["index"] < stop):
@@ -147,6 +168,8 @@ class TarShards:
 class DatasetShards:
     """Any `datasets` stream, read one of its shards (files) at a time; images left encoded."""
 
+    cache = None  # (`datasets` fetches as it reads)
+
     def __init__(self, stream: datasets.IterableDataset) -> None:
         self.stream = stream
 
@@ -163,6 +186,9 @@ class DatasetShards:
 
     def image_column(self, name: str) -> bool:
         return isinstance((self.stream.features or {}).get(name), datasets.Image)
+
+    def prefetch(self, shards: list[int]) -> None:
+        """(`datasets` streams fetch as they read.)"""
 
     def rows(self, shard: int, start: int = 0, stop: int | None = None) -> Iterator[dict]:
         """The shard's rows `start` to `stop` (the rows before `start` are read: a `datasets` stream cannot seek)."""
@@ -193,11 +219,15 @@ class DatasetShards:
 def open_shards(config: DataConfig, split: str) -> TarShards | DatasetShards:
     """`--dataset_name`'s `split`, shard by shard: WebDataset tar shards read directly, anything else through
     `datasets` streaming."""
+    train = split == config.train_split
+    cache = None
+    if train and config.shard_cache_dir is not None:
+        cache = ShardCache(config.shard_cache_dir, int(config.shard_cache_gb * 1e9))
     if is_remote(config.dataset_name):
         files, counts = remote_splits(config.dataset_name)
         if split not in files:
             raise ValueError(f"{config.dataset_name} has no split {split!r}; it has {sorted(files)}.")
-        return TarShards(files[split], config.shard_index if split == config.train_split else None, counts[split])
+        return TarShards(files[split], config.shard_index if train else None, counts[split], cache)
     path, name, location = load_arguments(config)
     builder = datasets.load_dataset_builder(path, name, **location)
     if builder.name == "webdataset":
@@ -207,7 +237,12 @@ def open_shards(config: DataConfig, split: str) -> TarShards | DatasetShards:
                 f"{config.dataset_name} has no split {split!r}; it has {sorted(files)}. Name the shards "
                 "train-*.tar, validation-*.tar, test-*.tar, or set --train_split/--validation_split/--test_split."
             )
-        return TarShards(sorted(files[split]), config.shard_index if split == config.train_split else None)
+        return TarShards(sorted(files[split]), config.shard_index if train else None, cache=cache)
+    if cache is not None:
+        raise ValueError(
+            f"--shard_cache_dir keeps WebDataset tar shards, and {config.dataset_name} is no folder or URL of them: "
+            "drop --shard_cache_dir (a `datasets` stream fetches as it reads)."
+        )
     splits = datasets.load_dataset(path, name, streaming=True, **location)
     if split not in splits:
         raise ValueError(
@@ -244,6 +279,29 @@ def open_stream(config: DataConfig, split: str) -> TarShards | DatasetShards:
     if isinstance(_column_value(first, config.caption_column), list):
         raise ValueError(f"{config.dataset_name}[{split}]: --caption_column {config.caption_column!r} {CAPTION_LISTS}.")
     return stream
+
+
+def index_shards(location: str, output: str | None = None) -> list[tuple[str, str, int, int]]:
+    """Write the shard index of each split of a folder or remote location of tar shards, from their tar headers
+    (payloads seeked past: Range requests when remote): beside local shards as SPLIT.shardindex.json, or the
+    training split's at `output` (needed for a remote one). Returns (index, split, shards, rows) per index."""
+    if is_remote(location):
+        if output is None:
+            raise ValueError(f"{location} is remote: write its index to a local file with --output FILE.")
+        splits = remote_splits(location)[0]
+    else:
+        splits = local_tar_splits(location)
+        if splits is None:
+            raise ValueError(f"{location!r} is not a folder holding .tar shards")
+    written = []
+    for split, shards in splits.items():
+        if output is not None and split != "train":
+            continue
+        path = output or index_file(location, shard_prefix(shards[0]) or split)
+        counts = [count_tar_rows(shard, open_shard) for shard in shards]
+        write_shard_index(path, shards, counts)
+        written.append((path, split, len(shards), sum(counts)))
+    return written
 
 
 def stream_row(example: dict, config: DataConfig, class_names: list[str] | None = None) -> dict:

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import DataConfig
 from .loader import HOST_GRIDS, pad_captions, pair_batch
 from .preprocess import PairPreprocessor
+from .shard_cache import READ_AHEAD
 from .shards import StreamSplit, stream_row, where_in_stream
 from .sources import class_names
 
@@ -80,6 +81,12 @@ class StreamingPairs(IterableDataset):
         self.segments: dict[int, list] = {}  # a pass resumed on another topology: what each earlier one consumed
         self.shared = None  # [pass, resuming?, resume per worker...] seen by the worker processes
         self.batch_rows = CHUNK_ROWS  # pairs per chunk handed over: the loader's batch size
+
+    @property
+    def keeps_slots(self) -> bool:
+        """Whether each worker reads the same rows every pass (`pass_runs`): with a shard cache, where the rows are
+        counted."""
+        return self.split.stream.cache is not None and self.split.shard_rows is not None
 
     def share_with_workers(self, num_workers: int) -> None:
         """Before the DataLoader starts its workers: they read each pass's `set_pass` from shared memory."""
@@ -119,23 +126,28 @@ class StreamingPairs(IterableDataset):
         """This worker's rows of this pass (module docstring): its slot of the pass's rows where the shards' rows
         are counted (of the rows it has left, in a pass resumed on another topology), else its shards and of each
         shard this process's rows."""
-        stream = self.split.stream
-        order = [
-            int(shard) for shard in np.random.default_rng([self.seed, self.pass_index]).permutation(stream.num_shards)
-        ]
+        stream, shard_rows = self.split.stream, self.split.shard_rows
         slot, slots = self.rank * workers + worker, self.num_processes * workers
         segments = self.segments.get(self.pass_index)
-        if segments:  # resumed on another topology: a slot of the rows the earlier ones left
-            left = rows_left(self.split.shard_rows, segments, self.seed, self.pass_index, self.config.shuffle_buffer)
-            mine = left[len(left) * slot // slots : len(left) * (slot + 1) // slots]
-            yield from _read_rows(stream, self.split.shard_rows, order, mine)
-            return
-        if self.split.shard_rows is not None:
-            for shard, start, stop in slot_ranges(self.split.shard_rows, order, slot, slots):
+        if shard_rows is not None:
+            kept = None
+            if self.keeps_slots:  # (the slots of the topology that began the pass)
+                kept = len(segments[0]["consumed"]) * len(segments[0]["consumed"][0]) if segments else slots
+            runs = pass_runs(shard_rows, self.seed, self.pass_index, kept)
+            if segments:  # resumed on another topology: a slot of the rows the earlier ones left
+                left = rows_left(sum(shard_rows), segments, self.seed, self.pass_index, self.config.shuffle_buffer)
+                yield from _read_rows(stream, runs, left[len(left) * slot // slots : len(left) * (slot + 1) // slots])
+                return
+            mine = slot_ranges(runs, slot, slots)
+            for place, (shard, start, stop) in enumerate(mine):
+                stream.prefetch([following for following, _, _ in mine[place + 1 : place + 1 + READ_AHEAD]])
                 for index, example in enumerate(stream.rows(shard, start, stop), start=start):
                     yield example, where_in_stream(example, shard, index)
             return
-        for shard in order[worker::workers]:
+        order = np.random.default_rng([self.seed, self.pass_index]).permutation(stream.num_shards).tolist()
+        mine = order[worker::workers]
+        for place, shard in enumerate(mine):
+            stream.prefetch(mine[place + 1 : place + 1 + READ_AHEAD])
             for index, example in enumerate(stream.rows(shard)):
                 if (index + shard) % self.num_processes == self.rank:
                     yield example, where_in_stream(example, shard, index)
@@ -384,18 +396,34 @@ class StreamingLoader:
         return {**batch, STREAM_POSITION: {**position, "consumed": list(position["consumed"])}}
 
 
-def slot_ranges(shard_rows: list[int], order: list[int], slot: int, slots: int) -> list[tuple[int, int, int]]:
-    """(shard, first row, end row) of slot `slot` of `slots`: the pass's rows (its shards in `order`, end to end)
-    cut into `slots` contiguous runs as equal as whole rows allow. A run starts and ends inside at most two shards."""
-    total = sum(shard_rows)
+def pass_runs(shard_rows: list[int], seed: int, pass_index: int, kept: int | None = None) -> list[tuple]:
+    """A pass's rows in reading order, as runs (shard, first row, end row): its shards whole, in an order drawn
+    from (seed, pass). With `kept` slots (a shard cache: a node reads the same shards every pass, which its cache
+    then holds), the slots of one order drawn from the seed alone keep their runs every pass, each slot's runs in
+    an order drawn from (seed, pass, slot); a slot's rows are shuffled anew each pass through the buffer."""
+    if kept is None:
+        order = np.random.default_rng([seed, pass_index]).permutation(len(shard_rows)).tolist()
+        return [(shard, 0, shard_rows[shard]) for shard in order]
+    order = np.random.default_rng([seed]).permutation(len(shard_rows)).tolist()
+    whole = [(shard, 0, shard_rows[shard]) for shard in order]
+    runs = []
+    for slot in range(kept):
+        own = slot_ranges(whole, slot, kept)
+        runs += [own[i] for i in np.random.default_rng([seed, pass_index, slot]).permutation(len(own))]
+    return runs
+
+
+def slot_ranges(runs: list[tuple], slot: int, slots: int) -> list[tuple[int, int, int]]:
+    """(shard, first row, end row) of slot `slot` of `slots`: the pass's rows (its `runs`, end to end) cut into
+    `slots` contiguous parts as equal as whole rows allow. A part starts and ends inside at most two runs."""
+    total = sum(stop - start for _, start, stop in runs)
     begin, end = total * slot // slots, total * (slot + 1) // slots
     ranges, offset = [], 0
-    for shard in order:
-        rows = shard_rows[shard]
-        first, last = max(begin - offset, 0), min(end - offset, rows)
+    for shard, start, stop in runs:
+        first, last = max(begin - offset, 0), min(end - offset, stop - start)
         if first < last:
-            ranges.append((shard, first, last))
-        offset += rows
+            ranges.append((shard, start + first, start + last))
+        offset += stop - start
         if offset >= end:
             break
     return ranges
@@ -420,12 +448,12 @@ def shuffled(rows, size: int, seed: tuple) -> Iterator:
     yield from buffer
 
 
-def rows_left(shard_rows: list[int], segments: list[dict], seed: int, pass_index: int, buffer: int) -> np.ndarray:
-    """The rows of a pass (indices into its shards' order, ascending) that `segments` left: each segment is a
+def rows_left(total: int, segments: list[dict], seed: int, pass_index: int, buffer: int) -> np.ndarray:
+    """The rows of a pass of `total` (indices into its runs' rows, ascending) that `segments` left: each segment is a
     topology that read part of the pass (`consumed`: per process, per worker, the rows of its shuffled slot it
     consumed). It had cut the rows the segments before it left into its slots; its consumed rows are replayed
     from the shuffle's order, which depends on the slot's size only."""
-    left = np.arange(sum(shard_rows))
+    left = np.arange(total)
     for segment in segments:
         consumed = segment["consumed"]
         workers = len(consumed[0])
@@ -441,12 +469,14 @@ def rows_left(shard_rows: list[int], segments: list[dict], seed: int, pass_index
     return left
 
 
-def _read_rows(stream, shard_rows: list[int], order: list[int], rows: np.ndarray) -> Iterator[tuple[dict, str]]:
-    """The pass's rows `rows` (ascending indices into its shards' order), shard by shard."""
-    starts = np.cumsum([0] + [shard_rows[shard] for shard in order])
-    places = np.searchsorted(starts, rows, side="right") - 1
-    for place in np.unique(places):
-        shard, wanted = order[place], rows[places == place] - starts[place]
+def _read_rows(stream, runs: list[tuple], rows: np.ndarray) -> Iterator[tuple[dict, str]]:
+    """The pass's rows `rows` (ascending indices into its `runs`' rows), run by run."""
+    starts = np.cumsum([0] + [stop - start for _, start, stop in runs])
+    places = np.unique(np.searchsorted(starts, rows, side="right") - 1).tolist()
+    for step, place in enumerate(places):
+        stream.prefetch([runs[following][0] for following in places[step + 1 : step + 1 + READ_AHEAD]])
+        shard, first_row = runs[place][0], runs[place][1]
+        wanted = rows[(rows >= starts[place]) & (rows < starts[place + 1])] - starts[place] + first_row
         keep, first = set(wanted.tolist()), int(wanted[0])
         for index, example in enumerate(stream.rows(shard, first, int(wanted[-1]) + 1), start=first):
             if index in keep:
