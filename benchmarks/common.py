@@ -37,7 +37,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from clip_accel.data.demo import CLASS_LABELS  # noqa: E402
-from clip_accel.data.sources import write_indo_fashion_split  # noqa: E402
+from clip_accel.data.indo_fashion import write_indo_fashion_split  # noqa: E402
 
 IMAGE_WIDTH, IMAGE_HEIGHT, JPEG_QUALITY = 240, 320, 90
 _FORMAT_VERSION = 1

@@ -37,15 +37,15 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from clip_accel.config import DataConfig  # noqa: E402
+from clip_accel.data.indo_fashion import IndoFashionFolder  # noqa: E402
 from clip_accel.data.loader import PairDataset, make_dataloader  # noqa: E402
 from clip_accel.data.preprocess import PairPreprocessor, load_rgb_image, preprocess_split  # noqa: E402
 from clip_accel.data.shards import (  # noqa: E402
+    ShardSource,
     count_shard_rows,
     load_stream_split,
-    open_stream,
     write_webdataset_shards,  # noqa: E402
 )
-from clip_accel.data.sources import read_indo_fashion  # noqa: E402
 from clip_accel.data.streaming import StreamingLoader, StreamingPairs  # noqa: E402
 from clip_accel.tokenizer import build_offline_tokenizer  # noqa: E402
 
@@ -69,7 +69,7 @@ def preprocess_in_this_process(data_dir: str, cache_dir: str, num_proc: int) -> 
         return real_open(*args, **kwargs)
 
     PIL.Image.open = counting_open
-    raw = read_indo_fashion(data_dir, "train")
+    raw = IndoFashionFolder(data_dir).read("train")
     tokenizer = build_offline_tokenizer(raw.dataset["caption"])  # the from-scratch path's tokenizer
     with common.Stopwatch() as clock:
         cached = preprocess_split(raw, tokenizer, IMAGE_SIZE, cache_dir, num_proc)
@@ -176,7 +176,7 @@ def pairs_per_second(loader: DataLoader, min_seconds: float, warmup_batches: int
 
 
 def loader_table(data_dir: str, quick: bool, rounds: int) -> str:
-    raw = read_indo_fashion(data_dir, "train")
+    raw = IndoFashionFolder(data_dir).read("train")
     tokenizer = build_offline_tokenizer(raw.dataset["caption"])
     cache_dir = tempfile.mkdtemp(prefix="clip_accel_bench_cache-")
     cached = preprocess_split(raw, tokenizer, IMAGE_SIZE, cache_dir)
@@ -260,7 +260,7 @@ def shard_loader(shards: str, tokenizer, workers: int) -> StreamingLoader:
     config = DataConfig(
         dataset_name=shards, streaming=True, image_column="jpg", caption_column="txt", label_column="json.class_label"
     )
-    stream = open_stream(config, "train")
+    stream = ShardSource(config).shards("train")
     split = load_stream_split(config, "train", count_shard_rows(config, stream), stream)
     preprocessor = PairPreprocessor(tokenizer, IMAGE_SIZE, 77)
     pairs = StreamingPairs(split, config, preprocessor, 0, 1, seed=0, padding=(tokenizer.pad_token_id, None, False))

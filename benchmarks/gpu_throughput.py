@@ -128,12 +128,12 @@ def loader_batches(loader, device):
 
 def real_pairs(data_dir: str, work: str, image_size: int, num_workers: int):
     """The benchmark set through clip_accel's preprocessing cache (the tokenizer is learned from the captions)."""
+    from clip_accel.data.indo_fashion import IndoFashionFolder
     from clip_accel.data.loader import PairDataset
     from clip_accel.data.preprocess import preprocess_split
-    from clip_accel.data.sources import read_indo_fashion
     from clip_accel.tokenizer import build_offline_tokenizer
 
-    raw = read_indo_fashion(data_dir, "train")
+    raw = IndoFashionFolder(data_dir).read("train")
     tokenizer = build_offline_tokenizer(raw.dataset["caption"])
     cached = preprocess_split(raw, tokenizer, image_size, os.path.join(work, "cache"), max(1, num_workers))
     return PairDataset(cached, tokenizer.pad_token_id), tokenizer

@@ -8,7 +8,7 @@ long start-up takes to know each shard's rows.
    pass is split: contiguous slots of the counted rows (the default where each shard's rows are known) and the
    row interleave that `--epoch_rows` keeps (every process reads every shard). With them, the distinct shards a
    global batch's pairs come from (the buffer of 1,000 rows, 64 rows a shard).
-2. Start-up: finding and counting 1,000 shards' rows (32 rows each; `open_stream` + `count_shard_rows`), from
+2. Start-up: finding and counting 1,000 shards' rows (32 rows each; `ShardSource.shards` + `count_shard_rows`), from
    the tar headers and from the shard index beside them, the shards in the page cache (local disk).
 """
 
@@ -32,7 +32,7 @@ from clip_accel.config import DataConfig  # noqa: E402
 from clip_accel.data import STREAM_POSITION, StreamingLoader, StreamingPairs  # noqa: E402
 from clip_accel.data.preprocess import PairPreprocessor, caption_id  # noqa: E402
 from clip_accel.data.shard_index import index_file, write_shard_index  # noqa: E402
-from clip_accel.data.shards import add_tar_member, count_shard_rows, load_stream_split, open_stream  # noqa: E402
+from clip_accel.data.shards import ShardSource, add_tar_member, count_shard_rows, load_stream_split  # noqa: E402
 from clip_accel.tokenizer import build_offline_tokenizer  # noqa: E402
 
 BATCH = 16
@@ -60,7 +60,7 @@ def one_pass(folder: str, processes: int, counted: bool, items: int, tokenizer, 
     """(most bytes one process read, each process's items per batch) of pass 0 on `processes` processes."""
     options = {"epoch_rows": items} if not counted else {}
     config = DataConfig(dataset_name=folder, streaming=True, image_column="png", caption_column="txt", **options)
-    stream = open_stream(config, "train")
+    stream = ShardSource(config).shards("train")
     split = load_stream_split(config, "train", count_shard_rows(config, stream) if counted else None, stream)
     most, batches = 0, []
     for rank in range(processes):
@@ -125,7 +125,7 @@ def startup_table(quick: bool) -> str:
             files = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".tar"))
             write_shard_index(index_file(folder, "train"), files, [rows_per_shard] * count)
         start = time.perf_counter()
-        counts = count_shard_rows(config, open_stream(config, "train"))
+        counts = count_shard_rows(config, ShardSource(config).shards("train"))
         rows.append([label, count, sum(counts), f"{time.perf_counter() - start:.2f}"])
     return common.markdown_table(["rows from", "shards", "rows", "find + count (s)"], rows)
 

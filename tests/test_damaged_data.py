@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from clip_accel.config import DataConfig
+from clip_accel.data import load_raw_split
 from clip_accel.data.preprocess import preprocess_split
-from clip_accel.data.sources import load_raw_split
 from clip_accel.trainer import train
 
 SKIPPED = {
@@ -116,7 +116,7 @@ def _bad_cell_records(demo_dir: str, count: int = 8) -> list[dict]:
 
 
 def _read_source(kind: str, records: list[dict], folder: Path):
-    from clip_accel.data.shards import add_tar_member, read_stream_split
+    from clip_accel.data.shards import ShardSource, add_tar_member
 
     folder.mkdir()
     if kind == "indo_fashion":
@@ -146,7 +146,7 @@ def _read_source(kind: str, records: list[dict], folder: Path):
         caption_column="json.product_title",
         label_column="json.class_label",
     )
-    return read_stream_split(config, "train", None)  # (the training stream's rows pass the same stream_row)
+    return ShardSource(config).read("train")  # (the training stream's rows pass the same stream_row)
 
 
 @pytest.mark.parametrize("kind", ["indo_fashion", "datasets", "shards"])

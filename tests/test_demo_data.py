@@ -12,6 +12,7 @@ from PIL import Image
 
 from clip_accel.data import demo
 from clip_accel.data.demo import _BORDERS, _COLOURS, CLASS_LABELS, write_demo_dataset
+from clip_accel.data.indo_fashion import IndoFashionFolder
 
 SPLIT_FILES = {"train": "train_data.json", "val": "val_data.json", "test": "test_data.json"}
 FIELDS = {"image_url", "image_path", "brand", "product_title", "class_label"}
@@ -68,9 +69,8 @@ def test_layout_matches_indo_fashion(tmp_path: Path) -> None:
 
 
 def test_project_reader_reads_it(tmp_path: Path) -> None:
-    sources = pytest.importorskip("clip_accel.data.sources")
     root = write_demo_dataset(tmp_path / "demo", **SMALL)
-    raw = sources.read_indo_fashion(str(root), "val")
+    raw = IndoFashionFolder(str(root)).read("val")
     assert len(raw.dataset) == 3
     assert raw.dataset["caption"] == [row["product_title"] for row in _rows(root, "val")]
     assert all(Path(path).is_file() for path in raw.dataset["image"])

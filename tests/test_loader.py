@@ -182,9 +182,9 @@ def test_batches_held_by_the_consumer_are_never_overwritten_by_the_reader(tmp_pa
 
 def test_the_compact_cache_is_decoded_in_worker_processes_to_the_same_batches(tmp_path, demo_dir):
     from clip_accel.config import DataConfig
+    from clip_accel.data import load_raw_split
     from clip_accel.data.loader import make_dataloader
     from clip_accel.data.preprocess import preprocess_split
-    from clip_accel.data.sources import load_raw_split
     from clip_accel.tokenizer import build_offline_tokenizer
 
     raw = load_raw_split(DataConfig(data_dir=demo_dir), "test", 20)
@@ -204,8 +204,8 @@ def test_a_large_binary_compact_cache_reads_the_same(tmp_path, demo_dir):
     import pyarrow as pa
 
     from clip_accel.config import DataConfig
+    from clip_accel.data import load_raw_split
     from clip_accel.data.preprocess import preprocess_split
-    from clip_accel.data.sources import load_raw_split
     from clip_accel.tokenizer import build_offline_tokenizer
 
     raw = load_raw_split(DataConfig(data_dir=demo_dir), "test", 12)

@@ -136,8 +136,8 @@ def test_training_keeps_the_fast_jpeg_decode_and_evaluation_splits_get_exact_pix
 
 def test_each_caption_template_gets_its_own_cache_with_its_captions_and_caption_ids(tmp_path, demo_dir):
     from clip_accel.config import DataConfig
+    from clip_accel.data import load_raw_split
     from clip_accel.data.preprocess import caption_id
-    from clip_accel.data.sources import load_raw_split
     from clip_accel.tokenizer import build_offline_tokenizer
 
     templates = (None, "{product_title}, by {brand}", "{product_title} ({class_label})")

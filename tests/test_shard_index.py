@@ -21,8 +21,8 @@ from clip_accel.cli import main
 from clip_accel.config import DataConfig
 from clip_accel.data import write_webdataset_shards
 from clip_accel.data.shard_index import count_tar_rows, indexed_counts
-from clip_accel.data.shards import TarShards, add_tar_member, open_stream
-from clip_accel.data.sources import local_tar_splits, read_hub_dataset
+from clip_accel.data.shards import ShardSource, TarShards, add_tar_member
+from clip_accel.data.sources import DatasetSource, local_tar_splits
 
 
 def no_shard_read(monkeypatch):
@@ -44,7 +44,7 @@ def test_index_shards_writes_wids_index_that_a_stream_counts_from_without_openin
         "shardlist": [{"url": f"train-{n:05d}.tar", "nsamples": rows} for n, rows in enumerate([13, 7, 9])],
     }
     no_shard_read(monkeypatch)
-    assert open_stream(stream_config(folder), "train").counts() == [13, 7, 9]
+    assert ShardSource(stream_config(folder)).shards("train").counts() == [13, 7, 9]
     epoch = read_caption_ids(streaming_loader(folder), 7)  # 29 rows: 7 batches of 4, each row once
     assert len(set(epoch)) == 28 and set(epoch) <= set(items)
 
@@ -58,14 +58,14 @@ def test_an_index_elsewhere_is_passed_as_shard_index_and_a_stale_or_broken_one_i
     assert not os.path.exists(os.path.join(folder, "train.shardindex.json"))
     with monkeypatch.context() as patch:
         no_shard_read(patch)
-        assert open_stream(stream_config(folder, shard_index=elsewhere), "train").counts() == [5, 6]
+        assert ShardSource(stream_config(folder, shard_index=elsewhere)).shards("train").counts() == [5, 6]
     write_shards(folder, [5, 6, 4])  # a shard added after the index was written
     with pytest.raises(ValueError, match=r"does not list 1 of the 3 shards \(e.g. train-00002.tar\).*index-shards"):
-        open_stream(stream_config(folder, shard_index=elsewhere), "train").counts()
+        ShardSource(stream_config(folder, shard_index=elsewhere)).shards("train").counts()
     with open(elsewhere, "w") as handle:
         handle.write('{"shardlist": [{"url": "train-00000.tar"}]}')
     with pytest.raises(ValueError, match="is not a readable shard index .*nsamples"):
-        open_stream(stream_config(folder, shard_index=elsewhere), "train").counts()
+        ShardSource(stream_config(folder, shard_index=elsewhere)).shards("train").counts()
     with pytest.raises(ValueError, match="--shard_index .* is not a file: write one with `clip-accel index-shards"):
         stream_config(folder, shard_index=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="--shard_index and --shard_cache_dir shape a stream: add --streaming"):
@@ -105,11 +105,11 @@ def test_an_img2dataset_folder_streams_as_it_is_counted_from_its_stats_files(tmp
         write_img2dataset_shard(folder, shard, rows, first)
     assert local_tar_splits(folder) == {"train": [os.path.join(folder, f"{n:05d}.tar") for n in range(2)]}
     no_shard_read(monkeypatch)
-    assert open_stream(stream_config(folder), "train").counts() == [9, 7]
+    assert ShardSource(stream_config(folder)).shards("train").counts() == [9, 7]
     assert sorted(read_caption_ids(streaming_loader(folder), 4)) == list(range(16))
     # And cached, not streamed: the same folder read through `datasets` (as WebDataset shards).
     config = DataConfig(dataset_name=folder, image_column="jpg", caption_column="txt", label_column="json.class_label")
-    train = read_hub_dataset(config, "train").dataset
+    train = DatasetSource(config).read("train").dataset
     assert sorted(train["caption"]) == sorted(f"item {item} kurta" for item in range(16))
 
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from clip_accel.config import DataConfig
-from clip_accel.data.sources import load_raw_split, read_indo_fashion
+from clip_accel.data import load_raw_split
+from clip_accel.data.indo_fashion import IndoFashionFolder
 
 
 def _write_foreign_layout(root) -> None:
@@ -40,7 +41,7 @@ def _write_foreign_layout(root) -> None:
 def test_reads_a_folder_in_the_layout_that_nobody_here_made(tmp_path):
     _write_foreign_layout(tmp_path)
     for split in ("train", "validation", "test"):
-        raw = read_indo_fashion(str(tmp_path), split)
+        raw = IndoFashionFolder(str(tmp_path)).read(split)
         assert raw.dataset["caption"][0] == "Red Banarasi silk saree – zari border"
         assert raw.dataset["label"] == ["saree"] * 3
         assert raw.dataset["source_row"] == [1, 2, 3]
@@ -51,7 +52,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
     _write_foreign_layout(tmp_path)
     content = (tmp_path / "train_data.json").read_bytes()
     (tmp_path / "train_data.json").write_bytes(b"\xef\xbb\xbf" + content)  # UTF-8 BOM, as Windows editors save
-    raw = read_indo_fashion(str(tmp_path), "train")
+    raw = IndoFashionFolder(str(tmp_path)).read("train")
     assert raw.dataset["label"] == ["saree"] * 3 and raw.dataset["source_row"] == [1, 2, 3]
 
 
@@ -62,7 +63,7 @@ def test_datasets_source_without_labels_has_none_rather_than_empty_labels(tmp_pa
 
 
 def test_reads_the_demo_catalogue_through_the_same_reader(demo_dir):
-    raw = read_indo_fashion(demo_dir, "train")
+    raw = IndoFashionFolder(demo_dir).read("train")
     first = json.loads(Path(demo_dir, "train_data.json").read_text().splitlines()[0])
     assert len(raw.dataset) == 192
     assert raw.dataset[0]["caption"] == first["product_title"]
@@ -74,23 +75,23 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
     with open(tmp_path / "val_data.json", "a") as handle:
         handle.write('{"image_path": "images/val/9.jpeg", "product_title": \n')
     with pytest.raises(ValueError, match=r"val_data.json, line 5: not valid JSON"):
-        read_indo_fashion(str(tmp_path), "validation")
+        IndoFashionFolder(str(tmp_path)).read("validation")
 
 
 def test_missing_field_names_file_line_and_field(tmp_path):
     _write_foreign_layout(tmp_path)
     (tmp_path / "test_data.json").write_text(json.dumps({"image_path": "images/test/0.jpeg"}) + "\n")
     with pytest.raises(ValueError, match=r"test_data.json, line 1: missing field\(s\) \['product_title'"):
-        read_indo_fashion(str(tmp_path), "test")
+        IndoFashionFolder(str(tmp_path)).read("test")
 
 
 def test_missing_split_file_or_unknown_split_says_what_is_expected(tmp_path):
     _write_foreign_layout(tmp_path)
     os.remove(tmp_path / "test_data.json")
     with pytest.raises(ValueError, match="test_data.json is missing"):
-        read_indo_fashion(str(tmp_path), "test")
+        IndoFashionFolder(str(tmp_path)).read("test")
     with pytest.raises(ValueError, match="splits train, validation"):
-        read_indo_fashion(str(tmp_path), "dev")
+        IndoFashionFolder(str(tmp_path)).read("dev")
 
 
 def test_fingerprint_follows_image_files_and_sample_limits(tmp_path):
@@ -120,7 +121,7 @@ def test_any_datasets_folder_with_named_columns(tmp_path):
         dataset_name="imagefolder", data_files=str(tmp_path), caption_column="text", label_column="category"
     )
     raw = load_raw_split(config, "validation", None)
-    assert raw.dataset.column_names == ["image", "caption", "label", "source_row"]
+    assert raw.dataset.column_names == ["image", "caption", "label", "problem", "source_row"]
     assert raw.dataset["caption"] == ["a red kurta", "a blue kurta"]
     image = raw.dataset[0]["image"]  # handed over undecoded (bytes or path): we decode ourselves
     assert image["bytes"] or os.path.isfile(image["path"])
@@ -138,16 +139,16 @@ def test_datasets_source_with_a_wrong_column_or_split_lists_what_exists(tmp_path
 
 def test_a_caption_template_composes_captions_from_the_lines_fields(tmp_path):
     _write_foreign_layout(tmp_path)
-    raw = read_indo_fashion(str(tmp_path), "train", "{product_title}, by {brand} ({class_label})")
+    raw = IndoFashionFolder(str(tmp_path), "{product_title}, by {brand} ({class_label})").read("train")
     assert raw.dataset["caption"][0] == "Red Banarasi silk saree – zari border, by Ṛangrez (saree)"
-    assert raw.fingerprint != read_indo_fashion(str(tmp_path), "train").fingerprint
-    assert raw.fingerprint != read_indo_fashion(str(tmp_path), "train", "{product_title} by {brand}").fingerprint
+    assert raw.fingerprint != IndoFashionFolder(str(tmp_path)).read("train").fingerprint
+    assert raw.fingerprint != IndoFashionFolder(str(tmp_path), "{product_title} by {brand}").read("train").fingerprint
 
 
 def test_a_template_naming_a_missing_field_fails_before_anything_is_loaded_naming_the_fields(tmp_path):
     _write_foreign_layout(tmp_path)
     expected = (
-        r"train_data.json, line 1: --caption_template names \['colour'\].*its fields are \['brand', 'class_label'"
+        r"train_data.json, line 1: --caption_template names \['colour'\].*its columns are \['brand', 'class_label'"
     )
     with pytest.raises(ValueError, match=expected):
         load_raw_split(DataConfig(data_dir=str(tmp_path), caption_template="{product_title} in {colour}"), "train", 2)
@@ -161,7 +162,7 @@ def test_a_null_field_is_written_as_an_empty_string_and_a_template_needs_no_titl
     for record in records:
         del record["product_title"]
     (tmp_path / "val_data.json").write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
-    raw = read_indo_fashion(str(tmp_path), "val", "{class_label} [{brand}]")
+    raw = IndoFashionFolder(str(tmp_path), "{class_label} [{brand}]").read("val")
     assert raw.dataset["caption"][:2] == ["saree []", "saree [Ṛangrez]"]
 
 
@@ -169,12 +170,13 @@ def test_a_template_composes_captions_of_a_datasets_source_and_a_missing_column_
     _write_imagefolder(tmp_path)
     config = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_template="{text} ({category})")
     raw = load_raw_split(config, "validation", None)
-    assert raw.dataset.column_names == ["image", "caption", "label", "source_row"]
+    assert raw.dataset.column_names == ["image", "caption", "label", "problem", "source_row"]
     assert raw.dataset["caption"] == ["a red kurta (kurta)", "a blue kurta (kurta)"]
     plain = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_column="text")
     assert raw.fingerprint != load_raw_split(plain, "validation", None).fingerprint
     wrong = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_template="{title}")
-    with pytest.raises(ValueError, match=r"no column\(s\) \['title'\].*'text', 'category'.*--caption_template"):
+    missing = r"--caption_template names \['title'\], which it does not have; its columns are .*'category'.*'text'"
+    with pytest.raises(ValueError, match=missing):
         load_raw_split(wrong, "validation", None)
     with pytest.raises(ValueError, match=r"--caption_template names \['image'\].*not text or numbers"):
         load_raw_split(
@@ -191,12 +193,12 @@ def test_a_line_that_is_not_utf8_names_its_file_and_line_and_u2028_in_a_title_is
     record["product_title"] = "Blue saree\u2028zari border"  # JSON may hold it as it is
     lines[1] = json.dumps(record, ensure_ascii=False).encode()
     (tmp_path / "train_data.json").write_bytes(b"\r\n".join(lines))
-    raw = read_indo_fashion(str(tmp_path), "train")
+    raw = IndoFashionFolder(str(tmp_path)).read("train")
     assert raw.dataset["caption"][1] == "Blue saree\u2028zari border" and raw.dataset["source_row"] == [1, 2, 3]
     lines[2] = lines[2].replace(b"Green", b"Gr\xe9en")  # Latin-1, not UTF-8
     (tmp_path / "train_data.json").write_bytes(b"\r\n".join(lines))
     with pytest.raises(ValueError, match=r"train_data.json, line 3: not UTF-8 \(byte 0xe9 at column \d+\)"):
-        read_indo_fashion(str(tmp_path), "train")
+        IndoFashionFolder(str(tmp_path)).read("train")
 
 
 def test_a_datasets_source_skips_null_labels_as_every_source_does_and_names_class_labels(tmp_path):

@@ -28,7 +28,7 @@ from clip_accel.data import (
     write_webdataset_shards,
 )
 from clip_accel.data.preprocess import PairPreprocessor, caption_id
-from clip_accel.data.shards import add_tar_member, count_shard_rows, load_stream_split, open_stream
+from clip_accel.data.shards import ShardSource, add_tar_member, count_shard_rows, load_stream_split
 from clip_accel.tokenizer import build_offline_tokenizer
 from clip_accel.trainer import train
 
@@ -89,7 +89,7 @@ def streaming_loader(
     """Process `rank` of `world`'s loader of batches of `batch` (16 px images)."""
     PartialState(cpu=True)  # (Accelerate's logger needs one)
     config = stream_config(shards, **overrides)
-    stream = open_stream(config, "train")
+    stream = ShardSource(config).shards("train")
     split = load_stream_split(config, "train", count_shard_rows(config, stream), stream)
     preprocessor = PairPreprocessor(TOKENIZER, IMAGE_SIZE, 77)
     pairs = StreamingPairs(

@@ -13,19 +13,19 @@ from accelerate.utils import broadcast_object_list, gather_object
 from ..config import DataConfig
 from ..tokenizer import MAX_TEXT_TOKENS
 from .demo import write_demo_dataset
+from .indo_fashion import IndoFashionFolder
 from .loader import CopyStream, PairDataset, make_dataloader, prefetched
 from .preprocess import ImageLayout, PairPreprocessor, as_layout, preprocess_split
 from .shards import (
+    ShardSource,
     StreamSplit,
     count_shard_rows,
     load_stream_split,
     needs_count,
-    open_stream,
-    read_stream_split,
     stream_captions,
     write_webdataset_shards,
 )
-from .sources import RawSplit, data_source_dir, load_raw_split, read_image_folder
+from .sources import DatasetSource, RawSplit, Source, data_source_dir, read_image_folder
 from .streaming import STREAM_POSITION, StreamingLoader, StreamingPairs
 
 __all__ = [
@@ -34,16 +34,19 @@ __all__ = [
     "PairDataset",
     "RawSplit",
     "STREAM_POSITION",
+    "Source",
     "StreamSplit",
     "StreamingLoader",
     "StreamingPairs",
     "build_pair_datasets",
     "check_strict",
+    "load_raw_split",
     "load_raw_splits",
     "make_dataloader",
     "prefetched",
     "read_image_folder",
     "skipped_rows",
+    "source_for",
     "stream_captions",
     "write_skip_report",
     "write_stream_skip_report",
@@ -62,6 +65,20 @@ def preprocessing_cache_dir(config: DataConfig) -> str:
     return config.cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "clip_accel", "preprocessed")
 
 
+def source_for(config: DataConfig) -> Source:
+    """The kind of source `config` names: an Indo-fashion folder (or the demo), a stream of shards (--streaming),
+    or anything `datasets` loads."""
+    folder = data_source_dir(config)
+    if folder is not None:
+        return IndoFashionFolder(folder, config.caption_template)
+    return ShardSource(config) if config.streaming else DatasetSource(config)
+
+
+def load_raw_split(config: DataConfig, split: str, max_samples: int | None = None) -> RawSplit:
+    """One split of `config`'s source, whole, in the raw schema (its first `max_samples` rows)."""
+    return source_for(config).read(split, max_samples)
+
+
 def load_raw_splits(
     accelerator: Accelerator, config: DataConfig, roles=ROLES, *, per_node: bool = False
 ) -> dict[str, RawSplit]:
@@ -72,11 +89,9 @@ def load_raw_splits(
     with accelerator.local_main_process_first() if per_node else accelerator.main_process_first():
         if config.demo:
             write_demo_dataset(data_source_dir(config))
-        names = split_names(config)
+        names, source = split_names(config), source_for(config)
         return {
-            role: load_raw_split(
-                config, names[role], config.max_train_samples if role == "train" else config.max_eval_samples
-            )
+            role: source.read(names[role], config.max_train_samples if role == "train" else config.max_eval_samples)
             for role in roles
         }
 
@@ -89,13 +104,13 @@ def _load_streamed_splits(accelerator: Accelerator, config: DataConfig, roles) -
     names = split_names(config)
     opened = {}  # the main process's stream of the training split: opened once, for the count and the run
 
+    source = ShardSource(config)
+
     def read() -> tuple:
-        splits = {
-            role: read_stream_split(config, names[role], config.max_eval_samples) for role in roles if role != "train"
-        }
+        splits = {role: source.read(names[role], config.max_eval_samples) for role in roles if role != "train"}
         if "train" not in roles:
             return splits, None
-        stream = opened["train"] = open_stream(config, names["train"])
+        stream = opened["train"] = source.shards(names["train"])
         return splits, (count_shard_rows(config, stream) if needs_count(config, stream) else None)
 
     splits, counted = from_main(accelerator, read)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw
 
-from .sources import INDO_FASHION_FILES, write_indo_fashion_split
+from .indo_fashion import INDO_FASHION_FILES, write_indo_fashion_split
 
 __all__ = ["CLASS_LABELS", "DEMO_MARKER", "write_demo_dataset"]
 

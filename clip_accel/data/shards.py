@@ -26,7 +26,8 @@ from accelerate.logging import get_logger
 from datasets.packaged_modules.webdataset.webdataset import DECODERS, IMAGE_EXTENSIONS
 from PIL import Image
 
-from ..config import DataConfig, template_fields
+from ..config import DataConfig
+from .indo_fashion import INDO_FASHION_FILES
 from .preprocess import JPEG_QUALITY, encode_jpeg, load_rgb_image, to_rgb
 from .remote import ShardUnavailable, is_remote, open_shard, remote_splits
 from .shard_cache import ShardCache
@@ -40,15 +41,16 @@ from .shard_index import (
 )
 from .sources import (
     CAPTION_LISTS,
-    INDO_FASHION_FILES,
+    Columns,
     RawSplit,
-    caption_text,
-    check_source_columns,
+    Source,
+    _column_value,
+    check_columns,
     class_names,
-    compose_caption,
-    label_text,
+    first_rows,
     load_arguments,
     local_tar_splits,
+    raw_row,
 )
 
 logger = get_logger(__name__)
@@ -216,43 +218,111 @@ class DatasetShards:
         return recorded.num_examples if recorded is not None and recorded.num_examples else None
 
 
-def open_shards(config: DataConfig, split: str) -> TarShards | DatasetShards:
-    """`--dataset_name`'s `split`, shard by shard: WebDataset tar shards read directly, anything else through
-    `datasets` streaming."""
-    train = split == config.train_split
+class ShardSource(Source):
+    """`--dataset_name` as a stream of shards (--streaming): WebDataset tar shards (a local folder, img2dataset's
+    included, or a remote location: `remote`) read by `TarShards`, anything else through `datasets` streaming
+    (`DatasetShards`). `shards(split)` streams a split; `read(split)` reads one whole (the evaluation splits)."""
+
+    def __init__(self, config: DataConfig) -> None:
+        self.config, self.name, self.columns = config, config.dataset_name, Columns.of(config)
+        self._found = None
+
+    def split_names(self) -> list[str]:
+        return list(self._splits())
+
+    def _splits(self) -> dict:
+        """{split: its shards}, found once (no shard is read)."""
+        if self._found is None:
+            self._found = find_shards(self.config)
+        return self._found
+
+    def shards(self, split: str) -> TarShards | DatasetShards:
+        """The split shard by shard, its columns checked (`check_columns`; tar shards have no schema: their first
+        row says which members they hold, and what the caption member holds)."""
+        if split not in self._splits():
+            raise self.missing_split(split)
+        stream = self._splits()[split]
+        nested = [name for name in (self.columns.caption, self.columns.label) if name and "." in name]
+        columns = stream.column_names()
+        if columns:
+            check_columns(self.columns, f"{self.name}[{split}]", columns, stream.features, nested)
+        first = stream.first_row() if isinstance(stream, TarShards) and self.columns.template is None else {}
+        if isinstance(_column_value(first, self.columns.caption), list):
+            raise ValueError(f"{self.name}[{split}]: --caption_column {self.columns.caption!r} {CAPTION_LISTS}.")
+        return stream
+
+    def read(self, split: str, max_samples: int | None = None) -> RawSplit:
+        """A split read whole into memory (an evaluation split: they are small) as a map-style split, so it is
+        preprocessed and cached like any other; its fingerprint hashes its rows' bytes."""
+        stream = self.shards(split)
+        rows = {"image": [], "caption": [], "label": [], "problem": [], "source_row": []}
+        digest = hashlib.sha256()
+        names = class_names(stream.features, self.columns.label)
+        for position, example in enumerate(all_rows(stream, max_samples)):
+            row = raw_row(example, self.columns, names)
+            for name in ("image", "caption", "label", "problem"):
+                rows[name].append(row[name])
+            rows["source_row"].append(position)
+            image = row["image"]
+            if isinstance(image, dict):
+                digest.update(image.get("bytes") or str(image.get("path")).encode())
+            else:
+                digest.update(str(image).encode())
+            digest.update(json.dumps([row["caption"], row["label"]]).encode())
+        features = datasets.Features(
+            {
+                "image": datasets.Image(decode=False),
+                "caption": datasets.Value("string"),
+                "label": datasets.Value("string"),
+                "problem": datasets.Value("string"),
+                "source_row": datasets.Value("int64"),
+            }
+        )
+        if rows["image"] and not isinstance(rows["image"][0], dict):
+            features["image"] = datasets.Value("string")
+        dataset = datasets.Dataset.from_dict(rows, features=features)
+        return first_rows(RawSplit(split, dataset, digest.hexdigest()[:32], self.name), max_samples)
+
+    def missing_split(self, split: str) -> ValueError:
+        error = super().missing_split(split)
+        if self._splits() and isinstance(next(iter(self._splits().values())), TarShards):
+            return ValueError(f"{error} Or name the shards train-*.tar, validation-*.tar, test-*.tar.")
+        return error
+
+
+def find_shards(config: DataConfig) -> dict[str, TarShards | DatasetShards]:
+    """`--dataset_name`'s splits, shard by shard: WebDataset tar shards read directly (the training split's
+    through the shard cache, with --shard_cache_dir), anything else through `datasets` streaming."""
     cache = None
-    if train and config.shard_cache_dir is not None:
+    if config.shard_cache_dir is not None:
         cache = ShardCache(config.shard_cache_dir, int(config.shard_cache_gb * 1e9))
+
+    def tar_shards(split: str, files: list[str], counts: list[int] | None = None) -> TarShards:
+        train = split == config.train_split
+        return TarShards(files, config.shard_index if train else None, counts, cache if train else None)
+
     if is_remote(config.dataset_name):
         files, counts = remote_splits(config.dataset_name)
-        if split not in files:
-            raise ValueError(f"{config.dataset_name} has no split {split!r}; it has {sorted(files)}.")
-        return TarShards(files[split], config.shard_index if train else None, counts[split], cache)
+        return {split: tar_shards(split, files[split], counts[split]) for split in files}
     path, name, location = load_arguments(config)
     builder = datasets.load_dataset_builder(path, name, **location)
     if builder.name == "webdataset":
-        files = builder.config.data_files or {}
-        if split not in files:
-            raise ValueError(
-                f"{config.dataset_name} has no split {split!r}; it has {sorted(files)}. Name the shards "
-                "train-*.tar, validation-*.tar, test-*.tar, or set --train_split/--validation_split/--test_split."
-            )
-        return TarShards(sorted(files[split]), config.shard_index if train else None, cache=cache)
+        return {
+            str(split): tar_shards(str(split), sorted(files))
+            for split, files in (builder.config.data_files or {}).items()
+        }
     if cache is not None:
         raise ValueError(
             f"--shard_cache_dir keeps WebDataset tar shards, and {config.dataset_name} is no folder or URL of them: "
             "drop --shard_cache_dir (a `datasets` stream fetches as it reads)."
         )
     splits = datasets.load_dataset(path, name, streaming=True, **location)
-    if split not in splits:
-        raise ValueError(
-            f"{config.dataset_name} has no split {split!r}; it has {sorted(splits)}. Set "
-            "--train_split/--validation_split/--test_split accordingly."
-        )
-    stream = splits[split]
-    if isinstance((stream.features or {}).get(config.image_column), datasets.Image):
-        stream = stream.cast_column(config.image_column, datasets.Image(decode=False))
-    return DatasetShards(stream)
+    found = {}
+    for split, stream in splits.items():
+        if isinstance((stream.features or {}).get(config.image_column), datasets.Image):
+            stream = stream.cast_column(config.image_column, datasets.Image(decode=False))
+        found[str(split)] = DatasetShards(stream)
+    return found
 
 
 @dataclass(frozen=True)
@@ -265,20 +335,6 @@ class StreamSplit:
     rows: int
     source: str
     shard_rows: list[int] | None = None  # each shard's rows, where they were counted
-
-
-def open_stream(config: DataConfig, split: str) -> TarShards | DatasetShards:
-    """`--dataset_name`'s `split`, shard by shard, its columns checked."""
-    stream = open_shards(config, split)
-    nested = [name for name in (config.caption_column, config.label_column) if name and "." in name]
-    columns = stream.column_names()
-    if columns:
-        check_source_columns(config, split, columns, stream.features, nested)
-    # (tar shards have no schema: their first row says what the caption member holds)
-    first = stream.first_row() if isinstance(stream, TarShards) and config.caption_template is None else {}
-    if isinstance(_column_value(first, config.caption_column), list):
-        raise ValueError(f"{config.dataset_name}[{split}]: --caption_column {config.caption_column!r} {CAPTION_LISTS}.")
-    return stream
 
 
 def index_shards(location: str, output: str | None = None) -> list[tuple[str, str, int, int]]:
@@ -304,39 +360,6 @@ def index_shards(location: str, output: str | None = None) -> list[tuple[str, st
     return written
 
 
-def stream_row(example: dict, config: DataConfig, class_names: list[str] | None = None) -> dict:
-    """One source row in the raw schema (`image`, `caption`, `label`, `problem`; see `sources`), by the same
-    damaged-row rules as every source's (a member that did not decode is the row's problem first)."""
-    problem = (example.get("__errors__") or [None])[0]
-    if config.caption_template is not None:
-        fields = template_fields(config.caption_template)
-        missing = [name for name in fields if not _has_column(example, name)]
-        values = {name: _column_value(example, name) for name in fields}  # (a null is written as "")
-        caption = None if missing else compose_caption(config.caption_template, values)
-        problem = problem or (f"no {missing} for --caption_template" if missing else None)
-    else:
-        caption, caption_problem = caption_text(_column_value(example, config.caption_column))
-        problem = problem or caption_problem  # (a list is refused at start-up when the first row holds one)
-    label = None
-    if config.label_column is not None:  # a row without its label: skipped as "empty class label"
-        label = label_text(_column_value(example, config.label_column), class_names)
-    return {"image": example.get(config.image_column), "caption": caption, "label": label, "problem": problem}
-
-
-def _column_value(example: dict, name: str):
-    """A column's value, or a JSON column's field named COLUMN.FIELD (None when the row lacks it)."""
-    if name in example:
-        return example[name]
-    column, _, key = name.partition(".")
-    value = example.get(column)
-    return value.get(key) if isinstance(value, dict) else None
-
-
-def _has_column(example: dict, name: str) -> bool:
-    column, _, key = name.partition(".")
-    return name in example or (isinstance(example.get(column), dict) and key in example[column])
-
-
 def where_in_stream(example: dict, shard: int, index: int) -> str:
     """A row's place in error reports: its shard file and key (WebDataset), else its shard and row there."""
     if "__key__" in example:
@@ -349,7 +372,7 @@ def load_stream_split(
 ) -> StreamSplit:
     """The stream (`stream` when already open), with an epoch's rows: --epoch_rows, else `counted` (each shard's
     rows, from `count_shard_rows`), else the dataset's recorded count."""
-    stream = stream if stream is not None else open_stream(config, split)
+    stream = stream if stream is not None else ShardSource(config).shards(split)
     rows, shard_rows = config.epoch_rows, None
     if rows is None and counted is not None:
         rows, shard_rows = sum(counted), counted
@@ -389,40 +412,8 @@ def all_rows(stream, limit: int | None = None) -> Iterator[dict]:
 
 def stream_captions(split: StreamSplit, config: DataConfig, limit: int = 10_000) -> list[str]:
     """The first `limit` captions of a stream (a tokenizer learned from scratch, for tiny test models)."""
-    return [stream_row(example, config)["caption"] or "" for example in all_rows(split.stream, limit)]
-
-
-def read_stream_split(config: DataConfig, split: str, max_samples: int | None) -> RawSplit:
-    """An evaluation split of a streamed source, read whole into memory (they are small) as a map-style split, so
-    it is preprocessed and cached like any other; its fingerprint hashes its rows' bytes."""
-    stream = open_stream(config, split)
-    rows = {"image": [], "caption": [], "label": [], "problem": [], "source_row": []}
-    digest = hashlib.sha256()
-    names = class_names(stream.features, config.label_column)
-    for position, example in enumerate(all_rows(stream, max_samples)):
-        row = stream_row(example, config, names)
-        for name in ("image", "caption", "label", "problem"):
-            rows[name].append(row[name])
-        rows["source_row"].append(position)
-        image = row["image"]
-        if isinstance(image, dict):
-            digest.update(image.get("bytes") or str(image.get("path")).encode())
-        else:
-            digest.update(str(image).encode())
-        digest.update(json.dumps([row["caption"], row["label"]]).encode())
-    features = datasets.Features(
-        {
-            "image": datasets.Image(decode=False),
-            "caption": datasets.Value("string"),
-            "label": datasets.Value("string"),
-            "problem": datasets.Value("string"),
-            "source_row": datasets.Value("int64"),
-        }
-    )
-    if rows["image"] and not isinstance(rows["image"][0], dict):
-        features["image"] = datasets.Value("string")
-    dataset = datasets.Dataset.from_dict(rows, features=features)
-    return RawSplit(split, dataset, digest.hexdigest()[:32], config.dataset_name)
+    columns = Columns.of(config)
+    return [raw_row(example, columns)["caption"] or "" for example in all_rows(split.stream, limit)]
 
 
 def write_webdataset_shards(

@@ -1,5 +1,6 @@
-"""Where image–caption pairs come from: the Indo-fashion Kaggle layout (read here, and written here for the demo and
-the benchmarks), anything `datasets` can load.
+"""Where image–caption pairs come from: one interface (`Source`) that each kind of source implements, in its own
+file: an Indo-fashion folder (`indo_fashion`), anything `datasets` loads (`DatasetSource`, here), a stream of
+shards (`shards`). `source_for` picks the kind a configuration names.
 
 Every source yields the same raw schema, so preprocessing has one code path:
 `image` (a file path, or a `{"bytes", "path"}` dict), `caption` (str; None when the row has none), `label` (str;
@@ -7,8 +8,10 @@ None when the source has no labels, "" when a row's label is empty or null: such
 `problem` (optional; str: why the row is damaged, found when it was read, e.g. a caption that is not text),
 `source_row` (int, the row's position in its source, for error reports).
 
-The damaged-row rules for what a source's cells hold are here (`caption_text`, `label_text`), for every kind of
-source alike; preprocessing skips a row with a `problem`, no caption, an empty label or an unreadable image.
+A source's own rows become that schema in one function, for every kind alike: `raw_row` (the caption template
+applied, the damaged-row rules of `caption_text` and `label_text`); the columns the options name are checked in
+one (`check_columns`). Preprocessing then skips a row with a `problem`, no caption, an empty label or an
+unreadable image.
 """
 
 from __future__ import annotations
@@ -16,20 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from functools import partial
 
 import datasets
 from datasets.data_files import DataFilesDict, get_data_patterns
-from PIL import Image
 
 from ..config import DataConfig, template_fields
 
-# The Kaggle download's annotation file per split; its validation split is called "val".
-INDO_FASHION_FILES = {"train": "train_data.json", "val": "val_data.json", "test": "test_data.json"}
-SPLIT_ALIASES = {"validation": "val"}
-INDO_FASHION_FIELDS = ("image_path", "product_title", "class_label")
 RAW_FEATURES = datasets.Features(
     {
         "image": datasets.Value("string"),
@@ -64,6 +61,93 @@ class RawSplit:
         )
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Which of a source's columns hold the image, the caption (or, with `template`, the columns it is composed
+    from) and the class label (None: the source has none). A name may be COLUMN.FIELD, a field of a JSON column."""
+
+    image: str
+    caption: str
+    label: str | None
+    template: str | None = None
+
+    @classmethod
+    def of(cls, config: DataConfig) -> Columns:
+        """The columns --image_column, --caption_column (or --caption_template) and --label_column name."""
+        return cls(config.image_column, config.caption_column, config.label_column, config.caption_template)
+
+    @property
+    def caption_fields(self) -> tuple[str, ...]:
+        """The columns the caption is read from: the template's, else the caption column."""
+        return template_fields(self.template) if self.template is not None else (self.caption,)
+
+    def named(self) -> list[str]:
+        """Every column the options name, the image's first."""
+        return [self.image, *self.caption_fields, *([self.label] if self.label is not None else [])]
+
+
+class Source(ABC):
+    """One kind of source (module docstring). `name` names it in messages; `columns` are the columns its rows are
+    read from. A split is read whole (`read`: map-style, for the preprocessing cache) or, by the kinds that can,
+    shard by shard (`shards`, for --streaming)."""
+
+    name: str
+    columns: Columns
+
+    @abstractmethod
+    def split_names(self) -> list[str]:
+        """The splits it has."""
+
+    @abstractmethod
+    def read(self, split: str, max_samples: int | None = None) -> RawSplit:
+        """The split's first `max_samples` rows (all by default) in the raw schema."""
+
+    def shards(self, split: str):
+        """The split shard by shard (`shards.TarShards` or `shards.DatasetShards`)."""
+        raise ValueError(f"{self.name} cannot be streamed: drop --streaming.")
+
+    def missing_split(self, split: str) -> ValueError:
+        return ValueError(
+            f"{self.name} has no split {split!r}; it has {sorted(self.split_names())}. Set "
+            "--train_split/--validation_split/--test_split accordingly."
+        )
+
+
+def raw_row(record: dict, columns: Columns, class_names: list[str] | None = None) -> dict:
+    """One row of a source (its columns' values) in the raw schema (`image`, `caption`, `label`, `problem`), by
+    the rules every kind of source shares: the caption composed by the template (a null value written as "") or
+    read from its column (`caption_text`), the label as text (`label_text`; `class_names`: a ClassLabel's names),
+    and a row already damaged when read (`__errors__`: a member that did not decode) keeping that reason first."""
+    problem = (record.get("__errors__") or [None])[0]
+    if columns.template is not None:
+        fields = columns.caption_fields
+        missing = [name for name in fields if not _has_column(record, name)]
+        values = {name: _column_value(record, name) for name in fields}
+        caption = None if missing else compose_caption(columns.template, values)
+        problem = problem or (f"no {missing} for --caption_template" if missing else None)
+    else:
+        caption, caption_problem = caption_text(_column_value(record, columns.caption))
+        problem = problem or caption_problem
+    label = None
+    if columns.label is not None:  # a row without its label: skipped as "empty class label"
+        label = label_text(_column_value(record, columns.label), class_names)
+    return {"image": _column_value(record, columns.image), "caption": caption, "label": label, "problem": problem}
+
+
+def _column_value(record: dict, name: str):
+    """A column's value, or a JSON column's field named COLUMN.FIELD (None when the row lacks it)."""
+    if name in record:
+        return record[name]
+    column, _, key = name.partition(".")
+    value = record.get(column)
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def _has_column(record: dict, name: str) -> bool:
+    column, _, key = name.partition(".")
+    return name in record or (isinstance(record.get(column), dict) and key in record[column])
+
+
 def default_demo_dir() -> str:
     return os.path.join(datasets.config.HF_DATASETS_CACHE, "clip_accel", "demo-v1")
 
@@ -75,16 +159,12 @@ def data_source_dir(config: DataConfig) -> str | None:
     return config.data_dir
 
 
-def load_raw_split(config: DataConfig, split: str, max_samples: int | None) -> RawSplit:
-    folder = data_source_dir(config)
-    if folder is not None:
-        raw = read_indo_fashion(folder, split, config.caption_template)
-    else:
-        raw = read_hub_dataset(config, split)
-    if max_samples is not None and max_samples < len(raw.dataset):
-        fingerprint = _hash(raw.fingerprint, "first", max_samples)
-        return RawSplit(split, raw.dataset.select(range(max_samples)), fingerprint, raw.source)
-    return raw
+def first_rows(raw: RawSplit, max_samples: int | None) -> RawSplit:
+    """A split's first `max_samples` rows (all of them with None)."""
+    if max_samples is None or max_samples >= len(raw.dataset):
+        return raw
+    fingerprint = _hash(raw.fingerprint, "first", max_samples)
+    return RawSplit(raw.name, raw.dataset.select(range(max_samples)), fingerprint, raw.source)
 
 
 def caption_text(value) -> tuple[str | None, str | None]:
@@ -113,114 +193,6 @@ def label_text(value, names: list[str] | None = None) -> str:
 def compose_caption(template: str, values: dict) -> str:
     """A caption from a `--caption_template` and one row's values of the columns it names (None written as "")."""
     return template.format_map({name: "" if value is None else str(value) for name, value in values.items()})
-
-
-def read_indo_fashion(data_dir: str, split: str, caption_template: str | None = None) -> RawSplit:
-    """Read `{train,val,test}_data.json` (JSON lines) from a folder in the Indo-fashion Kaggle layout. Captions
-    are the titles, or composed from each line's fields by `caption_template` (e.g. "{product_title}, by {brand}").
-
-    A line that is not valid JSON or lacks a required field (one the template names included) is an error naming
-    the file and line: a broken annotation file is a problem to fix, not data to skip. Image problems are found
-    later, per row.
-    """
-    file_name = INDO_FASHION_FILES.get(SPLIT_ALIASES.get(split, split))
-    if file_name is None:
-        raise ValueError(f"Indo-fashion has the splits train, validation (val) and test; got {split!r}.")
-    path = os.path.join(data_dir, file_name)
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"{path} is missing: --data_dir must hold train_data.json, val_data.json and "
-            "test_data.json as in the Indo-fashion Kaggle download."
-        )
-    features = datasets.Features({**RAW_FEATURES, "problem": datasets.Value("string")})
-    rows = {name: [] for name in features}
-    caption_fields = template_fields(caption_template) if caption_template is not None else ()
-    with open(path, "rb") as handle:
-        content = handle.read()
-    # Split on the bytes' own line ends: str.splitlines would also cut at U+2028 and other separators, which a
-    # JSON string may hold as they are. A byte-order mark (Windows editors write one) is not part of line 1.
-    for line_number, line in enumerate(content.removeprefix(b"\xef\xbb\xbf").splitlines(), start=1):
-        if not line.strip():
-            continue
-        record = _parse_line(_decode_line(line, path, line_number), path, line_number, caption_fields)
-        rows["image"].append(os.path.join(data_dir, record["image_path"]))
-        if caption_template is None:
-            if isinstance(record["product_title"], list):
-                raise ValueError(f"{path}, line {line_number}: product_title {CAPTION_LISTS}.")
-            caption, problem = caption_text(record["product_title"])
-        else:
-            caption = compose_caption(caption_template, {name: record[name] for name in caption_fields})
-            problem = None
-        rows["caption"].append(caption)
-        rows["problem"].append(problem)
-        rows["label"].append(label_text(record["class_label"]))
-        rows["source_row"].append(line_number)
-    dataset = datasets.Dataset.from_dict(rows, features=features)
-    signature = _hash(
-        hashlib.sha256(content).hexdigest(),
-        _image_files_signature(rows["image"]),
-        *([] if caption_template is None else [caption_template]),
-    )
-    return RawSplit(split, dataset, signature, path)
-
-
-def write_indo_fashion_split(
-    folder: str | os.PathLike[str],
-    split: str,
-    make_item: Callable[[int], tuple[dict, Image.Image]],
-    count: int,
-    *,
-    map_items: Callable = map,
-    **jpeg_options,
-) -> None:
-    """Write `count` items in the Kaggle layout: images/{split}/{index}.jpeg and the split's JSON-lines file.
-
-    `make_item(index)` returns (the row's fields other than image_path, the image). `map_items` may be a process
-    pool's map (then `make_item` must pickle); `jpeg_options` go to `Image.save` (quality, subsampling).
-    """
-    os.makedirs(os.path.join(folder, "images", split), exist_ok=True)
-    lines = map_items(partial(_write_item, str(folder), split, make_item, jpeg_options), range(count))
-    with open(os.path.join(folder, INDO_FASHION_FILES[split]), "w", encoding="utf-8") as handle:
-        handle.write("".join(lines))
-
-
-def _write_item(folder: str, split: str, make_item: Callable, jpeg_options: dict, index: int) -> str:
-    fields, image = make_item(index)
-    image_path = f"images/{split}/{index}.jpeg"
-    image.save(os.path.join(folder, image_path), format="JPEG", **jpeg_options)
-    return json.dumps({"image_path": image_path, **fields}, ensure_ascii=False) + "\n"
-
-
-def _decode_line(line: bytes, path: str, line_number: int) -> str:
-    try:
-        return line.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{path}, line {line_number}: not UTF-8 (byte {line[error.start]:#04x} at column {error.start + 1}). "
-            "Save the file as UTF-8, or fix or delete that line."
-        ) from None
-
-
-def _parse_line(line: str, path: str, line_number: int, caption_fields: tuple[str, ...] = ()) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path}, line {line_number}: not valid JSON ({error.msg}). Fix or delete that line."
-        ) from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}.")
-    required = INDO_FASHION_FIELDS if not caption_fields else ("image_path", "class_label")
-    missing = [name for name in required if name not in record]
-    if missing:
-        raise ValueError(f"{path}, line {line_number}: missing field(s) {missing}; every line needs {list(required)}.")
-    missing = [name for name in caption_fields if name not in record]
-    if missing:
-        raise ValueError(
-            f"{path}, line {line_number}: --caption_template names {missing}, which this line does not have; its "
-            f"fields are {sorted(record)}. Use those names in the template (e.g. '{{product_title}}, by {{brand}}')."
-        )
-    return record
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -279,47 +251,47 @@ def local_tar_splits(folder: str) -> dict[str, list[str]] | None:
     return splits or None
 
 
-def read_hub_dataset(config: DataConfig, split: str) -> RawSplit:
-    """Load any `datasets` source and rename its columns to the raw schema."""
-    path, name, location = load_arguments(config)
-    splits = datasets.load_dataset(path, name, **location)
-    if split not in splits:
-        raise ValueError(
-            f"{config.dataset_name} has no split {split!r}; it has {sorted(splits)}. "
-            "Set --train_split/--validation_split/--test_split accordingly."
-        )
-    dataset = splits[split]
-    template = config.caption_template
-    wanted = source_columns(config)
-    if any("." in name and name not in dataset.column_names for name in wanted):
-        dataset = dataset.flatten()  # a JSON column's fields as COLUMN.FIELD columns (json.class_label)
-    check_source_columns(config, split, dataset.column_names, dataset.features)
-    caption_fields = template_fields(template) if template is not None else ()
-    captions = None
-    if template is not None:  # text columns only: read once, composed here (the cache key follows the template)
-        columns = dataset.select_columns(list(caption_fields)).to_dict()
-        for name in caption_fields:  # a class-label column's names, not its indices
+class DatasetSource(Source):
+    """Anything `datasets.load_dataset` loads (`--dataset_name`, with `--data_files`), read whole."""
+
+    def __init__(self, config: DataConfig) -> None:
+        self.config, self.name, self.columns = config, config.dataset_name, Columns.of(config)
+        self._splits = None
+
+    def split_names(self) -> list[str]:
+        return list(self._load())
+
+    def _load(self) -> datasets.DatasetDict:
+        if self._splits is None:
+            path, name, location = load_arguments(self.config)
+            self._splits = datasets.load_dataset(path, name, **location)
+        return self._splits
+
+    def read(self, split: str, max_samples: int | None = None) -> RawSplit:
+        """The split in the raw schema: its captions and labels read (no image: the image column is handed over
+        as it is, encoded) and made raw by `raw_row`."""
+        if split not in self._load():
+            raise self.missing_split(split)
+        dataset, columns = self._load()[split], self.columns
+        if any("." in name and name not in dataset.column_names for name in columns.named()):
+            dataset = dataset.flatten()  # a JSON column's fields as COLUMN.FIELD columns (json.class_label)
+        check_columns(columns, f"{self.name}[{split}]", dataset.column_names, dataset.features)
+        if isinstance(dataset.features[columns.image], datasets.Image):
+            # We decode ourselves (draft-mode JPEG, per-row error handling); hand over the encoded bytes.
+            dataset = dataset.cast_column(columns.image, datasets.Image(decode=False))
+        text = dataset.select_columns(sorted(set(columns.named()[1:]))).to_dict()
+        for name in text:  # a class-label column's names, not its indices
             if (labels := class_names(dataset.features, name)) is not None:
-                columns[name] = [label_text(value, labels) for value in columns[name]]
-        captions = [
-            compose_caption(template, {name: columns[name][row] for name in caption_fields})
-            for row in range(len(dataset))
-        ]
-    if isinstance(dataset.features[config.image_column], datasets.Image):
-        # We decode ourselves (draft-mode JPEG, per-row error handling); hand over the encoded bytes.
-        dataset = dataset.cast_column(config.image_column, datasets.Image(decode=False))
-    names = class_names(dataset.features, config.label_column)
-    dataset = dataset.select_columns(list(wanted)).rename_columns(wanted)
-    if captions is not None:
-        dataset = dataset.add_column("caption", captions, feature=datasets.Value("string"))
-    labels = [None] * len(dataset)
-    if "label" in dataset.column_names:  # text, the same rules as every source's (a null label is skipped)
-        labels = [label_text(value, names) for value in dataset["label"]]
-        dataset = dataset.remove_columns("label")
-    dataset = dataset.add_column("label", labels, feature=datasets.Value("string"))
-    dataset = dataset.add_column("source_row", list(range(len(dataset))))
-    fingerprint = _hash(dataset._fingerprint, *([] if template is None else [template]))
-    return RawSplit(split, dataset, fingerprint, config.dataset_name)
+                text[name] = [label_text(value, labels) for value in text[name]]
+        raw = [raw_row({name: cells[row] for name, cells in text.items()}, columns) for row in range(len(dataset))]
+        images = dataset.select_columns([columns.image])
+        if columns.image != "image":
+            images = images.rename_column(columns.image, "image")
+        for name in ("caption", "label", "problem"):
+            images = images.add_column(name, [row[name] for row in raw], feature=datasets.Value("string"))
+        images = images.add_column("source_row", list(range(len(images))))
+        fingerprint = _hash(images._fingerprint, *([] if columns.template is None else [columns.template]))
+        return first_rows(RawSplit(split, images, fingerprint, self.name), max_samples)
 
 
 def class_names(features, column: str | None) -> list[str] | None:
@@ -328,57 +300,51 @@ def class_names(features, column: str | None) -> list[str] | None:
     return feature.names if isinstance(feature, datasets.ClassLabel) else None
 
 
-def source_columns(config: DataConfig) -> dict[str, str]:
-    """The source's columns read as the raw schema's: {source column: raw name} (the caption's when no template)."""
-    wanted = {config.image_column: "image"}
-    if config.caption_template is None:
-        wanted[config.caption_column] = "caption"
-    if config.label_column is not None:
-        wanted[config.label_column] = "label"
-    return wanted
-
-
-def check_source_columns(config: DataConfig, split: str, column_names: list[str], features, nested=()) -> None:
-    """Every column the options name exists (a name in `nested` may be COLUMN.FIELD of a JSON column), and a
-    template names text or number columns only."""
-    template = config.caption_template
-    caption_fields = template_fields(template) if template is not None else ()
+def check_columns(columns: Columns, where: str, column_names, features=None, nested=()) -> None:
+    """Every column the options name is one of the source's `column_names` (a name in `nested` may be
+    COLUMN.FIELD of a JSON column); with `features`, a template names text or number columns only and the caption
+    column holds text. `where` names the split (or file and line) in the message."""
+    caption_fields = columns.caption_fields
     missing = [
         column
-        for column in [*source_columns(config), *caption_fields]
+        for column in columns.named()
         if column not in column_names and not (column in nested and column.split(".", 1)[0] in column_names)
     ]
+    if missing and columns.template is not None and not [name for name in missing if name not in caption_fields]:
+        raise ValueError(
+            f"{where}: --caption_template names {missing}, which it does not have; its columns are "
+            f"{sorted(column_names)}. Use those names in the template (e.g. '{{product_title}}, by {{brand}}')."
+        )
     if missing:
-        options = "--image_column/" + ("--caption_template" if template else "--caption_column") + "/--label_column"
+        options = "--image_column/" + ("--caption_template" if columns.template else "--caption_column")
         raise ValueError(
-            f"{config.dataset_name}[{split}] has no column(s) {missing}; its columns are "
-            f"{list(column_names)}. Set {options}."
+            f"{where} has no column(s) {missing}; its columns are {list(column_names)}. Set {options}/--label_column."
         )
-    not_text = [
-        name
-        for name in caption_fields
-        if features and not isinstance(features[name], datasets.Value | datasets.ClassLabel)
-    ]
-    if not_text:
-        raise ValueError(
-            f"--caption_template names {not_text}, which hold {[str(features[n]) for n in not_text]}, not text "
-            "or numbers; a caption is composed from text, number and class-label columns only."
-        )
-    caption = features.get(config.caption_column) if features and template is None else None
-    if caption is not None:
-        _check_caption_feature(config, split, caption)
+    if not features:
+        return
+    if columns.template is not None:
+        not_text = [
+            name for name in caption_fields if not isinstance(features[name], datasets.Value | datasets.ClassLabel)
+        ]
+        if not_text:
+            raise ValueError(
+                f"--caption_template names {not_text}, which hold {[str(features[n]) for n in not_text]}, not text "
+                "or numbers; a caption is composed from text, number and class-label columns only."
+            )
+    elif (caption := features.get(columns.caption)) is not None:
+        _check_caption_feature(columns, where, caption)
 
 
-def _check_caption_feature(config: DataConfig, split: str, feature) -> None:
+def _check_caption_feature(columns: Columns, where: str, feature) -> None:
     """The caption column holds text (a list of captions is refused until several per image are supported)."""
-    where = f"{config.dataset_name}[{split}]: --caption_column {config.caption_column!r}"
+    where = f"{where}: --caption_column {columns.caption!r}"
     if isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence | list):
         raise ValueError(f"{where} {CAPTION_LISTS}.")
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
         raise ValueError(
             f"{where} holds {kind}, not text. Name the column that holds the captions, or compose captions from "
-            f"columns with --caption_template (e.g. '{{{config.caption_column}}}' writes each value as text)."
+            f"columns with --caption_template (e.g. '{{{columns.caption}}}' writes each value as text)."
         )
 
 

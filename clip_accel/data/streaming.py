@@ -44,8 +44,8 @@ from ..config import DataConfig
 from .loader import HOST_GRIDS, pad_captions, pair_batch
 from .preprocess import PairPreprocessor
 from .shard_cache import READ_AHEAD
-from .shards import StreamSplit, stream_row, where_in_stream
-from .sources import class_names
+from .shards import StreamSplit, where_in_stream
+from .sources import Columns, class_names, raw_row
 
 logger = get_logger(__name__)
 STREAM_POSITION = "stream_position"  # the batch key of the stream's position after the batch (a dict)
@@ -159,7 +159,8 @@ class StreamingPairs(IterableDataset):
         """Decode and tokenize a chunk of rows; rows with a damaged image or a missing caption or label are left
         out and listed under `skipped` (with --strict the first is an error)."""
         names = class_names(self.split.stream.features, self.config.label_column)
-        raw = [stream_row(example, self.config, names) for _, example, _ in chunk]
+        columns = Columns.of(self.config)
+        raw = [raw_row(example, columns, names) for _, example, _ in chunk]
         batch = {name: [row[name] for row in raw] for name in ("image", "caption", "label", "problem")}
         cached = self.preprocessor({**batch, "source_row": [position for position, _, _ in chunk]})
         reasons = cached["skip_reason"]
