@@ -56,6 +56,22 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
     assert raw.dataset["label"] == ["saree"] * 3 and raw.dataset["source_row"] == [1, 2, 3]
 
 
+def test_a_line_whose_image_path_is_not_text_is_skipped_as_no_image(tmp_path, demo_dir):
+    from clip_accel.data.preprocess import PairPreprocessor
+    from clip_accel.tokenizer import build_offline_tokenizer
+
+    _write_foreign_layout(tmp_path)
+    lines = (tmp_path / "train_data.json").read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "image_path": None})
+    (tmp_path / "train_data.json").write_text("\n".join(lines), encoding="utf-8")
+    raw = IndoFashionFolder(str(tmp_path)).read("train")
+    assert raw.dataset["image"][0] is None and raw.dataset["source_row"] == [1, 2, 3]
+    tokenizer = build_offline_tokenizer(["red saree"])
+    cached = PairPreprocessor(tokenizer, 32, 77)(raw.dataset[:3])
+    assert cached["skip_reason"] == ["no image", "", ""]
+
+
 def test_datasets_source_without_labels_has_none_rather_than_empty_labels(tmp_path):
     _write_imagefolder(tmp_path)
     config = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_column="text")
