@@ -443,12 +443,14 @@ def test_a_streamed_model_folder_evaluates_to_its_own_figures_and_has_a_card(
         assert evaluated[name] == pytest.approx(result.metrics["test"][name], abs=1e-6)
 
 
-def test_any_datasets_stream_is_split_the_same_way(tmp_path):
-    """A source datasets streams itself (here parquet files, one shard each): every row once per epoch over 2
-    processes, damaged rows skipped, columns checked."""
+@pytest.mark.parametrize("kind", ["parquet", "json"])
+def test_any_datasets_stream_is_split_the_same_way(tmp_path, kind):
+    """Parquet files (read by row groups, `ParquetShards`) and a source `datasets` streams itself (JSON lines,
+    images as files: `DatasetShards`), one shard each file: every row once per epoch over 2 processes, damaged
+    rows skipped, columns checked."""
     import datasets
 
-    folder = tmp_path / "parquet"
+    folder = tmp_path / kind
     folder.mkdir()
     features = datasets.Features(
         {"image": datasets.Image(), "caption": datasets.Value("string"), "label": datasets.Value("string")}
@@ -458,18 +460,54 @@ def test_any_datasets_stream_is_split_the_same_way(tmp_path):
         for item in items:
             image = io.BytesIO()
             Image.new("RGB", (24, 20), (item, 40, 200)).save(image, "JPEG")
-            rows["image"].append({"bytes": image.getvalue() if item != 3 else b"broken", "path": None})
+            data = image.getvalue() if item != 3 else b"broken"
+            if kind == "json":
+                (folder / f"{item}.jpg").write_bytes(data)
+            rows["image"].append(str(folder / f"{item}.jpg") if kind == "json" else {"bytes": data, "path": None})
             rows["caption"].append(caption(item))
             rows["label"].append(f"class{item % 3}")
-        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"train-{shard:05d}.parquet"))
+        if kind == "json":
+            lines = [json.dumps(dict(zip(rows, row, strict=True))) for row in zip(*rows.values(), strict=True)]
+            (folder / f"train-{shard:05d}.jsonl").write_text("\n".join(lines) + "\n")
+        else:
+            dataset = datasets.Dataset.from_dict(rows, features=features)
+            dataset.to_parquet(str(folder / f"train-{shard:05d}.parquet"))
     options = {"data_files": str(folder), "image_column": "image", "caption_column": "caption", "label_column": "label"}
-    loaders = [streaming_loader("parquet", rank, 2, **options) for rank in range(2)]
+    loaders = [streaming_loader(kind, rank, 2, **options) for rank in range(2)]
+    shards = loaders[0].pairs.split.stream
+    assert type(shards).__name__ == ("ParquetShards" if kind == "parquet" else "DatasetShards")
     assert [len(loader) for loader in loaders] == [2, 2]  # 8 rows each, 4 a batch
     seen = [read_caption_ids(loader, 0, loader.epoch(0)) for loader in loaders]
     assert 3 not in seen[0] + seen[1] and len(set(seen[0] + seen[1])) == 16 - 1
     assert [where for loader in loaders for where in loader.skipped] == ["shard 0 row 3"]
     with pytest.raises(ValueError, match="no column.*'text'"):
-        streaming_loader("parquet", caption_column="text", data_files=str(folder))
+        streaming_loader(kind, caption_column="text", data_files=str(folder))
+
+
+def test_one_large_parquet_file_is_read_by_row_groups_each_process_its_share(tmp_path):
+    # One file of 8 row groups of 8 rows (64 px noise PNGs) on 4 processes: each reads the groups its quarter of
+    # the rows lies in (about 1/4 of the file, at most a group more at each end), and every row once.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    images, captions = [], []
+    for item in range(64):
+        image = io.BytesIO()
+        Image.fromarray(np.roll(noise, item, axis=1)).save(image, "PNG")
+        images.append({"bytes": image.getvalue(), "path": None})
+        captions.append(caption(item))
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"image": images, "caption": captions}), path, row_group_size=8)
+    seen, size = [], os.path.getsize(path)
+    for rank in range(4):
+        options = {"image_column": "image", "caption_column": "caption", "label_column": None}
+        loader = streaming_loader("parquet", rank, 4, data_files=str(path), **options)
+        before = bytes_read()
+        seen += read_caption_ids(loader, 0, loader.epoch(0))
+        read = bytes_read() - before
+        assert read <= size / 4 + 2 * size / 8, (rank, read, size)
+    assert sorted(seen) == list(range(64))
 
 
 def test_a_streamed_run_under_fsdp1_stops_at_start_up(even_shards):

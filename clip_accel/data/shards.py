@@ -28,6 +28,7 @@ from PIL import Image
 
 from ..config import DataConfig
 from .indo_fashion import INDO_FASHION_FILES
+from .parquet_shards import ParquetShards
 from .preprocess import JPEG_QUALITY, encode_jpeg, load_rgb_image, to_rgb
 from .remote import ShardUnavailable, is_remote, open_shard, remote_splits
 from .shard_cache import ShardCache
@@ -290,9 +291,10 @@ class ShardSource(Source):
         return error
 
 
-def find_shards(config: DataConfig) -> dict[str, TarShards | DatasetShards]:
+def find_shards(config: DataConfig) -> dict[str, TarShards | ParquetShards | DatasetShards]:
     """`--dataset_name`'s splits, shard by shard: WebDataset tar shards read directly (the training split's
-    through the shard cache, with --shard_cache_dir), anything else through `datasets` streaming."""
+    through the shard cache, with --shard_cache_dir), parquet files by row groups, anything else through
+    `datasets` streaming."""
     cache = None
     if config.shard_cache_dir is not None:
         cache = ShardCache(config.shard_cache_dir, int(config.shard_cache_gb * 1e9))
@@ -306,16 +308,16 @@ def find_shards(config: DataConfig) -> dict[str, TarShards | DatasetShards]:
         return {split: tar_shards(split, files[split], counts[split]) for split in files}
     path, name, location = load_arguments(config)
     builder = datasets.load_dataset_builder(path, name, **location)
+    found = builder.config.data_files or {}
     if builder.name == "webdataset":
-        return {
-            str(split): tar_shards(str(split), sorted(files))
-            for split, files in (builder.config.data_files or {}).items()
-        }
+        return {str(split): tar_shards(str(split), sorted(files)) for split, files in found.items()}
     if cache is not None:
         raise ValueError(
             f"--shard_cache_dir keeps WebDataset tar shards, and {config.dataset_name} is no folder or URL of them: "
-            "drop --shard_cache_dir (a `datasets` stream fetches as it reads)."
+            "drop --shard_cache_dir (parquet files and `datasets` streams fetch as they read)."
         )
+    if builder.name == "parquet":  # (read by row groups: each process its share of a file)
+        return {str(split): ParquetShards(sorted(files)) for split, files in found.items()}
     splits = datasets.load_dataset(path, name, streaming=True, **location)
     found = {}
     for split, stream in splits.items():
