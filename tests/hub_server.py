@@ -1,24 +1,35 @@
 """A fake Hugging Face Hub for offline tests: the routes the real `huggingface_hub` 2.x client and transformers'
-`from_pretrained` call to publish and download a small model repo, served from memory on 127.0.0.1.
+`from_pretrained` call to publish and download a small model repo, and the ones `HfFileSystem` (`hf://`) calls to
+list, stat and read (in Range requests) the files of a model or dataset repo, served from memory on 127.0.0.1.
 
-Routes (checked against huggingface_hub 2.4: hf_api.py, _commit_api.py, file_download.py):
+Routes (checked against huggingface_hub 2.4: hf_api.py, _commit_api.py, file_download.py, hf_file_system.py);
+{kind} is `models` or `datasets`:
   GET  /api/whoami-v2                              who the token belongs to (role from `token_role`)
-  POST /api/repos/create                           409 when the repo exists (create_repo(exist_ok=True) accepts it)
-  GET  /api/models/{repo}[/revision/{rev}]         repo info: id, sha, private, siblings
-  POST /api/models/{repo}/preupload/{rev}          every file is uploadMode "regular" (no LFS), with its git oid
-  POST /api/models/{repo}/commit/{rev}             NDJSON: header + base64 "file" lines (+ "deletedFile")
-  GET  /api/models/{repo}/tree/{rev}[/{path}]      one page, no pagination
-  HEAD|GET /{repo}/resolve/{rev}/{path}            ETag (git sha1), X-Repo-Commit, Content-Length
+  POST /api/repos/create                           409 when the repo exists (create_repo(exist_ok=True) accepts it);
+                                                   `"type": "dataset"` makes a dataset repo
+  GET  /api/{kind}/{repo}[/revision/{rev}]         repo info: id, sha, private, siblings
+  POST /api/{kind}/{repo}/preupload/{rev}          every file is uploadMode "regular" (no LFS), with its git oid
+  POST /api/{kind}/{repo}/commit/{rev}             NDJSON: header + base64 "file" lines (+ "deletedFile")
+  GET  /api/{kind}/{repo}/tree/{rev}[/{path}]      one page, no pagination; `recursive=true` lists the folders too,
+                                                   `expand=true` adds each entry's lastCommit; a missing folder 404s
+                                                   with EntryNotFound (HfFileSystem then looks for a file)
+  POST /api/{kind}/{repo}/paths-info/{rev}         form (or JSON) `paths` (repeated), `expand`: the entries that
+                                                   exist, files and folders, as the tree lists them
+  HEAD|GET /{repo}/resolve/{rev}/{path}            a model's file; ETag (git sha1), X-Repo-Commit, Content-Length,
+  HEAD|GET /datasets/{repo}/resolve/{rev}/{path}   a dataset's; both answer `Range: bytes=a-b` / `a-` / `-n` with
+                                                   206 and Content-Range (416 past the end), Accept-Ranges: bytes
   POST /api/validate-yaml                          the card's YAML header must parse to a mapping
 
-Auth: a request carrying `Authorization: Bearer X` with X != the server's token gets 401, as on the Hub; without
-a token, reads of public repos work and everything else gets 401. Creating a repo outside the token owner's
-namespace gets 403. Set `fail_commits = True` to answer commits
-with HTTP 500 (nothing is stored), `commits` records every commit that was stored.
+A revision is "main" or a commit oid. Auth: a request carrying `Authorization: Bearer X` with X != the server's
+token gets 401, as on the Hub; without a token, reads of public repos work and everything else gets 401. Creating a
+repo outside the token owner's namespace gets 403. Set `fail_commits = True` to answer commits with HTTP 500 (nothing
+is stored), `commits` records every commit that was stored, `downloads` every resolve GET (its range and the body
+bytes sent; `sent_bytes()` sums them). `add_repo()` makes a repo holding given files in one commit, without HTTP.
 
-NOT covered: LFS/Xet uploads and downloads (large files), Range requests, pagination, real token scopes
-(fine-grained tokens, orgs), gated repos, branches other than "main", pull requests, datasets and spaces,
-rate limits, and the many response fields the client does not need.
+NOT covered: LFS/Xet uploads and downloads (large files), pagination, multi-range requests (`bytes=0-1,5-6`),
+real token scopes (fine-grained tokens, orgs), gated repos, branches and tags other than "main", pull requests
+(refs/pr/N), spaces and buckets, redirects to a CDN, rate limits, and the many response fields the client does not
+need.
 """
 
 from __future__ import annotations
@@ -31,22 +42,27 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 import yaml
 
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
+KIND = r"(?P<kind>models|datasets)"  # the API's plural; a model's resolve URL has none
 ROUTES = [  # (method, pattern, handler name); the first match wins
     ("GET", r"/api/whoami-v2", "whoami"),
     ("POST", r"/api/repos/create", "create_repo"),
     ("POST", r"/api/validate-yaml", "validate_yaml"),
-    ("POST", rf"/api/models/{REPO}/preupload/(?P<rev>[^/]+)", "preupload"),
-    ("POST", rf"/api/models/{REPO}/commit/(?P<rev>[^/]+)", "commit"),
-    ("GET", rf"/api/models/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "tree"),
-    ("GET", rf"/api/models/{REPO}(?:/revision/(?P<rev>[^/]+))?", "repo_info"),
+    ("POST", rf"/api/{KIND}/{REPO}/preupload/(?P<rev>[^/]+)", "preupload"),
+    ("POST", rf"/api/{KIND}/{REPO}/commit/(?P<rev>[^/]+)", "commit"),
+    ("POST", rf"/api/{KIND}/{REPO}/paths-info/(?P<rev>[^/]+)", "paths_info"),
+    ("GET", rf"/api/{KIND}/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "tree"),
+    ("GET", rf"/api/{KIND}/{REPO}(?:/revision/(?P<rev>[^/]+))?", "repo_info"),
+    ("HEAD", rf"/(?P<kind>datasets)/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
+    ("GET", rf"/(?P<kind>datasets)/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
     ("HEAD", rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
     ("GET", rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
 ]
+KINDS = {"model": "models", "dataset": "datasets"}  # repo_type -> the API's plural
 
 
 def git_oid(content: bytes) -> str:
@@ -59,16 +75,58 @@ class Repo:
     private: bool
     snapshots: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit oid -> {path: content}
     main: str = ""
+    parents: dict[str, str] = field(default_factory=dict)  # commit oid -> its parent's ("" for the first)
+    summaries: dict[str, tuple[str, str]] = field(default_factory=dict)  # commit oid -> (title, ISO date)
+
+    def last_commit(self, oid: str, path: str) -> dict:
+        """The Hub's `lastCommit` of `path` (a file or folder) at commit `oid`: the newest commit that changed it."""
+
+        def state(commit: str) -> dict:
+            return {name: content for name, content in self.snapshots[commit].items() if is_under(name, path)}
+
+        while self.parents.get(oid) and state(self.parents[oid]) == state(oid):
+            oid = self.parents[oid]
+        title, date = self.summaries[oid]
+        return {"id": oid, "title": title, "date": date}
 
     def resolve(self, rev: str) -> str | None:
         rev = unquote(rev)
         return self.main if rev == "main" else rev if rev in self.snapshots else None
 
 
+def is_under(name: str, path: str) -> bool:
+    """`name` is the file `path` or a file in the folder `path`."""
+    return name == path or name.startswith(path + "/")
+
+
+def byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """(first, last) byte of a `Range: bytes=...` header over `size` bytes; None for a header to ignore (not one
+    range of bytes: HTTP then sends the whole file). A range that starts past the end is a 416."""
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    if not match or match.groups() == ("", ""):
+        return None
+    start, end = match.groups()
+    if not start:  # the last `end` bytes
+        return max(size - int(end), 0), size - 1
+    first, last = int(start), min(int(end), size - 1) if end else size - 1
+    if end and int(end) < first:
+        return None
+    if first >= size:
+        raise HttpError(416, "Requested Range Not Satisfiable", headers={"Content-Range": f"bytes */{size}"})
+    return first, last
+
+
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        commit: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
-        self.status, self.code, self.commit = status, code, commit
+        self.status, self.code, self.commit, self.headers = status, code, commit, headers or {}
 
 
 class FakeHub(ThreadingHTTPServer):
@@ -80,8 +138,10 @@ class FakeHub(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.token, self.user = token, user
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        self.repos: dict[str, Repo] = {}
-        self.commits: list[dict] = []  # {"repo", "oid", "summary", "paths"} of each stored commit
+        self.repos: dict[str, Repo] = {}  # model repos by id
+        self.datasets: dict[str, Repo] = {}  # dataset repos by id
+        self.commits: list[dict] = []  # {"repo", "repo_type", "oid", "summary", "paths"} of each stored commit
+        self.downloads: list[dict] = []  # {"repo", "repo_type", "path", "range": (first, last) | None, "bytes"}
         self.requests: list[str] = []  # "METHOD path status", for debugging a failing test
         self.fail_commits = False
         self.token_role = "write"  # what whoami reports; "read" for a read-only token
@@ -95,9 +155,24 @@ class FakeHub(ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
 
-    def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
-        repo = self.repos[repo_id]
+    def files(self, repo_id: str, rev: str = "main", repo_type: str = "model") -> dict[str, bytes]:
+        repo = self._repos(KINDS[repo_type])[repo_id]
         return dict(repo.snapshots[repo.resolve(rev)])
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], repo_type: str = "dataset", private: bool = False) -> str:
+        """A new repo holding `files` (and .gitattributes) in one commit, made in memory; its commit oid."""
+        with self.lock:
+            repos = self._repos(KINDS[repo_type])
+            if repo_id in repos:
+                raise ValueError(f"{repo_type} repo {repo_id} exists")
+            repo = repos[repo_id] = Repo(private=private)
+            files = {".gitattributes": b"*.tar filter=lfs diff=lfs merge=lfs\n", **files}
+            return self._store_commit(repo_id, repo, files, f"Add {len(files)} files", repo_type=repo_type)
+
+    def sent_bytes(self, path_prefix: str = "") -> int:
+        """Body bytes that resolve GETs sent of the files whose paths start with `path_prefix`."""
+        with self.lock:
+            return sum(entry["bytes"] for entry in self.downloads if entry["path"].startswith(path_prefix))
 
     # --- handlers: (request, match) -> (status, JSON body or bytes, extra headers) ---
 
@@ -120,16 +195,21 @@ class FakeHub(ThreadingHTTPServer):
         self._authenticate(request)
         payload = request.json()
         repo_id = f"{payload.get('organization') or self.user}/{payload['name']}"
+        repo_type = payload.get("type") or "model"
+        if repo_type not in KINDS:
+            raise HttpError(400, f"This fake Hub has no {repo_type} repos")
         if repo_id.split("/")[0] != self.user:
             raise HttpError(
-                403, f"You don't have the rights to create a model under the namespace {repo_id.split('/')[0]!r}"
+                403, f"You don't have the rights to create a {repo_type} under the namespace {repo_id.split('/')[0]!r}"
             )
+        url = f"{self.url}/{repo_id}" if repo_type == "model" else f"{self.url}/{KINDS[repo_type]}/{repo_id}"
         with self.lock:
-            if repo_id in self.repos:
-                return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}, {}
+            repos = self._repos(KINDS[repo_type])
+            if repo_id in repos:
+                return 409, {"error": f"You already created this {repo_type} repo", "url": url}, {}
             # huggingface_hub 2.x sends "visibility"; older clients sent "private".
             private = payload.get("visibility", "private" if payload.get("private") else "public") != "public"
-            repo = self.repos[repo_id] = Repo(private=private)
+            repo = repos[repo_id] = Repo(private=private)
             # A new Hub repo starts with one commit holding .gitattributes.
             self._store_commit(
                 repo_id,
@@ -138,7 +218,7 @@ class FakeHub(ThreadingHTTPServer):
                 "initial commit",
                 record=False,
             )
-        return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}, {}
+        return 200, {"url": url, "name": repo_id}, {}
 
     def validate_yaml(self, request, match):
         self._authenticate(request)
@@ -182,51 +262,58 @@ class FakeHub(ThreadingHTTPServer):
                 snapshot.pop(value["path"], None)
             else:
                 raise HttpError(400, f"This fake Hub does not support {key!r} (LFS/Xet) commit lines")
+        repo_type = "dataset" if match["kind"] == "datasets" else "model"
         with self.lock:
-            oid = self._store_commit(match["repo"], repo, snapshot, summary)
-        return (
-            200,
-            {"commitUrl": f"{self.url}/{match['repo']}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None},
-            {},
-        )
+            oid = self._store_commit(match["repo"], repo, snapshot, summary, repo_type=repo_type)
+        url = f"{self.url}/{'' if repo_type == 'model' else 'datasets/'}{match['repo']}/commit/{oid}"
+        return 200, {"commitUrl": url, "commitOid": oid, "pullRequestUrl": None}, {}
 
     def tree(self, request, match):
         repo, oid = self._repo_and_commit(request, match)
         prefix = (unquote(match["path"]).strip("/") + "/") if match["path"] else ""
         recursive = request.query.get("recursive", "").lower() == "true"
+        expand = request.query.get("expand", "").lower() == "true"
         entries, folders = [], set()
-        for path, content in sorted(repo.snapshots[oid].items()):
+        for path in sorted(repo.snapshots[oid]):
             if not path.startswith(prefix):
                 continue
-            rest = path[len(prefix) :]
-            if "/" in rest and not recursive:
-                folders.add(prefix + rest.split("/")[0])
+            parts = path[len(prefix) :].split("/")
+            if len(parts) > 1 and not recursive:
+                folders.add(prefix + parts[0])
                 continue
-            entries.append({"type": "file", "oid": git_oid(content), "size": len(content), "path": path})
+            folders.update(prefix + "/".join(parts[:depth]) for depth in range(1, len(parts)))
+            entries.append(self._entry(repo, oid, path, expand))
         if prefix and not entries and not folders:
             raise HttpError(404, f"{prefix} does not exist", "EntryNotFound", oid)
-        entries += [
-            {"type": "directory", "oid": git_oid(name.encode()), "size": 0, "path": name} for name in sorted(folders)
-        ]
+        entries += [self._entry(repo, oid, name, expand) for name in sorted(folders)]
         return 200, entries, {}
+
+    def paths_info(self, request, match):
+        repo, oid = self._repo_and_commit(request, match)
+        if request.headers.get("Content-Type", "").startswith("application/json"):
+            payload = request.json()
+            paths, expand = payload.get("paths", []), bool(payload.get("expand"))
+        else:
+            form = parse_qs(request.body.decode())
+            paths, expand = form.get("paths", []), form.get("expand", [""])[0].lower() == "true"
+        snapshot = repo.snapshots[oid]
+        found = [path.strip("/") for path in paths if any(is_under(name, path.strip("/")) for name in snapshot)]
+        return 200, [self._entry(repo, oid, path, expand) for path in found], {}
 
     def repo_info(self, request, match):
         repo, oid = self._repo_and_commit(request, match)
         siblings = [{"rfilename": path} for path in sorted(repo.snapshots[oid])]
-        return (
-            200,
-            {
-                "id": match["repo"],
-                "modelId": match["repo"],
-                "sha": oid,
-                "private": repo.private,
-                "siblings": siblings,
-                "tags": [],
-                "downloads": 0,
-                "likes": 0,
-            },
-            {},
-        )
+        info = {
+            "id": match["repo"],
+            "author": match["repo"].split("/")[0],
+            "sha": oid,
+            "private": repo.private,
+            "siblings": siblings,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
+        }
+        return 200, ({"modelId": match["repo"], **info} if match["kind"] == "models" else info), {}
 
     def resolve(self, request, match):
         repo, oid = self._repo_and_commit(request, match)
@@ -234,8 +321,30 @@ class FakeHub(ThreadingHTTPServer):
         content = repo.snapshots[oid].get(path)
         if content is None:
             raise HttpError(404, f"Entry not found: {path}", "EntryNotFound", oid)
-        headers = {"ETag": f'"{git_oid(content)}"', "X-Repo-Commit": oid, "Content-Type": "application/octet-stream"}
-        return 200, content, headers
+        headers = {
+            "ETag": f'"{git_oid(content)}"',
+            "X-Repo-Commit": oid,
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+        }
+        ranged = byte_range(request.headers["Range"], len(content)) if request.headers.get("Range") else None
+        status, body = 200, content
+        if ranged is not None:
+            first, last = ranged
+            status, body = 206, content[first : last + 1]
+            headers["Content-Range"] = f"bytes {first}-{last}/{len(content)}"
+        if request.method == "GET":
+            with self.lock:
+                self.downloads.append(
+                    {
+                        "repo": match["repo"],
+                        "repo_type": "dataset" if match.groupdict().get("kind") == "datasets" else "model",
+                        "path": path,
+                        "range": ranged,
+                        "bytes": len(body),
+                    }
+                )
+        return status, body, headers
 
     # --- helpers ---
 
@@ -246,8 +355,20 @@ class FakeHub(ThreadingHTTPServer):
         if sent != f"Bearer {self.token}":
             raise HttpError(401, "Invalid credentials in Authorization header")
 
+    def _repos(self, kind: str | None) -> dict[str, Repo]:
+        return self.datasets if kind == "datasets" else self.repos
+
+    def _entry(self, repo: Repo, oid: str, path: str, expand: bool) -> dict:
+        """A tree / paths-info entry: a file, or a folder (any path some file is under)."""
+        content = repo.snapshots[oid].get(path)
+        if content is None:
+            entry = {"type": "directory", "oid": git_oid(path.encode()), "size": 0, "path": path}
+        else:
+            entry = {"type": "file", "oid": git_oid(content), "size": len(content), "path": path}
+        return {**entry, "lastCommit": repo.last_commit(oid, path)} if expand else entry
+
     def _repo_and_commit(self, request, match, write: bool = False) -> tuple[Repo, str]:
-        repo = self.repos.get(match["repo"])
+        repo = self._repos(match.groupdict().get("kind")).get(match["repo"])
         self._authenticate(request, required=write or (repo is not None and repo.private))
         if repo is None:
             raise HttpError(404, "Repository not found", "RepoNotFound")
@@ -256,18 +377,24 @@ class FakeHub(ThreadingHTTPServer):
             raise HttpError(404, f"Invalid rev id: {match['rev']}", "RevisionNotFound")
         return repo, oid
 
-    def _store_commit(self, repo_id: str, repo: Repo, snapshot: dict, summary: str, record: bool = True) -> str:
-        oid = hashlib.sha1(f"{repo_id} {repo.main} {summary} {time.time_ns()}".encode()).hexdigest()
+    def _store_commit(
+        self, repo_id: str, repo: Repo, snapshot: dict, summary: str, record: bool = True, repo_type: str = "model"
+    ) -> str:
+        oid = hashlib.sha1(f"{repo_type} {repo_id} {repo.main} {summary} {time.time_ns()}".encode()).hexdigest()
+        date = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        repo.parents[oid], repo.summaries[oid] = repo.main, (summary, date)
         repo.snapshots[oid], repo.main = snapshot, oid
         if record:
-            self.commits.append({"repo": repo_id, "oid": oid, "summary": summary, "paths": sorted(snapshot)})
+            self.commits.append(
+                {"repo": repo_id, "repo_type": repo_type, "oid": oid, "summary": summary, "paths": sorted(snapshot)}
+            )
         return oid
 
 
 class _Request:
     def __init__(self, handler: BaseHTTPRequestHandler):
         parts = urlsplit(handler.path)
-        self.path, self.headers = parts.path, handler.headers
+        self.method, self.path, self.headers = handler.command, parts.path, handler.headers
         self.query = dict(parse_qsl(parts.query))
         length = int(handler.headers.get("Content-Length") or 0)
         self.body = handler.rfile.read(length) if length else b""
@@ -297,7 +424,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             status, body, headers = self._route(hub, method, request)
         except HttpError as error:
-            headers = {"X-Error-Message": str(error)}
+            headers = {"X-Error-Message": str(error), **error.headers}
             headers.update({"X-Error-Code": error.code} if error.code else {})
             headers.update({"X-Repo-Commit": error.commit} if error.commit else {})
             status, body = error.status, {"error": str(error)}

@@ -1,4 +1,5 @@
-"""Tar shards streamed over HTTP from a server on 127.0.0.1 (Range requests): each process fetches its share,
+"""Tar shards streamed over HTTP from a server on 127.0.0.1 (Range requests), from S3 (moto) and from a fake Hub
+dataset repo through `hf://`: each process fetches its share,
 a dropped connection resumes at its byte, a shard that stays unreachable is skipped and counted."""
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from hub_server import FakeHub
+from huggingface_hub import HfFileSystem, constants
 from launching import CPU_ENV, ROOT, TORCHRUN
 from PIL import Image
 from test_streaming import caption, read_caption_ids, streaming_loader
@@ -20,7 +23,7 @@ from test_streaming import caption, read_caption_ids, streaming_loader
 from clip_accel.cli import main
 from clip_accel.config import DataConfig
 from clip_accel.data import write_webdataset_shards
-from clip_accel.data.remote import HttpShard, expand_braces
+from clip_accel.data.remote import HttpShard, StoreShard, expand_braces
 from clip_accel.data.shards import add_tar_member
 
 
@@ -279,6 +282,44 @@ def test_shards_stream_from_s3_with_their_index_or_one_written_by_index_shards(t
     loader = streaming_loader("s3://clip-shards/data/*.tar", image_column="png", label_column=None, shard_index=index)
     assert sorted(read_caption_ids(loader, 0, loader.epoch(0))) == items
     assert "not-a-secret" not in caplog.text
+
+
+HUB_TOKEN = "hf_fakeTokenForTheseTests0123456789"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A fake Hub that this process's huggingface_hub talks to, anonymously (public repos only)."""
+    with FakeHub(token=HUB_TOKEN) as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        # (hf_hub_url, which HfFileSystem reads files through, formats this template, built at import)
+        template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+            monkeypatch.delenv(name, raising=False)
+        HfFileSystem.clear_instance_cache()
+        yield server
+        HfFileSystem.clear_instance_cache()
+
+
+def test_shards_stream_from_a_hub_dataset_repo_over_range_requests(tmp_path, hub, monkeypatch):
+    # 8 shards of 6 rows (~60 KB each) and their index, uploaded as the folder is, on 2 processes x 1 worker.
+    # Reads of 16 KB blocks (1 MB in use, more than a test shard): each shard comes in several ranged GETs,
+    # and each process's first-row probes of the first shard (its columns) cost a block, not the shard.
+    monkeypatch.setattr(StoreShard, "BLOCK", 16 * 1024)
+    folder = tmp_path / "shards"
+    items = write_noise_shards(folder, 8, 6)
+    files = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    hub.add_repo("user/shards", files, repo_type="dataset")
+    assert sorted(read_epoch("hf://datasets/user/shards/", 2, workers=1)) == items
+    shards = {name: len(content) for name, content in files.items() if name.endswith(".tar")}
+    reads = [download for download in hub.downloads if download["path"] in shards]
+    assert {download["path"] for download in reads} == set(shards)
+    assert all(download["range"] is not None for download in reads), reads  # (206s: never a whole-file GET)
+    assert any(download["range"][0] > 0 for download in reads)  # (reads went on where the last one stopped)
+    assert hub.sent_bytes("train-") <= 1.3 * sum(shards.values()), hub.sent_bytes("train-") / sum(shards.values())
 
 
 @pytest.mark.slow
