@@ -1,0 +1,71 @@
+"""A static file server with HTTP Range requests, in its own process, for the streaming benchmarks.
+
+    python benchmarks/range_server.py ROOT      # prints the port it listens on (127.0.0.1), then serves ROOT
+
+On exit (SIGTERM) it prints the body bytes it sent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class RangeHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    sent = 0
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        path = os.path.join(self.server.root, self.path.lstrip("/"))
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return
+        size = os.path.getsize(path)
+        first, last = 0, size - 1
+        ranged = self.headers.get("Range")
+        if ranged:
+            start, _, end = ranged.removeprefix("bytes=").partition("-")
+            first, last = int(start), min(int(end) if end else size - 1, size - 1)
+            if first >= size:
+                self.send_error(416)
+                return
+        self.send_response(206 if ranged else 200)
+        self.send_header("Content-Length", str(last - first + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        if ranged:
+            self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+        self.end_headers()
+        if body:
+            with open(path, "rb") as handle:
+                handle.seek(first)
+                data = handle.read(last - first + 1)
+            RangeHandler.sent += len(data)
+            self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def main() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    server.daemon_threads = True
+    server.root = sys.argv[1]
+
+    def stop(*_) -> None:
+        print(RangeHandler.sent, flush=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
