@@ -58,3 +58,15 @@ def test_streaming_scale_quick_run_shows_each_process_reading_its_share(tmp_path
     assert sorted(shares) == [1, 2, 4, 8]
     for processes, share in shares.items():  # 16 shards: two of them are 1/8 of a pass
         assert share <= 1 / processes + 2 / 16, (processes, share)
+
+
+def test_streaming_http_quick_run_reads_over_http_and_a_second_epoch_from_the_cache(tmp_path):
+    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "benchmarks/streaming_http.py", "--quick", "--markdown", str(tmp_path / "http.md")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (tmp_path / "http.md").read_text().splitlines()
+    http = next(line for line in lines if line.startswith("| HTTP (Range"))
+    cached = next(line for line in lines if "epoch 1 (from the cache)" in line)
+    assert 0.9 <= float(http.split("|")[4].split("x")[0]) <= 1.3  # (a pass's bytes, fetched once)
+    assert float(cached.split("|")[4].split("x")[0]) <= 1.3  # (both epochs: the second fetched nothing)
