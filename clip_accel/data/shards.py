@@ -307,6 +307,8 @@ def find_shards(config: DataConfig) -> dict[str, TarShards | ParquetShards | Dat
         files, counts = remote_splits(config.dataset_name)
         return {split: tar_shards(split, files[split], counts[split]) for split in files}
     path, name, location = load_arguments(config)
+    if path == "webdataset" and isinstance(location.get("data_files"), dict):  # (a local folder of tar shards)
+        return {split: tar_shards(split, files) for split, files in location["data_files"].items()}
     builder = datasets.load_dataset_builder(path, name, **location)
     found = builder.config.data_files or {}
     if builder.name == "webdataset":

@@ -19,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import datasets
-from datasets.data_files import DataFilesDict, get_data_patterns
+from datasets.data_files import SPLIT_KEYWORDS
 
 from ..config import DataConfig, template_fields
 
@@ -245,10 +246,27 @@ def local_tar_splits(folder: str) -> dict[str, list[str]] | None:
     when `folder` is no local folder or holds no tar file."""
     if not os.path.isdir(folder):
         return None
-    patterns = get_data_patterns(folder)
-    files = DataFilesDict.from_patterns(patterns, base_path=folder, allowed_extensions=[".tar"])
-    splits = {str(split): sorted(found) for split, found in files.items() if found}
+    shards = {}  # (listed here: datasets' pattern globbing took 1.7 s for 1,000 shards)
+    for root, folders, names in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith((".", "_")))
+        for name in names:
+            if name.endswith(".tar") and not name.startswith((".", "_")):
+                path = os.path.join(root, name)
+                shards.setdefault(_split_of(os.path.relpath(path, folder)), []).append(path)
+    if set(shards) - {None}:  # (as datasets: where some files name a split, the others are not data)
+        shards.pop(None, None)
+    splits = {split or "train": sorted(found) for split, found in shards.items()}
     return splits or None
+
+
+def _split_of(path: str) -> str | None:
+    """The split a shard's relative path names by `datasets`' keywords (train, training; validation, valid, dev,
+    val; test, testing, eval, evaluation) between separators, else None."""
+    words = set(re.split(r"[-._ 0-9/]+", path))
+    for split, keywords in SPLIT_KEYWORDS.items():
+        if words & set(keywords):
+            return str(split)
+    return None
 
 
 class DatasetSource(Source):
