@@ -64,7 +64,27 @@ class ShardUnavailable(OSError):
     """A shard that still fails after the retries."""
 
 
-class HttpShard(io.RawIOBase):
+class RemoteShard(io.RawIOBase):
+    """A read-only, seekable remote file read from `offset` on (`HttpShard`, `StoreShard` say how)."""
+
+    offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.offset
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class HttpShard(RemoteShard):
     """A read-only, seekable file over HTTP Range requests (module docstring). Sequential reads ask for windows
     that double from 16 KB up to 1 MB, so a reader that stops inside a shard (the end of a slot) leaves at most
     a window unread on the wire; a seek past the current window starts a new one."""
@@ -76,15 +96,6 @@ class HttpShard(io.RawIOBase):
         self.url, self.retries = url, retries
         self.offset, self.size, self.response = 0, None, None
         self.window, self.window_end = self.MIN_WINDOW, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.offset
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         if whence == os.SEEK_END:
@@ -130,11 +141,6 @@ class HttpShard(io.RawIOBase):
             self._close_response()  # a window that ended early: the connection dropped
             attempt = self._retry(attempt, failure)
         return b"".join(chunks)
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         self._close_response()
@@ -196,7 +202,7 @@ def backoff(shard, attempt: int, failure: BaseException | None) -> int:
     return attempt
 
 
-class StoreShard(io.RawIOBase):
+class StoreShard(RemoteShard):
     """A read-only, seekable file in an fsspec store (`s3://`, `gs://`, `hf://`): the store's own ranged reads
     (blocks of 1 MB), reopened at the byte it stood at, with backoff, when a read fails."""
 
@@ -207,15 +213,6 @@ class StoreShard(io.RawIOBase):
         self.url, self.retries = url, retries
         self.fs, self.path = store(url)
         self.offset, self.file = 0, None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.offset
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         if whence == os.SEEK_END:
@@ -231,11 +228,6 @@ class StoreShard(io.RawIOBase):
         data = self._call(lambda file: file.read(size))
         self.offset += len(data)
         return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         if self.file is not None:

@@ -81,6 +81,7 @@ class TarShards:
         self.index = index  # a shard index naming each shard's rows (`shard_index`), else the one beside them
         self.known_counts = counts  # the rows a remote index gave (data.remote)
         self.cache = cache  # --shard_cache_dir: shards read from the node's copies
+        self._first = None
 
     def prefetch(self, shards: list[int]) -> None:
         """With a shard cache: fetch these shards in the background (a worker's next ones)."""
@@ -92,7 +93,10 @@ class TarShards:
         return len(self.files)
 
     def first_row(self) -> dict:
-        return next(self.rows(0, 0, 1, cached=False), {})
+        """Shard 0's first row (read once: the columns and the caption check both look at it)."""
+        if self._first is None:
+            self._first = next(self.rows(0, 0, 1, cached=False), {})
+        return self._first
 
     def column_names(self) -> list[str]:
         return [name for name in self.first_row() if not name.startswith("__")]
