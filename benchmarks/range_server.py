@@ -53,9 +53,16 @@ class RangeHandler(BaseHTTPRequestHandler):
         pass
 
 
+class RangeServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # (a client that closed a part-read window)
+            super().handle_error(request, client_address)
+
+
 def main() -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    server.daemon_threads = True
+    server = RangeServer(("127.0.0.1", 0), RangeHandler)
     server.root = sys.argv[1]
 
     def stop(*_) -> None:

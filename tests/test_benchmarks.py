@@ -70,3 +70,17 @@ def test_streaming_http_quick_run_reads_over_http_and_a_second_epoch_from_the_ca
     cached = next(line for line in lines if "epoch 1 (from the cache)" in line)
     assert 0.9 <= float(http.split("|")[4].split("x")[0]) <= 1.3  # (a pass's bytes, fetched once)
     assert float(cached.split("|")[4].split("x")[0]) <= 1.3  # (both epochs: the second fetched nothing)
+
+
+def test_streaming_libraries_quick_run_measures_the_own_reader_and_names_missing_venvs(tmp_path):
+    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
+    env.update({f"CLIP_ACCEL_{venv}_PYTHON": str(tmp_path / "no-venv") for venv in ("WDS", "MOSAIC", "LITDATA")})
+    command = [sys.executable, "benchmarks/streaming_libraries.py", "--quick", "--markdown", str(tmp_path / "l.md")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "l.md").read_text().splitlines() if line.startswith("| ")]
+    own = next(cells for cells in rows if cells[0].strip() == "own" and cells[1].strip() == "4")
+    assert float(own[2].split("(")[1].rstrip(") ")) <= 1 / 4 + 2 / 16  # (its quarter of the pass, + 2 shards)
+    assert [own[4].strip(), own[5].strip(), own[9].strip()] == ["0", "0", "yes"]  # every row once, equal batches
+    missing = [cells for cells in rows if cells[0].strip() in ("webdataset", "wids", "mosaic", "litdata")]
+    assert missing and all("not measured" in "".join(cells) for cells in missing)

@@ -27,17 +27,25 @@ import itertools
 import json
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
 from urllib.parse import urljoin
 
+import requests
+import urllib3
+
 from .shard_index import shard_prefix
 
 RETRIES = 5  # attempts after a dropped connection, 0.2 s, 0.4 s, ... apart
 TIMEOUT_S = 60
+BUFFER_BYTES = 64 * 1024
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "test": "test", "eval": "validation"}
 
+
+# what a dropped or refused connection raises (each retried)
+TRANSPORT_ERRORS = (OSError, http.client.HTTPException, requests.RequestException, urllib3.exceptions.HTTPError)
 
 STORE_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # the extra that installs a store's package
 
@@ -54,7 +62,7 @@ def is_http(location: str) -> bool:
 def open_shard(url: str):
     """A shard's bytes as a seekable binary file: over HTTP Range requests, through fsspec, or from the disk."""
     if is_http(url):
-        return HttpShard(url)
+        return io.BufferedReader(HttpShard(url), BUFFER_BYTES)  # (a tar's 512-byte headers from memory)
     if is_remote(url):
         return StoreShard(url)
     return open(url, "rb")
@@ -78,18 +86,25 @@ class RemoteShard(io.RawIOBase):
     def tell(self) -> int:
         return self.offset
 
+    def read_some(self, size: int) -> bytes:
+        """Up to `size` bytes, fewer where more would cost another request (a buffer's fill)."""
+        return self.read(size)
+
     def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
+        data = self.read_some(len(buffer))
         buffer[: len(data)] = data
         return len(data)
 
 
 class HttpShard(RemoteShard):
-    """A read-only, seekable file over HTTP Range requests (module docstring). Sequential reads ask for windows
-    that double from 16 KB up to 1 MB, so a reader that stops inside a shard (the end of a slot) leaves at most
-    a window unread on the wire; a seek past the current window starts a new one."""
+    """A read-only, seekable file over HTTP Range requests (module docstring), on one kept-alive connection
+    (`requests`: the proxies, redirects and certificates of the environment). Each shard's reads, and each
+    seek past the current window, start with a window of 16 KB (a probe of a shard's first row costs little more)
+    growing 4x up to 4 MB, so a reader that stops inside a shard (the end of a slot) leaves at most a window unread
+    on the wire."""
 
-    MIN_WINDOW, MAX_WINDOW = 16 * 1024, 1024 * 1024
+    MIN_WINDOW, MAX_WINDOW = 16 * 1024, 4 * 1024 * 1024
+    HEADERS = {"Accept-Encoding": "identity"}  # (Range counts the file's bytes, not a compressed body's)
 
     def __init__(self, url: str, retries: int = RETRIES) -> None:
         super().__init__()
@@ -105,32 +120,40 @@ class HttpShard(RemoteShard):
         if self.response is not None and self.offset <= target < self.window_end:
             self.read(target - self.offset)  # (inside the window being received: read through it)
             return self.offset
-        self._close_response()
-        self.offset, self.window = target, self.MIN_WINDOW
+        if target != self.offset:
+            self._close_response()
+            self.offset, self.window = target, self.MIN_WINDOW
         return target
 
-    def read(self, size: int = -1) -> bytes:
+    def read_some(self, size: int) -> bytes:
+        return self.read(size, within_window=True)
+
+    def read(self, size: int = -1, within_window: bool = False) -> bytes:
+        """`size` bytes (all the rest with -1), fewer only at the end; `within_window`: only the current window's
+        if one is open (a buffer filled with the 64 KB it asks for would otherwise cost a short slot its windows)."""
         if size is None or size < 0:
             size = max(self._size() - self.offset, 0)
         chunks, wanted, attempt = [], size, 0
         while wanted > 0:
             if self.response is None or self.offset >= self.window_end:
+                if chunks and within_window:
+                    break
                 self._close_response()
                 if self.size is not None and self.offset >= self.size:
                     break
                 try:
                     self._open()
-                except (OSError, http.client.HTTPException) as error:
-                    if isinstance(error, ShardUnavailable):
-                        raise
+                except ShardUnavailable:
+                    raise
+                except TRANSPORT_ERRORS as error:
                     attempt = self._retry(attempt, error)
                     continue
                 if self.response is None:  # (past the end)
                     break
             try:
-                data = self.response.read(min(wanted, self.window_end - self.offset))
+                data = self.response.raw.read(min(wanted, self.window_end - self.offset))
                 failure = None
-            except (OSError, http.client.HTTPException) as error:
+            except TRANSPORT_ERRORS as error:
                 data, failure = b"", error
             if data:
                 chunks.append(data)
@@ -138,7 +161,7 @@ class HttpShard(RemoteShard):
                 wanted -= len(data)
                 attempt = 0
                 continue
-            self._close_response()  # a window that ended early: the connection dropped
+            self._close_response(broken=True)  # a window that ended early: the connection dropped
             attempt = self._retry(attempt, failure)
         return b"".join(chunks)
 
@@ -149,22 +172,26 @@ class HttpShard(RemoteShard):
     def _retry(self, attempt: int, failure: BaseException | None) -> int:
         return backoff(self, attempt, failure)
 
+    def _request(self, method: str, headers: dict):
+        return session().request(method, self.url, headers={**self.HEADERS, **headers}, stream=True, timeout=TIMEOUT_S)
+
     def _open(self) -> None:
         end = self.offset + self.window
         if self.size is not None:
             end = min(end, self.size)
-        request = urllib.request.Request(self.url, headers={"Range": f"bytes={self.offset}-{end - 1}"})
-        try:
-            response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
-        except urllib.error.HTTPError as error:
-            if error.code == 416:  # (a range past the end)
-                self.size = self.offset if self.size is None else self.size
-                return
-            if error.code in (401, 403, 404):
-                raise ShardUnavailable(f"{self.url}: HTTP {error.code} {error.reason}") from None
-            raise
+        response = self._request("GET", {"Range": f"bytes={self.offset}-{end - 1}"})
+        if response.status_code == 416:  # (a range past the end)
+            response.close()
+            self.size = self.offset if self.size is None else self.size
+            return
+        if response.status_code in (401, 403, 404):
+            response.close()
+            raise ShardUnavailable(f"{self.url}: HTTP {response.status_code} {response.reason}")
+        if response.status_code >= 400:
+            response.close()
+            raise OSError(f"{self.url}: HTTP {response.status_code} {response.reason}")  # (retried)
         length = int(response.headers.get("Content-Length", "0") or 0)
-        if response.status == 200:  # the whole file: a server without Range requests
+        if response.status_code == 200:  # the whole file: a server without Range requests
             if self.offset:
                 response.close()
                 raise ShardUnavailable(f"{self.url}: the server ignores Range requests, which a seek needs")
@@ -174,19 +201,36 @@ class HttpShard(RemoteShard):
             if total.isdigit():
                 self.size = int(total)
         self.response, self.window_end = response, self.offset + length
-        self.window = min(self.window * 2, self.MAX_WINDOW)
+        self.window = min(self.window * 4, self.MAX_WINDOW)
 
     def _size(self) -> int:
         if self.size is None:
-            request = urllib.request.Request(self.url, method="HEAD")
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-                self.size = int(response.headers["Content-Length"])
+            response = self._request("HEAD", {})
+            response.close()
+            if response.status_code >= 400:
+                raise ShardUnavailable(f"{self.url}: HTTP {response.status_code} {response.reason}")
+            self.size = int(response.headers["Content-Length"])
         return self.size
 
-    def _close_response(self) -> None:
+    def _close_response(self, broken: bool = False) -> None:
+        """Done with the window: a window read to its end leaves its connection for the next one; one left
+        part-read (a seek, the end of a slot) or broken closes it."""
         if self.response is not None:
+            if broken or self.offset < self.window_end:
+                self.response.raw.close()
             self.response.close()
             self.response = None
+
+
+_SESSIONS = threading.local()
+
+
+def session() -> requests.Session:
+    """This thread's HTTP session (its connections kept alive from one shard to the next); a DataLoader worker
+    forked from a process that had one starts its own (a socket is never shared between processes)."""
+    if getattr(_SESSIONS, "pid", None) != os.getpid():
+        _SESSIONS.pid, _SESSIONS.session = os.getpid(), requests.Session()
+    return _SESSIONS.session
 
 
 def backoff(shard, attempt: int, failure: BaseException | None) -> int:
