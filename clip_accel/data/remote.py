@@ -161,7 +161,7 @@ class HttpShard(RemoteShard):
                 wanted -= len(data)
                 attempt = 0
                 continue
-            self._close_response(broken=True)  # a window that ended early: the connection dropped
+            self._close_response()  # a window that ended early: the connection dropped
             attempt = self._retry(attempt, failure)
         return b"".join(chunks)
 
@@ -212,11 +212,11 @@ class HttpShard(RemoteShard):
             self.size = int(response.headers["Content-Length"])
         return self.size
 
-    def _close_response(self, broken: bool = False) -> None:
+    def _close_response(self) -> None:
         """Done with the window: a window read to its end leaves its connection for the next one; one left
         part-read (a seek, the end of a slot) or broken closes it."""
         if self.response is not None:
-            if broken or self.offset < self.window_end:
+            if self.offset < self.window_end:
                 self.response.raw.close()
             self.response.close()
             self.response = None
