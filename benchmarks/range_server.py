@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class RangeHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # (as nginx's tcp_nodelay: a body written after its headers goes out at once)
     sent = 0
 
     def do_HEAD(self) -> None:

@@ -99,7 +99,7 @@ def main() -> None:
     PartialState(cpu=True)
     os.sched_setaffinity(0, READER_CPUS)
     torch.set_num_threads(1)
-    shards, rows, rounds = (4, 32, 1) if args.quick else (4, 256, 9)
+    shards, rows, rounds = (4, 32, 1) if args.quick else (4, 1024, 9)
     root = tempfile.mkdtemp(prefix="stream-http-")
     folder = os.path.join(root, "shards")
     write_jpeg_shards(folder, shards, rows)

@@ -61,6 +61,7 @@ class ShardServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # (as real servers: a body written after its headers is not held back)
 
     def do_HEAD(self) -> None:
         self._serve(body=False)
