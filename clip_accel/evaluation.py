@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import RECALL_KS, DataConfig
-from .data import ImageLayout, build_pair_datasets, load_raw_splits, make_dataloader
+from .data import ImageLayout, PairDataset, build_pair_datasets, load_raw_splits, make_dataloader
 from .launch import check_processes, data_prepared_per_node
-from .metrics import full_float32_matmuls, retrieval_metrics
+from .metrics import full_float32_matmuls, multi_caption_metrics, retrieval_metrics
 from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained, unwrap
 from .zero_shot import Prompts, class_text_embeddings, load_prompts, zero_shot_accuracy
 
@@ -59,6 +59,40 @@ def embed_split(
     return torch.cat(image_parts), torch.cat(text_parts) if with_text else None
 
 
+@dataclass
+class MoreCaptions:
+    """A split's other captions (of rows with several): a prepared loader of their token ids, and the pair each
+    belongs to (its position in split order)."""
+
+    loader: DataLoader
+    owners: torch.Tensor
+
+
+def more_captions(accelerator: Accelerator, pairs: PairDataset, batch_size: int) -> MoreCaptions | None:
+    """`MoreCaptions` of a cached split, or None when each of its rows has one caption."""
+    found = pairs.more_captions()
+    if found is None:
+        return None
+    dataset, owners = found
+    loader = make_dataloader(dataset, batch_size, train=False, device=accelerator.device)
+    return MoreCaptions(accelerator.prepare(loader), torch.from_numpy(owners))
+
+
+@torch.no_grad()
+def embed_captions(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
+    """L2-normalised (M, D) text embeddings of a prepared caption loader, gathered in order, on the device."""
+    module = unwrap(accelerator, model)
+    was_training = module.training
+    module.eval()
+    parts = []
+    for batch in loader:
+        with accelerator.autocast():
+            _, text, _ = module(input_ids=batch["input_ids"])
+        parts.append(accelerator.gather_for_metrics(text))
+    module.train(was_training)
+    return torch.cat(parts)
+
+
 @full_float32_matmuls()  # the same figures as `clip-accel evaluate`, with TF32 on for training or not
 def evaluate_retrieval(
     accelerator: Accelerator,
@@ -70,16 +104,22 @@ def evaluate_retrieval(
     captions: list[str] | None = None,
     identical_captions_match: bool = False,
     prompts: Prompts | None = None,
+    more: MoreCaptions | None = None,
 ) -> dict[str, float]:
     """Recall@1/5/10 both ways plus mean/median rank over the whole split; with `labels` (one per pair, in split
     order) and the tokenizer, also zero-shot top-1/top-5 accuracy of classifying the images by prompted class
-    names. Every process computes the same numbers from the same gathered embeddings, so decisions taken on them
-    (early stopping) agree everywhere."""
+    names. With `more` (rows with several captions), every caption is scored by the standard protocol
+    (`multi_caption_metrics`; no identical-caption figures then). Every process computes the same numbers from
+    the same gathered embeddings, so decisions taken on them (early stopping) agree everywhere."""
     image_embeds, text_embeds = embed_split(accelerator, model, dataloader, normalizer)
-    # With the captions, the identical-caption figures come from the same pass over the similarities.
-    metrics = retrieval_metrics(image_embeds, text_embeds, ks=RECALL_KS, captions=captions)
+    if more is not None:
+        texts = torch.cat([text_embeds, embed_captions(accelerator, model, more.loader)])
+        owners = torch.cat([torch.arange(len(image_embeds)), more.owners])
+        metrics = multi_caption_metrics(image_embeds, texts, owners, ks=RECALL_KS)
+    else:  # with the captions, the identical-caption figures come from the same pass over the similarities
+        metrics = retrieval_metrics(image_embeds, text_embeds, ks=RECALL_KS, captions=captions)
     metrics["num_pairs"] = int(image_embeds.shape[0])
-    if captions is not None:
+    if captions is not None and more is None:
         # Product titles repeat: also score as if any identical caption were a correct match. The default (the
         # reference's and open_clip's rule) counts only the own pair; the other figures ride along, nested.
         lenient = metrics.pop("identical_caption_match")
@@ -123,6 +163,7 @@ class EvaluationSplit:
     labels: list[str]
     captions: list[str]
     prompts: Prompts
+    more: MoreCaptions | None = None  # the other captions of rows with several
 
 
 def evaluation_splits(
@@ -148,6 +189,7 @@ def evaluation_splits(
             pairs[role].column("label"),
             pairs[role].column("caption"),
             prompts,
+            more_captions(accelerator, pairs[role], batch_size),
         )
         for role in roles
     }
@@ -168,6 +210,7 @@ def score(
         split.captions,
         identical_captions_match,
         split.prompts,
+        split.more,
     )
 
 

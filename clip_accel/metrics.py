@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["full_float32_matmuls", "pair_ranks", "positive_ranks", "retrieval_metrics"]
+__all__ = ["full_float32_matmuls", "multi_caption_metrics", "pair_ranks", "positive_ranks", "retrieval_metrics"]
 
 # Tiles are padded to a multiple of this: BLAS kernels may sum a dot product in a different order at the ragged
 # edge of a matrix, and two equal pairs must get bit-identical scores wherever they sit in their tiles.
@@ -282,6 +282,73 @@ def retrieval_metrics(
         metrics[f"{name}_median_rank"] = _median(one_based)
     if groups is not None:
         metrics["identical_caption_match"] = _recall(*ranks["group"], ks)
+    return metrics
+
+
+@torch.no_grad()
+@full_float32_matmuls()
+def multi_caption_metrics(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_images: torch.Tensor,
+    *,
+    ks: tuple[int, ...] = (1, 5, 10),
+    chunk_size: int = 2048,
+) -> dict:
+    """Recall@K and mean/median rank of N images with M >= N captions (Flickr30k, COCO: about 5 each), by the
+    standard protocol: image i is a hit at K when any of its captions is among the top K of all M captions
+    (over the N images); each caption ranks the N images (over the M captions).
+
+    `text_images` (M,): the image of each caption; every image has at least one. Pessimistic ties, as
+    `pair_ranks`: rank_i = #{captions j not of image i : s_ij >= the best of i's captions}, rank_j = #{images
+    i != image(j) : s_ij >= s_image(j),j}. clip-benchmark's `recall_at_k` breaks ties in `torch.topk` order
+    instead, so the two agree wherever no other candidate scores exactly the positive's score. Keys as
+    `retrieval_metrics`, plus `num_captions`. Scored in (chunk_size x chunk_size) tiles, never N x M."""
+    _check_ks(ks)
+    device = image_embeds.device
+    images = image_embeds.to(dtype=torch.float32)
+    texts = text_embeds.to(device=device, dtype=torch.float32)
+    owners = text_images.to(device=device, dtype=torch.long)
+    n, m = images.shape[0], texts.shape[0]
+    if texts.dim() != 2 or texts.shape[1] != images.shape[1] or owners.shape != (m,):
+        raise ValueError(
+            f"need (N, D) images, (M, D) captions and (M,) caption images; got {tuple(images.shape)}, "
+            f"{tuple(texts.shape)} and {tuple(owners.shape)}"
+        )
+    if m and (owners.min() < 0 or owners.max() >= n) or torch.bincount(owners, minlength=n).min() < 1:
+        raise ValueError("every caption's image must be one of the N images, and every image needs a caption")
+    padded = -(-chunk_size // _TILE_MULTIPLE) * _TILE_MULTIPLE  # (every tile one shape: see _ranks)
+    tiles = [
+        (a, min(a + chunk_size, n), b, min(b + chunk_size, m))
+        for a in range(0, n, chunk_size)
+        for b in range(0, m, chunk_size)
+    ]
+
+    def tile(a: int, a_end: int, b: int, b_end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = (_padded(images[a:a_end], padded) @ _padded(texts[b:b_end], padded).T)[: a_end - a, : b_end - b]
+        return scores, owners[b:b_end].unsqueeze(0) == torch.arange(a, a_end, device=device).unsqueeze(1)
+
+    best = torch.full((n,), float("-inf"), device=device)  # image i: the best score of its captions
+    own = torch.empty(m, device=device)  # caption j: its image's score
+    for a, a_end, b, b_end in tiles:  # pass 1: the positives' scores
+        scores, mine = tile(a, a_end, b, b_end)
+        best[a:a_end] = torch.maximum(best[a:a_end], scores.masked_fill(~mine, float("-inf")).amax(dim=1))
+        local = owners[b:b_end] - a
+        inside = torch.nonzero((local >= 0) & (local < a_end - a)).flatten()
+        own[b + inside] = scores[local[inside], inside]
+    image_counts = torch.zeros(n, dtype=torch.long, device=device)
+    text_counts = torch.zeros(m, dtype=torch.long, device=device)
+    for a, a_end, b, b_end in tiles:  # pass 2: who outranks them (the same tiles, the same numbers)
+        scores, mine = tile(a, a_end, b, b_end)
+        image_counts[a:a_end] += ((scores >= best[a:a_end].unsqueeze(1)) & ~mine).sum(dim=1)
+        text_counts[b:b_end] += ((scores >= own[b:b_end].unsqueeze(0)) & ~mine).sum(dim=0)
+    image_ranks = torch.where(best.isnan(), m - 1, image_counts)
+    text_ranks = torch.where(own.isnan(), n - 1, text_counts)
+    metrics = _recall(image_ranks, text_ranks, ks)
+    for name, ranks in {"image_to_text": image_ranks, "text_to_image": text_ranks}.items():
+        metrics[f"{name}_mean_rank"] = float((ranks + 1).double().mean())
+        metrics[f"{name}_median_rank"] = _median(ranks + 1)
+    metrics["num_captions"] = m
     return metrics
 
 

@@ -49,7 +49,11 @@ def format_results_table(rows: dict[str, dict]) -> str:
     if any("zero_shot_top1" in metrics for metrics in rows.values()):
         columns += ZERO_SHOT_COLUMNS
     headers = ["Model", "Pairs", *(title for title, _ in columns)]
-    body = [
-        [name, str(metrics.get("num_pairs", "")), *metric_cells(metrics, columns)] for name, metrics in rows.items()
-    ]
+    body = [[name, _pairs_cell(metrics), *metric_cells(metrics, columns)] for name, metrics in rows.items()]
     return markdown_table(headers, body)
+
+
+def _pairs_cell(metrics: dict) -> str:
+    """The images scored, and the captions where an image has several (every caption is a query)."""
+    pairs = str(metrics.get("num_pairs", ""))
+    return f"{pairs} ({metrics['num_captions']} captions)" if "num_captions" in metrics else pairs

@@ -52,7 +52,7 @@ from .data import (
     write_stream_skip_report,
 )
 from .early_stopping import EarlyStopping
-from .evaluation import dataset_prompts, evaluate_retrieval
+from .evaluation import dataset_prompts, evaluate_retrieval, more_captions
 from .launch import (
     check_checkpoint_storage,
     check_fsdp_layers,
@@ -110,6 +110,7 @@ class Run:
     shared_train_captions: int | None  # training pairs whose caption another has (None for a stream: not counted)
     labels: dict  # class label of every usable pair, per evaluation role (for zero-shot accuracy)
     captions: dict  # caption of every usable pair, per evaluation role (for the identical-caption figures)
+    more_captions: dict  # per evaluation role, the other captions of rows with several (MoreCaptions), or None
     skipped: dict  # rows skipped per role (main process)
     resolved_config: dict  # every option, flat
     settings: dict  # what a resume of this run's checkpoints depends on (checkpoint.resume_settings)
@@ -235,6 +236,10 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         shared_train_captions=shared,
         labels={role: pairs[role].column("label") for role in ("validation", "test")},
         captions={role: pairs[role].column("caption") for role in ("validation", "test")},
+        more_captions={
+            role: more_captions(accelerator, pairs[role], config.per_device_eval_batch_size)
+            for role in ("validation", "test")
+        },
         skipped=skipped,
         resolved_config=resolved_config,
         settings=resume_settings(
@@ -331,6 +336,7 @@ def _epoch_batches(loader, accelerator: Accelerator, state: TrainerState, copy_s
     if isinstance(loader, StreamingLoader):
         return prefetched(loader.epoch(state.epoch, state.batches_in_epoch), copy_stream=copy_stream)
     loader.set_epoch(state.epoch)
+    loader.dataset.set_epoch(state.epoch)  # (the caption a row with several trains with: PairDataset)
     if state.batches_in_epoch == 0:
         return prefetched(loader, copy_stream=copy_stream)
     skipping = accelerator.skip_first_batches(loader, state.batches_in_epoch)
@@ -384,7 +390,7 @@ def _load_model_and_data(
     captions = (
         (lambda: from_main(accelerator, lambda: stream_captions(train, data_config)))
         if isinstance(train, StreamSplit)
-        else (lambda: train.dataset["caption"])
+        else (lambda: train.captions())
     )
     clip, processor = load_model_and_processor(model_config, captions)
     check_fsdp_layers(clip)
@@ -498,6 +504,7 @@ def _evaluate(run: Run, role: str) -> dict[str, float]:
         run.captions[role],
         run.config.identical_captions_match,
         run.prompts,
+        run.more_captions[role],
     )
 
 

@@ -160,15 +160,30 @@ def test_null_or_non_text_captions_and_null_labels_are_skipped_alike_in_every_so
     assert "None" not in cached["caption"] and "5" not in cached["caption"]
 
 
-def test_a_caption_list_or_a_column_that_is_not_text_stops_naming_the_column_file_or_line(demo_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["indo_fashion", "datasets", "shards"])
+def test_caption_lists_are_read_by_every_source_and_bad_lists_are_skipped(kind, demo_dir, offline_tokenizer, tmp_path):
+    records = _bad_cell_records(demo_dir, 6)
+    lists = [["a red kurta", "a kurta in red"], ["a saree"], [], ["a dupatta", " "], ["a lehenga", 3], ["x", "y", "z"]]
+    for record, captions in zip(records, lists, strict=True):
+        record["product_title"], record["class_label"] = captions, "kurta"
+    if kind == "datasets":  # (a JSON column is one type: no number inside a list of text)
+        records[4]["product_title"] = ["a lehenga", "3"]
+    raw = _read_source(kind, records, tmp_path / kind)
+    fourth = "a lehenga" if kind == "datasets" else None
+    assert list(raw.dataset["caption"]) == ["a red kurta", "a saree", None, None, fourth, "x"]
+    cached = preprocess_split(raw, offline_tokenizer, 16, str(tmp_path / "cache"))
+    expected = {2: "empty caption list", 3: "caption 2 of the list is empty"}
+    if kind != "datasets":
+        expected[4] = "caption 2 of the list is not text (int '3')"
+    assert {row: reason for row, reason in enumerate(cached["skip_reason"]) if reason} == expected
+    assert cached["caption"][0] == "a red kurta" and cached["more_captions"][0] == ["a kurta in red"]
+    assert cached["more_captions"][5] == ["y", "z"] and cached["more_captions"][1] == []
+    tokens = offline_tokenizer(["y", "z"], truncation=True, max_length=77)["input_ids"]
+    assert cached["more_input_ids"][5] == tokens  # (every caption tokenized once, in the cache)
+
+
+def test_a_column_that_is_not_text_stops_naming_the_column(demo_dir, tmp_path):
     records = _bad_cell_records(demo_dir)[:1]
-    records[0]["product_title"] = ["a red kurta", "a kurta in red"]
-    with pytest.raises(ValueError, match=r"train_data.json, line 1: product_title holds a list of captions"):
-        _read_source("indo_fashion", records, tmp_path / "folder")
-    with pytest.raises(ValueError, match=r"--caption_column 'json.product_title' holds a list of captions"):
-        _read_source("shards", records, tmp_path / "shards")
-    with pytest.raises(ValueError, match=r"--caption_column 'product_title' holds a list of captions"):
-        _read_source("datasets", records, tmp_path / "list")
     records[0]["product_title"] = 0
     with pytest.raises(ValueError, match=r"--caption_column 'product_title' holds int64, not text.*--caption_template"):
         _read_source("datasets", records, tmp_path / "numbers")

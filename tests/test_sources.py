@@ -182,6 +182,17 @@ def test_a_null_field_is_written_as_an_empty_string_and_a_template_needs_no_titl
     assert raw.dataset["caption"][:2] == ["saree []", "saree [Ṛangrez]"]
 
 
+def test_a_template_field_holding_a_list_skips_the_row_never_writes_the_lists_repr(tmp_path):
+    _write_foreign_layout(tmp_path)
+    lines = (tmp_path / "val_data.json").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    records[0]["brand"] = ["Ṛangrez", "Aangan"]
+    (tmp_path / "val_data.json").write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    raw = IndoFashionFolder(str(tmp_path), "{product_title} by {brand}").read("val")
+    assert raw.dataset["caption"][0] is None and "[" not in raw.dataset["caption"][1]
+    assert raw.dataset["problem"][:2] == ["--caption_template field 'brand' holds a list, not text", None]
+
+
 def test_a_template_composes_captions_of_a_datasets_source_and_a_missing_column_lists_its_columns(tmp_path):
     _write_imagefolder(tmp_path)
     config = DataConfig(dataset_name="imagefolder", data_files=str(tmp_path), caption_template="{text} ({category})")

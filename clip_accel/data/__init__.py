@@ -199,7 +199,8 @@ def build_pair_datasets(
                 max_length=max_length,
                 cache_format=config.cache_format if train else "uint8",  # evaluation keeps the exact pixels
             )
-        pairs[role] = PairDataset(cached, tokenizer.pad_token_id, pad_to, pad_left)
+        # (training draws one of a row's captions per epoch, deterministic in the seed; evaluation scores them all)
+        pairs[role] = PairDataset(cached, tokenizer.pad_token_id, pad_to, pad_left, seed if train else None)
         if len(pairs[role]) == 0:
             raise ValueError(
                 f"Split {raw.name!r} has no usable pairs ({len(raw.dataset)} rows, all skipped); "

@@ -14,7 +14,7 @@ import datasets
 from PIL import Image
 
 from .sources import (
-    CAPTION_LISTS,
+    MORE_CAPTIONS,
     RAW_FEATURES,
     Columns,
     RawSplit,
@@ -23,6 +23,7 @@ from .sources import (
     _image_files_signature,
     check_columns,
     first_rows,
+    raw_columns,
     raw_row,
 )
 
@@ -57,8 +58,7 @@ class IndoFashionFolder(Source):
                 f"{path} is missing: --data_dir must hold train_data.json, val_data.json and "
                 "test_data.json as in the Indo-fashion Kaggle download."
             )
-        features = datasets.Features({**RAW_FEATURES, "problem": datasets.Value("string")})
-        rows = {name: [] for name in features}
+        rows, source_rows = [], []
         with open(path, "rb") as handle:
             content = handle.read()
         # Split on the bytes' own line ends: str.splitlines would also cut at U+2028 and other separators, which a
@@ -67,19 +67,20 @@ class IndoFashionFolder(Source):
             if not line.strip():
                 continue
             record = _parse_line(_decode_line(line, path, line_number), path, line_number, self.columns)
-            if self.columns.template is None and isinstance(record["product_title"], list):
-                raise ValueError(f"{path}, line {line_number}: product_title {CAPTION_LISTS}.")
             row = raw_row(record, self.columns)
             image = row["image"]  # (not text: skipped as "no image")
             row["image"] = os.path.join(self.folder, image) if isinstance(image, str) else None
-            for name in ("image", "caption", "problem", "label"):
-                rows[name].append(row[name])
-            rows["source_row"].append(line_number)
-        dataset = datasets.Dataset.from_dict(rows, features=features)
+            rows.append(row)
+            source_rows.append(line_number)
+        columns = {**raw_columns(rows), "source_row": source_rows}
+        features = {**RAW_FEATURES, "problem": datasets.Value("string")}
+        if "more_captions" in columns:
+            features["more_captions"] = MORE_CAPTIONS
+        dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
         template = self.columns.template
         signature = _hash(
             hashlib.sha256(content).hexdigest(),
-            _image_files_signature([image for image in rows["image"] if image is not None]),
+            _image_files_signature([image for image in columns["image"] if image is not None]),
             *([] if template is None else [template]),
         )
         return first_rows(RawSplit(split, dataset, signature, path), max_samples)

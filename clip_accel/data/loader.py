@@ -28,11 +28,18 @@ HOST_GRIDS = "spatial_shapes_on_host"  # the batch key of SigLIP 2's grids kept 
 class PairDataset(Dataset):
     """The usable (image, caption) pairs of a preprocessed split, served a batch at a time.
 
-    Rows whose `skip_reason` is set are left out; `skipped_rows()` lists them for the report.
+    Rows whose `skip_reason` is set are left out; `skipped_rows()` lists them for the report. A row with several
+    captions (the cache's `more_*` columns) is served with its first, or, given `caption_seed` (training), with
+    the one `drawn_captions` picks for the epoch set by `set_epoch`.
     """
 
     def __init__(
-        self, cached: datasets.Dataset, pad_token_id: int, pad_to: int | None = None, pad_left: bool = False
+        self,
+        cached: datasets.Dataset,
+        pad_token_id: int,
+        pad_to: int | None = None,
+        pad_left: bool = False,
+        caption_seed: int | None = None,
     ) -> None:
         if cached._indices is not None:
             cached = cached.flatten_indices()
@@ -65,6 +72,28 @@ class PairDataset(Dataset):
         )
         self.token_chunks = [_list_chunk_arrays(chunk) for chunk in table.column("input_ids").chunks]
         self.caption_ids = table.column("caption_id").to_numpy()  # (rows,) int64: 8 bytes a row, held in memory
+        # The other captions: their token ids per chunk (row -> captions -> tokens), their caption ids flat.
+        self.more_token_chunks, self.more_starts, self.more_caption_ids = None, None, None
+        if "more_caption_ids" in table.column_names:
+            self.more_token_chunks = [_nested_chunk_arrays(c) for c in table.column("more_input_ids").chunks]
+            self.more_starts, self.more_caption_ids = _flat_lists(table.column("more_caption_ids"))
+        self.caption_seed = caption_seed if self.more_caption_ids is not None else None
+        self.epoch = 0
+
+    @property
+    def draws_captions(self) -> bool:
+        """Whether a batch depends on the epoch (a caption drawn per row): worker processes must then be made
+        anew each epoch, after `set_epoch`."""
+        return self.caption_seed is not None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def caption_counts(self) -> np.ndarray:
+        """(rows,) how many captions each cached row has."""
+        if self.more_starts is None:
+            return np.ones(len(self.caption_ids), np.int64)
+        return 1 + np.diff(self.more_starts)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -98,11 +127,21 @@ class PairDataset(Dataset):
                     decode_jpeg(data[starts[offset] : starts[offset + 1]], pixels[index])
             if self.grid_chunks is not None:
                 grids[where] = self.grid_chunks[chunk_id][offsets[where]]
-        for chunk_id, offset in zip(chunk_ids, offsets, strict=True):
-            starts, values = self.token_chunks[chunk_id]
-            captions.append(values[starts[offset] : starts[offset + 1]])
+        drawn = np.zeros(len(rows), np.int64)  # which caption of each row: 0 is the first
+        if self.caption_seed is not None:
+            drawn = drawn_captions(self.caption_seed, self.epoch, rows, self.caption_counts()[rows])
+        caption_ids = self.caption_ids[rows]
+        for index, (chunk_id, offset, choice) in enumerate(zip(chunk_ids, offsets, drawn, strict=True)):
+            if choice == 0:
+                starts, values = self.token_chunks[chunk_id]
+                captions.append(values[starts[offset] : starts[offset + 1]])
+                continue
+            row_starts, caption_starts, values = self.more_token_chunks[chunk_id]
+            caption = row_starts[offset] + choice - 1
+            captions.append(values[caption_starts[caption] : caption_starts[caption + 1]])
+            caption_ids[index] = self.more_caption_ids[self.more_starts[rows[index]] + choice - 1]
         input_ids = pad_captions(captions, self.pad_token_id, self.pad_to, self.pad_left)
-        return pair_batch(pixels, input_ids, self.caption_ids[rows], grids if self.grid_chunks is not None else None)
+        return pair_batch(pixels, input_ids, caption_ids, grids if self.grid_chunks is not None else None)
 
     def _decoded_shape(self) -> tuple[int, ...]:
         """The compact cache's image shape, from its first usable row (a skipped row holds no image)."""
@@ -113,6 +152,22 @@ class PairDataset(Dataset):
         starts, data = self.jpeg_chunks[chunk_id]
         offset = row - self.chunk_starts[chunk_id]
         return jpeg_shape(data[starts[offset] : starts[offset + 1]])
+
+    def more_captions(self) -> tuple[CaptionDataset, np.ndarray] | None:
+        """The usable rows' other captions (a `CaptionDataset`), and for each the position of its row among the
+        usable rows (loader order); None when no row has more than one caption."""
+        if self.more_caption_ids is None or not len(self.more_caption_ids):
+            return None
+        tokens, owners = [], []
+        for position, row in enumerate(self.rows):
+            chunk_id = int(np.searchsorted(self.chunk_starts, row, side="right") - 1)
+            row_starts, caption_starts, values = self.more_token_chunks[chunk_id]
+            offset = row - self.chunk_starts[chunk_id]
+            for caption in range(row_starts[offset], row_starts[offset + 1]):
+                tokens.append(values[caption_starts[caption] : caption_starts[caption + 1]])
+                owners.append(position)
+        padding = (self.pad_token_id, self.pad_to, self.pad_left)
+        return CaptionDataset(tokens, *padding), np.asarray(owners, np.int64)
 
     def column(self, name: str) -> list:
         """A cached column (e.g. `caption`, `label`) for the usable rows, in loader order."""
@@ -131,6 +186,39 @@ class PairDataset(Dataset):
             {"position": int(row), "source_row": int(sources[row]), "reason": str(self.skip_reasons[row])}
             for row in skipped
         ]
+
+
+class CaptionDataset(Dataset):
+    """Captions alone (token-id arrays), served a batch at a time as `input_ids`, padded as `PairDataset` pads."""
+
+    draws_captions = False
+
+    def __init__(self, tokens: list[np.ndarray], pad_token_id: int, pad_to: int | None, pad_left: bool) -> None:
+        self.tokens, self.padding = tokens, (pad_token_id, pad_to, pad_left)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitems__(self, positions) -> dict[str, torch.Tensor]:
+        captions = [self.tokens[position] for position in positions]
+        return {"input_ids": torch.from_numpy(pad_captions(captions, *self.padding))}
+
+
+def drawn_captions(seed: int, epoch: int, rows, counts) -> np.ndarray:
+    """Which of its `counts` captions each row trains with in `epoch` (0 is the first): uniform, and a pure
+    function of (seed, epoch, row), so the same on any number of processes and workers and after a resume."""
+    rows, counts = np.asarray(rows, np.int64), np.asarray(counts, np.int64)
+    key = _splitmix64(_splitmix64(np.full(len(rows), seed, np.uint64)) ^ np.uint64(epoch))
+    return (_splitmix64(key ^ rows.astype(np.uint64)) % counts.astype(np.uint64)).astype(np.int64)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's step on a uint64 array (wrapping arithmetic): a well-mixed hash of each value."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def pad_captions(captions: list, pad_token_id: int, pad_to: int | None, pad_left: bool) -> np.ndarray:
@@ -178,6 +266,25 @@ def _fixed_values(chunk: pa.FixedSizeListArray) -> np.ndarray:
     return chunk.to_numpy(zero_copy_only=True)
 
 
+def _nested_chunk_arrays(chunk: pa.ListArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row offsets, caption offsets, token ids) of a list<list<int32>> chunk: row r's captions are
+    row_offsets[r] .. row_offsets[r + 1] - 1, caption c's tokens values[caption_offsets[c] : caption_offsets[c + 1]]."""
+    captions = chunk.values
+    return chunk.offsets.to_numpy(), captions.offsets.to_numpy(), captions.values.to_numpy(zero_copy_only=True)
+
+
+def _flat_lists(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, values) of a list<int64> column over all its chunks: row r's values are
+    values[starts[r] : starts[r + 1]]."""
+    parts, starts, total = [], [np.zeros(1, np.int64)], 0
+    for chunk in column.chunks:
+        offsets = chunk.offsets.to_numpy()
+        parts.append(chunk.values.to_numpy()[offsets[0] : offsets[-1]])
+        starts.append(offsets[1:] - offsets[0] + total)
+        total += int(offsets[-1] - offsets[0])
+    return np.concatenate(starts).astype(np.int64), np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
 def _binary_chunk_arrays(chunk: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, bytes) of a binary chunk, zero-copy: row i's bytes are bytes[offsets[i] : offsets[i + 1]]."""
     _, offsets, data = chunk.buffers()
@@ -197,7 +304,12 @@ def _batch_as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def make_dataloader(
-    dataset: PairDataset, batch_size: int, *, train: bool, num_workers: int = 0, device: torch.device | None = None
+    dataset: PairDataset | CaptionDataset,
+    batch_size: int,
+    *,
+    train: bool,
+    num_workers: int = 0,
+    device: torch.device | None = None,
 ) -> DataLoader:
     """Training loaders shuffle and drop the last partial batch: a short or padded contrastive batch changes the
     number of negatives, and padding duplicates would become false negatives.
@@ -212,7 +324,7 @@ def make_dataloader(
         num_workers=num_workers,
         collate_fn=_batch_as_is,
         pin_memory=device is not None and device.type == "cuda",
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0 and not dataset.draws_captions,  # (else forked anew each epoch)
     )
 
 

@@ -82,7 +82,9 @@ def as_layout(layout: ImageLayout | int) -> ImageLayout:
     return layout if isinstance(layout, ImageLayout) else ImageLayout("crop", layout)
 
 
-def cached_features(layout: ImageLayout | int, cache_format: str = "uint8") -> datasets.Features:
+def cached_features(layout: ImageLayout | int, cache_format: str = "uint8", more_captions: bool = False):
+    """The cache's columns; `more_captions`: also each row's other captions (a source with caption lists), as
+    text, token ids and caption ids, beside the first caption's."""
     layout = as_layout(layout)
     if cache_format == "jpeg":  # one JPEG per row (empty for a skipped row), decoded per batch
         pixels = {"pixel_values": datasets.Value("binary")}
@@ -103,8 +105,16 @@ def cached_features(layout: ImageLayout | int, cache_format: str = "uint8") -> d
             "label": datasets.Value("string"),
             "source_row": datasets.Value("int64"),
             "skip_reason": datasets.Value("string"),
+            **(MORE_CAPTION_FEATURES if more_captions else {}),
         }
     )
+
+
+MORE_CAPTION_FEATURES = {
+    "more_captions": datasets.List(datasets.Value("string")),
+    "more_input_ids": datasets.List(datasets.List(datasets.Value("int32"))),
+    "more_caption_ids": datasets.List(datasets.Value("int64")),
+}
 
 
 def caption_id(input_ids) -> int:
@@ -262,8 +272,7 @@ class PairPreprocessor:
             grids.append(grid)
             reasons.append(reason)
         captions = [caption or "" for caption in batch["caption"]]
-        # Truncation keeps the end-of-text token, which is where CLIP pools the text tower.
-        input_ids = self.tokenizer(captions, truncation=True, max_length=self.max_length)["input_ids"]
+        input_ids = self._tokens(captions)
         return {
             "pixel_values": pixels,
             **({"spatial_shapes": grids} if self.layout.patches else {}),
@@ -273,6 +282,23 @@ class PairPreprocessor:
             "label": [label or "" for label in batch["label"]],
             "source_row": batch["source_row"],
             "skip_reason": reasons,
+            **(self._more_captions(batch["more_captions"]) if "more_captions" in batch else {}),
+        }
+
+    def _tokens(self, captions: list[str]) -> list[list[int]]:
+        # Truncation keeps the end-of-text token, which is where CLIP pools the text tower.
+        return self.tokenizer(captions, truncation=True, max_length=self.max_length)["input_ids"] if captions else []
+
+    def _more_captions(self, lists: list) -> dict:
+        """Each row's other captions, tokenized in one call: `more_input_ids` and `more_caption_ids` per row."""
+        lists = [captions or [] for captions in lists]
+        flat = self._tokens([caption for captions in lists for caption in captions])
+        bounds = np.cumsum([0] + [len(captions) for captions in lists])
+        tokens = [flat[start:stop] for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+        return {
+            "more_captions": lists,
+            "more_input_ids": tokens,
+            "more_caption_ids": [[caption_id(ids) for ids in row] for row in tokens],
         }
 
 
@@ -354,7 +380,7 @@ def preprocess_split(
             batch_size=64,
             num_proc=num_proc if num_proc > 1 and len(raw.dataset) >= 2 * num_proc else None,
             remove_columns=raw.dataset.column_names,
-            features=cached_features(layout, cache_format),
+            features=cached_features(layout, cache_format, "more_captions" in raw.dataset.column_names),
             cache_file_name=os.path.join(cache_dir, f"{raw.name}-{fingerprint}.arrow"),
             new_fingerprint=fingerprint,
             desc=f"Preprocessing {raw.name} (decoded once, then cached)",

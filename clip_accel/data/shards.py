@@ -41,16 +41,16 @@ from .shard_index import (
     write_shard_index,
 )
 from .sources import (
-    CAPTION_LISTS,
+    MORE_CAPTIONS,
     Columns,
     RawSplit,
     Source,
-    _column_value,
     check_columns,
     class_names,
     first_rows,
     load_arguments,
     local_tar_splits,
+    raw_columns,
     raw_row,
 )
 
@@ -93,7 +93,7 @@ class TarShards:
         return len(self.files)
 
     def first_row(self) -> dict:
-        """Shard 0's first row (read once: the columns and the caption check both look at it)."""
+        """Shard 0's first row (read once), whose members are the shards' columns."""
         if self._first is None:
             self._first = next(self.rows(0, 0, 1, cached=False), {})
         return self._first
@@ -243,7 +243,7 @@ class ShardSource(Source):
 
     def shards(self, split: str) -> TarShards | DatasetShards:
         """The split shard by shard, its columns checked (`check_columns`; tar shards have no schema: their first
-        row says which members they hold, and what the caption member holds)."""
+        row says which members they hold)."""
         if split not in self._splits():
             raise self.missing_split(split)
         stream = self._splits()[split]
@@ -251,29 +251,24 @@ class ShardSource(Source):
         columns = stream.column_names()
         if columns:
             check_columns(self.columns, f"{self.name}[{split}]", columns, stream.features, nested)
-        first = stream.first_row() if isinstance(stream, TarShards) and self.columns.template is None else {}
-        if isinstance(_column_value(first, self.columns.caption), list):
-            raise ValueError(f"{self.name}[{split}]: --caption_column {self.columns.caption!r} {CAPTION_LISTS}.")
         return stream
 
     def read(self, split: str, max_samples: int | None = None) -> RawSplit:
         """A split read whole into memory (an evaluation split: they are small) as a map-style split, so it is
         preprocessed and cached like any other; its fingerprint hashes its rows' bytes."""
         stream = self.shards(split)
-        rows = {"image": [], "caption": [], "label": [], "problem": [], "source_row": []}
-        digest = hashlib.sha256()
+        raw, digest = [], hashlib.sha256()
         names = class_names(stream.features, self.columns.label)
-        for position, example in enumerate(all_rows(stream, max_samples)):
+        for example in all_rows(stream, max_samples):
             row = raw_row(example, self.columns, names)
-            for name in ("image", "caption", "label", "problem"):
-                rows[name].append(row[name])
-            rows["source_row"].append(position)
+            raw.append(row)
             image = row["image"]
             if isinstance(image, dict):
                 digest.update(image.get("bytes") or str(image.get("path")).encode())
             else:
                 digest.update(str(image).encode())
-            digest.update(json.dumps([row["caption"], row["label"]]).encode())
+            digest.update(json.dumps([row["caption"], row["label"], *row["more_captions"]]).encode())
+        rows = {**raw_columns(raw), "source_row": list(range(len(raw)))}
         features = datasets.Features(
             {
                 "image": datasets.Image(decode=False),
@@ -285,6 +280,8 @@ class ShardSource(Source):
         )
         if rows["image"] and not isinstance(rows["image"][0], dict):
             features["image"] = datasets.Value("string")
+        if "more_captions" in rows:
+            features["more_captions"] = MORE_CAPTIONS
         dataset = datasets.Dataset.from_dict(rows, features=features)
         return first_rows(RawSplit(split, dataset, digest.hexdigest()[:32], self.name), max_samples)
 
@@ -421,7 +418,8 @@ def all_rows(stream, limit: int | None = None) -> Iterator[dict]:
 def stream_captions(split: StreamSplit, config: DataConfig, limit: int = 10_000) -> list[str]:
     """The first `limit` captions of a stream (a tokenizer learned from scratch, for tiny test models)."""
     columns = Columns.of(config)
-    return [raw_row(example, columns)["caption"] or "" for example in all_rows(split.stream, limit)]
+    rows = [raw_row(example, columns) for example in all_rows(split.stream, limit)]
+    return [caption for row in rows for caption in [row["caption"] or "", *row["more_captions"]]]
 
 
 def write_webdataset_shards(

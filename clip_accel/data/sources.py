@@ -3,13 +3,14 @@ file: an Indo-fashion folder (`indo_fashion`), anything `datasets` loads (`Datas
 shards (`shards`). `source_for` picks the kind a configuration names.
 
 Every source yields the same raw schema, so preprocessing has one code path:
-`image` (a file path, or a `{"bytes", "path"}` dict), `caption` (str; None when the row has none), `label` (str;
-None when the source has no labels, "" when a row's label is empty or null: such a row is skipped and reported),
+`image` (a file path, or a `{"bytes", "path"}` dict), `caption` (str; None when the row has none; of a list of
+captions, the first), `more_captions` (the list's other captions; the column only where some row has them),
+`label` (str; None when the source has no labels, "" when a row's label is empty or null: skipped and reported),
 `problem` (optional; str: why the row is damaged, found when it was read, e.g. a caption that is not text),
 `source_row` (int, the row's position in its source, for error reports).
 
 A source's own rows become that schema in one function, for every kind alike: `raw_row` (the caption template
-applied, the damaged-row rules of `caption_text` and `label_text`); the columns the options name are checked in
+applied, the damaged-row rules of `caption_texts` and `label_text`); the columns the options name are checked in
 one (`check_columns`). Preprocessing then skips a row with a `problem`, no caption, an empty label or an
 unreadable image.
 """
@@ -36,11 +37,8 @@ RAW_FEATURES = datasets.Features(
         "source_row": datasets.Value("int64"),
     }
 )
-# What a list-valued caption cell gets until several captions per image are supported.
-CAPTION_LISTS = (
-    "holds a list of captions; several captions per image are not supported yet: pick one caption column (or "
-    "field), or write one caption per row"
-)
+# The other captions of a row whose caption cell is a list (Flickr30k, COCO): `more_captions`.
+MORE_CAPTIONS = datasets.List(datasets.Value("string"))
 
 
 @dataclass(frozen=True)
@@ -53,6 +51,11 @@ class RawSplit:
     dataset: datasets.Dataset
     fingerprint: str
     source: str = ""
+
+    def captions(self) -> list[str]:
+        """Every caption of the split (a row's other captions too), e.g. to learn a tokenizer from."""
+        more = self.dataset["more_captions"] if "more_captions" in self.dataset.column_names else []
+        return [*self.dataset["caption"], *(caption for captions in more for caption in captions or [])]
 
     def describe_row(self, source_row: int) -> str:
         return (
@@ -117,22 +120,38 @@ class Source(ABC):
 def raw_row(record: dict, columns: Columns, class_names: list[str] | None = None) -> dict:
     """One row of a source (its columns' values) in the raw schema (`image`, `caption`, `label`, `problem`), by
     the rules every kind of source shares: the caption composed by the template (a null value written as "") or
-    read from its column (`caption_text`), the label as text (`label_text`; `class_names`: a ClassLabel's names),
+    read from its column (`caption_texts`), the label as text (`label_text`; `class_names`: a ClassLabel's names),
     and a row already damaged when read (`__errors__`: a member that did not decode) keeping that reason first."""
     problem = (record.get("__errors__") or [None])[0]
     if columns.template is not None:
         fields = columns.caption_fields
         missing = [name for name in fields if not _has_column(record, name)]
         values = {name: _column_value(record, name) for name in fields}
-        caption = None if missing else compose_caption(columns.template, values)
+        # (a list or an object written into a caption would be its Python repr: a damaged row instead)
+        nested = [name for name in fields if isinstance(values[name], list | tuple | dict)]
+        caption = None if missing or nested else compose_caption(columns.template, values)
         problem = problem or (f"no {missing} for --caption_template" if missing else None)
+        if nested and not problem:
+            kind = type(values[nested[0]]).__name__
+            problem = f"--caption_template field {nested[0]!r} holds a {kind}, not text"
+        more = []
     else:
-        caption, caption_problem = caption_text(_column_value(record, columns.caption))
+        captions, caption_problem = caption_texts(_column_value(record, columns.caption))
+        caption, more = (captions[0], captions[1:]) if captions else (None, [])
         problem = problem or caption_problem
     label = None
     if columns.label is not None:  # a row without its label: skipped as "empty class label"
         label = label_text(_column_value(record, columns.label), class_names)
-    return {"image": _column_value(record, columns.image), "caption": caption, "label": label, "problem": problem}
+    image = _column_value(record, columns.image)
+    return {"image": image, "caption": caption, "more_captions": more, "label": label, "problem": problem}
+
+
+def raw_columns(rows: list[dict], names=("image", "caption", "label", "problem")) -> dict[str, list]:
+    """`raw_row`s as columns: `names`, and `more_captions` where some row has several captions."""
+    columns = {name: [row[name] for row in rows] for name in names}
+    if any(row["more_captions"] for row in rows):
+        columns["more_captions"] = [row["more_captions"] for row in rows]
+    return columns
 
 
 def _column_value(record: dict, name: str):
@@ -168,17 +187,25 @@ def first_rows(raw: RawSplit, max_samples: int | None) -> RawSplit:
     return RawSplit(raw.name, raw.dataset.select(range(max_samples)), fingerprint, raw.source)
 
 
-def caption_text(value) -> tuple[str | None, str | None]:
-    """A source's caption cell as (caption, problem): a string is the caption (an empty one is skipped later as
-    "empty caption"); a null, a non-string (a number, an object) or a list of captions is a damaged row, skipped
-    with its reason (readers refuse a list where they can name the file and line, or the column)."""
+def caption_texts(value) -> tuple[list[str], str | None]:
+    """A source's caption cell as (captions, problem): a string is one caption (an empty one is skipped later as
+    "empty caption"), a list of strings several (one drawn per epoch in training, all scored in evaluation);
+    a null, a non-string (a number, an object), an empty list or a list holding a non-string or an empty string
+    is a damaged row, skipped with its reason."""
     if isinstance(value, str):
-        return value, None
+        return [value], None
     if value is None:
-        return None, "no caption (null)"
+        return [], "no caption (null)"
     if isinstance(value, list | tuple):
-        return None, f"the caption {CAPTION_LISTS}"
-    return None, f"caption is not text ({type(value).__name__} {str(value)[:40]!r})"
+        if not value:
+            return [], "empty caption list"
+        for item, caption in enumerate(value, start=1):
+            if not isinstance(caption, str):
+                return [], f"caption {item} of the list is not text ({type(caption).__name__} {str(caption)[:40]!r})"
+            if not caption.strip():
+                return [], f"caption {item} of the list is empty"
+        return list(value), None
+    return [], f"caption is not text ({type(value).__name__} {str(value)[:40]!r})"
 
 
 def label_text(value, names: list[str] | None = None) -> str:
@@ -305,8 +332,9 @@ class DatasetSource(Source):
         images = dataset.select_columns([columns.image])
         if columns.image != "image":
             images = images.rename_column(columns.image, "image")
-        for name in ("caption", "label", "problem"):
-            images = images.add_column(name, [row[name] for row in raw], feature=datasets.Value("string"))
+        for name, cells in raw_columns(raw, ("caption", "label", "problem")).items():
+            feature = MORE_CAPTIONS if name == "more_captions" else datasets.Value("string")
+            images = images.add_column(name, cells, feature=feature)
         images = images.add_column("source_row", list(range(len(images))))
         fingerprint = _hash(images._fingerprint, *([] if columns.template is None else [columns.template]))
         return first_rows(RawSplit(split, images, fingerprint, self.name), max_samples)
@@ -354,10 +382,10 @@ def check_columns(columns: Columns, where: str, column_names, features=None, nes
 
 
 def _check_caption_feature(columns: Columns, where: str, feature) -> None:
-    """The caption column holds text (a list of captions is refused until several per image are supported)."""
+    """The caption column holds text, or lists of text (several captions per image)."""
     where = f"{where}: --caption_column {columns.caption!r}"
     if isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence | list):
-        raise ValueError(f"{where} {CAPTION_LISTS}.")
+        feature = feature[0] if isinstance(feature, list) else feature.feature
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
         raise ValueError(

@@ -29,6 +29,7 @@ same batches.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import multiprocessing
 from collections import deque
@@ -41,11 +42,11 @@ from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
-from .loader import HOST_GRIDS, pad_captions, pair_batch
+from .loader import HOST_GRIDS, drawn_captions, pad_captions, pair_batch
 from .preprocess import PairPreprocessor
 from .shard_cache import READ_AHEAD
 from .shards import StreamSplit, where_in_stream
-from .sources import Columns, class_names, raw_row
+from .sources import Columns, class_names, raw_columns, raw_row
 
 logger = get_logger(__name__)
 STREAM_POSITION = "stream_position"  # the batch key of the stream's position after the batch (a dict)
@@ -161,8 +162,7 @@ class StreamingPairs(IterableDataset):
         names = class_names(self.split.stream.features, self.config.label_column)
         columns = Columns.of(self.config)
         raw = [raw_row(example, columns, names) for _, example, _ in chunk]
-        batch = {name: [row[name] for row in raw] for name in ("image", "caption", "label", "problem")}
-        cached = self.preprocessor({**batch, "source_row": [position for position, _, _ in chunk]})
+        cached = self.preprocessor({**raw_columns(raw), "source_row": [position for position, _, _ in chunk]})
         reasons = cached["skip_reason"]
         usable = [index for index, reason in enumerate(reasons) if not reason]
         skipped = [(chunk[i][2], reason) for i, reason in enumerate(reasons) if reason]
@@ -172,6 +172,15 @@ class StreamingPairs(IterableDataset):
                 "the row, or drop --strict to skip bad rows (counted, and listed in skipped_rows.jsonl)."
             )
         shape = self.preprocessor.layout.pixel_shape
+        input_ids, caption_ids = [cached["input_ids"][i] for i in usable], [cached["caption_id"][i] for i in usable]
+        if "more_input_ids" in cached:  # rows with several captions: this pass's draw, keyed by the row's place
+            keys = [_row_key(chunk[i][2]) for i in usable]
+            counts = [1 + len(cached["more_input_ids"][i]) for i in usable]
+            drawn = drawn_captions(self.seed, self.pass_index, keys, counts)
+            for index, (i, choice) in enumerate(zip(usable, drawn, strict=True)):
+                if choice:
+                    input_ids[index] = cached["more_input_ids"][i][choice - 1]
+                    caption_ids[index] = cached["more_caption_ids"][i][choice - 1]
         return {
             "pass": self.pass_index,
             "worker": worker,
@@ -185,10 +194,16 @@ class StreamingPairs(IterableDataset):
             "spatial_shapes": np.asarray([cached["spatial_shapes"][i] for i in usable], np.int64).reshape(-1, 2)
             if "spatial_shapes" in cached
             else None,
-            "input_ids": [np.asarray(cached["input_ids"][i], np.int64) for i in usable],
-            "caption_ids": np.asarray([cached["caption_id"][i] for i in usable], dtype=np.int64),
+            "input_ids": [np.asarray(ids, np.int64) for ids in input_ids],
+            "caption_ids": np.asarray(caption_ids, dtype=np.int64),
             "skipped": skipped,
         }
+
+
+def _row_key(where: str) -> int:
+    """A row's place in the stream (`where_in_stream`: its shard file and key) as a signed 64-bit number, the same
+    whatever process or worker reads the row."""
+    return int.from_bytes(hashlib.blake2b(where.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 class StreamingLoader:
