@@ -61,6 +61,7 @@ RESUME_OPTIONS = {
         "accumulation",
         "caption_positives",
         "learning_rate",
+        "layer_decay",
         "weight_decay",
         "adam_beta1",
         "adam_beta2",

@@ -401,6 +401,14 @@ class TrainConfig:
         },
     )
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
+    layer_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Layer-wise learning-rate decay D in (0, 1] (timm's, per tower): the embeddings are id 0, "
+            "encoder layer i id i + 1, the final norms, heads, projections and logit scale id L + 1; id k trains "
+            "at lr x D^(L + 1 - k). 1 turns it off; FT-CLIP used 0.6 for ViT-B/16 (optim.py)."
+        },
+    )
     weight_decay: float = field(
         default=0.1, metadata={"help": "AdamW weight decay (never applied to biases, norms and logit_scale)."}
     )
@@ -518,6 +526,7 @@ class TrainConfig:
             f"--caption_positives {self.caption_positives!r}: use identical or own.",
         )
         _require(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}.")
+        _require(0 < self.layer_decay <= 1, f"--layer_decay must be in (0, 1] (1: off), got {self.layer_decay}.")
         _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         _require(self.max_grad_norm >= 0, "--max_grad_norm must be 0 (off) or positive.")
         _require(self.weight_decay >= 0, "--weight_decay must be 0 or positive.")

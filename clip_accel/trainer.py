@@ -19,7 +19,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
-from transformers import CLIPModel, get_scheduler
+from transformers import CLIPModel
 
 from .augment import Augmenter, training_cache_size
 from .checkpoint import (
@@ -75,6 +75,7 @@ from .model import (
     logit_scale_value,
     unwrap,
 )
+from .optim import build_optimizer, build_scheduler, log_parameter_groups, top_learning_rate
 from .step import StepContext, exact_step, plain_step, use_tf32
 from .zero_shot import Prompts
 
@@ -196,6 +197,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         for role in ("validation", "test")
     ]
     optimizer = build_optimizer(model, config)
+    log_parameter_groups(optimizer, config)
     model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
     if streamed:
         loaders.insert(0, StreamingLoader(pairs["train"], config.per_device_train_batch_size, **loading))
@@ -350,35 +352,6 @@ def _progress_bar(run: Run, state: TrainerState) -> tqdm:
     return tqdm(total=run.total_steps, initial=state.step, desc="Training", **hidden)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """Fused AdamW (CPU and CUDA) over trainable parameters only (DDP then never waits on frozen ones); biases,
-    norms, the class embedding and logit_scale (all < 2-D) get no weight decay. Fused: one kernel for all the
-    parameters, and it skips a step on the device when told the gradients were not finite (step.py)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 and "logit_scale" not in name else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        groups,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-        fused=True,
-    )
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
-    """Warmup then cosine/linear/constant, in optimizer steps.
-
-    Not handed to accelerator.prepare: its wrapper steps N times per optimizer step on N processes. The step
-    code steps it exactly once per optimizer step, so the schedule means the same at any scale.
-    """
-    # "constant" in transformers ignores warmup; its warmup variant with 0 steps is the same constant schedule.
-    schedule = "constant_with_warmup" if config.lr_scheduler_type == "constant" else config.lr_scheduler_type
-    return get_scheduler(schedule, optimizer, config.warmup_steps_for(total_steps), total_steps)
-
-
 def _load_model_and_data(
     accelerator: Accelerator, data_config: DataConfig, model_config: ModelConfig, config: TrainConfig
 ):
@@ -531,7 +504,7 @@ def _evaluate_and_keep_best(run: Run, state: TrainerState, early_stopping: Early
 def _log_training(run: Run, state: TrainerState, losses: list[torch.Tensor]) -> None:
     # The only host-device sync of the loss, once per logging interval.
     loss = _mean_over_processes(run, losses).mean().item()
-    learning_rate = run.step_context.scheduler.get_last_lr()[0]
+    learning_rate = top_learning_rate(run.step_context.scheduler)
     logit_scale = logit_scale_value(unwrap(run.accelerator, run.model))
     epochs = _epochs_done(run, state)
     state.history.append(
@@ -640,6 +613,11 @@ def _check_split_sizes(config: TrainConfig, num_processes: int, sizes: dict[str,
 def _check_lora(accelerator: Accelerator, model_config: ModelConfig, config: TrainConfig) -> None:
     if not model_config.lora_rank:
         return
+    if config.layer_decay < 1:
+        raise ValueError(
+            f"--layer_decay {config.layer_decay:g} with --lora_rank: LoRA freezes every layer whose rate layer decay "
+            "would scale and trains only its adapters. Drop --layer_decay, or fine-tune without LoRA."
+        )
     if accelerator.is_fsdp2 or accelerator.distributed_type.value == "DEEPSPEED":
         raise ValueError(
             "--lora_rank runs on one device or under DDP (the adapters are small: every process holds them whole); "

@@ -31,6 +31,7 @@ LAYERS = (
         "data",
         "augment",
         "lora",
+        "optim",
     },
     {"step", "evaluation", "checkpoint", "launch"},
     {"trainer"},

@@ -13,7 +13,7 @@ from clip_accel.config import ModelConfig, TrainConfig
 from clip_accel.data.preprocess import load_rgb_image
 from clip_accel.loss import contrastive_loss
 from clip_accel.model import ContrastiveModel, PixelNormalizer, freeze_parameters, load_model_and_processor
-from clip_accel.trainer import build_optimizer
+from clip_accel.optim import build_optimizer
 
 CAPTIONS = ["red striped kurta", "blue silk saree", "black checked sherwani", "green plain dupatta"]
 

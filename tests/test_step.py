@@ -8,8 +8,8 @@ import torch
 from accelerate import Accelerator
 
 from clip_accel.config import TrainConfig
+from clip_accel.optim import build_optimizer
 from clip_accel.step import exact_step, plain_step
-from clip_accel.trainer import build_optimizer
 
 
 def _context_with_the_trainers_optimizer():
