@@ -31,8 +31,8 @@ from transformers import CLIPConfig, CLIPModel  # noqa: E402
 
 from clip_accel.config import TrainConfig  # noqa: E402
 from clip_accel.model import ContrastiveModel, PixelNormalizer  # noqa: E402
-from clip_accel.step import StepContext, exact_step, plain_step  # noqa: E402
 from clip_accel.optim import build_optimizer  # noqa: E402
+from clip_accel.step import StepContext, exact_step, plain_step  # noqa: E402
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 

@@ -62,6 +62,9 @@ RESUME_OPTIONS = {
         "caption_positives",
         "learning_rate",
         "layer_decay",
+        "ema_decay",
+        "ema_warmup",
+        "ema_eval",
         "weight_decay",
         "adam_beta1",
         "adam_beta2",
@@ -77,6 +80,7 @@ RESUME_OPTIONS = {
     ModelConfig: ("freeze", "freeze_vision_layers", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"),
     DataConfig: (
         "caption_template",
+        "extra_caption_templates",
         "max_train_samples",
         "augment",
         "augment_scale",

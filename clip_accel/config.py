@@ -110,6 +110,15 @@ class DataConfig:
             "Default: the title (product_title), or --caption_column."
         },
     )
+    extra_caption_templates: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "More captions for every training row, composed like --caption_template from the row's "
+            "columns, e.g. 'a photo of a {class_label}' (FLYP's class prompts): each joins the row's captions, of "
+            "which one is drawn per epoch; evaluation keeps the first caption only (a class prompt shared by a whole "
+            "class would inflate image-to-text recall)."
+        },
+    )
     image_column: str = field(default="image", metadata={"help": "Image column of --dataset_name."})
     caption_column: str = field(
         default="caption",
@@ -239,8 +248,11 @@ class DataConfig:
             _require(value is None or value >= 1, f"--{name} must be at least 1 (or left unset), got {value}.")
         _require(self.preprocessing_num_workers >= 1, "--preprocessing_num_workers must be at least 1.")
         _require(self.cache_format in ("uint8", "jpeg"), f"--cache_format {self.cache_format!r}: use uint8 or jpeg.")
-        if self.caption_template is not None:
-            template_fields(self.caption_template)
+        for template in [
+            *([self.caption_template] if self.caption_template is not None else []),
+            *self.extra_caption_templates,
+        ]:
+            template_fields(template)
         if self.streaming:
             _require(
                 self.dataset_name is not None,
@@ -409,6 +421,24 @@ class TrainConfig:
             "at lr x D^(L + 1 - k). 1 turns it off; FT-CLIP used 0.6 for ViT-B/16 (optim.py)."
         },
     )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight EMA in [0, 1) (0: off; e.g. 0.9998, as FT-CLIP): a float32 moving average of the "
+            "trainable parameters, updated after every applied optimizer step, in every checkpoint (ema.py)."
+        },
+    )
+    ema_warmup: bool = field(
+        default=False,
+        metadata={"help": "The EMA's decay warms up as timm's ModelEmaV3: min(decay, 1 - (1 + t)^(-2/3))."},
+    )
+    ema_eval: bool = field(
+        default=True,
+        metadata={
+            "help": "With --ema_decay: evaluate, early-stop on and save the EMA weights (the output folder then "
+            "holds them, and the card says so); false evaluates and saves the trained weights, the EMA only kept."
+        },
+    )
     weight_decay: float = field(
         default=0.1, metadata={"help": "AdamW weight decay (never applied to biases, norms and logit_scale)."}
     )
@@ -527,6 +557,7 @@ class TrainConfig:
         )
         _require(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}.")
         _require(0 < self.layer_decay <= 1, f"--layer_decay must be in (0, 1] (1: off), got {self.layer_decay}.")
+        _require(0 <= self.ema_decay < 1, f"--ema_decay must be in [0, 1) (0: off), got {self.ema_decay}.")
         _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         _require(self.max_grad_norm >= 0, "--max_grad_norm must be 0 (off) or positive.")
         _require(self.weight_decay >= 0, "--weight_decay must be 0 or positive.")

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from accelerate import Accelerator
 
+from .ema import WeightEma
 from .loss import contrastive_loss
 from .model import PixelNormalizer, unwrap
 
@@ -48,6 +49,7 @@ class StepContext:
     # "identical": pairs with the same caption (token ids) are positives of each other (the batches' `caption_ids`);
     # "own": a pair's only positive is itself.
     caption_positives: Literal["identical", "own"] = "own"
+    ema: WeightEma | None = None  # --ema_decay's average, updated after each optimizer step
 
 
 def embed(context: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,6 +158,8 @@ def _optimizer_step(context: StepContext) -> torch.Tensor:
     if context.max_logit_scale is not None:
         with torch.no_grad():
             unwrap(accelerator, context.model).logit_scale.clamp_(0, context.max_logit_scale)
+    if context.ema is not None:  # (after the clamp: the average of the weights as they are used)
+        context.ema.update(skipped)
     return skipped
 
 

@@ -11,6 +11,7 @@ import gc
 import math
 import os
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -38,6 +39,7 @@ from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_d
 from .data import (
     STREAM_POSITION,
     CopyStream,
+    PairDataset,
     StreamingLoader,
     StreamingPairs,
     StreamSplit,
@@ -52,6 +54,7 @@ from .data import (
     write_stream_skip_report,
 )
 from .early_stopping import EarlyStopping
+from .ema import WeightEma
 from .evaluation import dataset_prompts, evaluate_retrieval, more_captions
 from .launch import (
     check_checkpoint_storage,
@@ -213,6 +216,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     accelerator.init_trackers("clip_accel", config=tracked)
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
     family = unwrap(accelerator, model).family
+    ema = _weight_ema(accelerator, model, config)
     step_context = StepContext(
         accelerator=accelerator,
         model=model,
@@ -224,6 +228,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         loss=LOSSES[family.loss],
         max_logit_scale=family.max_logit_scale,
         caption_positives=config.caption_positives,
+        ema=ema,
     )
     return Run(
         config=config,
@@ -338,7 +343,8 @@ def _epoch_batches(loader, accelerator: Accelerator, state: TrainerState, copy_s
     if isinstance(loader, StreamingLoader):
         return prefetched(loader.epoch(state.epoch, state.batches_in_epoch), copy_stream=copy_stream)
     loader.set_epoch(state.epoch)
-    loader.dataset.set_epoch(state.epoch)  # (the caption a row with several trains with: PairDataset)
+    if isinstance(loader.dataset, PairDataset):  # (the caption a row with several trains with)
+        loader.dataset.set_epoch(state.epoch)
     if state.batches_in_epoch == 0:
         return prefetched(loader, copy_stream=copy_stream)
     skipping = accelerator.skip_first_batches(loader, state.batches_in_epoch)
@@ -481,12 +487,31 @@ def _evaluate(run: Run, role: str) -> dict[str, float]:
     )
 
 
+def _weight_ema(accelerator: Accelerator, model: torch.nn.Module, config: TrainConfig) -> WeightEma | None:
+    """--ema_decay's average of the prepared model's trainable parameters (FSDP2: of this process's shards), kept
+    in every checkpoint."""
+    if not config.ema_decay:
+        return None
+    ema = WeightEma(unwrap(accelerator, model), config.ema_decay, config.ema_warmup)
+    accelerator.register_for_checkpointing(ema)
+    count = sum(parameter.numel() for parameter in ema.parameters)
+    logger.info(
+        f"Weight EMA, decay {config.ema_decay:g}{' with warm-up' if config.ema_warmup else ''}: {count:,} "
+        f"trainable parameters averaged in float32 ({4 * sum(a.numel() for a in ema.averages) / 2**20:.1f} MiB "
+        f"on this process); {'the EMA weights are evaluated and saved' if config.ema_eval else 'kept only'}"
+    )
+    return ema
+
+
 def _evaluate_and_keep_best(run: Run, state: TrainerState, early_stopping: EarlyStopping) -> None:
-    """Evaluate on the validation split; save the model when it is the best so far."""
-    metrics = _evaluate(run, "validation")
-    improved = early_stopping.update(metrics, state.step)
-    if improved:
-        save_model(run.accelerator, run.model, run.processor, run.config.output_dir)
+    """Evaluate on the validation split; save the model when it is the best so far (the EMA's weights, where
+    they are the ones evaluated)."""
+    ema = run.step_context.ema if run.config.ema_eval else None
+    with ema.applied() if ema is not None else nullcontext():
+        metrics = _evaluate(run, "validation")
+        improved = early_stopping.update(metrics, state.step)
+        if improved:
+            save_model(run.accelerator, run.model, run.processor, run.config.output_dir)
     state.history.append(
         {"step": state.step, "epoch": _epochs_done(run, state), **{f"eval_{k}": v for k, v in metrics.items()}}
     )

@@ -22,6 +22,7 @@ from conftest import tiny_clip_config, tiny_siglip2_values, tiny_siglip_values  
 
 from clip_accel.checkpoint import TrainerState  # noqa: E402
 from clip_accel.config import ModelConfig  # noqa: E402
+from clip_accel.ema import WeightEma  # noqa: E402
 from clip_accel.evaluation import embed_split, evaluate_retrieval  # noqa: E402
 from clip_accel.lora import add_lora  # noqa: E402
 from clip_accel.loss import contrastive_loss, sigmoid_loss  # noqa: E402
@@ -126,11 +127,15 @@ def one_step(
     siglip: bool = False,
     siglip2: bool = False,
     repeats: str | None = None,
+    ema: bool = False,
 ) -> dict:
     """One optimizer step on this process's share of the same global batch of 16 pairs. `repeats`: with the
-    repeated captions of REPEATS as positives (see `synthetic_pairs`)."""
+    repeated captions of REPEATS as positives (see `synthetic_pairs`); `ema`: the weight EMA's average after
+    it too (decay 0.5)."""
     positives = "identical" if repeats else "own"
     context = step_context(accelerator, freeze, local_loss, lora, siglip, siglip2, positives)
+    if ema:
+        context.ema = WeightEma(accelerator.unwrap_model(context.model), 0.5)
     siglip = siglip or siglip2
     before = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
     pairs = synthetic_pairs(GLOBAL_BATCH, seed=1, text_length=64 if siglip else 7, patches=siglip2, repeats=repeats)
@@ -142,7 +147,8 @@ def one_step(
     loss, _ = take_step(context, micro_batches)
     loss = accelerator.reduce(loss, "mean") if local_loss or siglip else loss
     after = {n: p.detach().clone() for n, p in accelerator.unwrap_model(context.model).named_parameters()}
-    return {"loss": loss.item(), "before": before, "after": after}
+    averages = dict(zip(context.ema.names, context.ema.averages, strict=True)) if ema else None
+    return {"loss": loss.item(), "before": before, "after": after, "ema": averages}
 
 
 class StepCounter:
@@ -258,6 +264,7 @@ SCENARIOS = {
     "step_local_loss": lambda acc: one_step(acc, 1, local_loss=True),
     "step_exact_accumulation": lambda acc: one_step(acc, 2),
     "step_exact_accumulation_4": lambda acc: one_step(acc, 4),
+    "ema_step": lambda acc: one_step(acc, 1, ema=True),
     "step_exact_accumulation_local_loss": lambda acc: one_step(acc, 2, local_loss=True),
     **{
         f"freeze_{strategy}": (lambda acc, s=strategy: one_step(acc, 1, freeze=s))

@@ -16,7 +16,7 @@ import torch
 from conftest import with_fresh_state
 
 from clip_accel.config import DataConfig
-from clip_accel.data import PairDataset, load_raw_split, make_dataloader
+from clip_accel.data import PairDataset, load_raw_split, make_dataloader, source_for
 from clip_accel.data.loader import drawn_captions
 from clip_accel.data.preprocess import caption_id, preprocess_split
 from clip_accel.metrics import multi_caption_metrics, retrieval_metrics
@@ -198,3 +198,23 @@ def test_training_and_evaluate_score_every_caption(demo_dir, make_configs, tmp_p
     embedded = with_fresh_state(embed, config.output_dir, data)  # (each image with its first caption)
     assert embedded.captions == [titles[0] for titles in lists]
     assert f"| model | 45 ({captions} captions) |" in format_results_table({"model": test})  # (the card's table)
+
+
+def test_extra_caption_templates_join_the_training_rows_captions_only(demo_dir, make_configs, tmp_path):
+    from clip_accel.trainer import train
+
+    data = DataConfig(data_dir=demo_dir, extra_caption_templates=["a photo of a {class_label}", "{brand}"])
+    val_rows = load_raw_split(data, "val", None)
+    training = source_for(data, training=True).read("train")
+    first = json.loads(Path(demo_dir, "train_data.json").read_text().splitlines()[0])
+    assert training.dataset["caption"][0] == first["product_title"]
+    assert training.dataset["more_captions"][0] == [f"a photo of a {first['class_label']}", first["brand"]]
+    assert "more_captions" not in val_rows.dataset.column_names  # (evaluation: the first caption only)
+    assert training.fingerprint != source_for(DataConfig(data_dir=demo_dir), training=True).read("train").fingerprint
+    with pytest.raises(ValueError, match=r"line 1: --extra_caption_templates names \[.colour.\]"):
+        source_for(DataConfig(data_dir=demo_dir, extra_caption_templates=["{colour}"]), training=True).read("train")
+    with pytest.raises(ValueError, match=r"--caption_template 'a \{class_label': "):
+        DataConfig(data_dir=demo_dir, extra_caption_templates=["a {class_label"])
+    result = with_fresh_state(train, *make_configs(extra_caption_templates=["a photo of a {class_label}"]))
+    assert result.metrics["test"]["num_pairs"] == 45 and "num_captions" not in result.metrics["test"]
+    assert result.metrics["training"]["train_pairs_sharing_a_caption"] > 0  # (the class prompts are shared)

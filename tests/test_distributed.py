@@ -56,6 +56,16 @@ def test_two_processes_times_b_equal_one_process_times_2b(measured, scenario):
     _assert_same_step(measured("step", 1), measured(scenario, 2))
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_weight_ema_on_two_processes_equals_one_process_s(measured, world):
+    one, two = measured("ema_step", 1), measured("ema_step", world)
+    _assert_same_step(one, two)
+    for name, average in one["ema"].items():  # halfway between the weights before and after (decay 0.5)
+        torch.testing.assert_close(two["ema"][name], average, rtol=1e-5, atol=1e-7, msg=name)
+        halfway = (one["before"][name] + one["after"][name]) / 2
+        torch.testing.assert_close(average, halfway, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("scenario", ["siglip_step", "siglip_step_exact_accumulation"])
 def test_sigmoid_loss_on_two_processes_equals_one_process_with_the_doubled_batch(measured, scenario):
     # SigLIP: 2 x 8 (each process its images against all 16 texts, the texts' gradient reduce-scattered) and

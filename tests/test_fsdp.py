@@ -178,3 +178,24 @@ def test_fsdp2_streams_the_same_pairs_and_trains_like_ddp(tmp_path, demo_dir, ti
     assert results[0]["training"]["train_pairs"] == results[1]["training"]["train_pairs"] == 192
     for key in ("image_to_text_mean_rank", "text_to_image_mean_rank"):
         assert results[0]["test"][key] == pytest.approx(results[1]["test"][key], rel=1e-3)
+
+
+def test_fsdp2_weight_ema_is_ddps_and_resumes_after_a_kill(tmp_path, demo_dir, tiny_model_config_path):
+    # The EMA is sharded with its parameters (each process averages its shards) and gathered whole into the
+    # checkpoint; the saved folder holds the EMA weights (evaluated and saved by default).
+    ema = ("--ema_decay", "0.8", "--ema_warmup", "true")
+    sharded, replicated, killed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "killed"
+    fsdp(*options(demo_dir, tiny_model_config_path, sharded, "none", *ema))
+    ddp(*options(demo_dir, tiny_model_config_path, replicated, "none", *ema))
+    weights, reference = load_file(sharded / "model.safetensors"), load_file(replicated / "model.safetensors")
+    for name, tensor in reference.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    interrupt_after_checkpoint(
+        FSDP_LAUNCH + options(demo_dir, tiny_model_config_path, killed, "none", *ema), 4, cwd=str(ROOT), env=ENV
+    )
+    fsdp(*options(demo_dir, tiny_model_config_path, killed, "none", *ema, "--resume_from_checkpoint", "latest"))
+    resumed = load_file(killed / "model.safetensors")
+    for name in weights:
+        assert torch.equal(resumed[name], weights[name]), name
+    for name in ("eval_results.json", "log_history.json"):  # (every evaluation after the resume: the EMA's)
+        assert json.loads((killed / name).read_text()) == json.loads((sharded / name).read_text()), name

@@ -175,6 +175,20 @@ def test_card_states_how_captions_were_composed_and_which_pairs_were_positives(p
     assert "each pair's only positive was itself" in card.text and "the product titles" in card.text
 
 
+def test_card_says_whether_the_published_weights_are_the_ema_and_states_layer_decay(pushed_run, tmp_path):
+    folder = shutil.copytree(pushed_run[0], tmp_path / "ema-run")
+    card = ModelCard.load(write_model_card(str(folder)))
+    assert "| Weight EMA | off |" in card.text and "layer-wise decay" not in card.text
+    config = read_json(folder, "training_config.json")
+    for evaluated, said in ((True, "the EMA weights were evaluated and are the published ones"), (False, "kept")):
+        config.update(ema_decay=0.9998, ema_warmup=True, ema_eval=evaluated, layer_decay=0.65)
+        (folder / "training_config.json").write_text(json.dumps(config))
+        card = ModelCard.load(write_model_card(str(folder)))
+        assert f"| Weight EMA | decay 0.9998 with timm's warm-up; {said}" in card.text
+        assert ("best checkpoint's weight EMA:" in card.text) == evaluated
+        assert "layer-wise decay 0.65 per tower" in card.text
+
+
 @pytest.mark.parametrize("label", [None, "Handwritten digit scans"])
 def test_card_names_a_data_folder_by_its_name_or_the_label_given_never_indo_fashion(pushed_run, tmp_path, label):
     """A --data_dir run on some other catalogue in the same layout (seen: a folder of handwritten-digit scans

@@ -32,6 +32,7 @@ LAYERS = (
         "augment",
         "lora",
         "optim",
+        "ema",
     },
     {"step", "evaluation", "checkpoint", "launch"},
     {"trainer"},

@@ -65,13 +65,13 @@ def preprocessing_cache_dir(config: DataConfig) -> str:
     return config.cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "clip_accel", "preprocessed")
 
 
-def source_for(config: DataConfig) -> Source:
+def source_for(config: DataConfig, training: bool = False) -> Source:
     """The kind of source `config` names: an Indo-fashion folder (or the demo), a stream of shards (--streaming),
-    or anything `datasets` loads."""
+    or anything `datasets` loads; `training`: read as the training split (--extra_caption_templates)."""
     folder = data_source_dir(config)
     if folder is not None:
-        return IndoFashionFolder(folder, config.caption_template)
-    return ShardSource(config) if config.streaming else DatasetSource(config)
+        return IndoFashionFolder(folder, config.caption_template, config.extra_caption_templates if training else ())
+    return ShardSource(config, training) if config.streaming else DatasetSource(config, training)
 
 
 def load_raw_split(config: DataConfig, split: str, max_samples: int | None = None) -> RawSplit:
@@ -89,9 +89,11 @@ def load_raw_splits(
     with accelerator.local_main_process_first() if per_node else accelerator.main_process_first():
         if config.demo:
             write_demo_dataset(data_source_dir(config))
-        names, source = split_names(config), source_for(config)
+        names, sources = split_names(config), {False: source_for(config), True: source_for(config, training=True)}
         return {
-            role: source.read(names[role], config.max_train_samples if role == "train" else config.max_eval_samples)
+            role: sources[role == "train"].read(
+                names[role], config.max_train_samples if role == "train" else config.max_eval_samples
+            )
             for role in roles
         }
 
@@ -110,7 +112,7 @@ def _load_streamed_splits(accelerator: Accelerator, config: DataConfig, roles) -
         splits = {role: source.read(names[role], config.max_eval_samples) for role in roles if role != "train"}
         if "train" not in roles:
             return splits, None
-        stream = opened["train"] = source.shards(names["train"])
+        stream = opened["train"] = ShardSource(config, training=True).shards(names["train"])
         return splits, (count_shard_rows(config, stream) if needs_count(config, stream) else None)
 
     splits, counted = from_main(accelerator, read)

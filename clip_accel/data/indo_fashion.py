@@ -41,9 +41,9 @@ class IndoFashionFolder(Source):
     the file and line: a broken annotation file is a problem to fix, not data to skip. Image problems are found
     later, per row."""
 
-    def __init__(self, folder: str, caption_template: str | None = None) -> None:
+    def __init__(self, folder: str, caption_template: str | None = None, extra_templates=()) -> None:
         self.folder, self.name = folder, folder
-        self.columns = Columns("image_path", "product_title", "class_label", caption_template)
+        self.columns = Columns("image_path", "product_title", "class_label", caption_template, tuple(extra_templates))
 
     def split_names(self) -> list[str]:
         return list(INDO_FASHION_FILES)
@@ -77,11 +77,10 @@ class IndoFashionFolder(Source):
         if "more_captions" in columns:
             features["more_captions"] = MORE_CAPTIONS
         dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
-        template = self.columns.template
         signature = _hash(
             hashlib.sha256(content).hexdigest(),
             _image_files_signature([image for image in columns["image"] if image is not None]),
-            *([] if template is None else [template]),
+            *self.columns.signature(),
         )
         return first_rows(RawSplit(split, dataset, signature, path), max_samples)
 

@@ -228,8 +228,9 @@ class ShardSource(Source):
     included, or a remote location: `remote`) read by `TarShards`, anything else through `datasets` streaming
     (`DatasetShards`). `shards(split)` streams a split; `read(split)` reads one whole (the evaluation splits)."""
 
-    def __init__(self, config: DataConfig) -> None:
-        self.config, self.name, self.columns = config, config.dataset_name, Columns.of(config)
+    def __init__(self, config: DataConfig, training: bool = False) -> None:
+        """`training`: the training split's columns (--extra_caption_templates)."""
+        self.config, self.name, self.columns = config, config.dataset_name, Columns.of(config, training)
         self._found = None
 
     def split_names(self) -> list[str]:
@@ -377,7 +378,7 @@ def load_stream_split(
 ) -> StreamSplit:
     """The stream (`stream` when already open), with an epoch's rows: --epoch_rows, else `counted` (each shard's
     rows, from `count_shard_rows`), else the dataset's recorded count."""
-    stream = stream if stream is not None else ShardSource(config).shards(split)
+    stream = stream if stream is not None else ShardSource(config, training=True).shards(split)
     rows, shard_rows = config.epoch_rows, None
     if rows is None and counted is not None:
         rows, shard_rows = sum(counted), counted
@@ -417,7 +418,7 @@ def all_rows(stream, limit: int | None = None) -> Iterator[dict]:
 
 def stream_captions(split: StreamSplit, config: DataConfig, limit: int = 10_000) -> list[str]:
     """The first `limit` captions of a stream (a tokenizer learned from scratch, for tiny test models)."""
-    columns = Columns.of(config)
+    columns = Columns.of(config, training=True)
     rows = [raw_row(example, columns) for example in all_rows(split.stream, limit)]
     return [caption for row in rows for caption in [row["caption"] or "", *row["more_captions"]]]
 

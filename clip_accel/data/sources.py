@@ -74,20 +74,30 @@ class Columns:
     caption: str
     label: str | None
     template: str | None = None
+    extra_templates: tuple[str, ...] = ()  # a training split's more captions (--extra_caption_templates)
 
     @classmethod
-    def of(cls, config: DataConfig) -> Columns:
-        """The columns --image_column, --caption_column (or --caption_template) and --label_column name."""
-        return cls(config.image_column, config.caption_column, config.label_column, config.caption_template)
+    def of(cls, config: DataConfig, training: bool = False) -> Columns:
+        """The columns --image_column, --caption_column (or --caption_template) and --label_column name; for the
+        training split (`training`), with --extra_caption_templates."""
+        extra = tuple(config.extra_caption_templates) if training else ()
+        return cls(config.image_column, config.caption_column, config.label_column, config.caption_template, extra)
 
     @property
     def caption_fields(self) -> tuple[str, ...]:
-        """The columns the caption is read from: the template's, else the caption column."""
-        return template_fields(self.template) if self.template is not None else (self.caption,)
+        """The columns the caption is read from: the template's, else the caption column; then the extra
+        templates'."""
+        fields = template_fields(self.template) if self.template is not None else (self.caption,)
+        extra = [name for template in self.extra_templates for name in template_fields(template)]
+        return tuple(dict.fromkeys([*fields, *extra]))
 
     def named(self) -> list[str]:
         """Every column the options name, the image's first."""
         return [self.image, *self.caption_fields, *([self.label] if self.label is not None else [])]
+
+    def signature(self) -> list[str]:
+        """What of these columns shapes the captions beyond the rows (for the split's fingerprint)."""
+        return [*([] if self.template is None else [self.template]), *self.extra_templates]
 
 
 class Source(ABC):
@@ -124,21 +134,15 @@ def raw_row(record: dict, columns: Columns, class_names: list[str] | None = None
     and a row already damaged when read (`__errors__`: a member that did not decode) keeping that reason first."""
     problem = (record.get("__errors__") or [None])[0]
     if columns.template is not None:
-        fields = columns.caption_fields
-        missing = [name for name in fields if not _has_column(record, name)]
-        values = {name: _column_value(record, name) for name in fields}
-        # (a list or an object written into a caption would be its Python repr: a damaged row instead)
-        nested = [name for name in fields if isinstance(values[name], list | tuple | dict)]
-        caption = None if missing or nested else compose_caption(columns.template, values)
-        problem = problem or (f"no {missing} for --caption_template" if missing else None)
-        if nested and not problem:
-            kind = type(values[nested[0]]).__name__
-            problem = f"--caption_template field {nested[0]!r} holds a {kind}, not text"
-        more = []
+        caption, template_problem = _composed(columns.template, record)
+        problem, more = problem or template_problem, []
     else:
         captions, caption_problem = caption_texts(_column_value(record, columns.caption))
         caption, more = (captions[0], captions[1:]) if captions else (None, [])
         problem = problem or caption_problem
+    for template in columns.extra_templates if caption is not None else ():
+        extra, extra_problem = _composed(template, record)
+        more, problem = [*more, *([extra] if extra is not None else [])], problem or extra_problem
     label = None
     if columns.label is not None:  # a row without its label: skipped as "empty class label"
         label = label_text(_column_value(record, columns.label), class_names)
@@ -152,6 +156,20 @@ def raw_columns(rows: list[dict], names=("image", "caption", "label", "problem")
     if any(row["more_captions"] for row in rows):
         columns["more_captions"] = [row["more_captions"] for row in rows]
     return columns
+
+
+def _composed(template: str, record: dict) -> tuple[str | None, str | None]:
+    """(caption, problem) of a template over one row: None and why where a field it names is missing, or holds
+    a list or an object (whose Python repr would otherwise be the caption)."""
+    fields = template_fields(template)
+    missing = [name for name in fields if not _has_column(record, name)]
+    if missing:
+        return None, f"no {missing} for --caption_template"
+    values = {name: _column_value(record, name) for name in fields}
+    nested = [name for name in fields if isinstance(values[name], list | tuple | dict)]
+    if nested:
+        return None, f"--caption_template field {nested[0]!r} holds a {type(values[nested[0]]).__name__}, not text"
+    return compose_caption(template, values), None
 
 
 def _column_value(record: dict, name: str):
@@ -299,8 +317,9 @@ def _split_of(path: str) -> str | None:
 class DatasetSource(Source):
     """Anything `datasets.load_dataset` loads (`--dataset_name`, with `--data_files`), read whole."""
 
-    def __init__(self, config: DataConfig) -> None:
-        self.config, self.name, self.columns = config, config.dataset_name, Columns.of(config)
+    def __init__(self, config: DataConfig, training: bool = False) -> None:
+        """`training`: the training split's columns (--extra_caption_templates)."""
+        self.config, self.name, self.columns = config, config.dataset_name, Columns.of(config, training)
         self._splits = None
 
     def split_names(self) -> list[str]:
@@ -336,7 +355,7 @@ class DatasetSource(Source):
             feature = MORE_CAPTIONS if name == "more_captions" else datasets.Value("string")
             images = images.add_column(name, cells, feature=feature)
         images = images.add_column("source_row", list(range(len(images))))
-        fingerprint = _hash(images._fingerprint, *([] if columns.template is None else [columns.template]))
+        fingerprint = _hash(images._fingerprint, *columns.signature())
         return first_rows(RawSplit(split, images, fingerprint, self.name), max_samples)
 
 
@@ -356,9 +375,12 @@ def check_columns(columns: Columns, where: str, column_names, features=None, nes
         for column in columns.named()
         if column not in column_names and not (column in nested and column.split(".", 1)[0] in column_names)
     ]
-    if missing and columns.template is not None and not [name for name in missing if name not in caption_fields]:
+    templated = columns.template is not None or columns.extra_templates
+    if missing and templated and not [name for name in missing if name not in caption_fields]:
+        named = [name for name in missing if columns.template and name in template_fields(columns.template)]
+        option = "--caption_template" if named else "--extra_caption_templates"
         raise ValueError(
-            f"{where}: --caption_template names {missing}, which it does not have; its columns are "
+            f"{where}: {option} names {missing}, which it does not have; its columns are "
             f"{sorted(column_names)}. Use those names in the template (e.g. '{{product_title}}, by {{brand}}')."
         )
     if missing:

@@ -160,7 +160,7 @@ class StreamingPairs(IterableDataset):
         """Decode and tokenize a chunk of rows; rows with a damaged image or a missing caption or label are left
         out and listed under `skipped` (with --strict the first is an error)."""
         names = class_names(self.split.stream.features, self.config.label_column)
-        columns = Columns.of(self.config)
+        columns = Columns.of(self.config, training=True)
         raw = [raw_row(example, columns, names) for _, example, _ in chunk]
         cached = self.preprocessor({**raw_columns(raw), "source_row": [position for position, _, _ in chunk]})
         reasons = cached["skip_reason"]
