@@ -274,12 +274,8 @@ def retrieval_metrics(
     ranks = _ranks(
         image_embeds, text_embeds, chunk_size, True, groups, ("own",) if groups is None else ("own", "group")
     )
-    metrics = _recall(*ranks["own"], ks)
     # One pass over S ranks both directions: image i's candidates are row i, text j's are column j.
-    for name, direction_ranks in {"image_to_text": ranks["own"][0], "text_to_image": ranks["own"][1]}.items():
-        one_based = direction_ranks + 1
-        metrics[f"{name}_mean_rank"] = float(one_based.double().mean())
-        metrics[f"{name}_median_rank"] = _median(one_based)
+    metrics = _rank_figures(*ranks["own"], ks)
     if groups is not None:
         metrics["identical_caption_match"] = _recall(*ranks["group"], ks)
     return metrics
@@ -344,12 +340,7 @@ def multi_caption_metrics(
         text_counts[b:b_end] += ((scores >= own[b:b_end].unsqueeze(0)) & ~mine).sum(dim=0)
     image_ranks = torch.where(best.isnan(), m - 1, image_counts)
     text_ranks = torch.where(own.isnan(), n - 1, text_counts)
-    metrics = _recall(image_ranks, text_ranks, ks)
-    for name, ranks in {"image_to_text": image_ranks, "text_to_image": text_ranks}.items():
-        metrics[f"{name}_mean_rank"] = float((ranks + 1).double().mean())
-        metrics[f"{name}_median_rank"] = _median(ranks + 1)
-    metrics["num_captions"] = m
-    return metrics
+    return {**_rank_figures(image_ranks, text_ranks, ks), "num_captions": m}
 
 
 def identical_caption_metrics(
@@ -379,6 +370,15 @@ def _caption_groups(captions: list[str], n: int) -> torch.Tensor:
         raise ValueError(f"got {len(captions)} captions for {n} pairs; pass one caption per pair")
     ids = {caption: index for index, caption in enumerate(dict.fromkeys(captions))}
     return torch.tensor([ids[caption] for caption in captions])
+
+
+def _rank_figures(image_ranks: torch.Tensor, text_ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    """`_recall`, and each direction's mean and median rank (1-based)."""
+    metrics = _recall(image_ranks, text_ranks, ks)
+    for name, ranks in {"image_to_text": image_ranks, "text_to_image": text_ranks}.items():
+        metrics[f"{name}_mean_rank"] = float((ranks + 1).double().mean())
+        metrics[f"{name}_median_rank"] = _median(ranks + 1)
+    return metrics
 
 
 def _recall(image_ranks: torch.Tensor, text_ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
