@@ -6,7 +6,8 @@ weights), same batch, same benchmark set (1,000 product-photo-like 240 x 320 JPE
 - clip_accel: the real trainer path, `prepare_run` + `fit` (its own loader from the preprocessing cache, Accelerate,
   `plain_step`, logging, epoch-end checkpoints), timed per optimizer step through fit's `on_step_end` hook;
 - bare PyTorch loop: the same preprocessed tensors held in memory, the same work per step (normalise, forward,
-  symmetric contrastive loss, backward, clip at 1.0, AdamW, schedule, clamp logit_scale), nothing else: the floor;
+  the trainer's contrastive loss with its default identical-caption positives, backward, clip at 1.0, AdamW,
+  schedule, clamp logit_scale), nothing else: the floor;
 - transformers.Trainer, the run_clip.py recipe (examples/pytorch/contrastive-image-text): CLIPModel with
   return_loss=True, captions tokenized up front padded to max_length (77, CLIP's context), images decoded and
   transformed on the fly every step through `set_transform`. run_clip.py uses torchvision's read_image +
@@ -54,6 +55,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from clip_accel.checkpoint import TrainerState, save_checkpoint  # noqa: E402
 from clip_accel.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from clip_accel.loss import contrastive_loss  # noqa: E402
 from clip_accel.model import ContrastiveModel  # noqa: E402
 from clip_accel.step import MAX_LOGIT_SCALE, plain_step  # noqa: E402
 from clip_accel.trainer import fit, prepare_run  # noqa: E402
@@ -195,20 +197,24 @@ class BareOptions:
     pad_to_77: bool = False
     out_of_place_normalize: bool = False
     compile: bool = False
+    # clip_accel's default loss: pairs with identical captions are positives of each other (--caption_positives
+    # identical), the same work as the trainer's; False: the own-pair loss, one pass less over the logits.
+    caption_positives: bool = True
 
 
-def in_memory_tensors(pair_dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Every training pair at once: uint8 pixels (N, S, S, 3), input_ids (N, L) padded, caption lengths (N,)."""
+def in_memory_tensors(pair_dataset) -> tuple:
+    """Every training pair at once: uint8 pixels (N, S, S, 3), input_ids (N, L) padded, caption lengths (N,), the
+    pad id and the caption ids (N,)."""
     everything = pair_dataset.__getitems__(list(range(len(pair_dataset))))
     input_ids, pad = everything["input_ids"], pair_dataset.pad_token_id
     lengths = (input_ids == pad).int().argmax(dim=1) + 1  # CLIP pads with end-of-text: the first one ends the caption
-    return everything["pixel_values"], input_ids, lengths, pad
+    return everything["pixel_values"], input_ids, lengths, pad, everything["caption_ids"]
 
 
 def bare_loop(
     model: CLIPModel, tensors, mean, std, batch_size: int, total_steps: int, gate: Gate, options: BareOptions
 ):
-    pixels, input_ids, lengths, pad = tensors
+    pixels, input_ids, lengths, pad, caption_ids = tensors
     shift = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
     scale = 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
@@ -223,8 +229,10 @@ def bare_loop(
     scheduler = get_scheduler("cosine", optimizer, 0, total_steps)
     generator = torch.Generator().manual_seed(0)
 
-    def loss_of(pixel_values, ids):
+    def loss_of(pixel_values, ids, captions):
         outputs = model(input_ids=ids, pixel_values=pixel_values)
+        if options.caption_positives:  # (the trainer's loss function, as the trainer calls it on one process)
+            return contrastive_loss(outputs.image_embeds, outputs.text_embeds, model.logit_scale, caption_ids=captions)
         logits = model.logit_scale.exp() * outputs.image_embeds @ outputs.text_embeds.T
         labels = torch.arange(len(logits))
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -250,7 +258,7 @@ def bare_loop(
                     pixel_values = pixels[index].permute(0, 3, 1, 2).to(torch.float32).sub_(shift).mul_(scale)
                 if options.nchw_contiguous:
                     pixel_values = pixel_values.contiguous()
-                loss = forward_loss(pixel_values, ids)
+                loss = forward_loss(pixel_values, ids, caption_ids[index])
                 loss.backward()
                 if options.clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -445,6 +453,7 @@ def main() -> None:
                 "bare, foreach AdamW (not fused)": BareOptions(fused_adamw=False),
                 "bare, eager attention (not SDPA)": BareOptions(attention="eager"),
                 "bare, no gradient clipping": BareOptions(clip_grad=False),
+                "bare, own-pair loss (no identical-caption positives)": BareOptions(caption_positives=False),
                 "bare, pixels NCHW-contiguous (not channels-last)": BareOptions(nchw_contiguous=True),
                 "bare, text padded to 77 (not to the batch's longest)": BareOptions(pad_to_77=True),
                 "bare, out-of-place pixel normalisation (clip_accel before 96754c0)": BareOptions(

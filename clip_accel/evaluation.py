@@ -114,7 +114,8 @@ def evaluate_retrieval(
     image_embeds, text_embeds = embed_split(accelerator, model, dataloader, normalizer)
     if more is not None:
         texts = torch.cat([text_embeds, embed_captions(accelerator, model, more.loader)])
-        owners = torch.cat([torch.arange(len(image_embeds)), more.owners])
+        device = image_embeds.device
+        owners = torch.cat([torch.arange(len(image_embeds), device=device), more.owners.to(device)])
         metrics = multi_caption_metrics(image_embeds, texts, owners, ks=RECALL_KS)
     else:  # with the captions, the identical-caption figures come from the same pass over the similarities
         metrics = retrieval_metrics(image_embeds, text_embeds, ks=RECALL_KS, captions=captions)
