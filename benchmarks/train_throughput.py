@@ -322,7 +322,7 @@ class CachedForTrainer(torch.utils.data.Dataset):
     """clip_accel's preprocessed pairs, normalised per item, for the Trainer-over-the-cache ablation."""
 
     def __init__(self, tensors, mean, std) -> None:
-        self.pixels, self.input_ids, self.lengths, _ = tensors
+        self.pixels, self.input_ids, self.lengths, _, _ = tensors
         self.shift = torch.tensor(mean).view(3, 1, 1) * 255.0
         self.scale = 1.0 / (255.0 * torch.tensor(std).view(3, 1, 1))
 
