@@ -60,22 +60,21 @@ def embed_split(
 
 
 @dataclass
-class MoreCaptions:
-    """A split's other captions (of rows with several): a prepared loader of their token ids, and the pair each
-    belongs to (its position in split order)."""
+class SplitCaptions:
+    """A split's captions, each distinct one embedded once: a prepared loader of the distinct captions' token
+    ids; for each caption of the split (the pairs' own captions in split order, then the other captions of rows
+    with several) the index of its distinct caption, and the pair it belongs to."""
 
     loader: DataLoader
+    index: torch.Tensor
     owners: torch.Tensor
 
 
-def more_captions(accelerator: Accelerator, pairs: PairDataset, batch_size: int) -> MoreCaptions | None:
-    """`MoreCaptions` of a cached split, or None when each of its rows has one caption."""
-    found = pairs.more_captions()
-    if found is None:
-        return None
-    dataset, owners = found
-    loader = make_dataloader(dataset, batch_size, train=False, device=accelerator.device)
-    return MoreCaptions(accelerator.prepare(loader), torch.from_numpy(owners))
+def split_captions(accelerator: Accelerator, pairs: PairDataset, batch_size: int) -> SplitCaptions:
+    """`SplitCaptions` of a cached split."""
+    distinct, index, owners = pairs.distinct_captions()
+    loader = make_dataloader(distinct, batch_size, train=False, device=accelerator.device)
+    return SplitCaptions(accelerator.prepare(loader), torch.from_numpy(index), torch.from_numpy(owners))
 
 
 @torch.no_grad()
@@ -104,23 +103,26 @@ def evaluate_retrieval(
     captions: list[str] | None = None,
     identical_captions_match: bool = False,
     prompts: Prompts | None = None,
-    more: MoreCaptions | None = None,
+    texts: SplitCaptions | None = None,
 ) -> dict[str, float]:
     """Recall@1/5/10 both ways plus mean/median rank over the whole split; with `labels` (one per pair, in split
     order) and the tokenizer, also zero-shot top-1/top-5 accuracy of classifying the images by prompted class
-    names. With `more` (rows with several captions), every caption is scored by the standard protocol
-    (`multi_caption_metrics`; no identical-caption figures then). Every process computes the same numbers from
-    the same gathered embeddings, so decisions taken on them (early stopping) agree everywhere."""
-    image_embeds, text_embeds = embed_split(accelerator, model, dataloader, normalizer)
-    if more is not None:
-        texts = torch.cat([text_embeds, embed_captions(accelerator, model, more.loader)])
+    names. With `texts`, each distinct caption is embedded once (identical captions tie exactly), and with rows
+    of several captions every caption is scored by the standard protocol (`multi_caption_metrics`; no
+    identical-caption figures then); without, each caption is embedded beside its image. Every process computes
+    the same numbers from the same gathered embeddings, so decisions taken on them (early stopping) agree
+    everywhere."""
+    image_embeds, text_embeds = embed_split(accelerator, model, dataloader, normalizer, with_text=texts is None)
+    several = texts is not None and len(texts.owners) > len(image_embeds)
+    if texts is not None:
         device = image_embeds.device
-        owners = torch.cat([torch.arange(len(image_embeds), device=device), more.owners.to(device)])
-        metrics = multi_caption_metrics(image_embeds, texts, owners, ks=RECALL_KS)
+        text_embeds = embed_captions(accelerator, model, texts.loader)[texts.index.to(device)]
+    if several:
+        metrics = multi_caption_metrics(image_embeds, text_embeds, texts.owners.to(device), ks=RECALL_KS)
     else:  # with the captions, the identical-caption figures come from the same pass over the similarities
         metrics = retrieval_metrics(image_embeds, text_embeds, ks=RECALL_KS, captions=captions)
     metrics["num_pairs"] = int(image_embeds.shape[0])
-    if captions is not None and more is None:
+    if captions is not None and not several:
         # Product titles repeat: also score as if any identical caption were a correct match. The default (the
         # reference's and open_clip's rule) counts only the own pair; the other figures ride along, nested.
         lenient = metrics.pop("identical_caption_match")
@@ -164,7 +166,7 @@ class EvaluationSplit:
     labels: list[str]
     captions: list[str]
     prompts: Prompts
-    more: MoreCaptions | None = None  # the other captions of rows with several
+    texts: SplitCaptions
 
 
 def evaluation_splits(
@@ -190,7 +192,7 @@ def evaluation_splits(
             pairs[role].column("label"),
             pairs[role].column("caption"),
             prompts,
-            more_captions(accelerator, pairs[role], batch_size),
+            split_captions(accelerator, pairs[role], batch_size),
         )
         for role in roles
     }
@@ -211,7 +213,7 @@ def score(
         split.captions,
         identical_captions_match,
         split.prompts,
-        split.more,
+        split.texts,
     )
 
 

@@ -55,7 +55,7 @@ from .data import (
 )
 from .early_stopping import EarlyStopping
 from .ema import WeightEma
-from .evaluation import dataset_prompts, evaluate_retrieval, more_captions
+from .evaluation import dataset_prompts, evaluate_retrieval, split_captions
 from .launch import (
     check_checkpoint_storage,
     check_fsdp_layers,
@@ -114,7 +114,7 @@ class Run:
     shared_train_captions: int | None  # training pairs whose caption another has (None for a stream: not counted)
     labels: dict  # class label of every usable pair, per evaluation role (for zero-shot accuracy)
     captions: dict  # caption of every usable pair, per evaluation role (for the identical-caption figures)
-    more_captions: dict  # per evaluation role, the other captions of rows with several (MoreCaptions), or None
+    texts: dict  # per evaluation role, its captions, each distinct one embedded once (SplitCaptions)
     skipped: dict  # rows skipped per role (main process)
     resolved_config: dict  # every option, flat
     settings: dict  # what a resume of this run's checkpoints depends on (checkpoint.resume_settings)
@@ -243,8 +243,8 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         shared_train_captions=shared,
         labels={role: pairs[role].column("label") for role in ("validation", "test")},
         captions={role: pairs[role].column("caption") for role in ("validation", "test")},
-        more_captions={
-            role: more_captions(accelerator, pairs[role], config.per_device_eval_batch_size)
+        texts={
+            role: split_captions(accelerator, pairs[role], config.per_device_eval_batch_size)
             for role in ("validation", "test")
         },
         skipped=skipped,
@@ -483,7 +483,7 @@ def _evaluate(run: Run, role: str) -> dict[str, float]:
         run.captions[role],
         run.config.identical_captions_match,
         run.prompts,
-        run.more_captions[role],
+        run.texts[role],
     )
 
 

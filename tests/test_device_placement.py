@@ -30,6 +30,7 @@ ON_THE_HOST = {
     ("data/loader", "torch.from_numpy(caption_ids)"): "a batch on the host: Accelerate's loader copies it",
     ("data/loader", "torch.from_numpy(pad_captions(captions, *self.padding))"): "captions alone: copied likewise",
     ("evaluation", "torch.from_numpy(owners)"): "moved to the embeddings' device in evaluate_retrieval",
+    ("evaluation", "torch.from_numpy(index)"): "moved to the embeddings' device in evaluate_retrieval",
 }
 
 

@@ -132,14 +132,9 @@ class PairDataset(Dataset):
             drawn = drawn_captions(self.caption_seed, self.epoch, rows, self.caption_counts()[rows])
         caption_ids = self.caption_ids[rows]
         for index, (chunk_id, offset, choice) in enumerate(zip(chunk_ids, offsets, drawn, strict=True)):
-            if choice == 0:
-                starts, values = self.token_chunks[chunk_id]
-                captions.append(values[starts[offset] : starts[offset + 1]])
-                continue
-            row_starts, caption_starts, values = self.more_token_chunks[chunk_id]
-            caption = row_starts[offset] + choice - 1
-            captions.append(values[caption_starts[caption] : caption_starts[caption + 1]])
-            caption_ids[index] = self.more_caption_ids[self.more_starts[rows[index]] + choice - 1]
+            captions.append(self._caption_tokens(chunk_id, offset, choice))
+            if choice:
+                caption_ids[index] = self.more_caption_ids[self.more_starts[rows[index]] + choice - 1]
         input_ids = pad_captions(captions, self.pad_token_id, self.pad_to, self.pad_left)
         return pair_batch(pixels, input_ids, caption_ids, grids if self.grid_chunks is not None else None)
 
@@ -147,27 +142,45 @@ class PairDataset(Dataset):
         """The compact cache's image shape, from its first usable row (a skipped row holds no image)."""
         if not len(self.rows):
             return (0, 0, 3)
-        row = int(self.rows[0])
-        chunk_id = int(np.searchsorted(self.chunk_starts, row, side="right") - 1)
+        chunk_id, offset = self._place(int(self.rows[0]))
         starts, data = self.jpeg_chunks[chunk_id]
-        offset = row - self.chunk_starts[chunk_id]
         return jpeg_shape(data[starts[offset] : starts[offset + 1]])
 
-    def more_captions(self) -> tuple[CaptionDataset, np.ndarray] | None:
-        """The usable rows' other captions (a `CaptionDataset`), and for each the position of its row among the
-        usable rows (loader order); None when no row has more than one caption."""
-        if self.more_caption_ids is None or not len(self.more_caption_ids):
-            return None
-        tokens, owners = [], []
-        for position, row in enumerate(self.rows):
-            chunk_id = int(np.searchsorted(self.chunk_starts, row, side="right") - 1)
-            row_starts, caption_starts, values = self.more_token_chunks[chunk_id]
-            offset = row - self.chunk_starts[chunk_id]
-            for caption in range(row_starts[offset], row_starts[offset + 1]):
-                tokens.append(values[caption_starts[caption] : caption_starts[caption + 1]])
+    def distinct_captions(self) -> tuple[CaptionDataset, np.ndarray, np.ndarray]:
+        """Every caption of the usable rows, for evaluation: a `CaptionDataset` holding each distinct caption (by
+        caption id) once, and for each caption of the split (first the rows' first captions in loader order,
+        then the other captions row by row) the index of its distinct caption and the position of its row.
+
+        Identical captions then share one embedding and tie exactly (embedded in different batches, padded to
+        different lengths, their embeddings differ in the last bits, and the tie rule would be decided by that),
+        and a catalogue with repeated titles embeds each title once."""
+        ids, owners = list(self.caption_ids[self.rows]), list(range(len(self.rows)))
+        places = [self._place(row) for row in self.rows]
+        tokens = [self._caption_tokens(chunk_id, offset, 0) for chunk_id, offset in places]
+        counts = self.caption_counts()
+        for position, (row, place) in enumerate(zip(self.rows, places, strict=True)):
+            for choice in range(1, counts[row]):
+                ids.append(self.more_caption_ids[self.more_starts[row] + choice - 1])
+                tokens.append(self._caption_tokens(*place, choice))
                 owners.append(position)
+        _, first, index = np.unique(np.asarray(ids, np.int64), return_index=True, return_inverse=True)
         padding = (self.pad_token_id, self.pad_to, self.pad_left)
-        return CaptionDataset(tokens, *padding), np.asarray(owners, np.int64)
+        distinct = CaptionDataset([tokens[i] for i in first], *padding)
+        return distinct, index.reshape(-1).astype(np.int64), np.asarray(owners, np.int64)
+
+    def _place(self, row: int) -> tuple[int, int]:
+        """A cached row's chunk and its offset in it."""
+        chunk_id = int(np.searchsorted(self.chunk_starts, row, side="right") - 1)
+        return chunk_id, int(row - self.chunk_starts[chunk_id])
+
+    def _caption_tokens(self, chunk_id: int, offset: int, choice: int) -> np.ndarray:
+        """The token ids of a row's caption number `choice` (0: its first; then its other captions in order)."""
+        if choice == 0:
+            starts, values = self.token_chunks[chunk_id]
+            return values[starts[offset] : starts[offset + 1]]
+        row_starts, caption_starts, values = self.more_token_chunks[chunk_id]
+        caption = row_starts[offset] + choice - 1
+        return values[caption_starts[caption] : caption_starts[caption + 1]]
 
     def column(self, name: str) -> list:
         """A cached column (e.g. `caption`, `label`) for the usable rows, in loader order."""
