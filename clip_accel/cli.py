@@ -1,4 +1,4 @@
-"""Every entry point: `clip-accel train | evaluate | push | reproduce | wise-ft | embed | search`.
+"""Every entry point: `clip-accel train | evaluate | push | reproduce | wise-ft | embed | search | index-shards | env`.
 
 `scripts/*.py`, `python -m clip_accel` and the console scripts in pyproject.toml are one-line wrappers of these
 functions. Each returns None, so a console script exits with status 0 on success (a console script hands the
@@ -14,12 +14,14 @@ import os
 import shlex
 import sys
 
+import transformers
 from accelerate import PartialState
 
 from .checkpoint import list_checkpoints
 from .config import METRIC_NAMES, DataConfig, ModelConfig, TrainConfig, parse_config
 from .data.shards import index_shards
 from .embedding import check_output_file, check_writable_file, embed, load_embeddings, save_embeddings
+from .environment import format_report, report
 from .evaluation import evaluate_folder, training_option
 from .hub import check_hub_access, push_output_dir, write_model_card
 from .model import is_local_path
@@ -37,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     """`clip-accel COMMAND [options]`; `clip-accel COMMAND --help` lists each command's options."""
     parser = argparse.ArgumentParser(prog="clip-accel", description="Fine-tune CLIP with Accelerate and publish it.")
     parser.add_argument(
-        "command", choices=COMMANDS, help="train, evaluate, push, reproduce, wise-ft, embed, search or index-shards"
+        "command",
+        choices=COMMANDS,
+        help="train, evaluate, push, reproduce, wise-ft, embed, search, index-shards or env",
     )
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the command's options")
     args = parser.parse_args(argv)
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 def train_main(argv: list[str] | None = None) -> None:
     """`accelerate launch -m clip_accel train --config demo [--option value ...]` (or `scripts/train.py`)."""
     data_config, model_config, train_config = parse_config(argv)
-    setup_logging()
+    setup_logging(train_config.log_level)
     try:
         train_and_publish(data_config, model_config, train_config)
     except KeyboardInterrupt:
@@ -422,6 +426,12 @@ def index_shards_main(argv: list[str] | None = None) -> None:
         logger.info(f"{path}: {shards} {split} shards, {rows} rows")
 
 
+def env_main(argv: list[str] | None = None) -> None:
+    """`clip-accel env`: versions, devices, configs and caches for a bug report (environment.py)."""
+    argparse.ArgumentParser(prog="clip-accel env", description=env_main.__doc__).parse_args(argv)
+    print(format_report(report()))
+
+
 def _interrupted(output_dir: str, argv: list[str]) -> str:
     """One line: where an interrupted run can be resumed from, and how."""
     checkpoints = list_checkpoints(output_dir)
@@ -446,12 +456,20 @@ COMMANDS = {
     "embed": embed_main,
     "search": search_main,
     "index-shards": index_shards_main,
+    "env": env_main,
 }
 
 
-def setup_logging() -> None:
+def setup_logging(level: str = "info") -> None:
+    """One line per checkpoint and per evaluation at "info"; "debug" adds clip_accel's per-step lines, Accelerate's
+    own lines (seven per checkpoint) and transformers' progress bars (writing and loading weights)."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
     )
     for noisy in ("transformers", "datasets", "httpx", "httpx2", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    debug = level == "debug"
+    logging.getLogger("clip_accel").setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.INFO if debug else logging.WARNING)
+    if not debug:  # a bar inside the training bar at every save
+        transformers.utils.logging.disable_progress_bar()

@@ -479,6 +479,14 @@ class TrainConfig:
         metadata={"help": "Evaluate the starting model on the test split first (the zero-shot row of the table)."},
     )
     logging_steps: int = field(default=10, metadata={"help": "Log loss and learning rate every N optimizer steps."})
+    log_level: Literal["info", "debug"] = field(
+        default="info",
+        metadata={
+            "help": "info: one line per checkpoint and per evaluation, and one progress bar where a terminal is "
+            "attached (plain per-logging-step lines where not). debug: also Accelerate's and transformers' own "
+            "lines and bars, and every logging step's line."
+        },
+    )
     report_to: str = field(
         default="none", metadata={"help": "Trackers for accelerate: 'none', 'all', or a comma list (tensorboard, ...)."}
     )

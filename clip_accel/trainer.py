@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import CLIPModel
 
 from .augment import Augmenter, training_cache_size
@@ -282,31 +284,33 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
     skips = []  # device flags of the steps since the counts were last read (reading them syncs with the device)
     copy_stream = CopyStream.for_device(run.accelerator.device)  # one for the run: its memory pool is per stream
     batches = optimizer_step_batches(run.train_loader, run.accelerator, state, group_size, copy_stream)
-    for micro_batches, epoch_over in batches:
-        if run.augmenter is not None:  # drawn once per step: both passes of exact accumulation see the same crops
-            micro_batches = run.augmenter(micro_batches, state.step, run.accelerator.process_index)
-        loss, skipped = take_step(run.step_context, micro_batches)
-        state.step += 1
-        losses.append(loss)
-        skips.append(skipped)
-        progress.update(1)
-        out_of_steps = state.step >= run.total_steps
-        if state.step % config.logging_steps == 0 or out_of_steps:
-            skips = _count_nonfinite(state, skips, config.max_nonfinite_steps)
-            _log_training(run, state, losses)
-            losses = []
-        evaluation_due = state.step % config.eval_steps == 0 if config.eval_steps else epoch_over
-        if evaluation_due or out_of_steps:
-            _evaluate_and_keep_best(run, state, early_stopping)
-        stop = out_of_steps or early_stopping.should_stop
-        checkpoint_due = config.checkpointing_steps and state.step % config.checkpointing_steps == 0
-        if not stop and (epoch_over or checkpoint_due):
-            skips = _count_nonfinite(state, skips, config.max_nonfinite_steps)
-            _checkpoint(run, state, early_stopping, losses)
-        if on_step_end is not None:
-            on_step_end(state)
-        if stop:
-            break
+    # Log lines go above the bar (where one is drawn), not through it.
+    with nullcontext() if progress.disable else logging_redirect_tqdm():
+        for micro_batches, epoch_over in batches:
+            if run.augmenter is not None:  # drawn once per step: both passes of exact accumulation see the same crops
+                micro_batches = run.augmenter(micro_batches, state.step, run.accelerator.process_index)
+            loss, skipped = take_step(run.step_context, micro_batches)
+            state.step += 1
+            losses.append(loss)
+            skips.append(skipped)
+            progress.update(1)
+            out_of_steps = state.step >= run.total_steps
+            if state.step % config.logging_steps == 0 or out_of_steps:
+                skips = _count_nonfinite(state, skips, config.max_nonfinite_steps)
+                _log_training(run, state, losses, progress)
+                losses = []
+            evaluation_due = state.step % config.eval_steps == 0 if config.eval_steps else epoch_over
+            if evaluation_due or out_of_steps:
+                _evaluate_and_keep_best(run, state, early_stopping)
+            stop = out_of_steps or early_stopping.should_stop
+            checkpoint_due = config.checkpointing_steps and state.step % config.checkpointing_steps == 0
+            if not stop and (epoch_over or checkpoint_due):
+                skips = _count_nonfinite(state, skips, config.max_nonfinite_steps)
+                _checkpoint(run, state, early_stopping, losses)
+            if on_step_end is not None:
+                on_step_end(state)
+            if stop:
+                break
     progress.close()
     return early_stopping
 
@@ -353,9 +357,13 @@ def _epoch_batches(loader, accelerator: Accelerator, state: TrainerState, copy_s
 
 
 def _progress_bar(run: Run, state: TrainerState) -> tqdm:
-    # Only the local main process draws; there TQDM_DISABLE=1 (or any TQDM_* setting) still applies.
-    hidden = {} if run.accelerator.is_local_main_process else {"disable": True}
-    return tqdm(total=run.total_steps, initial=state.step, desc="Training", **hidden)
+    """The one bar (pairs/s, time left; loss and LR set at logging steps, so no extra host sync), drawn by the
+    local main process where a terminal is attached; elsewhere plain log lines say the same. TQDM_DISABLE=1 (or
+    any TQDM_* setting) still applies."""
+    drawn = run.accelerator.is_local_main_process and sys.stderr.isatty()
+    pairs = run.config.global_batch_size(run.accelerator.num_processes)
+    hidden = {} if drawn else {"disable": True}
+    return tqdm(total=run.total_steps, initial=state.step, desc="Training", unit="pairs", unit_scale=pairs, **hidden)
 
 
 def _load_model_and_data(
@@ -526,7 +534,7 @@ def _evaluate_and_keep_best(run: Run, state: TrainerState, early_stopping: Early
         logger.info(f"Early stopping: no improvement in {early_stopping.patience} evaluations.")
 
 
-def _log_training(run: Run, state: TrainerState, losses: list[torch.Tensor]) -> None:
+def _log_training(run: Run, state: TrainerState, losses: list[torch.Tensor], progress: tqdm) -> None:
     # The only host-device sync of the loss, once per logging interval.
     loss = _mean_over_processes(run, losses).mean().item()
     learning_rate = top_learning_rate(run.step_context.scheduler)
@@ -538,10 +546,12 @@ def _log_training(run: Run, state: TrainerState, losses: list[torch.Tensor]) -> 
     run.accelerator.log(
         {"train/loss": loss, "train/learning_rate": learning_rate, "train/logit_scale": logit_scale}, step=state.step
     )
-    logger.info(
-        f"step {state.step}/{run.total_steps} epoch {epochs:.2f}: loss {loss:.4f} lr {learning_rate:.3g} "
-        f"logit_scale {logit_scale:.2f}"
-    )
+    line = f"step {state.step}/{run.total_steps} epoch {epochs:.2f}: loss {loss:.4f} lr {learning_rate:.3g}"
+    if progress.disable:
+        logger.info(f"{line} logit_scale {logit_scale:.2f}")
+    else:  # the bar says it
+        progress.set_postfix_str(f"loss {loss:.4f}, lr {learning_rate:.3g}", refresh=False)
+        logger.debug(f"{line} logit_scale {logit_scale:.2f}")
 
 
 def _mean_over_processes(run: Run, losses: list[torch.Tensor]) -> torch.Tensor:

@@ -36,7 +36,7 @@ LAYERS = (
     },
     {"step", "evaluation", "checkpoint", "launch"},
     {"trainer"},
-    {"outputs", "hub", "sweep", "wise_ft", "embedding", "search"},
+    {"outputs", "hub", "sweep", "wise_ft", "embedding", "search", "environment"},
     {"cli", "__main__"},
 )
 # Below the trainer nothing may know the Hub exists (huggingface_hub is for hub.py alone).
