@@ -26,6 +26,7 @@ from .evaluation import evaluate_folder, training_option
 from .hub import check_hub_access, push_output_dir, write_model_card
 from .model import is_local_path
 from .outputs import write_outputs
+from .preemption import PREEMPTED_EXIT, Preempted
 from .results import format_results_table
 from .search import QueryEncoder, contact_sheet, format_hits, search
 from .sweep import SweepOptions, run_sweep
@@ -58,6 +59,14 @@ def train_main(argv: list[str] | None = None) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             logger.error(_interrupted(train_config.output_dir, sys.argv[1:] if argv is None else argv))
         raise SystemExit(130) from None  # the shell's status for "ended by Ctrl-C"
+    except Preempted as preempted:
+        if int(os.environ.get("RANK", "0")) == 0:
+            logger.warning(
+                f"Preempted: checkpoint {preempted.checkpoint} written at step {preempted.step}; exiting with status "
+                f"{PREEMPTED_EXIT}. The same launch with --resume_from_checkpoint latest goes on from it "
+                "(scripts/slurm/launch_node.sh adds it in a requeued job)."
+            )
+        raise SystemExit(PREEMPTED_EXIT) from None
 
 
 def train_and_publish(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> TrainingResult:

@@ -81,6 +81,7 @@ from .model import (
     unwrap,
 )
 from .optim import build_optimizer, build_scheduler, log_parameter_groups, top_learning_rate
+from .preemption import Preempted, preempted_everywhere, watching_for_preemption
 from .step import StepContext, exact_step, plain_step, use_tf32
 from .zero_shot import Prompts
 
@@ -285,7 +286,7 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
     copy_stream = CopyStream.for_device(run.accelerator.device)  # one for the run: its memory pool is per stream
     batches = optimizer_step_batches(run.train_loader, run.accelerator, state, group_size, copy_stream)
     # Log lines go above the bar (where one is drawn), not through it.
-    with nullcontext() if progress.disable else logging_redirect_tqdm():
+    with nullcontext() if progress.disable else logging_redirect_tqdm(), watching_for_preemption() as preemption:
         for micro_batches, epoch_over in batches:
             if run.augmenter is not None:  # drawn once per step: both passes of exact accumulation see the same crops
                 micro_batches = run.augmenter(micro_batches, state.step, run.accelerator.process_index)
@@ -299,6 +300,9 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
                 skips = _count_nonfinite(state, skips, config.max_nonfinite_steps)
                 _log_training(run, state, losses, progress)
                 losses = []
+                if not out_of_steps and preempted_everywhere(run.accelerator, preemption):
+                    progress.close()
+                    raise Preempted(state.step, _checkpoint(run, state, early_stopping, losses))
             evaluation_due = state.step % config.eval_steps == 0 if config.eval_steps else epoch_over
             if evaluation_due or out_of_steps:
                 _evaluate_and_keep_best(run, state, early_stopping)
@@ -587,7 +591,7 @@ def _count_nonfinite(state: TrainerState, skips: list[torch.Tensor], limit: int)
     return []
 
 
-def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping, losses: list) -> None:
+def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping, losses: list) -> str:
     # So a resumed run logs the same interval means: each step's loss averaged over the processes (with the local
     # loss each holds its own share), as _log_training averages them.
     state.unlogged_losses = _mean_over_processes(run, losses).tolist() if losses else []
@@ -597,7 +601,7 @@ def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping, lo
     state.settings = run.settings
     if isinstance(run.train_loader, StreamingLoader):  # every process's position in the stream
         state.stream = gather_object([run.train_loader.checkpoint()])
-    save_checkpoint(run.accelerator, run.config.output_dir, state, run.config.save_total_limit)
+    return save_checkpoint(run.accelerator, run.config.output_dir, state, run.config.save_total_limit)
 
 
 def _load_best_weights(run: Run) -> CLIPModel | None:

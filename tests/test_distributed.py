@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
+import time
 
 import distributed_worker
 import pytest
 import torch
-from launching import CPU_ENV, TORCHRUN, TORCHRUN_2
+from launching import CPU_ENV, TORCHRUN_2
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -231,26 +233,55 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_nodes_without_shared_storage_train_as_two_processes_of_one_node(
-    two_process_run, tmp_path, demo_dir, tiny_model_config_path
-):
-    # Two single-process "nodes" on this machine, each with output and cache folders the other never sees (what
-    # node-local disks look like to the code: nothing of one node's folder can be read by the other).
-    env = CPU_ENV
-    rendezvous = ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port"]
-    rendezvous.append(str(free_port()))
+FAKE_SCONTROL = """#!/bin/bash
+# What scripts/slurm/launch_node.sh asks of SLURM: the job's hosts (two "nodes" on this machine) and a requeue.
+case "$1" in
+    show) printf '127.0.0.1\\n127.0.0.1\\n' ;;
+    requeue) echo "requeue $2" >> "$FAKE_SLURM_LOG" ;;
+esac
+"""
+
+
+def start_slurm_nodes(tmp_path, options: list[list[str]], port: int, restarts: int = 0) -> list[subprocess.Popen]:
+    """scripts/slurm/launch_node.sh on two faked SLURM nodes of one process each, as `srun` would start it (the
+    SLURM_* variables; `scontrol` faked on PATH); node RANK's output goes to tmp_path/node{RANK}.log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1"}
     nodes = []
     for rank in (0, 1):
-        out, log = tmp_path / f"node{rank}" / "out", tmp_path / f"node{rank}.log"
-        command = [*TORCHRUN, *rendezvous, "--node_rank", str(rank)]
-        command += ["scripts/train.py", *run_options(demo_dir, tiny_model_config_path, out)]
-        with open(log, "w") as handle:
-            nodes.append((out, subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)))
-    for (_, process), rank in zip(nodes, (0, 1), strict=True):
+        env = {**CPU_ENV, **slurm, "SLURM_NODEID": str(rank), "SLURM_RESTART_COUNT": str(restarts)}
+        env |= {"PATH": f"{bin_dir}:{env['PATH']}", "FAKE_SLURM_LOG": str(tmp_path / "scontrol.log")}
+        env["CLIP_ACCEL_MASTER_PORT"] = str(port)
+        command = ["bash", "scripts/slurm/launch_node.sh", *options[rank]]
+        with open(tmp_path / f"node{rank}.log", "a") as handle:
+            nodes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT))
+    return nodes
+
+
+def exit_statuses(nodes: list[subprocess.Popen]) -> list[int]:
+    for process in nodes:
         process.wait(timeout=600)
-        assert process.returncode == 0, (tmp_path / f"node{rank}.log").read_text()[-5000:]
-    logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
-    (node0, _), (node1, _) = nodes
+    return [process.returncode for process in nodes]
+
+
+def node_logs(tmp_path) -> list[str]:
+    return [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
+
+
+def test_two_slurm_nodes_without_shared_storage_train_as_two_processes_of_one_node(
+    two_process_run, tmp_path, demo_dir, tiny_model_config_path
+):
+    # Two single-process "nodes" on this machine, started by the SLURM per-node script, each with output and cache
+    # folders the other never sees (what node-local disks look like to the code: nothing of one node's folder can
+    # be read by the other).
+    outs = [tmp_path / f"node{rank}" / "out" for rank in (0, 1)]
+    options = [run_options(demo_dir, tiny_model_config_path, out) for out in outs]
+    nodes = start_slurm_nodes(tmp_path, options, free_port())
+    assert exit_statuses(nodes) == [0, 0], [log[-5000:] for log in node_logs(tmp_path)]
+    logs, (node0, node1) = node_logs(tmp_path), outs
     assert "Processes: 2 (MULTI_CPU)" in logs[0] and "node-local" in logs[0]
     one_node, _ = two_process_run
     assert (
@@ -262,6 +293,34 @@ def test_two_nodes_without_shared_storage_train_as_two_processes_of_one_node(
     # Each node keeps its own checkpoints (to resume from its own disk); the model and results are node 0's.
     assert os.listdir(node0 / "checkpoints") == os.listdir(node1 / "checkpoints") != []
     assert not (node1 / "model.safetensors").exists()
+
+
+def test_a_preempted_slurm_job_checkpoints_exits_75_requeues_and_resumes_as_if_never_stopped(
+    two_process_run, tmp_path, demo_dir, tiny_model_config_path
+):
+    # SIGUSR1 (train.sbatch's --signal=USR1@120) to both nodes' scripts mid-run, on shared storage (one output
+    # folder); then the requeued job: the same command, SLURM_RESTART_COUNT=1.
+    out = tmp_path / "out"
+    options = [run_options(demo_dir, tiny_model_config_path, out)] * 2
+    nodes = start_slurm_nodes(tmp_path, options, free_port())
+    while "step 5/24" not in node_logs(tmp_path)[0]:
+        assert nodes[0].poll() is None, node_logs(tmp_path)[0][-5000:]
+        time.sleep(0.05)
+    for process in nodes:
+        process.send_signal(signal.SIGUSR1)
+    assert exit_statuses(nodes) == [75, 75], [log[-5000:] for log in node_logs(tmp_path)]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # once, by the main node
+    checkpoint = sorted(os.listdir(out / "checkpoints"))[-1]  # the preemption's (older ones: at epoch ends)
+    preempted_at = int(checkpoint.removeprefix("step-"))
+    assert 5 <= preempted_at < 24 and f"Preempted: checkpoint {out}/checkpoints/{checkpoint}" in node_logs(tmp_path)[0]
+    assert not (out / "eval_results.json").exists()  # the run's end was not reached
+
+    nodes = start_slurm_nodes(tmp_path, options, free_port(), restarts=1)
+    assert exit_statuses(nodes) == [0, 0], [log[-5000:] for log in node_logs(tmp_path)]
+    assert f"Resumed from {out}/checkpoints/{checkpoint}" in node_logs(tmp_path)[0]
+    one_node, _ = two_process_run
+    expected, actual = load_file(one_node / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
 
 
 @pytest.mark.parametrize(

@@ -134,6 +134,9 @@ def parse_command(tokens: list[str], demo_dir: str, monkeypatch) -> None:
         if script is None:
             return
         tokens = tokens[script:] if tokens[script] != "-m" else ["clip-accel", *tokens[script + 2 :]]
+    if tokens[0] in ("sbatch", "bash") and tokens[1].startswith("scripts/slurm/"):  # clip-accel train's options
+        assert (ROOT / tokens[1]).is_file()
+        tokens = ["clip-accel", "train", *tokens[2:]]
     if tokens[0].startswith("scripts/") and tokens[0].endswith(".py"):
         command, options = SCRIPTS[Path(tokens[0]).stem], tokens[1:]
     elif tokens[0] == "clip-accel":
@@ -168,6 +171,10 @@ def test_a_misspelt_option_in_a_parsed_block_fails(demo_dir, monkeypatch):
     with pytest.raises(ValueError, match="num_train_epocs"):  # (HfArgumentParser raises, argparse exits)
         parse_command(
             shlex.split("accelerate launch scripts/train.py --config demo --num_train_epocs 1"), demo_dir, monkeypatch
+        )
+    with pytest.raises(ValueError, match="max_stpes"):
+        parse_command(
+            shlex.split("sbatch scripts/slurm/train.sbatch --config demo --max_stpes 3"), demo_dir, monkeypatch
         )
     with pytest.raises(SystemExit):
         parse_command(shlex.split("clip-accel evaluate --model_name_or_path x --splitt test"), demo_dir, monkeypatch)

@@ -34,7 +34,7 @@ LAYERS = (
         "optim",
         "ema",
     },
-    {"step", "evaluation", "checkpoint", "launch"},
+    {"step", "evaluation", "checkpoint", "launch", "preemption"},
     {"trainer"},
     {"outputs", "hub", "sweep", "wise_ft", "embedding", "search", "environment"},
     {"cli", "__main__"},

@@ -1,0 +1,52 @@
+#!/bin/bash
+# One SLURM node's launch (train.sbatch runs it once per node with srun): torchrun with this node's rank and the
+# main node's address read from SLURM's variables, one process per GPU, each running scripts/train.py "$@".
+#
+#   SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_NODEID   set by SLURM (the main node: the list's first host)
+#   SLURM_JOB_ID                                     the rendezvous port is 20000 + its last 4 digits
+#   CLIP_ACCEL_MASTER_PORT                           or this port
+#   CLIP_ACCEL_PROCS_PER_NODE / SLURM_GPUS_ON_NODE   processes on this node (in that order; default 1)
+#   SLURM_RESTART_COUNT                              > 0 in a requeued job: --resume_from_checkpoint latest is added
+#
+# Preemption: SIGUSR1 (train.sbatch's --signal) or SIGTERM reaching this script is handed to the training
+# processes (torchrun itself ignores SIGUSR1), which write a checkpoint at their next logging step and exit. This
+# script then exits with 75 and, on the main node, requeues the job (scontrol requeue).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+main_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+port=${CLIP_ACCEL_MASTER_PORT:-$((20000 + 10#${SLURM_JOB_ID: -4}))}
+procs=${CLIP_ACCEL_PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+procs=${procs%%(*}  # SLURM_GPUS_ON_NODE may read "8(IDX:0-7)" on some versions
+resume=()
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+    resume=(--resume_from_checkpoint latest)
+fi
+# torchrun inherits SIGUSR1 ignored (its default would end it and orphan the workers); the workers set their own.
+(
+    trap '' USR1
+    exec python -m torch.distributed.run --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" \
+        --nproc_per_node "$procs" --master_addr "$main_node" --master_port "$port" \
+        scripts/train.py "$@" "${resume[@]}"
+) &
+launcher=$!
+signalled=0
+forward() {  # to the workers (torchrun's children), not to torchrun, which would stop them after 30 s
+    signalled=1
+    pkill "-$1" -P "$launcher"
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+status=0
+while true; do  # a trapped signal interrupts wait: wait again until the run has ended
+    wait "$launcher"
+    status=$?
+    kill -0 "$launcher" 2>/dev/null || break
+done
+if [ "$signalled" -eq 1 ] && [ "$status" -ne 0 ]; then
+    status=75  # EX_TEMPFAIL, as the training processes exit: torchrun reports any failing worker as 1
+    if [ "$SLURM_NODEID" -eq 0 ]; then
+        echo "clip-accel: preempted; requeueing job $SLURM_JOB_ID (it resumes from the latest checkpoint)" >&2
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+fi
+exit "$status"
