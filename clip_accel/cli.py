@@ -56,11 +56,11 @@ def train_main(argv: list[str] | None = None) -> None:
     try:
         train_and_publish(data_config, model_config, train_config)
     except KeyboardInterrupt:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _launched_as_main_process():
             logger.error(_interrupted(train_config.output_dir, sys.argv[1:] if argv is None else argv))
         raise SystemExit(130) from None  # the shell's status for "ended by Ctrl-C"
     except Preempted as preempted:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _launched_as_main_process():
             logger.warning(
                 f"Preempted: checkpoint {preempted.checkpoint} written at step {preempted.step}; exiting with status "
                 f"{PREEMPTED_EXIT}. The same launch with --resume_from_checkpoint latest goes on from it "
@@ -69,12 +69,17 @@ def train_main(argv: list[str] | None = None) -> None:
         raise SystemExit(PREEMPTED_EXIT) from None
 
 
+def _launched_as_main_process() -> bool:
+    """Rank 0 by the launcher's RANK: for messages before an Accelerator exists or after it is gone."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def train_and_publish(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> TrainingResult:
     """What `clip-accel train` does: check Hub access (with --push_to_hub), train, then on the main process write
     the result files and the model card, and push."""
     # Fail fast, before any image is decoded. No Accelerator exists yet: the launcher's RANK says which process
     # is the main one (the others would only repeat the same check).
-    if config.push_to_hub and int(os.environ.get("RANK", "0")) == 0:
+    if config.push_to_hub and _launched_as_main_process():
         check_hub_access(config.hub_model_id, private=config.hub_private)
     result = train(data_config, model_config, config)
     if PartialState().is_main_process:

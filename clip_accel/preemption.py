@@ -56,5 +56,7 @@ def watching_for_preemption() -> Iterator[dict[str, bool]]:
 
 def preempted_everywhere(accelerator: Accelerator, flag: dict[str, bool]) -> bool:
     """Whether any process was signalled: the same answer on every process (a collective: call it on all)."""
+    if accelerator.num_processes == 1:  # no device round trip at every logging step
+        return flag["signalled"]
     signalled = torch.tensor([float(flag["signalled"])], device=accelerator.device)
     return bool(accelerator.reduce(signalled, "max").item())
