@@ -30,9 +30,9 @@ import time
 import common
 from accelerate.state import AcceleratorState  # noqa: E402
 
-from clip_accel.config import parse_config  # noqa: E402
 from clip_accel.data.demo import write_demo_dataset  # noqa: E402
 from clip_accel.data.indo_fashion import INDO_FASHION_FILES  # noqa: E402
+from clip_accel.options import parse_config  # noqa: E402
 from clip_accel.step import plain_step  # noqa: E402
 from clip_accel.trainer import prepare_run  # noqa: E402
 

@@ -34,10 +34,10 @@ import common
 from accelerate.state import AcceleratorState  # noqa: E402
 
 from clip_accel.cli import wise_ft_main  # noqa: E402
-from clip_accel.config import parse_config  # noqa: E402
 from clip_accel.data.demo import CLASS_LABELS, write_demo_dataset  # noqa: E402
 from clip_accel.data.indo_fashion import INDO_FASHION_FILES  # noqa: E402
 from clip_accel.evaluation import evaluate_folder  # noqa: E402
+from clip_accel.options import parse_config  # noqa: E402
 
 GENERAL = set(CLASS_LABELS[:8])
 ROOT = common.BENCH_DIR / "catalogue"

@@ -259,7 +259,7 @@ def train_row(argv: list[str]) -> tuple[dict, float]:
     from accelerate.state import AcceleratorState
 
     from clip_accel.cli import train_and_publish
-    from clip_accel.config import parse_config
+    from clip_accel.options import parse_config
 
     start = time.perf_counter()
     try:

@@ -21,9 +21,9 @@ import time
 import common
 from catalogue_loss import SHARED_TITLES, shared_titles  # noqa: E402
 
-from clip_accel.config import parse_config  # noqa: E402
 from clip_accel.data.demo import write_demo_dataset  # noqa: E402
 from clip_accel.evaluation import evaluate_retrieval  # noqa: E402
+from clip_accel.options import parse_config  # noqa: E402
 from clip_accel.trainer import prepare_run  # noqa: E402
 
 ROOT = common.BENCH_DIR / "distinct_captions"

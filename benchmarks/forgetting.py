@@ -37,10 +37,11 @@ from pathlib import Path
 import common
 from accelerate.state import AcceleratorState  # noqa: E402
 
-from clip_accel.config import DataConfig, parse_config  # noqa: E402
+from clip_accel.config import DataConfig  # noqa: E402
 from clip_accel.data.demo import CLASS_LABELS, write_demo_dataset  # noqa: E402
 from clip_accel.data.indo_fashion import INDO_FASHION_FILES  # noqa: E402
 from clip_accel.evaluation import evaluate_folder  # noqa: E402
+from clip_accel.options import parse_config  # noqa: E402
 from clip_accel.step import plain_step  # noqa: E402
 from clip_accel.trainer import prepare_run  # noqa: E402
 from clip_accel.wise_ft import WiseFtOptions, wise_ft  # noqa: E402

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -20,9 +19,9 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .config import DataConfig, ModelConfig, TrainConfig
+from .config import DataConfig, ModelConfig, TrainConfig, UserError, check_writable_folder
 from .lora import ADAPTER_DIR, has_lora, merged_state_dict, save_adapter
-from .model import ContrastiveModel, unwrap
+from .model import ContrastiveModel, save_model_folder, unwrap
 
 logger = get_logger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -157,7 +156,7 @@ def check_resume(path: str, saved: dict, current: dict) -> None:
     if "stream" in saved and "stream" in current and saved["stream"] != current["stream"]:
         changed.append(_stream_change(saved["stream"], current["stream"]))
     if changed:
-        raise ValueError(
+        raise UserError(
             f"{path} was written by a run that differs from this one in what a resume depends on: "
             + "; ".join(changed)
             + ". Resume with the checkpoint's settings, or start a new run (from its model: --model_name_or_path "
@@ -231,23 +230,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerSta
 
 
 def check_output_folder(output_dir: str) -> None:
-    """--output_dir can be written: a folder (made if missing) where a file can be created. Checked before any
-    image is decoded, so a typo costs seconds, not a preprocessing pass."""
-    problem = None
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        problem = "is a file, not a folder"
-    else:
-        try:
-            os.makedirs(output_dir, exist_ok=True)
-            descriptor, probe = tempfile.mkstemp(prefix=".clip_accel-write-test-", dir=output_dir)
-            os.close(descriptor)
-            os.remove(probe)
-        except OSError as error:
-            problem = f"cannot be written ({error.strerror or error})"
-    if problem is not None:
-        raise ValueError(
-            f"--output_dir {output_dir!r} {problem}: name a folder this user can write (it is made if missing)."
-        )
+    """--output_dir can be written. Checked before any image is decoded, so a typo costs seconds, not a
+    preprocessing pass."""
+    check_writable_folder(output_dir, "--output_dir")
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -264,13 +249,13 @@ def resolve_checkpoint(output_dir: str, which: str) -> str:
     if which == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise ValueError(
+            raise UserError(
                 f"--resume_from_checkpoint latest: {output_dir}/{CHECKPOINTS} holds no checkpoint. "
                 "Start without it, or pass a checkpoint folder."
             )
         return found[-1]
     if not os.path.isfile(os.path.join(which, STATE_FILE)):
-        raise ValueError(
+        raise UserError(
             f"--resume_from_checkpoint {which!r} is not a checkpoint folder (no {STATE_FILE}); "
             f"checkpoints live in OUTPUT/{CHECKPOINTS}/step-*."
         )
@@ -305,7 +290,7 @@ def _check_resumable(accelerator: Accelerator, state: TrainerState, path: str) -
         return
     written = f"FSDP2 on {state.num_processes} processes" if state.sharded else "DDP (or one process)"
     now = f"FSDP2 on {accelerator.num_processes} processes" if sharded else "DDP (or one process)"
-    raise ValueError(
+    raise UserError(
         f"{path} was written under {written} and this run is {now}: resume it with the launch that wrote it, "
         "or start from its best model (--model_name_or_path OUTPUT) instead of resuming."
     )
@@ -344,8 +329,9 @@ def _replace(source: str, target: str) -> None:
 
 
 def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, output_dir: str) -> None:
-    """save_pretrained (safetensors) + processor into output_dir. Written to a temporary folder first and moved
-    into place file by file, so a crash mid-save leaves the previous best model readable."""
+    """The model folder (`save_model_folder`: safetensors, processor, sentence-transformers' files) in output_dir.
+    Written to a temporary folder first and moved into place file by file, so a crash mid-save leaves the previous
+    best model readable."""
     state_dict = accelerator.get_state_dict(model)  # every process: FSDP2 gathers the whole tensors here
     if accelerator.is_main_process:
         # A compiled model's keys carry torch.compile's wrapper prefix; the saved CLIPModel must not.
@@ -357,8 +343,7 @@ def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, outp
         if has_lora(clip):  # the adapter alone, and the merged plain CLIPModel that loads without peft
             save_adapter(clip, state_dict, os.path.join(staging, ADAPTER_DIR))
             state_dict = merged_state_dict(clip, state_dict)
-        clip.save_pretrained(staging, state_dict=state_dict)
-        processor.save_pretrained(staging)
+        save_model_folder(clip, processor, staging, state_dict)
         for name in os.listdir(staging):
             _replace(os.path.join(staging, name), os.path.join(output_dir, name))
         if not has_lora(clip):  # an earlier LoRA run's adapter in this folder would not belong to this model

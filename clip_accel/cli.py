@@ -8,23 +8,26 @@ function's return value to `sys.exit`); failures raise and exit non-zero.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import shlex
 import sys
+import traceback
 
 import transformers
 from accelerate import PartialState
 
 from .checkpoint import list_checkpoints
-from .config import METRIC_NAMES, DataConfig, ModelConfig, TrainConfig, parse_config
+from .config import METRIC_NAMES, DataConfig, ModelConfig, TrainConfig, UserError
 from .data.shards import index_shards
 from .embedding import check_output_file, check_writable_file, embed, load_embeddings, save_embeddings
 from .environment import format_report, report
 from .evaluation import evaluate_folder, training_option
 from .hub import check_hub_access, push_output_dir, write_model_card
 from .model import is_local_path
+from .options import CommandParser, parse_config
 from .outputs import write_outputs
 from .preemption import PREEMPTED_EXIT, Preempted
 from .results import format_results_table
@@ -36,9 +39,52 @@ from .wise_ft import WiseFtOptions, wise_ft
 logger = logging.getLogger(__name__)
 
 
+def command(name: str | None):
+    """A command's entry point: logging set up first (`--log_level`), and a UserError printed as argparse prints a
+    bad option, `clip-accel NAME: error: MESSAGE`, once per launch (by the main process; the others leave quietly),
+    with status 2 and no traceback (with --log_level debug, the traceback too). Any other exception is a bug and
+    keeps its traceback."""
+    prog = " ".join(filter(None, ("clip-accel", name)))
+
+    def decorate(function):
+        @functools.wraps(function)
+        def entry(argv: list[str] | None = None) -> None:
+            setup_logging(_log_level(sys.argv[1:] if argv is None else argv))
+            try:
+                function(argv)
+            except UserError as error:
+                if _launched_as_main_process():
+                    if logging.getLogger("clip_accel").isEnabledFor(logging.DEBUG):
+                        traceback.print_exc()
+                    sys.stderr.write(f"{prog}: error: {error}\n")
+                raise SystemExit(2) from None
+
+        return entry
+
+    return decorate
+
+
+def _log_level(argv: list[str]) -> str:
+    """--log_level as typed (the command's own parser checks it); a recipe's value is applied once it is read."""
+    pre_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre_parser.add_argument("--log_level", default="info")
+    level = pre_parser.parse_known_args(argv)[0].log_level
+    return level if level in ("info", "debug") else "info"
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log_level",
+        choices=("info", "debug"),
+        default="info",
+        help="debug: also the libraries' own lines, and a user error's traceback.",
+    )
+
+
+@command(None)
 def main(argv: list[str] | None = None) -> None:
     """`clip-accel COMMAND [options]`; `clip-accel COMMAND --help` lists each command's options."""
-    parser = argparse.ArgumentParser(prog="clip-accel", description="Fine-tune CLIP with Accelerate and publish it.")
+    parser = CommandParser(prog="clip-accel", description="Fine-tune CLIP with Accelerate and publish it.")
     parser.add_argument(
         "command",
         choices=COMMANDS,
@@ -49,10 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     COMMANDS[args.command](args.options)
 
 
+@command("train")
 def train_main(argv: list[str] | None = None) -> None:
     """`accelerate launch -m clip_accel train --config demo [--option value ...]` (or `scripts/train.py`)."""
     data_config, model_config, train_config = parse_config(argv)
-    setup_logging(train_config.log_level)
+    setup_logging(train_config.log_level)  # (a recipe's --log_level too)
     try:
         train_and_publish(data_config, model_config, train_config)
     except KeyboardInterrupt:
@@ -90,11 +137,10 @@ def train_and_publish(data_config: DataConfig, model_config: ModelConfig, config
     return result
 
 
+@command("evaluate")
 def evaluate_main(argv: list[str] | None = None) -> None:
     """`clip-accel evaluate --model_name_or_path OUTPUT --data_dir DIR --split test`"""
-    parser = argparse.ArgumentParser(
-        prog="clip-accel evaluate", description="Retrieval recall@K of any CLIP checkpoint."
-    )
+    parser = CommandParser(prog="clip-accel evaluate", description="Retrieval recall@K of any CLIP checkpoint.")
     _add_split_arguments(parser, "evaluate")
     parser.add_argument("--zero_shot_templates", default=None, help="JSON list of prompt templates ({c}).")
     parser.add_argument("--zero_shot_class_names", default=None, help="JSON object: class label -> words.")
@@ -113,8 +159,8 @@ def evaluate_main(argv: list[str] | None = None) -> None:
         "other rule is always reported alongside).",
     )
     parser.add_argument("--output_file", default=None, help="Write the metrics here as JSON.")
+    _add_log_level(parser)
     args = parser.parse_args(argv)
-    setup_logging()
     data_config = _split_data_config(
         args,
         zero_shot_templates=args.zero_shot_templates,
@@ -134,9 +180,10 @@ def evaluate_main(argv: list[str] | None = None) -> None:
                 json.dump(metrics, handle, indent=2)
 
 
+@command("push")
 def push_main(argv: list[str] | None = None) -> None:
     """`clip-accel push OUTPUT --hub_model_id user/name [--private]`"""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="clip-accel push",
         description="Publish a finished training output folder to the Hugging Face Hub in one commit (writes the "
         "model card if missing).",
@@ -144,15 +191,18 @@ def push_main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir", help="The --output_dir of a finished `clip-accel train` run.")
     parser.add_argument("--hub_model_id", required=True, help="Repo to push to, e.g. your-name/clip-indo-fashion.")
     parser.add_argument("--private", action="store_true", help="Create the repo as private (if it is new).")
+    _add_log_level(parser)
     args = parser.parse_args(argv)
-    setup_logging()
+    if not os.path.isdir(args.output_dir):  # (before the Hub is asked anything)
+        parser.error(f"{args.output_dir} is not a folder: name the --output_dir of a finished `clip-accel train` run.")
     check_hub_access(args.hub_model_id, private=args.private)
     push_output_dir(args.output_dir, args.hub_model_id, private=args.private)
 
 
+@command("reproduce")
 def reproduce_main(argv: list[str] | None = None) -> None:
     """`clip-accel reproduce --data_dir /data/indo-fashion` (or `--smoke`): the reference table as RESULTS.md."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="clip-accel reproduce",
         description="Run the reference table's rows and our proposal, then write OUTPUT/RESULTS.md.",
     )
@@ -171,8 +221,8 @@ def reproduce_main(argv: list[str] | None = None) -> None:
         help="Also run our SigLIP row (recipes/indo_fashion_siglip.yaml; marked as ours, not the reference's).",
     )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="More training options for every row, after `--`.")
+    _add_log_level(parser)
     args = parser.parse_args(argv)
-    setup_logging()
     options = SweepOptions(
         output_dir=args.output_dir,
         data_dir=args.data_dir,
@@ -236,9 +286,10 @@ def _caption_template(given: str | None, model_folder: str) -> str | None:
     return template
 
 
+@command("wise-ft")
 def wise_ft_main(argv: list[str] | None = None) -> None:
     """`clip-accel wise-ft OUTPUT [--weights 0 0.25 0.5 0.75 1] [--heldout_data_dir DIR]`"""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="clip-accel wise-ft",
         description="WiSE-FT: mix a fine-tuned model's weights with its starting model's, score each mix in-domain "
         "(and on a held-out dataset), write a table and a plot, and save the chosen mix.",
@@ -279,6 +330,7 @@ def wise_ft_main(argv: list[str] | None = None) -> None:
         )
     parser.add_argument("--heldout_validation_split", default="validation")
     parser.add_argument("--heldout_test_split", default="test")
+    _add_log_level(parser)
     args = parser.parse_args(argv)
     if not all(0 <= weight <= 1 for weight in args.weights) or not args.weights:
         parser.error(f"--weights must lie in [0, 1] (0: the starting model, 1: the fine-tuned one), got {args.weights}")
@@ -288,7 +340,6 @@ def wise_ft_main(argv: list[str] | None = None) -> None:
         parser.error(
             "--caption_template goes with --data_dir, --dataset_name or --demo (the run's own data keeps its own)."
         )
-    setup_logging()
     data = None
     if args.data_dir or args.dataset_name or args.demo:
         template = _caption_template(args.caption_template, args.finetuned)
@@ -323,9 +374,10 @@ def wise_ft_main(argv: list[str] | None = None) -> None:
     wise_ft(options)
 
 
+@command("embed")
 def embed_main(argv: list[str] | None = None) -> None:
     """`clip-accel embed --model_name_or_path OUTPUT --data_dir DIR --split test --output_file emb.parquet`"""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="clip-accel embed",
         description="Embed a split (or a folder of images) with a trained folder or Hub id, into a .parquet or "
         ".safetensors file with row ids; runs on every process of an accelerate launch.",
@@ -334,9 +386,9 @@ def embed_main(argv: list[str] | None = None) -> None:
     source.add_argument("--image_folder", help="A folder of image files (no captions): image embeddings only.")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=None, help="Default: the run's, else 128.")
     parser.add_argument("--output_file", required=True, help="Where to write: NAME.parquet or NAME.safetensors.")
+    _add_log_level(parser)
     args = parser.parse_args(argv)
     check_output_file(args.output_file)
-    setup_logging()
     data = None
     if args.image_folder is None:
         data = _split_data_config(args)
@@ -355,9 +407,10 @@ def embed_main(argv: list[str] | None = None) -> None:
         logger.info(f"Wrote {len(embeddings)} rows ({dims[1]}-dimensional embeddings) to {args.output_file}.")
 
 
+@command("search")
 def search_main(argv: list[str] | None = None) -> None:
     """`clip-accel search emb.parquet --text "red silk saree" [--image query.jpg] [--top_k 5]`"""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="clip-accel search",
         description="Top K rows of an embeddings file (clip-accel embed) for text or image queries, by cosine "
         "similarity, brute force on the device (exact; fine up to a few million rows).",
@@ -375,6 +428,7 @@ def search_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model_name_or_path", default=None, help="Default: the model the file was embedded with.")
     parser.add_argument("--contact_sheet", default=None, help="Also draw the hits into this PNG.")
     parser.add_argument("--output_file", default=None, help="Also write the hits here as JSON.")
+    _add_log_level(parser)
     args = parser.parse_args(argv)
     if not args.text and not args.image:
         parser.error("give at least one query: --text '...' or --image FILE")
@@ -383,7 +437,6 @@ def search_main(argv: list[str] | None = None) -> None:
     for path, option in ((args.contact_sheet, "--contact_sheet"), (args.output_file, "--output_file")):
         if path is not None:
             check_writable_file(path, option)
-    setup_logging()
     embeddings = load_embeddings(args.embeddings)
     model = args.model_name_or_path or embeddings.model
     if not model:
@@ -410,9 +463,10 @@ def search_main(argv: list[str] | None = None) -> None:
             json.dump([{"query": q, "hits": [vars(hit) for hit in hits]} for q, hits in results], handle, indent=2)
 
 
+@command("index-shards")
 def index_shards_main(argv: list[str] | None = None) -> None:
     """`clip-accel index-shards FOLDER_OR_URL [--output FILE]`"""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="clip-accel index-shards",
         description="Write a shard index (wids' JSON: each tar shard's rows) for every split of a folder of WebDataset "
         "tar shards, read from the tar headers alone (the images are skipped; Range requests when remote), so that "
@@ -430,19 +484,17 @@ def index_shards_main(argv: list[str] | None = None) -> None:
         help="Write the training split's index here instead (a folder you cannot write to, or remote shards); pass "
         "it as --shard_index.",
     )
+    _add_log_level(parser)
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        written = index_shards(args.folder, args.output)
-    except ValueError as error:
-        parser.error(str(error))
+    written = index_shards(args.folder, args.output)
     for path, split, shards, rows in written:
         logger.info(f"{path}: {shards} {split} shards, {rows} rows")
 
 
+@command("env")
 def env_main(argv: list[str] | None = None) -> None:
     """`clip-accel env`: versions, devices, configs and caches for a bug report (environment.py)."""
-    argparse.ArgumentParser(prog="clip-accel env", description=env_main.__doc__).parse_args(argv)
+    CommandParser(prog="clip-accel env", description=env_main.__doc__).parse_args(argv)
     print(format_report(report()))
 
 

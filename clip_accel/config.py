@@ -1,19 +1,16 @@
 """Run configuration: three read-only dataclasses (data, model, training) parsed by `HfArgumentParser`.
 
-A `--config recipe.yaml` supplies defaults and the command line overrides them, so a recipe is a starting point,
-never a trap. Every check that can fail runs here, before any model or image is loaded.
+A `--config recipe.yaml` supplies defaults and the command line overrides them (options.py), so a recipe is a
+starting point, never a trap. Every check that can fail runs here, before any model or image is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import string
-from dataclasses import asdict, dataclass, field, fields
-from importlib import resources
+import tempfile
+from dataclasses import asdict, dataclass, field
 from typing import Literal
-
-import yaml
 
 RECALL_KS = (1, 5, 10)
 METRIC_NAMES = (
@@ -22,9 +19,34 @@ METRIC_NAMES = (
 )
 
 
+class UserError(ValueError):
+    """Something the user gave or asked for cannot work (an option's value, a file, a folder, a split, a recipe):
+    the message says what to change. `clip-accel` prints it as argparse prints a bad option, without a traceback,
+    and exits with status 2; any other exception is a bug and keeps its traceback."""
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise UserError(message)
+
+
+def check_writable_folder(folder: str, option: str, advice: str = "") -> None:
+    """`folder` (an option's value) is a folder where this user can create a file, made if missing; else a
+    UserError naming the option (and `advice`, else "name a folder this user can write")."""
+    problem = None
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        problem = "is a file, not a folder"
+    else:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            descriptor, probe = tempfile.mkstemp(prefix=".clip_accel-write-test-", dir=folder)
+            os.close(descriptor)
+            os.remove(probe)
+        except OSError as error:
+            problem = f"cannot be written ({error.strerror or error})"
+    if problem is not None:
+        advice = advice or "name a folder this user can write (it is made if missing)"
+        raise UserError(f"{option} {folder!r} {problem}: {advice}.")
 
 
 def template_fields(template: str) -> tuple[str, ...]:
@@ -33,7 +55,7 @@ def template_fields(template: str) -> tuple[str, ...]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as error:
-        raise ValueError(
+        raise UserError(
             f"--caption_template {template!r}: {error}; write columns as {{column}}, braces as {{{{ }}}}."
         ) from None
     names = []
@@ -596,64 +618,6 @@ class TrainConfig:
 
 
 CONFIG_CLASSES = (DataConfig, ModelConfig, TrainConfig)
-
-
-def parse_config(args: list[str] | None = None) -> tuple[DataConfig, ModelConfig, TrainConfig]:
-    """Parse `--config recipe.yaml` (defaults) and the command line (overrides) into the three configs."""
-    from transformers import HfArgumentParser
-
-    pre_parser = argparse.ArgumentParser(add_help=False)
-    pre_parser.add_argument("--config", default=None)
-    known, remaining = pre_parser.parse_known_args(args)
-    parser = HfArgumentParser(CONFIG_CLASSES, prog="clip-accel train")
-    parser.add_argument(
-        "--config", default=None, help="YAML recipe (a path or a bundled recipe's name) whose values become defaults."
-    )
-    if known.config is not None:
-        parser.set_defaults(**load_recipe(known.config))
-    # The parser also returns a namespace holding --config itself; only the three dataclasses matter here.
-    data_config, model_config, train_config = parser.parse_args_into_dataclasses(args=remaining)[:3]
-    return data_config, model_config, train_config
-
-
-def recipe_path(name_or_path: str) -> str:
-    """A recipe YAML: a path, or the name of a recipe shipped with the package (`demo`, `indo_fashion_best`, ...)."""
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    bundled = resources.files("clip_accel") / "recipes" / f"{name_or_path.removesuffix('.yaml')}.yaml"
-    if bundled.is_file():
-        return str(bundled)
-    raise ValueError(
-        f"--config {name_or_path!r} is neither a YAML file nor a bundled recipe; bundled recipes: {bundled_recipes()}."
-    )
-
-
-def bundled_recipes() -> list[str]:
-    folder = resources.files("clip_accel") / "recipes"
-    return sorted(path.name.removesuffix(".yaml") for path in folder.iterdir() if path.name.endswith(".yaml"))
-
-
-# Options renamed since the first release: a recipe that still uses the old name gets the new one in the error.
-RENAMED_OPTIONS = {"model_config": "scratch_config"}
-
-
-def load_recipe(name_or_path: str) -> dict:
-    """Read a recipe YAML and check that every key is a known option, so a typo fails instead of being ignored."""
-    path = recipe_path(name_or_path)
-    with open(path) as handle:
-        recipe = yaml.safe_load(handle) or {}
-    if not isinstance(recipe, dict):
-        raise ValueError(f"{path} must be a YAML mapping of option: value, got {type(recipe).__name__}.")
-    known = {f.name for cls in CONFIG_CLASSES for f in fields(cls)}
-    unknown = sorted(set(recipe) - known)
-    if unknown:
-        renamed = [f"{old} is now {RENAMED_OPTIONS[old]}" for old in unknown if old in RENAMED_OPTIONS]
-        raise ValueError(
-            f"{path}: unknown option(s) {unknown}"
-            + (f" ({'; '.join(renamed)})" if renamed else "")
-            + ". Run `clip-accel train --help` for the valid names."
-        )
-    return recipe
 
 
 def config_to_dict(*configs) -> dict:

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .config import UserError
+
 WARMUP_POWER = 2 / 3
 
 
@@ -84,7 +86,7 @@ class WeightEma:
 
     def load_state_dict(self, state: dict) -> None:
         if sorted(state["averages"]) != sorted(self.names):
-            raise ValueError(
+            raise UserError(
                 "The checkpoint's weight EMA covers other parameters than this run trains (another --freeze or "
                 "--lora_rank?): resume with the options that wrote it."
             )

@@ -8,7 +8,10 @@ and the main process writes the file. Two formats, chosen by the file's extensio
 - `.parquet`: one row per item: `id`, `image` (path, when the image is a file), `caption`, `label`,
   `image_embedding` and `text_embedding` (float32 lists, L2-normalised; no text column for an image folder);
 - `.safetensors`: `image_embeds` (N, D) and `text_embeds` (N, D) tensors, the row fields as JSON in the metadata.
-Both record the model they came from, so a search embeds its queries with the same model.
+Both record the model they came from as it was given (a Hub id, or a folder as named), so a search embeds its
+queries with the same model. No absolute path is written: image paths are relative to the data folder, and the data
+folder (`clip_accel_image_root`) relative to the file's own folder, so a file moved together with its data folder
+(to another machine) still finds its images. Files written before hold absolute image paths, read as they are.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from .config import DataConfig
+from .config import DataConfig, UserError
 from .data import build_pair_datasets, load_raw_splits, make_dataloader, read_image_folder
 from .data.sources import data_source_dir
 from .evaluation import embed_split, training_eval_batch_size
@@ -39,7 +42,8 @@ FORMATS = (".parquet", ".safetensors")
 @dataclass
 class Embeddings:
     """What an embeddings file holds: per row an id, its image path (or None), caption and label (or None), and
-    the L2-normalised image (and, with captions, text) embeddings, on the CPU."""
+    the L2-normalised image (and, with captions, text) embeddings, on the CPU. In memory the image paths open from
+    here (absolute, under `image_root`, the data folder when there is one); the file holds them relative to it."""
 
     ids: list[str]
     images: list[str | None]
@@ -48,6 +52,7 @@ class Embeddings:
     image_embeds: torch.Tensor
     text_embeds: torch.Tensor | None
     model: str
+    image_root: str | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -55,18 +60,18 @@ class Embeddings:
 
 def check_output_file(path: str) -> None:
     if not path.endswith(FORMATS):
-        raise ValueError(f"--output_file {path!r}: name it *.parquet or *.safetensors (the format follows the name).")
+        raise UserError(f"--output_file {path!r}: name it *.parquet or *.safetensors (the format follows the name).")
     check_writable_file(path, "--output_file")
 
 
 def check_writable_file(path: str, option: str) -> None:
     """`path` can be written: not a folder, its folder made if missing. Checked before the work, not after it."""
     if os.path.isdir(path):
-        raise ValueError(f"{option} {path!r} is a folder: name a file in it.")
+        raise UserError(f"{option} {path!r} is a folder: name a file in it.")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     except OSError as error:
-        raise ValueError(f"{option} {path!r}: its folder cannot be made ({error.strerror or error}).") from None
+        raise UserError(f"{option} {path!r}: its folder cannot be made ({error.strerror or error}).") from None
 
 
 def embed(
@@ -114,7 +119,7 @@ def embed(
         accelerator, model, loader, normalizer.to(accelerator.device), with_text=with_text, progress=True
     )
     paths = raw["test"].dataset["image"]
-    images = [paths[row] if isinstance(paths[row], str) else None for row in pairs.rows]
+    images = [os.path.abspath(paths[row]) if isinstance(paths[row], str) else None for row in pairs.rows]
     # Ids: the image's path inside the folder read (Indo-fashion's image_path), else the split and row.
     folder = image_folder or data_source_dir(config)
     rows = pairs.column("source_row")
@@ -127,9 +132,8 @@ def embed(
     else:
         captions, labels = pairs.column("caption"), [label or None for label in pairs.column("label")]
     image_embeds, text_embeds = image_embeds.cpu(), None if text_embeds is None else text_embeds.cpu()
-    # A folder recorded whole, so a search from another working folder embeds its queries with it too.
-    model = os.path.abspath(model_name_or_path) if os.path.isdir(model_name_or_path) else model_name_or_path
-    return Embeddings(ids, images, captions, labels, image_embeds, text_embeds, model)
+    root = os.path.abspath(folder) if folder else None
+    return Embeddings(ids, images, captions, labels, image_embeds, text_embeds, model_name_or_path, root)
 
 
 def save_embeddings(embeddings: Embeddings, path: str) -> None:
@@ -137,40 +141,47 @@ def save_embeddings(embeddings: Embeddings, path: str) -> None:
     check_output_file(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     staging = f"{path}.partial"
+    images, recorded = embeddings.images, {"clip_accel_model": embeddings.model}
+    if embeddings.image_root is not None:
+        root = embeddings.image_root
+        images = [None if image is None else os.path.relpath(image, root) for image in images]
+        recorded["clip_accel_image_root"] = os.path.relpath(root, os.path.dirname(os.path.abspath(path)))
     if path.endswith(".parquet"):
         columns = {
             "id": embeddings.ids,
-            "image": embeddings.images,
+            "image": images,
             "caption": embeddings.captions,
             "label": embeddings.labels,
             "image_embedding": list(embeddings.image_embeds.float().numpy()),
         }
         if embeddings.text_embeds is not None:
             columns["text_embedding"] = list(embeddings.text_embeds.float().numpy())
-        table = pa.table(columns).replace_schema_metadata({"clip_accel_model": embeddings.model})
+        table = pa.table(columns).replace_schema_metadata(recorded)
         pq.write_table(table, staging)
     else:
         tensors = {"image_embeds": embeddings.image_embeds.float().contiguous()}
         if embeddings.text_embeds is not None:
             tensors["text_embeds"] = embeddings.text_embeds.float().contiguous()
-        rows = {"ids": embeddings.ids, "images": embeddings.images, "captions": embeddings.captions}
-        metadata = {"clip_accel_model": embeddings.model, "rows": json.dumps({**rows, "labels": embeddings.labels})}
+        rows = {"ids": embeddings.ids, "images": images, "captions": embeddings.captions}
+        metadata = {**recorded, "rows": json.dumps({**rows, "labels": embeddings.labels})}
         save_file(tensors, staging, metadata=metadata)
     os.replace(staging, path)
 
 
 def load_embeddings(path: str) -> Embeddings:
-    """Read a file `save_embeddings` wrote."""
+    """Read a file `save_embeddings` wrote, its image paths joined to its data folder (found relative to the file's
+    own folder, as recorded)."""
     if not path.endswith(FORMATS):
-        raise ValueError(
+        raise UserError(
             f"{path} is not an embeddings file: name the *.parquet or *.safetensors file that `clip-accel embed "
             "--output_file` wrote."
         )
     if not os.path.isfile(path):
-        raise ValueError(f"{path} does not exist: write it first with `clip-accel embed ... --output_file {path}`.")
+        raise UserError(f"{path} does not exist: write it first with `clip-accel embed ... --output_file {path}`.")
     if path.endswith(".parquet"):
         table = pq.read_table(path)
-        model = (table.schema.metadata or {}).get(b"clip_accel_model", b"").decode()
+        recorded = (table.schema.metadata or {}).items()
+        metadata = {key.decode(): value.decode() for key, value in recorded if key.startswith(b"clip_accel_")}
 
         def matrix(name: str) -> torch.Tensor | None:
             if name not in table.column_names:
@@ -178,24 +189,20 @@ def load_embeddings(path: str) -> Embeddings:
             return torch.from_numpy(np.stack(table.column(name).to_numpy(zero_copy_only=False)).astype(np.float32))
 
         # The row columns only: the embedding columns go to numpy above, not through Python lists.
-        return Embeddings(
-            *(table.column(name).to_pylist() for name in ("id", "image", "caption", "label")),
-            matrix("image_embedding"),
-            matrix("text_embedding"),
-            model,
-        )
-    from safetensors import safe_open
+        ids, images, captions, labels = (table.column(name).to_pylist() for name in ("id", "image", "caption", "label"))
+        image_embeds, text_embeds = matrix("image_embedding"), matrix("text_embedding")
+    else:
+        from safetensors import safe_open
 
-    with safe_open(path, "pt") as handle:
-        metadata = handle.metadata() or {}
-    tensors = load_file(path)
-    rows = json.loads(metadata.get("rows", "{}"))
-    return Embeddings(
-        rows["ids"],
-        rows["images"],
-        rows["captions"],
-        rows["labels"],
-        tensors["image_embeds"],
-        tensors.get("text_embeds"),
-        metadata.get("clip_accel_model", ""),
-    )
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(path)
+        rows = json.loads(metadata.get("rows", "{}"))
+        ids, images, captions, labels = (rows[name] for name in ("ids", "images", "captions", "labels"))
+        image_embeds, text_embeds = tensors["image_embeds"], tensors.get("text_embeds")
+    root = metadata.get("clip_accel_image_root")  # (absent from older files, whose image paths are absolute)
+    if root is not None:
+        root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), root))
+        images = [None if image is None else os.path.join(root, image) for image in images]
+    model = metadata.get("clip_accel_model", "")
+    return Embeddings(ids, images, captions, labels, image_embeds, text_embeds, model, root)

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .clip_benchmark import retrieval_recall, zero_shot_figures
 from .config import RECALL_KS, DataConfig
 from .data import ImageLayout, PairDataset, build_pair_datasets, load_raw_splits, make_dataloader
 from .launch import check_processes, data_prepared_per_node
@@ -109,16 +110,19 @@ def evaluate_retrieval(
     order) and the tokenizer, also zero-shot top-1/top-5 accuracy of classifying the images by prompted class
     names. With `texts`, each distinct caption is embedded once (identical captions tie exactly), and with rows
     of several captions every caption is scored by the standard protocol (`multi_caption_metrics`; no
-    identical-caption figures then); without, each caption is embedded beside its image. Every process computes
+    identical-caption figures then); without, each caption is embedded beside its image. Under `clip_benchmark`,
+    the same embeddings scored as clip-benchmark scores them (`clip_accel.clip_benchmark`). Every process computes
     the same numbers from the same gathered embeddings, so decisions taken on them (early stopping) agree
     everywhere."""
     image_embeds, text_embeds = embed_split(accelerator, model, dataloader, normalizer, with_text=texts is None)
     several = texts is not None and len(texts.owners) > len(image_embeds)
+    device = image_embeds.device
+    owners = None  # each caption's pair: its own row unless the split has its caption table
     if texts is not None:
-        device = image_embeds.device
         text_embeds = embed_captions(accelerator, model, texts.loader)[texts.index.to(device)]
+        owners = texts.owners.to(device)
     if several:
-        metrics = multi_caption_metrics(image_embeds, text_embeds, texts.owners.to(device), ks=RECALL_KS)
+        metrics = multi_caption_metrics(image_embeds, text_embeds, owners, ks=RECALL_KS)
     else:  # with the captions, the identical-caption figures come from the same pass over the similarities
         metrics = retrieval_metrics(image_embeds, text_embeds, ks=RECALL_KS, captions=captions)
     metrics["num_pairs"] = int(image_embeds.shape[0])
@@ -131,6 +135,8 @@ def evaluate_retrieval(
             metrics.update(lenient)
         else:
             metrics["identical_caption_match"] = lenient
+    # The same embeddings scored clip-benchmark's way (its tie order), under its names.
+    benchmark = retrieval_recall(image_embeds, text_embeds, owners, ks=RECALL_KS)
     class_names = sorted({label for label in labels or [] if label})
     if tokenizer is not None and len(class_names) >= 2:
         with accelerator.autocast():
@@ -144,18 +150,9 @@ def evaluate_retrieval(
                 class_names=prompts.class_names,
             )
         metrics.update(zero_shot_accuracy(image_embeds, labels, class_names, class_embeds.float()))
-    metrics["clip_benchmark"] = clip_benchmark_names(metrics)
+        benchmark.update(zero_shot_figures(image_embeds, labels, class_names, class_embeds))
+    metrics["clip_benchmark"] = benchmark
     return metrics
-
-
-def clip_benchmark_names(metrics: dict) -> dict[str, float]:
-    """The same figures under CLIP_benchmark's key names, to set beside published tables. Its directions are
-    named by what is retrieved: `image_retrieval_recall@K` is our text_to_image_R@K (a caption finds its image),
-    `text_retrieval_recall@K` our image_to_text_R@K."""
-    names = {f"image_retrieval_recall@{k}": f"text_to_image_R@{k}" for k in RECALL_KS}
-    names.update({f"text_retrieval_recall@{k}": f"image_to_text_R@{k}" for k in RECALL_KS})
-    names.update(acc1="zero_shot_top1", acc5="zero_shot_top5", mean_per_class_recall="zero_shot_mean_per_class_recall")
-    return {ours_in_theirs: metrics[ours] for ours_in_theirs, ours in names.items() if ours in metrics}
 
 
 @dataclass

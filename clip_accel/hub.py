@@ -20,7 +20,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
 from . import __version__
-from .config import RECALL_KS
+from .config import RECALL_KS, UserError
 from .data.demo import DEMO_MARKER
 from .lora import ADAPTER_DIR
 from .model import CLIP, FAMILIES
@@ -60,11 +60,11 @@ PICTURES = (
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
-class HubAccessError(ValueError):
+class HubAccessError(UserError):
     """The token is missing, rejected, read-only, or cannot write to the repo."""
 
 
-class PushToHubError(RuntimeError):
+class PushToHubError(UserError):
     """The upload failed; the message names the command that retries it."""
 
 
@@ -177,7 +177,7 @@ def _read_run_files(output_dir: str) -> dict[str, dict | list]:
             with open(path) as handle:
                 files[name] = json.load(handle)
         else:
-            raise ValueError(
+            raise UserError(
                 f"{output_dir} has no {name}: it is not a finished clip_accel output folder. Point at "
                 "the --output_dir of a completed `clip-accel train` run."
             )

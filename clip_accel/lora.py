@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPModel
 
-from .config import ModelConfig
+from .config import ModelConfig, UserError
 
 ADAPTER_DIR = "adapter"
 
@@ -29,7 +29,7 @@ def add_lora(clip: CLIPModel, config: ModelConfig) -> None:
     linear = sorted({name.rsplit(".", 1)[-1] for name, m in clip.named_modules() if isinstance(m, torch.nn.Linear)})
     missing = sorted(set(targets) - set(linear))
     if missing:
-        raise ValueError(
+        raise UserError(
             f"--lora_target_modules {missing} name no linear layer of this model; its linear layers are {linear}."
         )
     lora_config = LoraConfig(

@@ -40,7 +40,7 @@ from transformers import (
 )
 from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
 
-from .config import ModelConfig
+from .config import ModelConfig, UserError
 from .data.loader import HOST_GRIDS
 from .data.preprocess import ImageLayout
 from .tokenizer import build_offline_siglip2_tokenizer, build_offline_tokenizer
@@ -76,7 +76,7 @@ def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    raise ValueError(f"Model type {model_type!r} is not supported: start from a CLIP, SigLIP or SigLIP 2 checkpoint.")
+    raise UserError(f"Model type {model_type!r} is not supported: start from a CLIP, SigLIP or SigLIP 2 checkpoint.")
 
 
 def image_layout(model: PreTrainedModel, processor) -> ImageLayout:
@@ -93,7 +93,7 @@ def image_layout(model: PreTrainedModel, processor) -> ImageLayout:
     for defaults in (getattr(processor, "images_kwargs", {}), legacy):
         settings.update({key: value for key, value in defaults.items() if key in settings})
     if settings["patch_size"] != model.config.vision_config.patch_size:
-        raise ValueError(
+        raise UserError(
             f"The processor cuts {settings['patch_size']}-pixel patches but the model's vision tower takes "
             f"{model.config.vision_config.patch_size}-pixel ones: save the model with a matching processor."
         )
@@ -111,12 +111,12 @@ def check_model_location(name_or_path: str) -> None:
     transformers reads it as a Hub id or asks the folder for a `model_type`."""
     if os.path.isdir(name_or_path):
         if not os.path.isfile(os.path.join(name_or_path, "config.json")):
-            raise ValueError(
+            raise UserError(
                 f"{name_or_path} holds no config.json, so it is not a model folder (clip-accel train and "
                 "save_pretrained write one): name a trained model's folder or a Hub id."
             )
     elif is_local_path(name_or_path):
-        raise ValueError(f"{name_or_path} is not a folder: name a trained model's folder or a Hub id (ORG/NAME).")
+        raise UserError(f"{name_or_path} is not a folder: name a trained model's folder or a Hub id (ORG/NAME).")
 
 
 def load_pretrained(name_or_path: str):
@@ -127,7 +127,9 @@ def load_pretrained(name_or_path: str):
     check_model_location(name_or_path)
     family = family_of(AutoConfig.from_pretrained(name_or_path))
     model = family.model_class.from_pretrained(name_or_path, dtype=torch.float32)
-    return model, AutoProcessor.from_pretrained(name_or_path)
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    align_with_trainer(model, processor)  # a folder written elsewhere (or by an older clip_accel) is saved right
+    return model, processor
 
 
 def load_model_and_processor(config: ModelConfig, training_captions: Callable[[], Iterable[str]]):
@@ -139,7 +141,14 @@ def load_model_and_processor(config: ModelConfig, training_captions: Callable[[]
     """
     if config.scratch_config is None:
         return load_pretrained(config.model_name_or_path)
-    model_config = _read_model_config(config.scratch_config)
+    model, processor = _build_from_scratch(config.scratch_config, training_captions)
+    align_with_trainer(model, processor)
+    return model, processor
+
+
+def _build_from_scratch(scratch_config: str, training_captions: Callable[[], Iterable[str]]):
+    """(fresh model, processor with a tokenizer learned from the captions) of a preset or config file."""
+    model_config = _read_model_config(scratch_config)
     family = family_of(model_config)
     if family is SIGLIP2:  # its folders always load a Siglip2Tokenizer (whatever they name): so it learns one
         tokenizer = build_offline_siglip2_tokenizer(training_captions())
@@ -158,7 +167,7 @@ def load_model_and_processor(config: ModelConfig, training_captions: Callable[[]
         if family is SIGLIP2:
             # A processor call cuts 256 patches of 16 whatever its image processor says (see image_layout).
             if model_config.vision_config.patch_size != 16:
-                raise ValueError(
+                raise UserError(
                     f"--scratch_config: a SigLIP 2 needs vision_config.patch_size 16 (its processor's), not "
                     f"{model_config.vision_config.patch_size}."
                 )
@@ -174,6 +183,58 @@ def load_model_and_processor(config: ModelConfig, training_captions: Callable[[]
     return CLIPModel(model_config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def align_with_trainer(model: PreTrainedModel, processor) -> None:
+    """Make what a saved folder says agree with what the trainer computes, so that every class and client that loads
+    it (the per-tower classes, the zero-shot pipeline, sentence-transformers) gets the trainer's embeddings. In
+    place; a second call changes nothing.
+
+    - CLIP: each tower's sub-config gets the top-level `projection_dim`. CLIPModel builds both projections from the
+      top-level value, CLIPVisionModelWithProjection and CLIPTextModelWithProjection from their own sub-config's
+      (512 unless set), and cannot load a folder where the two disagree.
+    - SigLIP, SigLIP 2: the tokenizer returns no `attention_mask` (`model_input_names`, as the Hub's SigLIP
+      tokenizers say). Their text towers were trained on text padded to 64 tokens without one; a client that
+      passes it on attends to other positions and gets other text embeddings.
+    """
+    family = family_of(model.config)
+    if family is CLIP:
+        for tower_config in (model.config.text_config, model.config.vision_config):
+            tower_config.projection_dim = model.config.projection_dim
+    if family.pad_to:
+        tokenizer = processor.tokenizer
+        tokenizer.model_input_names = ["input_ids"]  # what a call returns
+        tokenizer.init_kwargs["model_input_names"] = ["input_ids"]  # what save_pretrained writes
+
+
+def save_model_folder(model: PreTrainedModel, processor, folder: str, state_dict: dict | None = None) -> None:
+    """`save_pretrained` of the model (with `state_dict`'s weights when given) and its processor into `folder`, with
+    `align_with_trainer`'s settings, and the two files sentence-transformers reads: whatever loads the folder
+    computes what the trainer computed."""
+    align_with_trainer(model, processor)  # also for a model that came through neither loader above
+    model.save_pretrained(folder, state_dict=state_dict)
+    processor.save_pretrained(folder)
+    for name, content in sentence_transformers_files(family_of(model.config)).items():
+        with open(os.path.join(folder, name), "w") as handle:
+            json.dump(content, handle, indent=2)
+
+
+def sentence_transformers_files(family: Family) -> dict[str, list | dict]:
+    """modules.json and sentence_bert_config.json of a model folder: sentence-transformers embeds text and images
+    with `get_text_features` and `get_image_features`, and pads text as the trainer does. It pads to the longest
+    text unless told; SigLIP's texts are padded to 64 tokens."""
+    module = {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}
+    towers = {"text": "get_text_features", "image": "get_image_features"}
+    settings = {
+        "transformer_task": "feature-extraction",
+        "modality_config": {
+            name: {"method": method, "method_output_name": "pooler_output"} for name, method in towers.items()
+        },
+        "module_output_name": "sentence_embedding",
+    }
+    if family.pad_to:
+        settings["processing_kwargs"] = {"text": {"padding": "max_length", "max_length": family.pad_to}}
+    return {"modules.json": [module], "sentence_bert_config.json": settings}
+
+
 def _read_model_config(name_or_path: str) -> CLIPConfig | SiglipConfig | Siglip2Config:
     """A bundled preset name (clip_accel/presets/NAME.json) or a path to a CLIPConfig, SiglipConfig or
     Siglip2Config JSON file (`"model_type": "siglip"` or `"siglip2"` picks those)."""
@@ -185,7 +246,7 @@ def _read_model_config(name_or_path: str) -> CLIPConfig | SiglipConfig | Siglip2
         if not preset.is_file():
             presets = resources.files("clip_accel") / "presets"
             available = sorted(p.name.removesuffix(".json") for p in presets.iterdir())
-            raise ValueError(
+            raise UserError(
                 f"--scratch_config {name_or_path!r} is neither a JSON file nor a preset; presets: {available}."
             )
         values = json.loads(preset.read_text())
@@ -300,7 +361,7 @@ def freeze_parameters(model: CLIPModel, strategy: str, vision_layers: int = 6) -
     if strategy == "vision_layers":
         encoder_layers = model.vision_model.encoder.layers
         if vision_layers > len(encoder_layers):
-            raise ValueError(
+            raise UserError(
                 f"--freeze_vision_layers {vision_layers} exceeds the {len(encoder_layers)} vision layers "
                 "of this model; pass a smaller number."
             )
@@ -318,7 +379,7 @@ def freeze_parameters(model: CLIPModel, strategy: str, vision_layers: int = 6) -
             if hasattr(tower, "head"):
                 tower.head.requires_grad_(True)
     elif strategy != "none":
-        raise ValueError(f"Unknown freezing strategy {strategy!r}; use none, vision_layers or backbones.")
+        raise UserError(f"Unknown freezing strategy {strategy!r}; use none, vision_layers or backbones.")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 

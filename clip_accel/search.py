@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from .config import UserError
 from .data.preprocess import IMAGE_ERRORS, load_pixels
 from .embedding import Embeddings
 from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained
@@ -71,7 +72,7 @@ class QueryEncoder:
             try:
                 array, grid = load_pixels(path, self.layout, draft=False)
             except IMAGE_ERRORS as error:
-                raise ValueError(f"Query image {path} does not open: {type(error).__name__}: {error}") from error
+                raise UserError(f"Query image {path} does not open: {type(error).__name__}: {error}") from error
             pixels.append(torch.from_numpy(array))
             grids.append(grid)
         batch = {"pixel_values": torch.stack(pixels).to(self.device)}
@@ -84,7 +85,7 @@ def search(embeddings: Embeddings, queries: torch.Tensor, k: int = 5, against: s
     """The top `k` rows for each query embedding, by cosine similarity with the rows' image (or text) embeddings."""
     rows = embeddings.image_embeds if against == "image" else embeddings.text_embeds
     if rows is None:
-        raise ValueError("This embeddings file has no text embeddings (an image folder): search --against image.")
+        raise UserError("This embeddings file has no text embeddings (an image folder): search --against image.")
     scores, indices = top_k(rows, queries.float(), k)
     return [
         [

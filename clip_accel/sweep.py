@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 
 from .checkpoint import list_checkpoints
+from .config import UserError
 from .plots import plot_recall_bars
 from .results import RECALL_COLUMNS, ZERO_SHOT_COLUMNS, markdown_table, metric_cells, with_starting_model
 
@@ -106,7 +107,7 @@ class SweepOptions:
 
     def __post_init__(self) -> None:
         if self.smoke == (self.data_dir is not None):
-            raise ValueError("Give either --data_dir (the Indo-fashion download) or --smoke (the demo data).")
+            raise UserError("Give either --data_dir (the Indo-fashion download) or --smoke (the demo data).")
 
 
 def row_command(row: Row, options: SweepOptions, output_dir: str) -> list[str]:

@@ -37,7 +37,7 @@ from .checkpoint import (
     save_checkpoint,
     save_model,
 )
-from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, config_to_dict
+from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, UserError, config_to_dict
 from .data import (
     STREAM_POSITION,
     CopyStream,
@@ -308,7 +308,7 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
                 _evaluate_and_keep_best(run, state, early_stopping)
             stop = out_of_steps or early_stopping.should_stop
             checkpoint_due = config.checkpointing_steps and state.step % config.checkpointing_steps == 0
-            if not stop and (epoch_over or checkpoint_due):
+            if epoch_over or (checkpoint_due and not stop):  # every epoch's end, the last one's too
                 skips = _count_nonfinite(state, skips, config.max_nonfinite_steps)
                 _checkpoint(run, state, early_stopping, losses)
             if on_step_end is not None:
@@ -397,7 +397,7 @@ def _load_model_and_data(
     logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%), {how}")
     layout = image_layout(clip, processor)
     if data_config.augment and layout.patches:
-        raise ValueError(
+        raise UserError(
             "--augment crops square images; SigLIP 2's variable-resolution patch sequences are not augmented yet. "
             "Drop --augment (or start from a CLIP or SigLIP checkpoint)."
         )
@@ -411,6 +411,7 @@ def _load_model_and_data(
         per_node=per_node,
         family=family_of(clip.config),
         seed=config.seed,
+        report_dir=config.output_dir,
     )
     cached = {role: pairs[role] for role in pairs if not isinstance(raw_splits[role], StreamSplit)}
     if data_config.strict:  # (a stream's workers stop at its first bad row themselves)
@@ -472,7 +473,7 @@ def _restore(run: Run) -> TrainerState:
     best_step = state.early_stopping.get("best_step", 0)
     saved = os.path.isfile(os.path.join(run.config.output_dir, "model.safetensors"))
     if best_step and not saved and run.accelerator.is_main_process:
-        raise ValueError(
+        raise UserError(
             f"{checkpoint} resumes a run whose best model (step {best_step}) should be in {run.config.output_dir}, "
             "but model.safetensors is not there: resume in the output folder the run wrote (on the main node), "
             "or restore its model files."
@@ -637,13 +638,13 @@ def _check_split_sizes(config: TrainConfig, num_processes: int, sizes: dict[str,
     """Before any image is decoded (on row counts) and again after (on usable pairs)."""
     micro_batch = config.per_device_train_batch_size * num_processes
     if micro_batch > sizes["train"]:
-        raise ValueError(
+        raise UserError(
             f"One batch of all processes ({micro_batch} = per-device batch x {num_processes} processes) exceeds "
             f"the {sizes['train']} training pairs; lower --per_device_train_batch_size."
         )
     for role in ("validation", "test"):
         if sizes[role] < max(RECALL_KS):
-            raise ValueError(
+            raise UserError(
                 f"The {role} split has {sizes[role]} pairs, but recall@{max(RECALL_KS)} needs at least "
                 f"{max(RECALL_KS)}; use a larger split (or a larger --max_eval_samples)."
             )
@@ -653,17 +654,17 @@ def _check_lora(accelerator: Accelerator, model_config: ModelConfig, config: Tra
     if not model_config.lora_rank:
         return
     if config.layer_decay < 1:
-        raise ValueError(
+        raise UserError(
             f"--layer_decay {config.layer_decay:g} with --lora_rank: LoRA freezes every layer whose rate layer decay "
             "would scale and trains only its adapters. Drop --layer_decay, or fine-tune without LoRA."
         )
     if accelerator.is_fsdp2 or accelerator.distributed_type.value == "DEEPSPEED":
-        raise ValueError(
+        raise UserError(
             "--lora_rank runs on one device or under DDP (the adapters are small: every process holds them whole); "
             "launch without FSDP/DeepSpeed, e.g. --config_file accelerate_configs/multi_gpu.yaml."
         )
     if model_config.lora_dropout and config.accumulation == "exact" and config.gradient_accumulation_steps > 1:
-        raise ValueError(
+        raise UserError(
             "--lora_dropout with exact accumulation: each micro-batch runs twice and dropout would draw other "
             "masks the second time, so the gradient would not be exact. Use --lora_dropout 0 or --accumulation plain."
         )
@@ -672,7 +673,7 @@ def _check_lora(accelerator: Accelerator, model_config: ModelConfig, config: Tra
 def _check_output_dir(config: TrainConfig) -> None:
     taken = os.path.isfile(os.path.join(config.output_dir, "model.safetensors"))
     if taken and not config.overwrite_output_dir:
-        raise ValueError(
+        raise UserError(
             f"{config.output_dir} already holds a model. Choose another --output_dir or pass --overwrite_output_dir."
         )
 

@@ -19,10 +19,10 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from .config import DataConfig
+from .config import DataConfig, UserError
 from .evaluation import evaluation_splits, score, training_eval_batch_size
 from .launch import check_processes
-from .model import ContrastiveModel, family_of, image_layout, load_pretrained, unwrap
+from .model import ContrastiveModel, family_of, image_layout, load_pretrained, save_model_folder, unwrap
 from .plots import plot_wise_ft
 from .results import markdown_table, metric_cells
 
@@ -50,11 +50,11 @@ def mix_state_dicts(start: dict, finetuned: dict, weight: float) -> dict[str, to
     fine-tuned model. Weight 0 gives `start` and weight 1 `finetuned` exactly."""
     if start.keys() != finetuned.keys():
         differing = sorted(start.keys() ^ finetuned.keys())[:5]
-        raise ValueError(f"The two models do not have the same weights ({differing} ...): mix a run with its start.")
+        raise UserError(f"The two models do not have the same weights ({differing} ...): mix a run with its start.")
     mixed = {}
     for key, tuned in finetuned.items():
         if start[key].shape != tuned.shape:
-            raise ValueError(
+            raise UserError(
                 f"{key} is {tuple(start[key].shape)} in the starting model but {tuple(tuned.shape)} in the fine-tuned "
                 "one: --base must be the model the run started from."
             )
@@ -79,12 +79,12 @@ def starting_model(options: WiseFtOptions, trained_with: dict) -> str:
     if options.base:
         return options.base
     if trained_with.get("scratch_config"):
-        raise ValueError(
+        raise UserError(
             f"{options.finetuned} was trained from scratch: there is no starting model to mix with. WiSE-FT mixes a "
             "fine-tuned model with the pretrained one it started from."
         )
     if "model_name_or_path" not in trained_with:
-        raise ValueError(f"{options.finetuned} has no training_config.json: name the starting model with --base.")
+        raise UserError(f"{options.finetuned} has no training_config.json: name the starting model with --base.")
     return trained_with["model_name_or_path"]
 
 
@@ -93,7 +93,7 @@ def run_data(options: WiseFtOptions, trained_with: dict) -> DataConfig:
     data = options.data
     if data is None:
         if not trained_with:
-            raise ValueError(
+            raise UserError(
                 f"{options.finetuned} has no training_config.json: name its data with --data_dir or --demo."
             )
         data = DataConfig(**{f.name: trained_with[f.name] for f in fields(DataConfig) if f.name in trained_with})
@@ -108,7 +108,7 @@ def wise_ft(options: WiseFtOptions) -> dict:
     accelerator = Accelerator()
     check_processes(accelerator)
     if accelerator.is_fsdp2 or accelerator.distributed_type.value == "DEEPSPEED":
-        raise ValueError("wise-ft loads whole weights into every process: launch it on one process or under DDP.")
+        raise UserError("wise-ft loads whole weights into every process: launch it on one process or under DDP.")
     finetuned, processor = load_pretrained(options.finetuned)
     start = load_pretrained(base)[0].state_dict()
     # Copies: the state dict's tensors share the model's storage, which every mix is loaded into.
@@ -124,7 +124,7 @@ def wise_ft(options: WiseFtOptions) -> dict:
     for source, metric in (("in-domain", options.metric), ("held-out", options.heldout_metric)):
         splits = sources.get(source, {})
         if metric.startswith("zero_shot") and any(len(set(split.labels) - {""}) < 2 for split in splits.values()):
-            raise ValueError(
+            raise UserError(
                 f"The {source} data has no class labels (2 or more) to score {metric} with: choose a recall metric, "
                 "or give the data a label column."
             )
@@ -212,6 +212,5 @@ def _write(options: WiseFtOptions, result: dict, chosen: dict, processor, clip: 
         )
     plot_wise_ft(result, os.path.join(options.output_dir, "wise_ft.png"))
     folder = os.path.join(options.output_dir, MODEL_DIR)
-    clip.save_pretrained(folder, state_dict=chosen)  # the wrapped CLIPModel, with the chosen mix's weights
-    processor.save_pretrained(folder)
+    save_model_folder(clip, processor, folder, chosen)  # the wrapped CLIPModel, with the chosen mix's weights
     logger.info("\n" + table)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .config import UserError
 from .tokenizer import MAX_TEXT_TOKENS
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "Prompts",
     "class_text_embeddings",
     "label_to_text",
+    "labelled_rows",
     "load_prompts",
     "zero_shot_accuracy",
 ]
@@ -78,7 +80,7 @@ def load_prompts(templates_file: str | None, class_names_file: str | None, *, in
         if isinstance(loaded, dict):
             loaded = next((value for value in loaded.values() if isinstance(value, list)), None)
         if not isinstance(loaded, list) or not loaded or not all(isinstance(t, str) for t in loaded):
-            raise ValueError(
+            raise UserError(
                 f"--zero_shot_templates {templates_file}: expected a JSON list of template strings, such as "
                 '["a photo of a {c}.", "a close-up photo of a {c}."]'
             )
@@ -88,7 +90,7 @@ def load_prompts(templates_file: str | None, class_names_file: str | None, *, in
     if class_names_file:
         loaded = _read_json(class_names_file, "--zero_shot_class_names")
         if not isinstance(loaded, dict) or not all(isinstance(v, str) and v.strip() for v in loaded.values()):
-            raise ValueError(
+            raise UserError(
                 f"--zero_shot_class_names {class_names_file}: expected a JSON object mapping each label to the "
                 'words for it, such as {"women_kurta": "kurta for women"}'
             )
@@ -101,9 +103,9 @@ def _read_json(path: str, option: str):
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
-        raise ValueError(f"{option} {path}: no such file") from None
+        raise UserError(f"{option} {path}: no such file") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"{option} {path} is not valid JSON: {error}") from None
+        raise UserError(f"{option} {path} is not valid JSON: {error}") from None
 
 
 # Prompts embedded per forward pass: bounds memory for datasets with many classes.
@@ -212,14 +214,8 @@ def zero_shot_accuracy(
         scoring >= the true class), `zero_shot_classes` = C and `zero_shot_images` = N', the images kept.
     """
     _check_inputs(image_embeds, labels, class_names, class_embeds, ks)
-    class_index = {name: index for index, name in enumerate(class_names)}
-    kept = [row for row, label in enumerate(labels) if label != "" and label in class_index]
-    if not kept:
-        raise ValueError(
-            f"none of the {len(labels)} image labels is among class_names {class_names[:5]}...; "
-            "pass the class names the dataset's label column uses"
-        )
-    targets = torch.tensor([class_index[labels[row]] for row in kept], device=image_embeds.device)
+    kept, classes = labelled_rows(labels, class_names)
+    targets = torch.tensor(classes, device=image_embeds.device)
     ranks = _true_class_ranks(image_embeds[kept].float(), class_embeds.to(image_embeds.device).float(), targets)
     metrics: dict[str, float] = {f"zero_shot_top{k}": float((ranks < k).double().mean()) for k in ks}
     # Top-1 recall of each class present, averaged over those classes (CLIP_benchmark's mean_per_class_recall):
@@ -232,6 +228,19 @@ def zero_shot_accuracy(
     metrics["zero_shot_classes"] = len(class_names)
     metrics["zero_shot_images"] = len(kept)
     return metrics
+
+
+def labelled_rows(labels: list[str], class_names: list[str]) -> tuple[list[int], list[int]]:
+    """(rows, classes): the images whose label is one of `class_names` ("" and unknown labels are left out), and
+    the index in `class_names` of each one's label."""
+    class_index = {name: index for index, name in enumerate(class_names)}
+    rows = [row for row, label in enumerate(labels) if label != "" and label in class_index]
+    if not rows:
+        raise UserError(
+            f"none of the {len(labels)} image labels is among class_names {class_names[:5]}...; "
+            "pass the class names the dataset's label column uses"
+        )
+    return rows, [class_index[labels[row]] for row in rows]
 
 
 def _true_class_ranks(images: torch.Tensor, classes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

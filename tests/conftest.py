@@ -182,3 +182,52 @@ def tiny_pretrained_dir(tmp_path_factory, demo_dir, tiny_model_config_path) -> s
     schedule = {"num_train_epochs": 2, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 32}
     train_on_demo(root, demo_dir, model, "model", **schedule, learning_rate=2e-3, seed=0, eval_initial_model=False)
     return str(root / "model")
+
+
+CLIP_BENCHMARK = "clip-benchmark==1.6.2"
+
+
+@pytest.fixture(scope="session")
+def clip_benchmark(tmp_path_factory):
+    """clip-benchmark's `metrics` package (zeroshot_retrieval, zeroshot_classification), installed without its
+    dependencies (it pulls a torchvision that does not load beside torch's CPU build)."""
+    import subprocess
+
+    target = tmp_path_factory.mktemp("clip-benchmark")
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), CLIP_BENCHMARK]
+    if subprocess.run(command, capture_output=True).returncode != 0:
+        pytest.skip(f"{CLIP_BENCHMARK} could not be installed (no package index?)")
+    sys.path.insert(0, str(target))
+    import clip_benchmark.metrics.zeroshot_retrieval  # noqa: F401 (zeroshot_classification needs scikit-learn)
+
+    return clip_benchmark.metrics
+
+
+class EmbeddedForClipBenchmark:
+    """clip-benchmark's model interface over embeddings already made: images are their embeddings, and a text is
+    the index (as a string) of its row in `texts`."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def encode_image(self, images):
+        return images
+
+    def encode_text(self, rows):
+        return self.texts[rows]
+
+    def tokenize(self, captions: list[str]):
+        import torch
+
+        return torch.tensor([int(caption) for caption in captions])
+
+
+def user_error(capsys, command, argv: list[str]) -> str:
+    """Run a `clip_accel.cli` command that must stop on a user error: its one line on stderr (status 2, no
+    traceback)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        command(argv)
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in error, error
+    return error.splitlines()[-1]

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import with_fresh_state
+from conftest import EmbeddedForClipBenchmark, with_fresh_state
 
 from clip_accel.config import DataConfig
 from clip_accel.data import PairDataset, load_raw_split, make_dataloader, source_for
 from clip_accel.data.loader import drawn_captions
 from clip_accel.data.preprocess import caption_id, preprocess_split
 from clip_accel.metrics import multi_caption_metrics, retrieval_metrics
-
-CLIP_BENCHMARK = "clip-benchmark==1.6.2"
 
 
 def _captions(record: dict, index: int) -> list[str]:
@@ -88,47 +84,17 @@ def test_worker_processes_see_each_epochs_draw(listed_cache, offline_tokenizer):
     assert not torch.equal(batches[0, 0], batches[0, 1])
 
 
-@pytest.fixture(scope="session")
-def clip_benchmark(tmp_path_factory):
-    """clip-benchmark's retrieval evaluation, installed without its dependencies (it pulls a torchvision that does
-    not load beside torch's CPU build)."""
-    target = tmp_path_factory.mktemp("clip-benchmark")
-    command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), CLIP_BENCHMARK]
-    if subprocess.run(command, capture_output=True).returncode != 0:
-        pytest.skip(f"{CLIP_BENCHMARK} could not be installed (no package index?)")
-    sys.path.insert(0, str(target))
-    from clip_benchmark.metrics import zeroshot_retrieval
-
-    return zeroshot_retrieval
-
-
-class _Embedded:
-    """clip-benchmark's model interface over embeddings already made: images are their embeddings, texts index
-    the caption embeddings."""
-
-    def __init__(self, texts: torch.Tensor) -> None:
-        self.texts = texts
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return images
-
-    def encode_text(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.texts[rows]
-
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        return torch.tensor([int(caption) for caption in captions])
-
-
 def test_any_caption_recall_equals_clip_benchmarks_on_the_same_embeddings(clip_benchmark):
     generator = torch.Generator().manual_seed(0)
     counts = torch.randint(1, 6, (61,), generator=generator)
     owners = torch.repeat_interleave(torch.arange(61), counts)
     images = torch.nn.functional.normalize(torch.randn(61, 16, generator=generator), dim=-1)
     texts = torch.nn.functional.normalize(images[owners] + torch.randn(len(owners), 16, generator=generator), dim=-1)
-    model = _Embedded(texts)
+    model = EmbeddedForClipBenchmark(texts)
     captions = [[str(j) for j in torch.nonzero(owners == i).flatten().tolist()] for i in range(61)]
     batches = [(images[start : start + 8], captions[start : start + 8]) for start in range(0, 61, 8)]
-    theirs = clip_benchmark.evaluate(model, batches, model.tokenize, "cpu", amp=False, recall_k_list=[1, 5, 10])
+    retrieval = clip_benchmark.zeroshot_retrieval
+    theirs = retrieval.evaluate(model, batches, model.tokenize, "cpu", amp=False, recall_k_list=[1, 5, 10])
     ours = multi_caption_metrics(images, texts, owners, chunk_size=16)  # (tiles smaller than the split)
     assert ours["num_captions"] == len(owners) > 61
     for k in (1, 5, 10):  # theirs are float32 means

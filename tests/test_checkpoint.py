@@ -220,8 +220,8 @@ def test_an_output_dir_that_cannot_be_written_stops_before_any_image_is_decoded(
 def test_only_the_newest_checkpoints_are_kept(make_configs):
     from clip_accel.trainer import train
 
-    # 192 pairs / 32 = 6 steps per epoch, 24 in all: checkpoints at 2, 4, 6 (epoch end), ... 20, 22 (none after
-    # the last step: the run is complete then).
+    # 192 pairs / 32 = 6 steps per epoch, 24 in all: checkpoints at 2, 4, 6 (epoch end), ... 22, 24 (the last
+    # epoch's end: a resume after a crash in the final evaluation or the push trains nothing again).
     configs = make_configs(
         num_train_epochs=4,
         checkpointing_steps=2,
@@ -231,7 +231,7 @@ def test_only_the_newest_checkpoints_are_kept(make_configs):
     )
     train(*configs)
     kept = [os.path.basename(p) for p in list_checkpoints(configs[2].output_dir)]
-    assert kept == ["step-0000020", "step-0000022"]
+    assert kept == ["step-0000022", "step-0000024"]
 
 
 def test_non_finite_steps_are_skipped_counted_and_too_many_stop_the_run(make_configs, monkeypatch):

@@ -1,6 +1,7 @@
 """The commands as a user gets them: a wheel built from this checkout, installed outside it, its console scripts run
 from an empty folder. Each exits 0 on success (a console script hands its function's return value to sys.exit),
-and nothing is written outside the output folders chosen on the command line.
+and nothing is written outside the output folders chosen on the command line. A user error is one line and status
+2 in every command, once per launch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_RUN = ["--num_train_epochs", "1", "--max_train_samples", "256", "--max_eval_samples", "64"]
 
@@ -69,6 +69,7 @@ def demo_run(installed, tmp_path_factory):
     return trained, out, cwd
 
 
+@pytest.mark.slow
 def test_train_console_script_exits_0_and_writes_only_its_output_folder(demo_run):
     trained, out, cwd = demo_run
     assert trained.returncode == 0, trained.stderr[-4000:]
@@ -77,6 +78,7 @@ def test_train_console_script_exits_0_and_writes_only_its_output_folder(demo_run
     assert list(cwd.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_the_top_level_card_template_and_renders_the_card_from_it(installed, demo_run):
     _, out, _ = demo_run
     site = installed[0].parent
@@ -87,6 +89,7 @@ def test_the_wheel_ships_the_top_level_card_template_and_renders_the_card_from_i
     assert "Written by clip_accel" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_evaluate_console_script_exits_0_and_reproduces_the_run(installed, demo_run, tmp_path):
     _, out, _ = demo_run
     metrics = tmp_path / "metrics.json"
@@ -108,6 +111,7 @@ def test_evaluate_console_script_exits_0_and_reproduces_the_run(installed, demo_
     assert json.loads(metrics.read_text()) == expected
 
 
+@pytest.mark.slow
 def test_smoke_sweep_from_the_wheel_writes_only_under_its_output_dir(installed, tmp_path):
     runs, cwd = tmp_path / "runs", tmp_path / "cwd"
     cwd.mkdir()
@@ -131,6 +135,7 @@ def test_smoke_sweep_from_the_wheel_writes_only_under_its_output_dir(installed, 
     assert again.returncode == 0 and again.stderr.count("already finished") == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -161,3 +166,65 @@ def test_evaluate_and_embed_compose_captions_as_the_model_was_trained_unless_tol
     assert _split_data_config(own_captions).caption_template is None
     hub_id = parser.parse_args(["--model_name_or_path", "openai/clip-vit-base-patch32", "--data_dir", demo_dir])
     assert _split_data_config(hub_id).caption_template is None
+
+
+NOPE = "/no/such/folder"
+USER_ERRORS = [
+    (["train", "--config", "demo", "--num_train_epoch", "3"], "train", "did you mean --num_train_epochs?"),
+    (["train", "--config", "demo", "--data_dir", NOPE], "train", "is not a folder"),
+    (["train", "--demo", "--dataset_name", "json"], "train", "exclude each other"),
+    (["evaluate", "--model_name_or_path", NOPE, "--data_dir", NOPE], "evaluate", "is not a folder"),
+    (["evaluate", "--model_name_or_path", NOPE, "--data_dir", NOPE, "--demo"], "evaluate", "not allowed with"),
+    (["evaluate", "--model_name_or_path", NOPE, "--demo", "--max_eval_sample", "5"], "evaluate", "did you mean"),
+    (["push", NOPE, "--hub_model_id", "me/clip"], "push", "is not a folder"),
+    (["reproduce", "--data_dir", NOPE, "--smoke"], "reproduce", "not allowed with"),
+    (["wise-ft", NOPE], "wise-ft", "has no training_config.json"),
+    (["embed", "--model_name_or_path", NOPE, "--demo", "--output_file", "x.npy"], "embed", "*.parquet"),
+    (["search", "missing.parquet", "--text", "saree"], "search", "does not exist"),
+    (["index-shards", NOPE], "index-shards", "is not a folder"),
+    (["env", "--verbose"], "env", "unrecognized arguments: --verbose"),
+    (["fly"], None, "invalid choice: 'fly'"),
+]
+
+
+@pytest.mark.parametrize("argv, command, message", USER_ERRORS, ids=[" ".join(argv[:2]) for argv, *_ in USER_ERRORS])
+def test_a_user_error_is_one_line_and_status_2_in_every_command(argv, command, message, capsys, tmp_path, monkeypatch):
+    from clip_accel.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in error, error
+    prog = "clip-accel" + (f" {command}" if command else "")
+    assert f"\n{prog}: error: " in f"\n{error}" and message in error.splitlines()[-1], error
+
+
+def test_with_debug_logging_a_user_error_shows_its_traceback_and_a_bug_always_does(capsys, tmp_path, monkeypatch):
+    from clip_accel import cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        cli.main(["search", "missing.parquet", "--text", "saree", "--log_level", "debug"])
+    error = capsys.readouterr().err
+    assert "Traceback" in error and error.splitlines()[-1].startswith("clip-accel search: error: ")
+
+    def broken(path):
+        raise KeyError("a bug in clip_accel")
+
+    monkeypatch.setattr(cli, "load_embeddings", broken)
+    with pytest.raises(KeyError, match="a bug in clip_accel"):  # not a user error: its traceback stays
+        cli.main(["search", "some.parquet", "--text", "saree"])
+    cli.setup_logging("info")
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_user_error_is_printed_once(tmp_path):
+    command = ["torchrun", "--nproc_per_node", "2", "-m", "clip_accel", "train", "--config", "demo"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    failed = subprocess.run(
+        [*command, "--data_dir", NOPE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert failed.returncode != 0
+    assert failed.stderr.count("clip-accel train: error: --data_dir '/no/such/folder' is not a folder") == 1
+    assert failed.stderr.count("is dropped") == 1  # the recipe's --demo, said once per launch

@@ -187,3 +187,38 @@ def test_a_column_that_is_not_text_stops_naming_the_column(demo_dir, tmp_path):
     records[0]["product_title"] = 0
     with pytest.raises(ValueError, match=r"--caption_column 'product_title' holds int64, not text.*--caption_template"):
         _read_source("datasets", records, tmp_path / "numbers")
+
+
+def _without_test_images(demo_dir, tmp_path) -> Path:
+    """The demo with its test split's images gone, and 5 of its rows given an empty title: no usable test pair."""
+    root = tmp_path / "no-test-images"
+    shutil.copytree(demo_dir, root)
+    shutil.rmtree(root / "images" / "test")
+    rows = [json.loads(line) for line in (root / "test_data.json").read_text().splitlines()]
+    for row in rows[:5]:
+        row["product_title"] = ""
+    (root / "test_data.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def test_a_split_with_no_usable_pair_says_why_and_training_writes_the_report_first(
+    demo_dir, tmp_path, make_configs, tiny_pretrained_dir
+):
+    from clip_accel.cli import evaluate_main
+    from clip_accel.config import UserError
+
+    root = _without_test_images(demo_dir, tmp_path)
+    data, model, config = make_configs(data_dir=str(root), num_train_epochs=1, eval_initial_model=False)
+    with pytest.raises(UserError) as stopped:
+        train(data, model, config)
+    report = Path(config.output_dir, "skipped_rows.jsonl")
+    message = str(stopped.value)
+    assert "Split 'test' has no usable pairs: all 45 rows were skipped" in message
+    assert "40 unreadable image: FileNotFoundError; 5 empty caption" in message
+    assert "test_data.json, line 1: empty caption" in message and f"listed in {report}" in message
+    listed = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len([row for row in listed if row["split"] == "test"]) == 45
+    with pytest.raises(UserError) as evaluated:  # no output folder: the reasons alone
+        evaluate_main.__wrapped__(["--model_name_or_path", tiny_pretrained_dir, "--data_dir", str(root)])
+    assert "40 unreadable image: FileNotFoundError; 5 empty caption" in str(evaluated.value)
+    assert "skipped_rows.jsonl" not in str(evaluated.value)

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from clip_accel.cli import COMMANDS
-from clip_accel.config import parse_config
+from clip_accel.options import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import user_error
 from launching import CPU_ENV, TORCHRUN_2
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
@@ -117,13 +118,21 @@ def test_an_image_folder_embeds_its_images_and_skips_a_broken_file(tmp_path, tin
 
 
 def test_bad_embed_and_search_requests_say_what_to_change(tmp_path, tiny_pretrained_dir, capsys):
-    with pytest.raises(ValueError, match="name it \\*.parquet or \\*.safetensors"):
-        embed_main(["--model_name_or_path", tiny_pretrained_dir, "--demo", "--output_file", str(tmp_path / "x.npy")])
+    assert re.search(
+        "name it \\*.parquet or \\*.safetensors",
+        user_error(
+            capsys,
+            embed_main,
+            ["--model_name_or_path", tiny_pretrained_dir, "--demo", "--output_file", str(tmp_path / "x.npy")],
+        ),
+    )
     with pytest.raises(SystemExit):
         search_main([str(tmp_path / "missing.parquet")])
     assert "give at least one query" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="does not exist: write it first"):
-        search_main([str(tmp_path / "missing.parquet"), "--text", "saree"])
+    assert re.search(
+        "does not exist: write it first",
+        user_error(capsys, search_main, [str(tmp_path / "missing.parquet"), "--text", "saree"]),
+    )
 
 
 def test_search_and_evaluate_name_what_is_wrong_before_the_work(embedded, demo_dir, tmp_path, capsys):
@@ -131,12 +140,13 @@ def test_search_and_evaluate_name_what_is_wrong_before_the_work(embedded, demo_d
 
     from clip_accel.cli import evaluate_main
 
-    with pytest.raises(ValueError, match=r"some.log is not an embeddings file: name the \*.parquet") as raised:
-        search_main([str(tmp_path / "some.log"), "--text", "saree"])
-    assert "--output_file" not in str(raised.value).split(":")[0]
+    error = user_error(capsys, search_main, [str(tmp_path / "some.log"), "--text", "saree"])
+    assert re.search(r"some.log is not an embeddings file: name the \*.parquet", error), error
+    assert "--output_file" not in error.split(":")[1]
     query = [str(embedded / "emb.parquet"), "--text", "red saree"]
-    with pytest.raises(ValueError, match=r"--contact_sheet '.*' is a folder"):
-        search_main([*query, "--contact_sheet", str(tmp_path)])
+    assert re.search(
+        r"--contact_sheet '.*' is a folder", user_error(capsys, search_main, [*query, "--contact_sheet", str(tmp_path)])
+    )
     assert "query: red saree" not in capsys.readouterr().out  # stopped before the search
     search_main([*query, "--contact_sheet", str(tmp_path / "new" / "sheet.png")])  # a missing folder is made
     assert (tmp_path / "new" / "sheet.png").stat().st_size > 0
@@ -148,8 +158,10 @@ def test_search_and_evaluate_name_what_is_wrong_before_the_work(embedded, demo_d
     assert "moved-away, which no longer exists: name where it is now with --model_name_or_path" in (
         capsys.readouterr().err
     )
-    with pytest.raises(ValueError, match=r"holds no config.json, so it is not a model folder"):
-        evaluate_main(["--model_name_or_path", demo_dir, "--data_dir", demo_dir])
+    assert re.search(
+        r"holds no config.json, so it is not a model folder",
+        user_error(capsys, evaluate_main, ["--model_name_or_path", demo_dir, "--data_dir", demo_dir]),
+    )
 
 
 @pytest.mark.slow
@@ -163,3 +175,62 @@ def test_two_processes_write_the_same_file_as_one(embedded, tiny_pretrained_dir,
     assert two.ids == one.ids and two.captions == one.captions  # 45 rows over 2 x 8: the repeated ones dropped
     torch.testing.assert_close(two.image_embeds, one.image_embeds, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(two.text_embeds, one.text_embeds, rtol=1e-5, atol=1e-6)
+
+
+def test_a_file_moved_with_its_data_folder_still_searches_and_draws_its_images(
+    tmp_path, tiny_pretrained_dir, demo_dir, monkeypatch
+):
+    """The file holds no absolute path: images relative to the data folder, that folder relative to the file's own,
+    and the model as given (here a folder named relative to the working folder)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    from PIL import ImageOps
+
+    monkeypatch.chdir(os.path.dirname(tiny_pretrained_dir))
+    model = os.path.basename(tiny_pretrained_dir)
+    here = tmp_path / "here"
+    shutil.copytree(demo_dir, here / "catalogue")
+    names = ("emb.parquet", "emb.safetensors")
+    for name in names:
+        argv = ["--model_name_or_path", model, "--data_dir", str(here / "catalogue"), "--split", "test"]
+        _embed([*argv, "--cache_dir", str(tmp_path / "cache"), "--output_file", str(here / "out" / name)])
+    written = pq.read_table(here / "out" / "emb.parquet")
+    assert str(tmp_path) not in str(written.schema.metadata) and str(tmp_path) not in str(written.to_pylist())
+    assert written.column("image")[0].as_py() == "images/test/0.jpeg"
+    shutil.move(here, tmp_path / "elsewhere")  # the file and its data, moved together
+    for name in names:
+        stored = load_embeddings(str(tmp_path / "elsewhere" / "out" / name))
+        assert stored.model == model  # as the user gave it
+        assert stored.images[3] == str(tmp_path / "elsewhere" / "catalogue" / "images" / "test" / "3.jpeg")
+        sheet, found = tmp_path / f"{name}.png", tmp_path / f"{name}.json"
+        query = [
+            "--image",
+            stored.images[3],
+            "--top_k",
+            "2",
+            "--contact_sheet",
+            str(sheet),
+            "--output_file",
+            str(found),
+        ]
+        search_main([str(tmp_path / "elsewhere" / "out" / name), *query])
+        first = json.loads(found.read_text())[0]["hits"][0]
+        assert first["id"] == "images/test/3.jpeg" and first["image"] == stored.images[3]
+        with Image.open(sheet) as drawn, Image.open(stored.images[3]) as image:  # the hit's thumbnail, drawn
+            thumbnail = ImageOps.contain(image.convert("RGB"), (128, 128))
+            cell = drawn.convert("RGB").crop((152, 8, 152 + thumbnail.width, 8 + thumbnail.height))
+            assert cell.tobytes() == thumbnail.tobytes()
+
+
+def test_a_file_written_with_absolute_image_paths_still_reads(embedded, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(embedded / "emb.parquet")
+    stored = load_embeddings(str(embedded / "emb.parquet"))
+    old = table.set_column(table.column_names.index("image"), "image", pa.array(stored.images))
+    old = old.replace_schema_metadata({"clip_accel_model": stored.model})  # (no image folder recorded)
+    pq.write_table(old, tmp_path / "old.parquet")
+    assert load_embeddings(str(tmp_path / "old.parquet")).images == stored.images
+    assert all(os.path.isabs(image) and os.path.isfile(image) for image in stored.images)

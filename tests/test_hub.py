@@ -207,6 +207,23 @@ def test_card_names_a_data_folder_by_its_name_or_the_label_given_never_indo_fash
     assert "indo-fashion" not in str(card.data.to_dict()).lower()
 
 
+@pytest.mark.parametrize("model_type", ["clip", "siglip2"])
+def test_card_code_names_the_transformers_it_needs(tiny_pretrained_dir, tmp_path, model_type):
+    """The snippet reads `get_*_features(...).pooler_output` (an output object from transformers 5 on; a tensor
+    in 4.x) and loads files transformers 5 saved: the card says so, and it is the package's own minimum."""
+    import tomllib
+
+    folder = shutil.copytree(tiny_pretrained_dir, tmp_path / "run")
+    arch = read_json(folder, "config.json")
+    (folder / "config.json").write_text(json.dumps({**arch, "model_type": model_type}))
+    card = ModelCard.load(write_model_card(str(folder)))
+    snippet = re.search(r"## How to use\n.*?```python\n(.*?)```", card.text, re.DOTALL).group(1)
+    assert snippet.startswith('# pip install "transformers>=5"\n')
+    assert "transformers 5 or later" in card.text.split("## How to use")[1].split("## Training data")[0]
+    dependencies = tomllib.loads(Path(ROOT, "pyproject.toml").read_text())["project"]["dependencies"]
+    assert re.search(r"transformers>=5\.0(,|$)", next(d for d in dependencies if d.startswith("transformers")))
+
+
 def test_pushed_model_downloads_and_embeds_exactly_like_the_local_folder(hub, pushed_run):
     output_dir, _, root = pushed_run
     pushed = hub.files(REPO)
@@ -247,7 +264,8 @@ def test_failed_upload_keeps_the_folder_and_names_the_retry_command(
     finally:
         hub.fail_commits = False
     assert failed.returncode != 0
-    assert "PushToHubError" in failed.stderr and TOKEN not in failed.stdout + failed.stderr
+    assert failed.returncode == 2 and "clip-accel train: error: Uploading" in failed.stderr  # no traceback: the
+    assert "Traceback" not in failed.stderr and TOKEN not in failed.stdout + failed.stderr  # retry is what to do
     command = retry_command(output_dir, repo_id)
     assert command == f"clip-accel push {output_dir} --hub_model_id {repo_id}"
     assert command in failed.stderr

@@ -20,10 +20,12 @@ LAYERS = (
     {
         "",
         "config",
+        "options",
         "tokenizer",
         "model",
         "loss",
         "metrics",
+        "clip_benchmark",
         "zero_shot",
         "plots",
         "results",

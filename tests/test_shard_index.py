@@ -147,3 +147,38 @@ def test_written_shards_carry_their_index_and_a_null_title_is_no_caption(tmp_pat
     with tarfile.open(paths[0]) as tar:
         names = tar.getnames()
     assert "00000003.jpg" in names and "00000003.txt" not in names  # (it used to hold the text "None")
+
+
+def refuse_writes_in(folder, monkeypatch):
+    """`folder` read-only: its mode, and where the tests run as root (whom a mode does not stop), the refusal a
+    read-only mount gives everyone."""
+    import tempfile
+
+    import clip_accel.config as config_module
+
+    os.chmod(folder, 0o555)
+    mkstemp = tempfile.mkstemp
+
+    def refusing(*args, dir=None, **kwargs):
+        if os.path.realpath(dir) == os.path.realpath(folder):
+            raise PermissionError(13, "Permission denied")
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(config_module.tempfile, "mkstemp", refusing)
+
+
+def test_a_read_only_shard_folder_or_cache_folder_is_named_with_what_to_do(tmp_path, monkeypatch, capsys):
+    from conftest import user_error
+
+    folder = tmp_path / "shards"
+    write_shards(str(folder), [5, 5])
+    refuse_writes_in(folder, monkeypatch)
+    error = user_error(capsys, main, ["index-shards", str(folder)])
+    assert "cannot be written (Permission denied): write the index elsewhere with --output FILE" in error
+    main(["index-shards", str(folder), "--output", str(tmp_path / "train.shardindex.json")])  # the way out works
+    assert json.loads((tmp_path / "train.shardindex.json").read_text())["shardlist"]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    refuse_writes_in(cache, monkeypatch)
+    with pytest.raises(ValueError, match=r"--shard_cache_dir '.*/cache' cannot be written .*node's own disk"):
+        streaming_loader(str(folder), shard_cache_dir=str(cache))

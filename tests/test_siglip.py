@@ -108,7 +108,7 @@ def test_freezing_backbones_keeps_siglip_heads_and_logits_trainable():
 
 
 def test_the_reference_sweep_can_add_a_siglip_row_marked_as_ours(tmp_path):
-    from clip_accel.config import parse_config
+    from clip_accel.options import parse_config
     from clip_accel.results import RECALL_COLUMNS
     from clip_accel.sweep import ROWS, SIGLIP_ROW, SweepOptions, results_markdown, row_command
 

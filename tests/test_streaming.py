@@ -413,6 +413,10 @@ def test_a_start_up_failure_on_one_process_stops_every_process_with_its_message(
     message = "this node cannot read the shard index"
     assert f"Process 1 stopped at start-up: ValueError: {message}" in result.stderr  # process 0's own words
     assert f"ValueError: {message}" in result.stderr.replace(f"start-up: ValueError: {message}", "")  # process 1's
+    env = {**CPU_ENV, "FAIL_AS": "UserError"}  # a user error: one line, by the main process, no traceback of ours
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    line = f"clip-accel train: error: Process 1 stopped at start-up: UserError: {message}"
+    assert result.returncode != 0 and result.stderr.count(message) == 1 and line in result.stderr, result.stderr
 
 
 def test_a_streamed_model_folder_evaluates_to_its_own_figures_and_has_a_card(

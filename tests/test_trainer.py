@@ -86,16 +86,18 @@ def test_eval_results_file_matches_the_returned_metrics(trained):
 
 
 def test_results_are_also_under_clip_benchmark_names(trained):
-    # CLIP_benchmark names directions by what is retrieved: its image retrieval is our text-to-image.
+    # clip-benchmark's own figures (tests/test_clip_benchmark.py checks them against the tool). It names directions
+    # by what is retrieved (its image retrieval is our text-to-image) and lets topk's order break ties, where ours
+    # count against the query: never below ours. Its zero-shot figures are ours where no two classes tie.
     _, result = trained
     for split in ("test", "validation"):
         figures = result.metrics[split]
-        theirs = figures["clip_benchmark"]
-        for k in (1, 5, 10):
-            assert theirs[f"image_retrieval_recall@{k}"] == figures[f"text_to_image_R@{k}"]
-            assert theirs[f"text_retrieval_recall@{k}"] == figures[f"image_to_text_R@{k}"]
+        theirs, pairs = figures["clip_benchmark"], figures["num_pairs"]
+        for k in (1, 5, 10):  # (compared as counts: its means are float32)
+            for direction, ours in (("image_retrieval", "text_to_image"), ("text_retrieval", "image_to_text")):
+                assert round(theirs[f"{direction}_recall@{k}"] * pairs) >= round(figures[f"{ours}_R@{k}"] * pairs)
         assert (theirs["acc1"], theirs["acc5"]) == (figures["zero_shot_top1"], figures["zero_shot_top5"])
-        assert theirs["mean_per_class_recall"] == figures["zero_shot_mean_per_class_recall"]
+        assert theirs["mean_per_class_recall"] == pytest.approx(figures["zero_shot_mean_per_class_recall"], abs=1e-12)
 
 
 def test_evaluate_script_reproduces_eval_results(trained, demo_dir, tmp_path):

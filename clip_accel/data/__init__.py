@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 import datasets
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
 
-from ..config import DataConfig
+from ..config import DataConfig, UserError
 from ..tokenizer import MAX_TEXT_TOKENS
 from .demo import write_demo_dataset
 from .indo_fashion import IndoFashionFolder
@@ -137,13 +138,14 @@ def _together(accelerator: Accelerator, work):
         result, failure = work(), None
     except Exception as error:  # (any: every process must reach the gather)
         result, failure = None, error
-    message = None if failure is None else f"{type(failure).__name__}: {failure}"
+    message = None if failure is None else (isinstance(failure, UserError), f"{type(failure).__name__}: {failure}")
     messages = gather_object([message]) if accelerator.num_processes > 1 else [message]
     if failure is not None:
         raise failure
     for rank, message in enumerate(messages):
         if message is not None:
-            raise RuntimeError(f"Process {rank} stopped at start-up: {message}")
+            users, text = message  # a user error stays one on every process: the main process then prints it
+            raise (UserError if users else RuntimeError)(f"Process {rank} stopped at start-up: {text}")
     return result
 
 
@@ -159,12 +161,15 @@ def build_pair_datasets(
     require_captions: bool = True,
     family=None,
     seed: int = 0,
+    report_dir: str | None = None,
 ) -> dict[str, PairDataset | StreamingPairs]:
     """Preprocess (or reuse the cache of) each split, in the family's `layout` (an int: CLIP's at that side; the
     training split at `train_image_size` when given: larger, for augmentation's random crops). The main process
     goes first so the others only read; with `per_node` (node-local caches) each node's first process does.
     `family` (`model.Family`; default CLIP's rules): the text length and SigLIP's fixed padding, on the
-    tokenizer's side. A streamed split (`StreamSplit`) becomes `StreamingPairs` (shuffled by `seed`), not cached."""
+    tokenizer's side. A streamed split (`StreamSplit`) becomes `StreamingPairs` (shuffled by `seed`), not cached.
+    A split with no usable pair stops the run, its reasons in the message; `report_dir` gets skipped_rows.jsonl
+    first."""
     layout = as_layout(layout)
     pad_to = family.pad_to if family is not None else None
     max_length = family.text_length if family is not None else MAX_TEXT_TOKENS
@@ -204,11 +209,27 @@ def build_pair_datasets(
         # (training draws one of a row's captions per epoch, deterministic in the seed; evaluation scores them all)
         pairs[role] = PairDataset(cached, tokenizer.pad_token_id, pad_to, pad_left, seed if train else None)
         if len(pairs[role]) == 0:
-            raise ValueError(
-                f"Split {raw.name!r} has no usable pairs ({len(raw.dataset)} rows, all skipped); "
-                f"see skipped_rows.jsonl in the output folder."
-            )
+            report = None
+            if report_dir is not None and accelerator.is_main_process:  # the report first, then the error
+                write_skip_report(
+                    {r: d for r, d in pairs.items() if isinstance(d, PairDataset)}, raw_splits, report_dir
+                )
+                report = os.path.join(report_dir, "skipped_rows.jsonl")
+            raise UserError(no_usable_pairs(pairs[role], raw, report))
     return pairs
+
+
+def no_usable_pairs(dataset: PairDataset, raw: RawSplit, report: str | None) -> str:
+    """Why a split has no usable pair: the count per reason, the first rows' own reasons, and the report's path."""
+    rows = skipped_rows(dataset, raw)
+    kinds = Counter(": ".join(row["reason"].split(": ")[:2]) for row in rows)  # (not each file's own name)
+    counted = "; ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    first = "; ".join(f"{row['where']}: {row['reason']} (image {row['image']!r})" for row in rows[:3])
+    listed = f" Every skipped row is listed in {report}." if report else ""
+    return (
+        f"Split {raw.name!r} has no usable pairs: all {len(raw.dataset)} rows were skipped ({counted}). "
+        f"The first: {first}.{listed}"
+    )
 
 
 def skipped_rows(dataset: PairDataset, raw: RawSplit) -> list[dict]:
@@ -232,7 +253,7 @@ def check_strict(pairs: dict[str, PairDataset], raw_splits: dict[str, RawSplit])
     """--strict: the first bad row is an error instead of a skip."""
     for role, dataset in pairs.items():
         for row in skipped_rows(dataset, raw_splits[role])[:1]:
-            raise ValueError(
+            raise UserError(
                 f"--strict: {row['where']}: {row['reason']} (image {row['image']}). Fix or remove "
                 "the row, or drop --strict to skip bad rows and list them in skipped_rows.jsonl."
             )

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw
 
+from ..config import UserError
 from .indo_fashion import INDO_FASHION_FILES, write_indo_fashion_split
 
 __all__ = ["CLASS_LABELS", "DEMO_MARKER", "write_demo_dataset"]
@@ -317,9 +318,9 @@ def _check_replaceable(root: Path) -> None:
     if not root.exists():
         return
     if not root.is_dir():
-        raise ValueError(f"{root} is a file, not a folder; choose another folder for the demo dataset.")
+        raise UserError(f"{root} is a file, not a folder; choose another folder for the demo dataset.")
     if not (root / DEMO_MARKER).is_file() and any(root.iterdir()):
-        raise ValueError(
+        raise UserError(
             f"{root} is not empty and is not a demo dataset (no {DEMO_MARKER}); choose another folder or an empty one."
         )
 

@@ -13,6 +13,7 @@ from functools import partial
 import datasets
 from PIL import Image
 
+from ..config import UserError
 from .sources import (
     MORE_CAPTIONS,
     RAW_FEATURES,
@@ -51,10 +52,10 @@ class IndoFashionFolder(Source):
     def read(self, split: str, max_samples: int | None = None) -> RawSplit:
         file_name = INDO_FASHION_FILES.get(SPLIT_ALIASES.get(split, split))
         if file_name is None:
-            raise ValueError(f"Indo-fashion has the splits train, validation (val) and test; got {split!r}.")
+            raise UserError(f"Indo-fashion has the splits train, validation (val) and test; got {split!r}.")
         path = os.path.join(self.folder, file_name)
         if not os.path.isfile(path):
-            raise ValueError(
+            raise UserError(
                 f"{path} is missing: --data_dir must hold train_data.json, val_data.json and "
                 "test_data.json as in the Indo-fashion Kaggle download."
             )
@@ -116,7 +117,7 @@ def _decode_line(line: bytes, path: str, line_number: int) -> str:
     try:
         return line.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(
+        raise UserError(
             f"{path}, line {line_number}: not UTF-8 (byte {line[error.start]:#04x} at column {error.start + 1}). "
             "Save the file as UTF-8, or fix or delete that line."
         ) from None
@@ -126,14 +127,12 @@ def _parse_line(line: str, path: str, line_number: int, columns: Columns) -> dic
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path}, line {line_number}: not valid JSON ({error.msg}). Fix or delete that line."
-        ) from None
+        raise UserError(f"{path}, line {line_number}: not valid JSON ({error.msg}). Fix or delete that line.") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}.")
+        raise UserError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}.")
     required = INDO_FASHION_FIELDS if columns.template is None else ("image_path", "class_label")
     missing = [name for name in required if name not in record]
     if missing:
-        raise ValueError(f"{path}, line {line_number}: missing field(s) {missing}; every line needs {list(required)}.")
+        raise UserError(f"{path}, line {line_number}: missing field(s) {missing}; every line needs {list(required)}.")
     check_columns(columns, f"{path}, line {line_number}", record)  # (the fields a template names)
     return record

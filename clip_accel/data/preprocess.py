@@ -26,6 +26,7 @@ import multiprocess  # datasets' multiprocessing (its map's pool and manager)
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..config import UserError
 from ..tokenizer import MAX_TEXT_TOKENS
 from .sources import RawSplit
 
@@ -350,7 +351,7 @@ def preprocess_split(
     per batch; not for SigLIP 2's patches)."""
     layout = as_layout(layout)
     if cache_format == "jpeg" and layout.patches:
-        raise ValueError(
+        raise UserError(
             "--cache_format jpeg stores square images; SigLIP 2's patch sequences are cached as uint8 only. Drop "
             "--cache_format jpeg (or start from a CLIP or SigLIP checkpoint)."
         )

@@ -36,6 +36,7 @@ from urllib.parse import urljoin
 import requests
 import urllib3
 
+from ..config import UserError
 from .shard_index import shard_prefix
 
 RETRIES = 5  # attempts after a dropped connection, 0.2 s, 0.4 s, ... apart
@@ -306,7 +307,7 @@ def store(url: str):
         scheme = url.split("://", 1)[0]
         extra = STORE_EXTRAS.get(scheme)
         hint = f"`pip install clip_accel[{extra}]`" if extra else f"the fsspec package for {scheme}://"
-        raise ValueError(f"{url}: {scheme}:// needs {hint} ({type(error).__name__}: {error}).") from None
+        raise UserError(f"{url}: {scheme}:// needs {hint} ({type(error).__name__}: {error}).") from None
 
 
 def fetch_json(url: str) -> dict | None:
@@ -349,14 +350,14 @@ def remote_splits(location: str) -> tuple[dict[str, list[str]], dict[str, list[i
         try:
             entries = [(join_url(index_url, entry["url"]), int(entry["nsamples"])) for entry in index["shardlist"]]
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{index_url} is not a shard index ({type(error).__name__}: {error})") from None
+            raise UserError(f"{index_url} is not a shard index ({type(error).__name__}: {error})") from None
         splits[split], counts[split] = [url for url, _ in entries], [rows for _, rows in entries]
     if not splits and not is_http(location):  # a store's folder without an index: its shards, rows from elsewhere
         urls = _shard_urls(base + "*.tar")
         if urls:
             return _by_split(urls), dict.fromkeys(_by_split(urls))
     if not splits:
-        raise ValueError(
+        raise UserError(
             f"{base}train.shardindex.json is not there: put the shard index beside the shards (`clip-accel "
             "index-shards FOLDER` writes it before you upload them), or give the shards as a brace pattern "
             "(https://host/train-{00000..00099}.tar) with --shard_index FILE."

@@ -19,6 +19,7 @@ import re
 import shutil
 import threading
 
+from ..config import check_writable_folder
 from .remote import open_shard
 
 READ_AHEAD = 2  # shards a worker fetches ahead of the one it reads
@@ -27,6 +28,7 @@ COPY_BYTES = 1024 * 1024
 
 class ShardCache:
     def __init__(self, folder: str, limit_bytes: int) -> None:
+        check_writable_folder(folder, "--shard_cache_dir", "name a folder on the node's own disk this user can write")
         self.folder, self.limit_bytes = folder, limit_bytes
         self.fetched = 0  # shards this process fetched (not found in the cache)
         self._queue: queue.Queue | None = None

@@ -16,6 +16,8 @@ import json
 import os
 import re
 
+from ..config import UserError
+
 INDEX_SUFFIX = ".shardindex.json"
 
 
@@ -44,7 +46,7 @@ def read_shard_index(path: str) -> dict[str, int]:
             index = json.load(handle)
         return {os.path.basename(entry["url"]): int(entry["nsamples"]) for entry in index["shardlist"]}
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(
+        raise UserError(
             f"{path} is not a readable shard index ({type(error).__name__}: {error}); it holds "
             '{"wids_version": 1, "shardlist": [{"url": "train-00000.tar", "nsamples": 1000}, ...]}: write it '
             "again with `clip-accel index-shards FOLDER`."
@@ -63,7 +65,7 @@ def indexed_counts(shards: list[str], index: str | None = None) -> list[int] | N
         counts = read_shard_index(index)
         missing = [os.path.basename(shard) for shard in shards if os.path.basename(shard) not in counts]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{index} does not list {len(missing)} of the {len(shards)} shards (e.g. {missing[0]}): write it "
                 "again with `clip-accel index-shards FOLDER` after adding shards."
             )
@@ -81,7 +83,7 @@ def parse_header(header: bytes, url: str, offset: int) -> tuple[int, str | None,
     try:
         size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
     except ValueError:
-        raise ValueError(f"{url}: a tar header at byte {offset} is not a tar header") from None
+        raise UserError(f"{url}: a tar header at byte {offset} is not a tar header") from None
     if header[156:157] not in (b"0", b"\0"):
         return size, None, None
     name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -102,7 +104,7 @@ def count_tar_rows(path: str, open_file=None) -> int:
             if base is not None and base != key:
                 rows, key = rows + 1, base
         if handle.tell() > handle.seek(0, os.SEEK_END):
-            raise ValueError(f"{path} is truncated: write the shard again or remove it.")
+            raise UserError(f"{path} is truncated: write the shard again or remove it.")
     return rows
 
 
@@ -117,4 +119,4 @@ def _successes(path: str) -> int:
         with open(path) as handle:
             return int(json.load(handle)["successes"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: no img2dataset 'successes' count ({type(error).__name__}: {error})") from None
+        raise UserError(f"{path}: no img2dataset 'successes' count ({type(error).__name__}: {error})") from None

@@ -26,7 +26,7 @@ from accelerate.logging import get_logger
 from datasets.packaged_modules.webdataset.webdataset import DECODERS, IMAGE_EXTENSIONS
 from PIL import Image
 
-from ..config import DataConfig
+from ..config import DataConfig, UserError, check_writable_folder
 from .indo_fashion import INDO_FASHION_FILES
 from .parquet_shards import ParquetShards
 from .preprocess import JPEG_QUALITY, encode_jpeg, load_rgb_image, to_rgb
@@ -141,13 +141,13 @@ class TarShards:
                 continue
             value = handle.read(size)
             if len(value) < size or len(handle.read(-size % 512)) < -size % 512:
-                raise ValueError(f"{url} is truncated (member {base}.{field}): write the shard again or remove it.")
+                raise UserError(f"{url} is truncated (member {base}.{field}): write the shard again or remove it.")
             try:
                 at["row"][field] = self._decode(field, value, at["key"])
             except (ValueError, UnicodeDecodeError) as error:
                 at["row"].setdefault("__errors__", []).append(f"member {field} does not decode: {error}")
         if len(header) < 512 and (header or handle.tell() > handle.seek(0, os.SEEK_END)):  # (a seek past the end)
-            raise ValueError(f"{url} is truncated: write the shard again or remove it.")
+            raise UserError(f"{url} is truncated: write the shard again or remove it.")
 
     def _decode(self, field: str, value: bytes, key: str):
         extension = field.rsplit(".", 1)[-1].lower()
@@ -165,7 +165,7 @@ class TarShards:
             return counts
         remote = [url for url in self.files if "://" in url]
         if remote:
-            raise ValueError(
+            raise UserError(
                 f"{remote[0]} and the other remote shards have no shard index: write one with `clip-accel "
                 "index-shards` and pass it as --shard_index FILE (or put it beside them), or set --epoch_rows."
             )
@@ -286,10 +286,10 @@ class ShardSource(Source):
         dataset = datasets.Dataset.from_dict(rows, features=features)
         return first_rows(RawSplit(split, dataset, digest.hexdigest()[:32], self.name), max_samples)
 
-    def missing_split(self, split: str) -> ValueError:
+    def missing_split(self, split: str) -> UserError:
         error = super().missing_split(split)
         if self._splits() and isinstance(next(iter(self._splits().values())), TarShards):
-            return ValueError(f"{error} Or name the shards train-*.tar, validation-*.tar, test-*.tar.")
+            return UserError(f"{error} Or name the shards train-*.tar, validation-*.tar, test-*.tar.")
         return error
 
 
@@ -316,7 +316,7 @@ def find_shards(config: DataConfig) -> dict[str, TarShards | ParquetShards | Dat
     if builder.name == "webdataset":
         return {str(split): tar_shards(str(split), sorted(files)) for split, files in found.items()}
     if cache is not None:
-        raise ValueError(
+        raise UserError(
             f"--shard_cache_dir keeps WebDataset tar shards, and {config.dataset_name} is no folder or URL of them: "
             "drop --shard_cache_dir (parquet files and `datasets` streams fetch as they read)."
         )
@@ -349,12 +349,17 @@ def index_shards(location: str, output: str | None = None) -> list[tuple[str, st
     training split's at `output` (needed for a remote one). Returns (index, split, shards, rows) per index."""
     if is_remote(location):
         if output is None:
-            raise ValueError(f"{location} is remote: write its index to a local file with --output FILE.")
+            raise UserError(f"{location} is remote: write its index to a local file with --output FILE.")
         splits = remote_splits(location)[0]
     else:
         splits = local_tar_splits(location)
         if splits is None:
-            raise ValueError(f"{location!r} is not a folder holding .tar shards")
+            raise UserError(f"{location!r} is not a folder holding .tar shards")
+    if output is None:  # (before any shard is read)
+        advice = "write the index elsewhere with --output FILE, and pass that file as --shard_index"
+        check_writable_folder(location, "the shard folder", advice)
+    else:
+        check_writable_folder(os.path.dirname(os.path.abspath(output)), "--output's folder")
     written = []
     for split, shards in splits.items():
         if output is not None and split != "train":
@@ -385,7 +390,7 @@ def load_stream_split(
     if rows is None:
         rows = _recorded_rows(stream)
     if rows is None:
-        raise ValueError(f"{config.dataset_name}[{split}]: the rows were not counted; set --epoch_rows.")
+        raise UserError(f"{config.dataset_name}[{split}]: the rows were not counted; set --epoch_rows.")
     return StreamSplit(split, stream, rows, config.dataset_name, shard_rows)
 
 

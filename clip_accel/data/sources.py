@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import datasets
 from datasets.data_files import SPLIT_KEYWORDS
 
-from ..config import DataConfig, template_fields
+from ..config import DataConfig, UserError, template_fields
 
 RAW_FEATURES = datasets.Features(
     {
@@ -118,10 +118,10 @@ class Source(ABC):
 
     def shards(self, split: str):
         """The split shard by shard (`shards.TarShards` or `shards.DatasetShards`)."""
-        raise ValueError(f"{self.name} cannot be streamed: drop --streaming.")
+        raise UserError(f"{self.name} cannot be streamed: drop --streaming.")
 
-    def missing_split(self, split: str) -> ValueError:
-        return ValueError(
+    def missing_split(self, split: str) -> UserError:
+        return UserError(
             f"{self.name} has no split {split!r}; it has {sorted(self.split_names())}. Set "
             "--train_split/--validation_split/--test_split accordingly."
         )
@@ -254,7 +254,7 @@ def read_image_folder(folder: str) -> RawSplit:
         if name.lower().endswith(IMAGE_SUFFIXES)
     )
     if not paths:
-        raise ValueError(f"{folder!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+        raise UserError(f"{folder!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
     rows = {"image": paths, "caption": [""] * len(paths), "label": [None] * len(paths)}
     dataset = datasets.Dataset.from_dict({**rows, "source_row": list(range(len(paths)))}, features=RAW_FEATURES)
     return RawSplit("images", dataset, _hash("image-folder", _image_files_signature(paths)), folder)
@@ -379,13 +379,13 @@ def check_columns(columns: Columns, where: str, column_names, features=None, nes
     if missing and templated and not [name for name in missing if name not in caption_fields]:
         named = [name for name in missing if columns.template and name in template_fields(columns.template)]
         option = "--caption_template" if named else "--extra_caption_templates"
-        raise ValueError(
+        raise UserError(
             f"{where}: {option} names {missing}, which it does not have; its columns are "
             f"{sorted(column_names)}. Use those names in the template (e.g. '{{product_title}}, by {{brand}}')."
         )
     if missing:
         options = "--image_column/" + ("--caption_template" if columns.template else "--caption_column")
-        raise ValueError(
+        raise UserError(
             f"{where} has no column(s) {missing}; its columns are {list(column_names)}. Set {options}/--label_column."
         )
     if not features:
@@ -395,7 +395,7 @@ def check_columns(columns: Columns, where: str, column_names, features=None, nes
             name for name in caption_fields if not isinstance(features[name], datasets.Value | datasets.ClassLabel)
         ]
         if not_text:
-            raise ValueError(
+            raise UserError(
                 f"--caption_template names {not_text}, which hold {[str(features[n]) for n in not_text]}, not text "
                 "or numbers; a caption is composed from text, number and class-label columns only."
             )
@@ -410,7 +410,7 @@ def _check_caption_feature(columns: Columns, where: str, feature) -> None:
         feature = feature[0] if isinstance(feature, list) else feature.feature
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
-        raise ValueError(
+        raise UserError(
             f"{where} holds {kind}, not text. Name the column that holds the captions, or compose captions from "
             f"columns with --caption_template (e.g. '{{{columns.caption}}}' writes each value as text)."
         )

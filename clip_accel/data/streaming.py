@@ -41,7 +41,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..config import DataConfig
+from ..config import DataConfig, UserError
 from .loader import HOST_GRIDS, drawn_captions, pad_captions, pair_batch
 from .preprocess import PairPreprocessor
 from .shard_cache import READ_AHEAD
@@ -167,7 +167,7 @@ class StreamingPairs(IterableDataset):
         usable = [index for index, reason in enumerate(reasons) if not reason]
         skipped = [(chunk[i][2], reason) for i, reason in enumerate(reasons) if reason]
         if skipped and self.config.strict:
-            raise ValueError(
+            raise UserError(
                 f"--strict: {self.split.source}[{self.split.name}] {skipped[0][0]}: {skipped[0][1]}. Fix or remove "
                 "the row, or drop --strict to skip bad rows (counted, and listed in skipped_rows.jsonl)."
             )
@@ -225,7 +225,7 @@ class StreamingLoader:
         self.device = device
         self.batches_per_epoch = epoch_batches(pairs.split, batch_size, pairs.num_processes)
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"An epoch of {pairs.split.rows} rows is less than one batch of all processes "
                 f"({batch_size} x {pairs.num_processes}): raise --epoch_rows or lower --per_device_train_batch_size."
             )
@@ -265,7 +265,7 @@ class StreamingLoader:
         was = f"{len(positions)} processes x {old_workers} DataLoader workers"
         if self.pairs.split.shard_rows is None or len(passes) > 1:
             why = "its processes stood in different passes" if len(passes) > 1 else "the shards' rows are not counted"
-            raise ValueError(
+            raise UserError(
                 f"The checkpoint's stream was read by {was}, and {why} (--epoch_rows), so its pass cannot be "
                 f"replayed on another topology: resume on {len(positions)} processes with --dataloader_num_workers "
                 f"{old_workers if old_workers > 1 else 0}."
@@ -341,7 +341,7 @@ class StreamingLoader:
                     waiting -= self.batch_size
                     yield batch
             if not produced and waiting == 0:
-                raise ValueError(
+                raise UserError(
                     f"{self.pairs.split.source}[{self.pairs.split.name}]: pass {pass_index} gave process "
                     f"{self.pairs.rank} no usable pair ({len(self.skipped)} rows skipped, e.g. "
                     f"{next(iter(self.skipped.items()), ('-', '-'))}); check --image_column/--caption_column/"
