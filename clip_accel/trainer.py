@@ -123,6 +123,7 @@ class Run:
     settings: dict  # what a resume of this run's checkpoints depends on (checkpoint.resume_settings)
     prompts: Prompts  # how zero-shot classification words the classes
     augmenter: Augmenter | None  # random crops of the training images (--augment), else None
+    checkpoint: str | None  # the one every process resumes from (--resume_from_checkpoint), else None
 
     @property
     def accelerator(self) -> Accelerator:
@@ -186,8 +187,9 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
             "results are written on the main node."
         )
     configs = (data_config, model_config, config)
+    checkpoint = None
     if config.resume_from_checkpoint:  # the options it must share with this run, before any image is decoded
-        checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+        checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, accelerator)
         check_resume(checkpoint, read_state(checkpoint).settings, resume_settings(configs, accelerator.num_processes))
     else:
         _check_output_dir(config)
@@ -261,6 +263,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         ),
         prompts=prompts,
         augmenter=_augmenter(data_config, image_layout(unwrap(accelerator, model).clip, processor).size, config.seed),
+        checkpoint=checkpoint,
     )
 
 
@@ -296,21 +299,23 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
             skips.append(skipped)
             progress.update(1)
             out_of_steps = state.step >= run.total_steps
+            preempted = False
             if state.step % config.logging_steps == 0 or out_of_steps:
                 skips = _count_nonfinite(state, skips, config.max_nonfinite_steps)
                 _log_training(run, state, losses, progress)
                 losses = []
-                if not out_of_steps and preempted_everywhere(run.accelerator, preemption):
-                    progress.close()
-                    raise Preempted(state.step, _checkpoint(run, state, early_stopping, losses))
+                preempted = not out_of_steps and preempted_everywhere(run.accelerator, preemption)
             evaluation_due = state.step % config.eval_steps == 0 if config.eval_steps else epoch_over
-            if evaluation_due or out_of_steps:
+            if evaluation_due or out_of_steps:  # (before a preemption stops the run: its resume goes on after it)
                 _evaluate_and_keep_best(run, state, early_stopping)
             stop = out_of_steps or early_stopping.should_stop
             checkpoint_due = config.checkpointing_steps and state.step % config.checkpointing_steps == 0
-            if epoch_over or (checkpoint_due and not stop):  # every epoch's end, the last one's too
+            if epoch_over or preempted or (checkpoint_due and not stop):  # every epoch's end, the last one's too
                 skips = _count_nonfinite(state, skips, config.max_nonfinite_steps)
-                _checkpoint(run, state, early_stopping, losses)
+                checkpoint = _checkpoint(run, state, early_stopping, losses)
+                if preempted:
+                    progress.close()
+                    raise Preempted(state.step, checkpoint)
             if on_step_end is not None:
                 on_step_end(state)
             if stop:
@@ -468,7 +473,7 @@ def _augmenter(data_config: DataConfig, image_size: int, seed: int) -> Augmenter
 
 
 def _restore(run: Run) -> TrainerState:
-    checkpoint = resolve_checkpoint(run.config.output_dir, run.config.resume_from_checkpoint)
+    checkpoint = run.checkpoint
     state = load_checkpoint(run.accelerator, checkpoint, run.settings)
     best_step = state.early_stopping.get("best_step", 0)
     saved = os.path.isfile(os.path.join(run.config.output_dir, "model.safetensors"))
