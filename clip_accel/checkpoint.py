@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import gather_object
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import DataConfig, ModelConfig, TrainConfig, UserError, check_writable_folder
@@ -244,22 +245,47 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(root, name) for _, name in steps]
 
 
-def resolve_checkpoint(output_dir: str, which: str) -> str:
-    """`latest` (the newest complete checkpoint in output_dir) or a checkpoint folder path."""
-    if which == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
+def resolve_checkpoint(output_dir: str, which: str, accelerator: Accelerator | None = None) -> str:
+    """`latest` (the newest complete checkpoint in output_dir) or a checkpoint folder path. With `accelerator`,
+    every process resolves the same step: node-local output folders can hold different checkpoints (a node killed
+    mid-save is one behind), so `latest` is the newest step every process holds, and saying so when a process held
+    a newer one."""
+    if which != "latest":
+        if not os.path.isfile(os.path.join(which, STATE_FILE)):
             raise UserError(
-                f"--resume_from_checkpoint latest: {output_dir}/{CHECKPOINTS} holds no checkpoint. "
-                "Start without it, or pass a checkpoint folder."
+                f"--resume_from_checkpoint {which!r} is not a checkpoint folder (no {STATE_FILE}); "
+                f"checkpoints live in OUTPUT/{CHECKPOINTS}/step-*."
             )
-        return found[-1]
-    if not os.path.isfile(os.path.join(which, STATE_FILE)):
+        return which
+    held = [int(_NAME.match(os.path.basename(path)).group(1)) for path in list_checkpoints(output_dir)]
+    everyone = [held] if accelerator is None or accelerator.num_processes == 1 else gather_object([held])
+    step = agreed_step(everyone, f"{output_dir}/{CHECKPOINTS}")
+    return os.path.join(output_dir, CHECKPOINTS, f"step-{step:07d}")
+
+
+def agreed_step(held: list[list[int]], where: str) -> int:
+    """The newest checkpoint step every process holds (`held`: each process's steps); a warning names the
+    processes that held a newer one."""
+    if not any(held):
         raise UserError(
-            f"--resume_from_checkpoint {which!r} is not a checkpoint folder (no {STATE_FILE}); "
-            f"checkpoints live in OUTPUT/{CHECKPOINTS}/step-*."
+            f"--resume_from_checkpoint latest: {where} holds no checkpoint. Start without it, or pass a checkpoint "
+            "folder."
         )
-    return which
+    common = set.intersection(*(set(steps) for steps in held))
+    newest = [max(steps, default=None) for steps in held]
+    if not common:
+        raise UserError(
+            f"--resume_from_checkpoint latest: the processes' {where} hold no step in common (newest per process: "
+            f"{newest}): give every node the same checkpoints, or start again without --resume_from_checkpoint."
+        )
+    step = max(common)
+    ahead = [f"process {rank}: step {newest_step}" for rank, newest_step in enumerate(newest) if newest_step != step]
+    if ahead:
+        logger.warning(
+            f"--resume_from_checkpoint latest: the processes' newest checkpoints differ ({', '.join(ahead)}); every "
+            f"process resumes from step {step}, the newest all of them hold."
+        )
+    return step
 
 
 def read_state(path: str) -> TrainerState:

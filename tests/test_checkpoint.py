@@ -362,3 +362,19 @@ def test_a_run_with_identical_caption_positives_resumes_bit_identically(
     assert [r["loss"] for r in resumed.history if "loss" in r] == [r["loss"] for r in full.history if "loss" in r]
     for name, weight in full.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], weight), name
+
+
+def test_processes_agree_on_the_newest_checkpoint_every_one_holds(caplog):
+    from accelerate import PartialState
+
+    from clip_accel.checkpoint import agreed_step
+
+    PartialState(cpu=True)  # (Accelerate's logger needs one)
+    assert agreed_step([[3, 6], [3, 6]], "out/checkpoints") == 6
+    with caplog.at_level("WARNING"):
+        assert agreed_step([[3, 6, 9], [3, 6]], "out/checkpoints") == 6  # node 1 killed while saving step 9
+    assert "differ (process 0: step 9); every process resumes from step 6" in caplog.text
+    with pytest.raises(ValueError, match=r"hold no step in common \(newest per process: \[3, None\]\)"):
+        agreed_step([[3], []], "out/checkpoints")
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        agreed_step([[], []], "out/checkpoints")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -293,6 +294,19 @@ def test_two_slurm_nodes_without_shared_storage_train_as_two_processes_of_one_no
     # Each node keeps its own checkpoints (to resume from its own disk); the model and results are node 0's.
     assert os.listdir(node0 / "checkpoints") == os.listdir(node1 / "checkpoints") != []
     assert not (node1 / "model.safetensors").exists()
+
+    # Node 1 lost its newest checkpoint (killed mid-save): both nodes resume from the newest step both hold (alone,
+    # node 0 would resume at the end while node 1 trains on), and end where the uninterrupted run ended.
+    assert sorted(os.listdir(node1 / "checkpoints")) == ["step-0000021", "step-0000024"]
+    shutil.rmtree(node1 / "checkpoints" / "step-0000024")
+    resume = ["--resume_from_checkpoint", "latest", "--overwrite_output_dir"]
+    nodes = start_slurm_nodes(tmp_path, [[*node_options, *resume] for node_options in options], free_port())
+    assert exit_statuses(nodes) == [0, 0], [log[-5000:] for log in node_logs(tmp_path)]
+    log = node_logs(tmp_path)[0]
+    assert "newest checkpoints differ (process 0: step 24); every process resumes from step 21" in log
+    assert f"Resumed from {node0}/checkpoints/step-0000021" in log
+    actual = load_file(node0 / "model.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
 
 
 def test_a_preempted_slurm_job_checkpoints_exits_75_requeues_and_resumes_as_if_never_stopped(
