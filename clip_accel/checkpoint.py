@@ -85,6 +85,7 @@ RESUME_OPTIONS = {
         "augment",
         "augment_scale",
         "augment_flip",
+        "streaming",
         "epoch_rows",
         "shuffle_buffer",
     ),
