@@ -470,8 +470,10 @@ def index_shards_main(argv: list[str] | None = None) -> None:
         prog="clip-accel index-shards",
         description="Write a shard index (wids' JSON: each tar shard's rows) for every split of a folder of WebDataset "
         "tar shards, read from the tar headers alone (the images are skipped; Range requests when remote), so that "
-        "--streaming starts without counting. Written beside the shards as SPLIT.shardindex.json, where "
-        "--streaming finds it.",
+        "--streaming starts without counting. Written beside the shards as SPLIT.shardindex.json (train, "
+        "validation, test), where --streaming finds it. A shard's split is named by datasets' keywords in its "
+        "path (dev-*.tar is validation, eval-*.tar test; docs/streaming.md); shards naming none are training "
+        "shards where no shard names one, an error beside shards that do.",
     )
     parser.add_argument(
         "folder",

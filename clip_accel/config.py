@@ -189,7 +189,8 @@ class DataConfig:
         default=False,
         metadata={
             "help": "Read the training split of --dataset_name as a stream (datasets streaming: a Hub id; a local "
-            "folder of WebDataset .tar shards named train-*.tar, validation-*.tar, test-*.tar, or img2dataset's; "
+            "folder of WebDataset .tar shards named train-*.tar, validation-*.tar (or dev-*), test-*.tar (or eval-*), "
+            "or img2dataset's (no split in any name: all training); "
             "remote shards at an http(s)://, s3://, gs:// or hf:// URL), decoded in the "
             "--dataloader_num_workers processes and never cached: for catalogues no disk holds. Every pair is seen "
             "once per pass of the stream; validation and test are read once and cached as usual (README, "

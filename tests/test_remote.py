@@ -12,6 +12,7 @@ import sys
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,13 +20,13 @@ from hub_server import FakeHub
 from huggingface_hub import HfFileSystem, constants
 from launching import CPU_ENV, ROOT, TORCHRUN
 from PIL import Image
-from test_streaming import caption, read_caption_ids, streaming_loader
+from test_streaming import caption, read_caption_ids, stream_config, streaming_loader, write_shards
 
 from clip_accel.cli import main
 from clip_accel.config import DataConfig
 from clip_accel.data import write_webdataset_shards
 from clip_accel.data.remote import HttpShard, StoreShard, expand_braces
-from clip_accel.data.shards import add_tar_member
+from clip_accel.data.shards import ShardSource, add_tar_member
 
 
 class ShardServer(ThreadingHTTPServer):
@@ -201,6 +202,24 @@ def test_a_base_url_without_an_index_stops_with_the_command_to_write_one(tmp_pat
     main(["index-shards", str(folder), "--output", index])
     loader = streaming_loader(pattern, image_column="png", label_column=None, shard_index=index)
     assert len(read_caption_ids(loader, 2)) == 8
+
+
+def test_index_shards_and_a_stream_never_take_dev_shards_for_training_shards(tmp_path, serve):
+    folder = tmp_path / "shards"
+    write_shards(str(folder), [3, 3], split="train")
+    write_shards(str(folder), [2], split="dev", first=6)
+    main(["index-shards", str(folder)])  # named after the split, where a remote stream looks for it
+    assert sorted(name for name in os.listdir(folder) if name.endswith(".json")) == [
+        "train.shardindex.json",
+        "validation.shardindex.json",
+    ]
+    server = serve(str(folder))
+    source = ShardSource(stream_config(server.url))
+    assert source.split_names() == ["train", "validation"] and source.shards("validation").counts() == [2]
+    index = str(tmp_path / "index.json")
+    main(["index-shards", f"{server.url}train-{{00000..00001}}.tar::{server.url}dev-00000.tar", "--output", index])
+    listed = [entry["url"].rsplit("/", 1)[1] for entry in json.loads(Path(index).read_text())["shardlist"]]
+    assert listed == ["train-00000.tar", "train-00001.tar"]
 
 
 def test_brace_patterns_and_seeks_over_http(tmp_path, serve):

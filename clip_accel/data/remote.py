@@ -7,8 +7,9 @@ huggingface_hub), naming
 - a base location whose splits have a shard index beside their shards (`BASE/train.shardindex.json`, and
   `validation`/`test`: what `write_webdataset_shards` and `clip-accel index-shards` write; upload the folder as it
   is), the shards' URLs relative to the index;
-- a brace pattern of shard URLs (`https://host/data/train-{00000..00015}.tar`, several patterns joined by `::`,
-  a split named by each shard's prefix as in a local folder); their rows then come from `--shard_index FILE`;
+- a brace pattern of shard URLs (`https://host/data/train-{00000..00015}.tar`, several patterns joined by `::`),
+  each shard's split named by its path below the pattern's folder as in a local folder (`shard_index.
+  shards_by_split`); their rows then come from `--shard_index FILE`;
 - or, in a store that lists its files (not HTTP), a folder or glob of tar shards without an index (their rows
   then from `--shard_index FILE`, which `clip-accel index-shards URL --output FILE` writes).
 
@@ -37,12 +38,11 @@ import requests
 import urllib3
 
 from ..config import UserError
-from .shard_index import shard_prefix
+from .shard_index import SPLITS, shards_by_split
 
 RETRIES = 5  # attempts after a dropped connection, 0.2 s, 0.4 s, ... apart
 TIMEOUT_S = 60
 BUFFER_BYTES = 64 * 1024
-SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "test": "test", "eval": "validation"}
 
 
 # what a dropped or refused connection raises (each retried)
@@ -338,11 +338,13 @@ def remote_splits(location: str) -> tuple[dict[str, list[str]], dict[str, list[i
     """({split: shard URLs}, {split: their rows, or None where no index gives them}) of a remote location
     (module docstring)."""
     if "{" in location or location.endswith(".tar") or (not is_http(location) and "*" in location):
-        urls = [url for pattern in location.split("::") for url in _shard_urls(pattern)]
-        return _by_split(urls), dict.fromkeys(_by_split(urls))
+        patterns = location.split("::")
+        urls = [url for pattern in patterns for url in _shard_urls(pattern)]
+        splits = shards_by_split(urls, _folder_of(patterns))
+        return splits, dict.fromkeys(splits)
     base = location if location.endswith("/") else location + "/"
     splits, counts = {}, {}
-    for split in ("train", "validation", "test"):
+    for split in SPLITS:
         index_url = base + f"{split}.shardindex.json"
         index = fetch_json(index_url)
         if index is None:
@@ -355,7 +357,8 @@ def remote_splits(location: str) -> tuple[dict[str, list[str]], dict[str, list[i
     if not splits and not is_http(location):  # a store's folder without an index: its shards, rows from elsewhere
         urls = _shard_urls(base + "*.tar")
         if urls:
-            return _by_split(urls), dict.fromkeys(_by_split(urls))
+            splits = shards_by_split(urls, base)
+            return splits, dict.fromkeys(splits)
     if not splits:
         raise UserError(
             f"{base}train.shardindex.json is not there: put the shard index beside the shards (`clip-accel "
@@ -374,12 +377,11 @@ def _shard_urls(pattern: str) -> list[str]:
     return sorted(fs.unstrip_protocol(path) for url in urls for path in fs.glob(store(url)[1]))
 
 
-def _by_split(urls: list[str]) -> dict[str, list[str]]:
-    splits: dict[str, list[str]] = {}
-    for url in urls:
-        split = SPLIT_NAMES.get(shard_prefix(url.rsplit("/", 1)[-1]) or "train", "train")
-        splits.setdefault(split, []).append(url)
-    return splits
+def _folder_of(patterns: list[str]) -> str:
+    """The folder the patterns' shards are found below: where the first brace or wildcard is, or the file's folder;
+    of several patterns, the folder they share. Its own path names no split (as a local folder's)."""
+    folders = [re.split(r"[{*?\[]", pattern, maxsplit=1)[0].rsplit("/", 1)[0] + "/" for pattern in patterns]
+    return os.path.commonprefix(folders).rsplit("/", 1)[0] + "/"
 
 
 def expand_braces(pattern: str) -> list[str]:

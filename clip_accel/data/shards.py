@@ -37,7 +37,6 @@ from .shard_index import (
     index_file,
     indexed_counts,
     parse_header,
-    shard_prefix,
     write_shard_index,
 )
 from .sources import (
@@ -344,9 +343,10 @@ class StreamSplit:
 
 
 def index_shards(location: str, output: str | None = None) -> list[tuple[str, str, int, int]]:
-    """Write the shard index of each split of a folder or remote location of tar shards, from their tar headers
-    (payloads seeked past: Range requests when remote): beside local shards as SPLIT.shardindex.json, or the
-    training split's at `output` (needed for a remote one). Returns (index, split, shards, rows) per index."""
+    """Write the shard index of each split of a folder or remote location of tar shards (the splits named by
+    `shards_by_split`), from their tar headers (payloads seeked past: Range requests when remote): beside local
+    shards as SPLIT.shardindex.json (train, validation, test: where a remote stream looks for them), or the training
+    split's at `output` (needed for a remote one). Returns (index, split, shards, rows) per index."""
     if is_remote(location):
         if output is None:
             raise UserError(f"{location} is remote: write its index to a local file with --output FILE.")
@@ -364,7 +364,7 @@ def index_shards(location: str, output: str | None = None) -> list[tuple[str, st
     for split, shards in splits.items():
         if output is not None and split != "train":
             continue
-        path = output or index_file(location, shard_prefix(shards[0]) or split)
+        path = output or index_file(location, split)
         counts = [count_tar_rows(shard, open_shard) for shard in shards]
         write_shard_index(path, shards, counts)
         written.append((path, split, len(shards), sum(counts)))
