@@ -21,15 +21,16 @@ import threading
 
 from ..config import check_writable_folder
 from .remote import open_shard
+from .retry import DEFAULT_RETRYING, Retrying
 
 READ_AHEAD = 2  # shards a worker fetches ahead of the one it reads
 COPY_BYTES = 1024 * 1024
 
 
 class ShardCache:
-    def __init__(self, folder: str, limit_bytes: int) -> None:
+    def __init__(self, folder: str, limit_bytes: int, retrying: Retrying = DEFAULT_RETRYING) -> None:
         check_writable_folder(folder, "--shard_cache_dir", "name a folder on the node's own disk this user can write")
-        self.folder, self.limit_bytes = folder, limit_bytes
+        self.folder, self.limit_bytes, self.retrying = folder, limit_bytes, retrying
         self.fetched = 0  # shards this process fetched (not found in the cache)
         self._queue: queue.Queue | None = None
         self._owner = None  # the process whose thread serves `_queue` (a forked worker starts its own)
@@ -54,7 +55,7 @@ class ShardCache:
             if not os.path.exists(path):
                 partial = f"{path}.part{os.getpid()}"
                 try:
-                    with open_shard(url) as source, open(partial, "wb") as target:
+                    with open_shard(url, self.retrying) as source, open(partial, "wb") as target:
                         shutil.copyfileobj(source, target, COPY_BYTES)
                     os.replace(partial, path)
                 finally:
