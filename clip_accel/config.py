@@ -227,8 +227,9 @@ class DataConfig:
         metadata={
             "help": "With --streaming: a node-local folder (a local SSD) where each training shard is copied "
             "whole when first read (remote or on a shared file system), and read from after that; each worker "
-            "fetches its next shards in the background. The node's processes share it. Default: shards are "
-            "read where they are, a remote one's bytes fetched every pass."
+            "fetches its next shards in the background. The node's processes share it (in DIR/HOSTNAME/: on "
+            "shared storage each node keeps its own copies). Default: shards are read where they are, a remote "
+            "one's bytes fetched every pass."
         },
     )
     shard_cache_gb: float = field(

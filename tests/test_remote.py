@@ -403,8 +403,9 @@ def test_a_shard_cache_stays_within_its_limit_and_keeps_no_partial_shard(tmp_pat
     seen = read_caption_ids(loader, 0, loader.epoch(0))
     loader.pairs.split.stream.cache.wait()  # (the shards it fetched ahead)
     assert sorted(seen[:50]) == [item for item in items if not 40 <= item < 50]
-    kept = [entry for entry in os.listdir(cache) if entry.endswith(".tar")]
-    assert len(kept) == 2 and not [entry for entry in os.listdir(cache) if ".part" in entry]
+    node = loader.pairs.split.stream.cache.folder  # (CACHE/HOSTNAME: shard_cache)
+    kept = [entry for entry in os.listdir(node) if entry.endswith(".tar")]
+    assert len(kept) == 2 and not [entry for entry in os.listdir(node) if ".part" in entry]
 
 
 @pytest.fixture

@@ -118,8 +118,8 @@ class TarShards:
         url = self.files[shard]
         at = {"key": None, "row": {}, "index": -1}  # the row being read: its key, members and number
         try:
-            local = self.cache.local(url) if self.cache is not None and cached else url
-            with open_shard(local, self.retrying) as handle:
+            opened = self.cache.open(url) if self.cache is not None and cached else open_shard(url, self.retrying)
+            with opened as handle:
                 yield from self._members(handle, url, start, stop, at)
         except ShardUnavailable as error:
             lost = {"__errors__": [str(error)], "__url__": url, "__unreachable__": str(error)}
