@@ -76,7 +76,7 @@ class Retries:
                 f"{self.url}: {describe(failure)}{where}, {self.attempts} times in {waited:.0f} s{asked}; "
                 f"--remote_retry_seconds {budget:g} sets how long a failing read is retried"
             )
-        delay = _JITTER.uniform(0, min(LONGEST_WAIT_S, FIRST_WAIT_S * 2 ** (self.attempts - 1)))
+        delay = _JITTER.uniform(0, min(LONGEST_WAIT_S, FIRST_WAIT_S * 2 ** min(self.attempts - 1, 16)))
         self.retrying.sleep(min(max(delay, retry_after or 0.0), left))
 
 
