@@ -20,7 +20,8 @@ import transformers
 from accelerate import PartialState
 
 from .checkpoint import list_checkpoints
-from .config import METRIC_NAMES, DataConfig, ModelConfig, TrainConfig, UserError
+from .config import METRIC_NAMES, REMOTE_RETRY_SECONDS, DataConfig, ModelConfig, TrainConfig, UserError
+from .data.retry import Retrying
 from .data.shards import index_shards
 from .embedding import check_output_file, check_writable_file, embed, load_embeddings, save_embeddings
 from .environment import format_report, report
@@ -470,8 +471,10 @@ def index_shards_main(argv: list[str] | None = None) -> None:
         prog="clip-accel index-shards",
         description="Write a shard index (wids' JSON: each tar shard's rows) for every split of a folder of WebDataset "
         "tar shards, read from the tar headers alone (the images are skipped; Range requests when remote), so that "
-        "--streaming starts without counting. Written beside the shards as SPLIT.shardindex.json, where "
-        "--streaming finds it.",
+        "--streaming starts without counting. Written beside the shards as SPLIT.shardindex.json (train, "
+        "validation, test), where --streaming finds it. A shard's split is named by datasets' keywords in its "
+        "path (dev-*.tar is validation, eval-*.tar test; docs/streaming.md); shards naming none are training "
+        "shards where no shard names one, an error beside shards that do.",
     )
     parser.add_argument(
         "folder",
@@ -484,9 +487,18 @@ def index_shards_main(argv: list[str] | None = None) -> None:
         help="Write the training split's index here instead (a folder you cannot write to, or remote shards); pass "
         "it as --shard_index.",
     )
+    parser.add_argument(
+        "--remote_retry_seconds",
+        type=float,
+        default=REMOTE_RETRY_SECONDS,
+        help=f"How long a remote read that keeps failing in passing is retried (as in training; default "
+        f"{REMOTE_RETRY_SECONDS:g}).",
+    )
     _add_log_level(parser)
     args = parser.parse_args(argv)
-    written = index_shards(args.folder, args.output)
+    if args.remote_retry_seconds < 0:
+        parser.error("--remote_retry_seconds must be 0 or more (0: no retry).")
+    written = index_shards(args.folder, args.output, Retrying(args.remote_retry_seconds))
     for path, split, shards, rows in written:
         logger.info(f"{path}: {shards} {split} shards, {rows} rows")
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 RECALL_KS = (1, 5, 10)
+REMOTE_RETRY_SECONDS = 120.0  # --remote_retry_seconds's default (data/retry.py)
 METRIC_NAMES = (
     "mean_R@1",
     *(f"{direction}_R@{k}" for direction in ("image_to_text", "text_to_image") for k in RECALL_KS),
@@ -189,7 +190,8 @@ class DataConfig:
         default=False,
         metadata={
             "help": "Read the training split of --dataset_name as a stream (datasets streaming: a Hub id; a local "
-            "folder of WebDataset .tar shards named train-*.tar, validation-*.tar, test-*.tar, or img2dataset's; "
+            "folder of WebDataset .tar shards named train-*.tar, validation-*.tar (or dev-*), test-*.tar (or eval-*), "
+            "or img2dataset's (no split in any name: all training); "
             "remote shards at an http(s)://, s3://, gs:// or hf:// URL), decoded in the "
             "--dataloader_num_workers processes and never cached: for catalogues no disk holds. Every pair is seen "
             "once per pass of the stream; validation and test are read once and cached as usual (README, "
@@ -225,13 +227,32 @@ class DataConfig:
         metadata={
             "help": "With --streaming: a node-local folder (a local SSD) where each training shard is copied "
             "whole when first read (remote or on a shared file system), and read from after that; each worker "
-            "fetches its next shards in the background. The node's processes share it. Default: shards are "
-            "read where they are, a remote one's bytes fetched every pass."
+            "fetches its next shards in the background. The node's processes share it (in DIR/HOSTNAME/: on "
+            "shared storage each node keeps its own copies). Default: shards are read where they are, a remote "
+            "one's bytes fetched every pass."
         },
     )
     shard_cache_gb: float = field(
         default=100.0,
         metadata={"help": "With --shard_cache_dir: the most it holds; the least recently used shards go first."},
+    )
+    remote_retry_seconds: float = field(
+        default=REMOTE_RETRY_SECONDS,
+        metadata={
+            "help": "With remote shards: how long a read that keeps failing in passing (a refused, dropped or "
+            "timed-out connection, HTTP 408/425/429/5xx) is retried, from its first failure, before its shard "
+            "counts as unreachable: waits of up to 0.5 s, 1 s, 2 s, ... 30 s (random, and at least the server's "
+            "Retry-After); a read that makes progress starts again. 0: no retry. A missing or forbidden shard "
+            "(404, 403) is unreachable at once."
+        },
+    )
+    max_unreachable_shards: int = field(
+        default=0,
+        metadata={
+            "help": "With --streaming: how many shards a process may meet unreachable (their retries spent, or "
+            "missing) and skip, their rows counted and listed in skipped_rows.jsonl, before the run stops. "
+            "Default 0: the first one stops the run, naming it. An evaluation split read whole counts alike."
+        },
     )
     augment: bool = field(
         default=False,
@@ -292,9 +313,12 @@ class DataConfig:
                 self.epoch_rows is None
                 and self.shuffle_buffer == 1000
                 and self.shard_index is None
-                and self.shard_cache_dir is None,
-                "--epoch_rows, --shuffle_buffer, --shard_index and --shard_cache_dir shape a stream: add --streaming "
-                "(a cached split is shuffled whole each epoch).",
+                and self.shard_cache_dir is None
+                and self.remote_retry_seconds == REMOTE_RETRY_SECONDS
+                and self.max_unreachable_shards == 0,
+                "--epoch_rows, --shuffle_buffer, --shard_index, --shard_cache_dir, --remote_retry_seconds and "
+                "--max_unreachable_shards shape a stream: add --streaming (a cached split is shuffled whole each "
+                "epoch).",
             )
         _require(
             self.streaming or "://" not in (self.dataset_name or ""),
@@ -310,6 +334,14 @@ class DataConfig:
         )
         _require(self.shuffle_buffer >= 0, f"--shuffle_buffer must be 0 or more, got {self.shuffle_buffer}.")
         _require(self.shard_cache_gb > 0, f"--shard_cache_gb must be more than 0, got {self.shard_cache_gb}.")
+        _require(
+            self.remote_retry_seconds >= 0,
+            f"--remote_retry_seconds must be 0 or more (0: no retry), got {self.remote_retry_seconds}.",
+        )
+        _require(
+            self.max_unreachable_shards >= 0,
+            f"--max_unreachable_shards must be 0 or more, got {self.max_unreachable_shards}.",
+        )
         scale = list(self.augment_scale)
         _require(
             len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,

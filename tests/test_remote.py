@@ -4,6 +4,7 @@ a dropped connection resumes at its byte, a shard that stays unreachable is skip
 
 from __future__ import annotations
 
+import email.utils
 import io
 import json
 import os
@@ -11,7 +12,9 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,24 +22,26 @@ from hub_server import FakeHub
 from huggingface_hub import HfFileSystem, constants
 from launching import CPU_ENV, ROOT, TORCHRUN
 from PIL import Image
-from test_streaming import caption, read_caption_ids, streaming_loader
+from test_streaming import caption, read_caption_ids, stream_config, streaming_loader, write_shards
 
 from clip_accel.cli import main
 from clip_accel.config import DataConfig
 from clip_accel.data import write_webdataset_shards
-from clip_accel.data.remote import HttpShard, StoreShard, expand_braces
-from clip_accel.data.shards import add_tar_member
+from clip_accel.data.remote import HttpShard, Retrying, ShardUnavailable, StoreShard, expand_braces, fetch_json
+from clip_accel.data.shards import ShardSource, add_tar_member
 
 
 class ShardServer(ThreadingHTTPServer):
     """Serves `root` with Range requests; counts the body bytes it sends; `drop_after`: each file's first
-    response is cut after that many bytes (the connection closed mid-body)."""
+    response is cut after that many bytes (the connection closed mid-body). `failures`: {"GET name" or "HEAD name":
+    what the file's next requests of that method get instead, one each}: a status (503, or (503, "Retry-After
+    value")), or "drop" (half the body, then the connection closed)."""
 
     daemon_threads = True
 
-    def __init__(self, root: str, drop_after: int | None = None) -> None:
+    def __init__(self, root: str, drop_after: int | None = None, failures: dict | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.root, self.drop_after = root, drop_after
+        self.root, self.drop_after, self.failures = root, drop_after, failures or {}
         self.sent, self.dropped, self.lock = 0, set(), threading.Lock()
         self.sent_by_file: dict[str, int] = {}
         self.connections = self.requests = 0
@@ -73,6 +78,15 @@ class _Handler(BaseHTTPRequestHandler):
         path = os.path.join(self.server.root, self.path.lstrip("/"))
         with self.server.lock:
             self.server.requests += 1
+            failure = (self.server.failures.get(f"{self.command} {self.path.lstrip('/')}") or [None]).pop(0)
+        if isinstance(failure, int | tuple):
+            status, retry_after = failure if isinstance(failure, tuple) else (failure, None)
+            self.send_response(status)
+            if retry_after is not None:
+                self.send_header("Retry-After", retry_after)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if not os.path.isfile(path):
             self.send_error(404)
             return
@@ -101,6 +115,8 @@ class _Handler(BaseHTTPRequestHandler):
             if drop:
                 self.server.dropped.add(path)
                 data = data[: self.server.drop_after]
+            if failure == "drop":
+                drop, data = True, data[: len(data) // 2]
             self.server.sent += len(data)
             name = os.path.basename(path)
             self.server.sent_by_file[name] = self.server.sent_by_file.get(name, 0) + len(data)
@@ -172,19 +188,124 @@ def test_a_dropped_connection_continues_at_its_byte(tmp_path, serve):
     assert len(server.dropped) == 5  # every shard's first response cut, and the index's
 
 
-def test_a_shard_that_stays_unreachable_is_skipped_and_counted_and_strict_stops(tmp_path, serve):
+def test_an_unreachable_shard_stops_the_run_unless_allowed_then_it_is_skipped_and_counted(tmp_path, serve):
     folder = tmp_path / "shards"
     write_noise_shards(folder, 4, 8)
     os.rename(folder / "train-00002.tar", tmp_path / "gone.tar")
     server = serve(str(folder))
-    loader = streaming_loader(server.url, image_column="png", label_column=None, shuffle_buffer=0)
+    message = r"1 shard stayed unreachable .*train-00002.tar: HTTP 404.*--max_unreachable_shards"
+    for workers in (0, 1):
+        loader = streaming_loader(server.url, workers=workers, image_column="png", label_column=None)
+        with pytest.raises(ValueError, match=message):
+            read_caption_ids(loader, 0, loader.epoch(0))
+    with pytest.raises(ValueError, match=message):  # (an evaluation split, read whole, too)
+        ShardSource(stream_config(server.url, image_column="png", label_column=None)).read("train")
+    options = {"image_column": "png", "label_column": None, "max_unreachable_shards": 1}
+    evaluated = ShardSource(stream_config(server.url, **options)).read("train").dataset
+    assert len(evaluated) == 25 and evaluated["problem"].count(None) == 24  # (one row stands for the shard's)
+    loader = streaming_loader(server.url, shuffle_buffer=0, **options)
     seen = read_caption_ids(loader, 0, loader.epoch(0))
     # The pass gives its 24 reachable rows; the epoch's last 2 batches come from the next pass (logged).
     assert sorted(seen[:24]) == [item for item in range(32) if not 16 <= item < 24] and loader.borrowed == 1
     assert len(loader.skipped) == 8 and all("train-00002.tar: HTTP 404" in why for why in loader.skipped.values())
-    strict = streaming_loader(server.url, image_column="png", label_column=None, strict=True)
+    strict = streaming_loader(server.url, strict=True, **options)
     with pytest.raises(ValueError, match="--strict: .*train-00002.tar: HTTP 404"):
         read_caption_ids(strict, 0, strict.epoch(0))
+
+
+class FakeTime:
+    """A clock that only the backoff's sleeps move: each wait recorded, none taken."""
+
+    def __init__(self) -> None:
+        self.now, self.waits = 0.0, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+    def retrying(self, seconds: float) -> Retrying:
+        return Retrying(seconds, clock=self.clock, sleep=self.sleep)
+
+
+def test_a_busy_server_is_waited_for_as_it_asks_and_the_size_probe_is_retried(tmp_path, serve):
+    data = bytes(range(256)) * 200
+    (tmp_path / "blob").write_bytes(data)
+    in_40_s = email.utils.formatdate(time.time() + 40, usegmt=True)
+    failures = {"HEAD blob": [(503, "7"), 429], "GET blob": ["drop", 500, (503, in_40_s), 502]}
+    server = serve(str(tmp_path), failures=failures)
+    clock = FakeTime()
+    with HttpShard(server.url + "blob", clock.retrying(120)) as handle:
+        assert handle.seek(0, os.SEEK_END) == len(data)  # (the size, by a HEAD)
+        handle.seek(0)
+        assert handle.read() == data
+    waits = clock.waits
+    assert len(waits) == 6 and waits[0] >= 7 and 38 <= waits[4] <= 41, waits  # (Retry-After: seconds, or a date)
+    others = [waits[1], waits[2], waits[3], waits[5]]
+    assert all(0 <= wait <= 30 for wait in others) and len(set(others)) == 4, waits  # (random: jitter)
+
+
+def test_a_failing_read_is_given_up_after_its_budget_naming_the_url_and_the_option(tmp_path, serve):
+    (tmp_path / "blob").write_bytes(b"x" * 1000)
+    server = serve(str(tmp_path), failures={"GET blob": [503] * 1000})
+    clock = FakeTime()
+    with pytest.raises(ShardUnavailable, match=r"/blob: HTTP 503 .* --remote_retry_seconds 20"):
+        HttpShard(server.url + "blob", clock.retrying(20)).read(10)
+    assert sum(clock.waits) == pytest.approx(20) and len(clock.waits) >= 5  # (0.5, 1, 2, 4, ... s apart at most)
+    server.failures["GET blob"] = [(503, "3600")]  # (a wait longer than the budget: given up at once)
+    clock = FakeTime()
+    with pytest.raises(ShardUnavailable, match="asks to wait 3600 s"):
+        HttpShard(server.url + "blob", clock.retrying(20)).read(10)
+    assert clock.waits == []
+    with pytest.raises(ValueError, match="--remote_retry_seconds must be 0 or more"):
+        stream_config(server.url, remote_retry_seconds=-1)
+    with pytest.raises(ValueError, match="--max_unreachable_shards must be 0 or more"):
+        stream_config(server.url, max_unreachable_shards=-1)
+    with pytest.raises(ValueError, match="--remote_retry_seconds .* shape a stream: add --streaming"):
+        stream_config("folder", streaming=False, remote_retry_seconds=5)
+
+
+def test_only_transport_failures_are_retried_and_a_bug_is_not_an_unavailable_shard(monkeypatch):
+    import fsspec
+
+    store = fsspec.filesystem("memory")
+    store.pipe("/shards/blob", b"0123456789")
+    failures = iter([ConnectionResetError(104, "reset by peer")])
+    opened = store.open
+
+    def flaky_open(*args, **kwargs):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(store, "open", flaky_open)
+    clock = FakeTime()
+    assert StoreShard("memory://shards/blob", clock.retrying(60)).read(4) == b"0123" and len(clock.waits) == 1
+    with pytest.raises(ShardUnavailable, match="FileNotFoundError"):  # (at once)
+        StoreShard("memory://shards/missing", clock.retrying(60)).read(4)
+
+    def broken_open(*args, **kwargs):
+        raise TypeError("a bug in the reader")
+
+    monkeypatch.setattr(store, "open", broken_open)
+    with pytest.raises(TypeError, match="a bug in the reader"):  # (raised as it is, at once)
+        StoreShard("memory://shards/blob", clock.retrying(60)).read(4)
+    assert len(clock.waits) == 1
+
+
+def test_the_shard_index_fetch_is_retried_and_a_failure_names_its_url(tmp_path, serve):
+    folder = tmp_path / "shards"
+    write_noise_shards(folder, 2, 4)
+    server = serve(str(folder), failures={"GET train.shardindex.json": ["drop", 500, (503, "2")]})
+    clock = FakeTime()
+    index = fetch_json(server.url + "train.shardindex.json", clock.retrying(60))
+    assert len(index["shardlist"]) == 2 and len(clock.waits) == 3 and clock.waits[2] >= 2
+    server.failures["GET train.shardindex.json"] = [500] * 1000
+    with pytest.raises(ValueError, match=r"/train.shardindex.json: HTTP 500 .*--remote_retry_seconds 5"):
+        fetch_json(server.url + "train.shardindex.json", FakeTime().retrying(5))
 
 
 def test_a_base_url_without_an_index_stops_with_the_command_to_write_one(tmp_path, serve):
@@ -201,6 +322,24 @@ def test_a_base_url_without_an_index_stops_with_the_command_to_write_one(tmp_pat
     main(["index-shards", str(folder), "--output", index])
     loader = streaming_loader(pattern, image_column="png", label_column=None, shard_index=index)
     assert len(read_caption_ids(loader, 2)) == 8
+
+
+def test_index_shards_and_a_stream_never_take_dev_shards_for_training_shards(tmp_path, serve):
+    folder = tmp_path / "shards"
+    write_shards(str(folder), [3, 3], split="train")
+    write_shards(str(folder), [2], split="dev", first=6)
+    main(["index-shards", str(folder)])  # named after the split, where a remote stream looks for it
+    assert sorted(name for name in os.listdir(folder) if name.endswith(".json")) == [
+        "train.shardindex.json",
+        "validation.shardindex.json",
+    ]
+    server = serve(str(folder))
+    source = ShardSource(stream_config(server.url))
+    assert source.split_names() == ["train", "validation"] and source.shards("validation").counts() == [2]
+    index = str(tmp_path / "index.json")
+    main(["index-shards", f"{server.url}train-{{00000..00001}}.tar::{server.url}dev-00000.tar", "--output", index])
+    listed = [entry["url"].rsplit("/", 1)[1] for entry in json.loads(Path(index).read_text())["shardlist"]]
+    assert listed == ["train-00000.tar", "train-00001.tar"]
 
 
 def test_brace_patterns_and_seeks_over_http(tmp_path, serve):
@@ -254,13 +393,19 @@ def test_a_shard_cache_stays_within_its_limit_and_keeps_no_partial_shard(tmp_pat
     shard = os.path.getsize(folder / "train-00000.tar")
     cache = tmp_path / "cache"
     loader = streaming_loader(
-        server.url, image_column="png", label_column=None, shard_cache_dir=str(cache), shard_cache_gb=2.5 * shard / 1e9
+        server.url,
+        image_column="png",
+        label_column=None,
+        shard_cache_dir=str(cache),
+        shard_cache_gb=2.5 * shard / 1e9,
+        max_unreachable_shards=1,
     )
     seen = read_caption_ids(loader, 0, loader.epoch(0))
     loader.pairs.split.stream.cache.wait()  # (the shards it fetched ahead)
     assert sorted(seen[:50]) == [item for item in items if not 40 <= item < 50]
-    kept = [entry for entry in os.listdir(cache) if entry.endswith(".tar")]
-    assert len(kept) == 2 and not [entry for entry in os.listdir(cache) if ".part" in entry]
+    node = loader.pairs.split.stream.cache.folder  # (CACHE/HOSTNAME: shard_cache)
+    kept = [entry for entry in os.listdir(node) if entry.endswith(".tar")]
+    assert len(kept) == 2 and not [entry for entry in os.listdir(node) if ".part" in entry]
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import clip_accel.data.shards as shards_module
 from clip_accel.cli import main
 from clip_accel.config import DataConfig
 from clip_accel.data import write_webdataset_shards
+from clip_accel.data.remote import remote_splits
 from clip_accel.data.shard_index import count_tar_rows, indexed_counts
 from clip_accel.data.shards import ShardSource, TarShards, add_tar_member
 from clip_accel.data.sources import DatasetSource, local_tar_splits
@@ -68,7 +69,7 @@ def test_an_index_elsewhere_is_passed_as_shard_index_and_a_stale_or_broken_one_i
         ShardSource(stream_config(folder, shard_index=elsewhere)).shards("train").counts()
     with pytest.raises(ValueError, match="--shard_index .* is not a file: write one with `clip-accel index-shards"):
         stream_config(folder, shard_index=str(tmp_path / "missing.json"))
-    with pytest.raises(ValueError, match="--shard_index and --shard_cache_dir shape a stream: add --streaming"):
+    with pytest.raises(ValueError, match="--shard_index, --shard_cache_dir, .* shape a stream: add --streaming"):
         stream_config(folder, streaming=False, shard_index=elsewhere)
 
 
@@ -182,3 +183,54 @@ def test_a_read_only_shard_folder_or_cache_folder_is_named_with_what_to_do(tmp_p
     refuse_writes_in(cache, monkeypatch)
     with pytest.raises(ValueError, match=r"--shard_cache_dir '.*/cache' cannot be written .*node's own disk"):
         streaming_loader(str(folder), shard_cache_dir=str(cache))
+
+
+# datasets' split keywords (datasets.data_files.SPLIT_KEYWORDS), as shard name prefixes
+SPLIT_PREFIXES = {
+    "train": ["train", "training"],
+    "validation": ["validation", "valid", "dev", "val"],
+    "test": ["test", "testing", "eval", "evaluation"],
+}
+
+
+def test_a_local_folder_and_remote_shards_name_their_splits_alike_by_datasets_keywords(tmp_path, monkeypatch):
+    folder = tmp_path / "shards"
+    for prefix in [prefix for prefixes in SPLIT_PREFIXES.values() for prefix in prefixes]:
+        write_shards(str(folder), [1], split=prefix)
+    local = local_tar_splits(str(folder))
+    main(["index-shards", str(folder)])  # one index per split, named after it: training-* and train-* together
+    assert sorted(name for name in os.listdir(folder) if name.endswith(".json")) == [
+        f"{split}.shardindex.json" for split in ("test", "train", "validation")
+    ]
+    no_shard_read(monkeypatch)
+    assert ShardSource(stream_config(str(folder))).shards("train").counts() == [1, 1]
+    prefixes = ",".join(prefix for prefixes in SPLIT_PREFIXES.values() for prefix in prefixes)
+    remote = remote_splits("https://host/data/{" + prefixes + "}-00000.tar")[0]
+    for found in (local, remote):
+        by_split = {
+            split: sorted(shard.rsplit("/", 1)[1].split("-")[0] for shard in shards) for split, shards in found.items()
+        }
+        assert by_split == {split: sorted(prefixes) for split, prefixes in SPLIT_PREFIXES.items()}
+    # Folders below the location name a split too (the file name first), and several patterns share their folder.
+    pattern = "https://host/data/{train,dev}/shard-{0..1}.tar::https://host/data/eval/shard-0.tar"
+    assert {split: len(urls) for split, urls in remote_splits(pattern)[0].items()} == {
+        "train": 2,
+        "validation": 2,
+        "test": 1,
+    }
+    found = remote_splits("s3://bucket/data/{training/validation-0,training/train-0}.tar")[0]
+    assert found == {
+        "validation": ["s3://bucket/data/training/validation-0.tar"],
+        "train": ["s3://bucket/data/training/train-0.tar"],
+    }
+
+
+def test_shards_naming_no_split_are_training_data_alone_and_an_error_beside_named_ones(tmp_path):
+    # img2dataset's 00000.tar, 00001.tar: the training split, local or remote.
+    assert list(remote_splits("https://host/data/{00000..00001}.tar")[0]) == ["train"]
+    folder = tmp_path / "shards"
+    write_shards(str(folder), [2], split="train")
+    write_shards(str(folder), [2], split="holdout")  # neither trained on nor dropped in silence
+    for where, read in ((str(folder), local_tar_splits), ("https://host/{train,holdout}-00000.tar", remote_splits)):
+        with pytest.raises(ValueError, match=r"holdout-00000.tar names no split .*train-\*.tar, validation-\*.tar"):
+            read(where)

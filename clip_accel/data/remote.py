@@ -7,47 +7,47 @@ huggingface_hub), naming
 - a base location whose splits have a shard index beside their shards (`BASE/train.shardindex.json`, and
   `validation`/`test`: what `write_webdataset_shards` and `clip-accel index-shards` write; upload the folder as it
   is), the shards' URLs relative to the index;
-- a brace pattern of shard URLs (`https://host/data/train-{00000..00015}.tar`, several patterns joined by `::`,
-  a split named by each shard's prefix as in a local folder); their rows then come from `--shard_index FILE`;
+- a brace pattern of shard URLs (`https://host/data/train-{00000..00015}.tar`, several patterns joined by `::`),
+  each shard's split named by its path below the pattern's folder as in a local folder (`shard_index.
+  shards_by_split`); their rows then come from `--shard_index FILE`;
 - or, in a store that lists its files (not HTTP), a folder or glob of tar shards without an index (their rows
   then from `--shard_index FILE`, which `clip-accel index-shards URL --output FILE` writes).
 
 `HttpShard` reads a shard front to back in `Range` windows, seeks with a new one (past what a slot does not
-need), and when a connection drops mid-shard retries with backoff from the byte where it stopped, so no row is
-lost or read twice; `StoreShard` does the same over an fsspec file. Credentials: from where each store's own
-client looks (the URL for HTTP; for s3 the `AWS_*` variables and ~/.aws, an endpoint as `AWS_ENDPOINT_URL`; gcloud's
-for gs; the Hub token for hf), never from an option, and nothing is logged but the URL.
+need), and when a connection drops mid-shard retries from the byte where it stopped, so no row is lost or read
+twice; `StoreShard` does the same over an fsspec file, and `fetch_json` (a shard index) through the same HTTP
+session. What is retried, and for how long, is `retry`'s (`--remote_retry_seconds`). Credentials: from where each
+store's own client looks (the URL for HTTP; for s3 the `AWS_*` variables and ~/.aws, an endpoint as
+`AWS_ENDPOINT_URL`; gcloud's for gs; the Hub token for hf), never from an option, and nothing is logged but the URL.
 """
 
 from __future__ import annotations
 
-import http.client
 import io
 import itertools
 import json
 import os
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from urllib.parse import urljoin
 
 import requests
-import urllib3
 
 from ..config import UserError
-from .shard_index import shard_prefix
+from .retry import (
+    DEFAULT_RETRYING,
+    RETRY_STATUSES,
+    Retries,
+    Retrying,
+    ShardUnavailable,
+    raise_unless_transient,
+    retry_after,
+    retry_after_of,
+)
+from .shard_index import SPLITS, shards_by_split
 
-RETRIES = 5  # attempts after a dropped connection, 0.2 s, 0.4 s, ... apart
 TIMEOUT_S = 60
 BUFFER_BYTES = 64 * 1024
-SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "test": "test", "eval": "validation"}
-
-
-# what a dropped or refused connection raises (each retried)
-TRANSPORT_ERRORS = (OSError, http.client.HTTPException, requests.RequestException, urllib3.exceptions.HTTPError)
-
 STORE_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # the extra that installs a store's package
 
 
@@ -60,17 +60,14 @@ def is_http(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
-def open_shard(url: str):
-    """A shard's bytes as a seekable binary file: over HTTP Range requests, through fsspec, or from the disk."""
+def open_shard(url: str, retrying: Retrying = DEFAULT_RETRYING):
+    """A shard's bytes as a seekable binary file: over HTTP Range requests, through fsspec, or from the disk; a
+    remote one's failures retried by `retrying`."""
     if is_http(url):
-        return io.BufferedReader(HttpShard(url), BUFFER_BYTES)  # (a tar's 512-byte headers from memory)
+        return io.BufferedReader(HttpShard(url, retrying), BUFFER_BYTES)  # (a tar's 512-byte headers from memory)
     if is_remote(url):
-        return StoreShard(url)
+        return StoreShard(url, retrying)
     return open(url, "rb")
-
-
-class ShardUnavailable(OSError):
-    """A shard that still fails after the retries."""
 
 
 class RemoteShard(io.RawIOBase):
@@ -107,9 +104,9 @@ class HttpShard(RemoteShard):
     MIN_WINDOW, MAX_WINDOW = 16 * 1024, 4 * 1024 * 1024
     HEADERS = {"Accept-Encoding": "identity"}  # (Range counts the file's bytes, not a compressed body's)
 
-    def __init__(self, url: str, retries: int = RETRIES) -> None:
+    def __init__(self, url: str, retrying: Retrying = DEFAULT_RETRYING) -> None:
         super().__init__()
-        self.url, self.retries = url, retries
+        self.url, self.retries = url, retrying.streak(url)
         self.offset, self.size, self.response = 0, None, None
         self.window, self.window_end = self.MIN_WINDOW, 0
 
@@ -134,7 +131,7 @@ class HttpShard(RemoteShard):
         if one is open (a buffer filled with the 64 KB it asks for would otherwise cost a short slot its windows)."""
         if size is None or size < 0:
             size = max(self._size() - self.offset, 0)
-        chunks, wanted, attempt = [], size, 0
+        chunks, wanted = [], size
         while wanted > 0:
             if self.response is None or self.offset >= self.window_end:
                 if chunks and within_window:
@@ -142,39 +139,36 @@ class HttpShard(RemoteShard):
                 self._close_response()
                 if self.size is not None and self.offset >= self.size:
                     break
-                try:
-                    self._open()
-                except ShardUnavailable:
-                    raise
-                except TRANSPORT_ERRORS as error:
-                    attempt = self._retry(attempt, error)
-                    continue
+                self._open()
                 if self.response is None:  # (past the end)
                     break
             try:
                 data = self.response.raw.read(min(wanted, self.window_end - self.offset))
-                failure = None
-            except TRANSPORT_ERRORS as error:
+                failure = "the connection ended early"
+            except Exception as error:
+                raise_unless_transient(error, self.url)
                 data, failure = b"", error
             if data:
                 chunks.append(data)
                 self.offset += len(data)
                 wanted -= len(data)
-                attempt = 0
+                self.retries.reset()
                 continue
             self._close_response()  # a window that ended early: the connection dropped
-            attempt = self._retry(attempt, failure)
+            self.retries.wait(failure, where=f" at byte {self.offset}")
         return b"".join(chunks)
 
     def close(self) -> None:
         self._close_response()
         super().close()
 
-    def _retry(self, attempt: int, failure: BaseException | None) -> int:
-        return backoff(self, attempt, failure)
-
-    def _request(self, method: str, headers: dict):
-        return session().request(method, self.url, headers={**self.HEADERS, **headers}, stream=True, timeout=TIMEOUT_S)
+    def _request(self, method: str, headers: dict) -> requests.Response:
+        """A response whose status is final (`http_request`); any other error status makes the shard unavailable."""
+        response = http_request(method, self.url, self.retries, {**self.HEADERS, **headers})
+        if response.status_code >= 400 and response.status_code != 416:
+            response.close()
+            raise ShardUnavailable(f"{self.url}: HTTP {response.status_code} {response.reason}")
+        return response
 
     def _open(self) -> None:
         end = self.offset + self.window
@@ -185,12 +179,6 @@ class HttpShard(RemoteShard):
             response.close()
             self.size = self.offset if self.size is None else self.size
             return
-        if response.status_code in (401, 403, 404):
-            response.close()
-            raise ShardUnavailable(f"{self.url}: HTTP {response.status_code} {response.reason}")
-        if response.status_code >= 400:
-            response.close()
-            raise OSError(f"{self.url}: HTTP {response.status_code} {response.reason}")  # (retried)
         length = int(response.headers.get("Content-Length", "0") or 0)
         if response.status_code == 200:  # the whole file: a server without Range requests
             if self.offset:
@@ -208,8 +196,6 @@ class HttpShard(RemoteShard):
         if self.size is None:
             response = self._request("HEAD", {})
             response.close()
-            if response.status_code >= 400:
-                raise ShardUnavailable(f"{self.url}: HTTP {response.status_code} {response.reason}")
             self.size = int(response.headers["Content-Length"])
         return self.size
 
@@ -234,28 +220,32 @@ def session() -> requests.Session:
     return _SESSIONS.session
 
 
-def backoff(shard, attempt: int, failure: BaseException | None) -> int:
-    """Wait before attempt `attempt` + 1 at `shard.offset` (0.2 s, 0.4 s, ...); past `shard.retries`, the shard is
-    unavailable."""
-    attempt += 1
-    if attempt > shard.retries:
-        raise ShardUnavailable(
-            f"{shard.url}: the connection failed {attempt} times at byte {shard.offset}"
-            + (f" ({type(failure).__name__}: {failure})" if failure is not None else " (it ended early)")
-        )
-    time.sleep(0.2 * 2 ** (attempt - 1))
-    return attempt
+def http_request(method: str, url: str, retries: Retries, headers: dict | None = None, stream: bool = True):
+    """`method` on `url` through this thread's session, until a response whose status is final: a transport failure
+    and HTTP 408/425/429/5xx waited for by `retries` (a server's Retry-After honoured)."""
+    while True:
+        try:
+            response = session().request(method, url, headers=headers, stream=stream, timeout=TIMEOUT_S)
+        except Exception as error:
+            raise_unless_transient(error, url)
+            retries.wait(error)
+            continue
+        if response.status_code not in RETRY_STATUSES:
+            return response
+        response.close()
+        failure = f"HTTP {response.status_code} {response.reason}"
+        retries.wait(failure, retry_after(response.headers.get("Retry-After")))
 
 
 class StoreShard(RemoteShard):
     """A read-only, seekable file in an fsspec store (`s3://`, `gs://`, `hf://`): the store's own ranged reads
-    (blocks of 1 MB), reopened at the byte it stood at, with backoff, when a read fails."""
+    (blocks of 1 MB), reopened at the byte it stood at, after a wait, when a read fails in passing (`retry`)."""
 
     BLOCK = 1024 * 1024
 
-    def __init__(self, url: str, retries: int = RETRIES) -> None:
+    def __init__(self, url: str, retrying: Retrying = DEFAULT_RETRYING) -> None:
         super().__init__()
-        self.url, self.retries = url, retries
+        self.url, self.retries = url, retrying.streak(url)
         self.fs, self.path = store(url)
         self.offset, self.file = 0, None
 
@@ -281,20 +271,20 @@ class StoreShard(RemoteShard):
         super().close()
 
     def _call(self, action):
-        attempt = 0
         while True:
             try:
                 if self.file is None:
                     self.file = self.fs.open(self.path, "rb", block_size=self.BLOCK)
                     self.file.seek(self.offset)
-                return action(self.file)
-            except (FileNotFoundError, PermissionError) as error:
-                raise ShardUnavailable(f"{self.url}: {type(error).__name__}: {error}") from None
-            except Exception as error:  # (a store's client raises its own errors: any failure is retried)
+                result = action(self.file)
+                self.retries.reset()
+                return result
+            except Exception as error:  # (a store's client raises its own errors: `retry` sorts them)
                 if self.file is not None:
                     self.file.close()
                     self.file = None
-                attempt = backoff(self, attempt, error)
+                raise_unless_transient(error, self.url)
+                self.retries.wait(error, retry_after_of(error), where=f" at byte {self.offset}")
 
 
 def store(url: str):
@@ -310,21 +300,40 @@ def store(url: str):
         raise UserError(f"{url}: {scheme}:// needs {hint} ({type(error).__name__}: {error}).") from None
 
 
-def fetch_json(url: str) -> dict | None:
-    """A small JSON file (a shard index), over HTTP or from a store; None where there is none."""
-    if not is_http(url):
-        fs, path = store(url)
+def fetch_json(url: str, retrying: Retrying = DEFAULT_RETRYING) -> dict | None:
+    """A small JSON file (a shard index), over HTTP (the shards' session) or from a store, its failures retried
+    as a shard's; None where there is none. One that cannot be read or is no JSON is an error naming it."""
+    try:
+        data = _http_file(url, retrying.streak(url)) if is_http(url) else _store_file(url, retrying.streak(url))
+    except ShardUnavailable as error:
+        raise UserError(f"{error}: check the URL and the server (or its credentials).") from None
+    try:
+        return None if data is None else json.loads(data)
+    except ValueError as error:
+        raise UserError(f"{url} is not JSON ({error}): write it again (clip-accel index-shards).") from None
+
+
+def _http_file(url: str, retries: Retries) -> bytes | None:
+    """A small file over HTTP, whole; None where there is none (404)."""
+    response = http_request("GET", url, retries, stream=False)
+    if response.status_code == 404:
+        return None
+    if response.status_code >= 400:
+        raise ShardUnavailable(f"{url}: HTTP {response.status_code} {response.reason}")
+    return response.content
+
+
+def _store_file(url: str, retries: Retries) -> bytes | None:
+    """A small file of a store, whole; None where there is none."""
+    fs, path = store(url)
+    while True:
         try:
-            return json.loads(fs.cat_file(path))
+            return fs.cat_file(path)
         except FileNotFoundError:
             return None
-    try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        if error.code == 404:
-            return None
-        raise
+        except Exception as error:
+            raise_unless_transient(error, url)
+            retries.wait(error, retry_after_of(error))
 
 
 def join_url(base: str, relative: str) -> str:
@@ -334,17 +343,21 @@ def join_url(base: str, relative: str) -> str:
     return urljoin(base, relative) if is_http(base) else base.rsplit("/", 1)[0] + "/" + relative
 
 
-def remote_splits(location: str) -> tuple[dict[str, list[str]], dict[str, list[int] | None]]:
+def remote_splits(
+    location: str, retrying: Retrying = DEFAULT_RETRYING
+) -> tuple[dict[str, list[str]], dict[str, list[int] | None]]:
     """({split: shard URLs}, {split: their rows, or None where no index gives them}) of a remote location
-    (module docstring)."""
+    (module docstring); an index's fetch retried by `retrying`."""
     if "{" in location or location.endswith(".tar") or (not is_http(location) and "*" in location):
-        urls = [url for pattern in location.split("::") for url in _shard_urls(pattern)]
-        return _by_split(urls), dict.fromkeys(_by_split(urls))
+        patterns = location.split("::")
+        urls = [url for pattern in patterns for url in _shard_urls(pattern)]
+        splits = shards_by_split(urls, _folder_of(patterns))
+        return splits, dict.fromkeys(splits)
     base = location if location.endswith("/") else location + "/"
     splits, counts = {}, {}
-    for split in ("train", "validation", "test"):
+    for split in SPLITS:
         index_url = base + f"{split}.shardindex.json"
-        index = fetch_json(index_url)
+        index = fetch_json(index_url, retrying)
         if index is None:
             continue
         try:
@@ -355,7 +368,8 @@ def remote_splits(location: str) -> tuple[dict[str, list[str]], dict[str, list[i
     if not splits and not is_http(location):  # a store's folder without an index: its shards, rows from elsewhere
         urls = _shard_urls(base + "*.tar")
         if urls:
-            return _by_split(urls), dict.fromkeys(_by_split(urls))
+            splits = shards_by_split(urls, base)
+            return splits, dict.fromkeys(splits)
     if not splits:
         raise UserError(
             f"{base}train.shardindex.json is not there: put the shard index beside the shards (`clip-accel "
@@ -374,12 +388,11 @@ def _shard_urls(pattern: str) -> list[str]:
     return sorted(fs.unstrip_protocol(path) for url in urls for path in fs.glob(store(url)[1]))
 
 
-def _by_split(urls: list[str]) -> dict[str, list[str]]:
-    splits: dict[str, list[str]] = {}
-    for url in urls:
-        split = SPLIT_NAMES.get(shard_prefix(url.rsplit("/", 1)[-1]) or "train", "train")
-        splits.setdefault(split, []).append(url)
-    return splits
+def _folder_of(patterns: list[str]) -> str:
+    """The folder the patterns' shards are found below: where the first brace or wildcard is, or the file's folder;
+    of several patterns, the folder they share. Its own path names no split (as a local folder's)."""
+    folders = [re.split(r"[{*?\[]", pattern, maxsplit=1)[0].rsplit("/", 1)[0] + "/" for pattern in patterns]
+    return os.path.commonprefix(folders).rsplit("/", 1)[0] + "/"
 
 
 def expand_braces(pattern: str) -> list[str]:

@@ -8,6 +8,9 @@ counted per shard before the first step. They come, cheapest first, from:
 - img2dataset's `NNNNN_stats.json` beside each `NNNNN.tar` (its `successes` are the samples in the tar);
 - the tar headers alone: each member's header read and its payload skipped (seeked past), so counting a local shard
   reads about 1.5 KB per row whatever its images weigh.
+
+Which split a shard belongs to is named by its path, for every source alike (a local folder, remote shards, the
+index command): `shards_by_split`.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import json
 import os
 import re
 
+from datasets.data_files import SPLIT_KEYWORDS
+
 from ..config import UserError
 
 INDEX_SUFFIX = ".shardindex.json"
+SPLITS = tuple(str(split) for split in SPLIT_KEYWORDS)  # train, validation, test
 
 
 def index_file(folder: str, split: str) -> str:
@@ -54,13 +60,13 @@ def read_shard_index(path: str) -> dict[str, int]:
 
 
 def indexed_counts(shards: list[str], index: str | None = None) -> list[int] | None:
-    """Each shard's rows from `index` (or the index beside them, or img2dataset's stats files), without opening
-    a shard; None when nothing records them. An index that does not list every shard is an error."""
+    """Each shard's rows from `index` (or the index of their split beside them, or img2dataset's stats files),
+    without opening a shard; None when nothing records them. An index that does not list every shard is an
+    error."""
     folder = os.path.dirname(shards[0]) if shards else ""
-    if index is None:
-        prefix = shard_prefix(shards[0]) if shards else None
-        beside = index_file(folder, prefix) if prefix else None
-        index = beside if beside and os.path.isfile(beside) else None
+    if index is None and shards:
+        beside = index_file(folder, split_of(os.path.basename(shards[0])) or "train")
+        index = beside if os.path.isfile(beside) else None
     if index is not None:
         counts = read_shard_index(index)
         missing = [os.path.basename(shard) for shard in shards if os.path.basename(shard) not in counts]
@@ -108,10 +114,35 @@ def count_tar_rows(path: str, open_file=None) -> int:
     return rows
 
 
-def shard_prefix(shard: str) -> str | None:
-    """`train` of `train-00000.tar` (the split's index is named after it); None for img2dataset's `00000.tar`."""
-    match = re.match(r"(.+?)[-_.]\d+\.tar$", os.path.basename(shard))
-    return match.group(1) if match else None
+def split_of(path: str) -> str | None:
+    """The split a shard's path below the location it was found in names by `datasets`' keywords between
+    separators (`SPLIT_KEYWORDS`: train, training; validation, valid, dev, val; test, testing, eval, evaluation),
+    the file name's first, then its folders' from the deepest; None where none does."""
+    for part in reversed(path.split("/")):
+        words = set(re.split(r"[-._ 0-9]+", part))
+        for split, keywords in SPLIT_KEYWORDS.items():
+            if words & set(keywords):
+                return str(split)
+    return None
+
+
+def shards_by_split(shards: list[str], location: str) -> dict[str, list[str]]:
+    """{split: shards, in the order given} of the shards found below `location` (a folder, a URL's folder: its own
+    name names no split), by `split_of`. Shards that name no split are the training split when none does
+    (img2dataset's `00000.tar`); beside shards that do, they are an error, neither trained on nor dropped."""
+    root = location.rstrip("/") + "/"
+    found: dict[str | None, list[str]] = {}
+    for shard in shards:
+        below = shard[len(root) :] if shard.startswith(root) else os.path.basename(shard)
+        found.setdefault(split_of(below), []).append(shard)
+    unnamed = found.pop(None, [])
+    if unnamed and found:
+        raise UserError(
+            f"{unnamed[0]} names no split ({len(unnamed)} such shards), while {location}'s other shards do "
+            f"({', '.join(map(str, found))}): name each shard after its split (train-*.tar, validation-*.tar, "
+            "test-*.tar, or a train/ validation/ test/ folder) or move it out; a shard is never guessed into a split."
+        )
+    return {"train": unnamed} if unnamed else {str(split): named for split, named in found.items()}
 
 
 def _successes(path: str) -> int:

@@ -31,13 +31,13 @@ from .indo_fashion import INDO_FASHION_FILES
 from .parquet_shards import ParquetShards
 from .preprocess import JPEG_QUALITY, encode_jpeg, load_rgb_image, to_rgb
 from .remote import ShardUnavailable, is_remote, open_shard, remote_splits
+from .retry import DEFAULT_RETRYING, Retrying
 from .shard_cache import ShardCache
 from .shard_index import (
     count_tar_rows,
     index_file,
     indexed_counts,
     parse_header,
-    shard_prefix,
     write_shard_index,
 )
 from .sources import (
@@ -76,11 +76,13 @@ class TarShards:
         index: str | None = None,
         counts: list[int] | None = None,
         cache: ShardCache | None = None,
+        retrying: Retrying = DEFAULT_RETRYING,
     ) -> None:
         self.files = files
         self.index = index  # a shard index naming each shard's rows (`shard_index`), else the one beside them
         self.known_counts = counts  # the rows a remote index gave (data.remote)
         self.cache = cache  # --shard_cache_dir: shards read from the node's copies
+        self.retrying = retrying  # how a remote shard's failures are retried (--remote_retry_seconds)
         self._first = None
 
     def prefetch(self, shards: list[int]) -> None:
@@ -110,18 +112,23 @@ class TarShards:
         payloads seeked past (not read), and nothing after `stop` is read. Plain ustar members only (names of up
         to 100 characters, plus the ustar prefix); a member that does not decode becomes an `__errors__` entry of
         its row (the row is then skipped and counted); a truncated shard is an error naming it. A remote shard
-        that still fails after its retries (`remote.open_shard`) makes its rows left `__errors__` rows: skipped
-        and counted as consumed, so every other row of the pass is still read once."""
+        that is missing or still fails after its retries (`retry`) makes its rows left `__errors__` rows marked
+        `__unreachable__` (at least one, where its rows are not known: `check_unreachable` counts the shards):
+        skipped and counted as consumed, so every other row of the pass is still read once."""
         url = self.files[shard]
         at = {"key": None, "row": {}, "index": -1}  # the row being read: its key, members and number
         try:
-            with open_shard(self.cache.local(url) if self.cache is not None and cached else url) as handle:
+            opened = self.cache.open(url) if self.cache is not None and cached else open_shard(url, self.retrying)
+            with opened as handle:
                 yield from self._members(handle, url, start, stop, at)
         except ShardUnavailable as error:
+            lost = {"__errors__": [str(error)], "__url__": url, "__unreachable__": str(error)}
             if at["index"] >= start and (stop is None or at["index"] < stop):
-                yield {**at["row"], "__errors__": [str(error)], "__key__": at["key"], "__url__": url}
+                yield {**at["row"], **lost, "__key__": at["key"]}
+            elif stop is None:
+                yield {**lost, "__key__": f"row {max(at['index'] + 1, start)} on"}
             for missing in range(max(at["index"] + 1, start), stop if stop is not None else 0):
-                yield {"__errors__": [str(error)], "__key__": f"row {missing}", "__url__": url}
+                yield {**lost, "__key__": f"row {missing}"}
             return
         if at["row"]:
             yield {**at["row"], "__key__": at["key"], "__url__": url}
@@ -260,7 +267,11 @@ class ShardSource(Source):
         stream = self.shards(split)
         raw, digest = [], hashlib.sha256()
         names = class_names(stream.features, self.columns.label)
+        unreachable = {}
         for example in all_rows(stream, max_samples):
+            if "__unreachable__" in example:
+                unreachable[example["__url__"]] = example["__unreachable__"]
+                check_unreachable(unreachable, self.config.max_unreachable_shards)
             row = raw_row(example, self.columns, names)
             raw.append(row)
             image = row["image"]
@@ -297,16 +308,16 @@ def find_shards(config: DataConfig) -> dict[str, TarShards | ParquetShards | Dat
     """`--dataset_name`'s splits, shard by shard: WebDataset tar shards read directly (the training split's
     through the shard cache, with --shard_cache_dir), parquet files by row groups, anything else through
     `datasets` streaming."""
-    cache = None
+    cache, retrying = None, Retrying(config.remote_retry_seconds)
     if config.shard_cache_dir is not None:
-        cache = ShardCache(config.shard_cache_dir, int(config.shard_cache_gb * 1e9))
+        cache = ShardCache(config.shard_cache_dir, int(config.shard_cache_gb * 1e9), retrying)
 
     def tar_shards(split: str, files: list[str], counts: list[int] | None = None) -> TarShards:
         train = split == config.train_split
-        return TarShards(files, config.shard_index if train else None, counts, cache if train else None)
+        return TarShards(files, config.shard_index if train else None, counts, cache if train else None, retrying)
 
     if is_remote(config.dataset_name):
-        files, counts = remote_splits(config.dataset_name)
+        files, counts = remote_splits(config.dataset_name, retrying)
         return {split: tar_shards(split, files[split], counts[split]) for split in files}
     path, name, location = load_arguments(config)
     if path == "webdataset" and isinstance(location.get("data_files"), dict):  # (a local folder of tar shards)
@@ -343,14 +354,18 @@ class StreamSplit:
     shard_rows: list[int] | None = None  # each shard's rows, where they were counted
 
 
-def index_shards(location: str, output: str | None = None) -> list[tuple[str, str, int, int]]:
-    """Write the shard index of each split of a folder or remote location of tar shards, from their tar headers
-    (payloads seeked past: Range requests when remote): beside local shards as SPLIT.shardindex.json, or the
-    training split's at `output` (needed for a remote one). Returns (index, split, shards, rows) per index."""
+def index_shards(
+    location: str, output: str | None = None, retrying: Retrying = DEFAULT_RETRYING
+) -> list[tuple[str, str, int, int]]:
+    """Write the shard index of each split of a folder or remote location of tar shards (the splits named by
+    `shards_by_split`), from their tar headers (payloads seeked past: Range requests when remote): beside local
+    shards as SPLIT.shardindex.json (train, validation, test: where a remote stream looks for them), or the training
+    split's at `output` (needed for a remote one); remote failures retried by `retrying`. Returns (index, split,
+    shards, rows) per index."""
     if is_remote(location):
         if output is None:
             raise UserError(f"{location} is remote: write its index to a local file with --output FILE.")
-        splits = remote_splits(location)[0]
+        splits = remote_splits(location, retrying)[0]
     else:
         splits = local_tar_splits(location)
         if splits is None:
@@ -364,11 +379,22 @@ def index_shards(location: str, output: str | None = None) -> list[tuple[str, st
     for split, shards in splits.items():
         if output is not None and split != "train":
             continue
-        path = output or index_file(location, shard_prefix(shards[0]) or split)
-        counts = [count_tar_rows(shard, open_shard) for shard in shards]
+        path = output or index_file(location, split)
+        counts = [count_tar_rows(shard, lambda url: open_shard(url, retrying)) for shard in shards]
         write_shard_index(path, shards, counts)
         written.append((path, split, len(shards), sum(counts)))
     return written
+
+
+def check_unreachable(unreachable: dict[str, str], limit: int) -> None:
+    """Stop when more shards stayed unreachable ({url: why}) than --max_unreachable_shards allows."""
+    if len(unreachable) > limit:
+        count = f"{len(unreachable)} shard{'s' if len(unreachable) > 1 else ''}"
+        raise UserError(
+            f"{count} stayed unreachable (more than --max_unreachable_shards {limit}), e.g. "
+            f"{next(iter(unreachable.values()))}. Check the shards and the server, or raise --max_unreachable_shards "
+            "to go on without them (their rows skipped, counted and listed in skipped_rows.jsonl)."
+        )
 
 
 def where_in_stream(example: dict, shard: int, index: int) -> str:

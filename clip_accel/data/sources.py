@@ -20,14 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import datasets
-from datasets.data_files import SPLIT_KEYWORDS
 
 from ..config import DataConfig, UserError, template_fields
+from .shard_index import shards_by_split
 
 RAW_FEATURES = datasets.Features(
     {
@@ -285,33 +284,19 @@ def load_arguments(config: DataConfig) -> tuple[str, str | None, dict]:
 
 
 def local_tar_splits(folder: str) -> dict[str, list[str]] | None:
-    """A local folder's tar shards by split (named as `datasets` names them: train-*, validation-*, test-*; a name
-    without a split's is training data), whatever lies beside them: img2dataset writes `NNNNN_stats.json` (and
-    `NNNNN.parquet`) next to each `NNNNN.tar`, from which `datasets` would infer a JSON (or parquet) dataset. None
-    when `folder` is no local folder or holds no tar file."""
+    """A local folder's tar shards by split (`shard_index.shards_by_split`, as remote shards are named), whatever
+    lies beside them: img2dataset writes `NNNNN_stats.json` (and `NNNNN.parquet`) next to each `NNNNN.tar`, from
+    which `datasets` would infer a JSON (or parquet) dataset. None when `folder` is no local folder or holds no tar
+    file."""
     if not os.path.isdir(folder):
         return None
-    shards = {}  # (listed here: datasets' pattern globbing took 1.7 s for 1,000 shards)
+    shards = []  # (listed here: datasets' pattern globbing took 1.7 s for 1,000 shards)
     for root, folders, names in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith((".", "_")))
-        for name in names:
-            if name.endswith(".tar") and not name.startswith((".", "_")):
-                path = os.path.join(root, name)
-                shards.setdefault(_split_of(os.path.relpath(path, folder)), []).append(path)
-    if set(shards) - {None}:  # (as datasets: where some files name a split, the others are not data)
-        shards.pop(None, None)
-    splits = {split or "train": sorted(found) for split, found in shards.items()}
-    return splits or None
-
-
-def _split_of(path: str) -> str | None:
-    """The split a shard's relative path names by `datasets`' keywords (train, training; validation, valid, dev,
-    val; test, testing, eval, evaluation) between separators, else None."""
-    words = set(re.split(r"[-._ 0-9/]+", path))
-    for split, keywords in SPLIT_KEYWORDS.items():
-        if words & set(keywords):
-            return str(split)
-    return None
+        shards += [
+            os.path.join(root, name) for name in names if name.endswith(".tar") and not name.startswith((".", "_"))
+        ]
+    return shards_by_split(sorted(shards), folder) if shards else None
 
 
 class DatasetSource(Source):

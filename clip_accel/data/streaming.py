@@ -45,7 +45,7 @@ from ..config import DataConfig, UserError
 from .loader import HOST_GRIDS, drawn_captions, pad_captions, pair_batch
 from .preprocess import PairPreprocessor
 from .shard_cache import READ_AHEAD
-from .shards import StreamSplit, where_in_stream
+from .shards import StreamSplit, check_unreachable, where_in_stream
 from .sources import Columns, class_names, raw_columns, raw_row
 
 logger = get_logger(__name__)
@@ -166,6 +166,7 @@ class StreamingPairs(IterableDataset):
         reasons = cached["skip_reason"]
         usable = [index for index, reason in enumerate(reasons) if not reason]
         skipped = [(chunk[i][2], reason) for i, reason in enumerate(reasons) if reason]
+        unreachable = {row["__url__"]: row["__unreachable__"] for _, row, _ in chunk if "__unreachable__" in row}
         if skipped and self.config.strict:
             raise UserError(
                 f"--strict: {self.split.source}[{self.split.name}] {skipped[0][0]}: {skipped[0][1]}. Fix or remove "
@@ -197,6 +198,7 @@ class StreamingPairs(IterableDataset):
             "input_ids": [np.asarray(ids, np.int64) for ids in input_ids],
             "caption_ids": np.asarray(caption_ids, dtype=np.int64),
             "skipped": skipped,
+            "unreachable": unreachable,  # {shard url: why}
         }
 
 
@@ -233,6 +235,7 @@ class StreamingLoader:
         self.position = {"pass": 0, "consumed": [0] * max(1, num_workers), "segments": []}
         self.restored = False
         self.skipped: dict[str, str] = {}  # every row left out so far: where -> reason
+        self.unreachable: dict[str, str] = {}  # every shard met unreachable so far: url -> why
         self.borrowed = 0  # epochs topped up from the next pass because a pass ran short (damaged rows)
         self.loader = None  # the DataLoader over `pairs`, made on first use
 
@@ -249,6 +252,7 @@ class StreamingLoader:
         workers = max(1, self.num_workers)
         for position in positions:  # (the report is the union of every process's)
             self.skipped.update(position.get("skipped", {}))
+            self.unreachable.update(position.get("unreachable", {}))
         if len(positions) == self.pairs.num_processes and all(len(p["consumed"]) == workers for p in positions):
             position = positions[self.pairs.rank]
             segments = position.get("segments", [])
@@ -280,8 +284,8 @@ class StreamingLoader:
 
     def checkpoint(self) -> dict:
         """What a checkpoint keeps of this process's stream: the position after the last batch consumed, and the
-        rows skipped so far."""
-        return {**self.position, "skipped": dict(self.skipped)}
+        rows skipped and shards met unreachable so far."""
+        return {**self.position, "skipped": dict(self.skipped), "unreachable": dict(self.unreachable)}
 
     def epoch(self, epoch: int, done: int = 0) -> Iterator[dict]:
         """Epoch `epoch`'s batches after the first `done` (a resumed run's; the stream restarts at its restored
@@ -329,6 +333,8 @@ class StreamingLoader:
             self.pairs.set_pass(pass_index, resume)
             produced = 0  # usable pairs this pass gave
             for chunk in loader:
+                self.unreachable.update(chunk["unreachable"])
+                check_unreachable(self.unreachable, self.pairs.config.max_unreachable_shards)
                 produced += len(chunk["positions"])
                 for where, reason in chunk["skipped"]:
                     if where not in self.skipped:
@@ -529,12 +535,13 @@ def _join(chunks: list[dict]) -> dict:
         "input_ids": [ids for chunk in chunks for ids in chunk["input_ids"]],
         "caption_ids": np.concatenate([chunk["caption_ids"] for chunk in chunks]),
         "skipped": [row for chunk in chunks for row in chunk["skipped"]],
+        "unreachable": {url: why for chunk in chunks for url, why in chunk["unreachable"].items()},
     }
 
 
 def _split(chunk: dict, count: int) -> tuple[dict, dict]:
-    """A chunk's first `count` pairs (and its skipped rows), and the rest."""
-    head, rest = dict(chunk), {**chunk, "skipped": []}
+    """A chunk's first `count` pairs (and its skipped rows and unreachable shards), and the rest."""
+    head, rest = dict(chunk), {**chunk, "skipped": [], "unreachable": {}}
     for name in ("positions", "pixel_values", "spatial_shapes", "input_ids", "caption_ids"):
         if chunk[name] is not None:
             head[name], rest[name] = chunk[name][:count], chunk[name][count:]
