@@ -182,3 +182,30 @@ def test_a_read_only_shard_folder_or_cache_folder_is_named_with_what_to_do(tmp_p
     refuse_writes_in(cache, monkeypatch)
     with pytest.raises(ValueError, match=r"--shard_cache_dir '.*/cache' cannot be written .*node's own disk"):
         streaming_loader(str(folder), shard_cache_dir=str(cache))
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
+def test_members_with_long_names_are_counted_and_read_in_pax_and_gnu_tars(tmp_path, tar_format):
+    # Python's tarfile writes a name over 100 characters in a PAX header (its default) or a GNU long-name one.
+    folder = str(tmp_path / "shards")
+    long = f"{'k' * 60}/{'n' * 50}-"  # (members named KEY.jpg: 120 characters, the key with its folder)
+    items = write_shards(folder, [40, 8], key_prefix=long, tar_format=tar_format)
+    main(["index-shards", folder])
+    index = json.loads((tmp_path / "shards" / "train.shardindex.json").read_text())
+    assert [entry["nsamples"] for entry in index["shardlist"]] == [40, 8]
+    stream = ShardSource(stream_config(folder)).shards("train")
+    assert stream.column_names() == ["jpg", "txt", "json"] and stream.first_row()["__key__"] == f"{long}000000"
+    assert sorted(read_caption_ids(streaming_loader(folder), 12)) == items  # 48 rows: 12 batches of 4
+
+
+def test_a_tar_header_kind_the_reader_does_not_take_is_named(tmp_path):
+    folder = tmp_path / "shards"
+    write_shards(str(folder), [3], tar_format=tarfile.GNU_FORMAT)
+    path = folder / "train-00000.tar"
+    data = bytearray(path.read_bytes())
+    data[156:157] = b"S"  # (the first member made a GNU sparse file, which holds its data in pieces)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"train-00000.tar: the member at byte 0 is a GNU sparse file \('S'\)"):
+        count_tar_rows(str(path))
+    with pytest.raises(ValueError, match=r"GNU sparse file \('S'\), which clip_accel's tar reader does not take"):
+        next(TarShards([str(path)]).rows(0))

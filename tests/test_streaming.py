@@ -40,14 +40,23 @@ def caption(item: int) -> str:
     return f"item {item} kurta"
 
 
-def write_shards(folder, sizes: list[int], split: str = "train", damaged: dict | None = None, first: int = 0) -> list:
-    """Shards of `sizes` rows (item ids numbered on from `first`): KEY.jpg, KEY.txt and KEY.json each. `damaged`:
-    {item: "image"} for bytes that are no image, {item: "caption"} for a row without its KEY.txt."""
+def write_shards(
+    folder,
+    sizes: list[int],
+    split: str = "train",
+    damaged: dict | None = None,
+    first: int = 0,
+    key_prefix: str = "",
+    tar_format: int = tarfile.DEFAULT_FORMAT,
+) -> list:
+    """Shards of `sizes` rows (item ids numbered on from `first`): KEY.jpg, KEY.txt and KEY.json each, KEY the
+    item's 6 digits after `key_prefix`, in tarfile's `tar_format` (PAX by default). `damaged`: {item: "image"} for
+    bytes that are no image, {item: "caption"} for a row without its KEY.txt."""
     os.makedirs(folder, exist_ok=True)
     damaged = damaged or {}
     item, items = first, []
     for shard, size in enumerate(sizes):
-        with tarfile.open(os.path.join(folder, f"{split}-{shard:05d}.tar"), "w") as tar:
+        with tarfile.open(os.path.join(folder, f"{split}-{shard:05d}.tar"), "w", format=tar_format) as tar:
             for _ in range(size):
                 image = io.BytesIO()
                 Image.new("RGB", (24, 20), (item % 256, 40, 200)).save(image, "JPEG")
@@ -60,7 +69,7 @@ def write_shards(folder, sizes: list[int], split: str = "train", damaged: dict |
                 if damaged.get(item) == "json":
                     members["json"] = b"{not json"
                 for extension, data in members.items():
-                    add_tar_member(tar, f"{item:06d}.{extension}", data)
+                    add_tar_member(tar, f"{key_prefix}{item:06d}.{extension}", data)
                 items.append(item)
                 item += 1
     return items

@@ -76,36 +76,112 @@ def indexed_counts(shards: list[str], index: str | None = None) -> list[int] | N
     return None
 
 
-def parse_header(header: bytes, url: str, offset: int) -> tuple[int, str | None, str | None]:
-    """(payload size, row key, field) of a tar member's 512-byte header; key and field are None for what is no
-    regular file (folders, links, pax headers). Plain ustar names (up to 100 characters, plus the ustar prefix);
-    the key keeps its folder, as webdataset's does: `a/b/000001.jpg` is row `a/b/000001`, field `jpg`."""
-    try:
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        raise UserError(f"{url}: a tar header at byte {offset} is not a tar header") from None
-    if header[156:157] not in (b"0", b"\0"):
-        return size, None, None
-    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")  # ustar: long paths' folders
-    folder, _, file_name = (f"{prefix}/{name}" if prefix else name).rpartition("/")
-    base, _, field = file_name.partition(".")
-    return size, f"{folder}/{base}" if folder else base, field
+REGULAR_FILES = (b"0", b"\0", b"7")  # tar type flags of a member holding a file's bytes (7: contiguous file)
+UNREADABLE = {b"S": "a GNU sparse file ('S')", b"M": "a GNU multi-volume continuation ('M')"}
+
+
+def next_member(handle, url: str) -> tuple[int, str | None, str | None] | None:
+    """(payload size, row key, field) of the tar member `handle` stands at, its payload left to read or skip;
+    None at the tar's end. Key and field are None for what is no regular file (folders, links). A name too long
+    for the ustar header comes from the PAX extended header (`x`, Python's tarfile default) or the GNU long-name
+    header (`L`) before it; a PAX global header (`g`) and a GNU long link name (`K`) are passed over. The key keeps
+    its folder, as webdataset's does: `a/b/000001.jpg` is row `a/b/000001`, field `jpg`. A member kind this reader
+    cannot take (`UNREADABLE`) and a truncated tar are errors naming the shard."""
+    extended = {}  # what the PAX or GNU headers before the member say of it: "path", "size"
+    while True:
+        offset = handle.tell()
+        header = handle.read(512)
+        if len(header) < 512:
+            if header or handle.tell() > handle.seek(0, os.SEEK_END):  # (a seek past the end: a payload cut short)
+                raise UserError(f"{url} is truncated: write the shard again or remove it.")
+            return None
+        if header[0] == 0:  # a zero block ends a tar
+            return None
+        size, kind = _member_size(header, url, offset), header[156:157]
+        if kind in UNREADABLE:
+            raise UserError(
+                f"{url}: the member at byte {offset} is {UNREADABLE[kind]}, which clip_accel's tar reader does not "
+                "take: write the shard again with plain members (`tarfile`, webdataset's TarWriter and img2dataset "
+                "write them)."
+            )
+        if kind in (b"x", b"L"):
+            payload = _payload(handle, size, url)
+            extended.update(
+                _pax_records(payload, url, offset) if kind == b"x" else {"path": _text(payload.split(b"\0", 1)[0])}
+            )
+            continue
+        if kind in (b"g", b"K"):
+            handle.seek(size + (-size % 512), os.SEEK_CUR)
+            continue
+        size = int(extended.get("size", size))
+        if kind not in REGULAR_FILES:
+            return size, None, None
+        path = extended.get("path")
+        if path is None:
+            name, prefix = _text(header[:100].split(b"\0", 1)[0]), _text(header[345:500].split(b"\0", 1)[0])
+            path = f"{prefix}/{name}" if prefix else name  # (ustar: a long path's folders in the prefix field)
+        folder, _, file_name = path.rpartition("/")
+        base, _, field = file_name.partition(".")
+        return size, f"{folder}/{base}" if folder else base, field
 
 
 def count_tar_rows(path: str, open_file=None) -> int:
     """The rows (groups of members sharing a key) of a tar shard, from its headers alone (`open_file`: a remote
     shard's opener, whose seeks are Range requests)."""
-    rows, key = 0, None
     with open_file(path) if open_file is not None else open(path, "rb") as handle:
-        while len(header := handle.read(512)) == 512 and header[0] != 0:
-            size, base, _ = parse_header(header, path, handle.tell() - 512)
-            handle.seek(size + (-size % 512), os.SEEK_CUR)  # (past the payload, padded to whole blocks)
-            if base is not None and base != key:
-                rows, key = rows + 1, base
-        if handle.tell() > handle.seek(0, os.SEEK_END):
-            raise UserError(f"{path} is truncated: write the shard again or remove it.")
+        return count_rows_from(handle, path)
+
+
+def count_rows_from(handle, url: str, rows: int = 0, key: str | None = None) -> int:
+    """The rows of a tar from the member `handle` stands at on, its payloads seeked past: `rows` already counted,
+    the last of them `key`'s."""
+    while (member := next_member(handle, url)) is not None:
+        size, base, _ = member
+        handle.seek(size + (-size % 512), os.SEEK_CUR)  # (past the payload, padded to whole blocks)
+        if base is not None and base != key:
+            rows, key = rows + 1, base
     return rows
+
+
+def _member_size(header: bytes, url: str, offset: int) -> int:
+    if header[124] & 0x80:  # GNU base-256 (sizes of 8 GiB and more)
+        return int.from_bytes(header[125:136], "big")
+    try:
+        return int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise UserError(f"{url}: a tar header at byte {offset} is not a tar header") from None
+
+
+def _payload(handle, size: int, url: str) -> bytes:
+    """A PAX or GNU header's payload, read with its padding."""
+    payload = handle.read(size)
+    if len(payload) < size or len(handle.read(-size % 512)) < -size % 512:
+        raise UserError(f"{url} is truncated: write the shard again or remove it.")
+    return payload
+
+
+def _pax_records(payload: bytes, url: str, offset: int) -> dict[str, str]:
+    """A PAX extended header's records (`LENGTH KEY=VALUE\\n`, LENGTH counting the whole record in bytes)."""
+    records, at = {}, 0
+    try:
+        while at < len(payload) and payload[at] != 0:
+            length_text = payload[at : payload.index(b" ", at)]
+            record = payload[at + len(length_text) + 1 : at + int(length_text) - 1]
+            key, _, value = record.partition(b"=")
+            records[_text(key)] = _text(value)
+            at += int(length_text)
+    except ValueError:
+        raise UserError(f"{url}: the PAX header at byte {offset} does not parse: write the shard again.") from None
+    if any(key.startswith("GNU.sparse.") for key in records):
+        raise UserError(
+            f"{url}: the member after byte {offset} is a GNU sparse file (PAX), which clip_accel's tar reader does "
+            "not take: write the shard again with plain members."
+        )
+    return records
+
+
+def _text(name: bytes) -> str:
+    return name.decode("utf-8", "replace")
 
 
 def shard_prefix(shard: str) -> str | None:

@@ -36,7 +36,7 @@ from .shard_index import (
     count_tar_rows,
     index_file,
     indexed_counts,
-    parse_header,
+    next_member,
     shard_prefix,
     write_shard_index,
 )
@@ -107,8 +107,8 @@ class TarShards:
     def rows(self, shard: int, start: int = 0, stop: int | None = None, *, cached: bool = True) -> Iterator[dict]:
         """The shard's rows `start` to `stop` (from the shard cache's copy, if there is a cache and `cached`); the
         rows before `start` are passed over by their headers, their
-        payloads seeked past (not read), and nothing after `stop` is read. Plain ustar members only (names of up
-        to 100 characters, plus the ustar prefix); a member that does not decode becomes an `__errors__` entry of
+        payloads seeked past (not read), and nothing after `stop` is read. Long member names come from their PAX
+        or GNU headers (`shard_index.next_member`); a member that does not decode becomes an `__errors__` entry of
         its row (the row is then skipped and counted); a truncated shard is an error naming it. A remote shard
         that still fails after its retries (`remote.open_shard`) makes its rows left `__errors__` rows: skipped
         and counted as consumed, so every other row of the pass is still read once."""
@@ -128,15 +128,15 @@ class TarShards:
 
     def _members(self, handle, url: str, start: int, stop: int | None, at: dict) -> Iterator[dict]:
         """The rows `rows` reads, each when the next begins (the last one stays in `at`)."""
-        while len(header := handle.read(512)) == 512 and header[0] != 0:  # a zero block ends a tar
-            size, base, field = parse_header(header, url, handle.tell() - 512)
+        while (member := next_member(handle, url)) is not None:
+            size, base, field = member
             if base is not None and base != at["key"]:
                 if at["row"]:
                     yield {**at["row"], "__key__": at["key"], "__url__": url}
                 at.update(key=base, row={}, index=at["index"] + 1)
                 if stop is not None and at["index"] >= stop:
                     return
-            if base is None or at["index"] < start:  # folders, links, pax headers; rows before `start`
+            if base is None or at["index"] < start:  # folders, links; rows before `start`
                 handle.seek(size + (-size % 512), os.SEEK_CUR)  # (payloads are padded to whole blocks)
                 continue
             value = handle.read(size)
@@ -146,8 +146,6 @@ class TarShards:
                 at["row"][field] = self._decode(field, value, at["key"])
             except (ValueError, UnicodeDecodeError) as error:
                 at["row"].setdefault("__errors__", []).append(f"member {field} does not decode: {error}")
-        if len(header) < 512 and (header or handle.tell() > handle.seek(0, os.SEEK_END)):  # (a seek past the end)
-            raise UserError(f"{url} is truncated: write the shard again or remove it.")
 
     def _decode(self, field: str, value: bytes, key: str):
         extension = field.rsplit(".", 1)[-1].lower()
