@@ -3,15 +3,18 @@
 An epoch of a stream must be the same number of batches on every process, so the training split's rows are
 counted per shard before the first step. They come, cheapest first, from:
 - a shard index in wids' format (`{"wids_version": 1, "shardlist": [{"url": ..., "nsamples": ...}]}`, the urls
-  relative to the index's folder): `--shard_index FILE`, else `SPLIT.shardindex.json` beside the shards, written by
-  `write_webdataset_shards` and by `clip-accel index-shards FOLDER`;
+  relative to the index's folder, and each shard found by that path): `--shard_index FILE`, else
+  `SPLIT.shardindex.json` in the folder holding the shards, written by `write_webdataset_shards` and by
+  `clip-accel index-shards FOLDER`;
 - img2dataset's `NNNNN_stats.json` beside each `NNNNN.tar` (its `successes` are the samples in the tar);
 - the tar headers alone: each member's header read and its payload skipped (seeked past), so counting a local shard
   reads about 1.5 KB per row whatever its images weigh.
+A count that came from outside is checked against the shard as it is read (`shards.TarShards.expect`).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -40,11 +43,14 @@ def write_shard_index(path: str, shards: list[str], counts: list[int]) -> str:
 
 
 def read_shard_index(path: str) -> dict[str, int]:
-    """{shard file name: rows} of a wids shard index; a malformed one is an error naming it."""
+    """{shard: rows} of a wids shard index, each shard keyed by its path (`_shard_key`): its url taken relative to
+    the index's folder, so two shards of one file name in two folders are two entries; a malformed index is an
+    error naming it."""
+    folder = os.path.dirname(os.path.abspath(path))
     try:
         with open(path) as handle:
             index = json.load(handle)
-        return {os.path.basename(entry["url"]): int(entry["nsamples"]) for entry in index["shardlist"]}
+        return {_shard_key(entry["url"], folder): int(entry["nsamples"]) for entry in index["shardlist"]}
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(
             f"{path} is not a readable shard index ({type(error).__name__}: {error}); it holds "
@@ -53,27 +59,70 @@ def read_shard_index(path: str) -> dict[str, int]:
         ) from None
 
 
+def index_beside(shards: list[str]) -> str | None:
+    """Where the index of local `shards` sits beside them: `PREFIX.shardindex.json` (`shard_prefix` of the first)
+    in the folder that holds them all, where `clip-accel index-shards FOLDER` writes it; None for remote shards and
+    for shards named without a prefix (img2dataset's `00000.tar`)."""
+    prefix = shard_prefix(shards[0]) if shards else None
+    if prefix is None or any("://" in shard for shard in shards):
+        return None
+    return index_file(os.path.commonpath([os.path.dirname(os.path.abspath(shard)) for shard in shards]), prefix)
+
+
+def recorded_in(shards: list[str], index: str | None = None) -> str | None:
+    """The shard index `indexed_counts` reads `shards`' rows from: `index` (--shard_index), else the one beside
+    them where there is one; None when there is neither."""
+    if index is not None:
+        return index
+    beside = index_beside(shards)
+    return beside if beside is not None and os.path.isfile(beside) else None
+
+
+def stats_file(shard: str) -> str:
+    """img2dataset's `NNNNN_stats.json` beside its `NNNNN.tar`."""
+    return re.sub(r"\.tar$", "_stats.json", shard)
+
+
 def indexed_counts(shards: list[str], index: str | None = None) -> list[int] | None:
     """Each shard's rows from `index` (or the index beside them, or img2dataset's stats files), without opening
-    a shard; None when nothing records them. An index that does not list every shard is an error."""
-    folder = os.path.dirname(shards[0]) if shards else ""
-    if index is None:
-        prefix = shard_prefix(shards[0]) if shards else None
-        beside = index_file(folder, prefix) if prefix else None
-        index = beside if beside and os.path.isfile(beside) else None
+    a shard; None when nothing records them. An index that does not list every shard is an error (`_index_counts`
+    says how a shard is found in it)."""
+    index = recorded_in(shards, index)
     if index is not None:
-        counts = read_shard_index(index)
-        missing = [os.path.basename(shard) for shard in shards if os.path.basename(shard) not in counts]
+        counts = _index_counts(read_shard_index(index), shards)
+        missing = [shard for shard, count in zip(shards, counts, strict=True) if count is None]
         if missing:
             raise UserError(
                 f"{index} does not list {len(missing)} of the {len(shards)} shards (e.g. {missing[0]}): write it "
-                "again with `clip-accel index-shards FOLDER` after adding shards."
+                "again with `clip-accel index-shards FOLDER` after adding or moving shards."
             )
-        return [counts[os.path.basename(shard)] for shard in shards]
-    stats = [re.sub(r"\.tar$", "_stats.json", shard) for shard in shards]
+        return counts
+    stats = [stats_file(shard) for shard in shards]
     if shards and all(os.path.isfile(path) for path in stats):
         return [_successes(path) for path in stats]
     return None
+
+
+def _index_counts(counts: dict[str, int], shards: list[str]) -> list[int | None]:
+    """Each shard's entry in an index's `counts` (`read_shard_index`), by its path. A remote shard not listed by
+    its URL is found by its file name where the index and the shards each hold that name once: an index written of
+    the shards' local copy (`index-shards FOLDER --output FILE` before uploading them) lists local paths."""
+    entries = collections.Counter(os.path.basename(key) for key in counts)
+    named = collections.Counter(os.path.basename(shard) for shard in shards)
+    unique = {os.path.basename(key): rows for key, rows in counts.items() if entries[os.path.basename(key)] == 1}
+    found = []
+    for shard in shards:
+        rows = counts.get(_shard_key(shard))
+        if rows is None and "://" in shard and named[os.path.basename(shard)] == 1:
+            rows = unique.get(os.path.basename(shard))
+        found.append(rows)
+    return found
+
+
+def _shard_key(shard: str, folder: str = "") -> str:
+    """A shard as an index's entries are keyed: a remote one's URL; a local one's absolute path (a relative one
+    taken from `folder`)."""
+    return shard if "://" in shard else os.path.normpath(os.path.join(os.path.abspath(folder), shard))
 
 
 REGULAR_FILES = (b"0", b"\0", b"7")  # tar type flags of a member holding a file's bytes (7: contiguous file)

@@ -33,11 +33,14 @@ from .preprocess import JPEG_QUALITY, encode_jpeg, load_rgb_image, to_rgb
 from .remote import ShardUnavailable, is_remote, open_shard, remote_splits
 from .shard_cache import ShardCache
 from .shard_index import (
+    count_rows_from,
     count_tar_rows,
+    index_beside,
     index_file,
     indexed_counts,
     next_member,
-    shard_prefix,
+    recorded_in,
+    stats_file,
     write_shard_index,
 )
 from .sources import (
@@ -81,7 +84,13 @@ class TarShards:
         self.index = index  # a shard index naming each shard's rows (`shard_index`), else the one beside them
         self.known_counts = counts  # the rows a remote index gave (data.remote)
         self.cache = cache  # --shard_cache_dir: shards read from the node's copies
+        self.counted = None  # each shard's rows as the pass's slots were cut from them (`expect`)
         self._first = None
+
+    def expect(self, counts: list[int]) -> None:
+        """Check each shard's end against `counts` as it is read (the rows a pass's slots were cut from): a shard
+        that holds other than its count stops the stream (`rows`)."""
+        self.counted = list(counts)
 
     def prefetch(self, shards: list[int]) -> None:
         """With a shard cache: fetch these shards in the background (a worker's next ones)."""
@@ -106,17 +115,20 @@ class TarShards:
 
     def rows(self, shard: int, start: int = 0, stop: int | None = None, *, cached: bool = True) -> Iterator[dict]:
         """The shard's rows `start` to `stop` (from the shard cache's copy, if there is a cache and `cached`); the
-        rows before `start` are passed over by their headers, their
-        payloads seeked past (not read), and nothing after `stop` is read. Long member names come from their PAX
-        or GNU headers (`shard_index.next_member`); a member that does not decode becomes an `__errors__` entry of
+        rows before `start` are passed over by their headers, their payloads seeked past (not read), and nothing
+        after `stop` is read but the next header, where `stop` is the shard's count (`expect`): a shard that
+        ends before its count or goes on past it is an error naming the shard, where the count came from and both
+        numbers. Long member names come from their PAX or GNU headers (`shard_index.next_member`); a member that
+        does not decode becomes an `__errors__` entry of
         its row (the row is then skipped and counted); a truncated shard is an error naming it. A remote shard
         that still fails after its retries (`remote.open_shard`) makes its rows left `__errors__` rows: skipped
         and counted as consumed, so every other row of the pass is still read once."""
         url = self.files[shard]
+        expected = self.counted[shard] if self.counted is not None else None
         at = {"key": None, "row": {}, "index": -1}  # the row being read: its key, members and number
         try:
             with open_shard(self.cache.local(url) if self.cache is not None and cached else url) as handle:
-                yield from self._members(handle, url, start, stop, at)
+                yield from self._members(handle, url, start, stop, at, expected)
         except ShardUnavailable as error:
             if at["index"] >= start and (stop is None or at["index"] < stop):
                 yield {**at["row"], "__errors__": [str(error)], "__key__": at["key"], "__url__": url}
@@ -126,8 +138,11 @@ class TarShards:
         if at["row"]:
             yield {**at["row"], "__key__": at["key"], "__url__": url}
 
-    def _members(self, handle, url: str, start: int, stop: int | None, at: dict) -> Iterator[dict]:
-        """The rows `rows` reads, each when the next begins (the last one stays in `at`)."""
+    def _members(
+        self, handle, url: str, start: int, stop: int | None, at: dict, expected: int | None
+    ) -> Iterator[dict]:
+        """The rows `rows` reads, each when the next begins (the last one stays in `at`); `expected`: the shard's
+        count, checked at its end."""
         while (member := next_member(handle, url)) is not None:
             size, base, field = member
             if base is not None and base != at["key"]:
@@ -135,6 +150,9 @@ class TarShards:
                     yield {**at["row"], "__key__": at["key"], "__url__": url}
                 at.update(key=base, row={}, index=at["index"] + 1)
                 if stop is not None and at["index"] >= stop:
+                    if expected is not None and at["index"] >= expected:  # a row past the shard's count
+                        handle.seek(size + (-size % 512), os.SEEK_CUR)
+                        raise self._count_disagrees(url, expected, count_rows_from(handle, url, at["index"] + 1, base))
                     return
             if base is None or at["index"] < start:  # folders, links; rows before `start`
                 handle.seek(size + (-size % 512), os.SEEK_CUR)  # (payloads are padded to whole blocks)
@@ -146,6 +164,31 @@ class TarShards:
                 at["row"][field] = self._decode(field, value, at["key"])
             except (ValueError, UnicodeDecodeError) as error:
                 at["row"].setdefault("__errors__", []).append(f"member {field} does not decode: {error}")
+        if expected is not None and at["index"] + 1 != expected:  # (the shard ended: its rows are all counted)
+            raise self._count_disagrees(url, expected, at["index"] + 1)
+
+    def _count_disagrees(self, url: str, expected: int, rows: int) -> UserError:
+        """The error of a shard that holds `rows` where its count said `expected`, naming where the count came
+        from (`counts`) and what to do."""
+        index = recorded_in(self.files, self.index)
+        if self.known_counts is not None and self.index is None:
+            origin, advice = "the shard index beside the remote shards", "write it again with `clip-accel index-shards "
+            advice += "LOCATION --output FILE` and upload it, or pass it as --shard_index FILE"
+        elif index is not None:
+            origin = index
+            advice = "write it again with `clip-accel index-shards FOLDER` (or URL --output FILE) after changing shards"
+        elif os.path.isfile(stats_file(url)):
+            origin = f"{stats_file(url)} (img2dataset's `successes`)"
+            advice = (
+                "write a shard index from the tar headers with `clip-accel index-shards FOLDER` and pass it as "
+                "--shard_index FOLDER/train.shardindex.json"
+            )
+        else:
+            origin, advice = "the count of its tar headers at start-up", "the shard changed while the run read it"
+        return UserError(
+            f"{url} holds {rows} rows, and {origin} says {expected}: {advice}. (A pass's slots are cut from the "
+            "counts: trained on, a wrong one would leave rows out of every epoch or cut slots short.)"
+        )
 
     def _decode(self, field: str, value: bytes, key: str):
         extension = field.rsplit(".", 1)[-1].lower()
@@ -362,7 +405,7 @@ def index_shards(location: str, output: str | None = None) -> list[tuple[str, st
     for split, shards in splits.items():
         if output is not None and split != "train":
             continue
-        path = output or index_file(location, shard_prefix(shards[0]) or split)
+        path = output or index_beside(shards) or index_file(location, split)
         counts = [count_tar_rows(shard, open_shard) for shard in shards]
         write_shard_index(path, shards, counts)
         written.append((path, split, len(shards), sum(counts)))
@@ -385,6 +428,8 @@ def load_stream_split(
     rows, shard_rows = config.epoch_rows, None
     if rows is None and counted is not None:
         rows, shard_rows = sum(counted), counted
+        if isinstance(stream, TarShards):  # (each shard's end checked against its count as it is read)
+            stream.expect(counted)
     if rows is None:
         rows = _recorded_rows(stream)
     if rows is None:
