@@ -358,6 +358,12 @@ def test_a_stream_resumes_only_from_the_same_shards_and_shuffle(make_stream_conf
         with_fresh_state(
             train, *make_stream_configs(**options, shard_cache_dir=cache, resume_from_checkpoint=checkpoint)
         )
+    # Another shard's content under train-00002.tar's name and row count (48): the position would name other rows.
+    shutil.move(os.path.join(shards, "train-00002.tar"), os.path.join(shards, "kept"))
+    shutil.copy(os.path.join(shards, "train-00001.tar"), os.path.join(shards, "train-00002.tar"))
+    with pytest.raises(ValueError, match=r"the content of the stream's shard train-00002.tar \(its size or its first"):
+        with_fresh_state(train, *make_stream_configs(**options, resume_from_checkpoint=checkpoint))
+    shutil.move(os.path.join(shards, "kept"), os.path.join(shards, "train-00002.tar"))
     shutil.copy(os.path.join(shards, "train-00003.tar"), os.path.join(shards, "train-00004.tar"))
     os.remove(os.path.join(shards, "train.shardindex.json"))
     with pytest.raises(ValueError, match=r"the stream's shards \(4 -> 5; added train-00004.tar\)"):

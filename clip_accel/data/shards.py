@@ -382,6 +382,7 @@ class StreamSplit:
     rows: int
     source: str
     shard_rows: list[int] | None = None  # each shard's rows, where they were counted
+    signatures: list[str | None] | None = None  # what identifies each shard's content (`shard_identity`)
 
 
 def index_shards(location: str, output: str | None = None) -> list[tuple[str, str, int, int]]:
@@ -420,10 +421,15 @@ def where_in_stream(example: dict, shard: int, index: int) -> str:
 
 
 def load_stream_split(
-    config: DataConfig, split: str, counted: list[int] | None = None, stream: TarShards | DatasetShards | None = None
+    config: DataConfig,
+    split: str,
+    counted: list[int] | None = None,
+    stream: TarShards | DatasetShards | None = None,
+    signatures: list[str | None] | None = None,
 ) -> StreamSplit:
     """The stream (`stream` when already open), with an epoch's rows: --epoch_rows, else `counted` (each shard's
-    rows, from `count_shard_rows`), else the dataset's recorded count."""
+    rows, from `count_shard_rows`), else the dataset's recorded count; `signatures`: its shards'
+    (`shard_identity`), which a checkpoint keeps."""
     stream = stream if stream is not None else ShardSource(config, training=True).shards(split)
     rows, shard_rows = config.epoch_rows, None
     if rows is None and counted is not None:
@@ -434,7 +440,7 @@ def load_stream_split(
         rows = _recorded_rows(stream)
     if rows is None:
         raise UserError(f"{config.dataset_name}[{split}]: the rows were not counted; set --epoch_rows.")
-    return StreamSplit(split, stream, rows, config.dataset_name, shard_rows)
+    return StreamSplit(split, stream, rows, config.dataset_name, shard_rows, signatures)
 
 
 def _recorded_rows(stream) -> int | None:
