@@ -119,10 +119,10 @@ class TarShards:
         after `stop` is read but the next header, where `stop` is the shard's count (`expect`): a shard that
         ends before its count or goes on past it is an error naming the shard, where the count came from and both
         numbers. Long member names come from their PAX or GNU headers (`shard_index.next_member`); a member that
-        does not decode becomes an `__errors__` entry of
-        its row (the row is then skipped and counted); a truncated shard is an error naming it. A remote shard
-        that still fails after its retries (`remote.open_shard`) makes its rows left `__errors__` rows: skipped
-        and counted as consumed, so every other row of the pass is still read once."""
+        does not decode becomes an `__errors__` entry of its row (the row is then skipped and counted); a
+        truncated shard is an error naming it. A remote shard that still fails after its retries
+        (`remote.open_shard`) makes its rows left `__errors__` rows: skipped and counted as consumed, so every other
+        row of the pass is still read once."""
         url = self.files[shard]
         expected = self.counted[shard] if self.counted is not None else None
         at = {"key": None, "row": {}, "index": -1}  # the row being read: its key, members and number
@@ -172,8 +172,9 @@ class TarShards:
         from (`counts`) and what to do."""
         index = recorded_in(self.files, self.index)
         if self.known_counts is not None and self.index is None:
-            origin, advice = "the shard index beside the remote shards", "write it again with `clip-accel index-shards "
-            advice += "LOCATION --output FILE` and upload it, or pass it as --shard_index FILE"
+            origin = "the shard index beside the remote shards"
+            advice = "write it again with `clip-accel index-shards URL --output FILE` and upload it (or pass it as "
+            advice += "--shard_index FILE)"
         elif index is not None:
             origin = index
             advice = "write it again with `clip-accel index-shards FOLDER` (or URL --output FILE) after changing shards"
