@@ -103,7 +103,8 @@ def resume_settings(
 ) -> dict:
     """What a resume depends on, as `check_resume` compares it: the options of `RESUME_OPTIONS`, the batch of all
     processes, and (once known) the model configuration, the training pairs and a stream's shards and their rows
-    (`{"shards": [file names], "rows": [per shard] or None, "kept_slots": whether a shard cache keeps them}`)."""
+    (`{"shards": [file names], "rows": [per shard] or None, "kept_slots": whether a shard cache keeps them,
+    "content": [per shard `SIZE:DIGEST`, `data.shard_identity`]}`)."""
     train_config = next(config for config in configs if isinstance(config, TrainConfig))
     options = {name: getattr(config, name) for config in configs for name in RESUME_OPTIONS[type(config)]}
     settings = {
@@ -155,8 +156,8 @@ def check_resume(path: str, saved: dict, current: dict) -> None:
         changed.append(
             f"the usable training pairs {saved['train_pairs']} -> {current['train_pairs']} (the data changed)"
         )
-    if "stream" in saved and "stream" in current and saved["stream"] != current["stream"]:
-        changed.append(_stream_change(saved["stream"], current["stream"]))
+    if "stream" in saved and "stream" in current and (change := _stream_change(saved["stream"], current["stream"])):
+        changed.append(change)
     if changed:
         raise UserError(
             f"{path} was written by a run that differs from this one in what a resume depends on: "
@@ -166,8 +167,9 @@ def check_resume(path: str, saved: dict, current: dict) -> None:
         )
 
 
-def _stream_change(was: dict, now: dict) -> str:
-    """What changed in a stream's shards, in words: the checkpoint's position is in the order of the old ones."""
+def _stream_change(was: dict, now: dict) -> str | None:
+    """What changed in a stream's shards, in words (None: nothing): the checkpoint's position is in the order of the
+    old ones. A checkpoint written before shards' contents were kept (no "content") compares the rest."""
     added = [name for name in now["shards"] if name not in was["shards"]]
     removed = [name for name in was["shards"] if name not in now["shards"]]
     if added or removed:
@@ -186,7 +188,21 @@ def _stream_change(was: dict, now: dict) -> str:
             "the stream's order: with --shard_cache_dir each worker keeps its shards every pass, without it they "
             "are drawn anew: resume " + ("with" if was.get("kept_slots") else "without") + " --shard_cache_dir"
         )
-    return "the rows of the stream's shards (rewritten shards, or another --shard_index)"
+    if {k: v for k, v in was.items() if k != "content"} != {k: v for k, v in now.items() if k != "content"}:
+        return "the rows of the stream's shards (rewritten shards, or another --shard_index)"
+    rewritten = [
+        name
+        for name, old, new in zip(now["shards"], was.get("content") or [], now.get("content") or [], strict=False)
+        if old is not None and new is not None and old != new
+    ]
+    if rewritten:
+        return (
+            f"the content of the stream's shard {rewritten[0]}"
+            + (f" and {len(rewritten) - 1} more" if len(rewritten) > 1 else "")
+            + " (its size or its first 512 bytes differ: another file under the name and row count that the "
+            "checkpoint's position refers to)"
+        )
+    return None
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

@@ -452,7 +452,8 @@ def _compute_fsdp2_like_ddp(accelerator: Accelerator) -> None:
 
 
 def _stream_identity(pairs) -> dict | None:
-    """A stream's shards and their rows, which its checkpointed position refers to (`resume_settings`)."""
+    """A stream's shards, their rows and what identifies their content (`data.shard_identity`), which its
+    checkpointed position refers to (`resume_settings`)."""
     if not isinstance(pairs, StreamingPairs):
         return None
     stream = pairs.split.stream
@@ -461,6 +462,8 @@ def _stream_identity(pairs) -> dict | None:
         [os.path.basename(name) for name in files] if files is not None else [str(n) for n in range(stream.num_shards)]
     )
     identity = {"shards": shards, "rows": pairs.split.shard_rows}
+    if pairs.split.signatures is not None:
+        identity["content"] = pairs.split.signatures
     if pairs.keeps_slots:
         identity["kept_slots"] = True  # (the pass order it reads: `streaming.pass_runs`)
     return identity

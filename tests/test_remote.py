@@ -8,6 +8,7 @@ import email.utils
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -28,6 +29,7 @@ from clip_accel.cli import main
 from clip_accel.config import DataConfig
 from clip_accel.data import write_webdataset_shards
 from clip_accel.data.remote import HttpShard, Retrying, ShardUnavailable, StoreShard, expand_braces, fetch_json
+from clip_accel.data.shard_identity import shard_signature, shard_signatures
 from clip_accel.data.shards import ShardSource, add_tar_member
 
 
@@ -423,7 +425,7 @@ def s3_bucket(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     s3fs.S3FileSystem.clear_instance_cache()
     store = s3fs.S3FileSystem()
-    store.mkdir("clip-shards")
+    store.makedirs("clip-shards", exist_ok=True)  # (s3fs may still talk to an earlier test's server)
     yield store
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
@@ -508,3 +510,22 @@ def test_a_four_process_run_streams_its_training_split_over_http_once(tmp_path, 
     for split in ("validation-", "test-"):  # read once, by the main process, and sent to the others
         size = sum(shard.stat().st_size for shard in folder.glob(f"{split}*.tar"))
         assert server.sent_to(split) <= 1.3 * size, (split, server.sent_to(split) / size)
+
+
+def test_a_shard_s_signature_is_the_same_over_http_from_s3_and_on_disk_and_changes_with_its_content(
+    tmp_path, serve, s3_bucket
+):
+    # What a checkpoint keeps of each shard (data.shard_identity): its size and first block, one small read each.
+    folder = tmp_path / "shards"
+    write_noise_shards(folder, 2, 3)
+    names = ["train-00000.tar", "train-00001.tar"]
+    local = shard_signatures([str(folder / name) for name in names])
+    assert None not in local and local[0] != local[1]
+    server = serve(str(folder))
+    s3_bucket.put(f"{folder}/", "clip-shards/data/", recursive=True)
+    assert shard_signatures([server.url + name for name in names]) == local
+    assert server.sent == 2 * 512  # (one Range request of a block per shard)
+    assert shard_signatures([f"s3://clip-shards/data/{name}" for name in names]) == local
+    shutil.copy(folder / names[1], folder / names[0])  # another shard's content under train-00000.tar's name
+    assert shard_signature(server.url + names[0]) == local[1]
+    assert shard_signature(server.url + "train-00009.tar") is None  # (unreachable: not compared on resume)

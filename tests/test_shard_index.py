@@ -21,7 +21,7 @@ from clip_accel.cli import main
 from clip_accel.config import DataConfig
 from clip_accel.data import write_webdataset_shards
 from clip_accel.data.remote import remote_splits
-from clip_accel.data.shard_index import count_tar_rows, indexed_counts
+from clip_accel.data.shard_index import count_tar_rows, indexed_counts, write_shard_index
 from clip_accel.data.shards import ShardSource, TarShards, add_tar_member
 from clip_accel.data.sources import DatasetSource, local_tar_splits
 
@@ -61,7 +61,7 @@ def test_an_index_elsewhere_is_passed_as_shard_index_and_a_stale_or_broken_one_i
         no_shard_read(patch)
         assert ShardSource(stream_config(folder, shard_index=elsewhere)).shards("train").counts() == [5, 6]
     write_shards(folder, [5, 6, 4])  # a shard added after the index was written
-    with pytest.raises(ValueError, match=r"does not list 1 of the 3 shards \(e.g. train-00002.tar\).*index-shards"):
+    with pytest.raises(ValueError, match=r"does not list 1 of the 3 shards \(e.g. .*/train-00002.tar\).*index-shards"):
         ShardSource(stream_config(folder, shard_index=elsewhere)).shards("train").counts()
     with open(elsewhere, "w") as handle:
         handle.write('{"shardlist": [{"url": "train-00000.tar"}]}')
@@ -234,3 +234,79 @@ def test_shards_naming_no_split_are_training_data_alone_and_an_error_beside_name
     for where, read in ((str(folder), local_tar_splits), ("https://host/{train,holdout}-00000.tar", remote_splits)):
         with pytest.raises(ValueError, match=r"holdout-00000.tar names no split .*train-\*.tar, validation-\*.tar"):
             read(where)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
+def test_members_with_long_names_are_counted_and_read_in_pax_and_gnu_tars(tmp_path, tar_format):
+    # Python's tarfile writes a name over 100 characters in a PAX header (its default) or a GNU long-name one.
+    folder = str(tmp_path / "shards")
+    long = f"{'k' * 60}/{'n' * 50}-"  # (members named KEY.jpg: 120 characters, the key with its folder)
+    items = write_shards(folder, [40, 8], key_prefix=long, tar_format=tar_format)
+    main(["index-shards", folder])
+    index = json.loads((tmp_path / "shards" / "train.shardindex.json").read_text())
+    assert [entry["nsamples"] for entry in index["shardlist"]] == [40, 8]
+    stream = ShardSource(stream_config(folder)).shards("train")
+    assert stream.column_names() == ["jpg", "txt", "json"] and stream.first_row()["__key__"] == f"{long}000000"
+    assert sorted(read_caption_ids(streaming_loader(folder), 12)) == items  # 48 rows: 12 batches of 4
+
+
+def test_a_tar_header_kind_the_reader_does_not_take_is_named(tmp_path):
+    folder = tmp_path / "shards"
+    write_shards(str(folder), [3], tar_format=tarfile.GNU_FORMAT)
+    path = folder / "train-00000.tar"
+    data = bytearray(path.read_bytes())
+    data[156:157] = b"S"  # (the first member made a GNU sparse file, which holds its data in pieces)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"train-00000.tar: the member at byte 0 is a GNU sparse file \('S'\)"):
+        count_tar_rows(str(path))
+    with pytest.raises(ValueError, match=r"GNU sparse file \('S'\), which clip_accel's tar reader does not take"):
+        next(TarShards([str(path)]).rows(0))
+
+
+def set_index_count(index: Path, shard: int, rows: int) -> None:
+    """Make the shard index say `rows` for its `shard`-th shard."""
+    written = json.loads(index.read_text())
+    written["shardlist"][shard]["nsamples"] = rows
+    index.write_text(json.dumps(written))
+
+
+@pytest.mark.parametrize("says", [9, 14], ids=["too-low", "too-high"])
+def test_an_index_count_that_disagrees_with_its_shard_stops_the_stream_naming_both(tmp_path, says):
+    # Slots are cut from the index's counts: a wrong one trained some rows twice or never, "0 skipped".
+    folder = tmp_path / "shards"
+    write_shards(str(folder), [12, 8])
+    main(["index-shards", str(folder)])
+    set_index_count(folder / "train.shardindex.json", 0, says)
+    loader = streaming_loader(str(folder))
+    message = rf"train-00000.tar holds 12 rows, and .*/train.shardindex.json says {says}: .*`clip-accel index-shards"
+    with pytest.raises(ValueError, match=message):
+        read_caption_ids(loader, 2 * len(loader))
+
+
+def test_img2dataset_successes_that_disagree_with_the_shard_stop_the_stream_naming_the_stats_file(tmp_path):
+    folder = tmp_path / "img2dataset"
+    folder.mkdir()
+    for shard, (rows, first) in enumerate([(9, 0), (7, 9)]):
+        write_img2dataset_shard(str(folder), shard, rows, first)
+    (folder / "00001_stats.json").write_text(json.dumps({"count": 8, "successes": 5}))
+    loader = streaming_loader(str(folder))
+    message = r"00001.tar holds 7 rows, and .*/00001_stats.json \(img2dataset's `successes`\) says 5: .*--shard_index"
+    with pytest.raises(ValueError, match=message):
+        read_caption_ids(loader, 2 * len(loader))
+
+
+def test_shards_of_one_name_in_two_folders_are_counted_each_by_its_own_path(tmp_path, monkeypatch):
+    # partA/train-00000.tar and partB/train-00000.tar: an index keyed by base name gave one's count to both.
+    folder = tmp_path / "shards"
+    items = write_shards(str(folder / "partA"), [5]) + write_shards(str(folder / "partB"), [11], first=5)
+    write_shard_index(str(folder / "partA" / "train.shardindex.json"), [str(folder / "partA" / "train-00000.tar")], [5])
+    assert ShardSource(stream_config(str(folder))).shards("train").counts() == [5, 11]  # (partA's index: not all)
+    main(["index-shards", str(folder)])
+    index = json.loads((folder / "train.shardindex.json").read_text())
+    urls = [(entry["url"], entry["nsamples"]) for entry in index["shardlist"]]
+    assert urls == [("partA/train-00000.tar", 5), ("partB/train-00000.tar", 11)]
+    no_shard_read(monkeypatch)
+    assert ShardSource(stream_config(str(folder))).shards("train").counts() == [5, 11]  # the index beside them all
+    given = stream_config(str(folder), shard_index=str(folder / "train.shardindex.json"))
+    assert ShardSource(given).shards("train").counts() == [5, 11]
+    assert sorted(read_caption_ids(streaming_loader(str(folder)), 4)) == items

@@ -40,14 +40,23 @@ def caption(item: int) -> str:
     return f"item {item} kurta"
 
 
-def write_shards(folder, sizes: list[int], split: str = "train", damaged: dict | None = None, first: int = 0) -> list:
-    """Shards of `sizes` rows (item ids numbered on from `first`): KEY.jpg, KEY.txt and KEY.json each. `damaged`:
-    {item: "image"} for bytes that are no image, {item: "caption"} for a row without its KEY.txt."""
+def write_shards(
+    folder,
+    sizes: list[int],
+    split: str = "train",
+    damaged: dict | None = None,
+    first: int = 0,
+    key_prefix: str = "",
+    tar_format: int = tarfile.DEFAULT_FORMAT,
+) -> list:
+    """Shards of `sizes` rows (item ids numbered on from `first`): KEY.jpg, KEY.txt and KEY.json each, KEY the
+    item's 6 digits after `key_prefix`, in tarfile's `tar_format` (PAX by default). `damaged`: {item: "image"} for
+    bytes that are no image, {item: "caption"} for a row without its KEY.txt."""
     os.makedirs(folder, exist_ok=True)
     damaged = damaged or {}
     item, items = first, []
     for shard, size in enumerate(sizes):
-        with tarfile.open(os.path.join(folder, f"{split}-{shard:05d}.tar"), "w") as tar:
+        with tarfile.open(os.path.join(folder, f"{split}-{shard:05d}.tar"), "w", format=tar_format) as tar:
             for _ in range(size):
                 image = io.BytesIO()
                 Image.new("RGB", (24, 20), (item % 256, 40, 200)).save(image, "JPEG")
@@ -60,7 +69,7 @@ def write_shards(folder, sizes: list[int], split: str = "train", damaged: dict |
                 if damaged.get(item) == "json":
                     members["json"] = b"{not json"
                 for extension, data in members.items():
-                    add_tar_member(tar, f"{item:06d}.{extension}", data)
+                    add_tar_member(tar, f"{key_prefix}{item:06d}.{extension}", data)
                 items.append(item)
                 item += 1
     return items
@@ -349,6 +358,12 @@ def test_a_stream_resumes_only_from_the_same_shards_and_shuffle(make_stream_conf
         with_fresh_state(
             train, *make_stream_configs(**options, shard_cache_dir=cache, resume_from_checkpoint=checkpoint)
         )
+    # Another shard's content under train-00002.tar's name and row count (48): the position would name other rows.
+    shutil.move(os.path.join(shards, "train-00002.tar"), os.path.join(shards, "kept"))
+    shutil.copy(os.path.join(shards, "train-00001.tar"), os.path.join(shards, "train-00002.tar"))
+    with pytest.raises(ValueError, match=r"the content of the stream's shard train-00002.tar \(its size or its first"):
+        with_fresh_state(train, *make_stream_configs(**options, resume_from_checkpoint=checkpoint))
+    shutil.move(os.path.join(shards, "kept"), os.path.join(shards, "train-00002.tar"))
     shutil.copy(os.path.join(shards, "train-00003.tar"), os.path.join(shards, "train-00004.tar"))
     os.remove(os.path.join(shards, "train.shardindex.json"))
     with pytest.raises(ValueError, match=r"the stream's shards \(4 -> 5; added train-00004.tar\)"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 
 import datasets
@@ -17,6 +18,7 @@ from .demo import write_demo_dataset
 from .indo_fashion import IndoFashionFolder
 from .loader import CopyStream, PairDataset, make_dataloader, prefetched
 from .preprocess import ImageLayout, PairPreprocessor, as_layout, preprocess_split
+from .shard_identity import shard_signatures
 from .shards import (
     ShardSource,
     StreamSplit,
@@ -112,15 +114,27 @@ def _load_streamed_splits(accelerator: Accelerator, config: DataConfig, roles) -
     def read() -> tuple:
         splits = {role: source.read(names[role], config.max_eval_samples) for role in roles if role != "train"}
         if "train" not in roles:
-            return splits, None
+            return splits, None, None
         stream = opened["train"] = ShardSource(config, training=True).shards(names["train"])
-        return splits, (count_shard_rows(config, stream) if needs_count(config, stream) else None)
+        counted = count_shard_rows(config, stream) if needs_count(config, stream) else None
+        files = getattr(stream, "files", None)  # (tar and parquet shards: what a checkpoint's resume compares)
+        return splits, counted, _signatures(files) if files is not None else None
 
-    splits, counted = from_main(accelerator, read)
+    splits, counted, signatures = from_main(accelerator, read)
     if "train" in roles:
         stream = opened.get("train")
-        splits["train"] = _together(accelerator, lambda: load_stream_split(config, names["train"], counted, stream))
+        splits["train"] = _together(
+            accelerator, lambda: load_stream_split(config, names["train"], counted, stream, signatures)
+        )
     return splits
+
+
+def _signatures(files: list[str]) -> list[str | None]:
+    """What identifies each shard's content (`shard_identity`), logged with the seconds it took."""
+    start = time.perf_counter()
+    signatures = shard_signatures(files)
+    logger.info(f"{len(files)} shards' sizes and first blocks read in {time.perf_counter() - start:.1f} s")
+    return signatures
 
 
 def from_main(accelerator: Accelerator, work):

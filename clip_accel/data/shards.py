@@ -34,10 +34,14 @@ from .remote import ShardUnavailable, is_remote, open_shard, remote_splits
 from .retry import DEFAULT_RETRYING, Retrying
 from .shard_cache import ShardCache
 from .shard_index import (
+    count_rows_from,
     count_tar_rows,
+    index_beside,
     index_file,
     indexed_counts,
-    parse_header,
+    next_member,
+    recorded_in,
+    stats_file,
     write_shard_index,
 )
 from .sources import (
@@ -83,7 +87,13 @@ class TarShards:
         self.known_counts = counts  # the rows a remote index gave (data.remote)
         self.cache = cache  # --shard_cache_dir: shards read from the node's copies
         self.retrying = retrying  # how a remote shard's failures are retried (--remote_retry_seconds)
+        self.counted = None  # each shard's rows as the pass's slots were cut from them (`expect`)
         self._first = None
+
+    def expect(self, counts: list[int]) -> None:
+        """Check each shard's end against `counts` as it is read (the rows a pass's slots were cut from): a shard
+        that holds other than its count stops the stream (`rows`)."""
+        self.counted = list(counts)
 
     def prefetch(self, shards: list[int]) -> None:
         """With a shard cache: fetch these shards in the background (a worker's next ones)."""
@@ -108,19 +118,22 @@ class TarShards:
 
     def rows(self, shard: int, start: int = 0, stop: int | None = None, *, cached: bool = True) -> Iterator[dict]:
         """The shard's rows `start` to `stop` (from the shard cache's copy, if there is a cache and `cached`); the
-        rows before `start` are passed over by their headers, their
-        payloads seeked past (not read), and nothing after `stop` is read. Plain ustar members only (names of up
-        to 100 characters, plus the ustar prefix); a member that does not decode becomes an `__errors__` entry of
-        its row (the row is then skipped and counted); a truncated shard is an error naming it. A remote shard
-        that is missing or still fails after its retries (`retry`) makes its rows left `__errors__` rows marked
-        `__unreachable__` (at least one, where its rows are not known: `check_unreachable` counts the shards):
-        skipped and counted as consumed, so every other row of the pass is still read once."""
+        rows before `start` are passed over by their headers, their payloads seeked past (not read), and nothing
+        after `stop` is read but the next header, where `stop` is the shard's count (`expect`): a shard that
+        ends before its count or goes on past it is an error naming the shard, where the count came from and both
+        numbers. Long member names come from their PAX or GNU headers (`shard_index.next_member`); a member that
+        does not decode becomes an `__errors__` entry of its row (the row is then skipped and counted); a
+        truncated shard is an error naming it. A remote shard that is missing or still fails after its retries
+        (`retry`) makes its rows left `__errors__` rows marked `__unreachable__` (at least one, where its rows are
+        not known: `check_unreachable` counts the shards): skipped and counted as consumed, so every other row of
+        the pass is still read once."""
         url = self.files[shard]
+        expected = self.counted[shard] if self.counted is not None else None
         at = {"key": None, "row": {}, "index": -1}  # the row being read: its key, members and number
         try:
             opened = self.cache.open(url) if self.cache is not None and cached else open_shard(url, self.retrying)
             with opened as handle:
-                yield from self._members(handle, url, start, stop, at)
+                yield from self._members(handle, url, start, stop, at, expected)
         except ShardUnavailable as error:
             lost = {"__errors__": [str(error)], "__url__": url, "__unreachable__": str(error)}
             if at["index"] >= start and (stop is None or at["index"] < stop):
@@ -133,17 +146,23 @@ class TarShards:
         if at["row"]:
             yield {**at["row"], "__key__": at["key"], "__url__": url}
 
-    def _members(self, handle, url: str, start: int, stop: int | None, at: dict) -> Iterator[dict]:
-        """The rows `rows` reads, each when the next begins (the last one stays in `at`)."""
-        while len(header := handle.read(512)) == 512 and header[0] != 0:  # a zero block ends a tar
-            size, base, field = parse_header(header, url, handle.tell() - 512)
+    def _members(
+        self, handle, url: str, start: int, stop: int | None, at: dict, expected: int | None
+    ) -> Iterator[dict]:
+        """The rows `rows` reads, each when the next begins (the last one stays in `at`); `expected`: the shard's
+        count, checked at its end."""
+        while (member := next_member(handle, url)) is not None:
+            size, base, field = member
             if base is not None and base != at["key"]:
                 if at["row"]:
                     yield {**at["row"], "__key__": at["key"], "__url__": url}
                 at.update(key=base, row={}, index=at["index"] + 1)
                 if stop is not None and at["index"] >= stop:
+                    if expected is not None and at["index"] >= expected:  # a row past the shard's count
+                        handle.seek(size + (-size % 512), os.SEEK_CUR)
+                        raise self._count_disagrees(url, expected, count_rows_from(handle, url, at["index"] + 1, base))
                     return
-            if base is None or at["index"] < start:  # folders, links, pax headers; rows before `start`
+            if base is None or at["index"] < start:  # folders, links; rows before `start`
                 handle.seek(size + (-size % 512), os.SEEK_CUR)  # (payloads are padded to whole blocks)
                 continue
             value = handle.read(size)
@@ -153,8 +172,32 @@ class TarShards:
                 at["row"][field] = self._decode(field, value, at["key"])
             except (ValueError, UnicodeDecodeError) as error:
                 at["row"].setdefault("__errors__", []).append(f"member {field} does not decode: {error}")
-        if len(header) < 512 and (header or handle.tell() > handle.seek(0, os.SEEK_END)):  # (a seek past the end)
-            raise UserError(f"{url} is truncated: write the shard again or remove it.")
+        if expected is not None and at["index"] + 1 != expected:  # (the shard ended: its rows are all counted)
+            raise self._count_disagrees(url, expected, at["index"] + 1)
+
+    def _count_disagrees(self, url: str, expected: int, rows: int) -> UserError:
+        """The error of a shard that holds `rows` where its count said `expected`, naming where the count came
+        from (`counts`) and what to do."""
+        index = recorded_in(self.files, self.index)
+        if self.known_counts is not None and self.index is None:
+            origin = "the shard index beside the remote shards"
+            advice = "write it again with `clip-accel index-shards URL --output FILE` and upload it (or pass it as "
+            advice += "--shard_index FILE)"
+        elif index is not None:
+            origin = index
+            advice = "write it again with `clip-accel index-shards FOLDER` (or URL --output FILE) after changing shards"
+        elif os.path.isfile(stats_file(url)):
+            origin = f"{stats_file(url)} (img2dataset's `successes`)"
+            advice = (
+                "write a shard index from the tar headers with `clip-accel index-shards FOLDER` and pass it as "
+                "--shard_index FOLDER/train.shardindex.json"
+            )
+        else:
+            origin, advice = "the count of its tar headers at start-up", "the shard changed while the run read it"
+        return UserError(
+            f"{url} holds {rows} rows, and {origin} says {expected}: {advice}. (A pass's slots are cut from the "
+            "counts: trained on, a wrong one would leave rows out of every epoch or cut slots short.)"
+        )
 
     def _decode(self, field: str, value: bytes, key: str):
         extension = field.rsplit(".", 1)[-1].lower()
@@ -352,6 +395,7 @@ class StreamSplit:
     rows: int
     source: str
     shard_rows: list[int] | None = None  # each shard's rows, where they were counted
+    signatures: list[str | None] | None = None  # what identifies each shard's content (`shard_identity`)
 
 
 def index_shards(
@@ -379,7 +423,7 @@ def index_shards(
     for split, shards in splits.items():
         if output is not None and split != "train":
             continue
-        path = output or index_file(location, split)
+        path = output or index_beside(shards, split) or index_file(location, split)
         counts = [count_tar_rows(shard, lambda url: open_shard(url, retrying)) for shard in shards]
         write_shard_index(path, shards, counts)
         written.append((path, split, len(shards), sum(counts)))
@@ -405,19 +449,26 @@ def where_in_stream(example: dict, shard: int, index: int) -> str:
 
 
 def load_stream_split(
-    config: DataConfig, split: str, counted: list[int] | None = None, stream: TarShards | DatasetShards | None = None
+    config: DataConfig,
+    split: str,
+    counted: list[int] | None = None,
+    stream: TarShards | DatasetShards | None = None,
+    signatures: list[str | None] | None = None,
 ) -> StreamSplit:
     """The stream (`stream` when already open), with an epoch's rows: --epoch_rows, else `counted` (each shard's
-    rows, from `count_shard_rows`), else the dataset's recorded count."""
+    rows, from `count_shard_rows`), else the dataset's recorded count; `signatures`: its shards'
+    (`shard_identity`), which a checkpoint keeps."""
     stream = stream if stream is not None else ShardSource(config, training=True).shards(split)
     rows, shard_rows = config.epoch_rows, None
     if rows is None and counted is not None:
         rows, shard_rows = sum(counted), counted
+        if isinstance(stream, TarShards):  # (each shard's end checked against its count as it is read)
+            stream.expect(counted)
     if rows is None:
         rows = _recorded_rows(stream)
     if rows is None:
         raise UserError(f"{config.dataset_name}[{split}]: the rows were not counted; set --epoch_rows.")
-    return StreamSplit(split, stream, rows, config.dataset_name, shard_rows)
+    return StreamSplit(split, stream, rows, config.dataset_name, shard_rows, signatures)
 
 
 def _recorded_rows(stream) -> int | None:
