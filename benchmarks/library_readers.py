@@ -106,17 +106,22 @@ def reader(library: str, data: str, rank: int, world: int):
     this rank's epoch, the library's version)."""
     if library == "own":
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import numpy as np
+
         from clip_accel.data.shards import StreamSplit, TarShards
-        from clip_accel.data.streaming import epoch_batches, pass_runs, slot_ranges
+        from clip_accel.data.stream_order import PassOrder, slot_intervals
+        from clip_accel.data.streaming import epoch_batches
 
         stream = TarShards(sorted(glob.glob(os.path.join(data, "*.tar"))))
         counts = stream.counts()  # (from img2dataset's NNNNN_stats.json beside the shards)
-        mine = slot_ranges(pass_runs(counts, 0, 0), rank, world)  # (what StreamingPairs reads on 1 worker)
+        order = PassOrder(counts, 0, 0)
+        mine = slot_intervals([(0, order.total)], rank, world)  # (what StreamingPairs reads on 1 worker, unshuffled)
         split = StreamSplit("train", stream, sum(counts), data, counts)
         return (
             lambda: (
                 (row["__key__"], row["jpg"]["bytes"], row["txt"], row["json"])
-                for shard, start, stop in mine
+                for begin, end in mine.tolist()
+                for shard, start, stop in order.runs(np.arange(begin, end))
                 for row in stream.rows(shard, start, stop)
             ),
             epoch_batches(split, BATCH, world) * BATCH,

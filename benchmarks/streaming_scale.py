@@ -4,10 +4,9 @@ long start-up takes to know each shard's rows.
     python benchmarks/streaming_scale.py [--quick] [--markdown FILE]
 
 1. Bytes read per process in one pass at N = 1, 2, 4, 8 processes, the ranks simulated one after another in this
-   process through the real reader (`StreamingLoader`, 0 workers; bytes from /proc/self/io), for the two ways a
-   pass is split: contiguous slots of the counted rows (the default where each shard's rows are known) and the
-   row interleave that `--epoch_rows` keeps (every process reads every shard). With them, the distinct shards a
-   global batch's pairs come from (the buffer of 1,000 rows, 64 rows a shard).
+   process through the real reader (`StreamingLoader`, 0 workers; bytes from /proc/self/io): contiguous slots of
+   the counted rows. With them, the distinct shards a global batch's pairs come from (windows of 1,000 rows, 64
+   rows a shard).
 2. Start-up: finding and counting 100, 1,000 and 5,000 shards' rows (32 rows each; `ShardSource.shards` +
    `count_shard_rows`), from
    the tar headers and from the shard index beside them, the shards in the page cache (local disk).
@@ -57,12 +56,11 @@ def bytes_read() -> int:
         return int(next(line for line in handle if line.startswith("rchar:")).split()[1])
 
 
-def one_pass(folder: str, processes: int, counted: bool, items: int, tokenizer, ids: dict) -> tuple[int, list]:
+def one_pass(folder: str, processes: int, tokenizer, ids: dict) -> tuple[int, list]:
     """(most bytes one process read, each process's items per batch) of pass 0 on `processes` processes."""
-    options = {"epoch_rows": items} if not counted else {}
-    config = DataConfig(dataset_name=folder, streaming=True, image_column="png", caption_column="txt", **options)
+    config = DataConfig(dataset_name=folder, streaming=True, image_column="png", caption_column="txt")
     stream = ShardSource(config).shards("train")
-    split = load_stream_split(config, "train", count_shard_rows(config, stream) if counted else None, stream)
+    split = load_stream_split(config, "train", count_shard_rows(config, stream), stream)
     most, batches = 0, []
     for rank in range(processes):
         pairs = StreamingPairs(split, config, PairPreprocessor(tokenizer, 32, 16), rank, processes, seed=0)
@@ -87,24 +85,22 @@ def share_table(quick: bool) -> str:
     ids = {caption_id(tokenizer(f"item {item}")["input_ids"]): item for item in range(items)}
     table = []
     for processes in (1, 2, 4, 8):
-        for counted in (True, False):
-            most, batches = one_pass(folder, processes, counted, items, tokenizer, ids)
-            global_batches = [sum((mine[k] for mine in batches), []) for k in range(len(batches[0]))]
-            distinct = [len({item // rows for item in batch}) for batch in global_batches]
-            table.append(
-                [
-                    processes,
-                    "slots of the counted rows" if counted else "row interleave (--epoch_rows)",
-                    f"{most / 1e6:.2f}",
-                    f"{most / pass_bytes:.3f}",
-                    f"{1 / processes:.3f}",
-                    f"{np.mean(distinct):.1f}",
-                ]
-            )
-    headers = ["processes", "split", "most MB one process read", "of the pass", "1/N", "shards per global batch"]
+        most, batches = one_pass(folder, processes, tokenizer, ids)
+        global_batches = [sum((mine[k] for mine in batches), []) for k in range(len(batches[0]))]
+        distinct = [len({item // rows for item in batch}) for batch in global_batches]
+        table.append(
+            [
+                processes,
+                f"{most / 1e6:.2f}",
+                f"{most / pass_bytes:.3f}",
+                f"{1 / processes:.3f}",
+                f"{np.mean(distinct):.1f}",
+            ]
+        )
+    headers = ["processes", "most MB one process read", "of the pass", "1/N", "shards per global batch"]
     note = (
         f"{shards} shards x {rows} rows ({pass_bytes / 1e6:.1f} MB a pass), batch {BATCH} per process, "
-        "shuffle buffer 1,000, 0 workers; bytes from /proc/self/io."
+        "windows of 1,000 rows (--shuffle_buffer), 0 workers; bytes from /proc/self/io."
     )
     return note + "\n\n" + common.markdown_table(headers, table)
 

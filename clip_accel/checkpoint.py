@@ -183,10 +183,10 @@ def _stream_change(was: dict, now: dict) -> str | None:
             )
             + ")"
         )
-    if was.get("kept_slots") != now.get("kept_slots"):
+    if was.get("order") != now.get("order"):
         return (
-            "the stream's order: with --shard_cache_dir each worker keeps its shards every pass, without it they "
-            "are drawn anew: resume " + ("with" if was.get("kept_slots") else "without") + " --shard_cache_dir"
+            "the order clip_accel reads a stream in (the checkpoint's is an earlier one's: its position would "
+            "resume other rows): resume it with the clip_accel that wrote it"
         )
     if {k: v for k, v in was.items() if k != "content"} != {k: v for k, v in now.items() if k != "content"}:
         return "the rows of the stream's shards (rewritten shards, or another --shard_index)"

@@ -202,8 +202,8 @@ class DataConfig:
         default=None,
         metadata={
             "help": "With --streaming: the training rows of one epoch (an epoch is this many rows' worth of "
-            "batches). Default: the dataset's recorded row count, else counted once before training (every "
-            "row's bytes read, no image decoded)."
+            "batches, read from the start of its pass). Default: a pass's rows (each shard's rows are counted "
+            "before training in any case: a pass's order is cut from them)."
         },
     )
     shard_index: str | None = field(
@@ -218,8 +218,10 @@ class DataConfig:
     shuffle_buffer: int = field(
         default=1000,
         metadata={
-            "help": "With --streaming: rows each DataLoader worker shuffles among (the shard order is shuffled per "
-            "pass too); 0 keeps each shard's order."
+            "help": "With --streaming: rows shuffled together. Each DataLoader worker reads its slot of the pass in "
+            "windows of this many consecutive rows (the shards' order is drawn anew each pass) and hands each "
+            "window's rows on in an order drawn from the seed, the pass and the window; memory: one window of "
+            "encoded rows per worker. 0 keeps the slot's order."
         },
     )
     shard_cache_dir: str | None = field(

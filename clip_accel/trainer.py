@@ -55,6 +55,7 @@ from .data import (
     write_skip_report,
     write_stream_skip_report,
 )
+from .data.stream_order import ORDER as STREAM_ORDER
 from .early_stopping import EarlyStopping
 from .ema import WeightEma
 from .evaluation import dataset_prompts, evaluate_retrieval, split_captions
@@ -464,8 +465,7 @@ def _stream_identity(pairs) -> dict | None:
     identity = {"shards": shards, "rows": pairs.split.shard_rows}
     if pairs.split.signatures is not None:
         identity["content"] = pairs.split.signatures
-    if pairs.keeps_slots:
-        identity["kept_slots"] = True  # (the pass order it reads: `streaming.pass_runs`)
+    identity["order"] = STREAM_ORDER  # (a checkpoint of an earlier order would resume other rows)
     return identity
 
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,7 +199,6 @@ def test_a_pass_resumes_on_another_number_of_processes_and_workers_with_every_ro
 ):
     # The batch of all processes stays 8; 3 of the epoch's 8 batches are read on `before` (processes, workers),
     # the rest on `after`: the epoch's 64 rows are each trained once, and every resumed process gets its 5 batches.
-    # (A shard cache keeps each slot's rows every pass: the resumed pass is the one its first topology drew.)
     shards, items = even_shards
     (processes, workers), (resumed_processes, resumed_workers) = before, after
     options = {"shard_cache_dir": str(tmp_path / "cache")} if cached else {}
@@ -215,13 +215,17 @@ def test_a_pass_resumes_on_another_number_of_processes_and_workers_with_every_ro
     assert sorted(head + tail) == items
 
 
-def test_an_elastic_resume_is_refused_where_the_pass_cannot_be_replayed(even_shards):
-    shards, _ = even_shards
-    first = [streaming_loader(shards, rank, 2, epoch_rows=64) for rank in range(2)]  # (no per-shard counts)
+def test_an_elastic_resume_is_refused_where_the_processes_stood_in_different_passes(even_shards):
+    # (--epoch_rows no longer matters: every stream is counted, so every pass is replayed from its counts.)
+    shards, items = even_shards
+    first = [streaming_loader(shards, rank, 2, epoch_rows=64) for rank in range(2)]
+    head = [item for loader in first for item in read_caption_ids(loader, 3)]
     positions = [loader.checkpoint() for loader in first]
-    with pytest.raises(
-        ValueError, match="rows are not counted .*resume on 2 processes with --dataloader_num_workers 0"
-    ):
+    resumed = streaming_loader(shards, 0, 1, batch=8, epoch_rows=64)
+    resumed.restore(positions)
+    assert sorted(head + read_caption_ids(resumed, 0, resumed.epoch(0, done=3))) == items
+    positions[1] = {**positions[1], "pass": 1}
+    with pytest.raises(ValueError, match="stood in different passes.*resume on 2 processes with --dataloader_num_work"):
         streaming_loader(shards, 0, 1, batch=8, epoch_rows=64).restore(positions)
 
 
@@ -353,11 +357,17 @@ def test_a_stream_resumes_only_from_the_same_shards_and_shuffle(make_stream_conf
     checkpoint = str(tmp_path / "out" / "checkpoints" / "step-0000002")
     with pytest.raises(ValueError, match=r"--shuffle_buffer 8 -> 4"):
         with_fresh_state(train, *make_stream_configs(**options, shuffle_buffer=4, resume_from_checkpoint=checkpoint))
-    cache = str(tmp_path / "shard-cache")  # (each worker's rows kept every pass: another order)
-    with pytest.raises(ValueError, match=r"the stream's order: .*resume without --shard_cache_dir"):
-        with_fresh_state(
-            train, *make_stream_configs(**options, shard_cache_dir=cache, resume_from_checkpoint=checkpoint)
+    # A checkpoint of another order (an earlier clip_accel's): its position would name other rows.
+    state_file = os.path.join(checkpoint, "trainer_state.json")
+    state = json.loads(Path(state_file).read_text())
+    Path(state_file).write_text(
+        json.dumps(
+            {**state, "settings": {**state["settings"], "stream": {**state["settings"]["stream"], "order": "buffer-0"}}}
         )
+    )
+    with pytest.raises(ValueError, match=r"the order clip_accel reads a stream in \(the checkpoint's is an earlier"):
+        with_fresh_state(train, *make_stream_configs(**options, resume_from_checkpoint=checkpoint))
+    Path(state_file).write_text(json.dumps(state))
     # Another shard's content under train-00002.tar's name and row count (48): the position would name other rows.
     shutil.move(os.path.join(shards, "train-00002.tar"), os.path.join(shards, "kept"))
     shutil.copy(os.path.join(shards, "train-00001.tar"), os.path.join(shards, "train-00002.tar"))

@@ -24,7 +24,6 @@ from .shards import (
     StreamSplit,
     count_shard_rows,
     load_stream_split,
-    needs_count,
     stream_captions,
     write_webdataset_shards,
 )
@@ -116,7 +115,7 @@ def _load_streamed_splits(accelerator: Accelerator, config: DataConfig, roles) -
         if "train" not in roles:
             return splits, None, None
         stream = opened["train"] = ShardSource(config, training=True).shards(names["train"])
-        counted = count_shard_rows(config, stream) if needs_count(config, stream) else None
+        counted = count_shard_rows(config, stream)
         files = getattr(stream, "files", None)  # (tar and parquet shards: what a checkpoint's resume compares)
         return splits, counted, _signatures(files) if files is not None else None
 

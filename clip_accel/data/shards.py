@@ -394,7 +394,7 @@ class StreamSplit:
     stream: TarShards | DatasetShards
     rows: int
     source: str
-    shard_rows: list[int] | None = None  # each shard's rows, where they were counted
+    shard_rows: list[int] | None = None  # each shard's rows (a pass's order is cut from them)
     signatures: list[str | None] | None = None  # what identifies each shard's content (`shard_identity`)
 
 
@@ -451,33 +451,18 @@ def where_in_stream(example: dict, shard: int, index: int) -> str:
 def load_stream_split(
     config: DataConfig,
     split: str,
-    counted: list[int] | None = None,
+    counted: list[int],
     stream: TarShards | DatasetShards | None = None,
     signatures: list[str | None] | None = None,
 ) -> StreamSplit:
-    """The stream (`stream` when already open), with an epoch's rows: --epoch_rows, else `counted` (each shard's
-    rows, from `count_shard_rows`), else the dataset's recorded count; `signatures`: its shards'
+    """The stream (`stream` when already open) with each shard's rows `counted` (`count_shard_rows`: a pass's
+    order is cut from them) and an epoch's rows: --epoch_rows, else a pass's; `signatures`: its shards'
     (`shard_identity`), which a checkpoint keeps."""
     stream = stream if stream is not None else ShardSource(config, training=True).shards(split)
-    rows, shard_rows = config.epoch_rows, None
-    if rows is None and counted is not None:
-        rows, shard_rows = sum(counted), counted
-        if isinstance(stream, TarShards):  # (each shard's end checked against its count as it is read)
-            stream.expect(counted)
-    if rows is None:
-        rows = _recorded_rows(stream)
-    if rows is None:
-        raise UserError(f"{config.dataset_name}[{split}]: the rows were not counted; set --epoch_rows.")
-    return StreamSplit(split, stream, rows, config.dataset_name, shard_rows, signatures)
-
-
-def _recorded_rows(stream) -> int | None:
-    return stream.recorded_rows if isinstance(stream, DatasetShards) else None
-
-
-def needs_count(config: DataConfig, stream: TarShards | DatasetShards) -> bool:
-    """Whether an epoch's length must be counted: neither --epoch_rows nor a recorded count."""
-    return config.epoch_rows is None and _recorded_rows(stream) is None
+    if isinstance(stream, TarShards):  # (each shard's end checked against its count as it is read)
+        stream.expect(counted)
+    rows = config.epoch_rows if config.epoch_rows is not None else sum(counted)
+    return StreamSplit(split, stream, rows, config.dataset_name, list(counted), signatures)
 
 
 def count_shard_rows(config: DataConfig, stream: TarShards | DatasetShards) -> list[int]:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+ORDER = "windows-1"  # this order's name, kept in checkpoints: one written in another order does not resume
 Intervals = np.ndarray  # (k, 2) int64: [begin, end) positions of a pass, in reading order
 UNSHUFFLED = 1024  # positions a slot reads at a time with window 0 (no shuffle: in order)
 
@@ -30,6 +31,10 @@ class PassOrder:
         self.shard_rows = np.asarray(shard_rows, dtype=np.int64)
         self.shards = np.random.default_rng([seed, pass_index]).permutation(len(shard_rows))
         self.starts = np.concatenate([[0], np.cumsum(self.shard_rows[self.shards])])  # each shard's first position
+        self.places = np.argsort(self.shards)  # each shard's place in the order
+
+    def place(self, shard: int) -> int:
+        return int(self.places[shard])
 
     @property
     def total(self) -> int:

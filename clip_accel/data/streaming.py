@@ -1,30 +1,28 @@
 """Streaming (`--streaming`): the training split read as a stream of shards (`shards`), decoded and tokenized in
 DataLoader workers, never cached.
 
-How a pass over the stream is split, so that every pair is seen once per pass on any number of processes:
-- The shards are read in an order drawn from (seed, pass). Where each shard's rows are counted (an index, stats
-  files or the headers: `shard_index`), the pass's rows in that order are cut into processes x workers contiguous
-  slots, as equal as whole rows allow; DataLoader worker w of process p reads slot p * W + w, and only it: the
-  shards inside the slot whole, the (at most two) shards at its ends from or up to a row, the rows before its
-  first passed over by their tar headers. A process reads about 1/N of the pass's bytes; the slots are disjoint
-  and together are every row, whatever the shards' sizes, and a single shard is split too.
-- Without per-shard counts (`--epoch_rows`, or a `datasets` stream's recorded count), worker w reads shards
-  order[w::W], and every process reads them all, keeping row j of shard s when (j + s) % processes == its rank.
-- Each worker shuffles its rows through a buffer seeded by (seed, pass, worker) and decodes them in chunks with
-  the cached path's own code (`PairPreprocessor`: the same pixels, token ids and skip rules).
+How a pass over the stream is split, so that every pair is seen once per pass on any number of processes, and
+in which order (`stream_order`: pure functions of a few integers):
+- Each shard's rows are counted (an index, stats files, the tar headers or the parquet footers: `shard_index`),
+  and the pass's rows, the shards in an order drawn from (seed, pass), are cut into processes x workers
+  contiguous slots, as equal as whole rows allow. DataLoader worker w of process p reads slot p * W + w, and only
+  it: the shards inside the slot whole, the (at most two) at its ends from or up to a row, the rows before its
+  first passed over by their tar headers. A process reads about 1/N of the pass's bytes.
+- A worker reads its slot in windows of --shuffle_buffer consecutive rows, each window's rows read from their
+  shards once, in order, and handed on in an order drawn from (seed, pass, the window's first row); it decodes
+  them in chunks with the cached path's own code (`PairPreprocessor`: the same pixels, token ids and skip rules).
 - Each process cuts its batches from the chunks in the order the DataLoader delivers them. Epoch e reads pass e;
-  every process takes the same number of batches: as many as the process with the fewest rows fills (the shards'
-  rows counted), or `--epoch_rows` // the global batch. The rows after that are left, as a cached epoch
-  leaves its last partial batch; a pass that runs short (damaged rows) is topped up from the next one's start.
+  every process takes the same number of batches: as many as the process with the fewest rows fills, or
+  `--epoch_rows` // the global batch. The rows after that are left, as a cached epoch leaves its last partial
+  batch; a pass that runs short (damaged rows) is topped up from the next one's start.
 
-Resume: each batch carries the stream's position after it (the pass, and per worker how many of its rows are
-consumed). A resumed run replays that pass's rows up to there without decoding them (reading their bytes) and
-goes on: no pair of the pass is seen twice or missed. On another number of processes or workers (`restore` with
-every process's position), the pass's consumed rows are replayed from the shuffle's order, which depends only on
-the slots' sizes, and the rows left are cut into the new slots (`rows_left`; a later resume adds a segment).
-`datasets`' own `state_dict` loses the shuffle buffer's rows on resume (its documentation says so), so it is not
-used. The batches after a resume are grouped differently from an uninterrupted run's: the same pairs, not the
-same batches.
+Resume: each batch carries the stream's position after it (the pass, and per worker how many rows of its slot it
+consumed). A resumed run starts each worker at its window and the window's place: nothing consumed is read again.
+On another number of processes or workers (`restore` with every process's position), the rows the pass has left
+are intervals computed from those counts (`stream_order.positions_left`: O(slots x window), whatever the pass's
+size), cut into the new slots (a later resume adds a segment). `datasets`' own `state_dict` loses the shuffle
+buffer's rows on resume (its documentation says so), so it is not used. The batches after a resume are grouped
+differently from an uninterrupted run's: the same pairs, not the same batches.
 """
 
 from __future__ import annotations
@@ -47,6 +45,7 @@ from .preprocess import PairPreprocessor
 from .shard_cache import READ_AHEAD
 from .shards import StreamSplit, check_unreachable, where_in_stream
 from .sources import Columns, class_names, raw_columns, raw_row
+from .stream_order import PassOrder, positions_left, slot_intervals, windows
 
 logger = get_logger(__name__)
 STREAM_POSITION = "stream_position"  # the batch key of the stream's position after the batch (a dict)
@@ -83,12 +82,6 @@ class StreamingPairs(IterableDataset):
         self.shared = None  # [pass, resuming?, resume per worker...] seen by the worker processes
         self.batch_rows = CHUNK_ROWS  # pairs per chunk handed over: the loader's batch size
 
-    @property
-    def keeps_slots(self) -> bool:
-        """Whether each worker reads the same rows every pass (`pass_runs`): with a shard cache, where the rows are
-        counted."""
-        return self.split.stream.cache is not None and self.split.shard_rows is not None
-
     def share_with_workers(self, num_workers: int) -> None:
         """Before the DataLoader starts its workers: they read each pass's `set_pass` from shared memory."""
         self.shared = multiprocessing.Array("q", 2 + max(1, num_workers), lock=False)
@@ -106,9 +99,7 @@ class StreamingPairs(IterableDataset):
             self.resume = resume if resuming else None
         skip = self.resume[worker] if self.resume else 0
         rows, decoded, usable = [], [], 0
-        for position, (example, where) in enumerate(self._shuffled(self._rows(worker, workers), worker)):
-            if position < skip:  # consumed before the checkpoint: read, not decoded
-                continue
+        for position, (example, where) in enumerate(self._rows(worker, workers, skip), start=skip):
             rows.append((position, example, where))
             if len(rows) == self.batch_rows:
                 decoded.append(self._decode(rows, worker))
@@ -123,38 +114,19 @@ class StreamingPairs(IterableDataset):
         if decoded:
             yield _join(decoded)
 
-    def _rows(self, worker: int, workers: int) -> Iterator[tuple[dict, str]]:
-        """This worker's rows of this pass (module docstring): its slot of the pass's rows where the shards' rows
-        are counted (of the rows it has left, in a pass resumed on another topology), else its shards and of each
-        shard this process's rows."""
-        stream, shard_rows = self.split.stream, self.split.shard_rows
-        slot, slots = self.rank * workers + worker, self.num_processes * workers
-        segments = self.segments.get(self.pass_index)
-        if shard_rows is not None:
-            kept = None
-            if self.keeps_slots:  # (the slots of the topology that began the pass)
-                kept = len(segments[0]["consumed"]) * len(segments[0]["consumed"][0]) if segments else slots
-            runs = pass_runs(shard_rows, self.seed, self.pass_index, kept)
-            if segments:  # resumed on another topology: a slot of the rows the earlier ones left
-                left = rows_left(sum(shard_rows), segments, self.seed, self.pass_index, self.config.shuffle_buffer)
-                yield from _read_rows(stream, runs, left[len(left) * slot // slots : len(left) * (slot + 1) // slots])
-                return
-            mine = slot_ranges(runs, slot, slots)
-            for place, (shard, start, stop) in enumerate(mine):
-                stream.prefetch([following for following, _, _ in mine[place + 1 : place + 1 + READ_AHEAD]])
-                for index, example in enumerate(stream.rows(shard, start, stop), start=start):
-                    yield example, where_in_stream(example, shard, index)
-            return
-        order = np.random.default_rng([self.seed, self.pass_index]).permutation(stream.num_shards).tolist()
-        mine = order[worker::workers]
-        for place, shard in enumerate(mine):
-            stream.prefetch(mine[place + 1 : place + 1 + READ_AHEAD])
-            for index, example in enumerate(stream.rows(shard)):
-                if (index + shard) % self.num_processes == self.rank:
-                    yield example, where_in_stream(example, shard, index)
-
-    def _shuffled(self, rows: Iterator, worker: int) -> Iterator:
-        return shuffled(rows, self.config.shuffle_buffer, (self.seed, self.pass_index, worker))
+    def _rows(self, worker: int, workers: int, skip: int) -> Iterator[tuple[dict, str]]:
+        """This worker's rows of this pass after the first `skip` (module docstring): its slot of the rows the
+        pass has left, a window at a time, each window's rows read from their shards in order (every shard once:
+        the next window goes on where the last stopped) and handed on in the window's order."""
+        order = PassOrder(self.split.shard_rows, self.seed, self.pass_index)
+        window, segments = self.config.shuffle_buffer, self.segments.get(self.pass_index, [])
+        left = positions_left(order.total, segments, self.seed, self.pass_index, window)
+        own = slot_intervals(left, self.rank * workers + worker, self.num_processes * workers)
+        reader = _SlotReader(self.split.stream, order, own)
+        for positions in windows(own, window, self.seed, self.pass_index, skip):
+            read = reader.read(np.sort(positions))
+            for position in positions.tolist():
+                yield read[position]
 
     def _decode(self, chunk: list, worker: int) -> dict:
         """Decode and tokenize a chunk of rows; rows with a damaged image or a missing caption or label are left
@@ -267,12 +239,11 @@ class StreamingLoader:
         passes = sorted({position["pass"] for position in positions})
         old_workers = len(positions[0]["consumed"])
         was = f"{len(positions)} processes x {old_workers} DataLoader workers"
-        if self.pairs.split.shard_rows is None or len(passes) > 1:
-            why = "its processes stood in different passes" if len(passes) > 1 else "the shards' rows are not counted"
+        if len(passes) > 1:
             raise UserError(
-                f"The checkpoint's stream was read by {was}, and {why} (--epoch_rows), so its pass cannot be "
-                f"replayed on another topology: resume on {len(positions)} processes with --dataloader_num_workers "
-                f"{old_workers if old_workers > 1 else 0}."
+                f"The checkpoint's stream was read by {was}, and its processes stood in different passes, so its "
+                f"pass cannot be replayed on another topology: resume on {len(positions)} processes with "
+                f"--dataloader_num_workers {old_workers if old_workers > 1 else 0}."
             )
         segments = [*positions[0].get("segments", []), {"consumed": [list(p["consumed"]) for p in positions]}]
         logger.info(f"The stream resumes pass {passes[0]}, read so far by {was}, on this launch's processes")
@@ -418,100 +389,53 @@ class StreamingLoader:
         return {**batch, STREAM_POSITION: {**position, "consumed": list(position["consumed"])}}
 
 
-def pass_runs(shard_rows: list[int], seed: int, pass_index: int, kept: int | None = None) -> list[tuple]:
-    """A pass's rows in reading order, as runs (shard, first row, end row): its shards whole, in an order drawn
-    from (seed, pass). With `kept` slots (a shard cache: a node reads the same shards every pass, which its cache
-    then holds), the slots of one order drawn from the seed alone keep their runs every pass, each slot's runs in
-    an order drawn from (seed, pass, slot); a slot's rows are shuffled anew each pass through the buffer."""
-    if kept is None:
-        order = np.random.default_rng([seed, pass_index]).permutation(len(shard_rows)).tolist()
-        return [(shard, 0, shard_rows[shard]) for shard in order]
-    order = np.random.default_rng([seed]).permutation(len(shard_rows)).tolist()
-    whole = [(shard, 0, shard_rows[shard]) for shard in order]
-    runs = []
-    for slot in range(kept):
-        own = slot_ranges(whole, slot, kept)
-        runs += [own[i] for i in np.random.default_rng([seed, pass_index, slot]).permutation(len(own))]
-    return runs
+class _SlotReader:
+    """A slot's rows, read from its shards in position order: each shard opened once, from the first row the slot
+    needs to the last, the next window's rows taken where the last window's stopped."""
 
+    def __init__(self, stream, order: PassOrder, own: np.ndarray) -> None:
+        self.stream, self.order = stream, order
+        self.ends = own[:, 1] if len(own) else np.empty(0, np.int64)
+        bounds = np.concatenate([own[:, 0], own[:, 1] - 1]) if len(own) else np.empty(0, np.int64)
+        self.places = np.unique(np.searchsorted(order.starts, bounds, side="right") - 1)  # (the shards it touches)
+        self.shard, self.rows, self.next_row, self.stop = None, None, 0, 0
 
-def slot_ranges(runs: list[tuple], slot: int, slots: int) -> list[tuple[int, int, int]]:
-    """(shard, first row, end row) of slot `slot` of `slots`: the pass's rows (its `runs`, end to end) cut into
-    `slots` contiguous parts as equal as whole rows allow. A part starts and ends inside at most two runs."""
-    total = sum(stop - start for _, start, stop in runs)
-    begin, end = total * slot // slots, total * (slot + 1) // slots
-    ranges, offset = [], 0
-    for shard, start, stop in runs:
-        first, last = max(begin - offset, 0), min(end - offset, stop - start)
-        if first < last:
-            ranges.append((shard, start + first, start + last))
-        offset += stop - start
-        if offset >= end:
-            break
-    return ranges
+    def read(self, positions: np.ndarray) -> dict[int, tuple[dict, str]]:
+        """{position: (example, where)} of ascending `positions`."""
+        read = {}
+        for shard, first, end in self.order.runs(positions):
+            base = int(self.order.starts[self.order.place(shard)])
+            wanted = set((positions[(positions >= base + first) & (positions < base + end)] - base).tolist())
+            if shard != self.shard or first < self.next_row:
+                self._open(shard, first)
+            while self.next_row < end:
+                example = next(self.rows)
+                index, self.next_row = self.next_row, self.next_row + 1
+                if index in wanted:
+                    read[base + index] = (example, where_in_stream(example, shard, index))
+            if self.next_row == self.stop:  # (the reader's end: where it is the shard's, its count is checked)
+                for _ in self.rows:
+                    pass
+        return read
 
-
-def shuffled(rows, size: int, seed: tuple) -> Iterator:
-    """`rows` through a shuffle buffer of `size` seeded by `seed` (none with 0). The order depends only on the
-    number of rows, so it can be replayed on row ids (`rows_left`)."""
-    if size == 0:
-        yield from rows
-        return
-    generator = np.random.default_rng(list(seed))
-    buffer = []
-    for row in rows:
-        if len(buffer) < size:
-            buffer.append(row)
-            continue
-        index = int(generator.integers(size))
-        yield buffer[index]
-        buffer[index] = row
-    generator.shuffle(buffer)
-    yield from buffer
-
-
-def rows_left(total: int, segments: list[dict], seed: int, pass_index: int, buffer: int) -> np.ndarray:
-    """The rows of a pass of `total` (indices into its runs' rows, ascending) that `segments` left: each segment is a
-    topology that read part of the pass (`consumed`: per process, per worker, the rows of its shuffled slot it
-    consumed). It had cut the rows the segments before it left into its slots; its consumed rows are replayed
-    from the shuffle's order, which depends on the slot's size only."""
-    left = np.arange(total)
-    for segment in segments:
-        consumed = segment["consumed"]
-        workers = len(consumed[0])
-        slots = len(consumed) * workers
-        taken = []
-        for rank, counts in enumerate(consumed):
-            for worker, count in enumerate(counts):
-                slot = rank * workers + worker
-                run = left[len(left) * slot // slots : len(left) * (slot + 1) // slots]
-                order = shuffled(range(len(run)), buffer, (seed, pass_index, worker))
-                taken.append(run[np.fromiter(itertools.islice(order, count), np.int64, count)])
-        left = np.setdiff1d(left, np.concatenate(taken), assume_unique=True)
-    return left
-
-
-def _read_rows(stream, runs: list[tuple], rows: np.ndarray) -> Iterator[tuple[dict, str]]:
-    """The pass's rows `rows` (ascending indices into its `runs`' rows), run by run."""
-    starts = np.cumsum([0] + [stop - start for _, start, stop in runs])
-    places = np.unique(np.searchsorted(starts, rows, side="right") - 1).tolist()
-    for step, place in enumerate(places):
-        stream.prefetch([runs[following][0] for following in places[step + 1 : step + 1 + READ_AHEAD]])
-        shard, first_row = runs[place][0], runs[place][1]
-        wanted = rows[(rows >= starts[place]) & (rows < starts[place + 1])] - starts[place] + first_row
-        keep, first = set(wanted.tolist()), int(wanted[0])
-        for index, example in enumerate(stream.rows(shard, first, int(wanted[-1]) + 1), start=first):
-            if index in keep:
-                yield example, where_in_stream(example, shard, index)
+    def _open(self, shard: int, first: int) -> None:
+        """Shard `shard`'s rows from `first` up to the last this slot reads (where that is the shard's last, its
+        count is checked at its end: `TarShards.expect`)."""
+        place = self.order.place(shard)
+        base, after = int(self.order.starts[place]), int(self.order.starts[place + 1])
+        reaching = min(int(np.searchsorted(self.ends, after, side="left")), len(self.ends) - 1)
+        stop = min(after, int(self.ends[reaching])) - base  # (the slot's interval reaching past this shard's end)
+        following = [int(self.order.shards[p]) for p in self.places[self.places > place][:READ_AHEAD].tolist()]
+        self.stream.prefetch(following)
+        self.shard, self.rows, self.next_row, self.stop = shard, iter(self.stream.rows(shard, first, stop)), first, stop
 
 
 def epoch_batches(split: StreamSplit, batch_size: int, num_processes: int) -> int:
-    """An epoch's batches per process: as many as the process with the fewest rows fills (process p's rows are the
-    p-th of `num_processes` equal runs of the counted rows), else the epoch's rows over the global batch
-    (--epoch_rows, or the recorded count)."""
-    if split.shard_rows is None:
-        return split.rows // (batch_size * num_processes)
+    """An epoch's batches per process: `--epoch_rows` over the global batch where it is set, else as many as the
+    process with the fewest rows fills (process p's rows are the p-th of `num_processes` equal runs of the pass)."""
     total = sum(split.shard_rows)
+    if split.rows != total:  # (--epoch_rows)
+        return split.rows // (batch_size * num_processes)
     return (
         min(total * (p + 1) // num_processes - total * p // num_processes for p in range(num_processes)) // batch_size
     )
