@@ -5,17 +5,19 @@ device and updated after every optimizer step with foreach ops, nothing read bac
 
 With `--ema_warmup`, d = min(decay, 1 - (1 + t)^(-2/3)) at the t-th applied update (timm's `ModelEmaV3` warm-up,
 gamma 1, power 2/3), so early weights are not averaged in for long. Frozen parameters and buffers are not
-averaged: the EMA model takes them as they are. Under FSDP2 each process averages its own shards. Memory: one
-float32 copy of the trainable parameters (4 bytes each: ~0.6 GB for ViT-B/32's 151 M), and while the EMA
-weights are evaluated the trained ones are set aside in another.
+averaged: the EMA model takes them as they are. Under FSDP2 each process averages its own shards, and a
+checkpoint gathers them whole on the main process alone. Memory: one float32 copy of the trainable parameters
+(4 bytes each: ~0.6 GB for ViT-B/32's 151 M), and while the EMA weights are evaluated the trained ones are set
+aside in another.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from .config import UserError
 
@@ -25,6 +27,48 @@ WARMUP_POWER = 2 / 3
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """A parameter's values on this process: its shard under FSDP2 (a view: writing it writes the parameter)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _whole_on_main(shard: torch.Tensor, parameter: DTensor) -> torch.Tensor | None:
+    """The whole tensor whose part `parameter`'s placements give this process as `shard`, on the main process
+    (global rank 0), gathered there from every process's part; None on the others. A gather, not the all-gather of
+    `full_tensor()`: only the main process ever holds the whole tensor."""
+    mesh, placements = parameter.device_mesh, parameter.placements
+    ranks = mesh.mesh.flatten().tolist()
+    main = torch.distributed.get_rank() == 0
+    if sorted(ranks) != list(range(torch.distributed.get_world_size())) or not all(
+        type(placement) in (Shard, Replicate) for placement in placements
+    ):  # (not FSDP2's layout, whose parts this reassembles: every process gathers the whole, as before)
+        whole = DTensor.from_local(shard, mesh, placements, shape=parameter.shape, stride=parameter.stride())
+        whole = whole.full_tensor()  # (a collective: every process takes part)
+        return whole if main else None
+    parts = {rank: _part(parameter.shape, mesh.mesh, placements, rank) for rank in ranks}
+    size = max(math.prod(stop - start for start, stop in part) for part in parts.values())  # (parts differ by a row)
+    sent = torch.zeros(size, dtype=shard.dtype, device=shard.device)
+    sent[: shard.numel()] = shard.reshape(-1)
+    received = [torch.empty_like(sent) for _ in ranks] if main else None
+    torch.distributed.gather(sent, received, dst=0)
+    if not main:
+        return None
+    whole = torch.empty(parameter.shape, dtype=shard.dtype)  # (on the host: the device holds only what came)
+    for rank, part in parts.items():
+        region = tuple(slice(start, stop) for start, stop in part)
+        whole[region] = received[rank][: whole[region].numel()].reshape(whole[region].shape).cpu()
+    return whole
+
+
+def _part(shape: torch.Size, ranks: torch.Tensor, placements, rank: int) -> list[tuple[int, int]]:
+    """(start, stop) along each dimension of the part a process holds: a Shard(d) placement splits dimension d as
+    `torch.chunk` does (the last parts may be shorter or empty), once per mesh dimension that shards it."""
+    coordinate = (ranks == rank).nonzero()[0].tolist()
+    part = [(0, size) for size in shape]
+    for mesh_dim, placement in enumerate(placements):
+        if isinstance(placement, Shard):
+            start, stop = part[placement.dim]
+            chunk = -(-(stop - start) // ranks.shape[mesh_dim])
+            first = min(start + coordinate[mesh_dim] * chunk, stop)
+            part[placement.dim] = (first, min(first + chunk, stop))
+    return part
 
 
 class WeightEma:
@@ -70,18 +114,14 @@ class WeightEma:
                     _local(parameter).copy_(values)
 
     def state_dict(self) -> dict:
-        """Whole tensors (FSDP2 shards gathered: every process calls this, as Accelerate's save_state does)."""
+        """Whole tensors. Under FSDP2 every process calls this (as Accelerate's save_state does) and sends its shards
+        to the main process, the only one that writes an FSDP2 checkpoint (node-local output folders are refused
+        under FSDP2): the others keep none of the averages."""
         averages = {}
         for name, parameter, average in zip(self.names, self.parameters, self.averages, strict=True):
-            if isinstance(parameter, DTensor):
-                average = DTensor.from_local(
-                    average,
-                    parameter.device_mesh,
-                    parameter.placements,
-                    shape=parameter.shape,
-                    stride=parameter.stride(),
-                ).full_tensor()
-            averages[name] = average.cpu()
+            whole = _whole_on_main(average, parameter) if isinstance(parameter, DTensor) else average
+            if whole is not None:
+                averages[name] = whole.cpu()
         return {"decay": self.decay, "warmup": self.warmup, "updates": self.updates.cpu(), "averages": averages}
 
     def load_state_dict(self, state: dict) -> None:

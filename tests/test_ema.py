@@ -98,3 +98,19 @@ def test_an_ema_run_resumes_bit_identically(make_configs):
     assert evaluated == [r["eval_mean_R@1"] for r in resumed.history if "eval_mean_R@1" in r]
     for name, weight in full.model.state_dict().items():  # (the saved EMA weights, restored with the checkpoint)
         assert torch.equal(resumed.model.state_dict()[name], weight), name
+
+
+@pytest.mark.slow
+def test_under_fsdp2_only_the_main_process_holds_the_whole_ema_it_checkpoints(tmp_path):
+    # Every process calls `state_dict` (Accelerate's save_state) and only the main one writes it: the others send
+    # their shards and keep none of the whole tensors; restored from that file, each process has its shards back.
+    import json
+
+    from test_distributed import torchrun
+
+    torchrun("tests/ema_worker.py", str(tmp_path))
+    result = json.loads((tmp_path / "ema.json").read_text())
+    main, other = result["processes"]
+    assert result["values"] == 15 + 5 + 1 and result["whole"]  # (5 x 3, 1 x 5 and 1: the frozen bias left out)
+    assert main == {"held": 21, "restored": True}
+    assert other == {"held": 0, "restored": True}

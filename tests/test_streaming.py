@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from accelerate import PartialState
 from conftest import with_fresh_state
-from launching import CPU_ENV, TORCHRUN_2
+from launching import CPU_ENV, TORCHRUN, TORCHRUN_2
 from PIL import Image
-from test_distributed import REPO, torchrun
+from test_distributed import REPO, free_port, torchrun
 
 from clip_accel.config import DataConfig
 from clip_accel.data import (
@@ -424,6 +424,38 @@ def test_two_launched_processes_split_the_shards_exactly_and_train(
     torchrun("scripts/train.py", *[str(part) for name, value in options.items() for part in (f"--{name}", value)])
     training = json.loads((tmp_path / "out" / "eval_results.json").read_text())["training"]
     assert training["num_processes"] == 2 and training["optimizer_steps"] == 2 * 192 // 32
+
+
+@pytest.mark.slow
+def test_a_stream_s_evaluation_split_is_sent_to_the_other_processes_without_its_images(
+    demo_shards, tiny_pretrained_dir, tmp_path
+):
+    # The main process reads the test split whole; the others are sent what opens its preprocessing cache (a
+    # few KB), not its rows: the test shard's JPEGs alone are ~20x that. 2 processes (one cache), and 2 one-process
+    # "nodes" with caches of their own (each node's first process reads the split itself), score as 1 does.
+    import stream_eval_worker
+
+    def launched(name: str) -> dict:
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    model, output = tiny_pretrained_dir, str(tmp_path / "one.json")
+    with_fresh_state(stream_eval_worker.main, model, demo_shards, str(tmp_path / "cache1"), output, 1)
+    two = [model, demo_shards, str(tmp_path / "cache2"), str(tmp_path / "two.json"), "2"]
+    torchrun("tests/stream_eval_worker.py", *two)
+    port, nodes = free_port(), []
+    for rank in (0, 1):
+        node = ["--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1"]
+        args = [model, demo_shards, str(tmp_path / f"node{rank}-cache"), str(tmp_path / "nodes.json"), "2"]
+        command = [*TORCHRUN, *node, "--master_port", str(port), "tests/stream_eval_worker.py", *args]
+        nodes.append(subprocess.Popen(command, cwd=REPO, env=CPU_ENV, stderr=subprocess.PIPE, text=True))
+    logs = [process.communicate(timeout=300)[1] for process in nodes]
+    assert [process.returncode for process in nodes] == [0, 0], [log[-3000:] for log in logs]
+    one, two, two_nodes = launched("one"), launched("two"), launched("nodes")
+    assert two["metrics"] == one["metrics"] and two_nodes["metrics"] == one["metrics"]
+    images = os.path.getsize(os.path.join(demo_shards, "test-00000.tar"))
+    for run in (one, two, two_nodes):
+        assert 0 < max(run["broadcast_bytes"]) < 4096 < images / 20, (run["broadcast_bytes"], images)
+    assert list((tmp_path / "node1-cache").glob("test-*.arrow"))  # (the second node's own preprocessing)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import datasets
 from accelerate import Accelerator
@@ -87,7 +88,7 @@ def load_raw_splits(
     """Read the requested roles' rows (no image is decoded here); writes the demo catalogue on first use: once,
     or once per node with `per_node` (each node's disk has its own copy)."""
     if config.streaming:  # (not one process after another: the count is broadcast)
-        return _load_streamed_splits(accelerator, config, roles)
+        return _load_streamed_splits(accelerator, config, roles, per_node)
     with accelerator.local_main_process_first() if per_node else accelerator.main_process_first():
         if config.demo:
             write_demo_dataset(data_source_dir(config))
@@ -100,32 +101,75 @@ def load_raw_splits(
         }
 
 
-def _load_streamed_splits(accelerator: Accelerator, config: DataConfig, roles) -> dict:
-    """--streaming: the evaluation splits read whole and the training split's rows counted (when neither
-    --epoch_rows nor the dataset says how many), both once, on the main process, and sent to the others; then
-    every process opens its stream of the training split. Whatever one process fails on here, every process
-    stops with its message (`_together`): none waits for a process that is gone."""
+@dataclass(frozen=True)
+class SplitOutline:
+    """What a process that never reads a split needs to open the preprocessing cache written from it: the split's
+    name, fingerprint, source, rows and columns (a few KB, whatever its images weigh)."""
+
+    name: str
+    fingerprint: str
+    source: str
+    rows: int
+    features: datasets.Features
+
+    @classmethod
+    def of(cls, raw: RawSplit) -> SplitOutline:
+        return cls(raw.name, raw.fingerprint, raw.source, len(raw.dataset), raw.dataset.features)
+
+    def stand_in(self) -> RawSplit:
+        """The split as empty rows, for `preprocess_split` to open its cache by (`RawSplit.read_elsewhere`)."""
+        empty = datasets.Dataset.from_dict({name: [None] * self.rows for name in self.features}, features=self.features)
+        return RawSplit(self.name, empty, self.fingerprint, self.source, read_elsewhere=True)
+
+    def same(self, raw: RawSplit) -> RawSplit:
+        """`raw`, read on another node, checked to be the split the main process read."""
+        if raw.fingerprint != self.fingerprint:
+            raise UserError(
+                f"{self.source}[{self.name}] holds other rows on this node than on the main process's: give every "
+                "node the same shards."
+            )
+        return raw
+
+
+def _load_streamed_splits(accelerator: Accelerator, config: DataConfig, roles, per_node: bool) -> dict:
+    """--streaming: the evaluation splits read whole and the training split's shards' rows counted and content
+    identified (`shard_identity`), once, on the main process; the others are sent those and
+    each evaluation split's `SplitOutline`, by which they open the cache the main process preprocesses it into (the
+    rows, images included, would be pickled to every process, and under NCCL through each device's memory).
+    With `per_node` (node-local caches) each node's first process reads the evaluation splits too, for its node's
+    cache. Then every process opens its stream of the training split. Whatever one process fails on here, every
+    process stops with its message (`_together`): none waits for a process that is gone."""
     names = split_names(config)
-    opened = {}  # the main process's stream of the training split: opened once, for the count and the run
+    read, opened = {}, {}  # the main process's evaluation splits and stream of the training split: read once
 
     source = ShardSource(config)
 
-    def read() -> tuple:
-        splits = {role: source.read(names[role], config.max_eval_samples) for role in roles if role != "train"}
+    def read_on_main() -> tuple:
+        read.update({role: source.read(names[role], config.max_eval_samples) for role in roles if role != "train"})
+        outlines = {role: SplitOutline.of(raw) for role, raw in read.items()}
         if "train" not in roles:
-            return splits, None, None
+            return outlines, None, None
         stream = opened["train"] = ShardSource(config, training=True).shards(names["train"])
-        counted = count_shard_rows(config, stream)
         files = getattr(stream, "files", None)  # (tar and parquet shards: what a checkpoint's resume compares)
-        return splits, counted, _signatures(files) if files is not None else None
+        return outlines, count_shard_rows(config, stream), _signatures(files) if files is not None else None
 
-    splits, counted, signatures = from_main(accelerator, read)
-    if "train" in roles:
-        stream = opened.get("train")
-        splits["train"] = _together(
-            accelerator, lambda: load_stream_split(config, names["train"], counted, stream, signatures)
-        )
-    return splits
+    outlines, counted, signatures = from_main(accelerator, read_on_main)
+    reads_too = per_node and accelerator.is_local_main_process  # (a node of its own writes its own cache)
+
+    def open_splits() -> dict:
+        splits = {}
+        for role, outline in outlines.items():
+            if role in read:
+                splits[role] = read[role]
+            elif reads_too:
+                splits[role] = outline.same(source.read(names[role], config.max_eval_samples))
+            else:
+                splits[role] = outline.stand_in()
+        if "train" in roles:
+            splits["train"] = load_stream_split(config, names["train"], counted, opened.get("train"), signatures)
+        return splits
+
+    return _together(accelerator, open_splits)
 
 
 def _signatures(files: list[str]) -> list[str | None]:
@@ -138,7 +182,8 @@ def _signatures(files: list[str]) -> list[str | None]:
 
 def from_main(accelerator: Accelerator, work):
     """`work()` on the main process, its result sent to the others (read once, not per process); where it fails,
-    every process stops with its message (`_together`)."""
+    every process stops with its message (`_together`). The result is pickled whole to every process (under NCCL
+    through each device's memory): keep it small."""
     shared = [_together(accelerator, work if accelerator.is_main_process else lambda: None)]
     broadcast_object_list(shared)
     return shared[0]

@@ -373,10 +373,13 @@ def preprocess_split(
             ]
         ).encode()
     ).hexdigest()[:32]
+    function = PairPreprocessor(tokenizer, layout, max_length, draft, require_captions, cache_format)
+    if raw.read_elsewhere:  # (a stand-in has no rows to preprocess: its cache is opened, never written)
+        function = NotCached(raw.name, cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
     with _interruptible(cache_dir):
         return raw.dataset.map(
-            PairPreprocessor(tokenizer, layout, max_length, draft, require_captions, cache_format),
+            function,
             batched=True,
             batch_size=64,
             num_proc=num_proc if num_proc > 1 and len(raw.dataset) >= 2 * num_proc else None,
@@ -385,6 +388,21 @@ def preprocess_split(
             cache_file_name=os.path.join(cache_dir, f"{raw.name}-{fingerprint}.arrow"),
             new_fingerprint=fingerprint,
             desc=f"Preprocessing {raw.name} (decoded once, then cached)",
+        )
+
+
+@dataclass(frozen=True)
+class NotCached:
+    """The `map` function of a split read by another process (`RawSplit.read_elsewhere`): called only when its
+    preprocessing cache is not where that process wrote it."""
+
+    split: str
+    cache_dir: str
+
+    def __call__(self, batch: dict) -> dict:
+        raise RuntimeError(
+            f"The preprocessing cache of split {self.split!r} is not in {self.cache_dir}, where the process that "
+            "read the split wrote it: give every process of a node the same --cache_dir."
         )
 
 

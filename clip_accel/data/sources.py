@@ -50,6 +50,9 @@ class RawSplit:
     dataset: datasets.Dataset
     fingerprint: str
     source: str = ""
+    # A stand-in (`data.SplitOutline`): as many empty rows, on a process that only opens the preprocessing cache
+    # another process wrote from the rows themselves.
+    read_elsewhere: bool = False
 
     def captions(self) -> list[str]:
         """Every caption of the split (a row's other captions too), e.g. to learn a tokenizer from."""
