@@ -337,6 +337,53 @@ def test_a_preempted_slurm_job_checkpoints_exits_75_requeues_and_resumes_as_if_n
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
 
 
+FAKE_PYTHON = """#!/bin/bash
+# Stands in for python: records the command the node script would run.
+echo "$@" >> "$FAKE_PYTHON_LOG"
+"""
+
+
+def run_node_script(tmp_path, **variables: str) -> subprocess.CompletedProcess:
+    """scripts/slurm/launch_node.sh with one node's SLURM variables (`variables` override them) and python faked:
+    what it would launch is written to tmp_path/python.log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("scontrol", FAKE_SCONTROL), ("python", FAKE_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CLIP_ACCEL_"))}
+    env |= {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1", "SLURM_NODEID": "0"}
+    env |= {"PATH": f"{bin_dir}:{env['PATH']}", "FAKE_PYTHON_LOG": str(tmp_path / "python.log")} | variables
+    command = ["bash", "scripts/slurm/launch_node.sh", "--config", "demo"]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_node_script_takes_the_port_from_any_job_id(tmp_path):
+    for job_id, port in (("42", 20042), ("4242", 24242), ("1234567", 24567)):
+        assert run_node_script(tmp_path, SLURM_JOB_ID=job_id).returncode == 0
+        assert f"--master_port {port} " in (tmp_path / "python.log").read_text().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"SLURM_NNODES": "0"}, "SLURM_NNODES=0"),
+        ({"SLURM_NNODES": "two"}, "SLURM_NNODES=two"),
+        ({"SLURM_NNODES": "1", "SLURM_NODEID": "1"}, "SLURM_NODEID=1"),
+        ({"SLURM_NODEID": "-1"}, "SLURM_NODEID=-1"),
+        ({"SLURM_JOB_ID": "job"}, "SLURM_JOB_ID=job"),
+        ({"CLIP_ACCEL_MASTER_PORT": "99999"}, "CLIP_ACCEL_MASTER_PORT=99999"),
+        ({"CLIP_ACCEL_PROCS_PER_NODE": "0"}, "CLIP_ACCEL_PROCS_PER_NODE=0"),
+        ({"SLURM_GPUS_ON_NODE": "x(IDX:0)"}, "SLURM_GPUS_ON_NODE=x(IDX:0)"),
+        ({"SLURM_JOB_NODELIST": ""}, "SLURM_JOB_NODELIST"),
+    ],
+)
+def test_the_node_script_stops_at_once_naming_a_wrong_slurm_variable(tmp_path, variables, named):
+    done = run_node_script(tmp_path, **variables)
+    assert done.returncode == 2 and not (tmp_path / "python.log").exists()
+    assert done.stderr.count("\n") == 1 and named in done.stderr and done.stderr.startswith("clip-accel:")
+
+
 @pytest.mark.parametrize(
     "scenario",
     [

@@ -3,20 +3,41 @@
 # main node's address read from SLURM's variables, one process per GPU, each running scripts/train.py "$@".
 #
 #   SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_NODEID   set by SLURM (the main node: the list's first host)
-#   SLURM_JOB_ID                                     the rendezvous port is 20000 + its last 4 digits
+#   SLURM_JOB_ID                                     the rendezvous port is 20000 + the job id modulo 10000
 #   CLIP_ACCEL_MASTER_PORT                           or this port
 #   CLIP_ACCEL_PROCS_PER_NODE / SLURM_GPUS_ON_NODE   processes on this node (in that order; default 1)
 #   SLURM_RESTART_COUNT                              > 0 in a requeued job: --resume_from_checkpoint latest is added
+# A value that cannot be right (SLURM_NNODES=0, a SLURM_NODEID outside 0..SLURM_NNODES-1, a job id or a port that
+# is not a number, ...) stops the script at once with one line naming the variable, status 2.
 #
 # Preemption: SIGUSR1 (train.sbatch's --signal) or SIGTERM reaching this script is handed to the training
 # processes (torchrun itself ignores SIGUSR1), which write a checkpoint at their next logging step and exit. This
 # script then exits with 75 and, on the main node, requeues the job (scontrol requeue).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+
+stop() {  # a wrong variable: say which, before anything starts
+    echo "clip-accel: $1" >&2
+    exit 2
+}
+[[ ${SLURM_NNODES-} =~ ^[1-9][0-9]*$ ]] ||
+    stop "SLURM_NNODES=${SLURM_NNODES-} is not a number of nodes (1 or more): start this script with srun."
+[[ ${SLURM_NODEID-} =~ ^[0-9]+$ ]] && ((10#$SLURM_NODEID < SLURM_NNODES)) ||
+    stop "SLURM_NODEID=${SLURM_NODEID-} is not a node of this job's $SLURM_NNODES (0 to $((SLURM_NNODES - 1)))."
+[[ ${SLURM_JOB_ID-} =~ ^[0-9]+$ ]] || stop "SLURM_JOB_ID=${SLURM_JOB_ID-} is not a job id (a number)."
+[ -n "${SLURM_JOB_NODELIST-}" ] || stop "SLURM_JOB_NODELIST is empty: no node to rendezvous on."
 main_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-port=${CLIP_ACCEL_MASTER_PORT:-$((20000 + 10#${SLURM_JOB_ID: -4}))}
-procs=${CLIP_ACCEL_PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-procs=${procs%%(*}  # SLURM_GPUS_ON_NODE may read "8(IDX:0-7)" on some versions
+[ -n "$main_node" ] || stop "SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST names no host (scontrol show hostnames)."
+port=${CLIP_ACCEL_MASTER_PORT:-$((20000 + 10#$SLURM_JOB_ID % 10000))}
+[[ $port =~ ^[0-9]+$ ]] && ((10#$port >= 1 && 10#$port <= 65535)) ||
+    stop "CLIP_ACCEL_MASTER_PORT=$port is not a port (1 to 65535)."
+procs_from=CLIP_ACCEL_PROCS_PER_NODE
+[ -n "${CLIP_ACCEL_PROCS_PER_NODE-}" ] || procs_from=SLURM_GPUS_ON_NODE
+procs=${!procs_from:-1}
+[[ ${procs%%(*} =~ ^[1-9][0-9]*$ ]] ||  # SLURM_GPUS_ON_NODE may read "8(IDX:0-7)" on some versions
+    stop "$procs_from=$procs is not a number of processes (1 or more)."
+procs=${procs%%(*}
+[[ ${SLURM_RESTART_COUNT:-0} =~ ^[0-9]+$ ]] || stop "SLURM_RESTART_COUNT=$SLURM_RESTART_COUNT is not a number."
 resume=()
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
     resume=(--resume_from_checkpoint latest)
