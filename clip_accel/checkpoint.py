@@ -262,12 +262,13 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(root, name) for _, name in steps]
 
 
-def resolve_checkpoint(output_dir: str, which: str, accelerator: Accelerator | None = None) -> str:
-    """`latest` (the newest complete checkpoint in output_dir) or a checkpoint folder path. With `accelerator`,
-    every process resolves the same step: node-local output folders can hold different checkpoints (a node killed
-    mid-save is one behind), so `latest` is the newest step every process holds, and saying so when a process held
-    a newer one."""
-    if which != "latest":
+def resolve_checkpoint(output_dir: str, which: str, accelerator: Accelerator | None = None) -> str | None:
+    """`latest` (the newest complete checkpoint in output_dir), `latest_if_any` (the same, or None, saying the run
+    starts from scratch, when no process holds a checkpoint yet: what a requeued SLURM job resumes with) or a
+    checkpoint folder path. With `accelerator`, every process resolves the same step: node-local output folders can
+    hold different checkpoints (a node killed mid-save is one behind), so `latest` is the newest step every process
+    holds, and saying so when a process held a newer one."""
+    if which not in ("latest", "latest_if_any"):
         if not os.path.isfile(os.path.join(which, STATE_FILE)):
             raise UserError(
                 f"--resume_from_checkpoint {which!r} is not a checkpoint folder (no {STATE_FILE}); "
@@ -276,7 +277,11 @@ def resolve_checkpoint(output_dir: str, which: str, accelerator: Accelerator | N
         return which
     held = [int(_NAME.match(os.path.basename(path)).group(1)) for path in list_checkpoints(output_dir)]
     everyone = [held] if accelerator is None or accelerator.num_processes == 1 else gather_object([held])
-    step = agreed_step(everyone, f"{output_dir}/{CHECKPOINTS}")
+    where = f"{output_dir}/{CHECKPOINTS}"
+    if which == "latest_if_any" and not any(everyone):  # (the same answer on every process)
+        logger.info(f"--resume_from_checkpoint latest_if_any: {where} holds no checkpoint: starting from scratch.")
+        return None
+    step = agreed_step(everyone, where)
     return os.path.join(output_dir, CHECKPOINTS, f"step-{step:07d}")
 
 

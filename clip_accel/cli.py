@@ -30,7 +30,7 @@ from .hub import check_hub_access, push_output_dir, write_model_card
 from .model import is_local_path
 from .options import CommandParser, parse_config
 from .outputs import write_outputs
-from .preemption import PREEMPTED_EXIT, Preempted
+from .preemption import PREEMPTED_EXIT, Preempted, name_the_checkpoint, watching_for_preemption
 from .results import format_results_table
 from .search import QueryEncoder, contact_sheet, format_hits, search
 from .sweep import SweepOptions, run_sweep
@@ -99,22 +99,34 @@ def main(argv: list[str] | None = None) -> None:
 @command("train")
 def train_main(argv: list[str] | None = None) -> None:
     """`accelerate launch -m clip_accel train --config demo [--option value ...]` (or `scripts/train.py`)."""
-    data_config, model_config, train_config = parse_config(argv)
-    setup_logging(train_config.log_level)  # (a recipe's --log_level too)
-    try:
-        train_and_publish(data_config, model_config, train_config)
-    except KeyboardInterrupt:
-        if _launched_as_main_process():
-            logger.error(_interrupted(train_config.output_dir, sys.argv[1:] if argv is None else argv))
-        raise SystemExit(130) from None  # the shell's status for "ended by Ctrl-C"
-    except Preempted as preempted:
-        if _launched_as_main_process():
-            logger.warning(
-                f"Preempted: checkpoint {preempted.checkpoint} written at step {preempted.step}; exiting with status "
-                f"{PREEMPTED_EXIT}. The same launch with --resume_from_checkpoint latest goes on from it "
-                "(scripts/slurm/launch_node.sh adds it in a requeued job)."
-            )
-        raise SystemExit(PREEMPTED_EXIT) from None
+    with watching_for_preemption():  # from the start: a preemption during start-up stops the run before its first step
+        data_config, model_config, train_config = parse_config(argv)
+        setup_logging(train_config.log_level)  # (a recipe's --log_level too)
+        try:
+            train_and_publish(data_config, model_config, train_config)
+        except KeyboardInterrupt:
+            if _launched_as_main_process():
+                logger.error(_interrupted(train_config.output_dir, sys.argv[1:] if argv is None else argv))
+            raise SystemExit(130) from None  # the shell's status for "ended by Ctrl-C"
+        except Preempted as preempted:
+            name_the_checkpoint(preempted)
+            if _launched_as_main_process():
+                logger.warning(_preempted(preempted))
+            raise SystemExit(PREEMPTED_EXIT) from None
+
+
+def _preempted(preempted: Preempted) -> str:
+    if preempted.checkpoint is None:
+        return (
+            f"Preempted during start-up, before any checkpoint: exiting with status {PREEMPTED_EXIT}. The same launch "
+            "starts from scratch (scripts/slurm/launch_node.sh requeues the job with --resume_from_checkpoint "
+            "latest_if_any, which does)."
+        )
+    return (
+        f"Preempted: checkpoint {preempted.checkpoint} (step {preempted.step}); exiting with status "
+        f"{PREEMPTED_EXIT}. The same launch with --resume_from_checkpoint latest goes on from it "
+        "(scripts/slurm/launch_node.sh requeues the job with --resume_from_checkpoint latest_if_any)."
+    )
 
 
 def _launched_as_main_process() -> bool:

@@ -573,7 +573,11 @@ class TrainConfig:
     )
     save_total_limit: int = field(default=2, metadata={"help": "Keep only the newest K checkpoints (0 keeps all)."})
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "'latest' (newest in OUTPUT/checkpoints) or a checkpoint folder to resume."}
+        default=None,
+        metadata={
+            "help": "'latest' (newest in OUTPUT/checkpoints), 'latest_if_any' (the same, or start from scratch, "
+            "saying so, where there is none yet: a requeued SLURM job) or a checkpoint folder to resume."
+        },
     )
     max_nonfinite_steps: int = field(
         default=25,

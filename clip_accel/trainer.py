@@ -137,19 +137,22 @@ class Run:
 
 def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> TrainingResult:
     """Fine-tune with early stopping; the best model is saved in OUTPUT/ and measured on the test split."""
-    run = prepare_run(data_config, model_config, config)
-    state = _restore(run) if config.resume_from_checkpoint else TrainerState()
-    if config.eval_initial_model and not state.initial:
-        state.initial = {"test": _evaluate(run, "test")}
-    early_stopping = fit(run, state)
-    best_model = _load_best_weights(run)
-    metrics = {"initial": state.initial} if state.initial else {}
-    metrics["validation"] = early_stopping.best_metrics
-    metrics["test"] = _evaluate(run, "test")
-    if isinstance(run.train_loader, StreamingLoader):
-        run.skipped["train"] = write_stream_skip_report(run.accelerator, run.train_loader, config.output_dir)
-    metrics["training"] = _training_summary(run, state, early_stopping)
-    _shut_down(run)
+    with watching_for_preemption() as preemption:  # (`clip-accel train` watches from its start already)
+        run = prepare_run(data_config, model_config, config)
+        state = _restore(run) if run.checkpoint else TrainerState()
+        if preempted_everywhere(run.accelerator, preemption):  # during start-up: nothing new to keep, stop now
+            raise Preempted(state.step, run.checkpoint)
+        if config.eval_initial_model and not state.initial:
+            state.initial = {"test": _evaluate(run, "test")}
+        early_stopping = fit(run, state)
+        best_model = _load_best_weights(run)
+        metrics = {"initial": state.initial} if state.initial else {}
+        metrics["validation"] = early_stopping.best_metrics
+        metrics["test"] = _evaluate(run, "test")
+        if isinstance(run.train_loader, StreamingLoader):
+            run.skipped["train"] = write_stream_skip_report(run.accelerator, run.train_loader, config.output_dir)
+        metrics["training"] = _training_summary(run, state, early_stopping)
+        _shut_down(run)
     return TrainingResult(metrics, state.history, run.resolved_config, best_model, run.processor)
 
 
@@ -189,8 +192,9 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         )
     configs = (data_config, model_config, config)
     checkpoint = None
-    if config.resume_from_checkpoint:  # the options it must share with this run, before any image is decoded
+    if config.resume_from_checkpoint:  # (latest_if_any: None where no process holds one yet)
         checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, accelerator)
+    if checkpoint:  # the options it must share with this run, before any image is decoded
         check_resume(checkpoint, read_state(checkpoint).settings, resume_settings(configs, accelerator.num_processes))
     else:
         _check_output_dir(config)

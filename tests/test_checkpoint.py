@@ -128,6 +128,18 @@ def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
         resolve_checkpoint(str(tmp_path), str(tmp_path))
 
 
+def test_latest_if_any_starts_from_scratch_where_there_is_no_checkpoint_yet(tmp_path, caplog):
+    # What a requeued SLURM job resumes with: a job preempted during start-up left no checkpoint.
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # (Accelerate's logger needs one)
+    with caplog.at_level("INFO"):
+        assert resolve_checkpoint(str(tmp_path), "latest_if_any") is None
+    assert f"{tmp_path}/checkpoints holds no checkpoint: starting from scratch" in caplog.text
+    _fake_checkpoint(tmp_path, 5)
+    assert resolve_checkpoint(str(tmp_path), "latest_if_any").endswith("step-0000005")
+
+
 def test_resume_without_the_best_model_it_relies_on_says_so_before_training(make_configs):
     from clip_accel.trainer import train
 

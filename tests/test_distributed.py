@@ -6,6 +6,7 @@ Launched the way the README documents for CPU machines: `ACCELERATE_USE_CPU=1 to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import time
 
 import distributed_worker
+import psutil
 import pytest
 import torch
 from launching import CPU_ENV, TORCHRUN_2
@@ -272,6 +274,24 @@ def node_logs(tmp_path) -> list[str]:
     return [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
 
 
+def signal_every_process(nodes: list[subprocess.Popen], sig: int) -> int:
+    """What SLURM does to a job step (`--signal`, a preemption): `sig` to every process of every node, the node
+    scripts, torchrun, the training processes (torchrun starts them in sessions of their own) and their DataLoader
+    workers. Returns how many processes it reached."""
+    victims = [psutil.Process(node.pid) for node in nodes]
+    victims += [child for node in victims for child in node.children(recursive=True)]
+    for victim in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            victim.send_signal(sig)
+    return len(victims)
+
+
+def wait_for_log(nodes: list[subprocess.Popen], tmp_path, text: str) -> None:
+    while text not in node_logs(tmp_path)[0]:
+        assert nodes[0].poll() is None, node_logs(tmp_path)[0][-5000:]
+        time.sleep(0.05)
+
+
 def test_two_slurm_nodes_without_shared_storage_train_as_two_processes_of_one_node(
     two_process_run, tmp_path, demo_dir, tiny_model_config_path
 ):
@@ -335,6 +355,122 @@ def test_a_preempted_slurm_job_checkpoints_exits_75_requeues_and_resumes_as_if_n
     one_node, _ = two_process_run
     expected, actual = load_file(one_node / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_sigterm_to_every_process_with_dataloader_workers_checkpoints_then_requeues_once(
+    tmp_path, demo_dir, tiny_model_config_path
+):
+    # A preemption as SLURM sends it: SIGTERM to every process of the step, DataLoader workers included. The workers
+    # carry on (the training processes decide), every process checkpoints at its next logging step, both nodes
+    # exit 75 and the main node requeues the job once.
+    out = tmp_path / "out"
+    options = [[*run_options(demo_dir, tiny_model_config_path, out), "--dataloader_num_workers", "1"]] * 2
+    nodes = start_slurm_nodes(tmp_path, options, free_port())
+    wait_for_log(nodes, tmp_path, "step 5/24")
+    # 2 scripts, 2 torchruns, 2 training processes and at least one DataLoader worker each
+    assert signal_every_process(nodes, signal.SIGTERM) >= 8
+    statuses, logs = exit_statuses(nodes), node_logs(tmp_path)
+    assert statuses == [75, 75], [log[-5000:] for log in logs]
+    assert not any("killed by signal" in log for log in logs)
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    checkpoint = sorted(os.listdir(out / "checkpoints"))[-1]
+    assert 5 <= int(checkpoint.removeprefix("step-")) < 24
+    assert f"Preempted: checkpoint {out}/checkpoints/{checkpoint}" in logs[0]
+
+
+def wait_for_training_processes(nodes: list[subprocess.Popen]) -> None:
+    """Until each node's torchrun has started its training process (which is then still importing torch)."""
+    deadline = time.monotonic() + 60
+    while not all(len(psutil.Process(node.pid).children(recursive=True)) >= 2 for node in nodes):
+        assert time.monotonic() < deadline and all(node.poll() is None for node in nodes)
+        time.sleep(0.01)
+
+
+def test_a_preemption_during_start_up_is_kept_and_the_requeued_job_starts_from_scratch(
+    tmp_path, demo_dir, tiny_model_config_path
+):
+    # SIGUSR1 to every process while the training processes are still starting (importing torch): no step was
+    # taken, so there is nothing to checkpoint; both nodes exit 75 at once, the job is requeued, and the requeued
+    # job finds no checkpoint and says it starts from scratch.
+    out = tmp_path / "out"
+    options = [run_options(demo_dir, tiny_model_config_path, out) + ["--num_train_epochs", "1"]] * 2
+    nodes = start_slurm_nodes(tmp_path, options, free_port())
+    wait_for_training_processes(nodes)
+    signal_every_process(nodes, signal.SIGUSR1)
+    statuses, logs = exit_statuses(nodes), node_logs(tmp_path)
+    assert statuses == [75, 75], [log[-5000:] for log in logs]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert "Preempted during start-up, before any checkpoint" in logs[0]
+    assert "the requeued job starts from scratch" in logs[0]
+    assert not (out / "checkpoints").exists()
+
+    nodes = start_slurm_nodes(tmp_path, options, free_port(), restarts=1)
+    assert exit_statuses(nodes) == [0, 0], [log[-5000:] for log in node_logs(tmp_path)]
+    assert f"{out}/checkpoints holds no checkpoint: starting from scratch" in node_logs(tmp_path)[0]
+    assert (out / "model.safetensors").is_file()
+
+
+def test_a_preempted_run_that_fails_without_a_checkpoint_is_not_requeued(tmp_path, demo_dir, tiny_model_config_path):
+    # The run fails at start-up (its output folder already holds a model) after the preemption signal arrived: no
+    # checkpoint, so no requeue (the requeued job would fail the same way); the nodes report the failure.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"")
+    nodes = start_slurm_nodes(tmp_path, [run_options(demo_dir, tiny_model_config_path, out)] * 2, free_port())
+    wait_for_training_processes(nodes)
+    signal_every_process(nodes, signal.SIGUSR1)
+    statuses, logs = exit_statuses(nodes), node_logs(tmp_path)
+    assert 0 not in statuses and 75 not in statuses, [log[-5000:] for log in logs]
+    assert "already holds a model" in logs[0]
+    assert not (tmp_path / "scontrol.log").exists()
+    assert "not requeueing" in logs[0]
+
+
+FAKE_PYTHON = """#!/bin/bash
+# Stands in for python: records the command the node script would run.
+echo "$@" >> "$FAKE_PYTHON_LOG"
+"""
+
+
+def run_node_script(tmp_path, **variables: str) -> subprocess.CompletedProcess:
+    """scripts/slurm/launch_node.sh with one node's SLURM variables (`variables` override them) and python faked:
+    what it would launch is written to tmp_path/python.log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("scontrol", FAKE_SCONTROL), ("python", FAKE_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CLIP_ACCEL_"))}
+    env |= {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1", "SLURM_NODEID": "0"}
+    env |= {"PATH": f"{bin_dir}:{env['PATH']}", "FAKE_PYTHON_LOG": str(tmp_path / "python.log")} | variables
+    command = ["bash", "scripts/slurm/launch_node.sh", "--config", "demo"]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_node_script_takes_the_port_from_any_job_id(tmp_path):
+    for job_id, port in (("42", 20042), ("4242", 24242), ("1234567", 24567)):
+        assert run_node_script(tmp_path, SLURM_JOB_ID=job_id).returncode == 0
+        assert f"--master_port {port} " in (tmp_path / "python.log").read_text().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"SLURM_NNODES": "0"}, "SLURM_NNODES=0"),
+        ({"SLURM_NNODES": "two"}, "SLURM_NNODES=two"),
+        ({"SLURM_NNODES": "1", "SLURM_NODEID": "1"}, "SLURM_NODEID=1"),
+        ({"SLURM_NODEID": "-1"}, "SLURM_NODEID=-1"),
+        ({"SLURM_JOB_ID": "job"}, "SLURM_JOB_ID=job"),
+        ({"CLIP_ACCEL_MASTER_PORT": "99999"}, "CLIP_ACCEL_MASTER_PORT=99999"),
+        ({"CLIP_ACCEL_PROCS_PER_NODE": "0"}, "CLIP_ACCEL_PROCS_PER_NODE=0"),
+        ({"SLURM_GPUS_ON_NODE": "x(IDX:0)"}, "SLURM_GPUS_ON_NODE=x(IDX:0)"),
+        ({"SLURM_JOB_NODELIST": ""}, "SLURM_JOB_NODELIST"),
+    ],
+)
+def test_the_node_script_stops_at_once_naming_a_wrong_slurm_variable(tmp_path, variables, named):
+    done = run_node_script(tmp_path, **variables)
+    assert done.returncode == 2 and not (tmp_path / "python.log").exists()
+    assert done.stderr.count("\n") == 1 and named in done.stderr and done.stderr.startswith("clip-accel:")
 
 
 @pytest.mark.parametrize(
