@@ -56,7 +56,7 @@ def step_times(argv: list[str], rounds: int, steps: int) -> dict[str, float]:
     every round; "own (A/A)" is the own-pair loss timed a second time, the noise floor of the comparison."""
     try:
         run = prepare_run(*parse_config(argv))
-        batches = [batch for batch, _ in zip(run.train_loader, range(steps), strict=False)]
+        batches = [batch for batch, _ in zip(run.train_data.epoch(0), range(steps), strict=False)]
         modes = {"own": "own", "identical": "identical", "own (A/A)": "own"}
         times = {mode: [] for mode in modes}
         order = random.Random(0)

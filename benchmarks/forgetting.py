@@ -161,7 +161,7 @@ def step_times(start: str, target: str, rounds: int, steps: int) -> dict[str, fl
         argv += ["--output_dir", str(ROOT / "runs" / "timing")]
         try:
             run = prepare_run(*parse_config(argv))
-            batches = [batch for batch, _ in zip(run.train_loader, range(steps), strict=False)]
+            batches = [batch for batch, _ in zip(run.train_data.epoch(0), range(steps), strict=False)]
             rounds_seen = []
             for index in range(rounds + 1):  # round 0 warms up
                 began = time.perf_counter()

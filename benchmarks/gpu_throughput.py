@@ -230,9 +230,7 @@ def mean_text_length(run, batch_size: int, steps: int) -> float:
 
     lengths = [
         batch["input_ids"].shape[1]
-        for batch, _ in zip(
-            make_dataloader(run.train_loader.dataset, batch_size, train=True), range(steps), strict=False
-        )
+        for batch, _ in zip(make_dataloader(run.train_data.pairs, batch_size, train=True), range(steps), strict=False)
     ]
     return sum(lengths) / len(lengths)
 

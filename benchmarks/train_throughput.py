@@ -174,9 +174,8 @@ def step_functions_loop(run, total_steps: int, gate: Gate):
     def loop():
         step, epoch = 0, 0
         while True:
-            run.train_loader.set_epoch(epoch)
             run.model.train()
-            for batch in run.train_loader:
+            for batch in run.train_data.epoch(epoch):
                 plain_step(run.step_context, [batch])
                 step += 1
                 gate.step_done()
@@ -442,7 +441,7 @@ def main() -> None:
         model.set_attn_implementation(attention)
         return model
 
-    tensors = in_memory_tensors(run.train_loader.dataset)
+    tensors = in_memory_tensors(run.train_data.pairs)
     bare_variants = {
         "bare PyTorch loop (same tensors)": BareOptions(),
         "bare PyTorch loop, identical second copy (A/A noise control)": BareOptions(),
@@ -574,7 +573,7 @@ def main() -> None:
     rate_of = {c.name: common.median([pairs / s for s in c.seconds]) for c in runnable}
     bare = rate_of["bare PyTorch loop (same tensors)"]
     trainer = rate_of["transformers.Trainer, run_clip.py recipe (decode every step)"]
-    steps_per_epoch = len(run.train_loader)
+    steps_per_epoch = len(run.train_data)
     print(
         f"\nAn epoch-end checkpoint of the clip_accel run takes {checkpoint_seconds(run, work):.2f} s (median of 3, "
         f"timed apart after the windows); fit() writes one every {steps_per_epoch} steps (an epoch of this set), "

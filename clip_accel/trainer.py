@@ -39,23 +39,16 @@ from .checkpoint import (
 )
 from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, UserError, config_to_dict
 from .data import (
-    STREAM_POSITION,
     CopyStream,
-    PairDataset,
-    StreamingLoader,
-    StreamingPairs,
-    StreamSplit,
     build_pair_datasets,
     check_strict,
-    from_main,
     load_raw_splits,
     make_dataloader,
     prefetched,
-    stream_captions,
+    training_captions,
+    training_data,
     write_skip_report,
-    write_stream_skip_report,
 )
-from .data.stream_order import ORDER as STREAM_ORDER
 from .early_stopping import EarlyStopping
 from .ema import WeightEma
 from .evaluation import dataset_prompts, evaluate_retrieval, split_captions
@@ -109,7 +102,7 @@ class Run:
     config: TrainConfig
     step_context: StepContext
     processor: object
-    train_loader: object
+    train_data: object  # (data.training_data: a cached split's or a stream's, the same to the loop)
     validation_loader: object
     test_loader: object
     total_steps: int
@@ -149,8 +142,9 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
         metrics = {"initial": state.initial} if state.initial else {}
         metrics["validation"] = early_stopping.best_metrics
         metrics["test"] = _evaluate(run, "test")
-        if isinstance(run.train_loader, StreamingLoader):
-            run.skipped["train"] = write_stream_skip_report(run.accelerator, run.train_loader, config.output_dir)
+        streamed_skips = run.train_data.skip_report(run.accelerator, config.output_dir)
+        if streamed_skips is not None:  # (a cached split's were written at start-up)
+            run.skipped["train"] = streamed_skips
         metrics["training"] = _training_summary(run, state, early_stopping)
         _shut_down(run)
     return TrainingResult(metrics, state.history, run.resolved_config, best_model, run.processor)
@@ -200,25 +194,21 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         _check_output_dir(config)
     _compute_fsdp2_like_ddp(accelerator)
     model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
-    loading = {"num_workers": config.dataloader_num_workers, "device": accelerator.device}
-    streamed = data_config.streaming  # each process reads its own rows already: not prepared (data.streaming)
-    loaders = (
-        [] if streamed else [make_dataloader(pairs["train"], config.per_device_train_batch_size, train=True, **loading)]
+    train_data = training_data(
+        accelerator, pairs["train"], config.per_device_train_batch_size, config.dataloader_num_workers
     )
-    loaders += [
+    loading = {"num_workers": config.dataloader_num_workers, "device": accelerator.device}
+    loaders = [
         make_dataloader(pairs[role], config.per_device_eval_batch_size, train=False, **loading)
         for role in ("validation", "test")
     ]
     optimizer = build_optimizer(model, config)
     log_parameter_groups(optimizer, config)
-    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
-    if streamed:
-        loaders.insert(0, StreamingLoader(pairs["train"], config.per_device_train_batch_size, **loading))
-    train_loader, validation_loader, test_loader = loaders
-    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    model, optimizer, validation_loader, test_loader = accelerator.prepare(model, optimizer, *loaders)
+    steps_per_epoch = math.ceil(len(train_data) / config.gradient_accumulation_steps)
     total_steps = config.max_steps or config.num_train_epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, config, total_steps)
-    shared = None if streamed else pairs["train"].shared_captions()  # a stream is not read ahead to count them
+    shared = train_data.shared_captions
     _log_startup(accelerator, config, total_steps, pairs, shared)
     resolved_config = config_to_dict(*configs)
     # Trackers take numbers, strings and booleans as hyperparameters: None and lists (--augment_scale) as text.
@@ -244,12 +234,12 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         config=config,
         step_context=step_context,
         processor=processor,
-        train_loader=train_loader,
+        train_data=train_data,
         validation_loader=validation_loader,
         test_loader=test_loader,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
-        pair_counts={role: _pair_count(pairs[role]) for role in pairs},
+        pair_counts={role: pairs[role].pairs_per_epoch for role in pairs},
         shared_train_captions=shared,
         labels={role: pairs[role].column("label") for role in ("validation", "test")},
         captions={role: pairs[role].column("caption") for role in ("validation", "test")},
@@ -263,8 +253,8 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
             configs,
             accelerator.num_processes,
             unwrap(accelerator, model).clip.config.to_dict(),
-            _pair_count(pairs["train"]),
-            _stream_identity(pairs["train"]),
+            pairs["train"].pairs_per_epoch,
+            train_data.identity(),
         ),
         prompts=prompts,
         augmenter=_augmenter(data_config, image_layout(unwrap(accelerator, model).clip, processor).size, config.seed),
@@ -292,7 +282,7 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
     group_size = config.gradient_accumulation_steps
     skips = []  # device flags of the steps since the counts were last read (reading them syncs with the device)
     copy_stream = CopyStream.for_device(run.accelerator.device)  # one for the run: its memory pool is per stream
-    batches = optimizer_step_batches(run.train_loader, run.accelerator, state, group_size, copy_stream)
+    batches = optimizer_step_batches(run.train_data, state, group_size, copy_stream)
     # Log lines go above the bar (where one is drawn), not through it.
     with nullcontext() if progress.disable else logging_redirect_tqdm(), watching_for_preemption() as preemption:
         for micro_batches, epoch_over in batches:
@@ -330,44 +320,28 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
 
 
 def optimizer_step_batches(
-    loader, accelerator: Accelerator, state: TrainerState, group_size: int, copy_stream: CopyStream | None = None
+    data, state: TrainerState, group_size: int, copy_stream: CopyStream | None = None
 ) -> Iterator[tuple[list[dict], bool]]:
     """(micro-batches of one optimizer step, whether they end the epoch), epoch after epoch, without end.
 
-    Groups of `group_size` consecutive batches of the prepared `loader`; an epoch's last group may be shorter.
-    Owns the epoch bookkeeping in `state`: the sampler's epoch, the micro-batches consumed in the current epoch
-    (a resumed run skips those once), and the epoch counter, which has already moved on when an epoch's last
-    group is yielded, so a checkpoint taken then resumes at the next epoch's start.
+    Groups of `group_size` consecutive batches of the training data (`data.training_data`), read ahead by a
+    background thread (copied to the device on `copy_stream`, where given); an epoch's last group may be shorter.
+    Owns the epoch bookkeeping in `state`: the micro-batches consumed in the current epoch (a resumed run's
+    first epoch starts after them), and the epoch counter, which has already moved on when an epoch's last group
+    is yielded, so a checkpoint taken then resumes at the next epoch's start.
     """
     while True:
         group = []
-        for batch in _epoch_batches(loader, accelerator, state, copy_stream):
-            if STREAM_POSITION in batch:  # the stream's position after this batch, kept for the next checkpoint
-                loader.consumed(batch.pop(STREAM_POSITION))
+        for batch in prefetched(data.epoch(state.epoch, state.batches_in_epoch), copy_stream=copy_stream):
+            data.taken(batch)
             group.append(batch)
             state.batches_in_epoch += 1
-            epoch_over = state.batches_in_epoch == len(loader)
+            epoch_over = state.batches_in_epoch == len(data)
             if epoch_over:
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             if len(group) == group_size or epoch_over:  # the epoch's last group may be shorter
                 yield group, epoch_over
                 group = []
-
-
-def _epoch_batches(loader, accelerator: Accelerator, state: TrainerState, copy_stream: CopyStream | None):
-    """This epoch's batches in the seeded order for `state.epoch`, minus those a resumed run already consumed,
-    read ahead by a background thread (copied to the device on `copy_stream`, where given). A stream resumes
-    from its own position (restored with the checkpoint): only the epoch's remaining batches are read."""
-    if isinstance(loader, StreamingLoader):
-        return prefetched(loader.epoch(state.epoch, state.batches_in_epoch), copy_stream=copy_stream)
-    loader.set_epoch(state.epoch)
-    if isinstance(loader.dataset, PairDataset):  # (the caption a row with several trains with)
-        loader.dataset.set_epoch(state.epoch)
-    if state.batches_in_epoch == 0:
-        return prefetched(loader, copy_stream=copy_stream)
-    skipping = accelerator.skip_first_batches(loader, state.batches_in_epoch)
-    skipping.set_epoch(state.epoch)
-    return prefetched(skipping, copy_stream=copy_stream)
 
 
 def _progress_bar(run: Run, state: TrainerState) -> tqdm:
@@ -386,13 +360,9 @@ def _load_model_and_data(
     """Rows (cheap, checked first), then the model and tokenizer, then the cached preprocessing pass."""
     per_node = data_prepared_per_node(accelerator, data_config)
     raw_splits = load_raw_splits(accelerator, data_config, per_node=per_node)
-    _check_split_sizes(config, accelerator.num_processes, {role: _row_count(raw) for role, raw in raw_splits.items()})
-    train = raw_splits["train"]
-    captions = (
-        (lambda: from_main(accelerator, lambda: stream_captions(train, data_config)))
-        if isinstance(train, StreamSplit)
-        else (lambda: train.captions())
-    )
+    rows = {role: raw.rows_per_epoch for role, raw in raw_splits.items()}
+    _check_split_sizes(config, accelerator.num_processes, rows)
+    captions = training_captions(accelerator, raw_splits["train"], data_config)
     clip, processor = load_model_and_processor(model_config, captions)
     check_fsdp_layers(clip)
     trainable, total = freeze_parameters(clip, model_config.freeze, model_config.freeze_vision_layers)
@@ -423,22 +393,11 @@ def _load_model_and_data(
         seed=config.seed,
         report_dir=config.output_dir,
     )
-    cached = {role: pairs[role] for role in pairs if not isinstance(raw_splits[role], StreamSplit)}
-    if data_config.strict:  # (a stream's workers stop at its first bad row themselves)
-        check_strict(cached, raw_splits)
-    skipped = write_skip_report(cached, raw_splits, config.output_dir) if accelerator.is_main_process else {}
-    _check_split_sizes(config, accelerator.num_processes, {role: _pair_count(pairs[role]) for role in pairs})
+    if data_config.strict:
+        check_strict(pairs, raw_splits)
+    skipped = write_skip_report(pairs, raw_splits, config.output_dir) if accelerator.is_main_process else {}
+    _check_split_sizes(config, accelerator.num_processes, {role: pairs[role].pairs_per_epoch for role in pairs})
     return ContrastiveModel(clip), processor, pairs, skipped
-
-
-def _row_count(raw) -> int:
-    """Rows of a split; of a stream, an epoch's."""
-    return raw.rows if isinstance(raw, StreamSplit) else len(raw.dataset)
-
-
-def _pair_count(pairs) -> int:
-    """Usable pairs of a cached split; of a stream, an epoch's rows (its bad rows are found as it is read)."""
-    return pairs.split.rows if isinstance(pairs, StreamingPairs) else len(pairs)
 
 
 def _compute_fsdp2_like_ddp(accelerator: Accelerator) -> None:
@@ -454,23 +413,6 @@ def _compute_fsdp2_like_ddp(accelerator: Accelerator) -> None:
 
     accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     logger.info(f"FSDP2: float32 parameters and gradient reduction, {accelerator.mixed_precision} autocast for compute")
-
-
-def _stream_identity(pairs) -> dict | None:
-    """A stream's shards, their rows and what identifies their content (`data.shard_identity`), which its
-    checkpointed position refers to (`resume_settings`)."""
-    if not isinstance(pairs, StreamingPairs):
-        return None
-    stream = pairs.split.stream
-    files = getattr(stream, "files", None)
-    shards = (
-        [os.path.basename(name) for name in files] if files is not None else [str(n) for n in range(stream.num_shards)]
-    )
-    identity = {"shards": shards, "rows": pairs.split.shard_rows}
-    if pairs.split.signatures is not None:
-        identity["content"] = pairs.split.signatures
-    identity["order"] = STREAM_ORDER  # (a checkpoint of an earlier order would resume other rows)
-    return identity
 
 
 def _augmenter(data_config: DataConfig, image_size: int, seed: int) -> Augmenter | None:
@@ -491,8 +433,7 @@ def _restore(run: Run) -> TrainerState:
             "or restore its model files."
         )
     run.step_context.scheduler.load_state_dict(state.scheduler)
-    if isinstance(run.train_loader, StreamingLoader):  # (on another topology too: data.streaming)
-        run.train_loader.restore(state.stream)
+    run.train_data.load_state_dict(state.stream)  # (a stream's position: on another topology too)
     return state
 
 
@@ -578,7 +519,7 @@ def _mean_over_processes(run: Run, losses: list[torch.Tensor]) -> torch.Tensor:
 
 def _epochs_done(run: Run, state: TrainerState) -> float:
     """Epochs completed, fractional (as transformers.Trainer logs them): 1.0 at the end of the first epoch."""
-    return round(state.epoch + state.batches_in_epoch / len(run.train_loader), 4)
+    return round(state.epoch + state.batches_in_epoch / len(run.train_data), 4)
 
 
 def _count_nonfinite(state: TrainerState, skips: list[torch.Tensor], limit: int) -> list:
@@ -612,8 +553,8 @@ def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping, lo
     state.scheduler = run.step_context.scheduler.state_dict()
     state.sharded, state.num_processes = run.accelerator.is_fsdp2, run.accelerator.num_processes
     state.settings = run.settings
-    if isinstance(run.train_loader, StreamingLoader):  # every process's position in the stream
-        state.stream = gather_object([run.train_loader.checkpoint()])
+    positions = gather_object([run.train_data.state_dict()])  # (every process's: a stream's positions)
+    state.stream = positions if positions[0] is not None else []
     return save_checkpoint(run.accelerator, run.config.output_dir, state, run.config.save_total_limit)
 
 
@@ -701,7 +642,7 @@ def _log_startup(accelerator: Accelerator, config: TrainConfig, total_steps: int
         f"x {processes} processes x {config.gradient_accumulation_steps} accumulation steps"
     )
     logger.info(
-        f"Pairs: train {_pair_count(pairs['train'])}{' (streamed: rows per epoch)' if shared is None else ''}, "
+        f"Pairs: train {pairs['train'].pairs_per_epoch}{' (streamed: rows per epoch)' if shared is None else ''}, "
         f"validation {len(pairs['validation'])}, test {len(pairs['test'])}; "
         f"optimizer steps: {total_steps}"
     )

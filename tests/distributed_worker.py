@@ -47,6 +47,23 @@ EOS = 2  # the tiny config's end-of-text id
 REPEATS = {1: 0, 6: 2, 9: 1, 12: 3, 15: 3, 14: 13}
 
 
+class Epochs:
+    """The training-data interface (`data.training_data`) over a prepared loader of synthetic pairs."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, done: int = 0):
+        self.loader.set_epoch(epoch)
+        return iter(self.loader)
+
+    def taken(self, batch: dict) -> None:
+        pass
+
+
 def synthetic_pairs(
     count: int, seed: int, text_length: int = 7, patches: bool = False, repeats: str | None = None
 ) -> list[dict[str, torch.Tensor]]:
@@ -176,7 +193,7 @@ def plain_accumulation(accelerator: Accelerator, batches_per_epoch: int, repeats
     loader = DataLoader(pairs, batch_size=MICRO_BATCH // accelerator.num_processes, collate_fn=stack, drop_last=True)
     loader = accelerator.prepare(loader)
     state = TrainerState()
-    for micro_batches, _ in optimizer_step_batches(loader, accelerator, state, ACCUMULATION):
+    for micro_batches, _ in optimizer_step_batches(Epochs(loader), state, ACCUMULATION):
         plain_step(context, micro_batches)
         if state.epoch == EPOCHS:
             break

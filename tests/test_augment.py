@@ -107,7 +107,7 @@ def test_training_sees_fresh_crops_of_a_larger_cache_and_evaluation_the_exact_ce
     try:
         for loader in (run.validation_loader, run.test_loader):  # evaluation: the exact centre crop, at 32 px
             assert loader.dataset.pixel_chunks[0].shape[1:] == (32, 32, 3)
-        assert run.train_loader.dataset.pixel_chunks[0].shape[1:] == (37, 37, 3)
+        assert run.train_data.pairs.pixel_chunks[0].shape[1:] == (37, 37, 3)
         trainer.fit(run, trainer.TrainerState())
     finally:
         trainer._shut_down(run)

@@ -30,8 +30,10 @@ from .shards import (
 )
 from .sources import DatasetSource, RawSplit, Source, data_source_dir, read_image_folder
 from .streaming import STREAM_POSITION, StreamingLoader, StreamingPairs
+from .training_data import CachedTrainingData, training_data
 
 __all__ = [
+    "CachedTrainingData",
     "CopyStream",
     "ImageLayout",
     "PairDataset",
@@ -52,7 +54,8 @@ __all__ = [
     "source_for",
     "stream_captions",
     "write_skip_report",
-    "write_stream_skip_report",
+    "training_captions",
+    "training_data",
     "write_webdataset_shards",
 ]
 
@@ -307,9 +310,10 @@ def skipped_rows(dataset: PairDataset, raw: RawSplit) -> list[dict]:
     return rows
 
 
-def check_strict(pairs: dict[str, PairDataset], raw_splits: dict[str, RawSplit]) -> None:
-    """--strict: the first bad row is an error instead of a skip."""
-    for role, dataset in pairs.items():
+def check_strict(pairs: dict, raw_splits: dict[str, RawSplit]) -> None:
+    """--strict: the first bad row of a cached split is an error instead of a skip (a stream's workers stop at its
+    first bad row themselves)."""
+    for role, dataset in _cached(pairs).items():
         for row in skipped_rows(dataset, raw_splits[role])[:1]:
             raise UserError(
                 f"--strict: {row['where']}: {row['reason']} (image {row['image']}). Fix or remove "
@@ -317,13 +321,14 @@ def check_strict(pairs: dict[str, PairDataset], raw_splits: dict[str, RawSplit])
             )
 
 
-def write_skip_report(pairs: dict[str, PairDataset], raw_splits: dict[str, RawSplit], output_dir: str) -> dict:
-    """Write every skipped row with its reason to OUTPUT/skipped_rows.jsonl; log one summary line per split.
-    Returns the count per role."""
+def write_skip_report(pairs: dict, raw_splits: dict[str, RawSplit], output_dir: str) -> dict:
+    """Write every skipped row of the cached splits with its reason to OUTPUT/skipped_rows.jsonl; log one summary
+    line per split. Returns the count per role. (A stream's rows are found as they are read: its training data's
+    `skip_report` appends them at the end.)"""
     counts = {}
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "skipped_rows.jsonl"), "w") as report:
-        for role, dataset in pairs.items():
+        for role, dataset in _cached(pairs).items():
             skipped = skipped_rows(dataset, raw_splits[role])
             counts[role] = len(skipped)
             for row in skipped:
@@ -336,24 +341,13 @@ def write_skip_report(pairs: dict[str, PairDataset], raw_splits: dict[str, RawSp
     return counts
 
 
-def write_stream_skip_report(accelerator: Accelerator, loader: StreamingLoader, output_dir: str) -> int:
-    """Every process's skipped training rows of a stream, appended to OUTPUT/skipped_rows.jsonl by the main
-    process; returns how many distinct rows were skipped (on every process)."""
-    skipped = {}
-    for rows in gather_object([loader.skipped]):
-        skipped.update(rows)
-    if accelerator.is_main_process:
-        split = loader.pairs.split
-        with open(os.path.join(output_dir, "skipped_rows.jsonl"), "a") as report:
-            for where, reason in sorted(skipped.items()):
-                report.write(
-                    json.dumps(
-                        {"split": split.name, "where": f"{split.source}[{split.name}] {where}", "reason": reason}
-                    )
-                    + "\n"
-                )
-        logger.info(
-            f"train split {split.name!r} (streamed): {len(skipped)} rows skipped"
-            + (" (see skipped_rows.jsonl)" if skipped else "")
-        )
-    return len(skipped)
+def _cached(pairs: dict) -> dict[str, PairDataset]:
+    return {role: split for role, split in pairs.items() if isinstance(split, PairDataset)}
+
+
+def training_captions(accelerator: Accelerator, raw, config: DataConfig):
+    """A function giving the training split's captions (what a tokenizer built from scratch learns from): a
+    cached split's all, a stream's first ones, read on the main process and sent to the others."""
+    if isinstance(raw, StreamSplit):
+        return lambda: from_main(accelerator, lambda: stream_captions(raw, config))
+    return raw.captions

@@ -98,6 +98,10 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def pairs_per_epoch(self) -> int:
+        return len(self)
+
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         return {name: tensor[0] for name, tensor in self.__getitems__([position]).items()}
 

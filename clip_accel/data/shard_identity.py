@@ -3,7 +3,7 @@
 shard, the same bytes wherever the shard lies (a local file, HTTP, an fsspec store), so a stream resumed from a
 copy of its shards elsewhere still resumes, where modification times or ETags would differ.
 
-A checkpoint keeps them (`trainer._stream_identity`) and a resume stops where a shard's differ
+A checkpoint keeps them (`StreamingLoader.identity`) and a resume stops where a shard's differ
 (`checkpoint.check_resume`): another file under a shard's name and row count. A shard rewritten with its size and
 its first member kept (a caption corrected in place) passes: its rows, which the checkpoint's position counts, are
 the same rows.

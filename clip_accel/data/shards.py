@@ -397,6 +397,10 @@ class StreamSplit:
     shard_rows: list[int] | None = None  # each shard's rows (a pass's order is cut from them)
     signatures: list[str | None] | None = None  # what identifies each shard's content (`shard_identity`)
 
+    @property
+    def rows_per_epoch(self) -> int:
+        return self.rows
+
 
 def index_shards(
     location: str, output: str | None = None, retrying: Retrying = DEFAULT_RETRYING

@@ -54,6 +54,10 @@ class RawSplit:
     # another process wrote from the rows themselves.
     read_elsewhere: bool = False
 
+    @property
+    def rows_per_epoch(self) -> int:
+        return len(self.dataset)
+
     def captions(self) -> list[str]:
         """Every caption of the split (a row's other captions too), e.g. to learn a tokenizer from."""
         more = self.dataset["more_captions"] if "more_captions" in self.dataset.column_names else []

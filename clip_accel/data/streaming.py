@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import send_to_device
+from accelerate.utils import gather_object, send_to_device
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig, UserError
@@ -45,7 +47,7 @@ from .preprocess import PairPreprocessor
 from .shard_cache import READ_AHEAD
 from .shards import StreamSplit, check_unreachable, where_in_stream
 from .sources import Columns, class_names, raw_columns, raw_row
-from .stream_order import PassOrder, positions_left, slot_intervals, windows
+from .stream_order import ORDER, PassOrder, positions_left, slot_intervals, windows
 
 logger = get_logger(__name__)
 STREAM_POSITION = "stream_position"  # the batch key of the stream's position after the batch (a dict)
@@ -81,6 +83,11 @@ class StreamingPairs(IterableDataset):
         self.segments: dict[int, list] = {}  # a pass resumed on another topology: what each earlier one consumed
         self.shared = None  # [pass, resuming?, resume per worker...] seen by the worker processes
         self.batch_rows = CHUNK_ROWS  # pairs per chunk handed over: the loader's batch size
+
+    @property
+    def pairs_per_epoch(self) -> int:
+        """An epoch's rows (its bad rows are found as they are read)."""
+        return self.split.rows
 
     def share_with_workers(self, num_workers: int) -> None:
         """Before the DataLoader starts its workers: they read each pass's `set_pass` from shared memory."""
@@ -248,6 +255,53 @@ class StreamingLoader:
         segments = [*positions[0].get("segments", []), {"consumed": [list(p["consumed"]) for p in positions]}]
         logger.info(f"The stream resumes pass {passes[0]}, read so far by {was}, on this launch's processes")
         return {"pass": passes[0], "consumed": [0] * max(1, self.num_workers), "segments": segments}
+
+    # The training-data interface (`data.training_data`): what the loop asks of a stream.
+    @property
+    def pairs_per_epoch(self) -> int:
+        return self.pairs.split.rows
+
+    shared_captions = None  # (a stream is not read ahead to count them)
+
+    def taken(self, batch: dict) -> None:
+        """The loop took `batch`: its position is where the next checkpoint resumes (batches are read ahead)."""
+        self.consumed(batch.pop(STREAM_POSITION))
+
+    def state_dict(self) -> dict:
+        return self.checkpoint()
+
+    def load_state_dict(self, positions: list[dict]) -> None:
+        self.restore(positions)
+
+    def identity(self) -> dict:
+        """The stream's shards, their rows, what identifies their content (`shard_identity`) and the order it is
+        read in, which a checkpointed position refers to (`checkpoint.resume_settings`)."""
+        split = self.pairs.split
+        files = getattr(split.stream, "files", None)
+        names = [os.path.basename(name) for name in files] if files is not None else []
+        names = names or [str(shard) for shard in range(len(split.shard_rows))]
+        identity = {"shards": names, "rows": split.shard_rows, "order": ORDER}
+        if split.signatures is not None:
+            identity["content"] = split.signatures
+        return identity
+
+    def skip_report(self, accelerator, output_dir: str) -> int:
+        """Every process's skipped training rows, appended to OUTPUT/skipped_rows.jsonl by the main process;
+        returns how many distinct rows were skipped (on every process)."""
+        skipped = {}
+        for rows in gather_object([self.skipped]):
+            skipped.update(rows)
+        if accelerator.is_main_process:
+            split = self.pairs.split
+            with open(os.path.join(output_dir, "skipped_rows.jsonl"), "a") as report:
+                for where, reason in sorted(skipped.items()):
+                    row = {"split": split.name, "where": f"{split.source}[{split.name}] {where}", "reason": reason}
+                    report.write(json.dumps(row) + "\n")
+            logger.info(
+                f"train split {split.name!r} (streamed): {len(skipped)} rows skipped"
+                + (" (see skipped_rows.jsonl)" if skipped else "")
+            )
+        return len(skipped)
 
     def consumed(self, position: dict) -> None:
         """The training loop has taken the batch that carried `position` (batches are read ahead of it)."""

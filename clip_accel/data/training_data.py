@@ -1,0 +1,69 @@
+"""What the training loop reads, whatever the data is: a cached split through a DataLoader Accelerate prepared, or a
+stream (`streaming.StreamingLoader`), made by `training_data()`. The loop never asks which it holds (open_clip's
+`DataInfo`, torchtitan's stateful data loader); both answer:
+
+- `len()`: an epoch's batches on this process (the same on every process);
+- `epoch(epoch, done)`: epoch `epoch`'s batches after its first `done` (a resumed run's), on the device;
+- `taken(batch)`: the loop took this batch (a stream moves its checkpointed position past it);
+- `state_dict()` / `load_state_dict(every process's state)`: what a checkpoint keeps of it (None: nothing);
+- `identity()`: what a resume must find unchanged (a stream's shards), else None;
+- `pairs_per_epoch`, `shared_captions` (None where not counted ahead) and `skip_report()` for the logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from accelerate import Accelerator
+
+from .loader import PairDataset, make_dataloader
+from .streaming import StreamingLoader, StreamingPairs
+
+
+class CachedTrainingData:
+    """A cached split's batches: epoch e in the seeded sampler's order for e, a resumed epoch's first batches skipped
+    (Accelerate's `skip_first_batches`); nothing for a checkpoint to keep beyond the epoch and batch counters."""
+
+    def __init__(self, loader, accelerator: Accelerator, pairs: PairDataset) -> None:
+        self.loader, self.accelerator, self.pairs = loader, accelerator, pairs
+        self.pairs_per_epoch = len(pairs)
+        self.shared_captions = pairs.shared_captions()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, done: int = 0) -> Iterator[dict]:
+        self.loader.set_epoch(epoch)
+        self.pairs.set_epoch(epoch)  # (the caption a row with several trains with)
+        if done == 0:
+            return iter(self.loader)
+        skipping = self.accelerator.skip_first_batches(self.loader, done)
+        skipping.set_epoch(epoch)
+        return iter(skipping)
+
+    def taken(self, batch: dict) -> None:
+        pass
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, states: list) -> None:
+        pass
+
+    def identity(self) -> None:
+        return None
+
+    def skip_report(self, accelerator: Accelerator, output_dir: str) -> None:
+        """(Written at start-up, with the evaluation splits': `data.write_skip_report`.)"""
+
+
+def training_data(
+    accelerator: Accelerator, pairs: PairDataset | StreamingPairs, batch_size: int, num_workers: int
+) -> CachedTrainingData | StreamingLoader:
+    """The training split's batches of `batch_size` pairs per process: a stream reads each process's own rows
+    already (not prepared); a cached split goes through `accelerator.prepare` (its sampler split among the
+    processes)."""
+    if isinstance(pairs, StreamingPairs):
+        return StreamingLoader(pairs, batch_size, num_workers=num_workers, device=accelerator.device)
+    loader = make_dataloader(pairs, batch_size, train=True, num_workers=num_workers, device=accelerator.device)
+    return CachedTrainingData(accelerator.prepare(loader), accelerator, pairs)
