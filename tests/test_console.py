@@ -54,7 +54,7 @@ def test_without_a_terminal_plain_lines_and_one_per_checkpoint(tmp_path, demo_di
     shown = train(tmp_path, demo_dir, tiny_model_config_path)
     assert not [line for line in ACCELERATE_LINES if line in shown]
     assert "Writing model shards" not in shown and "Training:" not in shown  # (no bar without a terminal)
-    assert shown.count("Saved checkpoint") == 1 and shown.count(": validation ") == 2
+    assert shown.count("Saved checkpoint") == 2 and shown.count(": validation ") == 2  # (each epoch end)
     assert "step 2/12 epoch 0.33: loss" in shown  # the plain line a bar would show
     debug = train(tmp_path, demo_dir, tiny_model_config_path, "--log_level", "debug")
     assert all(line in debug for line in ACCELERATE_LINES) and "Writing model shards" in debug
@@ -66,4 +66,4 @@ def test_in_a_terminal_one_bar_with_loss_lr_and_pairs_per_second(tmp_path, demo_
     assert "Training:" in shown and "pairs/s" in shown and "loss " in shown and ", lr " in shown
     assert "step 2/12 epoch" not in shown  # (the bar says it)
     assert "Writing model shards" not in shown and not [line for line in ACCELERATE_LINES if line in shown]
-    assert shown.count("Saved checkpoint") == 1
+    assert shown.count("Saved checkpoint") == 2
