@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 import traceback
 
 import transformers
@@ -40,11 +41,14 @@ from .wise_ft import WiseFtOptions, wise_ft
 logger = logging.getLogger(__name__)
 
 
+USER_ERROR_GRACE_SECONDS = 5  # a process other than the main one waits this long before saying its user error
+
+
 def command(name: str | None):
     """A command's entry point: logging set up first (`--log_level`), and a UserError printed as argparse prints a
-    bad option, `clip-accel NAME: error: MESSAGE`, once per launch (by the main process; the others leave quietly),
-    with status 2 and no traceback (with --log_level debug, the traceback too). Any other exception is a bug and
-    keeps its traceback."""
+    bad option, `clip-accel NAME: error: MESSAGE`, once per launch (by the main process; another says it only where
+    the main process did not stop on it), with status 2 and no traceback (with --log_level debug, the traceback
+    too). Any other exception is a bug and keeps its traceback."""
     prog = " ".join(filter(None, ("clip-accel", name)))
 
     def decorate(function):
@@ -54,10 +58,16 @@ def command(name: str | None):
             try:
                 function(argv)
             except UserError as error:
-                if _launched_as_main_process():
-                    if logging.getLogger("clip_accel").isEnabledFor(logging.DEBUG):
-                        traceback.print_exc()
-                    sys.stderr.write(f"{prog}: error: {error}\n")
+                message = f"{prog}: error: {error}\n"
+                if not _launched_as_main_process():
+                    # The main process stops on the same check and says it, and the launcher then ends this one
+                    # (were it gone first, the launcher could end the main process before it spoke). Still here
+                    # after the wait: the main process did not stop on it, so this one says it.
+                    time.sleep(USER_ERROR_GRACE_SECONDS)
+                    message = f"{prog}: error: (process {os.environ['RANK']}) {error}\n"
+                if logging.getLogger("clip_accel").isEnabledFor(logging.DEBUG):
+                    traceback.print_exc()
+                sys.stderr.write(message)
                 raise SystemExit(2) from None
 
         return entry

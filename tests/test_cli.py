@@ -228,3 +228,28 @@ def test_under_torchrun_a_user_error_is_printed_once(tmp_path):
     assert failed.returncode != 0
     assert failed.stderr.count("clip-accel train: error: --data_dir '/no/such/folder' is not a folder") == 1
     assert failed.stderr.count("is dropped") == 1  # the recipe's --demo, said once per launch
+
+
+@pytest.mark.slow
+def test_a_user_error_on_another_process_alone_is_printed_once_naming_it(tmp_path):
+    # Node 1 cannot read what node 0 can: process 0 waits for it in a collective, so process 1 says it.
+    script = tmp_path / "node_error.py"
+    script.write_text(
+        "import os\n"
+        "import torch.distributed as dist\n"
+        "from clip_accel.cli import command\n"
+        "from clip_accel.config import UserError\n\n"
+        "@command('train')\n"
+        "def main(argv=None):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise UserError('--data_dir /data/catalogue is not a folder')\n"
+        "    dist.init_process_group('gloo')\n"
+        "    dist.barrier()\n\n"
+        "main()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = ["torchrun", "--nproc_per_node", "2", str(script)]
+    failed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    line = "clip-accel train: error: (process 1) --data_dir /data/catalogue is not a folder"
+    assert failed.stderr.count("is not a folder") == 1 and line in failed.stderr, failed.stderr[-3000:]

@@ -16,6 +16,7 @@ from accelerate.commands.config.config_args import ClusterConfig, load_config_fr
 from conftest import tiny_clip_config, tiny_siglip_values
 from transformers import CLIPModel, SiglipConfig, SiglipModel
 
+from clip_accel.config import UserError
 from clip_accel.launch import check_fsdp_layers
 from clip_accel.trainer import train
 
@@ -73,7 +74,7 @@ def test_a_deepspeed_launch_stops_at_start_up(make_configs, monkeypatch, tmp_pat
     # What `accelerate launch` sets for a DeepSpeed config (its launcher refuses earlier when deepspeed is missing).
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     data, model, config = make_configs()
-    with pytest.raises(RuntimeError, match="clip_accel does not run under DeepSpeed"):
+    with pytest.raises(UserError, match="clip_accel does not run under DeepSpeed"):  # (one line, status 2)
         train(data, model, config)
     assert not os.path.exists(data.cache_dir)
 
