@@ -246,6 +246,17 @@ def test_damaged_rows_are_skipped_and_counted_and_strict_stops_at_the_first(tmp_
         read_caption_ids(streaming_loader(shards, strict=True, shuffle_buffer=0), 1)
 
 
+def test_skipped_rows_are_logged_one_line_each_up_to_ten_then_at_powers_of_ten(tmp_path, caplog):
+    shards = str(tmp_path / "shards")
+    write_shards(shards, [60, 60], damaged=dict.fromkeys(range(0, 120, 2), "image"))  # 60 of 120 rows
+    loader = streaming_loader(shards)
+    with caplog.at_level("WARNING"):
+        read_caption_ids(loader, 0, loader.epoch(0))
+    lines = [record.getMessage() for record in caplog.records if " skipped: " in record.getMessage()]
+    assert len(loader.skipped) == 60 and len(lines) == 10  # (every row still counted and reported)
+    assert "further ones are counted at 100, 1,000" in lines[-1]
+
+
 def test_streamed_pairs_are_the_cached_pairs(tmp_path, demo_dir, accelerator):
     """Shards written from an Indo-fashion folder stream the same pixels, token ids and labels as its cache."""
     shards = str(tmp_path / "shards")

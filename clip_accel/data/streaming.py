@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 from collections import deque
@@ -51,6 +52,7 @@ from .stream_order import ORDER, PassOrder, positions_left, slot_intervals, wind
 
 logger = get_logger(__name__)
 STREAM_POSITION = "stream_position"  # the batch key of the stream's position after the batch (a dict)
+LOGGED_SKIPS = 10  # skipped rows logged one line each (then one line at each power of ten)
 CHUNK_ROWS = 64  # rows a worker decodes at a time, and pairs it hands over (the loader sets its batch size)
 
 
@@ -364,7 +366,7 @@ class StreamingLoader:
                 for where, reason in chunk["skipped"]:
                     if where not in self.skipped:
                         self.skipped[where] = reason
-                        logger.warning(f"{self.pairs.split.source}[{self.pairs.split.name}] {where} skipped: {reason}")
+                        self._log_skip(where, reason)
                 pending.append([chunk, 0])
                 waiting += len(chunk["positions"])
                 while waiting >= self.batch_size:
@@ -386,6 +388,16 @@ class StreamingLoader:
             )
             pass_index, resume = pass_index + 1, None
             self.borrowed += 1
+
+    def _log_skip(self, where: str, reason: str) -> None:
+        """The first skipped rows one line each, then a line at each power of ten (an unreachable shard skips
+        thousands): every one is listed in skipped_rows.jsonl at the end."""
+        count, split = len(self.skipped), f"{self.pairs.split.source}[{self.pairs.split.name}]"
+        if count <= LOGGED_SKIPS:
+            more = "; further ones are counted at 100, 1,000, ... and all listed in skipped_rows.jsonl"
+            logger.warning(f"{split} {where} skipped: {reason}" + (more if count == LOGGED_SKIPS else ""))
+        elif count == 10 ** round(math.log10(count)):
+            logger.warning(f"{split}: {count:,} rows skipped so far on this process (the last: {where}: {reason})")
 
     def _loader(self) -> DataLoader:
         if self.loader is None:
