@@ -194,9 +194,8 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         _check_output_dir(config)
     _compute_fsdp2_like_ddp(accelerator)
     model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
-    train_data = training_data(
-        accelerator, pairs["train"], config.per_device_train_batch_size, config.dataloader_num_workers
-    )
+    batch, workers = config.per_device_train_batch_size, config.dataloader_num_workers
+    train_data = training_data(accelerator, pairs["train"], batch, workers, config.output_dir, checkpoint is not None)
     loading = {"num_workers": config.dataloader_num_workers, "device": accelerator.device}
     loaders = [
         make_dataloader(pairs[role], config.per_device_eval_batch_size, train=False, **loading)

@@ -257,6 +257,28 @@ def test_skipped_rows_are_logged_one_line_each_up_to_ten_then_at_powers_of_ten(t
     assert "further ones are counted at 100, 1,000" in lines[-1]
 
 
+def test_a_stream_s_skipped_rows_are_kept_beside_its_checkpoint_not_in_it(tmp_path):
+    from clip_accel.data.streaming import ledger_path
+
+    shards = str(tmp_path / "shards")
+    write_shards(shards, [12, 12], damaged={1: "image", 5: "image", 14: "caption", 22: "image"})
+    ledger = ledger_path(str(tmp_path / "out"), 0)
+    loader = streaming_loader(shards, shuffle_buffer=0)
+    loader.ledger = ledger
+    read_caption_ids(loader, 2)  # 2 batches of 4: rows 0-9, with 1 and 5 skipped
+    (position,) = [loader.checkpoint()]
+    assert "skipped" not in position and set(loader.skipped) == {
+        "train-00000.tar key 000001",
+        "train-00000.tar key 000005",
+    }
+    resumed = streaming_loader(shards, shuffle_buffer=0)
+    resumed.ledger = ledger
+    resumed.restore([position])
+    assert resumed.skipped == loader.skipped  # (read back from the ledger)
+    read_caption_ids(resumed, 0, resumed.epoch(0, done=2))
+    assert len(resumed.skipped) == 4
+
+
 def test_streamed_pairs_are_the_cached_pairs(tmp_path, demo_dir, accelerator):
     """Shards written from an Indo-fashion folder stream the same pixels, token ids and labels as its cache."""
     shards = str(tmp_path / "shards")

@@ -52,6 +52,7 @@ from .stream_order import ORDER, PassOrder, positions_left, slot_intervals, wind
 
 logger = get_logger(__name__)
 STREAM_POSITION = "stream_position"  # the batch key of the stream's position after the batch (a dict)
+SKIP_LEDGERS = ".skipped_rows"  # OUTPUT's folder of each process's skipped training rows (`ledger_path`)
 LOGGED_SKIPS = 10  # skipped rows logged one line each (then one line at each power of ten)
 CHUNK_ROWS = 64  # rows a worker decodes at a time, and pairs it hands over (the loader sets its batch size)
 
@@ -201,6 +202,7 @@ class StreamingLoader:
         *,
         num_workers: int = 0,
         device: torch.device | None = None,
+        ledger: str | None = None,
     ) -> None:
         self.pairs = pairs
         self.batch_size = batch_size
@@ -216,6 +218,9 @@ class StreamingLoader:
         self.position = {"pass": 0, "consumed": [0] * max(1, num_workers), "segments": []}
         self.restored = False
         self.skipped: dict[str, str] = {}  # every row left out so far: where -> reason
+        # Where this process appends each row it skips (a folder of one file per process, which a resume reads
+        # back): a checkpoint keeps positions, not a list that grows with every skipped row.
+        self.ledger = ledger
         self.unreachable: dict[str, str] = {}  # every shard met unreachable so far: url -> why
         self.borrowed = 0  # epochs topped up from the next pass because a pass ran short (damaged rows)
         self.loader = None  # the DataLoader over `pairs`, made on first use
@@ -232,8 +237,9 @@ class StreamingLoader:
         processes kept), the rows the pass has left are cut into this topology's slots (module docstring)."""
         workers = max(1, self.num_workers)
         for position in positions:  # (the report is the union of every process's)
-            self.skipped.update(position.get("skipped", {}))
+            self.skipped.update(position.get("skipped", {}))  # (a checkpoint written before the ledger)
             self.unreachable.update(position.get("unreachable", {}))
+        self.skipped.update(_read_ledgers(self.ledger))
         if len(positions) == self.pairs.num_processes and all(len(p["consumed"]) == workers for p in positions):
             position = positions[self.pairs.rank]
             segments = position.get("segments", [])
@@ -293,6 +299,8 @@ class StreamingLoader:
         skipped = {}
         for rows in gather_object([self.skipped]):
             skipped.update(rows)
+        if self.ledger is not None and os.path.isfile(self.ledger):  # (the report below holds them now)
+            os.remove(self.ledger)
         if accelerator.is_main_process:
             split = self.pairs.split
             with open(os.path.join(output_dir, "skipped_rows.jsonl"), "a") as report:
@@ -312,7 +320,7 @@ class StreamingLoader:
     def checkpoint(self) -> dict:
         """What a checkpoint keeps of this process's stream: the position after the last batch consumed, and the
         rows skipped and shards met unreachable so far."""
-        return {**self.position, "skipped": dict(self.skipped), "unreachable": dict(self.unreachable)}
+        return {**self.position, "unreachable": dict(self.unreachable)}
 
     def epoch(self, epoch: int, done: int = 0) -> Iterator[dict]:
         """Epoch `epoch`'s batches after the first `done` (a resumed run's; the stream restarts at its restored
@@ -367,6 +375,7 @@ class StreamingLoader:
                     if where not in self.skipped:
                         self.skipped[where] = reason
                         self._log_skip(where, reason)
+                        self._write_ledger(where, reason)
                 pending.append([chunk, 0])
                 waiting += len(chunk["positions"])
                 while waiting >= self.batch_size:
@@ -388,6 +397,12 @@ class StreamingLoader:
             )
             pass_index, resume = pass_index + 1, None
             self.borrowed += 1
+
+    def _write_ledger(self, where: str, reason: str) -> None:
+        if self.ledger is not None:
+            os.makedirs(os.path.dirname(self.ledger), exist_ok=True)
+            with open(self.ledger, "a") as ledger:
+                ledger.write(json.dumps({"where": where, "reason": reason}) + "\n")
 
     def _log_skip(self, where: str, reason: str) -> None:
         """The first skipped rows one line each, then a line at each power of ten (an unreachable shard skips
@@ -494,6 +509,25 @@ class _SlotReader:
         following = [int(self.order.shards[p]) for p in self.places[self.places > place][:READ_AHEAD].tolist()]
         self.stream.prefetch(following)
         self.shard, self.rows, self.next_row, self.stop = shard, iter(self.stream.rows(shard, first, stop)), first, stop
+
+
+def ledger_path(output_dir: str, rank: int) -> str:
+    """Where process `rank` appends the training rows it skips (`StreamingLoader.ledger`)."""
+    return os.path.join(output_dir, SKIP_LEDGERS, f"process-{rank}.jsonl")
+
+
+def _read_ledgers(ledger: str | None) -> dict[str, str]:
+    """Every process's skipped rows so far (the files beside `ledger`): what a resumed run's report goes on from."""
+    if ledger is None or not os.path.isdir(os.path.dirname(ledger)):
+        return {}
+    skipped = {}
+    for name in sorted(os.listdir(os.path.dirname(ledger))):
+        with open(os.path.join(os.path.dirname(ledger), name)) as rows:
+            for line in rows:
+                if line.endswith("\n"):  # (a line cut short by a kill is not a row)
+                    row = json.loads(line)
+                    skipped[row["where"]] = row["reason"]
+    return skipped
 
 
 def epoch_batches(split: StreamSplit, batch_size: int, num_processes: int) -> int:

@@ -12,12 +12,14 @@ stream (`streaming.StreamingLoader`), made by `training_data()`. The loop never 
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 
 from accelerate import Accelerator
 
 from .loader import PairDataset, make_dataloader
-from .streaming import StreamingLoader, StreamingPairs
+from .streaming import StreamingLoader, StreamingPairs, ledger_path
 
 
 class CachedTrainingData:
@@ -58,12 +60,23 @@ class CachedTrainingData:
 
 
 def training_data(
-    accelerator: Accelerator, pairs: PairDataset | StreamingPairs, batch_size: int, num_workers: int
+    accelerator: Accelerator,
+    pairs: PairDataset | StreamingPairs,
+    batch_size: int,
+    num_workers: int,
+    output_dir: str | None = None,
+    resuming: bool = False,
 ) -> CachedTrainingData | StreamingLoader:
     """The training split's batches of `batch_size` pairs per process: a stream reads each process's own rows
-    already (not prepared); a cached split goes through `accelerator.prepare` (its sampler split among the
+    already (not prepared), and appends the rows it skips under `output_dir` (a run that does not resume starts
+    that record afresh); a cached split goes through `accelerator.prepare` (its sampler split among the
     processes)."""
     if isinstance(pairs, StreamingPairs):
-        return StreamingLoader(pairs, batch_size, num_workers=num_workers, device=accelerator.device)
+        ledger = ledger_path(output_dir, accelerator.process_index) if output_dir is not None else None
+        if ledger is not None and not resuming:
+            if accelerator.is_local_main_process:  # (node-local output folders: each node its own)
+                shutil.rmtree(os.path.dirname(ledger), ignore_errors=True)
+            accelerator.wait_for_everyone()
+        return StreamingLoader(pairs, batch_size, num_workers=num_workers, device=accelerator.device, ledger=ledger)
     loader = make_dataloader(pairs, batch_size, train=True, num_workers=num_workers, device=accelerator.device)
     return CachedTrainingData(accelerator.prepare(loader), accelerator, pairs)
