@@ -31,7 +31,7 @@ from accelerate import PartialState  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from clip_accel.config import DataConfig  # noqa: E402
-from clip_accel.data import STREAM_POSITION, StreamingLoader, StreamingPairs  # noqa: E402
+from clip_accel.data import StreamingLoader, StreamingPairs  # noqa: E402
 from clip_accel.data.preprocess import PairPreprocessor  # noqa: E402
 from clip_accel.data.shard_index import index_file, write_shard_index  # noqa: E402
 from clip_accel.data.shards import ShardSource, add_tar_member, count_shard_rows, load_stream_split  # noqa: E402
@@ -69,7 +69,7 @@ def one_pass(location: str, tokenizer, epoch: int = 0, **options) -> tuple[float
     loader = StreamingLoader(pairs, BATCH)
     rows, start = 0, time.perf_counter()
     for batch in loader.epoch(epoch):
-        loader.consumed(batch.pop(STREAM_POSITION))
+        loader.taken(batch)
         rows += len(batch["caption_ids"])
     return rows / (time.perf_counter() - start), rows
 

@@ -29,7 +29,7 @@ from accelerate import PartialState  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from clip_accel.config import DataConfig  # noqa: E402
-from clip_accel.data import STREAM_POSITION, StreamingLoader, StreamingPairs  # noqa: E402
+from clip_accel.data import StreamingLoader, StreamingPairs  # noqa: E402
 from clip_accel.data.preprocess import PairPreprocessor, caption_id  # noqa: E402
 from clip_accel.data.shard_index import index_file, write_shard_index  # noqa: E402
 from clip_accel.data.shards import ShardSource, add_tar_member, count_shard_rows, load_stream_split  # noqa: E402
@@ -68,7 +68,7 @@ def one_pass(folder: str, processes: int, tokenizer, ids: dict) -> tuple[int, li
         before = bytes_read()
         mine = []
         for batch in loader.epoch(0):
-            loader.consumed(batch.pop(STREAM_POSITION))
+            loader.taken(batch)
             mine.append([ids[value] for value in batch["caption_ids"].tolist()])
         most = max(most, bytes_read() - before)
         batches.append(mine)

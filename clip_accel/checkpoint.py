@@ -20,7 +20,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .config import DataConfig, ModelConfig, TrainConfig, UserError, check_writable_folder
+from .config import DataConfig, ModelConfig, TrainConfig, UserError
 from .lora import ADAPTER_DIR, has_lora, merged_state_dict, save_adapter
 from .model import ContrastiveModel, save_model_folder, unwrap
 
@@ -245,12 +245,6 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerSta
         logger.info(f"Saved checkpoint {final}", main_process_only=False)
     accelerator.wait_for_everyone()
     return final
-
-
-def check_output_folder(output_dir: str) -> None:
-    """--output_dir can be written. Checked before any image is decoded, so a typo costs seconds, not a
-    preprocessing pass."""
-    check_writable_folder(output_dir, "--output_dir")
 
 
 def list_checkpoints(output_dir: str) -> list[str]:

@@ -127,9 +127,7 @@ def load_pretrained(name_or_path: str):
     check_model_location(name_or_path)
     family = family_of(AutoConfig.from_pretrained(name_or_path))
     model = family.model_class.from_pretrained(name_or_path, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(name_or_path)
-    align_with_trainer(model, processor)  # a folder written elsewhere (or by an older clip_accel) is saved right
-    return model, processor
+    return model, AutoProcessor.from_pretrained(name_or_path)
 
 
 def load_model_and_processor(config: ModelConfig, training_captions: Callable[[], Iterable[str]]):
@@ -141,14 +139,7 @@ def load_model_and_processor(config: ModelConfig, training_captions: Callable[[]
     """
     if config.scratch_config is None:
         return load_pretrained(config.model_name_or_path)
-    model, processor = _build_from_scratch(config.scratch_config, training_captions)
-    align_with_trainer(model, processor)
-    return model, processor
-
-
-def _build_from_scratch(scratch_config: str, training_captions: Callable[[], Iterable[str]]):
-    """(fresh model, processor with a tokenizer learned from the captions) of a preset or config file."""
-    model_config = _read_model_config(scratch_config)
+    model_config = _read_model_config(config.scratch_config)
     family = family_of(model_config)
     if family is SIGLIP2:  # its folders always load a Siglip2Tokenizer (whatever they name): so it learns one
         tokenizer = build_offline_siglip2_tokenizer(training_captions())
@@ -209,7 +200,7 @@ def save_model_folder(model: PreTrainedModel, processor, folder: str, state_dict
     """`save_pretrained` of the model (with `state_dict`'s weights when given) and its processor into `folder`, with
     `align_with_trainer`'s settings, and the two files sentence-transformers reads: whatever loads the folder
     computes what the trainer computed."""
-    align_with_trainer(model, processor)  # also for a model that came through neither loader above
+    align_with_trainer(model, processor)  # (a folder written elsewhere, or by an older clip_accel, is saved right)
     model.save_pretrained(folder, state_dict=state_dict)
     processor.save_pretrained(folder)
     for name, content in sentence_transformers_files(family_of(model.config)).items():

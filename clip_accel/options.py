@@ -62,9 +62,7 @@ def parse_config(args: list[str] | None = None) -> tuple[DataConfig, ModelConfig
     recipe, label = ({}, "") if known.config is None else (load_recipe(known.config), _recipe_label(known.config))
     recipe = _drop_what_typed_options_exclude(recipe, typed, label)
     parser.set_defaults(**recipe)
-    namespace = vars(parser.parse_args(remaining))
-    namespace.pop("config")
-    values = {name: None if value == "" and DEFAULTS[name] is None else value for name, value in namespace.items()}
+    values = _values(parser.parse_args(remaining))
     _refuse_exclusive_pairs(values, typed, recipe, label)
     try:
         return tuple(cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in CONFIG_CLASSES)
@@ -119,15 +117,16 @@ def _typed_options(parser: argparse.ArgumentParser, args: list[str]) -> dict:
     try:
         for action in parser._actions:
             action.default = argparse.SUPPRESS
-        namespace, unknown = parser.parse_known_args(args)
+        return _values(parser.parse_args(args))  # (a misspelt option stops here: `UserErrorsParser.error`)
     finally:
         for action, default in saved.items():
             action.default = default
-    if unknown:
-        parser.error(unknown_options_message(parser, unknown))
-    typed = vars(namespace)
-    typed.pop("config", None)
-    return {name: None if value == "" and DEFAULTS[name] is None else value for name, value in typed.items()}
+
+
+def _values(namespace: argparse.Namespace) -> dict:
+    """The options of a parse (not --config), `''` as unset for an option whose default is unset."""
+    values = {name: value for name, value in vars(namespace).items() if name != "config"}
+    return {name: None if value == "" and DEFAULTS[name] is None else value for name, value in values.items()}
 
 
 def _used(name: str, value, given: bool) -> bool:

@@ -27,7 +27,6 @@ from transformers import CLIPModel
 from .augment import Augmenter, training_cache_size
 from .checkpoint import (
     TrainerState,
-    check_output_folder,
     check_resume,
     load_checkpoint,
     load_from_main_process,
@@ -37,7 +36,7 @@ from .checkpoint import (
     save_checkpoint,
     save_model,
 )
-from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, UserError, config_to_dict
+from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, UserError, check_writable_folder, config_to_dict
 from .data import (
     CopyStream,
     build_pair_datasets,
@@ -153,7 +152,7 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
 def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: TrainConfig) -> Run:
     """Accelerator, data, model, optimizer and schedule; every check that can fail runs before the first step."""
     check_supported_launch()
-    check_output_folder(config.output_dir)
+    check_writable_folder(config.output_dir, "--output_dir")  # (before any image is decoded: seconds, not a pass)
     prompts = dataset_prompts(data_config)  # a bad prompt file fails before anything is loaded
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,

@@ -231,3 +231,36 @@ def user_error(capsys, command, argv: list[str]) -> str:
     error = capsys.readouterr().err
     assert exited.value.code == 2 and "Traceback" not in error, error
     return error.splitlines()[-1]
+
+
+def score_demo_test_split(model_dir: str, data_dir: str, cache_dir: str, before_scoring=None):
+    """(the scores `evaluation.score` gives the test split of the Indo-fashion-layout `data_dir` with the model
+    folder `model_dir`, embedded in batches of 8; the split), `before_scoring(clip)` run first (a hook to add)."""
+    from accelerate import Accelerator
+
+    from clip_accel import evaluation
+    from clip_accel.model import ContrastiveModel, image_layout, load_pretrained
+
+    def score():
+        accelerator = Accelerator(cpu=True)
+        clip, processor = load_pretrained(model_dir)
+        model = ContrastiveModel(clip)
+        data = DataConfig(data_dir=data_dir, cache_dir=cache_dir)
+        layout = image_layout(clip, processor)
+        split = evaluation.evaluation_splits(accelerator, data, processor, layout, 8, family=model.family)["test"]
+        if before_scoring is not None:
+            before_scoring(clip)
+        return evaluation.score(accelerator, accelerator.prepare(model), processor, split), split
+
+    return with_fresh_state(score)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory, demo_dir) -> str:
+    """The demo catalogue as shards: 4 training shards of 48 rows, one validation and one test shard."""
+    from clip_accel.data import write_webdataset_shards
+
+    shards = str(tmp_path_factory.mktemp("demo-shards"))
+    for split in ("train", "val", "test"):
+        write_webdataset_shards(demo_dir, shards, split, rows_per_shard=48)
+    return shards

@@ -28,7 +28,7 @@ def main(shards: str, outdir: str) -> None:
     first = streaming_loader(shards, rank, world, workers=2)
     head = read_caption_ids(first, 3)
     resumed = streaming_loader(shards, rank, world, workers=2)
-    resumed.restore(gather_object([first.checkpoint()]))
+    resumed.load_state_dict(gather_object([first.state_dict()]))
     tail = read_caption_ids(resumed, 0, resumed.epoch(0, done=3))
     result = gather_object([{"epochs": epochs, "resumed": head + tail, "batches": len(loader), "batch": BATCH}])
     if accelerator.is_main_process:

@@ -108,7 +108,7 @@ def test_any_caption_recall_equals_clip_benchmarks_on_the_same_embeddings(clip_b
 def test_caption_lists_stream_one_drawn_caption_per_row_never_the_lists_text(demo_dir, offline_tokenizer, tmp_path):
     from accelerate import PartialState
 
-    from clip_accel.data import STREAM_POSITION, StreamingLoader, StreamingPairs
+    from clip_accel.data import StreamingLoader, StreamingPairs
     from clip_accel.data.preprocess import PairPreprocessor
     from clip_accel.data.shards import ShardSource, add_tar_member, count_shard_rows, load_stream_split
 
@@ -138,7 +138,7 @@ def test_caption_lists_stream_one_drawn_caption_per_row_never_the_lists_text(dem
         loader = StreamingLoader(pairs, 8)
         ids = []
         for batch in loader.epoch(epoch):
-            loader.consumed(batch.pop(STREAM_POSITION))
+            loader.taken(batch)
             ids += batch["caption_ids"].tolist()
         assert len(ids) == 48 and all(i in allowed for i in ids)  # (a list's repr would be no caption of the row)
         drawn.append(sorted(ids))

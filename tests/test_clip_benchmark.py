@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelerate import Accelerator
-from conftest import EmbeddedForClipBenchmark, with_fresh_state
+from conftest import EmbeddedForClipBenchmark, score_demo_test_split
 
 from clip_accel.clip_benchmark import retrieval_recall
 from clip_accel.config import RECALL_KS
@@ -57,8 +56,6 @@ def test_the_block_is_clip_benchmarks_figures_on_the_demo_embeddings_evaluation_
 ):
     """Through the evaluation itself, on a demo catalogue whose titles repeat (their embeddings tie exactly)."""
     from clip_accel import evaluation
-    from clip_accel.config import DataConfig
-    from clip_accel.model import ContrastiveModel, image_layout, load_pretrained
     from clip_accel.zero_shot import labelled_rows
 
     seen = {}  # the embeddings the evaluation scored
@@ -75,16 +72,8 @@ def test_the_block_is_clip_benchmarks_figures_on_the_demo_embeddings_evaluation_
     monkeypatch.setattr(evaluation, "retrieval_metrics", retrieval_metrics)
     monkeypatch.setattr(evaluation, "zero_shot_accuracy", zero_shot_accuracy)
 
-    def score_test_split() -> dict:
-        accelerator = Accelerator(cpu=True)
-        clip, processor = load_pretrained(tiny_pretrained_dir)
-        model = ContrastiveModel(clip)
-        data = DataConfig(data_dir=shared_titles_demo_dir, cache_dir=str(tmp_path / "cache"))
-        layout = image_layout(clip, processor)
-        split = evaluation.evaluation_splits(accelerator, data, processor, layout, 8, family=model.family)["test"]
-        return evaluation.score(accelerator, accelerator.prepare(model), processor, split)
-
-    ours = with_fresh_state(score_test_split)["clip_benchmark"]
+    cache = str(tmp_path / "cache")
+    ours = score_demo_test_split(tiny_pretrained_dir, shared_titles_demo_dir, cache)[0]["clip_benchmark"]
     images, texts = seen["images"], seen["texts"]
     assert len(torch.unique(texts, dim=0)) < len(texts) == 45  # (titles repeat, and their embeddings tie)
     theirs = their_retrieval(clip_benchmark, images, texts, torch.arange(len(images)))

@@ -36,11 +36,9 @@ def test_evaluation_embeds_and_ranks_in_full_float32_under_a_tf32_training_run(m
 def test_each_distinct_caption_is_embedded_once_so_identical_captions_tie_exactly(
     shared_titles_demo_dir, tiny_pretrained_dir, tmp_path, monkeypatch
 ):
-    from conftest import with_fresh_state
+    from conftest import score_demo_test_split
 
     from clip_accel import evaluation
-    from clip_accel.config import DataConfig
-    from clip_accel.model import ContrastiveModel, image_layout, load_pretrained
 
     embedded, scored = [], {}  # caption rows through the text tower; what retrieval was scored on
 
@@ -51,18 +49,11 @@ def test_each_distinct_caption_is_embedded_once_so_identical_captions_tie_exactl
     real = evaluation.retrieval_metrics
     monkeypatch.setattr(evaluation, "retrieval_metrics", retrieval_metrics)
 
-    def score_test_split() -> list[str]:
-        accelerator = Accelerator(cpu=True)
-        clip, processor = load_pretrained(tiny_pretrained_dir)
-        model = ContrastiveModel(clip)
-        data = DataConfig(data_dir=shared_titles_demo_dir, cache_dir=str(tmp_path / "cache"))
-        layout = image_layout(clip, processor)
-        split = evaluation.evaluation_splits(accelerator, data, processor, layout, 8, family=model.family)["test"]
+    def count_caption_rows(clip) -> None:
         clip.text_model.register_forward_hook(lambda _, __, output: embedded.append(len(output.pooler_output)))
-        evaluation.score(accelerator, accelerator.prepare(model), processor, split)
-        return split.captions
 
-    captions = with_fresh_state(score_test_split)
+    cache = str(tmp_path / "cache")
+    captions = score_demo_test_split(tiny_pretrained_dir, shared_titles_demo_dir, cache, count_caption_rows)[1].captions
     assert scored["embedded"] == len(set(captions)) < len(captions) == 45  # (batches of 8: a title's copies apart)
     texts = scored["texts"]
     for caption in set(captions):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import with_fresh_state
 from safetensors.torch import load_file
+from test_streaming import STREAM_OPTIONS
 
 import clip_accel.trainer as trainer
 from clip_accel.data.loader import make_dataloader
@@ -40,12 +41,16 @@ def preempt_at(step: int, monkeypatch) -> None:
     monkeypatch.setattr(trainer, "preempted_everywhere", signalled)
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
 @pytest.mark.parametrize("step", [6, 7], ids=["at-an-epoch-end-evaluation", "at-a-plain-step"])
 def test_a_preempted_run_resumes_with_the_uninterrupted_runs_evaluations_best_model_and_test_figures(
-    step, make_configs, tmp_path, monkeypatch
+    step, streamed, make_configs, demo_shards, tmp_path, monkeypatch
 ):
-    # 192 pairs / 32 = 6 steps an epoch, 3 epochs: evaluations at steps 6, 12 and 18, logging every step.
+    # 192 pairs / 32 = 6 steps an epoch, 3 epochs: evaluations at steps 6, 12 and 18, logging every step. Streamed:
+    # the demo's 4 shards of 48 rows, read by the process itself (a resume then cuts the same batches).
     options = {"num_train_epochs": 3, "eval_initial_model": False, "early_stopping_patience": 0}
+    if streamed:
+        options |= {"data_dir": None, "dataset_name": demo_shards, **STREAM_OPTIONS}
     whole = with_fresh_state(trainer.train, *make_configs(**options, output_dir=str(tmp_path / "whole")))
     out = str(tmp_path / "preempted")
     with monkeypatch.context() as patched:

@@ -21,7 +21,6 @@ from test_distributed import REPO, free_port, torchrun
 
 from clip_accel.config import DataConfig
 from clip_accel.data import (
-    STREAM_POSITION,
     StreamingLoader,
     StreamingPairs,
     build_pair_datasets,
@@ -112,7 +111,7 @@ def read_caption_ids(loader: StreamingLoader, count: int, batches=None) -> list[
     """The item ids of the first `count` batches (or of `batches`), consumed as the training loop does."""
     items = []
     for batch in batches if batches is not None else loader.batches(count):
-        loader.consumed(batch.pop(STREAM_POSITION))
+        loader.taken(batch)
         items += [CAPTION_IDS[value] for value in batch["caption_ids"].tolist()]
     return items
 
@@ -176,7 +175,7 @@ def test_resume_reads_the_rest_of_the_pass_without_a_pair_twice(uneven_shards):
     first = streaming_loader(shards, workers=2)
     head = read_caption_ids(first, 3)
     resumed = streaming_loader(shards, workers=2)
-    resumed.restore([first.checkpoint()])
+    resumed.load_state_dict([first.state_dict()])
     tail = read_caption_ids(resumed, 0, resumed.epoch(0, done=3))
     assert head == whole[:12]
     assert len(head + tail) == len(set(head + tail)) == 28 and set(tail) <= set(items) - set(head)
@@ -204,11 +203,11 @@ def test_a_pass_resumes_on_another_number_of_processes_and_workers_with_every_ro
     options = {"shard_cache_dir": str(tmp_path / "cache")} if cached else {}
     first = [streaming_loader(shards, rank, processes, workers, 8 // processes, **options) for rank in range(processes)]
     head = [item for loader in first for item in read_caption_ids(loader, 3)]
-    positions = [loader.checkpoint() for loader in first]
+    positions = [loader.state_dict() for loader in first]
     tail = []
     for rank in range(resumed_processes):
         loader = streaming_loader(shards, rank, resumed_processes, resumed_workers, 8 // resumed_processes, **options)
-        loader.restore(positions)
+        loader.load_state_dict(positions)
         mine = read_caption_ids(loader, 0, loader.epoch(0, done=3))
         assert len(mine) == 5 * 8 // resumed_processes
         tail += mine
@@ -220,13 +219,13 @@ def test_an_elastic_resume_is_refused_where_the_processes_stood_in_different_pas
     shards, items = even_shards
     first = [streaming_loader(shards, rank, 2, epoch_rows=64) for rank in range(2)]
     head = [item for loader in first for item in read_caption_ids(loader, 3)]
-    positions = [loader.checkpoint() for loader in first]
+    positions = [loader.state_dict() for loader in first]
     resumed = streaming_loader(shards, 0, 1, batch=8, epoch_rows=64)
-    resumed.restore(positions)
+    resumed.load_state_dict(positions)
     assert sorted(head + read_caption_ids(resumed, 0, resumed.epoch(0, done=3))) == items
     positions[1] = {**positions[1], "pass": 1}
     with pytest.raises(ValueError, match="stood in different passes.*resume on 2 processes with --dataloader_num_work"):
-        streaming_loader(shards, 0, 1, batch=8, epoch_rows=64).restore(positions)
+        streaming_loader(shards, 0, 1, batch=8, epoch_rows=64).load_state_dict(positions)
 
 
 def test_damaged_rows_are_skipped_and_counted_and_strict_stops_at_the_first(tmp_path):
@@ -266,14 +265,14 @@ def test_a_stream_s_skipped_rows_are_kept_beside_its_checkpoint_not_in_it(tmp_pa
     loader = streaming_loader(shards, shuffle_buffer=0)
     loader.ledger = ledger
     read_caption_ids(loader, 2)  # 2 batches of 4: rows 0-9, with 1 and 5 skipped
-    (position,) = [loader.checkpoint()]
+    (position,) = [loader.state_dict()]
     assert "skipped" not in position and set(loader.skipped) == {
         "train-00000.tar key 000001",
         "train-00000.tar key 000005",
     }
     resumed = streaming_loader(shards, shuffle_buffer=0)
     resumed.ledger = ledger
-    resumed.restore([position])
+    resumed.load_state_dict([position])
     assert resumed.skipped == loader.skipped  # (read back from the ledger)
     read_caption_ids(resumed, 0, resumed.epoch(0, done=2))
     assert len(resumed.skipped) == 4
@@ -317,15 +316,6 @@ def accelerator():
 
     yield Accelerator(cpu=True)
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def demo_shards(tmp_path_factory, demo_dir) -> str:
-    """The demo catalogue as shards: 4 training shards of 48 rows, one validation and one test shard."""
-    shards = str(tmp_path_factory.mktemp("demo-shards"))
-    for split in ("train", "val", "test"):
-        write_webdataset_shards(demo_dir, shards, split, rows_per_shard=48)
-    return shards
 
 
 @pytest.fixture

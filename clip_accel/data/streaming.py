@@ -18,7 +18,7 @@ in which order (`stream_order`: pure functions of a few integers):
 
 Resume: each batch carries the stream's position after it (the pass, and per worker how many rows of its slot it
 consumed). A resumed run starts each worker at its window and the window's place: nothing consumed is read again.
-On another number of processes or workers (`restore` with every process's position), the rows the pass has left
+On another number of processes or workers (`load_state_dict` with every process's position), the rows the pass has left
 are intervals computed from those counts (`stream_order.positions_left`: O(slots x window), whatever the pass's
 size), cut into the new slots (a later resume adds a segment). `datasets`' own `state_dict` loses the shuffle
 buffer's rows on resume (its documentation says so), so it is not used. The batches after a resume are grouped
@@ -214,7 +214,7 @@ class StreamingLoader:
                 f"An epoch of {pairs.split.rows} rows is less than one batch of all processes "
                 f"({batch_size} x {pairs.num_processes}): raise --epoch_rows or lower --per_device_train_batch_size."
             )
-        # The position after the last batch the training loop consumed (`consumed`), or restored (`restore`).
+        # The position after the last batch the training loop consumed (`taken`), or restored (`load_state_dict`).
         self.position = {"pass": 0, "consumed": [0] * max(1, num_workers), "segments": []}
         self.restored = False
         self.skipped: dict[str, str] = {}  # every row left out so far: where -> reason
@@ -228,11 +228,8 @@ class StreamingLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        """Each epoch reads its own pass: see `epoch`."""
-
-    def restore(self, positions: list[dict]) -> None:
-        """Continue from a checkpoint's positions (every process's `checkpoint()`). On the processes and workers
+    def load_state_dict(self, positions: list[dict]) -> None:
+        """Continue from a checkpoint's positions (every process's `state_dict()`). On the processes and workers
         that wrote them, each process goes on where it stood; on others (an elastic resume: the batch of all
         processes kept), the rows the pass has left are cut into this topology's slots (module docstring)."""
         workers = max(1, self.num_workers)
@@ -272,14 +269,9 @@ class StreamingLoader:
     shared_captions = None  # (a stream is not read ahead to count them)
 
     def taken(self, batch: dict) -> None:
-        """The loop took `batch`: its position is where the next checkpoint resumes (batches are read ahead)."""
-        self.consumed(batch.pop(STREAM_POSITION))
-
-    def state_dict(self) -> dict:
-        return self.checkpoint()
-
-    def load_state_dict(self, positions: list[dict]) -> None:
-        self.restore(positions)
+        """The loop took `batch`: the position it carries is where the next checkpoint resumes (batches are read
+        ahead of the loop)."""
+        self.position = batch.pop(STREAM_POSITION)
 
     def identity(self) -> dict:
         """The stream's shards, their rows, what identifies their content (`shard_identity`) and the order it is
@@ -313,13 +305,9 @@ class StreamingLoader:
             )
         return len(skipped)
 
-    def consumed(self, position: dict) -> None:
-        """The training loop has taken the batch that carried `position` (batches are read ahead of it)."""
-        self.position = position
-
-    def checkpoint(self) -> dict:
-        """What a checkpoint keeps of this process's stream: the position after the last batch consumed, and the
-        rows skipped and shards met unreachable so far."""
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of this process's stream: the position after the last batch taken, and the
+        shards met unreachable so far (the rows skipped are in its ledger)."""
         return {**self.position, "unreachable": dict(self.unreachable)}
 
     def epoch(self, epoch: int, done: int = 0) -> Iterator[dict]:
@@ -531,14 +519,10 @@ def _read_ledgers(ledger: str | None) -> dict[str, str]:
 
 
 def epoch_batches(split: StreamSplit, batch_size: int, num_processes: int) -> int:
-    """An epoch's batches per process: `--epoch_rows` over the global batch where it is set, else as many as the
-    process with the fewest rows fills (process p's rows are the p-th of `num_processes` equal runs of the pass)."""
-    total = sum(split.shard_rows)
-    if split.rows != total:  # (--epoch_rows)
-        return split.rows // (batch_size * num_processes)
-    return (
-        min(total * (p + 1) // num_processes - total * p // num_processes for p in range(num_processes)) // batch_size
-    )
+    """An epoch's batches per process: its rows (`--epoch_rows`, else a pass's) over the global batch. (For a pass,
+    that is as many as the process with the fewest rows fills: process p's are the p-th of `num_processes` equal
+    runs, the fewest floor(rows / N), and floor(floor(rows / N) / B) = floor(rows / (N x B)).)"""
+    return split.rows // (batch_size * num_processes)
 
 
 def _as_is(chunk: dict) -> dict:
