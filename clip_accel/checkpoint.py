@@ -1,9 +1,11 @@
-"""Checkpoints and the best model, both written so that a kill never leaves a half-written folder behind.
+"""Checkpoints: `CheckpointManager` is the one place a run's resumable pieces are saved and restored, the
+checkpoint a resume starts from is chosen (agreed by every process) and a resume is checked against the run that
+wrote it.
 
 OUTPUT/checkpoints/step-0000040/ holds `accelerator.save_state` (model as safetensors, optimizer, grad scaler,
-every process's RNG state) plus `trainer_state.json` (step, epoch, batches consumed in that epoch, schedule,
-early-stopping state, log history). A rename is atomic, so a `step-*` folder is always complete; a kill during a
-save leaves only a `.staging-*` folder, which is ignored and replaced next time.
+every process's RNG state, the weight EMA) plus `trainer_state.json` (step, epoch, batches consumed in that epoch,
+schedule, early-stopping state, every process's data position, log history). A rename is atomic, so a `step-*`
+folder is always complete; a kill during a save leaves only a `.staging-*` folder, ignored and replaced next time.
 """
 
 from __future__ import annotations
@@ -13,16 +15,13 @@ import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
-import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import DataConfig, ModelConfig, TrainConfig, UserError
-from .lora import ADAPTER_DIR, has_lora, merged_state_dict, save_adapter
-from .model import ContrastiveModel, save_model_folder, unwrap
 
 logger = get_logger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -41,13 +40,92 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     initial: dict = field(default_factory=dict)  # the starting model's test metrics
     unlogged_losses: list = field(default_factory=list)  # losses of the current logging interval so far
+    history: list = field(default_factory=list)
+    # Written by CheckpointManager.save, read back by its restore (the loop never touches them):
     early_stopping: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)
+    stream: list = field(default_factory=list)  # every process's data position (a stream's: data.streaming)
     sharded: bool = False  # written under FSDP2 (a sharded model and optimizer)
     num_processes: int = 1
-    stream: list = field(default_factory=list)  # --streaming: each process's position in the stream (data.streaming)
     settings: dict = field(default_factory=dict)  # what a resume depends on (`resume_settings`)
+
+
+class Stateful(Protocol):
+    """What the checkpoint manager saves and restores (torch.distributed.checkpoint's protocol)."""
+
+    def state_dict(self): ...
+
+    def load_state_dict(self, state) -> None: ...
+
+
+class CheckpointManager:
+    """Saves and restores every resumable piece of a run, and nothing else does.
+
+    Model, optimizer, grad scaler, every process's RNG and the weight EMA go through `accelerator.save_state`;
+    the pieces `track`ed here — the schedule and early stopping (the same on every process) and the training data
+    (each process's position, all of them restored to every process, so an elastic resume can redistribute them) —
+    and the loop's `TrainerState` go into `trainer_state.json`. `resolve` chooses the checkpoint (the newest every
+    process holds) and checks, before any image is decoded, that this run may resume it; `restore` checks the rest
+    (the model, the data) and loads every piece.
+    """
+
+    def __init__(self, accelerator: Accelerator, output_dir: str, keep: int) -> None:
+        self.accelerator, self.output_dir, self.keep = accelerator, output_dir, keep
+        self.path: str | None = None  # the checkpoint this run resumes from
+        self.settings: dict = {}
+        self.shared: dict[str, Stateful] = {}  # TrainerState field -> piece
+        self.per_process: dict[str, Stateful] = {}
+
+    def resolve(self, which: str | None, settings: dict) -> str | None:
+        """The checkpoint `--resume_from_checkpoint which` names (None: start afresh), once the options it was
+        written with (`resume_settings` without the model and data) are found to match `settings`."""
+        if which:  # (latest_if_any: None where no process holds one yet)
+            self.path = resolve_checkpoint(self.output_dir, which, self.accelerator)
+        if self.path:
+            check_resume(self.path, read_state(self.path).settings, settings)
+        return self.path
+
+    def track(
+        self, settings: dict, *, schedule: Stateful, early_stopping: Stateful, data: Stateful, ema: Stateful | None
+    ) -> None:
+        """The run's resumable pieces (the model and optimizer are Accelerate's) and what its resumes depend on
+        (`resume_settings` in full)."""
+        self.settings = settings
+        self.shared = {"scheduler": schedule, "early_stopping": early_stopping}
+        self.per_process = {"stream": data}
+        if ema is not None:
+            self.accelerator.register_for_checkpointing(ema)
+
+    def save(self, state: TrainerState) -> str:
+        """Every process calls this; returns the checkpoint folder."""
+        for name, piece in self.shared.items():
+            setattr(state, name, piece.state_dict())
+        for name, piece in self.per_process.items():
+            states = gather_object([piece.state_dict()])
+            setattr(state, name, states if states[0] is not None else [])
+        state.sharded, state.num_processes = self.accelerator.is_fsdp2, self.accelerator.num_processes
+        state.settings = self.settings
+        return save_checkpoint(self.accelerator, self.output_dir, state, self.keep)
+
+    def restore(self) -> TrainerState:
+        """The loop's state at the resolved checkpoint (a fresh one where there is none), every piece loaded."""
+        if not self.path:
+            return TrainerState()
+        state = load_checkpoint(self.accelerator, self.path, self.settings)
+        best_step = state.early_stopping.get("best_step", 0)
+        saved = os.path.isfile(os.path.join(self.output_dir, "model.safetensors"))
+        if best_step and not saved and self.accelerator.is_main_process:
+            raise UserError(
+                f"{self.path} resumes a run whose best model (step {best_step}) should be in {self.output_dir}, "
+                "but model.safetensors is not there: resume in the output folder the run wrote (on the main node), "
+                "or restore its model files."
+            )
+        for name, piece in self.shared.items():
+            if getattr(state, name):
+                piece.load_state_dict(getattr(state, name))
+        for name, piece in self.per_process.items():
+            piece.load_state_dict(getattr(state, name))  # (every process's: on another topology too)
+        return state
 
 
 # The options a resumed run must share with the run that wrote the checkpoint: they shape the optimizer's state,
@@ -336,59 +414,3 @@ def _check_resumable(accelerator: Accelerator, state: TrainerState, path: str) -
         f"{path} was written under {written} and this run is {now}: resume it with the launch that wrote it, "
         "or start from its best model (--model_name_or_path OUTPUT) instead of resuming."
     )
-
-
-def load_from_main_process(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Fill `module`'s parameters and buffers in place with `weights`, whole tensors that only the main process
-    holds (the others pass {}): each is broadcast, then copied whole (DDP, one process) or as this process's shard
-    (an FSDP2 DTensor). No other process reads a disk, so other nodes need not share the main one's."""
-    for name, tensor in module.state_dict().items():
-        whole = (
-            weights[name].to(tensor.device, tensor.dtype)
-            if weights
-            else torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
-        )
-        torch.distributed.broadcast(whole, src=0)
-        with torch.no_grad():
-            if isinstance(tensor, DTensor):
-                shard = distribute_tensor(whole, tensor.device_mesh, tensor.placements, src_data_rank=None)
-                tensor.to_local().copy_(shard.to_local())
-            else:
-                tensor.copy_(whole)
-
-
-def _replace(source: str, target: str) -> None:
-    """Move `source` onto `target`; a folder (the adapter) is swapped whole: the old one is moved aside first, so a
-    crash leaves the old folder or the new one readable, never neither."""
-    if not os.path.isdir(target):
-        os.replace(source, target)
-        return
-    aside = f"{target}.old"
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(target, aside)
-    os.replace(source, target)
-    shutil.rmtree(aside)
-
-
-def save_model(accelerator: Accelerator, model: torch.nn.Module, processor, output_dir: str) -> None:
-    """The model folder (`save_model_folder`: safetensors, processor, sentence-transformers' files) in output_dir.
-    Written to a temporary folder first and moved into place file by file, so a crash mid-save leaves the previous
-    best model readable."""
-    state_dict = accelerator.get_state_dict(model)  # every process: FSDP2 gathers the whole tensors here
-    if accelerator.is_main_process:
-        # A compiled model's keys carry torch.compile's wrapper prefix; the saved CLIPModel must not.
-        state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
-        staging = os.path.join(output_dir, ".staging-model")
-        os.makedirs(staging, exist_ok=True)
-        clip = unwrap(accelerator, model).clip
-        state_dict = ContrastiveModel.clip_state_dict(state_dict)
-        if has_lora(clip):  # the adapter alone, and the merged plain CLIPModel that loads without peft
-            save_adapter(clip, state_dict, os.path.join(staging, ADAPTER_DIR))
-            state_dict = merged_state_dict(clip, state_dict)
-        save_model_folder(clip, processor, staging, state_dict)
-        for name in os.listdir(staging):
-            _replace(os.path.join(staging, name), os.path.join(output_dir, name))
-        if not has_lora(clip):  # an earlier LoRA run's adapter in this folder would not belong to this model
-            shutil.rmtree(os.path.join(output_dir, ADAPTER_DIR), ignore_errors=True)
-        os.rmdir(staging)
-    accelerator.wait_for_everyone()

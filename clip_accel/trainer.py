@@ -13,29 +13,20 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import CLIPModel
 
 from .augment import Augmenter, training_cache_size
-from .checkpoint import (
-    TrainerState,
-    check_resume,
-    load_checkpoint,
-    load_from_main_process,
-    read_state,
-    resolve_checkpoint,
-    resume_settings,
-    save_checkpoint,
-    save_model,
-)
+from .best_model import load_best_model, save_model
+from .checkpoint import CheckpointManager, TrainerState, resume_settings
 from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, UserError, check_writable_folder, config_to_dict
 from .data import (
     CopyStream,
@@ -60,7 +51,7 @@ from .launch import (
     data_prepared_per_node,
     storage_is_shared,
 )
-from .lora import add_lora, has_lora, lora_layout
+from .lora import add_lora
 from .loss import LOSSES
 from .model import (
     ContrastiveModel,
@@ -113,10 +104,10 @@ class Run:
     texts: dict  # per evaluation role, its captions, each distinct one embedded once (SplitCaptions)
     skipped: dict  # rows skipped per role (main process)
     resolved_config: dict  # every option, flat
-    settings: dict  # what a resume of this run's checkpoints depends on (checkpoint.resume_settings)
     prompts: Prompts  # how zero-shot classification words the classes
     augmenter: Augmenter | None  # random crops of the training images (--augment), else None
-    checkpoint: str | None  # the one every process resumes from (--resume_from_checkpoint), else None
+    early_stopping: EarlyStopping
+    checkpoints: CheckpointManager  # saves and restores every resumable piece above
 
     @property
     def accelerator(self) -> Accelerator:
@@ -131,13 +122,13 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
     """Fine-tune with early stopping; the best model is saved in OUTPUT/ and measured on the test split."""
     with watching_for_preemption() as preemption:  # (`clip-accel train` watches from its start already)
         run = prepare_run(data_config, model_config, config)
-        state = _restore(run) if run.checkpoint else TrainerState()
+        state = run.checkpoints.restore()
         if preempted_everywhere(run.accelerator, preemption):  # during start-up: nothing new to keep, stop now
-            raise Preempted(state.step, run.checkpoint)
+            raise Preempted(state.step, run.checkpoints.path)
         if config.eval_initial_model and not state.initial:
             state.initial = {"test": _evaluate(run, "test")}
         early_stopping = fit(run, state)
-        best_model = _load_best_weights(run)
+        best_model = load_best_model(run.accelerator, run.model, config.output_dir)
         metrics = {"initial": state.initial} if state.initial else {}
         metrics["validation"] = early_stopping.best_metrics
         metrics["test"] = _evaluate(run, "test")
@@ -184,17 +175,14 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
             "results are written on the main node."
         )
     configs = (data_config, model_config, config)
-    checkpoint = None
-    if config.resume_from_checkpoint:  # (latest_if_any: None where no process holds one yet)
-        checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, accelerator)
-    if checkpoint:  # the options it must share with this run, before any image is decoded
-        check_resume(checkpoint, read_state(checkpoint).settings, resume_settings(configs, accelerator.num_processes))
-    else:
+    checkpoints = CheckpointManager(accelerator, config.output_dir, config.save_total_limit)
+    resuming = checkpoints.resolve(config.resume_from_checkpoint, resume_settings(configs, accelerator.num_processes))
+    if not resuming:
         _check_output_dir(config)
     _compute_fsdp2_like_ddp(accelerator)
     model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
     batch, workers = config.per_device_train_batch_size, config.dataloader_num_workers
-    train_data = training_data(accelerator, pairs["train"], batch, workers, config.output_dir, checkpoint is not None)
+    train_data = training_data(accelerator, pairs["train"], batch, workers, config.output_dir, resuming is not None)
     loading = {"num_workers": config.dataloader_num_workers, "device": accelerator.device}
     loaders = [
         make_dataloader(pairs[role], config.per_device_eval_batch_size, train=False, **loading)
@@ -215,6 +203,17 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
     family = unwrap(accelerator, model).family
     ema = _weight_ema(accelerator, model, config)
+    early_stopping = EarlyStopping(
+        config.early_stopping_metric, config.early_stopping_patience, config.early_stopping_min_delta
+    )
+    settings = resume_settings(
+        configs,
+        accelerator.num_processes,
+        unwrap(accelerator, model).clip.config.to_dict(),
+        pairs["train"].pairs_per_epoch,
+        train_data.identity(),
+    )
+    checkpoints.track(settings, schedule=scheduler, early_stopping=early_stopping, data=train_data, ema=ema)
     step_context = StepContext(
         accelerator=accelerator,
         model=model,
@@ -247,30 +246,17 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         },
         skipped=skipped,
         resolved_config=resolved_config,
-        settings=resume_settings(
-            configs,
-            accelerator.num_processes,
-            unwrap(accelerator, model).clip.config.to_dict(),
-            pairs["train"].pairs_per_epoch,
-            train_data.identity(),
-        ),
         prompts=prompts,
         augmenter=_augmenter(data_config, image_layout(unwrap(accelerator, model).clip, processor).size, config.seed),
-        checkpoint=checkpoint,
+        early_stopping=early_stopping,
+        checkpoints=checkpoints,
     )
 
 
 def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> EarlyStopping:
     """Optimizer steps until the step budget or early stopping, resuming from `state`. Each step reads
     step -> log? -> evaluate? -> checkpoint? -> stop?."""
-    config = run.config
-    early_stopping = (
-        EarlyStopping(**state.early_stopping)
-        if state.early_stopping
-        else EarlyStopping(
-            config.early_stopping_metric, config.early_stopping_patience, config.early_stopping_min_delta
-        )
-    )
+    config, early_stopping = run.config, run.early_stopping
     if state.step >= run.total_steps or early_stopping.should_stop:
         return early_stopping  # resumed from the run's last checkpoint
     take_step = exact_step if config.accumulation == "exact" and config.gradient_accumulation_steps > 1 else plain_step
@@ -305,7 +291,10 @@ def fit(run: Run, state: TrainerState, on_step_end: StepHook | None = None) -> E
             checkpoint_due = config.checkpointing_steps and state.step % config.checkpointing_steps == 0
             if epoch_over or preempted or (checkpoint_due and not stop):  # every epoch's end, the last one's too
                 skips = _count_nonfinite(state, skips, config.max_nonfinite_steps)
-                checkpoint = _checkpoint(run, state, early_stopping, losses)
+                # So a resumed run logs the same interval means: each step's loss averaged over the processes
+                # (with the local loss each holds its own share), as _log_training averages them.
+                state.unlogged_losses = _mean_over_processes(run, losses).tolist() if losses else []
+                checkpoint = run.checkpoints.save(state)
                 if preempted:
                     progress.close()
                     raise Preempted(state.step, checkpoint)
@@ -419,22 +408,6 @@ def _augmenter(data_config: DataConfig, image_size: int, seed: int) -> Augmenter
     return Augmenter(image_size, tuple(data_config.augment_scale), data_config.augment_flip, seed)
 
 
-def _restore(run: Run) -> TrainerState:
-    checkpoint = run.checkpoint
-    state = load_checkpoint(run.accelerator, checkpoint, run.settings)
-    best_step = state.early_stopping.get("best_step", 0)
-    saved = os.path.isfile(os.path.join(run.config.output_dir, "model.safetensors"))
-    if best_step and not saved and run.accelerator.is_main_process:
-        raise UserError(
-            f"{checkpoint} resumes a run whose best model (step {best_step}) should be in {run.config.output_dir}, "
-            "but model.safetensors is not there: resume in the output folder the run wrote (on the main node), "
-            "or restore its model files."
-        )
-    run.step_context.scheduler.load_state_dict(state.scheduler)
-    run.train_data.load_state_dict(state.stream)  # (a stream's position: on another topology too)
-    return state
-
-
 def _evaluate(run: Run, role: str) -> dict[str, float]:
     loader = run.validation_loader if role == "validation" else run.test_loader
     return evaluate_retrieval(
@@ -457,7 +430,6 @@ def _weight_ema(accelerator: Accelerator, model: torch.nn.Module, config: TrainC
     if not config.ema_decay:
         return None
     ema = WeightEma(unwrap(accelerator, model), config.ema_decay, config.ema_warmup)
-    accelerator.register_for_checkpointing(ema)
     count = sum(parameter.numel() for parameter in ema.parameters)
     logger.info(
         f"Weight EMA, decay {config.ema_decay:g}{' with warm-up' if config.ema_warmup else ''}: {count:,} "
@@ -541,37 +513,6 @@ def _count_nonfinite(state: TrainerState, skips: list[torch.Tensor], limit: int)
                 "--resume_from_checkpoint latest."
             )
     return []
-
-
-def _checkpoint(run: Run, state: TrainerState, early_stopping: EarlyStopping, losses: list) -> str:
-    # So a resumed run logs the same interval means: each step's loss averaged over the processes (with the local
-    # loss each holds its own share), as _log_training averages them.
-    state.unlogged_losses = _mean_over_processes(run, losses).tolist() if losses else []
-    state.early_stopping = asdict(early_stopping)
-    state.scheduler = run.step_context.scheduler.state_dict()
-    state.sharded, state.num_processes = run.accelerator.is_fsdp2, run.accelerator.num_processes
-    state.settings = run.settings
-    positions = gather_object([run.train_data.state_dict()])  # (every process's: a stream's positions)
-    state.stream = positions if positions[0] is not None else []
-    return save_checkpoint(run.accelerator, run.config.output_dir, state, run.config.save_total_limit)
-
-
-def _load_best_weights(run: Run) -> CLIPModel | None:
-    """The saved best model is what the final test evaluation measures and what users get; returns it (on the main
-    process). Only the main process wrote it, so only it reads it; the others receive it over the network (other
-    nodes may not share its disk), whole or as their FSDP2 shards."""
-    module = unwrap(run.accelerator, run.model)
-    best, weights = None, {}
-    if run.accelerator.is_main_process:
-        best = module.family.model_class.from_pretrained(run.config.output_dir, dtype=torch.float32)
-        weights = ContrastiveModel.from_clip_state_dict(best.state_dict())
-        if has_lora(module.clip):  # the merged weights, in the adapted model's layout (adapters adding zero)
-            weights = lora_layout(weights, module.state_dict())
-    if run.accelerator.num_processes == 1:
-        module.load_state_dict(weights)
-    else:
-        load_from_main_process(module, weights)
-    return best
 
 
 def _shut_down(run: Run) -> None:

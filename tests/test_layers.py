@@ -36,7 +36,7 @@ LAYERS = (
         "optim",
         "ema",
     },
-    {"step", "evaluation", "checkpoint", "launch", "preemption"},
+    {"step", "evaluation", "checkpoint", "best_model", "launch", "preemption"},
     {"trainer"},
     {"outputs", "hub", "sweep", "wise_ft", "embedding", "search", "environment"},
     {"cli", "__main__"},

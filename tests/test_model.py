@@ -29,7 +29,7 @@ from transformers import (
     pipeline,
 )
 
-from clip_accel.checkpoint import save_model
+from clip_accel.best_model import save_model
 from clip_accel.config import ModelConfig, TrainConfig
 from clip_accel.data.preprocess import load_rgb_image
 from clip_accel.loss import contrastive_loss
@@ -190,7 +190,7 @@ def _as_written_before_issue_40(folder) -> None:
 
 @pytest.fixture(scope="module", params=STARTS)
 def saved_folder(request, tmp_path_factory):
-    """A folder saved as the trainer saves its best model (`checkpoint.save_model`), its PNG photos (of several
+    """A folder saved as the trainer saves its best model (`best_model.save_model`), its PNG photos (of several
     shapes), and the trainer's text embeddings of TEXTS in memory before saving. SigLIP's logit bias is set to 0
     so that the scores spread (at -10 every sigmoid score is ~5e-5)."""
     root = tmp_path_factory.mktemp("saved")
