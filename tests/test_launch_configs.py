@@ -107,13 +107,13 @@ def test_fsdp2_with_node_local_output_folders_is_refused_at_start_up(make_config
     # Two nodes with their own disks under FSDP2: only the first would hold each checkpoint's .metadata.
     from accelerate import Accelerator
 
-    import clip_accel.trainer
+    import clip_accel.startup
 
-    monkeypatch.setattr(clip_accel.trainer, "storage_is_shared", lambda accelerator, folder: False)
+    monkeypatch.setattr(clip_accel.startup, "storage_is_shared", lambda accelerator, folder: False)
     monkeypatch.setattr(Accelerator, "is_fsdp2", property(lambda self: True))
     with pytest.raises(ValueError, match="FSDP2 with a node-local --output_dir"):
         train(*make_configs())
     monkeypatch.undo()
-    monkeypatch.setattr(clip_accel.trainer, "storage_is_shared", lambda accelerator, folder: False)
+    monkeypatch.setattr(clip_accel.startup, "storage_is_shared", lambda accelerator, folder: False)
     data, model, config = make_configs(max_steps=1, eval_initial_model=False)
     assert train(data, model, config).metrics["training"]["optimizer_steps"] == 1, "DDP keeps whole checkpoints"

@@ -37,7 +37,7 @@ LAYERS = (
         "ema",
     },
     {"step", "evaluation", "checkpoint", "best_model", "launch", "preemption"},
-    {"trainer"},
+    {"trainer", "startup", "reporting"},
     {"outputs", "hub", "sweep", "wise_ft", "embedding", "search", "environment"},
     {"cli", "__main__"},
 )
