@@ -181,8 +181,8 @@ def resume_settings(
 ) -> dict:
     """What a resume depends on, as `check_resume` compares it: the options of `RESUME_OPTIONS`, the batch of all
     processes, and (once known) the model configuration, the training pairs and a stream's shards and their rows
-    (`{"shards": [file names], "rows": [per shard] or None, "kept_slots": whether a shard cache keeps them,
-    "content": [per shard `SIZE:DIGEST`, `data.shard_identity`]}`)."""
+    (`{"shards": [file names], "rows": [per shard], "order": the stream order's version, "content": [per shard
+    `SIZE:DIGEST`, `data.shard_identity`]}`)."""
     train_config = next(config for config in configs if isinstance(config, TrainConfig))
     options = {name: getattr(config, name) for config in configs for name in RESUME_OPTIONS[type(config)]}
     settings = {
