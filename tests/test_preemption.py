@@ -1,5 +1,6 @@
-"""A preempted run resumes as if never stopped: the same evaluations, the same best model, the same test figures,
-wherever the signal lands (the cross-node SLURM path: tests/test_distributed.py)."""
+"""How a training process sees a preemption: SIGTERM from SLURM is one, from torchrun a teardown; DataLoader workers
+leave it to the training process. That a preempted run resumes as if never stopped (cached and streamed, 1 and 2
+processes): tests/test_fault_matrix.py; the cross-node SLURM path: tests/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -12,61 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import with_fresh_state
-from safetensors.torch import load_file
-from test_streaming import STREAM_OPTIONS
 
-import clip_accel.trainer as trainer
 from clip_accel.data.loader import make_dataloader
-from clip_accel.preemption import TEARDOWN_EXIT, Preempted, watching_for_preemption
+from clip_accel.preemption import TEARDOWN_EXIT, watching_for_preemption
 
 ROOT = str(Path(__file__).resolve().parent.parent)
-
-EVALUATIONS = ("step", "eval_mean_R@1", "eval_image_to_text_R@1", "eval_text_to_image_R@5")
-
-
-def evaluations(history: list[dict]) -> list[tuple]:
-    """Every evaluation of a run's log history (log_history.json), in order."""
-    return [tuple(record[key] for key in EVALUATIONS) for record in history if "eval_mean_R@1" in record]
-
-
-def preempt_at(step: int, monkeypatch) -> None:
-    """The preemption signal seen at the logging step `step` (as if it arrived during that step)."""
-    calls = {"seen": 0}
-
-    def signalled(accelerator, flag) -> bool:
-        calls["seen"] += 1  # (once before the first step, then, logging every step, once per step)
-        return calls["seen"] == step + 1
-
-    monkeypatch.setattr(trainer, "preempted_everywhere", signalled)
-
-
-@pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
-@pytest.mark.parametrize("step", [6, 7], ids=["at-an-epoch-end-evaluation", "at-a-plain-step"])
-def test_a_preempted_run_resumes_with_the_uninterrupted_runs_evaluations_best_model_and_test_figures(
-    step, streamed, make_configs, demo_shards, tmp_path, monkeypatch
-):
-    # 192 pairs / 32 = 6 steps an epoch, 3 epochs: evaluations at steps 6, 12 and 18, logging every step. Streamed:
-    # the demo's 4 shards of 48 rows, read by the process itself (a resume then cuts the same batches).
-    options = {"num_train_epochs": 3, "eval_initial_model": False, "early_stopping_patience": 0}
-    if streamed:
-        options |= {"data_dir": None, "dataset_name": demo_shards, **STREAM_OPTIONS}
-    whole = with_fresh_state(trainer.train, *make_configs(**options, output_dir=str(tmp_path / "whole")))
-    out = str(tmp_path / "preempted")
-    with monkeypatch.context() as patched:
-        preempt_at(step, patched)
-        with pytest.raises(Preempted) as preempted:
-            with_fresh_state(trainer.train, *make_configs(**options, output_dir=out))
-    assert preempted.value.step == step
-    resumed = with_fresh_state(trainer.train, *make_configs(**options, output_dir=out, resume_from_checkpoint="latest"))
-    assert [record[0] for record in evaluations(resumed.history)] == [6, 12, 18]
-    assert evaluations(resumed.history) == evaluations(whole.history)
-    assert resumed.metrics["training"]["best_step"] == whole.metrics["training"]["best_step"]
-    assert resumed.metrics["test"] == whole.metrics["test"]
-    best, best_resumed = (load_file(Path(folder, "model.safetensors")) for folder in (tmp_path / "whole", out))
-    for name, weight in best.items():
-        assert torch.equal(best_resumed[name], weight), name
-
 
 # A training process's view of the signals: it watches for a preemption and answers each line on stdin with whether
 # one has arrived.
