@@ -23,6 +23,7 @@ LAYERS = (
         "options",
         "tokenizer",
         "model",
+        "open_clip_format",
         "loss",
         "metrics",
         "clip_benchmark",

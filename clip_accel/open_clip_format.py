@@ -1,0 +1,280 @@
+"""open_clip checkpoints as a transformers CLIPModel: the architectures that map exactly, and a refusal for the rest.
+
+open_clip describes a model by a config dict (`model_configs/NAME.json`, or `model_cfg` in a Hub folder's
+`open_clip_config.json`) and its preprocessing by `preprocess_cfg`. A ViT image tower and open_clip's own text
+transformer (pre-LayerNorm blocks, fused q/k/v, EOT pooling, a bias-free projection) are CLIPModel's towers under
+other names; everything else (timm or ResNet image towers, HF text towers, CoCa, attentional or average pooling,
+layer scale, QK-norm and the other attention variants, SigLIP's logit bias) changes the computation, and is refused
+with the reason. Nothing here imports open_clip: the BPE vocabulary is read from its installed package's file.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+import os
+
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+from .config import UserError
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's names, first preferred
+# open_clip's PreprocessCfg defaults (OpenAI's statistics), which a preprocess_cfg overrides field by field.
+DEFAULT_PREPROCESS = {
+    "mean": (0.48145466, 0.4578275, 0.40821073),
+    "std": (0.26862954, 0.26130258, 0.27577711),
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+    "mode": "RGB",
+}
+# GPT-2's reversible byte -> character table as open_clip orders it: the printable bytes as themselves, then the
+# other 68 bytes as chr(256), chr(257), ...: the first 256 ids.
+BYTE_SYMBOLS = [
+    *(chr(code) for code in [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]),
+    *(chr(256 + index) for index in range(68)),
+]
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+CLIP_VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer: 256 bytes x2, 48,894 merges, start and end of text
+END_OF_TEXT_ID = 49407  # the largest id: open_clip's argmax pooling finds it, CLIPModel's eos pooling too
+# Settings whose open_clip default is the only value CLIPModel computes (the config key -> that default).
+TOWER_DEFAULTS = {
+    "ls_init_value": None,  # layer scale
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+    "act_kwargs": None,
+}
+VISION_DEFAULTS = {
+    **TOWER_DEFAULTS,
+    "timm_model_name": None,
+    "attentional_pool": False,
+    "no_ln_pre": False,
+    "pool_type": "tok",
+}
+TEXT_DEFAULTS = {
+    **TOWER_DEFAULTS,
+    "hf_model_name": None,
+    "hf_tokenizer_name": None,
+    "tokenizer_mode": None,
+    "embed_cls": False,
+    "no_causal_mask": False,
+    "proj_bias": False,
+    "proj_type": "linear",
+    "vocab_size": CLIP_VOCAB_SIZE,
+}
+
+
+def check_mappable(model_cfg: dict, name: str = "this open_clip model") -> None:
+    """Raise a UserError naming the first feature of `model_cfg` that CLIPModel cannot compute."""
+
+    def refuse(why: str) -> UserError:
+        return UserError(f"{name} cannot become a CLIPModel: {why}. Start from a ViT CLIP with open_clip's text tower.")
+
+    if model_cfg.get("multimodal_cfg") is not None:
+        raise refuse("it is a CoCa model (a captioning decoder beside the towers)")
+    if model_cfg.get("init_logit_bias") is not None:
+        raise refuse("it has a logit bias (a SigLIP loss model): load it as a SigLIP checkpoint instead")
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    if vision.get("timm_model_name"):
+        raise refuse(f"its image tower is the timm model {vision['timm_model_name']!r} (ConvNeXt, FastViT, ...)")
+    if isinstance(vision.get("layers"), list | tuple):
+        raise refuse("its image tower is a ResNet")
+    if text.get("hf_model_name"):
+        raise refuse(f"its text tower is the Hugging Face model {text['hf_model_name']!r}")
+    for tower, settings, defaults in (("image", vision, VISION_DEFAULTS), ("text", text, TEXT_DEFAULTS)):
+        for key, default in defaults.items():
+            if settings.get(key, default) != default:
+                raise refuse(f"its {tower} tower sets {key}={settings[key]!r} (CLIPModel computes only {default!r})")
+        if set(settings.get("norm_kwargs") or {}) - {"eps"}:
+            raise refuse(f"its {tower} tower's LayerNorm takes {settings['norm_kwargs']} (CLIPModel: eps only)")
+    if text.get("pool_type", "argmax") not in ("argmax", "eos") or (
+        text.get("pool_type") == "eos" and text.get("eos_id") != END_OF_TEXT_ID
+    ):
+        raise refuse(f"its text tower pools by {text.get('pool_type')!r} (CLIPModel pools at the end-of-text token)")
+    image_size, patch_size = vision.get("image_size", 224), vision.get("patch_size", 16)
+    if isinstance(image_size, list | tuple) and len(set(image_size)) > 1:
+        raise refuse(f"its images are not square ({image_size})")
+    if isinstance(patch_size, list | tuple) and len(set(patch_size)) > 1:
+        raise refuse(f"its patches are not square ({patch_size})")
+
+
+def _square(size) -> int:
+    return size[0] if isinstance(size, list | tuple) else size
+
+
+def clip_config(model_cfg: dict, name: str = "this open_clip model") -> CLIPConfig:
+    """The CLIPConfig of an open_clip model config (refused with a UserError where it does not map)."""
+    check_mappable(model_cfg, name)
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    act = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
+    vision_width, text_width = vision.get("width", 768), text.get("width", 512)
+    return CLIPConfig(
+        projection_dim=model_cfg["embed_dim"],
+        vision_config={
+            "hidden_size": vision_width,
+            "intermediate_size": int(vision_width * vision.get("mlp_ratio", 4.0)),  # as open_clip sizes its MLP
+            "num_hidden_layers": vision.get("layers", 12),
+            "num_attention_heads": vision_width // vision.get("head_width", 64),
+            "image_size": _square(vision.get("image_size", 224)),
+            "patch_size": _square(vision.get("patch_size", 16)),
+            "hidden_act": act,
+            "layer_norm_eps": (vision.get("norm_kwargs") or {}).get("eps", 1e-5),
+            "projection_dim": model_cfg["embed_dim"],
+        },
+        text_config={
+            "vocab_size": text.get("vocab_size", CLIP_VOCAB_SIZE),
+            "hidden_size": text_width,
+            "intermediate_size": int(text_width * text.get("mlp_ratio", 4.0)),
+            "num_hidden_layers": text.get("layers", 12),
+            "num_attention_heads": text.get("heads", 8),
+            "max_position_embeddings": text.get("context_length", 77),
+            "hidden_act": act,
+            "layer_norm_eps": (text.get("norm_kwargs") or {}).get("eps", 1e-5),
+            "projection_dim": model_cfg["embed_dim"],
+            "bos_token_id": END_OF_TEXT_ID - 1,
+            "eos_token_id": END_OF_TEXT_ID,
+            "pad_token_id": END_OF_TEXT_ID,
+        },
+    )
+
+
+def _encoder_layers(state_dict: dict, source: str, target: str, layers: int) -> dict:
+    """open_clip's residual blocks (fused q/k/v in nn.MultiheadAttention) as CLIPEncoderLayers."""
+    converted = {}
+    for index in range(layers):
+        block, layer = f"{source}.resblocks.{index}", f"{target}.layers.{index}"
+        for part in ("weight", "bias"):
+            for name, value in zip("qkv", state_dict[f"{block}.attn.in_proj_{part}"].chunk(3), strict=True):
+                converted[f"{layer}.self_attn.{name}_proj.{part}"] = value
+            for open_clip_name, clip_name in (
+                ("attn.out_proj", "self_attn.out_proj"),
+                ("ln_1", "layer_norm1"),
+                ("ln_2", "layer_norm2"),
+                ("mlp.c_fc", "mlp.fc1"),
+                ("mlp.c_proj", "mlp.fc2"),
+            ):
+                converted[f"{layer}.{clip_name}.{part}"] = state_dict[f"{block}.{open_clip_name}.{part}"]
+    return converted
+
+
+def clip_state_dict(state_dict: dict, config: CLIPConfig) -> dict[str, torch.Tensor]:
+    """An open_clip CLIP's (or CustomTextCLIP's, text under `text.`) state dict under CLIPModel's names."""
+    text = {key.removeprefix("text."): value for key, value in state_dict.items() if not key.startswith("visual.")}
+    visual = {key.removeprefix("visual."): value for key, value in state_dict.items() if key.startswith("visual.")}
+    converted = {
+        "vision_model.embeddings.patch_embedding.weight": visual["conv1.weight"],
+        "vision_model.embeddings.class_embedding": visual["class_embedding"],
+        "vision_model.embeddings.position_embedding.weight": visual["positional_embedding"],
+        "vision_model.pre_layrnorm.weight": visual["ln_pre.weight"],  # sic: transformers' name
+        "vision_model.pre_layrnorm.bias": visual["ln_pre.bias"],
+        "vision_model.post_layernorm.weight": visual["ln_post.weight"],
+        "vision_model.post_layernorm.bias": visual["ln_post.bias"],
+        "visual_projection.weight": visual["proj"].T,  # open_clip multiplies x @ proj: nn.Linear holds proj.T
+        "text_model.embeddings.token_embedding.weight": text["token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": text["positional_embedding"],
+        "text_model.final_layer_norm.weight": text["ln_final.weight"],
+        "text_model.final_layer_norm.bias": text["ln_final.bias"],
+        "text_projection.weight": text["text_projection"].T,
+        "logit_scale": text["logit_scale"].reshape(()),
+        **_encoder_layers(visual, "transformer", "vision_model.encoder", config.vision_config.num_hidden_layers),
+        **_encoder_layers(text, "transformer", "text_model.encoder", config.text_config.num_hidden_layers),
+    }
+    return {key: value.contiguous() for key, value in converted.items()}
+
+
+def open_clip_bpe_file() -> str:
+    """The BPE merges open_clip ships (`bpe_simple_vocab_16e6.txt.gz`), found without importing open_clip."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("Converting an open_clip model needs its BPE vocabulary: pip install open_clip_torch.")
+    return os.path.join(spec.submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
+
+
+def clip_tokenizer(context_length: int = 77, bpe_file: str | None = None) -> CLIPTokenizer:
+    """CLIPTokenizer with open_clip's vocabulary and ids (built as its SimpleTokenizer builds them), truncating to
+    `context_length` with the end-of-text token last, as open_clip does. It pads with end-of-text (open_clip pads
+    with 0; the attention mask and end-of-text pooling make the embeddings equal). It does not run open_clip's
+    caption cleaning (ftfy.fix_text, html.unescape): captions that cleaning changes tokenize differently."""
+    merges = _merges(bpe_file or open_clip_bpe_file())
+    tokens = [*BYTE_SYMBOLS, *(symbol + "</w>" for symbol in BYTE_SYMBOLS), *("".join(pair) for pair in merges)]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+
+
+@functools.lru_cache(maxsize=2)
+def _merges(bpe_file: str) -> list[tuple[str, str]]:
+    with gzip.open(bpe_file, "rt", encoding="utf-8") as lines:
+        # open_clip reads lines 1..48,894 (line 0 is a header): 49,408 ids less 2 x 256 byte symbols and 2 specials
+        return [tuple(line.split()) for line in lines.read().split("\n")[1 : 49152 - 256 - 2 + 1]]
+
+
+def clip_image_processor(preprocess_cfg: dict, image_size: int) -> CLIPImageProcessor:
+    """open_clip's evaluation transform as a CLIPImageProcessor: resize (shortest edge, then centre crop; or squash
+    to a square), the interpolation, mean and std of `preprocess_cfg` over open_clip's defaults."""
+    settings = {**DEFAULT_PREPROCESS, **preprocess_cfg}
+    if settings["interpolation"] not in RESAMPLE:
+        raise UserError(f"open_clip's {settings['interpolation']!r} interpolation has no CLIPImageProcessor twin.")
+    if settings["mode"] != "RGB":
+        raise UserError(f"open_clip preprocessing in image mode {settings['mode']!r}: only RGB maps.")
+    common = {
+        "resample": RESAMPLE[settings["interpolation"]],
+        "image_mean": list(settings["mean"]),
+        "image_std": list(settings["std"]),
+        "do_convert_rgb": True,
+    }
+    if settings["resize_mode"] == "shortest":
+        size = {"shortest_edge": image_size}
+        return CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}, **common)
+    if settings["resize_mode"] == "squash":
+        return CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False, **common)
+    raise UserError(
+        f"open_clip's {settings['resize_mode']!r} resize mode (pad to a square) has no CLIPImageProcessor twin."
+    )
+
+
+def convert(
+    model_cfg: dict, state_dict: dict, preprocess_cfg: dict | None = None, name: str = "this open_clip model"
+) -> tuple[CLIPModel, CLIPProcessor]:
+    """(CLIPModel in float32 with the open_clip weights, CLIPProcessor with its tokenizer and preprocessing)."""
+    config = clip_config(model_cfg, name)
+    model = CLIPModel(config)
+    weights = {key: value.float() for key, value in clip_state_dict(state_dict, config).items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]
+    if missing or unexpected:
+        raise UserError(f"{name}'s weights do not fit its config: missing {missing}, unexpected {unexpected}.")
+    processor = CLIPProcessor(
+        image_processor=clip_image_processor(preprocess_cfg or {}, config.vision_config.image_size),
+        tokenizer=clip_tokenizer(config.text_config.max_position_embeddings),
+    )
+    return model.eval(), processor
+
+
+def is_open_clip_folder(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, CONFIG_FILE))
+
+
+def load_folder(folder: str) -> tuple[CLIPModel, CLIPProcessor]:
+    """Convert a folder as open_clip's push_to_hf_hub writes it: open_clip_config.json and its weights."""
+    with open(os.path.join(folder, CONFIG_FILE)) as file:
+        settings = json.load(file)
+    weights = [os.path.join(folder, name) for name in WEIGHT_FILES if os.path.isfile(os.path.join(folder, name))]
+    if not weights:
+        raise UserError(f"{folder} holds {CONFIG_FILE} but no weights: it needs one of {', '.join(WEIGHT_FILES)}.")
+    if weights[0].endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state_dict = load_file(weights[0])
+    else:
+        state_dict = torch.load(weights[0], map_location="cpu", weights_only=True)
+    return convert(settings["model_cfg"], state_dict, settings.get("preprocess_cfg"), name=folder)

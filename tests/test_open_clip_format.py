@@ -1,0 +1,279 @@
+"""An open_clip model converted to CLIPModel computes what open_clip computes: the same image and text embeddings
+(float32, within 1e-5), the same logit scale, the same token ids and the same pixels; the architectures that do not
+map are refused with their reason.
+
+Every model is built from open_clip's own config (its `model_configs/NAME.json`), shrunk to 2 layers and 2 heads per
+tower while keeping what shapes the computation: patch size, image size, head width, MLP ratio, activation (GELU or
+QuickGELU), context length, projection size. Its random weights are all perturbed (LayerNorm scales and biases,
+attention biases, logit scale), so a swapped or transposed weight shows. Nothing is downloaded.
+
+torchvision: open_clip imports it, and the registry's torchvision wheel is a CUDA build whose compiled operators do
+not register beside torch's CPU build: `import torchvision` fails with "operator torchvision::nms does not exist" (its
+meta kernels are registered for operators that are not there). Installed beside the project it also breaks
+transformers, which then imports its torchvision image-processor backend and fails (`from transformers import
+CLIPImageProcessor` raises), so open_clip_torch cannot be a plain test requirement. The test reads open_clip,
+torchvision and their pure-Python dependencies from a side folder, `.open_clip_deps` (README: "Testing the open_clip
+conversion"), after transformers has settled on its PIL backend, and declares each missing operator's schema with
+`torch.library` before the import (retrying on the next name the error gives): torchvision's Python parts then
+import, and open_clip needs only those (its transforms, which run on PIL images). Without the folder, it is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.utils.import_utils import is_torchvision_available
+
+from clip_accel.config import UserError
+from clip_accel.open_clip_format import check_mappable, clip_image_processor, clip_tokenizer, convert
+
+SIDE_FOLDER = Path(__file__).resolve().parent.parent / ".open_clip_deps"
+INSTALL = (
+    "pip install --no-deps --target .open_clip_deps open_clip_torch==3.3.0 timm==1.0.29 ftfy==6.3.1 "
+    "wcwidth==0.9.5 torchvision==0.28.0"
+)
+TORCHVISION_SCHEMAS = {
+    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+}
+_declared = []  # the torch.library.Library must outlive the import
+
+
+def import_open_clip():
+    """open_clip from the side folder, importable beside the CPU torch (see the module's docstring), or a skip."""
+    if "open_clip" in sys.modules:
+        return sys.modules["open_clip"]
+    if not (SIDE_FOLDER / "open_clip").is_dir():
+        pytest.skip(f"open_clip is not in {SIDE_FOLDER.name}: {INSTALL}")
+    is_torchvision_available()  # decided (and cached) before torchvision becomes findable: PIL image processors
+    sys.path.insert(0, str(SIDE_FOLDER))
+    try:
+        library = torch.library.Library("torchvision", "FRAGMENT")
+        _declared.append(library)
+        for _ in range(20):
+            try:
+                import torchvision  # noqa: F401
+
+                break
+            except RuntimeError as error:
+                missing = re.search(r"operator torchvision::(\w+) does not exist", str(error))
+                if missing is None:
+                    raise
+                library.define(TORCHVISION_SCHEMAS.get(missing[1], f"{missing[1]}(Tensor x) -> Tensor"))
+                for name in [name for name in sys.modules if name.startswith("torchvision")]:
+                    del sys.modules[name]
+        import open_clip
+    finally:
+        sys.path.remove(str(SIDE_FOLDER))
+    return open_clip
+
+
+SUPPORTED = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14", "ViT-bigG-14", "ViT-B-32-quickgelu", "ViT-L-14-336"]
+REFUSED = {  # open_clip's config name -> what the refusal must say
+    "convnext_base": "timm model 'convnext_base'",
+    "MobileCLIP-S1": "timm model 'fastvit_mci1'",
+    "coca_ViT-B-32": "CoCa",
+    "roberta-ViT-B-32": "Hugging Face model 'roberta-base'",
+    "RN50": "ResNet",
+    "ViT-B-16-SigLIP": "logit bias",
+    "ViT-H-14-CLIPA": "no_ln_pre",
+    "ViT-M-16-alt": "ls_init_value",
+    "EVA02-B-16": "timm model",
+}
+CAPTIONS = [
+    "a photo of a cat",
+    "Café naïve façade — résumé, crème brûlée",
+    "emoji 🐱🚀 and CJK 日本語のテキスト, 한국어",
+    "  lots   of\twhite\nspace  ",
+    "UPPER lower MiXeD, it's they're we've I'm you'll he'd",
+    "numbers 12345 3.14 1,000 and punctuation!!! ??? ... ;:-- (brackets) [x] {y} @#$%^*",
+    "combining e\u0301 and precomposed é",
+    " ".join(f"word{index}" for index in range(100)),  # far more than 77 tokens: truncated
+    "x" * 400,
+]
+# Captions open_clip's cleaning (ftfy.fix_text, html.unescape) rewrites before tokenizing: CLIPTokenizer does not.
+CLEANED_BY_OPEN_CLIP = [
+    "“Curly quotes” and ‘single’",
+    "&amp; html &lt;b&gt;",
+    "ﬁ ligature, Ｆｕｌｌwidth",
+    "mojibake Ã©",
+]
+
+
+def shrunk(model_cfg: dict, layers: int = 2, heads: int = 2) -> dict:
+    """open_clip's config with `layers` blocks and `heads` heads per tower; head width and everything else kept."""
+    model_cfg = copy.deepcopy(model_cfg)
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    vision.update(layers=layers, width=heads * vision.get("head_width", 64))
+    text.update(layers=layers, width=heads * text["width"] // text["heads"], heads=heads)
+    return model_cfg
+
+
+def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter moved off its initial value (LayerNorms start at 1/0 and attention biases at 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def open_clip_and_converted(name: str, **text_cfg):
+    open_clip = import_open_clip()
+    model_cfg = shrunk(open_clip.get_model_config(name))
+    model_cfg["text_cfg"].update(text_cfg)
+    torch.manual_seed(0)
+    reference = perturbed(open_clip.CLIP(**model_cfg))
+    model, processor = convert(model_cfg, reference.state_dict(), name=name)
+    return open_clip, model_cfg, reference, model, processor
+
+
+def largest_differences(reference, model, processor, tokenizer, image_size: int) -> tuple[float, float]:
+    """max |difference| of (image embeddings, text embeddings) between open_clip and CLIPModel, unnormalised."""
+    pixels = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    tokens = processor.tokenizer(CAPTIONS, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=pixels).pooler_output
+        text = model.get_text_features(**tokens).pooler_output
+        return (
+            (image - reference.encode_image(pixels)).abs().max().item(),
+            (text - reference.encode_text(tokenizer(CAPTIONS))).abs().max().item(),
+        )
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_converted_model_embeds_as_open_clip_does(name):
+    open_clip, model_cfg, reference, model, processor = open_clip_and_converted(name)
+    image_size = model_cfg["vision_cfg"]["image_size"]
+    tokenizer = open_clip.get_tokenizer(name)
+    image_difference, text_difference = largest_differences(reference, model, processor, tokenizer, image_size)
+    assert image_difference < 1e-5 and text_difference < 1e-5, (image_difference, text_difference)
+    assert model.logit_scale.item() == reference.logit_scale.item()
+    expected_act = "quick_gelu" if "quickgelu" in name else "gelu"
+    assert model.config.vision_config.hidden_act == model.config.text_config.hidden_act == expected_act
+
+
+def test_a_shorter_context_length_carries_over():
+    open_clip, model_cfg, reference, model, processor = open_clip_and_converted("ViT-B-32", context_length=32)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=32)
+    assert model.config.text_config.max_position_embeddings == processor.tokenizer.model_max_length == 32
+    assert max(largest_differences(reference, model, processor, tokenizer, 224)) < 1e-5
+
+
+def test_truncated_captions_pool_at_the_same_end_of_text_token():
+    """Over-long captions end in end-of-text at the last position in both tokenizers (open_clip overwrites the last
+    token; CLIPTokenizer truncates before adding it)."""
+    open_clip = import_open_clip()
+    tokens = clip_tokenizer()(CAPTIONS[-2:], padding="max_length", truncation=True)["input_ids"]
+    assert [row[-1] for row in tokens] == [49407, 49407]
+    assert tokens == open_clip.get_tokenizer("ViT-B-32")(CAPTIONS[-2:]).tolist()
+
+
+@pytest.mark.parametrize("context_length", [77, 32])
+def test_token_ids_equal_open_clips(context_length):
+    """Equal ids wherever the attention mask is 1; CLIPTokenizer pads with end-of-text where open_clip pads with 0,
+    which the mask and end-of-text pooling make irrelevant (the embedding tests feed both paddings)."""
+    open_clip = import_open_clip()
+    expected = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)(CAPTIONS)
+    tokens = clip_tokenizer(context_length)(CAPTIONS, padding="max_length", truncation=True, return_tensors="pt")
+    mask = tokens["attention_mask"].bool()
+    assert tokens["input_ids"].shape == expected.shape
+    assert torch.equal(tokens["input_ids"][mask], expected[mask]) and (expected[~mask] == 0).all()
+
+
+def test_captions_open_clip_cleans_tokenize_equal_once_cleaned():
+    """The one gap: open_clip runs ftfy.fix_text and html.unescape over each caption; CLIPTokenizer does not. The
+    ids differ on such captions, and agree once the caption is cleaned as open_clip cleans it."""
+    open_clip = import_open_clip()
+    expected = open_clip.get_tokenizer("ViT-B-32")(CLEANED_BY_OPEN_CLIP)
+    tokenizer = clip_tokenizer()
+
+    def ids(captions):
+        return tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
+
+    cleaned = [open_clip.tokenizer.basic_clean(caption) for caption in CLEANED_BY_OPEN_CLIP]
+    assert torch.equal(ids(cleaned).where(expected != 0, 0), expected)
+    assert all(
+        not torch.equal(row, expected_row)
+        for row, expected_row in zip(ids(CLEANED_BY_OPEN_CLIP), expected, strict=True)
+    )
+
+
+def photos() -> list[Image.Image]:
+    """Smooth gradients with noise, landscape, portrait, square, smaller than the model's input, and odd sizes."""
+    generator = np.random.default_rng(0)
+    images = []
+    for width, height in [(640, 480), (480, 640), (224, 224), (100, 60), (1000, 333), (301, 257), (225, 1200)]:
+        ramp = np.linspace(0, 255, width)[None, :, None] * np.linspace(0.2, 1, height)[:, None, None]
+        pixels = ramp * np.array([1.0, 0.6, 0.3]) + generator.normal(0, 20, (height, width, 3))
+        images.append(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)))
+    images.append(images[0].convert("L"))  # a greyscale photo: both convert it to RGB
+    return images
+
+
+def crop_shift(photo: Image.Image, image_size: int) -> tuple[int, int]:
+    """(rows, columns) by which torchvision's centre crop starts later than CLIPImageProcessor's after the
+    shortest-edge resize: torchvision rounds the offset half to even (`int(round(d / 2))`), transformers floors it
+    (`d // 2`), so they part by one pixel where the overshoot d is 3 modulo 4. CLIPImageProcessor cannot express it."""
+    width, height = photo.size
+    short, long = min(width, height), max(width, height)
+    resized_long = int(image_size * long / short)  # both libraries size the long edge so
+    overshoot = resized_long - image_size
+    shift = int(round(overshoot / 2)) - overshoot // 2
+    return (shift, 0) if height > width else (0, shift)
+
+
+@pytest.mark.parametrize(
+    ("preprocess_cfg", "image_size"),
+    [
+        ({}, 224),
+        ({}, 336),
+        ({"resize_mode": "squash", "interpolation": "bilinear"}, 224),
+        ({"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}, 256),
+    ],
+    ids=["openai-224", "openai-336", "squash-bilinear-224", "half-mean-std-bilinear-256"],
+)
+def test_processor_pixels_equal_open_clips_transform(preprocess_cfg, image_size):
+    """Equal pixels for every photo, except the one-pixel crop shift of `crop_shift` (the 301x257 photo at 256):
+    there the processor's pixels are open_clip's moved by one row or column, equal on the overlap."""
+    open_clip = import_open_clip()
+    settings = {**open_clip.transform.PreprocessCfg().__dict__, **preprocess_cfg, "size": image_size}
+    transform = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(**settings), is_train=False)
+    processor = clip_image_processor(preprocess_cfg, image_size)
+    shifted = []
+    for photo in photos():
+        pixels = processor(images=photo, return_tensors="pt")["pixel_values"][0]
+        expected = transform(photo)
+        assert pixels.shape == expected.shape == (3, image_size, image_size)
+        rows, columns = crop_shift(photo, image_size) if settings["resize_mode"] == "shortest" else (0, 0)
+        if rows or columns:
+            shifted.append(photo.size)
+        overlap = pixels[:, rows:, columns:] - expected[:, : image_size - rows, : image_size - columns]
+        assert overlap.abs().max().item() < 1e-5, photo.size
+    assert shifted == ([(301, 257)] if image_size == 256 else [])
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_unmappable_architectures_are_refused_with_the_reason(name):
+    open_clip = import_open_clip()
+    with pytest.raises(UserError, match=f"{name} cannot become a CLIPModel: .*{re.escape(REFUSED[name])}"):
+        check_mappable(open_clip.get_model_config(name), name)
+
+
+@pytest.mark.parametrize(
+    ("text_cfg", "reason"),
+    [({"pool_type": "last"}, "pools by 'last'"), ({"no_causal_mask": True}, "no_causal_mask=True")],
+)
+def test_a_text_tower_clip_model_cannot_express_is_refused(text_cfg, reason):
+    open_clip = import_open_clip()
+    model_cfg = open_clip.get_model_config("ViT-B-32")
+    model_cfg["text_cfg"].update(text_cfg)
+    with pytest.raises(UserError, match=re.escape(reason)):
+        check_mappable(model_cfg, "ViT-B-32")
