@@ -359,7 +359,10 @@ class DataConfig:
 class ModelConfig:
     model_name_or_path: str = field(
         default="openai/clip-vit-base-patch32",
-        metadata={"help": "CLIP checkpoint to start from: a Hub id or a folder written by save_pretrained."},
+        metadata={
+            "help": "CLIP checkpoint to start from: a Hub id, a folder written by save_pretrained, or a folder "
+            "open_clip wrote (open_clip_config.json and its weights: a ViT CLIP, converted to CLIPModel on load)."
+        },
     )
     scratch_config: str | None = field(
         default=None,

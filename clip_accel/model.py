@@ -43,6 +43,9 @@ from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
 from .config import ModelConfig, UserError
 from .data.loader import HOST_GRIDS
 from .data.preprocess import ImageLayout
+from .open_clip_format import CONFIG_FILE as OPEN_CLIP_CONFIG
+from .open_clip_format import is_open_clip_folder
+from .open_clip_format import load_folder as load_open_clip_folder
 from .tokenizer import build_offline_siglip2_tokenizer, build_offline_tokenizer
 
 
@@ -110,21 +113,26 @@ def check_model_location(name_or_path: str) -> None:
     """A model folder holds a config.json; a name that can only be a folder exists. Said plainly, before
     transformers reads it as a Hub id or asks the folder for a `model_type`."""
     if os.path.isdir(name_or_path):
-        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")) and not is_open_clip_folder(name_or_path):
             raise UserError(
                 f"{name_or_path} holds no config.json, so it is not a model folder (clip-accel train and "
-                "save_pretrained write one): name a trained model's folder or a Hub id."
+                f"save_pretrained write one; open_clip writes {OPEN_CLIP_CONFIG}): name a trained model's folder "
+                "or a Hub id."
             )
     elif is_local_path(name_or_path):
         raise UserError(f"{name_or_path} is not a folder: name a trained model's folder or a Hub id (ORG/NAME).")
 
 
 def load_pretrained(name_or_path: str):
-    """(model in float32, processor) of a saved folder or Hub id, of whichever supported family its config names.
+    """(model in float32, processor) of a saved folder or Hub id, of whichever supported family its config names,
+    or of a folder open_clip wrote (open_clip_config.json and its weights), converted to CLIPModel.
 
     transformers 5 loads with dtype="auto": an fp16 checkpoint would train in fp16. Training wants fp32 master
     weights; mixed precision is autocast's job."""
     check_model_location(name_or_path)
+    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        # An open_clip folder, converted in memory on every load (caching by the checkpoint's hash: still to do).
+        return load_open_clip_folder(name_or_path)
     family = family_of(AutoConfig.from_pretrained(name_or_path))
     model = family.model_class.from_pretrained(name_or_path, dtype=torch.float32)
     return model, AutoProcessor.from_pretrained(name_or_path)

@@ -18,7 +18,7 @@ import os
 
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from .config import UserError
 
@@ -218,9 +218,11 @@ def _merges(bpe_file: str) -> list[tuple[str, str]]:
         return [tuple(line.split()) for line in lines.read().split("\n")[1 : 49152 - 256 - 2 + 1]]
 
 
-def clip_image_processor(preprocess_cfg: dict, image_size: int) -> CLIPImageProcessor:
-    """open_clip's evaluation transform as a CLIPImageProcessor: resize (shortest edge, then centre crop; or squash
-    to a square), the interpolation, mean and std of `preprocess_cfg` over open_clip's defaults."""
+def clip_image_processor(preprocess_cfg: dict, image_size: int) -> CLIPImageProcessorPil:
+    """open_clip's evaluation transform as a (PIL) CLIPImageProcessor: resize (shortest edge, then centre crop; or
+    squash to a square), the interpolation, mean and std of `preprocess_cfg` over open_clip's defaults. One gap:
+    torchvision rounds the centre crop's offset half to even, transformers floors it (one pixel apart where the
+    resized edge overshoots by 3 modulo 4)."""
     settings = {**DEFAULT_PREPROCESS, **preprocess_cfg}
     if settings["interpolation"] not in RESAMPLE:
         raise UserError(f"open_clip's {settings['interpolation']!r} interpolation has no CLIPImageProcessor twin.")
@@ -234,9 +236,9 @@ def clip_image_processor(preprocess_cfg: dict, image_size: int) -> CLIPImageProc
     }
     if settings["resize_mode"] == "shortest":
         size = {"shortest_edge": image_size}
-        return CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}, **common)
+        return CLIPImageProcessorPil(size=size, crop_size={"height": image_size, "width": image_size}, **common)
     if settings["resize_mode"] == "squash":
-        return CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False, **common)
+        return CLIPImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False, **common)
     raise UserError(
         f"open_clip's {settings['resize_mode']!r} resize mode (pad to a square) has no CLIPImageProcessor twin."
     )

@@ -21,6 +21,7 @@ import, and open_clip needs only those (its transforms, which run on PIL images)
 from __future__ import annotations
 
 import copy
+import json
 import re
 import sys
 from pathlib import Path
@@ -29,9 +30,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from transformers.utils.import_utils import is_torchvision_available
 
 from clip_accel.config import UserError
+from clip_accel.model import load_pretrained
 from clip_accel.open_clip_format import check_mappable, clip_image_processor, clip_tokenizer, convert
 
 SIDE_FOLDER = Path(__file__).resolve().parent.parent / ".open_clip_deps"
@@ -277,3 +280,37 @@ def test_a_text_tower_clip_model_cannot_express_is_refused(text_cfg, reason):
     model_cfg["text_cfg"].update(text_cfg)
     with pytest.raises(UserError, match=re.escape(reason)):
         check_mappable(model_cfg, "ViT-B-32")
+
+
+@pytest.mark.parametrize("weights_file", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+def test_load_pretrained_converts_a_folder_open_clip_wrote(weights_file, tmp_path):
+    """--model_name_or_path FOLDER: a folder as open_clip's push_to_hf_hub writes it (open_clip_config.json with
+    model_cfg and preprocess_cfg, and the weights under either of its names) loads as a converted CLIPModel."""
+    open_clip = import_open_clip()
+    model_cfg = shrunk(open_clip.get_model_config("ViT-B-16-quickgelu"))
+    reference = perturbed(open_clip.CLIP(**model_cfg))
+    preprocess_cfg = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear"}
+    settings = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(settings))
+    tensors = {key: value.contiguous() for key, value in reference.state_dict().items()}
+    if weights_file.endswith(".safetensors"):
+        save_file(tensors, tmp_path / weights_file)
+    else:
+        torch.save(tensors, tmp_path / weights_file)
+
+    model, processor = load_pretrained(str(tmp_path))
+    tokenizer = open_clip.get_tokenizer("ViT-B-16-quickgelu")
+    assert max(largest_differences(reference, model, processor, tokenizer, 224)) < 1e-5
+    assert model.config.text_config.hidden_act == "quick_gelu" and model.dtype == torch.float32
+    assert list(processor.image_processor.image_mean) == [0.5, 0.5, 0.5]
+    assert processor.image_processor.resample == Image.Resampling.BILINEAR
+
+
+def test_an_open_clip_folder_without_weights_or_of_an_unmappable_model_says_so(tmp_path):
+    open_clip = import_open_clip()
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("RN50")}))
+    with pytest.raises(UserError, match="no weights: it needs one of open_clip_model.safetensors"):
+        load_pretrained(str(tmp_path))
+    save_file({"logit_scale": torch.zeros(())}, tmp_path / "open_clip_model.safetensors")
+    with pytest.raises(UserError, match="cannot become a CLIPModel: its image tower is a ResNet"):
+        load_pretrained(str(tmp_path))
