@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from transformers.utils.import_utils import is_torchvision_available
 
 from clip_accel.config import UserError
-from clip_accel.model import load_pretrained
+from clip_accel.model import load_pretrained, save_model_folder
 from clip_accel.open_clip_format import check_mappable, clip_image_processor, clip_tokenizer, convert
 
 SIDE_FOLDER = Path(__file__).resolve().parent.parent / ".open_clip_deps"
@@ -314,3 +314,25 @@ def test_an_open_clip_folder_without_weights_or_of_an_unmappable_model_says_so(t
     save_file({"logit_scale": torch.zeros(())}, tmp_path / "open_clip_model.safetensors")
     with pytest.raises(UserError, match="cannot become a CLIPModel: its image tower is a ResNet"):
         load_pretrained(str(tmp_path))
+
+
+def test_a_converted_model_saved_loads_back_without_open_clip(tmp_path):
+    """Converted once: save_model_folder writes a plain CLIP folder that load_pretrained (CLIPModel, AutoProcessor)
+    reads back with the same embeddings, token ids and preprocessing."""
+    open_clip = import_open_clip()
+    model_cfg = shrunk(open_clip.get_model_config("ViT-B-32"))
+    model_cfg["text_cfg"]["context_length"] = 32
+    reference = perturbed(open_clip.CLIP(**model_cfg))
+    model, processor = convert(model_cfg, reference.state_dict(), {"interpolation": "bilinear"})
+    save_model_folder(model, processor, str(tmp_path / "converted"))
+
+    loaded, loaded_processor = load_pretrained(str(tmp_path / "converted"))
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=32)
+    assert max(largest_differences(reference, loaded, loaded_processor, tokenizer, 224)) < 1e-5
+    assert loaded_processor.tokenizer(CAPTIONS).input_ids == processor.tokenizer(CAPTIONS).input_ids
+    assert loaded_processor.tokenizer.model_max_length == 32
+    photo = photos()[5]
+    assert torch.equal(
+        loaded_processor(images=photo, return_tensors="pt")["pixel_values"],
+        processor(images=photo, return_tensors="pt")["pixel_values"],
+    )
