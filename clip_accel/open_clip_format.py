@@ -15,6 +15,7 @@ import gzip
 import importlib.util
 import json
 import os
+import pickle
 
 import torch
 from PIL import Image
@@ -69,6 +70,7 @@ TEXT_DEFAULTS = {
     "no_causal_mask": False,
     "proj_bias": False,
     "proj_type": "linear",
+    "tokenizer_kwargs": None,  # another caption cleaning or a token reduction: other ids
     "vocab_size": CLIP_VOCAB_SIZE,
 }
 
@@ -82,7 +84,7 @@ def check_mappable(model_cfg: dict, name: str = "this open_clip model") -> None:
     if model_cfg.get("multimodal_cfg") is not None:
         raise refuse("it is a CoCa model (a captioning decoder beside the towers)")
     if model_cfg.get("init_logit_bias") is not None:
-        raise refuse("it has a logit bias (a SigLIP loss model): load it as a SigLIP checkpoint instead")
+        raise refuse("it has a logit bias (a SigLIP model: CLIPModel's softmax loss has none)")
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     if vision.get("timm_model_name"):
         raise refuse(f"its image tower is the timm model {vision['timm_model_name']!r} (ConvNeXt, FastViT, ...)")
@@ -91,9 +93,11 @@ def check_mappable(model_cfg: dict, name: str = "this open_clip model") -> None:
     if text.get("hf_model_name"):
         raise refuse(f"its text tower is the Hugging Face model {text['hf_model_name']!r}")
     for tower, settings, defaults in (("image", vision, VISION_DEFAULTS), ("text", text, TEXT_DEFAULTS)):
+        if settings.get("block_type") == "default":  # the plain block, named
+            settings = {**settings, "block_type": None}
         for key, default in defaults.items():
             if settings.get(key, default) != default:
-                raise refuse(f"its {tower} tower sets {key}={settings[key]!r} (CLIPModel computes only {default!r})")
+                raise refuse(f"its {tower} tower sets {key}={settings[key]!r} (only {key}={default!r} maps)")
         if set(settings.get("norm_kwargs") or {}) - {"eps"}:
             raise refuse(f"its {tower} tower's LayerNorm takes {settings['norm_kwargs']} (CLIPModel: eps only)")
     if text.get("pool_type", "argmax") not in ("argmax", "eos") or (
@@ -191,12 +195,29 @@ def clip_state_dict(state_dict: dict, config: CLIPConfig) -> dict[str, torch.Ten
     return {key: value.contiguous() for key, value in converted.items()}
 
 
-def open_clip_bpe_file() -> str:
-    """The BPE merges open_clip ships (`bpe_simple_vocab_16e6.txt.gz`), found without importing open_clip."""
+def open_clip_package_file(*parts: str) -> str:
+    """A file open_clip ships (its BPE merges, its model configs), found without importing open_clip."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("Converting an open_clip model needs its BPE vocabulary: pip install open_clip_torch.")
-    return os.path.join(spec.submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
+        raise UserError(
+            "Converting an open_clip model needs files open_clip ships: pip install --no-deps open_clip_torch (with "
+            "its dependencies it brings a torchvision that, beside a CPU build of torch, fails to import and takes "
+            "transformers' image processors with it)."
+        )
+    return os.path.join(spec.submodule_search_locations[0], *parts)
+
+
+def open_clip_bpe_file() -> str:
+    return open_clip_package_file("bpe_simple_vocab_16e6.txt.gz")
+
+
+def open_clip_model_config(model_name: str) -> dict:
+    """open_clip's own config of the architecture `model_name` (its `model_configs/NAME.json`)."""
+    path = open_clip_package_file("model_configs", f"{model_name}.json")
+    if not os.path.isfile(path):
+        raise UserError(f"open_clip has no architecture {model_name!r} (no {path}): name one of its model_configs.")
+    with open(path) as file:
+        return json.load(file)
 
 
 def clip_tokenizer(context_length: int = 77, bpe_file: str | None = None) -> CLIPTokenizer:
@@ -264,6 +285,21 @@ def convert(
 
 def is_open_clip_folder(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, CONFIG_FILE))
+
+
+def load_checkpoint_file(path: str, model_name: str) -> tuple[CLIPModel, CLIPProcessor]:
+    """Convert a checkpoint open_clip's training wrote (`epoch_N.pt`: its `state_dict`, under `module.` when trained
+    with DDP) or a bare state dict, of open_clip's architecture `model_name`, with open_clip's default preprocessing."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError) as error:
+        raise UserError(
+            f"{path} is not a checkpoint open_clip's training saves (a TorchScript archive, such as OpenAI's own "
+            f"ViT-B-32.pt, is not read): {error}"
+        ) from error
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    state_dict = {key.removeprefix("module.").removeprefix("_orig_mod."): value for key, value in state_dict.items()}
+    return convert(open_clip_model_config(model_name), state_dict, name=model_name)
 
 
 def load_folder(folder: str) -> tuple[CLIPModel, CLIPProcessor]:

@@ -37,7 +37,14 @@ from transformers.utils.import_utils import is_torchvision_available
 
 from clip_accel.config import ModelConfig, UserError
 from clip_accel.model import load_pretrained, save_model_folder
-from clip_accel.open_clip_format import WEIGHT_FILES, check_mappable, clip_image_processor, clip_tokenizer, convert
+from clip_accel.open_clip_format import (
+    WEIGHT_FILES,
+    check_mappable,
+    clip_image_processor,
+    clip_tokenizer,
+    convert,
+    load_checkpoint_file,
+)
 
 SIDE_FOLDER = Path(__file__).resolve().parent.parent / ".open_clip_deps"
 INSTALL = (
@@ -360,3 +367,27 @@ def test_clip_accel_train_starts_from_an_open_clip_folder(tmp_path, demo_dir):
     saved = CLIPModel.from_pretrained(train_config.output_dir)
     assert saved.config.text_config.hidden_act == "quick_gelu" and saved.config.vision_config.image_size == 64
     assert not torch.equal(saved.logit_scale, torch.tensor(reference.logit_scale.item()))  # it trained
+
+
+def test_the_plain_block_named_default_is_accepted_and_another_caption_cleaning_refused():
+    open_clip = import_open_clip()
+    model_cfg = open_clip.get_model_config("ViT-B-32")
+    model_cfg["vision_cfg"]["block_type"] = model_cfg["text_cfg"]["block_type"] = "default"
+    check_mappable(model_cfg, "ViT-B-32")
+    model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": "whitespace"}
+    with pytest.raises(UserError, match="tokenizer_kwargs="):
+        check_mappable(model_cfg, "ViT-B-32")
+
+
+def test_a_checkpoint_open_clips_training_wrote_converts_by_its_architecture_name(tmp_path):
+    """epoch_N.pt as open_clip's training saves it (DDP's `module.` prefix, epoch, optimizer state) with the
+    architecture's name: open_clip's own config, at full size (ViT-S-32, the smallest plain ViT)."""
+    open_clip = import_open_clip()
+    reference = perturbed(open_clip.create_model("ViT-S-32"))
+    state_dict = {f"module.{key}": value for key, value in reference.state_dict().items()}
+    torch.save({"epoch": 32, "name": "run", "state_dict": state_dict, "optimizer": {}}, tmp_path / "epoch_32.pt")
+
+    model, processor = load_checkpoint_file(str(tmp_path / "epoch_32.pt"), "ViT-S-32")
+    assert max(largest_differences(reference, model, processor, open_clip.get_tokenizer("ViT-S-32"), 224)) < 1e-5
+    with pytest.raises(UserError, match="open_clip has no architecture 'ViT-Q-99'"):
+        load_checkpoint_file(str(tmp_path / "epoch_32.pt"), "ViT-Q-99")
