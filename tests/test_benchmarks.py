@@ -71,6 +71,16 @@ def test_streaming_http_quick_run_reads_over_http_and_a_second_epoch_from_the_ca
     cached = next(line for line in lines if "epoch 1 (from the cache)" in line)
     assert 0.9 <= float(http.split("|")[4].split("x")[0]) <= 1.3  # (a pass's bytes, fetched once)
     assert float(cached.split("|")[4].split("x")[0]) <= 1.3  # (both epochs: the second fetched nothing)
+    # Issue 41: fsspec's HTTP client measured beside the own reader, and the own reader's retries in the failure
+    # table (as tests/test_remote.py asserts them): each passing failure waited for and read through.
+    assert any(line.startswith("| one pass, full decoding") for line in lines)
+    table = (tmp_path / "http.md").read_text().split("| the server |")[1].splitlines()[2:]
+    rows = [line.split("|") for line in table if line.startswith("| ")]
+    own = {cells[1].strip(): (cells[2].strip(), cells[3].strip()) for cells in rows}
+    passing = ["GET: 429, Retry-After 7", "GET: 503, Retry-After 7, twice", "GET: 500, then 502"]
+    assert [own[case][1] for case in passing] == ["read whole"] * 3 and own["none"] == ("none", "read whole")
+    assert own[passing[0]][0] == "1 (7.0)" and own[passing[1]][0] == "2 (7.0, 7.0)"  # (as the server asked)
+    assert own["no such file (404)"][0] == "none"  # (given up at once)
 
 
 def test_streaming_libraries_quick_run_measures_the_own_reader_and_names_missing_venvs(tmp_path):

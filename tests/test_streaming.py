@@ -257,13 +257,13 @@ def test_skipped_rows_are_logged_one_line_each_up_to_ten_then_at_powers_of_ten(t
 
 
 def test_a_stream_s_skipped_rows_are_kept_beside_its_checkpoint_not_in_it(tmp_path):
-    from clip_accel.data.streaming import ledger_path
+    from clip_accel.data.skipped_rows import ledger_path
 
     shards = str(tmp_path / "shards")
     write_shards(shards, [12, 12], damaged={1: "image", 5: "image", 14: "caption", 22: "image"})
     ledger = ledger_path(str(tmp_path / "out"), 0)
     loader = streaming_loader(shards, shuffle_buffer=0)
-    loader.ledger = ledger
+    loader.skipped.ledger = ledger
     read_caption_ids(loader, 2)  # 2 batches of 4: rows 0-9, with 1 and 5 skipped
     (position,) = [loader.state_dict()]
     assert "skipped" not in position and set(loader.skipped) == {
@@ -271,7 +271,7 @@ def test_a_stream_s_skipped_rows_are_kept_beside_its_checkpoint_not_in_it(tmp_pa
         "train-00000.tar key 000005",
     }
     resumed = streaming_loader(shards, shuffle_buffer=0)
-    resumed.ledger = ledger
+    resumed.skipped.ledger = ledger
     resumed.load_state_dict([position])
     assert resumed.skipped == loader.skipped  # (read back from the ledger)
     read_caption_ids(resumed, 0, resumed.epoch(0, done=2))

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
-import math
 import multiprocessing
 import os
 from collections import deque
@@ -39,7 +37,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import gather_object, send_to_device
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig, UserError
@@ -47,13 +45,12 @@ from .loader import HOST_GRIDS, drawn_captions, pad_captions, pair_batch
 from .preprocess import PairPreprocessor
 from .shard_cache import READ_AHEAD
 from .shards import StreamSplit, check_unreachable, where_in_stream
+from .skipped_rows import SkippedRows
 from .sources import Columns, class_names, raw_columns, raw_row
 from .stream_order import ORDER, PassOrder, positions_left, slot_intervals, windows
 
 logger = get_logger(__name__)
 STREAM_POSITION = "stream_position"  # the batch key of the stream's position after the batch (a dict)
-SKIP_LEDGERS = ".skipped_rows"  # OUTPUT's folder of each process's skipped training rows (`ledger_path`)
-LOGGED_SKIPS = 10  # skipped rows logged one line each (then one line at each power of ten)
 CHUNK_ROWS = 64  # rows a worker decodes at a time, and pairs it hands over (the loader sets its batch size)
 
 
@@ -217,10 +214,7 @@ class StreamingLoader:
         # The position after the last batch the training loop consumed (`taken`), or restored (`load_state_dict`).
         self.position = {"pass": 0, "consumed": [0] * max(1, num_workers), "segments": []}
         self.restored = False
-        self.skipped: dict[str, str] = {}  # every row left out so far: where -> reason
-        # Where this process appends each row it skips (a folder of one file per process, which a resume reads
-        # back): a checkpoint keeps positions, not a list that grows with every skipped row.
-        self.ledger = ledger
+        self.skipped = SkippedRows(f"{pairs.split.source}[{pairs.split.name}]", ledger)  # (kept beside checkpoints)
         self.unreachable: dict[str, str] = {}  # every shard met unreachable so far: url -> why
         self.borrowed = 0  # epochs topped up from the next pass because a pass ran short (damaged rows)
         self.loader = None  # the DataLoader over `pairs`, made on first use
@@ -236,7 +230,7 @@ class StreamingLoader:
         for position in positions:  # (the report is the union of every process's)
             self.skipped.update(position.get("skipped", {}))  # (a checkpoint written before the ledger)
             self.unreachable.update(position.get("unreachable", {}))
-        self.skipped.update(_read_ledgers(self.ledger))
+        self.skipped.read_back()
         if len(positions) == self.pairs.num_processes and all(len(p["consumed"]) == workers for p in positions):
             position = positions[self.pairs.rank]
             segments = position.get("segments", [])
@@ -286,24 +280,8 @@ class StreamingLoader:
         return identity
 
     def skip_report(self, accelerator, output_dir: str) -> int:
-        """Every process's skipped training rows, appended to OUTPUT/skipped_rows.jsonl by the main process;
-        returns how many distinct rows were skipped (on every process)."""
-        skipped = {}
-        for rows in gather_object([self.skipped]):
-            skipped.update(rows)
-        if self.ledger is not None and os.path.isfile(self.ledger):  # (the report below holds them now)
-            os.remove(self.ledger)
-        if accelerator.is_main_process:
-            split = self.pairs.split
-            with open(os.path.join(output_dir, "skipped_rows.jsonl"), "a") as report:
-                for where, reason in sorted(skipped.items()):
-                    row = {"split": split.name, "where": f"{split.source}[{split.name}] {where}", "reason": reason}
-                    report.write(json.dumps(row) + "\n")
-            logger.info(
-                f"train split {split.name!r} (streamed): {len(skipped)} rows skipped"
-                + (" (see skipped_rows.jsonl)" if skipped else "")
-            )
-        return len(skipped)
+        """Every process's skipped training rows, in OUTPUT/skipped_rows.jsonl; their count (`SkippedRows.report`)."""
+        return self.skipped.report(accelerator, output_dir, self.pairs.split.name)
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of this process's stream: the position after the last batch taken, and the
@@ -360,10 +338,7 @@ class StreamingLoader:
                 check_unreachable(self.unreachable, self.pairs.config.max_unreachable_shards)
                 produced += len(chunk["positions"])
                 for where, reason in chunk["skipped"]:
-                    if where not in self.skipped:
-                        self.skipped[where] = reason
-                        self._log_skip(where, reason)
-                        self._write_ledger(where, reason)
+                    self.skipped.add(where, reason)
                 pending.append([chunk, 0])
                 waiting += len(chunk["positions"])
                 while waiting >= self.batch_size:
@@ -385,22 +360,6 @@ class StreamingLoader:
             )
             pass_index, resume = pass_index + 1, None
             self.borrowed += 1
-
-    def _write_ledger(self, where: str, reason: str) -> None:
-        if self.ledger is not None:
-            os.makedirs(os.path.dirname(self.ledger), exist_ok=True)
-            with open(self.ledger, "a") as ledger:
-                ledger.write(json.dumps({"where": where, "reason": reason}) + "\n")
-
-    def _log_skip(self, where: str, reason: str) -> None:
-        """The first skipped rows one line each, then a line at each power of ten (an unreachable shard skips
-        thousands): every one is listed in skipped_rows.jsonl at the end."""
-        count, split = len(self.skipped), f"{self.pairs.split.source}[{self.pairs.split.name}]"
-        if count <= LOGGED_SKIPS:
-            more = "; further ones are counted at 100, 1,000, ... and all listed in skipped_rows.jsonl"
-            logger.warning(f"{split} {where} skipped: {reason}" + (more if count == LOGGED_SKIPS else ""))
-        elif count == 10 ** round(math.log10(count)):
-            logger.warning(f"{split}: {count:,} rows skipped so far on this process (the last: {where}: {reason})")
 
     def _loader(self) -> DataLoader:
         if self.loader is None:
@@ -497,25 +456,6 @@ class _SlotReader:
         following = [int(self.order.shards[p]) for p in self.places[self.places > place][:READ_AHEAD].tolist()]
         self.stream.prefetch(following)
         self.shard, self.rows, self.next_row, self.stop = shard, iter(self.stream.rows(shard, first, stop)), first, stop
-
-
-def ledger_path(output_dir: str, rank: int) -> str:
-    """Where process `rank` appends the training rows it skips (`StreamingLoader.ledger`)."""
-    return os.path.join(output_dir, SKIP_LEDGERS, f"process-{rank}.jsonl")
-
-
-def _read_ledgers(ledger: str | None) -> dict[str, str]:
-    """Every process's skipped rows so far (the files beside `ledger`): what a resumed run's report goes on from."""
-    if ledger is None or not os.path.isdir(os.path.dirname(ledger)):
-        return {}
-    skipped = {}
-    for name in sorted(os.listdir(os.path.dirname(ledger))):
-        with open(os.path.join(os.path.dirname(ledger), name)) as rows:
-            for line in rows:
-                if line.endswith("\n"):  # (a line cut short by a kill is not a row)
-                    row = json.loads(line)
-                    skipped[row["where"]] = row["reason"]
-    return skipped
 
 
 def epoch_batches(split: StreamSplit, batch_size: int, num_processes: int) -> int:

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from accelerate import Accelerator
 
 from .loader import PairDataset, make_dataloader
-from .streaming import StreamingLoader, StreamingPairs, ledger_path
+from .skipped_rows import ledger_path
+from .streaming import StreamingLoader, StreamingPairs
 
 
 class CachedTrainingData:
