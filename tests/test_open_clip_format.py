@@ -12,10 +12,11 @@ not register beside torch's CPU build: `import torchvision` fails with "operator
 meta kernels are registered for operators that are not there). Installed beside the project it also breaks
 transformers, which then imports its torchvision image-processor backend and fails (`from transformers import
 CLIPImageProcessor` raises), so open_clip_torch cannot be a plain test requirement. The test reads open_clip,
-torchvision and their pure-Python dependencies from a side folder, `.open_clip_deps` (README: "Testing the open_clip
-conversion"), after transformers has settled on its PIL backend, and declares each missing operator's schema with
+torchvision and their pure-Python dependencies from a side folder, `.open_clip_deps` (docs/code-layout.md,
+"Tests and CI"), after transformers has settled on its PIL backend, and declares each missing operator's schema with
 `torch.library` before the import (retrying on the next name the error gives): torchvision's Python parts then
-import, and open_clip needs only those (its transforms, which run on PIL images). Without the folder, it is skipped.
+import, and open_clip needs only those (its transforms, which run on PIL images). Where the folder is missing (a
+fresh clone, CI), the first test that needs open_clip installs it there from the package registry (seconds).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,10 +49,8 @@ from clip_accel.open_clip_format import (
 )
 
 SIDE_FOLDER = Path(__file__).resolve().parent.parent / ".open_clip_deps"
-INSTALL = (
-    "pip install --no-deps --target .open_clip_deps open_clip_torch==3.3.0 timm==1.0.29 ftfy==6.3.1 "
-    "wcwidth==0.9.5 torchvision==0.28.0"
-)
+REQUIREMENTS = ["open_clip_torch==3.3.0", "timm==1.0.29", "ftfy==6.3.1", "wcwidth==0.9.5", "torchvision==0.28.0"]
+INSTALL = f"pip install --no-deps --target .open_clip_deps {' '.join(REQUIREMENTS)}"
 TORCHVISION_SCHEMAS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -62,8 +62,14 @@ def import_open_clip():
     """open_clip from the side folder, importable beside the CPU torch (see the module's docstring), or a skip."""
     if "open_clip" in sys.modules:
         return sys.modules["open_clip"]
-    if not (SIDE_FOLDER / "open_clip").is_dir():
-        pytest.skip(f"open_clip is not in {SIDE_FOLDER.name}: {INSTALL}")
+    if not (SIDE_FOLDER / "open_clip").is_dir():  # (CI's fresh clone: installed here, from the package registry)
+        installed = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(SIDE_FOLDER), *REQUIREMENTS],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert installed.returncode == 0, f"{INSTALL} failed:\n{installed.stderr[-3000:]}"
     is_torchvision_available()  # decided (and cached) before torchvision becomes findable: PIL image processors
     sys.path.insert(0, str(SIDE_FOLDER))
     try:
