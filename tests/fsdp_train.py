@@ -6,6 +6,8 @@ entry point. One thing differs from a GPU launch: Accelerate only keeps an FSDP 
 and turns it into plain multi-CPU DDP otherwise. This script puts it back, so `accelerator.prepare` shards the
 model with `fully_shard`, which torch runs on CPU tensors over gloo. Everything clip_accel does under FSDP2 (the
 sharded forward hooks, the float32 best-model save, sharded checkpoints, the broadcast reload) is then what runs.
+
+`tests/fsdp_train.py --runs RUNS.json` trains each run of RUNS.json in turn, in the same launch (tests/train_runs.py).
 """
 
 import sys
@@ -13,6 +15,7 @@ import sys
 import torch.distributed.fsdp
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
+from train_runs import train_runs
 
 from clip_accel.cli import train_main
 
@@ -44,4 +47,7 @@ def _reporting_fully_shard(module, *args, mp_policy=None, **kwargs):
 if __name__ == "__main__":
     AcceleratorState.__init__ = _keep_fsdp_on_cpu
     torch.distributed.fsdp.fully_shard = _reporting_fully_shard  # Accelerate imports it when it prepares
-    train_main()
+    if sys.argv[1:2] == ["--runs"]:
+        train_runs(sys.argv[2], before_each=_reported.clear)  # each run writes its own policies
+    else:
+        train_main()

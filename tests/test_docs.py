@@ -15,8 +15,12 @@ GitHub, the Hub and the package index):
                                  are parsed too.
     <!-- docs: skip REASON -->   not checked here (the quick start's install-and-test lines, which CI runs).
 
-Cost: the runnable blocks add about 2 minutes to the suite (training.md 41 s, embed-and-search.md 31 s,
-publishing.md 29 s, the rest under 8 s each; a fresh clone's suite took 19 min on a 2-core AMD EPYC).
+A page whose first runnable blocks are another page's, word for word (embed-and-search.md and publishing.md both
+train the demo into outputs/demo), starts from a copy of the folder those blocks left on the page that ran them
+first in this session, instead of training the same demo again: the same commands, from the same fresh folder.
+
+Cost: the runnable blocks add about 1.5 minutes to the suite (training.md 39 s, embed-and-search.md 34 s,
+publishing.md 10 s with the demo trained once, the rest under 8 s each).
 
 A block without a language is output, not code. Every relative link of README.md, BENCHMARKS.md and docs/
 (file and #anchor) must resolve.
@@ -28,8 +32,10 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,17 +114,53 @@ def test_every_code_block_is_marked_run_parse_or_skip():
 RUNNABLE_PAGES = sorted({block.page for block in BLOCKS if block.mode == "run"})
 
 
+def runnable_blocks(page: Path) -> list[Block]:
+    return [block for block in BLOCKS if block.page == page and block.mode == "run"]
+
+
+def what_runs(blocks: list[Block]) -> tuple[tuple[str, str], ...]:
+    """What running `blocks` in order in a fresh folder executes: each block's language and code with its options."""
+    return tuple((block.language, with_options(block.code, block.options)) for block in blocks)
+
+
+# The runs of first blocks that two or more pages share, word for word: kept after the first page that runs them.
+SHARED_STARTS = {
+    start
+    for start, pages in Counter(
+        what_runs(runnable_blocks(page)[:count])
+        for page in RUNNABLE_PAGES
+        for count in range(1, len(runnable_blocks(page)) + 1)
+    ).items()
+    if pages > 1
+}
+
+
+@pytest.fixture(scope="module")
+def kept_starts() -> dict:
+    """{what_runs(first blocks): a copy of the folder they left}, filled as pages run."""
+    return {}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=[page.name for page in RUNNABLE_PAGES])
-def test_runnable_blocks_run_on_the_demo_data(page, tmp_path):
-    for name in ("scripts", "accelerate_configs"):
-        (tmp_path / name).symlink_to(ROOT / name)
+def test_runnable_blocks_run_on_the_demo_data(page, tmp_path, tmp_path_factory, kept_starts):
+    blocks = runnable_blocks(page)
+    done = next((count for count in range(len(blocks), 0, -1) if what_runs(blocks[:count]) in kept_starts), 0)
+    if done:  # an earlier page ran these very blocks in a fresh folder: go on from a copy of what they left
+        shutil.copytree(kept_starts[what_runs(blocks[:done])], tmp_path, symlinks=True, dirs_exist_ok=True)
+    else:
+        for name in ("scripts", "accelerate_configs"):
+            (tmp_path / name).symlink_to(ROOT / name)
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    for block in (block for block in BLOCKS if block.page == page and block.mode == "run"):
+    for count, block in enumerate(blocks[done:], start=done + 1):
         code = with_options(block.code, block.options)
         command = ["bash", "-euo", "pipefail", "-c", code] if block.language == "bash" else [sys.executable, "-c", code]
-        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"{block} failed:\n{code}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        ran = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert ran.returncode == 0, f"{block} failed:\n{code}\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
+        if what_runs(blocks[:count]) in SHARED_STARTS:
+            kept = tmp_path_factory.mktemp("docs-kept") / "folder"
+            shutil.copytree(tmp_path, kept, symlinks=True)
+            kept_starts[what_runs(blocks[:count])] = kept
 
 
 class _Parsed(Exception):

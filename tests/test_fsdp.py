@@ -2,7 +2,10 @@
 
 The FSDP2 runs go through `tests/fsdp_train.py` (see its docstring: the one change from a GPU launch is that
 Accelerate keeps FSDP on CPU processes) with the real `accelerate_configs/fsdp.yaml`; the DDP runs through the
-documented `ACCELERATE_USE_CPU=1 torchrun` launch of `scripts/train.py`.
+documented `ACCELERATE_USE_CPU=1 torchrun` launch (of `scripts/train.py` in tests/test_distributed.py). Every run
+that is not interrupted is one of `RUNS`, trained once for the module: all of them under FSDP2 in one launch, all
+under DDP in another (tests/train_runs.py), as a launch costs more here than a run of 9 tiny steps. A killed run,
+and the run that resumes it, have launches of their own.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 import torch
 from launching import CPU_ENV, TORCHRUN_2, interrupt_after_checkpoint
 from safetensors.torch import load_file
+from train_runs import run_logs
 from transformers import CLIPModel
 
 from clip_accel.checkpoint import TrainerState, _check_resumable
@@ -51,6 +55,18 @@ def options(demo_dir: str, model_config: str, out: Path, freeze: str, *extra: st
 
 FSDP_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp.yaml"]
 FSDP_LAUNCH += ["--num_processes", "2", "--mixed_precision", "no", "tests/fsdp_train.py"]
+EMA = ("--ema_decay", "0.8", "--ema_warmup", "true")
+STREAM = ("--streaming", "true", "--image_column", "jpg", "--caption_column", "txt")
+STREAM += ("--label_column", "json.class_label", "--num_train_epochs", "1")
+# name: (freezing strategy, more options); "streamed" reads the demo as WebDataset shards instead of its folder.
+RUNS = {
+    "none": ("none", ()),
+    "vision_layers": ("vision_layers", ()),
+    "backbones": ("backbones", ()),
+    "bf16": ("none", ("--num_train_epochs", "1", "--mixed_precision", "bf16")),
+    "streamed": ("none", STREAM),
+    "ema": ("none", EMA),
+}
 
 
 def fsdp(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -59,25 +75,43 @@ def fsdp(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def ddp(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [*TORCHRUN_2, "scripts/train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-6000:]
-    return result
+def run_options(root: Path, name: str, launch: str, demo_dir: str, model_config: str) -> list[str]:
+    """RUNS[name]'s options, its output in ROOT/NAME/LAUNCH."""
+    freeze, more = RUNS[name]
+    values = options(demo_dir, model_config, root / name / launch, freeze, *more)
+    if name == "streamed":
+        at = values.index("--data_dir")
+        values = values[:at] + ["--dataset_name", str(root / "shards")] + values[at + 2 :]
+    return values
 
 
-@pytest.fixture(scope="module", params=["none", "vision_layers", "backbones"])
-def runs(request, tmp_path_factory, demo_dir, tiny_model_config_path):
-    """(FSDP2 output folder, its log, DDP output folder) for one freezing strategy."""
-    root = tmp_path_factory.mktemp(f"fsdp-{request.param}")
-    sharded = fsdp(*options(demo_dir, tiny_model_config_path, root / "fsdp", request.param))
-    ddp(*options(demo_dir, tiny_model_config_path, root / "ddp", request.param))
-    return root / "fsdp", sharded.stderr, root / "ddp"
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, demo_dir, tiny_model_config_path):
+    """Every run of RUNS under FSDP2 (one launch) and under DDP (one launch). Returns a function of a run's name:
+    (its FSDP2 output folder, its FSDP2 log, its DDP output folder), once it has checked that both finished."""
+    root = tmp_path_factory.mktemp("fsdp")
+    for split in ("train", "val", "test"):
+        write_webdataset_shards(demo_dir, str(root / "shards"), split, rows_per_shard=48)
+    launches = {}
+    for launch, command in (("fsdp", [*FSDP_LAUNCH, "--runs"]), ("ddp", [*TORCHRUN_2, "tests/train_runs.py"])):
+        runs = [run_options(root, name, launch, demo_dir, tiny_model_config_path) for name in RUNS]
+        (root / f"{launch}.json").write_text(json.dumps(runs))
+        launches[launch] = subprocess.run(
+            [*command, str(root / f"{launch}.json")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
+        )
+
+    def finished(name: str) -> tuple[Path, str, Path]:
+        for launch, result in launches.items():  # (a run that fails stops its launch: the runs after it never ran)
+            assert (root / name / launch / "eval_results.json").is_file(), f"{launch}: {result.stderr[-6000:]}"
+        logs = dict(zip(RUNS, run_logs(launches["fsdp"].stderr, len(RUNS)), strict=True))
+        return root / name / "fsdp", logs[name], root / name / "ddp"
+
+    return finished
 
 
-def test_fsdp2_trains_like_ddp(runs):
-    sharded, log, replicated = runs
+@pytest.mark.parametrize("freeze", ["none", "vision_layers", "backbones"])
+def test_fsdp2_trains_like_ddp(launched, freeze):
+    sharded, log, replicated = launched(freeze)
     assert "Processes: 2 (FSDP) on cpu" in log
     losses = [
         [record["loss"] for record in json.loads((out / "log_history.json").read_text()) if "loss" in record]
@@ -90,8 +124,9 @@ def test_fsdp2_trains_like_ddp(runs):
         assert fsdp_results["test"][key] == pytest.approx(ddp_results["test"][key], rel=1e-3)
 
 
-def test_fsdp2_best_model_is_a_plain_float32_clip_folder_with_ddps_weights(runs):
-    sharded, _, replicated = runs
+@pytest.mark.parametrize("freeze", ["none", "vision_layers", "backbones"])
+def test_fsdp2_best_model_is_a_plain_float32_clip_folder_with_ddps_weights(launched, freeze):
+    sharded, _, replicated = launched(freeze)
     loaded = CLIPModel.from_pretrained(sharded)
     weights, reference = load_file(sharded / "model.safetensors"), load_file(replicated / "model.safetensors")
     assert weights.keys() == reference.keys() and {t.dtype for t in weights.values()} == {torch.float32}
@@ -101,9 +136,10 @@ def test_fsdp2_best_model_is_a_plain_float32_clip_folder_with_ddps_weights(runs)
     torch.testing.assert_close(loaded.logit_scale, reference["logit_scale"], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("runs", ["none"], indirect=True)  # one strategy: the kill is the point here
-def test_fsdp2_killed_and_resumed_run_equals_the_uninterrupted_one(runs, tmp_path, demo_dir, tiny_model_config_path):
-    sharded, _, _ = runs
+def test_fsdp2_killed_and_resumed_run_equals_the_uninterrupted_one(
+    launched, tmp_path, demo_dir, tiny_model_config_path
+):
+    sharded, _, _ = launched("none")  # one strategy: the kill is the point here
     freeze = json.loads((sharded / "training_config.json").read_text())["freeze"]
     killed = tmp_path / "killed"
     interrupt_after_checkpoint(
@@ -132,19 +168,15 @@ def test_a_checkpoint_resumes_only_under_the_sharding_that_wrote_it(tmp_path):
     _check_resumable(SimpleNamespace(is_fsdp2=False, num_processes=1), TrainerState(num_processes=2), "ckpt")
 
 
-def test_fsdp2_under_bf16_keeps_float32_weights_and_gradients_and_trains_like_ddp(
-    tmp_path, demo_dir, tiny_model_config_path
-):
+def test_fsdp2_under_bf16_keeps_float32_weights_and_gradients_and_trains_like_ddp(launched):
     # Exact accumulation of 2 micro-batches (no_sync) under bf16 autocast: Accelerate's default FSDP2 policy would
     # gather bf16 parameters and sum the gradients in bf16, where DDP keeps both in float32.
-    short = ("--num_train_epochs", "1", "--mixed_precision", "bf16")
-    sharded = fsdp(*options(demo_dir, tiny_model_config_path, tmp_path / "fsdp", "none", *short))
-    ddp(*options(demo_dir, tiny_model_config_path, tmp_path / "ddp", "none", *short))
-    policies = {line for line in sharded.stderr.splitlines() if line.startswith("fully_shard mp_policy")}
+    sharded, log, replicated = launched("bf16")
+    policies = {line for line in log.splitlines() if line.startswith("fully_shard mp_policy")}
     assert policies == {"fully_shard mp_policy: param_dtype=None reduce_dtype=torch.float32"}
     losses = [
         [record["loss"] for record in json.loads((out / "log_history.json").read_text()) if "loss" in record]
-        for out in (tmp_path / "fsdp", tmp_path / "ddp")
+        for out in (sharded, replicated)
     ]
     # Step 1 runs the same weights under the same bf16 autocast: its loss is DDP's to the last bits. An FSDP2 forward
     # without autocast, or with parameters gathered in bf16, is 5e-4 apart (1.2e-4 relative) there. After a step the
@@ -154,46 +186,32 @@ def test_fsdp2_under_bf16_keeps_float32_weights_and_gradients_and_trains_like_dd
     assert losses[0][1:] == pytest.approx(losses[1][1:], rel=1e-3)
 
 
-def test_fsdp2_streams_the_same_pairs_and_trains_like_ddp(tmp_path, demo_dir, tiny_model_config_path):
+def test_fsdp2_streams_the_same_pairs_and_trains_like_ddp(launched):
     # Each process reads its own slots of the shards, under FSDP2 as under DDP: the same batches, the same losses.
-    shards = tmp_path / "shards"
-    for split in ("train", "val", "test"):
-        write_webdataset_shards(demo_dir, str(shards), split, rows_per_shard=48)
-    stream = ["--streaming", "true", "--image_column", "jpg", "--caption_column", "txt"]
-    stream += ["--label_column", "json.class_label", "--num_train_epochs", "1"]
-
-    def streamed(out: Path) -> list[str]:
-        values = options(demo_dir, tiny_model_config_path, out, "none", *stream)
-        at = values.index("--data_dir")
-        return values[:at] + ["--dataset_name", str(shards)] + values[at + 2 :]
-
-    sharded = fsdp(*streamed(tmp_path / "fsdp"))
-    ddp(*streamed(tmp_path / "ddp"))
-    assert "Processes: 2 (FSDP) on cpu" in sharded.stderr
-    logs = [json.loads((tmp_path / out / "log_history.json").read_text()) for out in ("fsdp", "ddp")]
+    sharded, log, replicated = launched("streamed")
+    assert "Processes: 2 (FSDP) on cpu" in log
+    logs = [json.loads((out / "log_history.json").read_text()) for out in (sharded, replicated)]
     losses = [[record["loss"] for record in log if "loss" in record] for log in logs]
     assert len(losses[0]) == len(losses[1]) == 3
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-    results = [json.loads((tmp_path / out / "eval_results.json").read_text()) for out in ("fsdp", "ddp")]
+    results = [json.loads((out / "eval_results.json").read_text()) for out in (sharded, replicated)]
     assert results[0]["training"]["train_pairs"] == results[1]["training"]["train_pairs"] == 192
     for key in ("image_to_text_mean_rank", "text_to_image_mean_rank"):
         assert results[0]["test"][key] == pytest.approx(results[1]["test"][key], rel=1e-3)
 
 
-def test_fsdp2_weight_ema_is_ddps_and_resumes_after_a_kill(tmp_path, demo_dir, tiny_model_config_path):
+def test_fsdp2_weight_ema_is_ddps_and_resumes_after_a_kill(launched, tmp_path, demo_dir, tiny_model_config_path):
     # The EMA is sharded with its parameters (each process averages its shards) and gathered whole into the
     # checkpoint; the saved folder holds the EMA weights (evaluated and saved by default).
-    ema = ("--ema_decay", "0.8", "--ema_warmup", "true")
-    sharded, replicated, killed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "killed"
-    fsdp(*options(demo_dir, tiny_model_config_path, sharded, "none", *ema))
-    ddp(*options(demo_dir, tiny_model_config_path, replicated, "none", *ema))
+    sharded, _, replicated = launched("ema")
+    killed = tmp_path / "killed"
     weights, reference = load_file(sharded / "model.safetensors"), load_file(replicated / "model.safetensors")
     for name, tensor in reference.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     interrupt_after_checkpoint(
-        FSDP_LAUNCH + options(demo_dir, tiny_model_config_path, killed, "none", *ema), 4, cwd=str(ROOT), env=ENV
+        FSDP_LAUNCH + options(demo_dir, tiny_model_config_path, killed, "none", *EMA), 4, cwd=str(ROOT), env=ENV
     )
-    fsdp(*options(demo_dir, tiny_model_config_path, killed, "none", *ema, "--resume_from_checkpoint", "latest"))
+    fsdp(*options(demo_dir, tiny_model_config_path, killed, "none", *EMA, "--resume_from_checkpoint", "latest"))
     resumed = load_file(killed / "model.safetensors")
     for name in weights:
         assert torch.equal(resumed[name], weights[name]), name
