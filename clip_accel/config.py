@@ -360,8 +360,16 @@ class ModelConfig:
     model_name_or_path: str = field(
         default="openai/clip-vit-base-patch32",
         metadata={
-            "help": "CLIP checkpoint to start from: a Hub id, a folder written by save_pretrained, or a folder "
-            "open_clip wrote (open_clip_config.json and its weights: a ViT CLIP, converted to CLIPModel on load)."
+            "help": "CLIP checkpoint to start from: a Hub id, a folder written by save_pretrained, or an open_clip "
+            "model (a ViT CLIP, converted to CLIPModel once and cached): a folder open_clip wrote "
+            "(open_clip_config.json and its weights), hf-hub:ORG/NAME, or a checkpoint file with --open_clip_model."
+        },
+    )
+    open_clip_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The open_clip architecture (e.g. ViT-B-32, one of open_clip's model_configs) of the checkpoint "
+            "file open_clip's training wrote that --model_name_or_path names (e.g. logs/run/checkpoints/epoch_32.pt)."
         },
     )
     scratch_config: str | None = field(
@@ -420,6 +428,10 @@ class ModelConfig:
                 self.scratch_config is None,
                 "--lora_rank adapts a pretrained model: drop --scratch_config, or train from scratch without LoRA.",
             )
+        _require(
+            not (self.open_clip_model and self.scratch_config),
+            "--open_clip_model names the architecture of the checkpoint file to start from: drop --scratch_config.",
+        )
         _require(
             self.freeze in ("none", "vision_layers", "backbones"),
             f"--freeze {self.freeze!r} is not a freezing strategy; use none, vision_layers or backbones.",

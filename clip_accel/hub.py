@@ -24,6 +24,7 @@ from .config import RECALL_KS, UserError
 from .data.demo import DEMO_MARKER
 from .lora import ADAPTER_DIR
 from .model import CLIP, FAMILIES
+from .open_clip_source import HUB_PREFIX
 from .results import format_results_table, with_starting_model
 
 try:  # huggingface_hub 2.x talks HTTP through httpx2, 1.x through httpx; connection errors derive from these
@@ -186,7 +187,7 @@ def _read_run_files(output_dir: str) -> dict[str, dict | list]:
 
 def _base_model(config: dict) -> str | None:
     """The starting checkpoint when it is a Hub id; None when trained from scratch or from a local folder."""
-    name = config["model_name_or_path"]
+    name = config["model_name_or_path"].removeprefix(HUB_PREFIX)  # an open_clip repo on the Hub: ORG/NAME too
     if config.get("scratch_config") is not None or os.path.isdir(name) or not HUB_ID.fullmatch(name):
         return None
     return name

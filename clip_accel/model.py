@@ -45,7 +45,7 @@ from .data.loader import HOST_GRIDS
 from .data.preprocess import ImageLayout
 from .open_clip_format import CONFIG_FILE as OPEN_CLIP_CONFIG
 from .open_clip_format import is_open_clip_folder
-from .open_clip_format import load_folder as load_open_clip_folder
+from .open_clip_source import converted_folder, is_open_clip_source
 from .tokenizer import build_offline_siglip2_tokenizer, build_offline_tokenizer
 
 
@@ -123,16 +123,21 @@ def check_model_location(name_or_path: str) -> None:
         raise UserError(f"{name_or_path} is not a folder: name a trained model's folder or a Hub id (ORG/NAME).")
 
 
-def load_pretrained(name_or_path: str):
-    """(model in float32, processor) of a saved folder or Hub id, of whichever supported family its config names,
-    or of a folder open_clip wrote (open_clip_config.json and its weights), converted to CLIPModel.
+def load_pretrained(name_or_path: str, open_clip_model: str | None = None):
+    """(model in float32, processor) of a saved folder or Hub id, of whichever supported family its config names; or
+    of an open_clip model (a folder open_clip wrote, `hf-hub:ORG/NAME`, or a checkpoint file of the architecture
+    `open_clip_model`), converted to a CLIP folder once (open_clip_source.py) and loaded from there.
 
     transformers 5 loads with dtype="auto": an fp16 checkpoint would train in fp16. Training wants fp32 master
     weights; mixed precision is autocast's job."""
+    if is_open_clip_source(name_or_path, open_clip_model):
+        name_or_path = converted_folder(name_or_path, open_clip_model)
+    elif os.path.isfile(name_or_path):
+        raise UserError(
+            f"{name_or_path} is a file: a transformers model is a folder; a checkpoint open_clip's training wrote "
+            "(epoch_N.pt) needs its architecture, --open_clip_model NAME (e.g. ViT-B-32)."
+        )
     check_model_location(name_or_path)
-    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-        # An open_clip folder, converted in memory on every load (caching by the checkpoint's hash: still to do).
-        return load_open_clip_folder(name_or_path)
     family = family_of(AutoConfig.from_pretrained(name_or_path))
     model = family.model_class.from_pretrained(name_or_path, dtype=torch.float32)
     return model, AutoProcessor.from_pretrained(name_or_path)
@@ -146,7 +151,7 @@ def load_model_and_processor(config: ModelConfig, training_captions: Callable[[]
     does not learn; b = -log(batch), the prior for small batches, collapsed it to constant embeddings).
     """
     if config.scratch_config is None:
-        return load_pretrained(config.model_name_or_path)
+        return load_pretrained(config.model_name_or_path, config.open_clip_model)
     model_config = _read_model_config(config.scratch_config)
     family = family_of(model_config)
     if family is SIGLIP2:  # its folders always load a Siglip2Tokenizer (whatever they name): so it learns one

@@ -302,17 +302,18 @@ def load_checkpoint_file(path: str, model_name: str) -> tuple[CLIPModel, CLIPPro
     return convert(open_clip_model_config(model_name), state_dict, name=model_name)
 
 
-def load_folder(folder: str) -> tuple[CLIPModel, CLIPProcessor]:
-    """Convert a folder as open_clip's push_to_hf_hub writes it: open_clip_config.json and its weights."""
-    with open(os.path.join(folder, CONFIG_FILE)) as file:
-        settings = json.load(file)
+def read_folder(folder: str) -> tuple[str, str]:
+    """(open_clip_config.json, the weights file) of a folder as open_clip's push_to_hf_hub writes it."""
     weights = [os.path.join(folder, name) for name in WEIGHT_FILES if os.path.isfile(os.path.join(folder, name))]
     if not weights:
         raise UserError(f"{folder} holds {CONFIG_FILE} but no weights: it needs one of {', '.join(WEIGHT_FILES)}.")
-    if weights[0].endswith(".safetensors"):
+    return os.path.join(folder, CONFIG_FILE), weights[0]
+
+
+def load_weights(path: str) -> dict:
+    """The state dict in open_clip's weights file (safetensors, or a pickled state dict read weights-only)."""
+    if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        state_dict = load_file(weights[0])
-    else:
-        state_dict = torch.load(weights[0], map_location="cpu", weights_only=True)
-    return convert(settings["model_cfg"], state_dict, settings.get("preprocess_cfg"), name=folder)
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -30,6 +30,7 @@ EXCLUSIVE = (
     ("data_dir", "demo", "choose one data source; with --demo, --data_dir is where the demo is written"),
     ("model_name_or_path", "scratch_config", "start from a model, or build one from scratch"),
     ("lora_rank", "scratch_config", "LoRA adapts a pretrained model"),
+    ("open_clip_model", "scratch_config", "an open_clip checkpoint is a model to start from"),
     ("lora_rank", "freeze", "LoRA trains only its adapters, everything else is frozen"),
     ("lora_rank", "layer_decay", "LoRA trains only its adapters, not the layers layer decay would scale"),
     ("warmup_steps", "warmup_ratio", "give the warmup one way"),
@@ -41,6 +42,7 @@ TOGETHER_ALLOWED = {("data_dir", "demo")}
 # Options that only shape another one: a recipe's value goes when the command line turns that one off (or drops it).
 SHAPES = {
     "streaming": "dataset_name",
+    "open_clip_model": "model_name_or_path",
     **dict.fromkeys(("epoch_rows", "shuffle_buffer", "shard_index", "shard_cache_dir"), "streaming"),
     **dict.fromkeys(("augment_scale", "augment_flip"), "augment"),
 }

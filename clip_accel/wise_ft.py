@@ -110,7 +110,7 @@ def wise_ft(options: WiseFtOptions) -> dict:
     if accelerator.is_fsdp2 or accelerator.distributed_type.value == "DEEPSPEED":
         raise UserError("wise-ft loads whole weights into every process: launch it on one process or under DDP.")
     finetuned, processor = load_pretrained(options.finetuned)
-    start = load_pretrained(base)[0].state_dict()
+    start = load_pretrained(base, None if options.base else trained_with.get("open_clip_model"))[0].state_dict()
     # Copies: the state dict's tensors share the model's storage, which every mix is loaded into.
     tuned = {key: value.clone() for key, value in finetuned.state_dict().items()}
     mix_state_dicts(start, tuned, 1.0)  # the same architecture, checked before any image is decoded

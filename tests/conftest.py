@@ -10,6 +10,7 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="clip-accel-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["CLIP_ACCEL_CACHE"] = tempfile.mkdtemp(prefix="clip-accel-test-converted-")  # open_clip conversions
 
 import pytest  # noqa: E402
 from transformers import CLIPConfig  # noqa: E402

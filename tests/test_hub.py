@@ -145,6 +145,10 @@ def test_card_names_the_hub_base_model_and_dataset(pushed_run, tmp_path):
     assert card.data.model_name == "finetuned"  # no repo id yet: the folder name, and a snippet that loads it
     assert f'CLIPModel.from_pretrained("{folder}")' in card.text
     assert "both encoders were frozen except their final layer norms" in card.text
+    # Started from an open_clip repo on the Hub (hf-hub:ORG/NAME, as open_clip names it): that repo is the base.
+    (folder / "training_config.json").write_text(json.dumps({**config, "model_name_or_path": "hf-hub:laion/CLIP-x"}))
+    assert ModelCard.load(write_model_card(str(folder))).data.base_model == "laion/CLIP-x"
+    (folder / "training_config.json").write_text(json.dumps(config))
     # Pushing later rewrites a card rendered before the repo id was known, and keeps one that names the repo.
     _ensure_card(str(folder), "user/finetuned")
     card = ModelCard.load(folder / "README.md")

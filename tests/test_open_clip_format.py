@@ -31,16 +31,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import train_on_demo
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import CLIPModel
 from transformers.utils.import_utils import is_torchvision_available
 
-from clip_accel.config import ModelConfig, UserError
+from clip_accel.config import UserError
 from clip_accel.model import load_pretrained, save_model_folder
 from clip_accel.open_clip_format import (
-    WEIGHT_FILES,
     check_mappable,
     clip_image_processor,
     clip_tokenizer,
@@ -351,28 +348,6 @@ def test_a_converted_model_saved_loads_back_without_open_clip(tmp_path):
         loaded_processor(images=photo, return_tensors="pt")["pixel_values"],
         processor(images=photo, return_tensors="pt")["pixel_values"],
     )
-
-
-@pytest.mark.slow
-def test_clip_accel_train_starts_from_an_open_clip_folder(tmp_path, demo_dir):
-    """`clip-accel train --model_name_or_path FOLDER` on an open_clip folder: the run starts from the converted
-    model, trains and saves a plain CLIP folder. 64-pixel images keep it short."""
-    open_clip = import_open_clip()
-    model_cfg = shrunk(open_clip.get_model_config("ViT-B-32-quickgelu"))
-    model_cfg["vision_cfg"]["image_size"] = 64
-    reference = perturbed(open_clip.CLIP(**model_cfg))
-    folder = tmp_path / "open_clip"
-    folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
-    save_file({key: value.contiguous() for key, value in reference.state_dict().items()}, folder / WEIGHT_FILES[0])
-
-    schedule = {"num_train_epochs": 1, "per_device_train_batch_size": 64, "per_device_eval_batch_size": 100}
-    model = ModelConfig(model_name_or_path=str(folder))
-    (_, _, train_config), result = train_on_demo(tmp_path, demo_dir, model, **schedule, learning_rate=1e-3, seed=0)
-    assert [entry["step"] for entry in result.history if "loss" in entry][-1] > 0
-    saved = CLIPModel.from_pretrained(train_config.output_dir)
-    assert saved.config.text_config.hidden_act == "quick_gelu" and saved.config.vision_config.image_size == 64
-    assert not torch.equal(saved.logit_scale, torch.tensor(reference.logit_scale.item()))  # it trained
 
 
 def test_the_plain_block_named_default_is_accepted_and_another_caption_cleaning_refused():

@@ -19,6 +19,7 @@ USED = {
     "demo": True,
     "model_name_or_path": "someone/clip",
     "scratch_config": "clip-tiny",
+    "open_clip_model": "ViT-B-32",
     "lora_rank": 8,
     "freeze": "backbones",
     "layer_decay": 0.6,
