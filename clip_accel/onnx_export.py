@@ -78,17 +78,21 @@ class TextTower(torch.nn.Module):
         return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
-def example_inputs(model: PreTrainedModel, processor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(image inputs, text inputs) to trace and check with, as the processor gives them to a client: two images of
-    opposite aspect ratios (SigLIP 2: patch sequences with padding) and two texts of different lengths (CLIP: an
-    attention mask with padding)."""
-    family = family_of(model.config)
-    images = [Image.new("RGB", (96, 32), (200, 40, 40)), Image.new("RGB", (32, 96), (40, 40, 200))]
-    image_inputs = processor(images=images, return_tensors="np")
+def serving_inputs(model_config, processor, images: list, texts: list[str]) -> tuple[dict, dict]:
+    """(image inputs, text inputs) of PIL `images` and `texts` as the exported files take them: numpy arrays from
+    the processor, texts truncated and padded as the trainer pads them (CLIP: to the longest; SigLIP: to 64)."""
+    family = family_of(model_config)
     padding = {"padding": "max_length", "max_length": family.pad_to} if family.pad_to else {"padding": True}
-    texts = ["a red kurta", "a blue silk saree with a wide silver border and a matching blouse"]
     text_inputs = processor.tokenizer(texts, truncation=True, return_tensors="np", **padding)
-    return dict(image_inputs), dict(text_inputs)
+    return dict(processor(images=images, return_tensors="np")), dict(text_inputs)
+
+
+def example_inputs(model: PreTrainedModel, processor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The inputs to trace and check with: two images of opposite aspect ratios (SigLIP 2: patch sequences with
+    padding) and two texts of different lengths (CLIP: an attention mask with padding)."""
+    images = [Image.new("RGB", (96, 32), (200, 40, 40)), Image.new("RGB", (32, 96), (40, 40, 200))]
+    texts = ["a red kurta", "a blue silk saree with a wide silver border and a matching blouse"]
+    return serving_inputs(model.config, processor, images, texts)
 
 
 def export_tower(tower: torch.nn.Module, inputs: dict[str, np.ndarray], output: str, path: str) -> float:
