@@ -11,7 +11,8 @@
 - the processor's files (`processor.save_pretrained`), so `AutoProcessor.from_pretrained(OUTPUT_DIR/onnx)`
   prepares the inputs on the server;
 - with `quantize=True`, `image_model_int8.onnx` and `text_model_int8.onnx`: int8 weights (ONNX Runtime's dynamic
-  quantisation: weights stored int8, activations quantised on the fly), about 4x smaller.
+  quantisation: weights stored int8, activations quantised on the fly): 2.6x smaller
+  for the demo model (BENCHMARKS.md section 11).
 
 The embeddings are what `get_image_features` / `get_text_features` return: projected, NOT L2-normalised (divide
 by the norm before a cosine or a dot product, as the trainer does). The batch axis is dynamic in both files, and

@@ -105,5 +105,6 @@ def test_onnx_quantize_smoke_run_compares_torch_onnx_float_and_int8(tmp_path):
     rows = [line.split("|")[1:-1] for line in (tmp_path / "onnx.md").read_text().splitlines() if line.startswith("| ")]
     figures = {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[1:]}
     assert list(figures) == ["torch", "ONNX float32", "ONNX int8"]
-    assert figures["ONNX float32"][:4] == figures["torch"][:4]  # the same recall: the same embeddings
+    for torch_recall, onnx_recall in zip(figures["torch"][:4], figures["ONNX float32"][:4], strict=True):
+        assert abs(float(onnx_recall) - float(torch_recall)) <= 0.05  # the same embeddings (near-ties aside)
     assert float(figures["ONNX int8"][4]) < float(figures["ONNX float32"][4]) / 2  # int8 weights: smaller files
