@@ -95,3 +95,16 @@ def test_streaming_libraries_quick_run_measures_the_own_reader_and_names_missing
     assert [own[4].strip(), own[5].strip(), own[9].strip()] == ["0", "0", "yes"]  # every row once, equal batches
     missing = [cells for cells in rows if cells[0].strip() in ("webdataset", "wids", "mosaic", "litdata")]
     assert missing and all("not measured" in "".join(cells) for cells in missing)
+
+
+def test_onnx_quantize_smoke_run_compares_torch_onnx_float_and_int8(tmp_path):
+    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "benchmarks/onnx_quantize.py", "--smoke", "--markdown", str(tmp_path / "onnx.md")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "onnx.md").read_text().splitlines() if line.startswith("| ")]
+    figures = {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[1:]}
+    assert list(figures) == ["torch", "ONNX float32", "ONNX int8"]
+    for torch_recall, onnx_recall in zip(figures["torch"][:4], figures["ONNX float32"][:4], strict=True):
+        assert abs(float(onnx_recall) - float(torch_recall)) <= 0.05  # the same embeddings (near-ties aside)
+    assert float(figures["ONNX int8"][4]) < float(figures["ONNX float32"][4]) / 2  # int8 weights: smaller files

@@ -37,6 +37,7 @@ LAYERS = (
         "lora",
         "optim",
         "ema",
+        "onnx_export",
     },
     {"step", "evaluation", "checkpoint", "best_model", "launch", "preemption"},
     {"trainer", "startup", "reporting"},
