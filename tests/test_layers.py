@@ -24,6 +24,7 @@ LAYERS = (
         "tokenizer",
         "model",
         "open_clip_format",
+        "open_clip_export",
         "loss",
         "metrics",
         "clip_benchmark",
