@@ -151,47 +151,70 @@ def clip_config(model_cfg: dict, name: str = "this open_clip model") -> CLIPConf
     )
 
 
-def _encoder_layers(state_dict: dict, source: str, target: str, layers: int) -> dict:
-    """open_clip's residual blocks (fused q/k/v in nn.MultiheadAttention) as CLIPEncoderLayers."""
-    converted = {}
-    for index in range(layers):
-        block, layer = f"{source}.resblocks.{index}", f"{target}.layers.{index}"
-        for part in ("weight", "bias"):
-            for name, value in zip("qkv", state_dict[f"{block}.attn.in_proj_{part}"].chunk(3), strict=True):
-                converted[f"{layer}.self_attn.{name}_proj.{part}"] = value
-            for open_clip_name, clip_name in (
-                ("attn.out_proj", "self_attn.out_proj"),
-                ("ln_1", "layer_norm1"),
-                ("ln_2", "layer_norm2"),
-                ("mlp.c_fc", "mlp.fc1"),
-                ("mlp.c_proj", "mlp.fc2"),
-            ):
-                converted[f"{layer}.{clip_name}.{part}"] = state_dict[f"{block}.{open_clip_name}.{part}"]
-    return converted
+# open_clip's (CLIP layout: text at the top, CustomTextCLIP's under `text.`) -> CLIPModel's names of the weights both
+# hold as they are; the projections hold transposed (PROJECTIONS), and q/k/v fused (fused_attention_names).
+WEIGHT_NAMES = {
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",  # sic: transformers' name
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+PROJECTIONS = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}  # x @ proj
+BLOCK_NAMES = {  # in each residual block / CLIPEncoderLayer, for .weight and .bias
+    "attn.out_proj": "self_attn.out_proj",
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+
+
+def _blocks(config: CLIPConfig):
+    """(open_clip's block prefix, CLIPModel's layer prefix) of every layer of both towers."""
+    for source, target, tower_config in (
+        ("visual.transformer", "vision_model.encoder", config.vision_config),
+        ("transformer", "text_model.encoder", config.text_config),
+    ):
+        for index in range(tower_config.num_hidden_layers):
+            yield f"{source}.resblocks.{index}", f"{target}.layers.{index}"
+
+
+def weight_names(config: CLIPConfig) -> dict[str, str]:
+    """open_clip's name -> CLIPModel's of every weight held as it is (all but projections, q/k/v, logit_scale)."""
+    names = dict(WEIGHT_NAMES)
+    for block, layer in _blocks(config):
+        for open_clip_name, clip_name in BLOCK_NAMES.items():
+            for part in ("weight", "bias"):
+                names[f"{block}.{open_clip_name}.{part}"] = f"{layer}.{clip_name}.{part}"
+    return names
+
+
+def fused_attention_names(config: CLIPConfig) -> dict[str, tuple[str, str, str]]:
+    """nn.MultiheadAttention's fused `in_proj_weight`/`in_proj_bias` -> CLIPModel's (q, k, v) projections, in the
+    order open_clip stacks them."""
+    return {
+        f"{block}.attn.in_proj_{part}": tuple(f"{layer}.self_attn.{name}_proj.{part}" for name in "qkv")
+        for block, layer in _blocks(config)
+        for part in ("weight", "bias")
+    }
 
 
 def clip_state_dict(state_dict: dict, config: CLIPConfig) -> dict[str, torch.Tensor]:
     """An open_clip CLIP's (or CustomTextCLIP's, text under `text.`) state dict under CLIPModel's names."""
-    text = {key.removeprefix("text."): value for key, value in state_dict.items() if not key.startswith("visual.")}
-    visual = {key.removeprefix("visual."): value for key, value in state_dict.items() if key.startswith("visual.")}
-    converted = {
-        "vision_model.embeddings.patch_embedding.weight": visual["conv1.weight"],
-        "vision_model.embeddings.class_embedding": visual["class_embedding"],
-        "vision_model.embeddings.position_embedding.weight": visual["positional_embedding"],
-        "vision_model.pre_layrnorm.weight": visual["ln_pre.weight"],  # sic: transformers' name
-        "vision_model.pre_layrnorm.bias": visual["ln_pre.bias"],
-        "vision_model.post_layernorm.weight": visual["ln_post.weight"],
-        "vision_model.post_layernorm.bias": visual["ln_post.bias"],
-        "visual_projection.weight": visual["proj"].T,  # open_clip multiplies x @ proj: nn.Linear holds proj.T
-        "text_model.embeddings.token_embedding.weight": text["token_embedding.weight"],
-        "text_model.embeddings.position_embedding.weight": text["positional_embedding"],
-        "text_model.final_layer_norm.weight": text["ln_final.weight"],
-        "text_model.final_layer_norm.bias": text["ln_final.bias"],
-        "text_projection.weight": text["text_projection"].T,
-        "logit_scale": text["logit_scale"].reshape(()),
-        **_encoder_layers(visual, "transformer", "vision_model.encoder", config.vision_config.num_hidden_layers),
-        **_encoder_layers(text, "transformer", "text_model.encoder", config.text_config.num_hidden_layers),
-    }
+    state_dict = {key.removeprefix("text."): value for key, value in state_dict.items()}
+    converted = {clip: state_dict[open_clip] for open_clip, clip in weight_names(config).items()}
+    # open_clip multiplies x @ proj: nn.Linear holds proj.T
+    converted.update({clip: state_dict[open_clip].T for open_clip, clip in PROJECTIONS.items()})
+    for open_clip, clips in fused_attention_names(config).items():
+        converted.update(zip(clips, state_dict[open_clip].chunk(3), strict=True))
+    converted["logit_scale"] = state_dict["logit_scale"].reshape(())
     return {key: value.contiguous() for key, value in converted.items()}
 
 

@@ -7,16 +7,7 @@ tower while keeping what shapes the computation: patch size, image size, head wi
 QuickGELU), context length, projection size. Its random weights are all perturbed (LayerNorm scales and biases,
 attention biases, logit scale), so a swapped or transposed weight shows. Nothing is downloaded.
 
-torchvision: open_clip imports it, and the registry's torchvision wheel is a CUDA build whose compiled operators do
-not register beside torch's CPU build: `import torchvision` fails with "operator torchvision::nms does not exist" (its
-meta kernels are registered for operators that are not there). Installed beside the project it also breaks
-transformers, which then imports its torchvision image-processor backend and fails (`from transformers import
-CLIPImageProcessor` raises), so open_clip_torch cannot be a plain test requirement. The test reads open_clip,
-torchvision and their pure-Python dependencies from a side folder, `.open_clip_deps` (docs/code-layout.md,
-"Tests and CI"), after transformers has settled on its PIL backend, and declares each missing operator's schema with
-`torch.library` before the import (retrying on the next name the error gives): torchvision's Python parts then
-import, and open_clip needs only those (its transforms, which run on PIL images). Where the folder is missing (a
-fresh clone, CI), the first test that needs open_clip installs it there from the package registry (seconds).
+open_clip itself is imported from a side folder beside the CPU torch: see open_clip_side.py.
 """
 
 from __future__ import annotations
@@ -24,16 +15,13 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from open_clip_side import import_open_clip
 from PIL import Image
 from safetensors.torch import save_file
-from transformers.utils.import_utils import is_torchvision_available
 
 from clip_accel.config import UserError
 from clip_accel.model import load_pretrained, save_model_folder
@@ -44,51 +32,6 @@ from clip_accel.open_clip_format import (
     convert,
     load_checkpoint_file,
 )
-
-SIDE_FOLDER = Path(__file__).resolve().parent.parent / ".open_clip_deps"
-REQUIREMENTS = ["open_clip_torch==3.3.0", "timm==1.0.29", "ftfy==6.3.1", "wcwidth==0.9.5", "torchvision==0.28.0"]
-INSTALL = f"pip install --no-deps --target .open_clip_deps {' '.join(REQUIREMENTS)}"
-TORCHVISION_SCHEMAS = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
-_declared = []  # the torch.library.Library must outlive the import
-
-
-def import_open_clip():
-    """open_clip from the side folder, importable beside the CPU torch (see the module's docstring), or a skip."""
-    if "open_clip" in sys.modules:
-        return sys.modules["open_clip"]
-    if not (SIDE_FOLDER / "open_clip").is_dir():  # (CI's fresh clone: installed here, from the package registry)
-        installed = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(SIDE_FOLDER), *REQUIREMENTS],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert installed.returncode == 0, f"{INSTALL} failed:\n{installed.stderr[-3000:]}"
-    is_torchvision_available()  # decided (and cached) before torchvision becomes findable: PIL image processors
-    sys.path.insert(0, str(SIDE_FOLDER))
-    try:
-        library = torch.library.Library("torchvision", "FRAGMENT")
-        _declared.append(library)
-        for _ in range(20):
-            try:
-                import torchvision  # noqa: F401
-
-                break
-            except RuntimeError as error:
-                missing = re.search(r"operator torchvision::(\w+) does not exist", str(error))
-                if missing is None:
-                    raise
-                library.define(TORCHVISION_SCHEMAS.get(missing[1], f"{missing[1]}(Tensor x) -> Tensor"))
-                for name in [name for name in sys.modules if name.startswith("torchvision")]:
-                    del sys.modules[name]
-        import open_clip
-    finally:
-        sys.path.remove(str(SIDE_FOLDER))
-    return open_clip
-
 
 SUPPORTED = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14", "ViT-bigG-14", "ViT-B-32-quickgelu", "ViT-L-14-336"]
 REFUSED = {  # open_clip's config name -> what the refusal must say

@@ -1,9 +1,9 @@
 """An open_clip model named by --model_name_or path (a folder open_clip wrote, `hf-hub:ORG/NAME`, a checkpoint file
 with --open_clip_model) is converted once into the cache, keyed by the checkpoint's bytes, and read from there after.
 
-The models come from open_clip's own configs, shrunk, as in tests/test_open_clip_format.py (which explains how
-open_clip is imported here). conftest.py points CLIP_ACCEL_CACHE at a fresh folder for the session; the tests that
-count conversions point it at their own.
+The models come from open_clip's own configs, shrunk, as in tests/test_open_clip_format.py (tests/open_clip_side.py
+explains how open_clip is imported). conftest.py points CLIP_ACCEL_CACHE at a fresh folder for the session; the
+tests that count conversions point it at their own.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pytest
 import torch
 from conftest import train_on_demo
 from hub_server import FakeHub
+from open_clip_side import SIDE_FOLDER, import_open_clip
 from safetensors.torch import save_file
-from test_open_clip_format import SIDE_FOLDER, import_open_clip, largest_differences, perturbed, shrunk
+from test_open_clip_format import largest_differences, perturbed, shrunk
 from transformers import CLIPModel
 
 import clip_accel.open_clip_source
