@@ -27,6 +27,7 @@ from .data.shards import index_shards
 from .embedding import check_output_file, check_writable_file, embed, load_embeddings, save_embeddings
 from .environment import format_report, report
 from .evaluation import evaluate_folder, training_option
+from .export import FORMATS, export_folder
 from .hub import check_hub_access, push_output_dir, write_model_card
 from .model import is_local_path
 from .options import CommandParser, parse_config
@@ -220,6 +221,23 @@ def push_main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.output_dir} is not a folder: name the --output_dir of a finished `clip-accel train` run.")
     check_hub_access(args.hub_model_id, private=args.private)
     push_output_dir(args.output_dir, args.hub_model_id, private=args.private)
+
+
+@command("export")
+def export_main(argv: list[str] | None = None) -> None:
+    """`clip-accel export OUTPUT --format open_clip [--format onnx --quantize]`"""
+    parser = CommandParser(
+        prog="clip-accel export",
+        description="Write a trained model for other clients beside its transformers files: open_clip's files "
+        "(open_clip_config.json, open_clip_model.safetensors) or ONNX towers for serving (OUTPUT/onnx/).",
+    )
+    parser.add_argument("output_dir", help="A trained model's folder (the --output_dir of `clip-accel train`).")
+    parser.add_argument("--format", action="append", required=True, choices=FORMATS, help="Repeat for several.")
+    parser.add_argument("--quantize", action="store_true", help="With onnx: also int8 copies (*_int8.onnx).")
+    _add_log_level(parser)
+    args = parser.parse_args(argv)
+    for path in export_folder(args.output_dir, args.format, quantize=args.quantize):
+        logger.info(f"Wrote {path}")
 
 
 @command("reproduce")
@@ -551,6 +569,7 @@ COMMANDS = {
     "train": train_main,
     "evaluate": evaluate_main,
     "push": push_main,
+    "export": export_main,
     "reproduce": reproduce_main,
     "wise-ft": wise_ft_main,
     "embed": embed_main,

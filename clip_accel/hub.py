@@ -24,6 +24,7 @@ from .config import RECALL_KS, UserError
 from .data.demo import DEMO_MARKER
 from .lora import ADAPTER_DIR
 from .model import CLIP, FAMILIES
+from .onnx_export import ONNX_FOLDER
 from .open_clip_source import HUB_PREFIX
 from .results import format_results_table, with_starting_model
 
@@ -301,8 +302,8 @@ def push_output_dir(output_dir: str, repo_id: str, *, private: bool = False, tok
 
 
 def _files_to_push(output_dir: str) -> list[str]:
-    """Top-level files and a LoRA run's adapter/: staging folders, tracker logs and checkpoints live in other
-    sub-folders."""
+    """Top-level files (open_clip's files too, once exported), a LoRA run's adapter/ and the exported onnx/: staging
+    folders, tracker logs and checkpoints live in other sub-folders."""
     names = sorted(
         name
         for name in os.listdir(output_dir)
@@ -314,9 +315,10 @@ def _files_to_push(output_dir: str) -> list[str]:
             f"{output_dir} holds no model (model.safetensors and config.json): point at the "
             "--output_dir of a finished `clip-accel train` run."
         )
-    adapter = os.path.join(output_dir, ADAPTER_DIR)  # a LoRA run's adapter, beside the merged model
-    if os.path.isdir(adapter):
-        names += [f"{ADAPTER_DIR}/{name}" for name in sorted(os.listdir(adapter)) if not name.startswith(".")]
+    for folder in (ADAPTER_DIR, ONNX_FOLDER):  # a LoRA run's adapter; the ONNX towers of `clip-accel export`
+        if os.path.isdir(os.path.join(output_dir, folder)):
+            files = sorted(os.listdir(os.path.join(output_dir, folder)))
+            names += [f"{folder}/{name}" for name in files if not name.startswith(".")]
     return names
 
 

@@ -177,6 +177,8 @@ USER_ERRORS = [
     (["evaluate", "--model_name_or_path", NOPE, "--data_dir", NOPE, "--demo"], "evaluate", "not allowed with"),
     (["evaluate", "--model_name_or_path", NOPE, "--demo", "--max_eval_sample", "5"], "evaluate", "did you mean"),
     (["push", NOPE, "--hub_model_id", "me/clip"], "push", "is not a folder"),
+    (["export", NOPE, "--format", "onnx"], "export", "holds no config.json"),
+    (["export", NOPE, "--format", "torchscript"], "export", "invalid choice: 'torchscript'"),
     (["reproduce", "--data_dir", NOPE, "--smoke"], "reproduce", "not allowed with"),
     (["wise-ft", NOPE], "wise-ft", "has no training_config.json"),
     (["embed", "--model_name_or_path", NOPE, "--demo", "--output_file", "x.npy"], "embed", "*.parquet"),

@@ -42,7 +42,7 @@ LAYERS = (
     },
     {"step", "evaluation", "checkpoint", "best_model", "launch", "preemption"},
     {"trainer", "startup", "reporting"},
-    {"outputs", "hub", "sweep", "wise_ft", "embedding", "search", "environment"},
+    {"outputs", "hub", "export", "sweep", "wise_ft", "embedding", "search", "environment"},
     {"cli", "__main__"},
 )
 # Below the trainer nothing may know the Hub exists (huggingface_hub is for hub.py alone).
