@@ -108,3 +108,29 @@ def test_onnx_quantize_smoke_run_compares_torch_onnx_float_and_int8(tmp_path):
     for torch_recall, onnx_recall in zip(figures["torch"][:4], figures["ONNX float32"][:4], strict=True):
         assert abs(float(onnx_recall) - float(torch_recall)) <= 0.05  # the same embeddings (near-ties aside)
     assert float(figures["ONNX int8"][4]) < float(figures["ONNX float32"][4]) / 2  # int8 weights: smaller files
+
+
+def test_starting_models_parameter_counts_are_the_ones_the_docs_table_gives(capsys):
+    """docs/starting-models.md's parameters marked ¹ are what `benchmarks/starting_models.py` prints, name by name,
+    and the architectures the table says load map (the rest are refused)."""
+    import re
+
+    from open_clip_side import import_open_clip
+
+    import_open_clip()  # (its files: the script reads open_clip's model_configs)
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import starting_models
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    starting_models.main()
+    printed = {}
+    for row in capsys.readouterr().out.splitlines()[2:]:
+        name, maps, count = (cell.strip() for cell in row.split("|")[1:4])
+        printed[name] = count if maps == "yes" else None
+    table = Path(REPO, "docs", "starting-models.md").read_text()
+    documented = re.findall(r"^\| `([\w.-]+)` `[\w.-]+` \|[^|]*\|[^|]*\| ([^|]*) \| ([\d.]+) ¹ \|", table, re.M)
+    assert len(documented) >= 15
+    for name, loads_with, count in documented:
+        assert printed[name] == count, (name, printed[name], count)
+        assert not loads_with.startswith("refused")
