@@ -138,6 +138,7 @@ RESUME_OPTIONS = {
         "gradient_accumulation_steps",
         "accumulation",
         "caption_positives",
+        "negative_hardness",
         "learning_rate",
         "layer_decay",
         "ema_decay",

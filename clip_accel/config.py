@@ -483,6 +483,14 @@ class TrainConfig:
             "is itself (the usual CLIP/SigLIP loss, as open_clip and run_clip.py train)."
         },
     )
+    negative_hardness: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight each in-batch negative by exp(alpha x its cosine similarity) inside CLIP's softmax "
+            "(HN-NCE; sentence-transformers' hardness_strength): the negatives nearest a row count most. 0: off; "
+            "Lan et al. used 9. Exact across processes and accumulated micro-batches. Not for SigLIP (no softmax)."
+        },
+    )
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
     layer_decay: float = field(
         default=1.0,
@@ -634,6 +642,9 @@ class TrainConfig:
             "save_total_limit",
         ):
             _require(getattr(self, name) >= 0, f"--{name} must be 0 or more, got {getattr(self, name)}.")
+        _require(
+            self.negative_hardness >= 0, f"--negative_hardness must be 0 (off) or more, got {self.negative_hardness}."
+        )
         _require(
             self.caption_positives in ("identical", "own"),
             f"--caption_positives {self.caption_positives!r}: use identical or own.",

@@ -20,6 +20,13 @@ positive too: two photos of one catalogue title are not pushed apart. The ids ar
 the mask is the global batch's, and it is built on the device (no host sync). CLIP's softmax loss then takes the
 cross-entropy against each row's positives weighted uniformly (UniCL / SupCon), SigLIP's sigmoid loss labels every
 positive pair +1. With all captions distinct both are today's loss bit for bit.
+
+Hard negatives (`negative_hardness` alpha > 0, CLIP's softmax loss): every negative's logit gets alpha times its
+cosine similarity, without gradient, inside the softmax: its exp() is weighted by exp(alpha s), so the negatives
+closest to the row weigh most (HN-NCE, arXiv 2301.02280; Lan et al. 2025's Eq. 5, sentence-transformers'
+`hardness_mode="in_batch_negatives"`). Positives (the own pair and, with `caption_ids`, equal captions) are left
+alone. The similarities are the gathered batch's, the same on every process and over accumulated micro-batches, so
+the loss stays exact across both. SigLIP's sigmoid loss has no softmax over negatives to weight: not offered there.
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ def contrastive_loss(
     *,
     local_loss: bool = True,
     caption_ids: torch.Tensor | None = None,
+    negative_hardness: float = 0.0,
 ) -> torch.Tensor:
     """CLIP loss over the global batch.
 
@@ -90,7 +98,8 @@ def contrastive_loss(
     (log of the inverse temperature). With `local_loss` (and more than one process), this process scores only its
     own B rows against all N*B columns (O(B*N*B) memory instead of O((N*B)^2)); the gradient is the same, the
     value is this process's share (their mean over processes is the global loss). `caption_ids` (B,) int64: pairs
-    with equal ids are positives of each other (module docstring); None: only the own pair. Computed in float32
+    with equal ids are positives of each other (module docstring); None: only the own pair. `negative_hardness`:
+    alpha of the hard-negative weighting (module docstring); 0 leaves the loss as it is. Computed in float32
     whatever the autocast dtype.
     """
     image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
@@ -101,18 +110,31 @@ def contrastive_loss(
     scale = logit_scale.float().exp()
     positives = positive_mask(caption_ids, local)
     if local:
-        logits_per_image = scale * image_embeds @ all_text.T
-        logits_per_text = scale * text_embeds @ all_image.T
+        similarity_per_image, similarity_per_text = image_embeds @ all_text.T, text_embeds @ all_image.T
         labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + rank * image_embeds.shape[0]
         text_positives = positives  # equal captions are symmetric: text i's positives are image i's
     else:
-        logits_per_image = scale * all_image @ all_text.T
-        logits_per_text = logits_per_image.T
+        similarity_per_image = all_image @ all_text.T
+        similarity_per_text = similarity_per_image.T
         labels = torch.arange(all_image.shape[0], device=image_embeds.device)
         text_positives = None if positives is None else positives.T
+    logits_per_image, logits_per_text = scale * similarity_per_image, scale * similarity_per_text
+    if negative_hardness:
+        logits_per_image = _harden(logits_per_image, similarity_per_image, labels, positives, negative_hardness)
+        logits_per_text = _harden(logits_per_text, similarity_per_text, labels, text_positives, negative_hardness)
     return (
         _cross_entropy(logits_per_image, labels, positives) + _cross_entropy(logits_per_text, labels, text_positives)
     ) / 2
+
+
+def _harden(
+    logits: torch.Tensor, similarity: torch.Tensor, labels: torch.Tensor, positives: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    """`logits` (R, C) with alpha x similarity (no gradient) added to each negative column: each negative's exp()
+    weighted by exp(alpha s). The positives (the own column `labels`, or the `positives` mask) stay as they are."""
+    if positives is None:
+        positives = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, labels[:, None], True)
+    return logits + (alpha * similarity.detach()).masked_fill(positives, 0.0)
 
 
 def positive_mask(caption_ids: torch.Tensor | None, local: bool) -> torch.Tensor | None:

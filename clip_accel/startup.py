@@ -3,6 +3,7 @@ data, the model, the optimizer and schedule, the checkpoint manager — gathered
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         normalizer=normalizer.to(accelerator.device),
         max_grad_norm=config.max_grad_norm,
         local_loss=config.local_loss,
-        loss=LOSSES[family.loss],
+        loss=_loss(family, config),
         max_logit_scale=family.max_logit_scale,
         caption_positives=config.caption_positives,
         ema=ema,
@@ -307,6 +308,18 @@ def _check_split_sizes(config: TrainConfig, num_processes: int, sizes: dict[str,
                 f"The {role} split has {sizes[role]} pairs, but recall@{max(RECALL_KS)} needs at least "
                 f"{max(RECALL_KS)}; use a larger split (or a larger --max_eval_samples)."
             )
+
+
+def _loss(family, config: TrainConfig):
+    """The family's loss, with --negative_hardness where it is set (CLIP's softmax alone has negatives to weight)."""
+    if not config.negative_hardness:
+        return LOSSES[family.loss]
+    if family.sigmoid:
+        raise UserError(
+            f"--negative_hardness weights negatives inside CLIP's softmax; {family.name}'s sigmoid loss scores each "
+            "pair on its own, with no softmax to weight: drop --negative_hardness, or start from a CLIP model."
+        )
+    return functools.partial(LOSSES[family.loss], negative_hardness=config.negative_hardness)
 
 
 def _check_lora(accelerator: Accelerator, model_config: ModelConfig, config: TrainConfig) -> None:

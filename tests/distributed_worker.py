@@ -6,6 +6,7 @@ Usage: torchrun --nproc_per_node 2 tests/distributed_worker.py OUTDIR
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -145,12 +146,15 @@ def one_step(
     siglip2: bool = False,
     repeats: str | None = None,
     ema: bool = False,
+    hardness: float = 0.0,
 ) -> dict:
     """One optimizer step on this process's share of the same global batch of 16 pairs. `repeats`: with the
     repeated captions of REPEATS as positives (see `synthetic_pairs`); `ema`: the weight EMA's average after
-    it too (decay 0.5)."""
+    it too (decay 0.5); `hardness`: the loss's --negative_hardness."""
     positives = "identical" if repeats else "own"
     context = step_context(accelerator, freeze, local_loss, lora, siglip, siglip2, positives)
+    if hardness:
+        context.loss = functools.partial(contrastive_loss, negative_hardness=hardness)
     if ema:
         context.ema = WeightEma(accelerator.unwrap_model(context.model), 0.5)
     siglip = siglip or siglip2
@@ -298,6 +302,13 @@ SCENARIOS = {
     "positives_step_local_loss": lambda acc: one_step(acc, 1, local_loss=True, repeats="own tokens"),
     "positives_step_exact_accumulation": lambda acc: one_step(acc, 2, repeats="own tokens"),
     "positives_step_exact_accumulation_local_loss": lambda acc: one_step(acc, 2, local_loss=True, repeats="own tokens"),
+    # Hard negatives weighted by their similarity (--negative_hardness), with the repeats as positives.
+    "hardness_step": lambda acc: one_step(acc, 1, repeats="own tokens", hardness=4.0),
+    "hardness_step_local_loss": lambda acc: one_step(acc, 1, local_loss=True, repeats="own tokens", hardness=4.0),
+    "hardness_step_exact_accumulation": lambda acc: one_step(acc, 2, repeats="own tokens", hardness=4.0),
+    "hardness_step_exact_accumulation_local_loss": lambda acc: one_step(
+        acc, 2, local_loss=True, repeats="own tokens", hardness=4.0
+    ),
     "siglip_positives_step": lambda acc: one_step(acc, 1, siglip=True, repeats="same"),
     "siglip_positives_step_exact_accumulation": lambda acc: one_step(acc, 2, siglip=True, repeats="same"),
     "plain_accumulation_positives": lambda acc: plain_accumulation(acc, 8, repeats="own tokens"),

@@ -25,6 +25,7 @@ def test_configs_are_read_only():
         (lambda: TrainConfig(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
         (lambda: TrainConfig(per_device_train_batch_size=0), "per_device_train_batch_size"),
         (lambda: TrainConfig(learning_rate=0), "learning_rate"),
+        (lambda: TrainConfig(negative_hardness=-1.0), "--negative_hardness must be 0 .off. or more"),
         (lambda: TrainConfig(warmup_ratio=1.5), "warmup_ratio"),
         (lambda: TrainConfig(early_stopping_metric="accuracy"), "early_stopping_metric"),
         (lambda: TrainConfig(push_to_hub=True), "hub_model_id"),

@@ -490,6 +490,23 @@ def test_repeated_captions_are_positives_across_processes_and_micro_batches(meas
     assert one["loss"] != pytest.approx(measured("step", 1)["loss"], rel=1e-3)  # the positives do count
 
 
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "hardness_step",
+        "hardness_step_local_loss",
+        "hardness_step_exact_accumulation",
+        "hardness_step_exact_accumulation_local_loss",
+    ],
+)
+def test_hard_negative_weights_come_from_the_global_batch_across_processes_and_micro_batches(measured, scenario):
+    # --negative_hardness: each negative weighted by its similarity within the whole global batch, so 2 processes
+    # x 8 and 2 x (2 micro x 4) train as 1 process x 16 (the repeated captions stay unweighted positives).
+    one = measured("hardness_step", 1)
+    _assert_same_step(one, measured(scenario, 2))
+    assert one["loss"] != pytest.approx(measured("positives_step", 1)["loss"], rel=1e-3)  # the weights do count
+
+
 @pytest.mark.parametrize("scenario", ["siglip_positives_step", "siglip_positives_step_exact_accumulation"])
 def test_repeated_captions_are_positive_pairs_of_the_sigmoid_loss_across_processes(measured, scenario):
     one = measured("siglip_positives_step", 1)

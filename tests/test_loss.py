@@ -173,3 +173,35 @@ def test_the_sigmoid_own_pair_loss_pushes_two_photos_of_one_title_apart():
     identical = _with_shared_texts(sigmoid_loss, params, image, text, caption_ids=ids)[1]
     # A gradient step moves image 1 by -gradient: along its title's text (basis 0) away from it, or towards it.
     assert float(own[1] @ basis[0]) > 2 and float(identical[1] @ basis[0]) < -1e-3
+
+
+def _hardness_reference(image, text, scale: float, alpha: float, ids: list[int]) -> torch.Tensor:
+    """HN-NCE as written out, in torch so it has gradients: each row's softmax over its columns, every negative's
+    exp() multiplied by exp(alpha x its similarity) taken as a constant; -mean log-probability of the positives."""
+    total, n = 0.0, image.shape[0]
+    for i in range(n):
+        positives = [j for j in range(n) if ids[j] == ids[i]]
+        for a, b in ((image, text), (text, image)):
+            terms = []
+            for j in range(n):
+                similarity = a[i] @ b[j]
+                weight = 1.0 if j in positives else math.exp(alpha * float(similarity.detach()))
+                terms.append(weight * torch.exp(scale * similarity))
+            denominator = sum(terms)
+            total = total - sum(torch.log(terms[j] / denominator) for j in positives) / len(positives)
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("ids", [None, DUPLICATES], ids=["own pair", "identical captions"])
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_hard_negatives_are_weighted_by_exp_alpha_similarity_as_written_out_by_hand(ids, local_loss):
+    image, text = (t.requires_grad_() for t in _embeds(6, 8, seed=7))
+    scale = torch.tensor(math.log(10.0), requires_grad=True)
+    loss = contrastive_loss(image, text, scale, local_loss=local_loss, caption_ids=ids, negative_hardness=3.0)
+    gradients = torch.autograd.grad(loss, [image, text, scale])
+    reference = _hardness_reference(image, text, scale.exp(), 3.0, list(range(6)) if ids is None else ids.tolist())
+    expected = torch.autograd.grad(reference, [image, text, scale])
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for got, want in zip(gradients, expected, strict=True):  # the weights carry no gradient
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert loss.item() != pytest.approx(contrastive_loss(image, text, scale, caption_ids=ids).item(), rel=1e-3)

@@ -124,3 +124,13 @@ def test_the_reference_sweep_can_add_a_siglip_row_marked_as_ours(tmp_path):
     markdown = results_markdown({row.name: figures for row in options.rows}, {}, options)
     assert "| clip_accel SigLIP ViT-B/16 (ours; not a reference row) | ours |" in markdown
     assert "CLIP and SigLIP fine-tuning" in markdown
+
+
+def test_negative_hardness_is_refused_for_the_sigmoid_loss_which_has_no_softmax_to_weight():
+    from clip_accel.config import TrainConfig, UserError
+    from clip_accel.startup import _loss
+
+    with pytest.raises(UserError, match="sigmoid loss scores each pair on its own, with no softmax to weight"):
+        _loss(SIGLIP, TrainConfig(negative_hardness=2.0))
+    assert _loss(CLIP, TrainConfig(negative_hardness=2.0)).keywords == {"negative_hardness": 2.0}
+    assert _loss(SIGLIP, TrainConfig()) is sigmoid_loss
