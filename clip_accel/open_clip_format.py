@@ -84,7 +84,11 @@ def check_mappable(model_cfg: dict, name: str = "this open_clip model") -> None:
     if model_cfg.get("multimodal_cfg") is not None:
         raise refuse("it is a CoCa model (a captioning decoder beside the towers)")
     if model_cfg.get("init_logit_bias") is not None:
-        raise refuse("it has a logit bias (a SigLIP model: CLIPModel's softmax loss has none)")
+        raise UserError(
+            f"{name} cannot become a CLIPModel: it has a logit bias (a SigLIP model on a timm image tower, not "
+            "converted). Start from a transformers SigLIP checkpoint instead (e.g. google/siglip-base-patch16-224), "
+            "which clip_accel trains as SiglipModel."
+        )
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     if vision.get("timm_model_name"):
         raise refuse(f"its image tower is the timm model {vision['timm_model_name']!r} (ConvNeXt, FastViT, ...)")
