@@ -79,12 +79,12 @@ WISE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 WISE_HELDOUT_METRIC = "mean_R@1"
 
 
-def split_by_class(demo: str) -> dict[str, str]:
-    """The demo catalogue as two catalogues in the Indo-fashion layout: the source classes and the others (their
-    JSON lines filtered, the images shared through a link)."""
+def split_by_class(demo: str, root: Path = ROOT) -> dict[str, str]:
+    """The demo catalogue as two catalogues in the Indo-fashion layout under `root`: the source classes and the
+    others (their JSON lines filtered, the images shared through a link)."""
     folders = {}
     for name, keep in (("source", True), ("target", False)):
-        folder = ROOT / name
+        folder = root / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         os.symlink(os.path.join(demo, "images"), folder / "images")
@@ -96,8 +96,8 @@ def split_by_class(demo: str) -> dict[str, str]:
     return folders
 
 
-def data_args(folder: str) -> list[str]:
-    return ["--data_dir", folder, "--cache_dir", str(ROOT / "cache"), "--demo", "false"]
+def data_args(folder: str, root: Path = ROOT) -> list[str]:
+    return ["--data_dir", folder, "--cache_dir", str(root / "cache"), "--demo", "false"]
 
 
 def fresh(function, *args, **kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,25 @@ def test_starting_models_parameter_counts_are_the_ones_the_docs_table_gives(caps
     for name, loads_with, count in documented:
         assert printed[name] == count, (name, printed[name], count)
         assert not loads_with.startswith("refused")
+
+
+def test_fine_grained_smoke_run_reports_each_option_as_a_paired_difference_with_its_interval(tmp_path):
+    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "benchmarks/fine_grained.py", "--smoke", "--markdown", str(tmp_path / "fine.md")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "fine.md").read_text().splitlines() if line.startswith("| ")]
+    names = [cells[0].strip() for cells in rows[1:]]  # (the header first)
+    assert names[0] == "plain fine-tune (absolute: mean ± sd)" and len(names) >= 2
+    for cells in rows[2:]:  # every option: mean [low, high] in each figure's column
+        assert all(re.fullmatch(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", cell.strip()) for cell in cells[1:6])
+
+
+def test_a_paired_interval_is_students_t_over_the_seeds():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import fine_grained
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    # mean 0.2, sd 0.1 over 3 seeds: 0.2 -+ 4.303 x 0.1 / sqrt(3)
+    assert fine_grained.paired([0.1, 0.2, 0.3]) == "+0.200 [-0.048, +0.448]"
