@@ -16,14 +16,19 @@ ranked only against the texts of its own class, and each text against those imag
 zero-shot top-1 among the 7 target classes; the run's wall time against plain fine-tuning's (same seed;
 CPU-dependent, and a mining row's includes its mining).
 
-    python benchmarks/fine_grained.py [--seeds 5] [--markdown FILE]    # about 15 minutes on 2 cores
-    python benchmarks/fine_grained.py --smoke                          # every code path in about a minute
+    python benchmarks/fine_grained.py [--seeds 5] [--rows ROW ...] [--markdown FILE]   # ~3 min per seed and row
+    python benchmarks/fine_grained.py --smoke                                         # every path in a minute
+
+Each seed's start and each (seed, row)'s figures are kept under $CLIP_ACCEL_BENCH_DIR/fine_grained (results.json):
+a call with `--rows` measures those rows (and plain fine-tuning, again) and tables every row measured on each
+seed. A row's run time is compared with the baseline's of the same call.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 
@@ -57,22 +62,25 @@ def same_class_recall(folder: str, data: DataConfig) -> float:
     return hits / rows
 
 
-def one_seed(seed: int, folders: dict[str, str], smoke: bool) -> dict[str, dict[str, float]]:
-    runs = ROOT / "runs" / str(seed)
-    pretrain = ["--config", "demo", "--scratch_config", str(ROOT / "model.json"), "--seed", str(seed)]
-    pretrain += ["--no_eval_initial_model", "--per_device_eval_batch_size", "200"]
-    pretrain += ["--num_train_epochs", "1" if smoke else "30", "--output_dir", str(runs / "start")]
-    common.train_row(pretrain + forgetting.data_args(folders["source"], ROOT))
-    target = DataConfig(data_dir=folders["target"], cache_dir=str(ROOT / "cache"))
+def one_seed(seed: int, folders: dict[str, str], root, rows: dict[str, list[str]], smoke: bool) -> dict:
+    """Each of `rows` fine-tuned from seed `seed`'s start (pretrained here unless ROOT/runs/SEED/start holds it),
+    its figures kept in ROOT/results.json: a later call with other rows reuses the start and the figures."""
+    runs, kept = root / "runs" / str(seed), root / "results.json"
+    results = json.loads(kept.read_text()) if kept.is_file() else {}
+    if not (runs / "start" / "model.safetensors").is_file():
+        pretrain = ["--config", "demo", "--scratch_config", str(root / "model.json"), "--seed", str(seed)]
+        pretrain += ["--no_eval_initial_model", "--per_device_eval_batch_size", "200", "--overwrite_output_dir"]
+        pretrain += ["--num_train_epochs", "1" if smoke else "30", "--output_dir", str(runs / "start")]
+        common.train_row(pretrain + forgetting.data_args(folders["source"], root))
+    target = DataConfig(data_dir=folders["target"], cache_dir=str(root / "cache"))
     tune = ["--model_name_or_path", str(runs / "start"), "--seed", str(seed), "--no_eval_initial_model"]
     tune += forgetting.FINE_TUNE + (["--num_train_epochs", "1"] if smoke else [])
-    results = {}
-    for index, (name, options) in enumerate(ROWS.items()):
-        output = str(runs / f"row{index}")
-        argv = tune + forgetting.data_args(folders["target"], ROOT) + ["--output_dir", output] + options
+    for name, options in rows.items():
+        output = str(runs / f"row{list(ROWS).index(name)}")
+        argv = tune + forgetting.data_args(folders["target"], root) + ["--output_dir", output] + options
         metrics, seconds = common.train_row(argv)
         test = metrics["test"]
-        results[name] = {
+        results.setdefault(str(seed), {})[name] = {
             "I2T R@1": test["image_to_text_R@1"],
             "T2I R@1": test["text_to_image_R@1"],
             "mean R@5": (test["image_to_text_R@5"] + test["text_to_image_R@5"]) / 2,
@@ -80,7 +88,8 @@ def one_seed(seed: int, folders: dict[str, str], smoke: bool) -> dict[str, dict[
             "zero-shot top-1": test["zero_shot_top1"],
             "seconds": seconds,
         }
-    return results
+        kept.write_text(json.dumps(results, indent=1))
+    return results[str(seed)]
 
 
 def paired(values: list[float]) -> str:
@@ -93,6 +102,7 @@ def paired(values: list[float]) -> str:
 
 
 def table(per_seed: list[dict[str, dict[str, float]]]) -> str:
+    """Plain fine-tuning's figures, then each other row measured on every seed as its paired difference."""
     headers = ["Option", *METRICS, "run time vs plain"]
     baseline = [seed[BASELINE] for seed in per_seed]
     rows = [
@@ -103,10 +113,9 @@ def table(per_seed: list[dict[str, dict[str, float]]]) -> str:
         ]
     ]
     for name in ROWS:
-        if name == BASELINE:
+        if name == BASELINE or not all(name in seed for seed in per_seed):
             continue
-        runs = [seed[name] for seed in per_seed]
-        pairs = list(zip(runs, baseline, strict=True))
+        pairs = [(seed[name], seed[BASELINE]) for seed in per_seed]
         cells = [paired([run[metric] - base[metric] for run, base in pairs]) for metric in METRICS]
         ratio = statistics.mean(run["seconds"] / base["seconds"] for run, base in pairs)
         rows.append([f"{name} (paired difference)", *cells, f"{ratio:.2f}"])
@@ -117,21 +126,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="Every code path: 2 seeds, one epoch per run.")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="Default: every row.")
     parser.add_argument("--markdown", default=None, help="Also write the table to this file.")
     args = parser.parse_args()
     if not 2 <= args.seeds <= max(T_975):
         parser.error(f"--seeds takes 2 to {max(T_975)} (a paired interval needs two seeds at least)")
     began = time.perf_counter()
+    root = ROOT / "smoke" if args.smoke else ROOT
+    if args.smoke:
+        shutil.rmtree(root, ignore_errors=True)
     sizes = {"num_train": 300, "num_val": 60, "num_test": 60} if args.smoke else forgetting.SIZES
-    demo = write_demo_dataset(ROOT / ("demo-smoke" if args.smoke else "demo"), **sizes)
-    folders = forgetting.split_by_class(str(demo), ROOT)
-    (ROOT / "model.json").write_text(json.dumps(forgetting.MODEL))
-    per_seed = [one_seed(seed, folders, args.smoke) for seed in range(2 if args.smoke else args.seeds)]
+    demo = write_demo_dataset(root / "demo", **sizes)
+    folders = forgetting.split_by_class(str(demo), root)
+    (root / "model.json").write_text(json.dumps(forgetting.MODEL))
+    rows = {name: ROWS[name] for name in dict.fromkeys([BASELINE, *args.rows])}
+    seeds = range(2 if args.smoke else args.seeds)
+    per_seed = [one_seed(seed, folders, root, rows, args.smoke) for seed in seeds]
     target_classes = [label for label in CLASS_LABELS if label not in forgetting.SOURCE_CLASSES]
     text = "\n".join(
         [
             f"Fine-tuned on {len(target_classes)} classes ({', '.join(target_classes)}), pretrained on the other "
-            f"{len(forgetting.SOURCE_CLASSES)}. Paired over {len(per_seed)} seeds; whole benchmark "
+            f"{len(forgetting.SOURCE_CLASSES)}. Paired over {len(per_seed)} seeds; this call "
             f"{(time.perf_counter() - began) / 60:.1f} min. {common.machine_description()}",
             "",
             table(per_seed),
