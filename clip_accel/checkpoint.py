@@ -156,7 +156,15 @@ RESUME_OPTIONS = {
         "early_stopping_patience",
         "early_stopping_min_delta",
     ),
-    ModelConfig: ("freeze", "freeze_vision_layers", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"),
+    ModelConfig: (
+        "freeze",
+        "freeze_vision_layers",
+        "text_positions",
+        "lora_rank",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+    ),
     DataConfig: (
         "caption_template",
         "extra_caption_templates",

@@ -396,6 +396,15 @@ class ModelConfig:
             "is unchanged."
         },
     )
+    text_positions: int = field(
+        default=0,
+        metadata={
+            "help": "CLIP only: stretch the text tower's learned positions to N, Long-CLIP's way (the first 20 "
+            "kept, the rest interpolated: 248 reads 4x longer captions than 77), so captions up to N tokens are "
+            "not truncated; 0: off. The new positions start untrained: fine-tune on long captions to use them. "
+            "A model already at N is left as is; from --scratch_config the fresh tower simply gets N."
+        },
+    )
 
     lora_rank: int = field(
         default=0,
@@ -437,6 +446,7 @@ class ModelConfig:
             f"--freeze {self.freeze!r} is not a freezing strategy; use none, vision_layers or backbones.",
         )
         _require(self.freeze_vision_layers >= 0, "--freeze_vision_layers must be 0 or more.")
+        _require(self.text_positions >= 0, f"--text_positions must be 0 (off) or more, got {self.text_positions}.")
 
     @property
     def lora_targets(self) -> tuple[str, ...]:

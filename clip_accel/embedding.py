@@ -33,7 +33,7 @@ from .data import build_pair_datasets, load_raw_splits, make_dataloader, read_im
 from .data.sources import data_source_dir
 from .evaluation import embed_split, training_eval_batch_size
 from .launch import check_processes, data_prepared_per_node
-from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained
+from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained, text_length
 
 logger = logging.getLogger(__name__)
 FORMATS = (".parquet", ".safetensors")
@@ -105,6 +105,7 @@ def embed(
         per_node=per_node,
         require_captions=image_folder is None,
         family=module.family,
+        text_length=text_length(clip.config),
     )["test"]
     skipped = pairs.skipped_rows()
     if skipped and accelerator.is_main_process:

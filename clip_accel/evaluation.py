@@ -16,7 +16,7 @@ from .config import RECALL_KS, DataConfig
 from .data import ImageLayout, PairDataset, build_pair_datasets, load_raw_splits, make_dataloader
 from .launch import check_processes, data_prepared_per_node
 from .metrics import full_float32_matmuls, multi_caption_metrics, retrieval_metrics
-from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained, unwrap
+from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained, text_length, unwrap
 from .zero_shot import Prompts, class_text_embeddings, load_prompts, zero_shot_accuracy
 
 
@@ -174,14 +174,23 @@ def evaluation_splits(
     batch_size: int,
     roles=("test",),
     family=None,
+    text_length: int | None = None,
 ) -> dict[str, EvaluationSplit]:
     """The `roles` of `data_config` (e.g. validation, test) through the training data pipeline (with `family`'s
-    pixels and text padding), for scoring any model of that family with `score`."""
+    pixels and text padding, and `text_length`: the model's own, `model.text_length`), for scoring any model of
+    that family with `score`."""
     prompts = dataset_prompts(data_config)  # a bad prompt file fails before anything is loaded
     per_node = data_prepared_per_node(accelerator, data_config)
     raw = load_raw_splits(accelerator, data_config, roles=roles, per_node=per_node)
     pairs = build_pair_datasets(
-        accelerator, data_config, raw, processor.tokenizer, layout, per_node=per_node, family=family
+        accelerator,
+        data_config,
+        raw,
+        processor.tokenizer,
+        layout,
+        per_node=per_node,
+        family=family,
+        text_length=text_length,
     )
     return {
         role: EvaluationSplit(
@@ -233,7 +242,15 @@ def evaluate_folder(
     model = ContrastiveModel(clip)
     batch_size = batch_size or training_eval_batch_size(model_name_or_path)
     layout = image_layout(clip, processor)
-    splits = evaluation_splits(accelerator, data_config, processor, layout, batch_size, family=model.family)
+    splits = evaluation_splits(
+        accelerator,
+        data_config,
+        processor,
+        layout,
+        batch_size,
+        family=model.family,
+        text_length=text_length(clip.config),
+    )
     return score(accelerator, accelerator.prepare(model), processor, splits["test"], identical_captions_match)
 
 

@@ -92,6 +92,8 @@ def training_summary(run: Run, state: TrainerState, early_stopping: EarlyStoppin
         "train_pairs_sharing_a_caption": run.shared_train_captions,
         "pairs": run.pair_counts,
         "skipped_rows": run.skipped,
+        # Per split: {"truncated", "captions", "max_tokens"}; a stream's counts the captions it read.
+        "truncated_captions": {role: counts.as_dict() for role, counts in run.truncation.items()},
         "epochs_run": round(state.step / run.steps_per_epoch, 2),
         "best_step": early_stopping.best_step,
         "early_stopping_metric": early_stopping.metric,

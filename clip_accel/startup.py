@@ -41,6 +41,7 @@ from .launch import (
 from .lora import add_lora
 from .loss import LOSSES
 from .model import (
+    CLIP,
     ContrastiveModel,
     PixelNormalizer,
     enable_gradient_checkpointing,
@@ -48,6 +49,8 @@ from .model import (
     freeze_parameters,
     image_layout,
     load_model_and_processor,
+    long_clip_positions,
+    text_length,
     unwrap,
 )
 from .optim import build_optimizer, build_scheduler, log_parameter_groups
@@ -75,6 +78,7 @@ class Run:
     captions: dict  # caption of every usable pair, per evaluation role (for the identical-caption figures)
     texts: dict  # per evaluation role, its captions, each distinct one embedded once (SplitCaptions)
     skipped: dict  # rows skipped per role (main process)
+    truncation: dict  # captions cut at the text length per role (`CaptionTruncation`; a stream's: None until its end)
     resolved_config: dict  # every option, flat
     prompts: Prompts  # how zero-shot classification words the classes
     augmenter: Augmenter | None  # random crops of the training images (--augment), else None
@@ -124,6 +128,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     scheduler = build_scheduler(optimizer, config, total_steps)
     shared = train_data.shared_captions
     _log_startup(accelerator, config, total_steps, pairs, shared)
+    _log_truncation(pairs, unwrap(accelerator, model).clip.config)
     resolved_config = config_to_dict(*configs)
     # Trackers take numbers, strings and booleans as hyperparameters: None and lists (--augment_scale) as text.
     tracked = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in resolved_config.items()}
@@ -173,6 +178,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
             for role in ("validation", "test")
         },
         skipped=skipped,
+        truncation={role: pairs[role].truncation for role in pairs},
         resolved_config=resolved_config,
         prompts=prompts,
         augmenter=_augmenter(data_config, image_layout(unwrap(accelerator, model).clip, processor).size, config.seed),
@@ -233,6 +239,10 @@ def _load_model_and_data(
     if model_config.gradient_checkpointing:
         enable_gradient_checkpointing(clip)
     logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%), {how}")
+    if model_config.text_positions:
+        logger.info(
+            f"Text positions: {text_length(clip.config)} (--text_positions; the stretched ones start untrained)"
+        )
     layout = image_layout(clip, processor)
     if data_config.augment and layout.patches:
         raise UserError(
@@ -248,6 +258,7 @@ def _load_model_and_data(
         train_image_size=training_cache_size(layout.size) if data_config.augment else None,
         per_node=per_node,
         family=family_of(clip.config),
+        text_length=text_length(clip.config),
         seed=config.seed,
         report_dir=config.output_dir,
     )
@@ -348,6 +359,21 @@ def _check_output_dir(config: TrainConfig) -> None:
         raise UserError(
             f"{config.output_dir} already holds a model. Choose another --output_dir or pass --overwrite_output_dir."
         )
+
+
+def _log_truncation(pairs: dict, model_config) -> None:
+    """One line per split: how many captions were longer than the text tower reads, and so truncated (a stream's
+    are counted as it is read: reported at the end)."""
+    positions = model_config.text_config.max_position_embeddings
+    hint = ""
+    if family_of(model_config) is CLIP:
+        longer = long_clip_positions(positions)
+        hint = f"--text_positions {longer} keeps up to {longer}"
+    for role, split in pairs.items():
+        if split.truncation is None:
+            logger.info(f"{role}: streamed; the captions it truncates are counted as it is read, reported at the end")
+        else:
+            logger.info(split.truncation.describe(role, hint))
 
 
 def _log_startup(accelerator: Accelerator, config: TrainConfig, total_steps: int, pairs: dict, shared: int) -> None:

@@ -64,6 +64,9 @@ def train(data_config: DataConfig, model_config: ModelConfig, config: TrainConfi
         streamed_skips = run.train_data.skip_report(run.accelerator, config.output_dir)
         if streamed_skips is not None:  # (a cached split's were written at start-up)
             run.skipped["train"] = streamed_skips
+        if run.truncation["train"] is None:  # a stream's, counted as it was read
+            run.truncation["train"] = run.train_data.caption_truncation(run.accelerator)
+            logger.info(run.truncation["train"].describe("train (the captions streamed)"))
         metrics["training"] = training_summary(run, state, early_stopping)
         _shut_down(run)
     return TrainingResult(metrics, state.history, run.resolved_config, best_model, run.processor)

@@ -18,7 +18,7 @@ from ..tokenizer import MAX_TEXT_TOKENS
 from .demo import write_demo_dataset
 from .indo_fashion import IndoFashionFolder
 from .loader import CopyStream, PairDataset, make_dataloader, prefetched
-from .preprocess import ImageLayout, PairPreprocessor, as_layout, preprocess_split
+from .preprocess import CaptionTruncation, ImageLayout, PairPreprocessor, as_layout, cached_truncation, preprocess_split
 from .shard_identity import shard_signatures
 from .shards import (
     ShardSource,
@@ -34,6 +34,7 @@ from .training_data import CachedTrainingData, training_data
 
 __all__ = [
     "CachedTrainingData",
+    "CaptionTruncation",
     "CopyStream",
     "ImageLayout",
     "PairDataset",
@@ -221,6 +222,7 @@ def build_pair_datasets(
     per_node: bool = False,
     require_captions: bool = True,
     family=None,
+    text_length: int | None = None,
     seed: int = 0,
     report_dir: str | None = None,
 ) -> dict[str, PairDataset | StreamingPairs]:
@@ -228,12 +230,15 @@ def build_pair_datasets(
     training split at `train_image_size` when given: larger, for augmentation's random crops). The main process
     goes first so the others only read; with `per_node` (node-local caches) each node's first process does.
     `family` (`model.Family`; default CLIP's rules): the text length and SigLIP's fixed padding, on the
-    tokenizer's side. A streamed split (`StreamSplit`) becomes `StreamingPairs` (shuffled by `seed`), not cached.
+    tokenizer's side; `text_length`, the model's own text length where it differs (`model.text_length`: a CLIP
+    with --text_positions). Each cached split's `truncation` counts the captions cut at that length (a stream
+    counts them as it reads, `StreamingLoader.caption_truncation`). A streamed split (`StreamSplit`) becomes
+    `StreamingPairs` (shuffled by `seed`), not cached.
     A split with no usable pair stops the run, its reasons in the message; `report_dir` gets skipped_rows.jsonl
     first."""
     layout = as_layout(layout)
     pad_to = family.pad_to if family is not None else None
-    max_length = family.text_length if family is not None else MAX_TEXT_TOKENS
+    max_length = text_length or (family.text_length if family is not None else MAX_TEXT_TOKENS)
     # (CLIP pools at the first end-of-text token, which padding on the left would put first: always right.)
     pad_left = pad_to is not None and tokenizer.padding_side == "left"
     cache_dir = preprocessing_cache_dir(config)
@@ -269,6 +274,7 @@ def build_pair_datasets(
             )
         # (training draws one of a row's captions per epoch, deterministic in the seed; evaluation scores them all)
         pairs[role] = PairDataset(cached, tokenizer.pad_token_id, pad_to, pad_left, seed if train else None)
+        pairs[role].truncation = cached_truncation(cached, tokenizer, min(tokenizer.model_max_length, max_length))
         if len(pairs[role]) == 0:
             report = None
             if report_dir is not None and accelerator.is_main_process:  # the report first, then the error

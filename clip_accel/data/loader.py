@@ -79,6 +79,7 @@ class PairDataset(Dataset):
             self.more_starts, self.more_caption_ids = _flat_lists(table.column("more_caption_ids"))
         self.caption_seed = caption_seed if self.more_caption_ids is not None else None
         self.epoch = 0
+        self.truncation = None  # the captions cut at the text length (`CaptionTruncation`, set by build_pair_datasets)
 
     @property
     def draws_captions(self) -> bool:

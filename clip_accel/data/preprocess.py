@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import datasets
 import multiprocess  # datasets' multiprocessing (its map's pool and manager)
 import numpy as np
+import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
 from ..config import UserError
@@ -290,6 +291,10 @@ class PairPreprocessor:
         # Truncation keeps the end-of-text token, which is where CLIP pools the text tower.
         return self.tokenizer(captions, truncation=True, max_length=self.max_length)["input_ids"] if captions else []
 
+    def truncated(self, captions: list[str], input_ids: list[list[int]]) -> CaptionTruncation:
+        """How many of `captions` (tokenized to `input_ids` by this preprocessor) the truncation cut."""
+        return count_truncated(self.tokenizer, self.max_length, captions, [len(ids) for ids in input_ids])
+
     def _more_captions(self, lists: list) -> dict:
         """Each row's other captions, tokenized in one call: `more_input_ids` and `more_caption_ids` per row."""
         lists = [captions or [] for captions in lists]
@@ -301,6 +306,57 @@ class PairPreprocessor:
             "more_input_ids": tokens,
             "more_caption_ids": [[caption_id(ids) for ids in row] for row in tokens],
         }
+
+
+@dataclass(frozen=True)
+class CaptionTruncation:
+    """How many of a split's captions (every caption of its usable rows, the `more_*` ones included) were longer
+    than the `max_length` tokens the text tower reads, and so were cut there."""
+
+    truncated: int
+    captions: int
+    max_length: int
+
+    def __add__(self, other: CaptionTruncation) -> CaptionTruncation:
+        return CaptionTruncation(self.truncated + other.truncated, self.captions + other.captions, self.max_length)
+
+    def as_dict(self) -> dict:
+        return {"truncated": self.truncated, "captions": self.captions, "max_tokens": self.max_length}
+
+    def describe(self, role: str, hint: str = "") -> str:
+        """The start-up line: "train: 312 of 12,000 captions longer than 77 tokens were truncated" (and `hint`)."""
+        line = f"{role}: {self.truncated:,} of {self.captions:,} captions longer than {self.max_length} tokens were"
+        return f"{line} truncated{f' ({hint})' if hint and self.truncated else ''}"
+
+
+def count_truncated(tokenizer, max_length: int, captions: list[str], lengths) -> CaptionTruncation:
+    """How many of `captions`, tokenized with truncation to `lengths` tokens, the truncation at `max_length` cut."""
+    at_limit = [caption for caption, length in zip(captions, lengths, strict=True) if length >= max_length]
+    return CaptionTruncation(_longer(tokenizer, max_length, at_limit), len(captions), max_length)
+
+
+def _longer(tokenizer, max_length: int, at_limit: list[str]) -> int:
+    """How many of `at_limit` (captions cut to `max_length` tokens, or exactly that long) are longer whole. Only
+    a caption at the limit can have been cut, so only those are tokenized again: the count is exact, and costs
+    nothing where no caption is that long."""
+    return sum(len(ids) > max_length for ids in tokenizer(at_limit, verbose=False)["input_ids"]) if at_limit else 0
+
+
+def cached_truncation(cached: datasets.Dataset, tokenizer, max_length: int) -> CaptionTruncation:
+    """`count_truncated` over a preprocessing cache's usable rows, all their captions, read back from the cache
+    (each caption's text and token count): a cache hit reports what the pass that wrote it cut, and the cache
+    holds nothing more for it (byte for byte what it held before the count)."""
+    table = cached.flatten_indices().data.table if cached._indices is not None else cached.data.table
+    usable = pc.equal(table.column("skip_reason"), "")
+    columns = [(table.column("caption").filter(usable), table.column("input_ids").filter(usable))]
+    if "more_input_ids" in table.column_names:  # (a row's other captions, flattened: one entry per caption)
+        more = (table.column("more_captions"), table.column("more_input_ids"))
+        columns.append(tuple(pc.list_flatten(column.filter(usable)) for column in more))
+    captions, at_limit = 0, []
+    for texts, token_lists in columns:
+        captions += len(texts)
+        at_limit += texts.filter(pc.greater_equal(pc.list_value_length(token_lists), max_length)).to_pylist()
+    return CaptionTruncation(_longer(tokenizer, max_length, at_limit), captions, max_length)
 
 
 def encode_jpeg(array: np.ndarray) -> bytes:

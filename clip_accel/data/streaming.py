@@ -37,12 +37,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import send_to_device
+from accelerate.utils import gather_object, send_to_device
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig, UserError
 from .loader import HOST_GRIDS, drawn_captions, pad_captions, pair_batch
-from .preprocess import PairPreprocessor
+from .preprocess import CaptionTruncation, PairPreprocessor
 from .shard_cache import READ_AHEAD
 from .shards import StreamSplit, check_unreachable, where_in_stream
 from .skipped_rows import SkippedRows
@@ -60,6 +60,8 @@ class StreamingPairs(IterableDataset):
     `set_pass` before each iteration: the pass, and where each worker resumes in it. The DataLoader's workers are
     persistent (started once: forking them for every pass cost a sixth of a 1,000-row pass), so these go to them
     through shared memory (`share_with_workers`)."""
+
+    truncation = None  # (its captions cut at the text length are counted as read: `StreamingLoader`)
 
     def __init__(
         self,
@@ -153,6 +155,7 @@ class StreamingPairs(IterableDataset):
             )
         shape = self.preprocessor.layout.pixel_shape
         input_ids, caption_ids = [cached["input_ids"][i] for i in usable], [cached["caption_id"][i] for i in usable]
+        truncation = self.preprocessor.truncated([cached["caption"][i] for i in usable], input_ids)
         if "more_input_ids" in cached:  # rows with several captions: this pass's draw, keyed by the row's place
             keys = [_row_key(chunk[i][2]) for i in usable]
             counts = [1 + len(cached["more_input_ids"][i]) for i in usable]
@@ -161,6 +164,8 @@ class StreamingPairs(IterableDataset):
                 if choice:
                     input_ids[index] = cached["more_input_ids"][i][choice - 1]
                     caption_ids[index] = cached["more_caption_ids"][i][choice - 1]
+            more = [(caption, ids) for i in usable for caption, ids in zip(*_more(cached, i), strict=True)]
+            truncation += self.preprocessor.truncated([caption for caption, _ in more], [ids for _, ids in more])
         return {
             "pass": self.pass_index,
             "worker": worker,
@@ -178,7 +183,13 @@ class StreamingPairs(IterableDataset):
             "caption_ids": np.asarray(caption_ids, dtype=np.int64),
             "skipped": skipped,
             "unreachable": unreachable,  # {shard url: why}
+            "truncated": (truncation.truncated, truncation.captions),  # of every caption of the usable rows
         }
+
+
+def _more(cached: dict, row: int) -> tuple[list, list]:
+    """Row `row`'s other captions and their token ids."""
+    return cached["more_captions"][row], cached["more_input_ids"][row]
 
 
 def _row_key(where: str) -> int:
@@ -217,6 +228,7 @@ class StreamingLoader:
         self.skipped = SkippedRows(f"{pairs.split.source}[{pairs.split.name}]", ledger)  # (kept beside checkpoints)
         self.unreachable: dict[str, str] = {}  # every shard met unreachable so far: url -> why
         self.borrowed = 0  # epochs topped up from the next pass because a pass ran short (damaged rows)
+        self.truncated = [0, 0]  # (captions cut at the text length, captions) read so far (a row read again, again)
         self.loader = None  # the DataLoader over `pairs`, made on first use
 
     def __len__(self) -> int:
@@ -230,6 +242,9 @@ class StreamingLoader:
         for position in positions:  # (the report is the union of every process's)
             self.skipped.update(position.get("skipped", {}))  # (a checkpoint written before the ledger)
             self.unreachable.update(position.get("unreachable", {}))
+        # Every process's counts go on at the first (the report is their sum, on any topology).
+        counts = [position.get("truncated", [0, 0]) for position in positions] if self.pairs.rank == 0 else []
+        self.truncated = [sum(count[0] for count in counts), sum(count[1] for count in counts)]
         self.skipped.read_back()
         if len(positions) == self.pairs.num_processes and all(len(p["consumed"]) == workers for p in positions):
             position = positions[self.pairs.rank]
@@ -283,10 +298,18 @@ class StreamingLoader:
         """Every process's skipped training rows, in OUTPUT/skipped_rows.jsonl; their count (`SkippedRows.report`)."""
         return self.skipped.report(accelerator, output_dir, self.pairs.split.name)
 
+    def caption_truncation(self, accelerator) -> CaptionTruncation:
+        """The captions cut at the text length among those every process read (a row read in two passes counts
+        twice; a resumed run goes on from its checkpoint's counts), summed over the processes: call it on every
+        process."""
+        counts = gather_object([self.truncated])
+        total = [sum(count[0] for count in counts), sum(count[1] for count in counts)]
+        return CaptionTruncation(*total, self.pairs.preprocessor.max_length)
+
     def state_dict(self) -> dict:
-        """What a checkpoint keeps of this process's stream: the position after the last batch taken, and the
-        shards met unreachable so far (the rows skipped are in its ledger)."""
-        return {**self.position, "unreachable": dict(self.unreachable)}
+        """What a checkpoint keeps of this process's stream: the position after the last batch taken, the shards
+        met unreachable so far (the rows skipped are in its ledger) and the truncated-caption counts."""
+        return {**self.position, "unreachable": dict(self.unreachable), "truncated": list(self.truncated)}
 
     def epoch(self, epoch: int, done: int = 0) -> Iterator[dict]:
         """Epoch `epoch`'s batches after the first `done` (a resumed run's; the stream restarts at its restored
@@ -339,6 +362,7 @@ class StreamingLoader:
                 produced += len(chunk["positions"])
                 for where, reason in chunk["skipped"]:
                     self.skipped.add(where, reason)
+                self.truncated = [have + new for have, new in zip(self.truncated, chunk["truncated"], strict=True)]
                 pending.append([chunk, 0])
                 waiting += len(chunk["positions"])
                 while waiting >= self.batch_size:
@@ -484,12 +508,14 @@ def _join(chunks: list[dict]) -> dict:
         "caption_ids": np.concatenate([chunk["caption_ids"] for chunk in chunks]),
         "skipped": [row for chunk in chunks for row in chunk["skipped"]],
         "unreachable": {url: why for chunk in chunks for url, why in chunk["unreachable"].items()},
+        "truncated": tuple(np.sum([chunk["truncated"] for chunk in chunks], axis=0).tolist()),
     }
 
 
 def _split(chunk: dict, count: int) -> tuple[dict, dict]:
-    """A chunk's first `count` pairs (and its skipped rows and unreachable shards), and the rest."""
-    head, rest = dict(chunk), {**chunk, "skipped": [], "unreachable": {}}
+    """A chunk's first `count` pairs (and its skipped rows, unreachable shards and truncated captions), and the
+    rest."""
+    head, rest = dict(chunk), {**chunk, "skipped": [], "unreachable": {}, "truncated": (0, 0)}
     for name in ("positions", "pixel_values", "spatial_shapes", "input_ids", "caption_ids"):
         if chunk[name] is not None:
             head[name], rest[name] = chunk[name][:count], chunk[name][count:]

@@ -7,7 +7,8 @@ stream (`streaming.StreamingLoader`), made by `training_data()`. The loop never 
 - `taken(batch)`: the loop took this batch (a stream moves its checkpointed position past it);
 - `state_dict()` / `load_state_dict(every process's state)`: what a checkpoint keeps of it (None: nothing);
 - `identity()`: what a resume must find unchanged (a stream's shards), else None;
-- `pairs_per_epoch`, `shared_captions` (None where not counted ahead) and `skip_report()` for the logs.
+- `pairs_per_epoch`, `shared_captions` (None where not counted ahead), `skip_report()` and `caption_truncation()`
+  for the logs.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class CachedTrainingData:
 
     def skip_report(self, accelerator: Accelerator, output_dir: str) -> None:
         """(Written at start-up, with the evaluation splits': `data.write_skip_report`.)"""
+
+    def caption_truncation(self, accelerator: Accelerator):
+        """The captions cut at the text length (`CaptionTruncation`), counted when the split was preprocessed."""
+        return self.pairs.truncation
 
 
 def training_data(
