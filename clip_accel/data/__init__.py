@@ -16,6 +16,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from ..config import DataConfig, UserError
 from ..tokenizer import MAX_TEXT_TOKENS
 from .demo import write_demo_dataset
+from .hard_negatives import NeighbourSampler
 from .indo_fashion import IndoFashionFolder
 from .loader import CopyStream, PairDataset, make_dataloader, prefetched
 from .preprocess import ImageLayout, PairPreprocessor, as_layout, preprocess_split
@@ -36,6 +37,7 @@ __all__ = [
     "CachedTrainingData",
     "CopyStream",
     "ImageLayout",
+    "NeighbourSampler",
     "PairDataset",
     "RawSplit",
     "STREAM_POSITION",
