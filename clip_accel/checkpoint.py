@@ -139,6 +139,8 @@ RESUME_OPTIONS = {
         "accumulation",
         "caption_positives",
         "negative_hardness",
+        "hard_negative_batches",
+        "hard_negative_threshold",
         "learning_rate",
         "layer_decay",
         "ema_decay",

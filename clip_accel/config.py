@@ -501,6 +501,23 @@ class TrainConfig:
             "Lan et al. used 9. Exact across processes and accumulated micro-batches. Not for SigLIP (no softmax)."
         },
     )
+    hard_negative_batches: int = field(
+        default=0,
+        metadata={
+            "help": "K >= 2 puts each training row in a batch with its K - 1 nearest neighbours (image to text, "
+            "mined with the starting model before training): the near duplicates a catalogue's hard cases are "
+            "(sentence-transformers' mine_hard_negatives, as batches). K must divide the batch of all processes. "
+            "0: off (batches are a seeded shuffle). Not with --streaming."
+        },
+    )
+    hard_negative_threshold: float = field(
+        default=0.95,
+        metadata={
+            "help": "With --hard_negative_batches: a row j is no neighbour of row i when image i scores j's caption "
+            "above this fraction of its own caption's score (likely a false negative: NV-Retriever's "
+            "TopK-PercPos, 0.95); rows with row i's very caption never are."
+        },
+    )
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
     layer_decay: float = field(
         default=1.0,
@@ -654,6 +671,15 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, f"--{name} must be 0 or more, got {getattr(self, name)}.")
         _require(
             self.negative_hardness >= 0, f"--negative_hardness must be 0 (off) or more, got {self.negative_hardness}."
+        )
+        _require(
+            self.hard_negative_batches == 0 or self.hard_negative_batches >= 2,
+            f"--hard_negative_batches must be 0 (off) or a group size of at least 2, got {self.hard_negative_batches}.",
+        )
+        _require(
+            0 < self.hard_negative_threshold <= 1,
+            f"--hard_negative_threshold must be in (0, 1] (a fraction of the own pair's score), got "
+            f"{self.hard_negative_threshold}.",
         )
         _require(
             self.caption_positives in ("identical", "own"),

@@ -18,6 +18,7 @@ from .augment import Augmenter, training_cache_size
 from .checkpoint import CheckpointManager, resume_settings
 from .config import RECALL_KS, DataConfig, ModelConfig, TrainConfig, UserError, check_writable_folder, config_to_dict
 from .data import (
+    NeighbourSampler,
     build_pair_datasets,
     check_strict,
     load_raw_splits,
@@ -40,6 +41,7 @@ from .launch import (
 )
 from .lora import add_lora
 from .loss import LOSSES
+from .mining import mine_training_neighbours
 from .model import (
     CLIP,
     ContrastiveModel,
@@ -104,6 +106,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     check_launch(accelerator)
     _check_lora(accelerator, model_config, config)
     check_streaming_launch(accelerator, data_config)
+    _check_hard_negative_batches(accelerator, data_config, config)
     use_tf32(accelerator.device, config.tf32)
     _place_checkpoints(accelerator, config.output_dir)
     configs = (data_config, model_config, config)
@@ -114,7 +117,9 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     _compute_fsdp2_like_ddp(accelerator)
     model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
     batch, workers = config.per_device_train_batch_size, config.dataloader_num_workers
-    train_data = training_data(accelerator, pairs["train"], batch, workers, config.output_dir, resuming is not None)
+    train_data = None  # (under --hard_negative_batches, made once the prepared model has mined its order)
+    if not config.hard_negative_batches:  # (prepared first, as ever: checkpoints keep its sampler as the first)
+        train_data = training_data(accelerator, pairs["train"], batch, workers, config.output_dir, resuming is not None)
     loading = {"num_workers": config.dataloader_num_workers, "device": accelerator.device}
     loaders = [
         make_dataloader(pairs[role], config.per_device_eval_batch_size, train=False, **loading)
@@ -123,6 +128,13 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     optimizer = build_optimizer(model, config)
     log_parameter_groups(optimizer, config)
     model, optimizer, validation_loader, test_loader = accelerator.prepare(model, optimizer, *loaders)
+    normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
+    normalizer = normalizer.to(accelerator.device)
+    if train_data is None:
+        sampler = _neighbour_sampler(accelerator, model, pairs["train"], normalizer, config)
+        train_data = training_data(
+            accelerator, pairs["train"], batch, workers, config.output_dir, resuming is not None, sampler
+        )
     steps_per_epoch = math.ceil(len(train_data) / config.gradient_accumulation_steps)
     total_steps = config.max_steps or config.num_train_epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, config, total_steps)
@@ -133,7 +145,6 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     # Trackers take numbers, strings and booleans as hyperparameters: None and lists (--augment_scale) as text.
     tracked = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in resolved_config.items()}
     accelerator.init_trackers("clip_accel", config=tracked)
-    normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
     family = unwrap(accelerator, model).family
     ema = _weight_ema(accelerator, model, config)
     early_stopping = EarlyStopping(
@@ -152,7 +163,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        normalizer=normalizer.to(accelerator.device),
+        normalizer=normalizer,
         max_grad_norm=config.max_grad_norm,
         local_loss=config.local_loss,
         loss=_loss(family, config),
@@ -331,6 +342,40 @@ def _loss(family, config: TrainConfig):
             "pair on its own, with no softmax to weight: drop --negative_hardness, or start from a CLIP model."
         )
     return functools.partial(LOSSES[family.loss], negative_hardness=config.negative_hardness)
+
+
+def _check_hard_negative_batches(accelerator: Accelerator, data_config: DataConfig, config: TrainConfig) -> None:
+    group_size = config.hard_negative_batches
+    if not group_size:
+        return
+    if data_config.streaming:
+        raise UserError(
+            "--hard_negative_batches orders a cached split by its mined neighbours: it needs every training row "
+            "embedded before training and read in any order, and a stream is read in its shards' order. Drop "
+            "--streaming (or --hard_negative_batches)."
+        )
+    everyone = config.per_device_train_batch_size * accelerator.num_processes
+    if everyone % group_size:
+        raise UserError(
+            f"--hard_negative_batches {group_size} does not divide the batch of all processes ({everyone} = "
+            f"{config.per_device_train_batch_size} per device x {accelerator.num_processes} processes): groups of "
+            "neighbours would be cut between batches. Choose a group size that divides it."
+        )
+
+
+def _neighbour_sampler(accelerator, model, pairs, normalizer, config: TrainConfig) -> NeighbourSampler:
+    """The training order of --hard_negative_batches, mined with the model as it starts (also when resuming:
+    `CheckpointManager.restore` loads the trained weights only after this, so a resumed run mines what it did)."""
+    neighbours = mine_training_neighbours(
+        accelerator,
+        model,
+        pairs,
+        normalizer,
+        config.per_device_eval_batch_size,
+        config.hard_negative_batches,
+        config.hard_negative_threshold,
+    )
+    return NeighbourSampler(neighbours.numpy(), config.hard_negative_batches, config.seed)
 
 
 def _check_lora(accelerator: Accelerator, model_config: ModelConfig, config: TrainConfig) -> None:

@@ -26,6 +26,8 @@ def test_configs_are_read_only():
         (lambda: TrainConfig(per_device_train_batch_size=0), "per_device_train_batch_size"),
         (lambda: TrainConfig(learning_rate=0), "learning_rate"),
         (lambda: TrainConfig(negative_hardness=-1.0), "--negative_hardness must be 0 .off. or more"),
+        (lambda: TrainConfig(hard_negative_batches=1), "--hard_negative_batches must be 0 .off. or a group size"),
+        (lambda: TrainConfig(hard_negative_threshold=1.5), r"--hard_negative_threshold must be in \(0, 1\]"),
         (lambda: TrainConfig(warmup_ratio=1.5), "warmup_ratio"),
         (lambda: TrainConfig(early_stopping_metric="accuracy"), "early_stopping_metric"),
         (lambda: TrainConfig(push_to_hub=True), "hub_model_id"),

@@ -40,7 +40,7 @@ LAYERS = (
         "ema",
         "onnx_export",
     },
-    {"step", "evaluation", "checkpoint", "best_model", "launch", "preemption"},
+    {"step", "evaluation", "mining", "checkpoint", "best_model", "launch", "preemption"},
     {"trainer", "startup", "reporting"},
     {"outputs", "hub", "export", "sweep", "wise_ft", "embedding", "search", "environment"},
     {"cli", "__main__"},

@@ -16,6 +16,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from ..config import DataConfig, UserError
 from ..tokenizer import MAX_TEXT_TOKENS
 from .demo import write_demo_dataset
+from .hard_negatives import NeighbourSampler
 from .indo_fashion import IndoFashionFolder
 from .loader import CopyStream, PairDataset, make_dataloader, prefetched
 from .preprocess import CaptionTruncation, ImageLayout, PairPreprocessor, as_layout, cached_truncation, preprocess_split
@@ -37,6 +38,7 @@ __all__ = [
     "CaptionTruncation",
     "CopyStream",
     "ImageLayout",
+    "NeighbourSampler",
     "PairDataset",
     "RawSplit",
     "STREAM_POSITION",

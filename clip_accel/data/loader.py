@@ -17,7 +17,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .preprocess import decode_jpeg, jpeg_shape
 
@@ -328,16 +328,18 @@ def make_dataloader(
     train: bool,
     num_workers: int = 0,
     device: torch.device | None = None,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
-    """Training loaders shuffle and drop the last partial batch: a short or padded contrastive batch changes the
-    number of negatives, and padding duplicates would become false negatives.
+    """Training loaders shuffle (or follow `sampler`'s order) and drop the last partial batch: a short or padded
+    contrastive batch changes the number of negatives, and padding duplicates would become false negatives.
 
     `device`: where the batches go. For a CUDA device they are pinned (page-locked), so the copy does not block
     the host; for any other (a CPU run on a GPU host included) nothing is pinned and no CUDA context is made."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=train,
         num_workers=num_workers,
         collate_fn=_batch_as_is,

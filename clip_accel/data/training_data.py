@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Iterator
 
 from accelerate import Accelerator
+from torch.utils.data import Sampler
 
 from .loader import PairDataset, make_dataloader
 from .skipped_rows import ledger_path
@@ -72,11 +73,12 @@ def training_data(
     num_workers: int,
     output_dir: str | None = None,
     resuming: bool = False,
+    sampler: Sampler | None = None,
 ) -> CachedTrainingData | StreamingLoader:
     """The training split's batches of `batch_size` pairs per process: a stream reads each process's own rows
     already (not prepared), and appends the rows it skips under `output_dir` (a run that does not resume starts
     that record afresh); a cached split goes through `accelerator.prepare` (its sampler split among the
-    processes)."""
+    processes): a seeded shuffle, or `sampler`'s order (`hard_negatives.NeighbourSampler`)."""
     if isinstance(pairs, StreamingPairs):
         ledger = ledger_path(output_dir, accelerator.process_index) if output_dir is not None else None
         if ledger is not None and not resuming:
@@ -84,5 +86,7 @@ def training_data(
                 shutil.rmtree(os.path.dirname(ledger), ignore_errors=True)
             accelerator.wait_for_everyone()
         return StreamingLoader(pairs, batch_size, num_workers=num_workers, device=accelerator.device, ledger=ledger)
-    loader = make_dataloader(pairs, batch_size, train=True, num_workers=num_workers, device=accelerator.device)
+    loader = make_dataloader(
+        pairs, batch_size, train=True, num_workers=num_workers, device=accelerator.device, sampler=sampler
+    )
     return CachedTrainingData(accelerator.prepare(loader), accelerator, pairs)
