@@ -139,6 +139,7 @@ RESUME_OPTIONS = {
         "accumulation",
         "caption_positives",
         "negative_hardness",
+        "matryoshka_dims",
         "learning_rate",
         "layer_decay",
         "ema_decay",

@@ -23,7 +23,7 @@ from . import __version__
 from .config import RECALL_KS, UserError
 from .data.demo import DEMO_MARKER
 from .lora import ADAPTER_DIR
-from .model import CLIP, FAMILIES
+from .model import CLIP, FAMILIES, embedding_size
 from .onnx_export import ONNX_FOLDER
 from .open_clip_source import HUB_PREFIX
 from .results import format_results_table, with_starting_model
@@ -148,7 +148,7 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
             "model_class": family.model_class.__name__,
             "sigmoid": family.sigmoid,
         },
-        "embedding_dim": arch.get("projection_dim") or arch["text_config"].get("hidden_size"),
+        "embedding_dim": embedding_size(arch),
         "data_kind": data_kind,
         "dataset_label": dataset_label,
         "results_table": _results_table(results, model_id),
