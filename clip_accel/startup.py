@@ -341,7 +341,7 @@ def _check_nested_sizes(config: TrainConfig, clip) -> None:
         )
     smaller = [str(size) for size in sizes if size < width]
     listed = f" and the first {', '.join(smaller)} renormalised" if smaller else " alone (no smaller size listed)"
-    logger.info(f"--matryoshka_dims: the loss sums itself over the full {width} dims{listed}")
+    logger.info(f"--matryoshka_dims: the loss is summed over the full {width} dims{listed}")
 
 
 def _check_lora(accelerator: Accelerator, model_config: ModelConfig, config: TrainConfig) -> None:
