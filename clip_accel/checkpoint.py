@@ -141,6 +141,7 @@ RESUME_OPTIONS = {
         "negative_hardness",
         "hard_negative_batches",
         "hard_negative_threshold",
+        "matryoshka_dims",
         "learning_rate",
         "layer_decay",
         "ema_decay",

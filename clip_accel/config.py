@@ -518,6 +518,17 @@ class TrainConfig:
             "TopK-PercPos, 0.95); rows with row i's very caption never are."
         },
     )
+    matryoshka_dims: str | None = field(
+        default=None,
+        metadata={
+            "help": "Nested embedding sizes, e.g. 512,256,128,64 (Matryoshka, arXiv 2205.13147; sentence-transformers' "
+            "MatryoshkaLoss): the loss is summed over the full size and each size listed, each on the first dims of "
+            "the embeddings renormalised, so the leading dims alone retrieve well. Strictly decreasing, each at most "
+            "the model's embedding size; the full size is always trained, listing it is optional (unlike "
+            "sentence-transformers). The logged loss is the sum. Evaluation also reports recall at each smaller size, "
+            "and `clip-accel embed --dim` writes them. Exact across processes and accumulated micro-batches."
+        },
+    )
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
     layer_decay: float = field(
         default=1.0,
@@ -672,6 +683,7 @@ class TrainConfig:
         _require(
             self.negative_hardness >= 0, f"--negative_hardness must be 0 (off) or more, got {self.negative_hardness}."
         )
+        parse_nested_sizes(self.matryoshka_dims)  # a bad list fails here, before anything is loaded
         _require(
             self.hard_negative_batches == 0 or self.hard_negative_batches >= 2,
             f"--hard_negative_batches must be 0 (off) or a group size of at least 2, got {self.hard_negative_batches}.",
@@ -709,12 +721,33 @@ class TrainConfig:
         return self.warmup_steps or int(total_steps * self.warmup_ratio)
 
     @property
+    def matryoshka_sizes(self) -> tuple[int, ...]:
+        """--matryoshka_dims as sizes, largest first; () without it."""
+        return parse_nested_sizes(self.matryoshka_dims)
+
+    @property
     def report_to_list(self) -> list[str] | str | None:
         if self.report_to == "none":
             return None
         if self.report_to == "all":
             return "all"
         return [name.strip() for name in self.report_to.split(",") if name.strip()]
+
+
+def parse_nested_sizes(text: str | int | None) -> tuple[int, ...]:
+    """`512,256,128` -> (512, 256, 128): positive and strictly decreasing (a recipe's single `128` is an int)."""
+    if text is None or str(text).strip() == "":
+        return ()
+    try:
+        sizes = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        sizes = ()
+    _require(
+        bool(sizes) and min(sizes) >= 1 and list(sizes) == sorted(set(sizes), reverse=True),
+        f"--matryoshka_dims {text!r}: give embedding sizes as positive integers separated by commas, largest "
+        "first and strictly decreasing, e.g. 512,256,128,64.",
+    )
+    return sizes
 
 
 CONFIG_CLASSES = (DataConfig, ModelConfig, TrainConfig)

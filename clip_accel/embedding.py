@@ -9,9 +9,11 @@ and the main process writes the file. Two formats, chosen by the file's extensio
   `image_embedding` and `text_embedding` (float32 lists, L2-normalised; no text column for an image folder);
 - `.safetensors`: `image_embeds` (N, D) and `text_embeds` (N, D) tensors, the row fields as JSON in the metadata.
 Both record the model they came from as it was given (a Hub id, or a folder as named), so a search embeds its
-queries with the same model. No absolute path is written: image paths are relative to the data folder, and the data
-folder (`clip_accel_image_root`) relative to the file's own folder, so a file moved together with its data folder
-(to another machine) still finds its images. Files written before hold absolute image paths, read as they are.
+queries with the same model, and the vectors' size (`clip_accel_dim`): with `--dim d` (a model trained with
+--matryoshka_dims) each vector is its first d dimensions renormalised, and a search cuts its queries alike. No
+absolute path is written: image paths are relative to the data folder, and the data folder (`clip_accel_image_root`)
+relative to the file's own folder, so a file moved together with its data folder (to another machine) still finds
+its images. Files written before hold absolute image paths, read as they are.
 """
 
 from __future__ import annotations
@@ -28,12 +30,20 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from .config import DataConfig, UserError
+from .config import DataConfig, UserError, parse_nested_sizes
 from .data import build_pair_datasets, load_raw_splits, make_dataloader, read_image_folder
 from .data.sources import data_source_dir
-from .evaluation import embed_split, training_eval_batch_size
+from .evaluation import embed_split, training_eval_batch_size, training_option
 from .launch import check_processes, data_prepared_per_node
-from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained, text_length
+from .model import (
+    ContrastiveModel,
+    PixelNormalizer,
+    embedding_size,
+    image_layout,
+    load_pretrained,
+    nested_embeddings,
+    text_length,
+)
 
 logger = logging.getLogger(__name__)
 FORMATS = (".parquet", ".safetensors")
@@ -56,6 +66,11 @@ class Embeddings:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        """The size of the vectors (below the model's with `clip-accel embed --dim`)."""
+        return self.image_embeds.shape[1]
 
 
 def check_output_file(path: str) -> None:
@@ -81,13 +96,16 @@ def embed(
     image_folder: str | None = None,
     cache_dir: str | None = None,
     batch_size: int | None = None,
+    dim: int | None = None,
 ) -> Embeddings:
     """Every usable row of `data_config`'s test split (the split to embed), or every image under `image_folder`
     (preprocessed into `cache_dir`), through the model; rows that do not preprocess (unreadable images, empty
-    captions) are left out and counted in the log."""
+    captions) are left out and counted in the log. `dim`: keep each vector's first `dim` dimensions, renormalised
+    (None: the model's full size)."""
     accelerator = Accelerator()
     check_processes(accelerator)
     clip, processor = load_pretrained(model_name_or_path)
+    dim = _check_dim(dim, clip, model_name_or_path, accelerator.is_main_process)
     module = ContrastiveModel(clip)
     config = data_config if image_folder is None else DataConfig(data_dir=image_folder, cache_dir=cache_dir)
     per_node = data_prepared_per_node(accelerator, config)
@@ -132,9 +150,27 @@ def embed(
         captions = labels = [None] * len(ids)
     else:
         captions, labels = pairs.column("caption"), [label or None for label in pairs.column("label")]
-    image_embeds, text_embeds = image_embeds.cpu(), None if text_embeds is None else text_embeds.cpu()
+    image_embeds = nested_embeddings(image_embeds, dim).cpu()
+    text_embeds = None if text_embeds is None else nested_embeddings(text_embeds, dim).cpu()
     root = os.path.abspath(folder) if folder else None
     return Embeddings(ids, images, captions, labels, image_embeds, text_embeds, model_name_or_path, root)
+
+
+def _check_dim(dim: int | None, clip, model_name_or_path: str, warn: bool) -> int:
+    """--dim against the model's embedding size (which it defaults to); a warning where the run that trained the
+    model did not train that size (--matryoshka_dims): its leading dimensions alone may retrieve poorly."""
+    width = embedding_size(clip.config.to_dict())
+    if dim is None:
+        return width
+    if not 1 <= dim <= width:
+        raise UserError(f"--dim {dim}: this model's embeddings have {width} dimensions; give a size from 1 to {width}.")
+    trained = parse_nested_sizes(training_option(model_name_or_path, "matryoshka_dims"))
+    if warn and dim < width and dim not in trained:
+        logger.warning(
+            f"--dim {dim}: {model_name_or_path} was not trained at {dim} dimensions (--matryoshka_dims "
+            f"{','.join(map(str, trained)) or 'not set'}); its first {dim} alone may retrieve poorly."
+        )
+    return dim
 
 
 def save_embeddings(embeddings: Embeddings, path: str) -> None:
@@ -142,7 +178,7 @@ def save_embeddings(embeddings: Embeddings, path: str) -> None:
     check_output_file(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     staging = f"{path}.partial"
-    images, recorded = embeddings.images, {"clip_accel_model": embeddings.model}
+    images, recorded = embeddings.images, {"clip_accel_model": embeddings.model, "clip_accel_dim": str(embeddings.dim)}
     if embeddings.image_root is not None:
         root = embeddings.image_root
         images = [None if image is None else os.path.relpath(image, root) for image in images]
@@ -206,4 +242,10 @@ def load_embeddings(path: str) -> Embeddings:
         root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), root))
         images = [None if image is None else os.path.join(root, image) for image in images]
     model = metadata.get("clip_accel_model", "")
-    return Embeddings(ids, images, captions, labels, image_embeds, text_embeds, model, root)
+    embeddings = Embeddings(ids, images, captions, labels, image_embeds, text_embeds, model, root)
+    recorded_dim = metadata.get("clip_accel_dim")  # (absent from older files: their vectors' size)
+    if recorded_dim is not None and int(recorded_dim) != embeddings.dim:
+        raise UserError(
+            f"{path} records {recorded_dim}-dimensional vectors but holds {embeddings.dim}: write it again."
+        )
+    return embeddings

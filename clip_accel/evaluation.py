@@ -12,11 +12,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .clip_benchmark import retrieval_recall, zero_shot_figures
-from .config import RECALL_KS, DataConfig
+from .config import RECALL_KS, DataConfig, parse_nested_sizes
 from .data import ImageLayout, PairDataset, build_pair_datasets, load_raw_splits, make_dataloader
 from .launch import check_processes, data_prepared_per_node
 from .metrics import full_float32_matmuls, multi_caption_metrics, retrieval_metrics
-from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained, text_length, unwrap
+from .model import (
+    ContrastiveModel,
+    PixelNormalizer,
+    image_layout,
+    load_pretrained,
+    nested_embeddings,
+    text_length,
+    unwrap,
+)
 from .zero_shot import Prompts, class_text_embeddings, load_prompts, zero_shot_accuracy
 
 
@@ -105,6 +113,7 @@ def evaluate_retrieval(
     identical_captions_match: bool = False,
     prompts: Prompts | None = None,
     texts: SplitCaptions | None = None,
+    nested_sizes: tuple[int, ...] = (),
 ) -> dict[str, float]:
     """Recall@1/5/10 both ways plus mean/median rank over the whole split; with `labels` (one per pair, in split
     order) and the tokenizer, also zero-shot top-1/top-5 accuracy of classifying the images by prompted class
@@ -113,7 +122,8 @@ def evaluate_retrieval(
     identical-caption figures then); without, each caption is embedded beside its image. Under `clip_benchmark`,
     the same embeddings scored as clip-benchmark scores them (`clip_accel.clip_benchmark`). Every process computes
     the same numbers from the same gathered embeddings, so decisions taken on them (early stopping) agree
-    everywhere."""
+    everywhere. `nested_sizes` (--matryoshka_dims): also the figures at each size below the full one, nested
+    under "matryoshka" (`nested_size_metrics`); the main figures stay the full size's."""
     image_embeds, text_embeds = embed_split(accelerator, model, dataloader, normalizer, with_text=texts is None)
     several = texts is not None and len(texts.owners) > len(image_embeds)
     device = image_embeds.device
@@ -135,6 +145,11 @@ def evaluate_retrieval(
             metrics.update(lenient)
         else:
             metrics["identical_caption_match"] = lenient
+    if any(size < image_embeds.shape[1] for size in nested_sizes):
+        lenient = identical_captions_match and captions is not None and not several
+        metrics["matryoshka"] = nested_size_metrics(
+            image_embeds, text_embeds, nested_sizes, owners if several else None, captions if lenient else None
+        )
     # The same embeddings scored clip-benchmark's way (its tie order), under its names.
     benchmark = retrieval_recall(image_embeds, text_embeds, owners, ks=RECALL_KS)
     class_names = sorted({label for label in labels or [] if label})
@@ -153,6 +168,30 @@ def evaluate_retrieval(
         benchmark.update(zero_shot_figures(image_embeds, labels, class_names, class_embeds))
     metrics["clip_benchmark"] = benchmark
     return metrics
+
+
+def nested_size_metrics(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    sizes: tuple[int, ...],
+    owners: torch.Tensor | None = None,
+    captions: list[str] | None = None,
+) -> dict[str, dict]:
+    """{"128": figures, ...}: for each of `sizes` below the full size D, the retrieval figures of the first `size`
+    dimensions of the (N, D) embeddings renormalised, by the main figures' rule: `owners` (M,) where the split has
+    several captions per image (`multi_caption_metrics`); `captions` where an identical caption counts as a match
+    (--identical_captions_match: recall by that rule, ranks by the own pair's). Computed from the embeddings
+    already gathered: no extra forward."""
+    figures = {}
+    for size in (size for size in sizes if size < image_embeds.shape[1]):
+        images, texts = nested_embeddings(image_embeds, size), nested_embeddings(text_embeds, size)
+        if owners is not None:
+            figures[str(size)] = multi_caption_metrics(images, texts, owners, ks=RECALL_KS)
+            continue
+        found = retrieval_metrics(images, texts, ks=RECALL_KS, captions=captions)
+        found.update(found.pop("identical_caption_match", {}))
+        figures[str(size)] = found
+    return figures
 
 
 @dataclass
@@ -205,7 +244,12 @@ def evaluation_splits(
 
 
 def score(
-    accelerator: Accelerator, model: torch.nn.Module, processor, split: EvaluationSplit, identical_captions_match=False
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    processor,
+    split: EvaluationSplit,
+    identical_captions_match=False,
+    nested_sizes: tuple[int, ...] = (),
 ) -> dict:
     """`evaluate_retrieval` of a (prepared) ContrastiveModel on one prepared split."""
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
@@ -220,6 +264,7 @@ def score(
         identical_captions_match,
         split.prompts,
         split.texts,
+        nested_sizes,
     )
 
 
@@ -233,7 +278,8 @@ def evaluate_folder(
     """Score a saved folder or Hub id on `data_config.test_split`, through the same data pipeline as training.
 
     With the folder, split and batch size a training run used, this reproduces that run's eval_results.json figures;
-    `batch_size` defaults to the one in the folder's training_config.json.
+    `batch_size` defaults to the one in the folder's training_config.json, and a run trained with
+    --matryoshka_dims is scored at its sizes too.
     """
     dataset_prompts(data_config)  # a bad prompt file fails before anything is loaded
     accelerator = Accelerator()
@@ -251,7 +297,8 @@ def evaluate_folder(
         family=model.family,
         text_length=text_length(clip.config),
     )
-    return score(accelerator, accelerator.prepare(model), processor, splits["test"], identical_captions_match)
+    sizes = parse_nested_sizes(training_option(model_name_or_path, "matryoshka_dims"))
+    return score(accelerator, accelerator.prepare(model), processor, splits["test"], identical_captions_match, sizes)
 
 
 def dataset_prompts(data_config: DataConfig) -> Prompts:

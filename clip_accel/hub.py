@@ -23,10 +23,10 @@ from . import __version__
 from .config import RECALL_KS, UserError
 from .data.demo import DEMO_MARKER
 from .lora import ADAPTER_DIR
-from .model import CLIP, FAMILIES
+from .model import CLIP, FAMILIES, embedding_size
 from .onnx_export import ONNX_FOLDER
 from .open_clip_source import HUB_PREFIX
-from .results import format_results_table, with_starting_model
+from .results import RECALL_COLUMNS, format_results_table, markdown_table, metric_cells, with_starting_model
 
 try:  # huggingface_hub 2.x talks HTTP through httpx2, 1.x through httpx; connection errors derive from these
     from httpx2 import HTTPError as _TransportError
@@ -148,10 +148,11 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None) -> str:
             "model_class": family.model_class.__name__,
             "sigmoid": family.sigmoid,
         },
-        "embedding_dim": arch.get("projection_dim") or arch["text_config"].get("hidden_size"),
+        "embedding_dim": embedding_size(arch),
         "data_kind": data_kind,
         "dataset_label": dataset_label,
         "results_table": _results_table(results, model_id),
+        "nested_table": _nested_table(results, embedding_size(arch)),
         "warmup_steps": results["training"]["warmup_steps"],
         "epochs_run": results["training"]["epochs_run"],
         "versions": _framework_versions(),
@@ -243,6 +244,17 @@ def _eval_results(test: dict, dataset_type: str, dataset_name: str, split: str) 
 def _results_table(results: dict, model_id: str) -> str:
     """The fine-tuned test figures beside the starting model's on the same split (when it was evaluated)."""
     return format_results_table(with_starting_model(results, {f"{model_id} (this model)": results["test"]}))
+
+
+def _nested_table(results: dict, width: int) -> str | None:
+    """Test recall at the full size and each smaller one of a run trained with --matryoshka_dims (eval_results.json's
+    "matryoshka" block); None for a run trained without."""
+    nested = results["test"].get("matryoshka")
+    if not nested:
+        return None
+    rows = {f"{width} (full)": results["test"], **nested}
+    headers = ["Dimensions", *(title for title, _ in RECALL_COLUMNS)]
+    return markdown_table(headers, [[size, *metric_cells(figures, RECALL_COLUMNS)] for size, figures in rows.items()])
 
 
 def _framework_versions() -> dict[str, str]:

@@ -27,6 +27,11 @@ closest to the row weigh most (HN-NCE, arXiv 2301.02280; Lan et al. 2025's Eq. 5
 `hardness_mode="in_batch_negatives"`). Positives (the own pair and, with `caption_ids`, equal captions) are left
 alone. The similarities are the gathered batch's, the same on every process and over accumulated micro-batches, so
 the loss stays exact across both. SigLIP's sigmoid loss has no softmax over negatives to weight: not offered there.
+
+Nested sizes (Matryoshka, arXiv 2205.13147; sentence-transformers' MatryoshkaLoss): `nested_loss` wraps either loss
+and sums it over the full embeddings and their first d dimensions renormalised, for each size d. Each size is the
+wrapped loss on its own (B, d) embeddings, gathered and scored as above, so it stays exact across processes and
+accumulated micro-batches, with hard negatives and caption positives alike.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from .model import nested_embeddings
 
 
 def _world() -> tuple[int, int]:
@@ -197,6 +204,26 @@ def sigmoid_loss(
         own = torch.arange(rows, device=logits.device)
         labels[own, own + rank * rows] = 1.0
     return -F.logsigmoid(labels * logits).sum() / rows
+
+
+def nested_loss(
+    loss,
+    sizes: tuple[int, ...],
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    **options,
+) -> torch.Tensor:
+    """`loss` (contrastive_loss or sigmoid_loss, with its `options`) summed over the full (B, D) embeddings and,
+    for each of `sizes` below D, their first d dimensions renormalised (B, d). The full size counts once, listed
+    in `sizes` or not; the sizes share `logit_scale` (SigLIP: and the bias)."""
+    full = image_embeds.shape[1]
+    total = loss(image_embeds, text_embeds, logit_scale, **options)
+    for size in sizes:
+        if size < full:
+            images, texts = nested_embeddings(image_embeds, size), nested_embeddings(text_embeds, size)
+            total = total + loss(images, texts, logit_scale, **options)
+    return total
 
 
 LOSSES = {"softmax": contrastive_loss, "sigmoid": sigmoid_loss}

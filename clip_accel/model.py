@@ -435,6 +435,21 @@ def logit_scale_value(model: ContrastiveModel) -> float:
     return parameter.exp().item()
 
 
+def embedding_size(config: dict) -> int:
+    """The width D of a model's (B, D) embeddings, from its configuration as a dict (`config.to_dict()`, or a saved
+    config.json): CLIP's `projection_dim`; SigLIP has no projection, its text tower's head gives it
+    (`projection_size`, the hidden size unless set)."""
+    text = config["text_config"]
+    return config.get("projection_dim") or text.get("projection_size") or text["hidden_size"]
+
+
+def nested_embeddings(embeds: torch.Tensor, size: int) -> torch.Tensor:
+    """The first `size` dimensions of L2-normalised (N, D) `embeds`, renormalised: (N, size), a Matryoshka-trained
+    model's smaller embedding (normalising the truncated raw features gives the same). `embeds` itself when `size`
+    is D. Differentiable."""
+    return embeds if size >= embeds.shape[-1] else F.normalize(embeds[..., :size], dim=-1)
+
+
 def enable_gradient_checkpointing(model: CLIPModel) -> None:
     """Both towers' layers recompute their activations in the backward; non-reentrant, so it works under
     `torch.no_grad` passes (exact accumulation's first pass), DDP and frozen inputs."""

@@ -30,4 +30,6 @@ def write_outputs(output_dir: str, result: TrainingResult) -> None:
     plot_training_curves(result.history, os.path.join(output_dir, "training_curves.png"))
     rows = with_starting_model(metrics, {"fine-tuned (validation)": metrics["validation"]})
     rows["fine-tuned (test)"] = metrics["test"]
+    for size, figures in metrics["test"].get("matryoshka", {}).items():  # --matryoshka_dims' smaller sizes
+        rows[f"fine-tuned (test, first {size} dims)"] = figures
     logger.info("Results\n" + format_results_table(rows))

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageOps
 from .config import UserError
 from .data.preprocess import IMAGE_ERRORS, load_pixels
 from .embedding import Embeddings
-from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained
+from .model import ContrastiveModel, PixelNormalizer, image_layout, load_pretrained, nested_embeddings
 from .zero_shot import embed_texts
 
 CHUNK_ROWS = 1 << 20
@@ -82,11 +82,17 @@ class QueryEncoder:
 
 
 def search(embeddings: Embeddings, queries: torch.Tensor, k: int = 5, against: str = "image") -> list[list[Hit]]:
-    """The top `k` rows for each query embedding, by cosine similarity with the rows' image (or text) embeddings."""
+    """The top `k` rows for each query embedding, by cosine similarity with the rows' image (or text) embeddings.
+    The queries are cut to the file's size (`clip-accel embed --dim`: their first dimensions, renormalised)."""
     rows = embeddings.image_embeds if against == "image" else embeddings.text_embeds
     if rows is None:
         raise UserError("This embeddings file has no text embeddings (an image folder): search --against image.")
-    scores, indices = top_k(rows, queries.float(), k)
+    if queries.shape[1] < embeddings.dim:
+        raise UserError(
+            f"The queries are {queries.shape[1]}-dimensional, the file's rows {embeddings.dim}-dimensional: embed the "
+            "queries with the model the file was written with (--model_name_or_path)."
+        )
+    scores, indices = top_k(rows, nested_embeddings(queries.float(), embeddings.dim), k)
     return [
         [
             Hit(rank, row, score, embeddings.ids[row], embeddings.captions[row], embeddings.images[row])

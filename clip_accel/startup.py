@@ -40,12 +40,13 @@ from .launch import (
     storage_is_shared,
 )
 from .lora import add_lora
-from .loss import LOSSES
+from .loss import LOSSES, nested_loss
 from .mining import mine_training_neighbours
 from .model import (
     CLIP,
     ContrastiveModel,
     PixelNormalizer,
+    embedding_size,
     enable_gradient_checkpointing,
     family_of,
     freeze_parameters,
@@ -239,6 +240,7 @@ def _load_model_and_data(
     _check_split_sizes(config, accelerator.num_processes, rows)
     captions = training_captions(accelerator, raw_splits["train"], data_config)
     clip, processor = load_model_and_processor(model_config, captions)
+    _check_nested_sizes(config, clip)
     check_fsdp_layers(clip)
     trainable, total = freeze_parameters(clip, model_config.freeze, model_config.freeze_vision_layers)
     how = f"freezing: {model_config.freeze}"
@@ -333,15 +335,35 @@ def _check_split_sizes(config: TrainConfig, num_processes: int, sizes: dict[str,
 
 
 def _loss(family, config: TrainConfig):
-    """The family's loss, with --negative_hardness where it is set (CLIP's softmax alone has negatives to weight)."""
-    if not config.negative_hardness:
-        return LOSSES[family.loss]
-    if family.sigmoid:
+    """The family's loss, with --negative_hardness where it is set (CLIP's softmax alone has negatives to weight),
+    summed over --matryoshka_dims' sizes where they are given."""
+    loss = LOSSES[family.loss]
+    if config.negative_hardness:
+        if family.sigmoid:
+            raise UserError(
+                f"--negative_hardness weights negatives inside CLIP's softmax; {family.name}'s sigmoid loss scores "
+                "each pair on its own, with no softmax to weight: drop --negative_hardness, or start from a CLIP model."
+            )
+        loss = functools.partial(loss, negative_hardness=config.negative_hardness)
+    if config.matryoshka_sizes:
+        loss = functools.partial(nested_loss, loss, config.matryoshka_sizes)
+    return loss
+
+
+def _check_nested_sizes(config: TrainConfig, clip) -> None:
+    """--matryoshka_dims against the loaded model's embedding size (before the data is preprocessed)."""
+    sizes = config.matryoshka_sizes
+    if not sizes:
+        return
+    width = embedding_size(clip.config.to_dict())
+    if sizes[0] > width:
         raise UserError(
-            f"--negative_hardness weights negatives inside CLIP's softmax; {family.name}'s sigmoid loss scores each "
-            "pair on its own, with no softmax to weight: drop --negative_hardness, or start from a CLIP model."
+            f"--matryoshka_dims {config.matryoshka_dims}: {sizes[0]} exceeds this model's embedding size, {width}; "
+            f"list sizes of at most {width} (e.g. {','.join(str(width >> shift) for shift in range(4))})."
         )
-    return functools.partial(LOSSES[family.loss], negative_hardness=config.negative_hardness)
+    smaller = [str(size) for size in sizes if size < width]
+    listed = f" and the first {', '.join(smaller)} renormalised" if smaller else " alone (no smaller size listed)"
+    logger.info(f"--matryoshka_dims: the loss is summed over the full {width} dims{listed}")
 
 
 def _check_hard_negative_batches(accelerator: Accelerator, data_config: DataConfig, config: TrainConfig) -> None:

@@ -163,6 +163,7 @@ def _evaluate(run: Run, role: str) -> dict[str, float]:
         run.config.identical_captions_match,
         run.prompts,
         run.texts[role],
+        run.config.matryoshka_sizes,
     )
 
 
@@ -184,7 +185,12 @@ def _evaluate_and_keep_best(run: Run, state: TrainerState, early_stopping: Early
         if improved
         else f" (best {early_stopping.best_value:.4f} at step {early_stopping.best_step})"
     )
-    logger.info(f"step {state.step}: validation {early_stopping.metric} = {metrics[early_stopping.metric]:.4f}{best}")
+    nested = metrics.get("matryoshka", {})  # --matryoshka_dims' smaller sizes
+    sizes = f"; at {' / '.join(nested)} dims: {' / '.join(f'{f[early_stopping.metric]:.4f}' for f in nested.values())}"
+    logger.info(
+        f"step {state.step}: validation {early_stopping.metric} = {metrics[early_stopping.metric]:.4f}{best}"
+        + (sizes if nested else "")
+    )
     if early_stopping.should_stop:
         logger.info(f"Early stopping: no improvement in {early_stopping.patience} evaluations.")
 

@@ -26,7 +26,7 @@ from clip_accel.config import ModelConfig  # noqa: E402
 from clip_accel.ema import WeightEma  # noqa: E402
 from clip_accel.evaluation import embed_split, evaluate_retrieval  # noqa: E402
 from clip_accel.lora import add_lora  # noqa: E402
-from clip_accel.loss import contrastive_loss, sigmoid_loss  # noqa: E402
+from clip_accel.loss import contrastive_loss, nested_loss, sigmoid_loss  # noqa: E402
 from clip_accel.model import ContrastiveModel, PixelNormalizer, freeze_parameters  # noqa: E402
 from clip_accel.step import MAX_LOGIT_SCALE, StepContext, exact_step, plain_step  # noqa: E402
 from clip_accel.tokenizer import build_offline_tokenizer  # noqa: E402
@@ -147,14 +147,17 @@ def one_step(
     repeats: str | None = None,
     ema: bool = False,
     hardness: float = 0.0,
+    sizes: tuple[int, ...] = (),
 ) -> dict:
     """One optimizer step on this process's share of the same global batch of 16 pairs. `repeats`: with the
     repeated captions of REPEATS as positives (see `synthetic_pairs`); `ema`: the weight EMA's average after
-    it too (decay 0.5); `hardness`: the loss's --negative_hardness."""
+    it too (decay 0.5); `hardness`: the loss's --negative_hardness; `sizes`: its --matryoshka_dims."""
     positives = "identical" if repeats else "own"
     context = step_context(accelerator, freeze, local_loss, lora, siglip, siglip2, positives)
     if hardness:
         context.loss = functools.partial(contrastive_loss, negative_hardness=hardness)
+    if sizes:
+        context.loss = functools.partial(nested_loss, context.loss, sizes)
     if ema:
         context.ema = WeightEma(accelerator.unwrap_model(context.model), 0.5)
     siglip = siglip or siglip2
@@ -309,6 +312,20 @@ SCENARIOS = {
     "hardness_step_exact_accumulation_local_loss": lambda acc: one_step(
         acc, 2, local_loss=True, repeats="own tokens", hardness=4.0
     ),
+    # Nested sizes (--matryoshka_dims; the tiny CLIP's embeddings are 16 wide, SigLIP's 32), with the repeats as
+    # positives and hard negatives.
+    "matryoshka_step": lambda acc: one_step(acc, 1, repeats="own tokens", hardness=4.0, sizes=(8, 4)),
+    "matryoshka_step_local_loss": lambda acc: one_step(
+        acc, 1, local_loss=True, repeats="own tokens", hardness=4.0, sizes=(8, 4)
+    ),
+    "matryoshka_step_exact_accumulation": lambda acc: one_step(
+        acc, 2, repeats="own tokens", hardness=4.0, sizes=(8, 4)
+    ),
+    "matryoshka_step_exact_accumulation_local_loss": lambda acc: one_step(
+        acc, 2, local_loss=True, repeats="own tokens", hardness=4.0, sizes=(8, 4)
+    ),
+    "siglip_matryoshka_step": lambda acc: one_step(acc, 1, siglip=True, sizes=(32, 16, 8)),
+    "siglip_matryoshka_step_exact_accumulation": lambda acc: one_step(acc, 2, siglip=True, sizes=(32, 16, 8)),
     "siglip_positives_step": lambda acc: one_step(acc, 1, siglip=True, repeats="same"),
     "siglip_positives_step_exact_accumulation": lambda acc: one_step(acc, 2, siglip=True, repeats="same"),
     "plain_accumulation_positives": lambda acc: plain_accumulation(acc, 8, repeats="own tokens"),

@@ -507,6 +507,30 @@ def test_hard_negative_weights_come_from_the_global_batch_across_processes_and_m
     assert one["loss"] != pytest.approx(measured("positives_step", 1)["loss"], rel=1e-3)  # the weights do count
 
 
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "matryoshka_step",
+        "matryoshka_step_local_loss",
+        "matryoshka_step_exact_accumulation",
+        "matryoshka_step_exact_accumulation_local_loss",
+    ],
+)
+def test_nested_sizes_train_alike_across_processes_and_micro_batches(measured, scenario):
+    # --matryoshka_dims: the loss at each size is the loss on the truncated, renormalised global batch, so 2
+    # processes x 8 and 2 x (2 micro x 4) train as 1 process x 16 (with hard negatives and repeated captions).
+    one = measured("matryoshka_step", 1)
+    _assert_same_step(one, measured(scenario, 2))
+    assert one["loss"] > measured("hardness_step", 1)["loss"] * 1.5  # the smaller sizes do count
+
+
+@pytest.mark.parametrize("scenario", ["siglip_matryoshka_step", "siglip_matryoshka_step_exact_accumulation"])
+def test_nested_sizes_of_the_sigmoid_loss_train_alike_across_processes(measured, scenario):
+    one = measured("siglip_matryoshka_step", 1)
+    _assert_same_step(one, measured(scenario, 2))
+    assert one["loss"] > measured("siglip_step", 1)["loss"] * 1.5
+
+
 @pytest.mark.parametrize("scenario", ["siglip_positives_step", "siglip_positives_step_exact_accumulation"])
 def test_repeated_captions_are_positive_pairs_of_the_sigmoid_loss_across_processes(measured, scenario):
     one = measured("siglip_positives_step", 1)

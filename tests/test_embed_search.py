@@ -234,3 +234,35 @@ def test_a_file_written_with_absolute_image_paths_still_reads(embedded, tmp_path
     pq.write_table(old, tmp_path / "old.parquet")
     assert load_embeddings(str(tmp_path / "old.parquet")).images == stored.images
     assert all(os.path.isabs(image) and os.path.isfile(image) for image in stored.images)
+
+
+def test_embed_dim_writes_the_leading_dims_renormalised_and_search_cuts_its_queries_alike(
+    embedded, tiny_pretrained_dir, demo_dir, caplog, capsys
+):
+    import pyarrow.parquet as pq
+
+    out = embedded / "emb-8.parquet"
+    common = [
+        "--model_name_or_path",
+        tiny_pretrained_dir,
+        "--data_dir",
+        demo_dir,
+        "--cache_dir",
+        str(embedded / "cache"),
+    ]
+    caplog.set_level("WARNING")
+    _embed([*common, "--split", "test", "--dim", "8", "--output_file", str(out)])
+    assert "was not trained at 8 dimensions (--matryoshka_dims not set)" in caplog.text
+    full, small = load_embeddings(str(embedded / "emb.parquet")), load_embeddings(str(out))
+    assert small.dim == 8 and pq.read_schema(out).metadata[b"clip_accel_dim"] == b"8" and full.dim == 16
+    torch.testing.assert_close(small.image_embeds, torch.nn.functional.normalize(full.image_embeds[:, :8], dim=1))
+    torch.testing.assert_close(small.text_embeds, torch.nn.functional.normalize(full.text_embeds[:, :8], dim=1))
+    queries = QueryEncoder(tiny_pretrained_dir).texts(small.captions[:10])  # the model's full 16 dimensions
+    hits = search(small, queries, k=5)
+    scores, expected = top_k(small.image_embeds, torch.nn.functional.normalize(queries[:, :8], dim=1), 5)
+    assert [[hit.row for hit in row_hits] for row_hits in hits] == expected.tolist()
+    torch.testing.assert_close(torch.tensor([[hit.score for hit in row_hits] for row_hits in hits]), scores)  # cosines
+    assert re.search(
+        "--dim 32: this model's embeddings have 16 dimensions; give a size from 1 to 16",
+        user_error(capsys, _embed, [*common, "--dim", "32", "--output_file", str(embedded / "x.parquet")]),
+    )

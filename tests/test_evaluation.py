@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import distributed_worker
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from clip_accel.evaluation import evaluate_retrieval
+from clip_accel.evaluation import embed_split, evaluate_retrieval
+from clip_accel.metrics import retrieval_metrics
 
 
 def test_evaluation_embeds_and_ranks_in_full_float32_under_a_tf32_training_run(monkeypatch):
@@ -59,3 +61,23 @@ def test_each_distinct_caption_is_embedded_once_so_identical_captions_tie_exactl
     for caption in set(captions):
         rows = texts[[i for i, other in enumerate(captions) if other == caption]]
         assert torch.equal(rows, rows[:1].expand_as(rows))
+
+
+def test_recall_at_each_nested_size_is_scored_on_the_gathered_embeddings_truncated_and_renormalised():
+    accelerator = Accelerator(cpu=True)
+    context = distributed_worker.step_context(accelerator)  # the tiny CLIP: embeddings of 16
+    loader = accelerator.prepare(
+        DataLoader(distributed_worker.synthetic_pairs(40, seed=2), batch_size=8, collate_fn=distributed_worker.stack)
+    )
+    forwards = []
+    accelerator.unwrap_model(context.model).register_forward_hook(lambda *_: forwards.append(1))
+    metrics = evaluate_retrieval(accelerator, context.model, loader, context.normalizer, nested_sizes=(16, 8, 4))
+    assert len(forwards) == 5  # one forward per batch: the sizes reuse the gathered embeddings
+    images, texts = embed_split(accelerator, context.model, loader, context.normalizer)
+    full = retrieval_metrics(images, texts)
+    assert {key: metrics[key] for key in full} == full  # the main figures stay the full size's
+    assert set(metrics["matryoshka"]) == {"8", "4"}  # (the full size is the main figures)
+    for size in (8, 4):
+        expected = retrieval_metrics(F.normalize(images[:, :size], dim=1), F.normalize(texts[:, :size], dim=1))
+        assert metrics["matryoshka"][str(size)] == expected
+        assert expected["image_to_text_mean_rank"] != full["image_to_text_mean_rank"]  # truncation does change them

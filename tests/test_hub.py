@@ -337,3 +337,20 @@ def test_offline_mode_says_to_unset_it(hub_in_process, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(HubAccessError, match="HF_HUB_OFFLINE"):
         check_hub_access("user/clip-offline")
+
+
+def test_card_lists_the_nested_sizes_and_their_test_recall_for_a_matryoshka_run(pushed_run, tmp_path):
+    folder = shutil.copytree(pushed_run[0], tmp_path / "nested-run")
+    assert "Smaller embeddings" not in ModelCard.load(write_model_card(str(folder))).text  # trained without
+    config, results = read_json(folder, "training_config.json"), read_json(folder, "eval_results.json")
+    (folder / "training_config.json").write_text(json.dumps({**config, "matryoshka_dims": "8,4"}))
+    figures = {size: {**results["test"], "image_to_text_R@1": recall} for size, recall in (("8", 0.3125), ("4", 0.125))}
+    (folder / "eval_results.json").write_text(
+        json.dumps({**results, "test": {**results["test"], "matryoshka": figures}})
+    )
+    card = ModelCard.load(write_model_card(str(folder))).text
+    assert "Trained with nested sizes (`--matryoshka_dims 8,4`" in card
+    full = results["test"]
+    assert f"| 16 (full) | {full['image_to_text_R@1']:.4f} | {full['text_to_image_R@1']:.4f} |" in card
+    assert f"| 8 | 0.3125 | {full['text_to_image_R@1']:.4f} |" in card
+    assert f"| 4 | 0.1250 | {full['text_to_image_R@1']:.4f} |" in card

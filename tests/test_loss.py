@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_accel.loss import contrastive_loss, gather_with_grad, sigmoid_loss
+from clip_accel.loss import contrastive_loss, gather_with_grad, nested_loss, sigmoid_loss
 
 
 def _embeds(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,3 +205,66 @@ def test_hard_negatives_are_weighted_by_exp_alpha_similarity_as_written_out_by_h
     for got, want in zip(gradients, expected, strict=True):  # the weights carry no gradient
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert loss.item() != pytest.approx(contrastive_loss(image, text, scale, caption_ids=ids).item(), rel=1e-3)
+
+
+def _sigmoid_torch_reference(image, text, params: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss as written out, in torch so it has gradients: every pair a binary problem, the own pair +1, the
+    rest -1, summed per row."""
+    logits = params[0].exp() * image @ text.T + params[1]
+    labels = 2 * torch.eye(image.shape[0]) - 1
+    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+
+
+@pytest.mark.parametrize("family", ["clip", "clip with hard negatives and identical captions", "siglip"])
+@pytest.mark.parametrize("sizes", [(8, 4, 2), (4, 2)], ids=["full size listed", "full size implied"])
+def test_nested_loss_sums_the_loss_over_the_leading_dims_renormalised_as_written_out_by_hand(family, sizes):
+    generator = torch.Generator().manual_seed(11)
+    raw_image, raw_text = (3 * torch.randn(6, 8, generator=generator)).requires_grad_(), torch.randn(6, 8)
+    raw_text.requires_grad_()
+    if family == "siglip":
+        loss, options = sigmoid_loss, {}
+        scale = torch.tensor([math.log(10.0), -2.0], requires_grad=True)
+
+        def reference(image, text):
+            return _sigmoid_torch_reference(image, text, scale)
+    else:
+        hard = family != "clip"
+        loss, options = contrastive_loss, {"caption_ids": DUPLICATES, "negative_hardness": 3.0} if hard else {}
+        scale = torch.tensor(math.log(10.0), requires_grad=True)
+        ids = DUPLICATES.tolist() if hard else list(range(6))
+
+        def reference(image, text):
+            return _hardness_reference(image, text, scale.exp(), 3.0 if hard else 0.0, ids)
+
+    embeds = F.normalize(raw_image, dim=-1), F.normalize(raw_text, dim=-1)  # as the model's forward returns them
+    value = nested_loss(loss, sizes, *embeds, scale, **options)
+    gradients = torch.autograd.grad(value, [raw_image, raw_text, scale])
+    # Each size's loss on the truncated raw features normalised (the same as the normalised ones renormalised).
+    truncated = [(raw_image[:, :d] / raw_image[:, :d].norm(dim=1, keepdim=True), raw_text[:, :d]) for d in (8, 4, 2)]
+    expected_value = sum(reference(image, text / text.norm(dim=1, keepdim=True)) for image, text in truncated)
+    expected = torch.autograd.grad(expected_value, [raw_image, raw_text, scale])
+    assert value.item() == pytest.approx(expected_value.item(), rel=1e-5)
+    for got, want in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_run_s_loss_wraps_the_family_s_over_the_sizes_which_fit_the_model():
+    from accelerate.state import AcceleratorState, PartialState
+    from conftest import tiny_clip_config
+    from transformers import CLIPModel
+
+    from clip_accel.config import TrainConfig, UserError
+    from clip_accel.model import CLIP
+    from clip_accel.startup import _check_nested_sizes, _loss
+
+    loss = _loss(CLIP, TrainConfig(matryoshka_dims="16,8", negative_hardness=2.0))
+    assert loss.func is nested_loss and loss.args[1] == (16, 8)
+    assert loss.args[0].func is contrastive_loss and loss.args[0].keywords == {"negative_hardness": 2.0}
+    model = CLIPModel(tiny_clip_config())  # embeddings of 16
+    PartialState(cpu=True)  # (the start-up's logger needs it)
+    try:
+        _check_nested_sizes(TrainConfig(matryoshka_dims="16,8,4"), model)
+        with pytest.raises(UserError, match="32 exceeds this model's embedding size, 16; list sizes of at most 16"):
+            _check_nested_sizes(TrainConfig(matryoshka_dims="32,8"), model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
