@@ -52,12 +52,12 @@ from .model import (
     freeze_parameters,
     image_layout,
     load_model_and_processor,
-    long_clip_positions,
     text_length,
     unwrap,
 )
 from .optim import build_optimizer, build_scheduler, log_parameter_groups
 from .step import StepContext, use_tf32
+from .text_positions import long_clip_positions
 from .zero_shot import Prompts
 
 logger = get_logger(__name__)

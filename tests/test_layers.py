@@ -25,6 +25,7 @@ LAYERS = (
         "model",
         "open_clip_format",
         "open_clip_source",
+        "text_positions",
         "open_clip_export",
         "loss",
         "metrics",

@@ -22,7 +22,8 @@ from clip_accel.data import StreamingLoader, StreamingPairs
 from clip_accel.data.preprocess import PairPreprocessor, cached_truncation, preprocess_split
 from clip_accel.data.shards import ShardSource, add_tar_member, count_shard_rows, load_stream_split
 from clip_accel.data.sources import RAW_FEATURES, RawSplit
-from clip_accel.model import load_model_and_processor, save_model_folder, stretched_positions
+from clip_accel.model import load_model_and_processor, save_model_folder
+from clip_accel.text_positions import stretched_positions
 from clip_accel.tokenizer import build_offline_tokenizer
 
 WORDS = ["red", "kurta", "silk", "saree", "gold", "border", "cotton", "blue"]
