@@ -48,6 +48,7 @@ ROWS = {
     "hard negatives weighted in the loss (alpha 9)": ["--negative_hardness", "9"],
     "hard-negative batches (groups of 4)": ["--hard_negative_batches", "4"],
     "hard-negative batches + weighted loss": ["--hard_negative_batches", "4", "--negative_hardness", "9"],
+    "nested sizes 64,32,16 (full size's recall)": ["--matryoshka_dims", "64,32,16"],
 }
 METRICS = ("I2T R@1", "T2I R@1", "mean R@5", "same-class mean R@1", "zero-shot top-1")
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}  # by seeds
