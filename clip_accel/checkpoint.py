@@ -86,15 +86,24 @@ class CheckpointManager:
         return self.path
 
     def track(
-        self, settings: dict, *, schedule: Stateful, early_stopping: Stateful, data: Stateful, ema: Stateful | None
+        self,
+        settings: dict,
+        *,
+        schedule: Stateful,
+        early_stopping: Stateful,
+        data: Stateful,
+        ema: Stateful | None,
+        order: Stateful | None = None,
     ) -> None:
         """The run's resumable pieces (the model and optimizer are Accelerate's) and what its resumes depend on
-        (`resume_settings` in full)."""
+        (`resume_settings` in full). The weight EMA and a mined training `order` (`data.NeighbourSampler`: tensors,
+        the same on every process) are saved beside the model by Accelerate (`custom_checkpoint_*.pkl`)."""
         self.settings = settings
         self.shared = {"scheduler": schedule, "early_stopping": early_stopping}
         self.per_process = {"stream": data}
-        if ema is not None:
-            self.accelerator.register_for_checkpointing(ema)
+        for piece in (ema, order):  # (in this order: Accelerate numbers them; both are set by resume options)
+            if piece is not None:
+                self.accelerator.register_for_checkpointing(piece)
 
     def save(self, state: TrainerState) -> str:
         """Every process calls this; returns the checkpoint folder."""
@@ -141,6 +150,7 @@ RESUME_OPTIONS = {
         "negative_hardness",
         "hard_negative_batches",
         "hard_negative_threshold",
+        "hard_negative_refresh",
         "matryoshka_dims",
         "learning_rate",
         "layer_decay",

@@ -510,6 +510,14 @@ class TrainConfig:
             "0: off (batches are a seeded shuffle). Not with --streaming."
         },
     )
+    hard_negative_refresh: int = field(
+        default=0,
+        metadata={
+            "help": "With --hard_negative_batches: mine the neighbours again with the model being trained at the "
+            "start of every N-th epoch (epochs N+1, 2N+1, ...; costs one embedding pass of the training split "
+            "each time). 0: the starting model's neighbours for the whole run."
+        },
+    )
     hard_negative_threshold: float = field(
         default=0.95,
         metadata={
@@ -678,6 +686,7 @@ class TrainConfig:
             "dataloader_num_workers",
             "checkpointing_steps",
             "save_total_limit",
+            "hard_negative_refresh",
         ):
             _require(getattr(self, name) >= 0, f"--{name} must be 0 or more, got {getattr(self, name)}.")
         _require(
@@ -687,6 +696,11 @@ class TrainConfig:
         _require(
             self.hard_negative_batches == 0 or self.hard_negative_batches >= 2,
             f"--hard_negative_batches must be 0 (off) or a group size of at least 2, got {self.hard_negative_batches}.",
+        )
+        _require(
+            self.hard_negative_refresh == 0 or self.hard_negative_batches,
+            f"--hard_negative_refresh {self.hard_negative_refresh} re-mines --hard_negative_batches' neighbours: "
+            "set --hard_negative_batches K too, or drop it.",
         )
         _require(
             0 < self.hard_negative_threshold <= 1,

@@ -4,7 +4,8 @@ rows whose captions its image scores highest, false negatives dropped (sentence-
 batches.
 
 Cost: one embedding pass over the training split (images and each distinct caption once), and all N^2 image-text
-scores, computed in tiles of rows (memory O(tile x N), as metrics.py ranks), once, before the first step.
+scores, computed in tiles of rows (memory O(tile x N), as metrics.py ranks): before the first step, and again at
+the start of every N-th epoch with `--hard_negative_refresh N`.
 """
 
 from __future__ import annotations
@@ -77,35 +78,48 @@ def mine_neighbours(
     return MinedNeighbours(neighbours, identical, over)
 
 
-@full_float32_matmuls()  # (the scores as evaluation computes them, TF32 or not)
-def mine_training_neighbours(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    pairs: PairDataset,
-    normalizer: PixelNormalizer,
-    batch_size: int,
-    group_size: int,
-    threshold: float,
-) -> torch.Tensor:
-    """(N, count) int64 on the host: `mine_neighbours` of the training split's pairs (each row with its first
-    caption) embedded by the prepared `model`, with 4 x (group_size - 1) candidates a row (spares for neighbours
-    another group took first). Every process embeds its share and scores the gathered embeddings; the main
-    process's result is broadcast, so no difference in the last bits between devices can make the processes'
-    orders differ."""
-    loader = accelerator.prepare(make_dataloader(pairs, batch_size, train=False, device=accelerator.device))
-    image_embeds, _ = embed_split(accelerator, model, loader, normalizer, with_text=False)
-    texts = split_captions(accelerator, pairs, batch_size)  # (each distinct caption embedded once)
-    text_embeds = embed_captions(accelerator, model, texts.loader)[texts.index[: len(pairs)].to(image_embeds.device)]
-    caption_ids = torch.from_numpy(pairs.caption_ids[pairs.rows])
-    mined = mine_neighbours(image_embeds, text_embeds, caption_ids, 4 * (group_size - 1), threshold)
-    neighbours = broadcast(mined.neighbours.contiguous(), from_process=0).cpu()
-    candidates = len(pairs) * (len(pairs) - 1)
-    short = int((neighbours[:, group_size - 2] < 0).sum()) if len(pairs) else 0
-    logger.info(
-        f"Hard-negative batches: {len(pairs)} training pairs embedded with the starting model; of their "
-        f"{candidates:,} candidate negatives, {mined.identical_captions:,} share the row's caption and "
-        f"{mined.over_threshold:,} score above {threshold:g} x the row's own pair (likely false negatives), dropped; "
-        f"each row keeps its {neighbours.shape[1]} nearest of the rest ({short} rows fewer than {group_size - 1}); "
-        f"batches hold groups of {group_size} neighbours"
-    )
-    return neighbours
+class TrainingNeighbours:
+    """`--hard_negative_batches`' miner: called with an epoch, (N, count) int64 on the host, `mine_neighbours` of the
+    training split's pairs (each row with its first caption) embedded by the prepared `model` as it is then, with
+    4 x (group_size - 1) candidates a row (spares for neighbours another group took first). Its loaders are
+    prepared once, whatever the number of calls (`--hard_negative_refresh`).
+
+    Every process embeds its share and scores the gathered embeddings; the main process's result is broadcast, so
+    no difference in the last bits between devices can make the processes' orders differ.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        pairs: PairDataset,
+        normalizer: PixelNormalizer,
+        batch_size: int,
+        group_size: int,
+        threshold: float,
+    ) -> None:
+        self.accelerator, self.model, self.pairs, self.normalizer = accelerator, model, pairs, normalizer
+        self.group_size, self.threshold = group_size, threshold
+        self.images = accelerator.prepare(make_dataloader(pairs, batch_size, train=False, device=accelerator.device))
+        self.texts = split_captions(accelerator, pairs, batch_size)  # (each distinct caption embedded once)
+
+    @full_float32_matmuls()  # (the scores as evaluation computes them, TF32 or not)
+    def __call__(self, epoch: int) -> torch.Tensor:
+        accelerator, pairs, group_size = self.accelerator, self.pairs, self.group_size
+        image_embeds, _ = embed_split(accelerator, self.model, self.images, self.normalizer, with_text=False)
+        text_embeds = embed_captions(accelerator, self.model, self.texts.loader)
+        text_embeds = text_embeds[self.texts.index[: len(pairs)].to(image_embeds.device)]
+        caption_ids = torch.from_numpy(pairs.caption_ids[pairs.rows])
+        mined = mine_neighbours(image_embeds, text_embeds, caption_ids, 4 * (group_size - 1), self.threshold)
+        neighbours = broadcast(mined.neighbours.contiguous(), from_process=0).cpu()
+        candidates = len(pairs) * (len(pairs) - 1)
+        short = int((neighbours[:, group_size - 2] < 0).sum()) if len(pairs) else 0
+        model = "the starting model" if epoch == 0 else f"the model trained so far (epoch {epoch + 1} starts)"
+        logger.info(
+            f"Hard-negative batches: {len(pairs)} training pairs embedded with {model}; of their "
+            f"{candidates:,} candidate negatives, {mined.identical_captions:,} share the row's caption and "
+            f"{mined.over_threshold:,} score above {self.threshold:g} x the row's own pair (likely false negatives), "
+            f"dropped; each row keeps its {neighbours.shape[1]} nearest of the rest ({short} rows fewer than "
+            f"{group_size - 1}); batches hold groups of {group_size} neighbours"
+        )
+        return neighbours

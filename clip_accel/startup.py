@@ -41,7 +41,7 @@ from .launch import (
 )
 from .lora import add_lora
 from .loss import LOSSES, nested_loss
-from .mining import mine_training_neighbours
+from .mining import TrainingNeighbours
 from .model import (
     CLIP,
     ContrastiveModel,
@@ -118,7 +118,7 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     _compute_fsdp2_like_ddp(accelerator)
     model, processor, pairs, skipped = _load_model_and_data(accelerator, data_config, model_config, config)
     batch, workers = config.per_device_train_batch_size, config.dataloader_num_workers
-    train_data = None  # (under --hard_negative_batches, made once the prepared model has mined its order)
+    train_data = None  # (under --hard_negative_batches, made once the model is prepared: its sampler mines with it)
     if not config.hard_negative_batches:  # (prepared first, as ever: checkpoints keep its sampler as the first)
         train_data = training_data(accelerator, pairs["train"], batch, workers, config.output_dir, resuming is not None)
     loading = {"num_workers": config.dataloader_num_workers, "device": accelerator.device}
@@ -131,10 +131,10 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
     model, optimizer, validation_loader, test_loader = accelerator.prepare(model, optimizer, *loaders)
     normalizer = PixelNormalizer(processor.image_processor.image_mean, processor.image_processor.image_std)
     normalizer = normalizer.to(accelerator.device)
+    neighbours = _neighbour_sampler(accelerator, model, pairs["train"], normalizer, config)
     if train_data is None:
-        sampler = _neighbour_sampler(accelerator, model, pairs["train"], normalizer, config)
         train_data = training_data(
-            accelerator, pairs["train"], batch, workers, config.output_dir, resuming is not None, sampler
+            accelerator, pairs["train"], batch, workers, config.output_dir, resuming is not None, neighbours
         )
     steps_per_epoch = math.ceil(len(train_data) / config.gradient_accumulation_steps)
     total_steps = config.max_steps or config.num_train_epochs * steps_per_epoch
@@ -158,7 +158,9 @@ def prepare_run(data_config: DataConfig, model_config: ModelConfig, config: Trai
         pairs["train"].pairs_per_epoch,
         train_data.identity(),
     )
-    checkpoints.track(settings, schedule=scheduler, early_stopping=early_stopping, data=train_data, ema=ema)
+    checkpoints.track(
+        settings, schedule=scheduler, early_stopping=early_stopping, data=train_data, ema=ema, order=neighbours
+    )
     step_context = StepContext(
         accelerator=accelerator,
         model=model,
@@ -385,10 +387,13 @@ def _check_hard_negative_batches(accelerator: Accelerator, data_config: DataConf
         )
 
 
-def _neighbour_sampler(accelerator, model, pairs, normalizer, config: TrainConfig) -> NeighbourSampler:
-    """The training order of --hard_negative_batches, mined with the model as it starts (also when resuming:
-    `CheckpointManager.restore` loads the trained weights only after this, so a resumed run mines what it did)."""
-    neighbours = mine_training_neighbours(
+def _neighbour_sampler(accelerator, model, pairs, normalizer, config: TrainConfig) -> NeighbourSampler | None:
+    """The training order of --hard_negative_batches (None without): mined with the model as the first epoch
+    starts (the starting model), and with --hard_negative_refresh again at the start of every N-th epoch; a resumed
+    run reads the neighbours its checkpoint holds."""
+    if not config.hard_negative_batches:
+        return None
+    mine = TrainingNeighbours(
         accelerator,
         model,
         pairs,
@@ -397,7 +402,7 @@ def _neighbour_sampler(accelerator, model, pairs, normalizer, config: TrainConfi
         config.hard_negative_batches,
         config.hard_negative_threshold,
     )
-    return NeighbourSampler(neighbours.numpy(), config.hard_negative_batches, config.seed)
+    return NeighbourSampler(len(pairs), config.hard_negative_batches, config.seed, mine, config.hard_negative_refresh)
 
 
 def _check_lora(accelerator: Accelerator, model_config: ModelConfig, config: TrainConfig) -> None:

@@ -142,11 +142,17 @@ def test_fine_grained_smoke_run_reports_each_option_as_a_paired_difference_with_
     command = [sys.executable, "benchmarks/fine_grained.py", "--smoke", "--markdown", str(tmp_path / "fine.md")]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in (tmp_path / "fine.md").read_text().splitlines() if line.startswith("| ")]
-    names = [cells[0].strip() for cells in rows[1:]]  # (the header first)
+    blocks = (tmp_path / "fine.md").read_text().split("\n\n")
+    tables = [[line.split("|")[1:-1] for line in block.splitlines() if line.startswith("| ")] for block in blocks]
+    options, prefixes = (table for table in tables if table)  # the options, then the smaller sizes
+    interval = r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]"
+    names = [cells[0].strip() for cells in options[1:]]  # (the header first)
     assert names[0] == "plain fine-tune (absolute: mean ± sd)" and len(names) >= 2
-    for cells in rows[2:]:  # every option: mean [low, high] in each figure's column
-        assert all(re.fullmatch(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", cell.strip()) for cell in cells[1:6])
+    for cells in options[2:]:  # every option: mean [low, high] in each figure's column
+        assert all(re.fullmatch(interval, cell.strip()) for cell in cells[1:6])
+    # The nested run's smaller sizes against plain fine-tuning's embeddings cut as short, paired.
+    assert [cells[0].strip() for cells in prefixes[1:]] == ["32 of 64 dims", "16 of 64 dims"]
+    assert all(re.fullmatch(interval, cells[3].strip()) for cells in prefixes[1:])
 
 
 def test_a_paired_interval_is_students_t_over_the_seeds():

@@ -28,6 +28,8 @@ def test_configs_are_read_only():
         (lambda: TrainConfig(negative_hardness=-1.0), "--negative_hardness must be 0 .off. or more"),
         (lambda: TrainConfig(hard_negative_batches=1), "--hard_negative_batches must be 0 .off. or a group size"),
         (lambda: TrainConfig(hard_negative_threshold=1.5), r"--hard_negative_threshold must be in \(0, 1\]"),
+        (lambda: TrainConfig(hard_negative_refresh=2), "--hard_negative_refresh 2 re-mines --hard_negative_batches"),
+        (lambda: TrainConfig(hard_negative_refresh=-1, hard_negative_batches=4), "--hard_negative_refresh must be 0"),
         (lambda: TrainConfig(matryoshka_dims="128,256"), "--matryoshka_dims '128,256': .* strictly decreasing"),
         (lambda: TrainConfig(matryoshka_dims="512,0"), "--matryoshka_dims '512,0': .* positive integers"),
         (lambda: TrainConfig(matryoshka_dims="512 256"), "--matryoshka_dims '512 256': .* separated by commas"),

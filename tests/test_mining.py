@@ -1,5 +1,6 @@
 """--hard_negative_batches' mining (clip_accel.mining) against a brute-force reference, its false negatives dropped,
-and runs with the option: 2 processes x B equal 1 process x 2B, and a killed run resumes as if never stopped."""
+and runs with the option (and --hard_negative_refresh): 2 processes x B equal 1 process x 2B, and a run killed before
+or after the neighbours are mined again resumes as if never stopped."""
 
 from __future__ import annotations
 
@@ -65,8 +66,11 @@ def test_an_identical_caption_and_a_candidate_scored_near_the_own_pair_are_no_ne
     assert mined.identical_captions == 2  # 0 -> 1 and 1 -> 0
 
 
-OPTION = {"hard_negative_batches": 4, "num_train_epochs": 2}  # 12 steps of 32 pairs: 8 groups of 4 a batch
-KILLED_AFTER = 8  # a checkpoint step in the second epoch: the resume skips its first 2 batches
+# 12 steps of 32 pairs (8 groups of 4 a batch), the neighbours mined again with the trained model as epoch 2 starts.
+OPTION = {"hard_negative_batches": 4, "hard_negative_refresh": 1, "num_train_epochs": 2}
+# Checkpoints a kill leaves: the first epoch's end (the refresh still to come) and step 8 (2 batches of epoch 2 read
+# in the refreshed order).
+KILLED_AFTER = (6, 8)
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +82,18 @@ def inputs(tmp_path_factory, shared_titles_demo_dir, demo_shards, tiny_model_con
 
 @pytest.fixture(scope="module")
 def one_process(inputs) -> dict:
-    """The run on 1 process x 32, its output folder copied at the end of step KILLED_AFTER (what a kill leaves)."""
+    """The run on 1 process x 32, its output folder copied at the end of each step of KILLED_AFTER (what a kill
+    leaves), and the epoch the neighbours in use were mined at, step by step."""
     output = os.path.join(inputs.root, "one")
+    mined_at = {}
 
     def keep_what_a_kill_leaves(run, state) -> None:
-        if state.step == KILLED_AFTER:
-            shutil.copytree(run.config.output_dir, os.path.join(inputs.root, "killed"))
+        mined_at[state.step] = run.train_data.sampler.mined_epoch
+        if state.step in KILLED_AFTER:
+            shutil.copytree(run.config.output_dir, os.path.join(inputs.root, f"killed-{state.step}"))
 
-    return observed_training(configs(inputs, "cached", 1, output, **OPTION), keep_what_a_kill_leaves) | {
-        "output": output
-    }
+    record = observed_training(configs(inputs, "cached", 1, output, **OPTION), keep_what_a_kill_leaves)
+    return record | {"output": output, "mined_at": mined_at}
 
 
 def assert_same_run(run: dict, other: dict) -> None:
@@ -97,12 +103,14 @@ def assert_same_run(run: dict, other: dict) -> None:
     assert [name for name, weight in best.items() if not torch.equal(other_best[name], weight)] == []
 
 
-def test_a_killed_run_with_hard_negative_batches_resumes_as_if_never_stopped(inputs, one_process):
+@pytest.mark.parametrize("killed_after", KILLED_AFTER)
+def test_a_killed_run_with_hard_negative_batches_resumes_as_if_never_stopped(inputs, one_process, killed_after):
     assert len(one_process["batches"]) == 12 and one_process["processes"] == 1
-    output = os.path.join(inputs.root, "killed")
+    assert one_process["mined_at"] == {step: 0 if step <= 6 else 1 for step in range(1, 13)}  # refreshed once
+    output = os.path.join(inputs.root, f"killed-{killed_after}")
     resumed = observed_training(configs(inputs, "cached", 1, output, **OPTION, resume_from_checkpoint="latest"))
-    assert resumed["resumed_at"] == KILLED_AFTER
-    resumed["batches"] = one_process["batches"][:KILLED_AFTER] + resumed["batches"]
+    assert resumed["resumed_at"] == killed_after
+    resumed["batches"] = one_process["batches"][:killed_after] + resumed["batches"]
     assert_same_run(resumed | {"output": output}, one_process)
 
 

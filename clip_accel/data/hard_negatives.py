@@ -9,9 +9,10 @@ shuffle it replaces: 1 process x 2B and 2 processes x B read the same global bat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
+from torch import Tensor
 from torch.utils.data import Sampler
 
 
@@ -44,18 +45,55 @@ def neighbour_order(neighbours: list[list[int]], group_size: int, seed: int, epo
 
 class NeighbourSampler(Sampler[int]):
     """The training DataLoader's sampler under --hard_negative_batches: `neighbour_order` of the epoch Accelerate's
-    `set_epoch` passes on (through its BatchSamplerShard to this sampler), every time it is iterated."""
+    `set_epoch` passes on (through its BatchSamplerShard to this sampler), every time it is iterated.
 
-    def __init__(self, neighbours: np.ndarray, group_size: int, seed: int) -> None:
-        """`neighbours`: (N, M) int64, each row's candidates nearest first, -1 where it has fewer than M."""
-        self.neighbours = [[int(j) for j in row if j >= 0] for row in neighbours]
-        self.group_size, self.seed, self.epoch = group_size, seed, 0
+    The neighbours come from `mine(epoch)` ((rows, M) int64, each row's candidates nearest first, -1 where it has
+    fewer than M), called by `prepare(epoch)` in the training loop's thread before the epoch is read: at the first
+    epoch, and with `refresh_every` N > 0 again at the start of epochs N, 2N, ... (0-based). The neighbours in use
+    and the epoch they were mined at are the checkpoint's (`state_dict`): a resumed run reads its epoch in the
+    order it was begun in, and mines again only where the uninterrupted run did, with the same weights (those the
+    epoch-end checkpoint holds).
+    """
+
+    def __init__(self, rows: int, group_size: int, seed: int, mine: Callable[[int], Tensor], refresh_every: int = 0):
+        self.rows, self.group_size, self.seed, self.mine, self.refresh_every = (
+            rows,
+            group_size,
+            seed,
+            mine,
+            refresh_every,
+        )
+        self.epoch = 0
+        self.mined: Tensor | None = None  # the neighbours in use
+        self.mined_epoch: int | None = None  # the epoch they were mined at
+        self.neighbours: list[list[int]] = []  # `mined` as lists, -1s dropped
+
+    def prepare(self, epoch: int) -> None:
+        """Mine the neighbours for `epoch` where they are due (none yet, or a refresh epoch not mined at)."""
+        due = epoch - epoch % self.refresh_every if self.refresh_every else 0
+        if self.mined is None or self.mined_epoch < due:
+            self._use(self.mine(epoch), epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.neighbours)
+        return self.rows
 
     def __iter__(self) -> Iterator[int]:
+        if self.mined is None:
+            raise RuntimeError("NeighbourSampler: call prepare(epoch) before reading an epoch (no neighbours mined)")
         return iter(neighbour_order(self.neighbours, self.group_size, self.seed, self.epoch).tolist())
+
+    def state_dict(self) -> dict:
+        return {"neighbours": self.mined, "mined_epoch": self.mined_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["neighbours"] is not None:
+            self._use(state["neighbours"], state["mined_epoch"])
+
+    def _use(self, mined: Tensor, epoch: int) -> None:
+        if mined.shape[0] != self.rows:
+            raise ValueError(f"{mined.shape[0]} rows of neighbours for a split of {self.rows} rows")
+        self.mined, self.mined_epoch = mined, epoch
+        self.neighbours = [[int(j) for j in row if j >= 0] for row in mined.tolist()]

@@ -18,8 +18,8 @@ import shutil
 from collections.abc import Iterator
 
 from accelerate import Accelerator
-from torch.utils.data import Sampler
 
+from .hard_negatives import NeighbourSampler
 from .loader import PairDataset, make_dataloader
 from .skipped_rows import ledger_path
 from .streaming import StreamingLoader, StreamingPairs
@@ -27,10 +27,11 @@ from .streaming import StreamingLoader, StreamingPairs
 
 class CachedTrainingData:
     """A cached split's batches: epoch e in the seeded sampler's order for e, a resumed epoch's first batches skipped
-    (Accelerate's `skip_first_batches`); nothing for a checkpoint to keep beyond the epoch and batch counters."""
+    (Accelerate's `skip_first_batches`); nothing for a checkpoint to keep beyond the epoch and batch counters (a
+    `NeighbourSampler`'s neighbours are kept with the model, `CheckpointManager.track`'s `order`)."""
 
-    def __init__(self, loader, accelerator: Accelerator, pairs: PairDataset) -> None:
-        self.loader, self.accelerator, self.pairs = loader, accelerator, pairs
+    def __init__(self, loader, accelerator: Accelerator, pairs: PairDataset, sampler: NeighbourSampler | None) -> None:
+        self.loader, self.accelerator, self.pairs, self.sampler = loader, accelerator, pairs, sampler
         self.pairs_per_epoch = len(pairs)
         self.shared_captions = pairs.shared_captions()
 
@@ -38,6 +39,8 @@ class CachedTrainingData:
         return len(self.loader)
 
     def epoch(self, epoch: int, done: int = 0) -> Iterator[dict]:
+        if self.sampler is not None:  # (here, in the loop's thread: mining runs the model and its collectives)
+            self.sampler.prepare(epoch)
         self.loader.set_epoch(epoch)
         self.pairs.set_epoch(epoch)  # (the caption a row with several trains with)
         if done == 0:
@@ -73,7 +76,7 @@ def training_data(
     num_workers: int,
     output_dir: str | None = None,
     resuming: bool = False,
-    sampler: Sampler | None = None,
+    sampler: NeighbourSampler | None = None,
 ) -> CachedTrainingData | StreamingLoader:
     """The training split's batches of `batch_size` pairs per process: a stream reads each process's own rows
     already (not prepared), and appends the rows it skips under `output_dir` (a run that does not resume starts
@@ -89,4 +92,4 @@ def training_data(
     loader = make_dataloader(
         pairs, batch_size, train=True, num_workers=num_workers, device=accelerator.device, sampler=sampler
     )
-    return CachedTrainingData(accelerator.prepare(loader), accelerator, pairs)
+    return CachedTrainingData(accelerator.prepare(loader), accelerator, pairs, sampler)
