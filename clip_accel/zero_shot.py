@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from .config import UserError
-from .tokenizer import MAX_TEXT_TOKENS
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -135,8 +134,8 @@ def class_text_embeddings(
     Args:
         model: a `transformers.CLIPModel` (unwrapped; its `get_text_features(...).pooler_output` is used) or the
             trainer's `ContrastiveModel` (its forward's text embeddings).
-        tokenizer: the model's tokenizer; prompts are truncated to MAX_TEXT_TOKENS (77) and padded with its pad token to
-            the longest prompt of each batch.
+        tokenizer: the model's tokenizer; prompts are truncated to the text tower's positions (77, or as many as
+            --text_positions stretched) and padded with its pad token to the longest prompt of each batch.
         labels: C class labels; each becomes its words in `class_names`, or goes through `label_to_text`, before
             filling a template.
         templates: T format strings, each with a `{label}` placeholder.
@@ -185,7 +184,8 @@ def embed_texts(model: torch.nn.Module, tokenizer, prompts: list[str], device: t
         tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=pad_to, return_tensors="pt")
         text = {"input_ids": tokens["input_ids"].to(device)}
     else:
-        tokens = tokenizer(prompts, padding="longest", truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
+        length = getattr(model, "clip", model).config.text_config.max_position_embeddings  # (77, or stretched)
+        tokens = tokenizer(prompts, padding="longest", truncation=True, max_length=length, return_tensors="pt")
         text = {"input_ids": tokens["input_ids"].to(device), "attention_mask": tokens["attention_mask"].to(device)}
     if hasattr(model, "get_text_features"):  # a CLIPModel
         return model.get_text_features(**text).pooler_output.float()

@@ -12,6 +12,7 @@ import tarfile
 import datasets
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import PartialState
 from conftest import tiny_clip_config, train_on_demo
 from PIL import Image
@@ -22,9 +23,10 @@ from clip_accel.data import StreamingLoader, StreamingPairs
 from clip_accel.data.preprocess import PairPreprocessor, cached_truncation, preprocess_split
 from clip_accel.data.shards import ShardSource, add_tar_member, count_shard_rows, load_stream_split
 from clip_accel.data.sources import RAW_FEATURES, RawSplit
-from clip_accel.model import load_model_and_processor, save_model_folder
+from clip_accel.model import ContrastiveModel, load_model_and_processor, save_model_folder
 from clip_accel.text_positions import stretched_positions
 from clip_accel.tokenizer import build_offline_tokenizer
+from clip_accel.zero_shot import embed_texts
 
 WORDS = ["red", "kurta", "silk", "saree", "gold", "border", "cotton", "blue"]
 TOKENIZER = build_offline_tokenizer([" ".join(WORDS)] * 4)
@@ -107,6 +109,15 @@ def test_a_stretched_folder_loads_back_with_its_positions_and_reads_long_caption
     assert torch.equal(
         again.text_model.embeddings.position_embedding.weight, loaded.text_model.embeddings.position_embedding.weight
     )
+
+
+def test_prompts_and_search_queries_are_read_to_the_stretched_length(clip_folder):
+    model, processor = stretched(clip_folder)
+    long_ids = processor.tokenizer(words(148), truncation=True)["input_ids"]
+    for tower in (model, ContrastiveModel(model)):  # as search and zero-shot evaluation call it
+        with torch.no_grad():
+            read = embed_texts(tower, processor.tokenizer, [words(148)], torch.device("cpu"))[0]
+        torch.testing.assert_close(F.normalize(read, dim=0), F.normalize(text_embeds(model, long_ids), dim=0))
 
 
 def test_text_positions_refuses_siglip_and_fewer_positions(clip_folder, tiny_siglip_config_path):
