@@ -56,13 +56,8 @@ class NeighbourSampler(Sampler[int]):
     """
 
     def __init__(self, rows: int, group_size: int, seed: int, mine: Callable[[int], Tensor], refresh_every: int = 0):
-        self.rows, self.group_size, self.seed, self.mine, self.refresh_every = (
-            rows,
-            group_size,
-            seed,
-            mine,
-            refresh_every,
-        )
+        self.rows, self.group_size, self.seed = rows, group_size, seed
+        self.mine, self.refresh_every = mine, refresh_every
         self.epoch = 0
         self.mined: Tensor | None = None  # the neighbours in use
         self.mined_epoch: int | None = None  # the epoch they were mined at
