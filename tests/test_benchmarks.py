@@ -152,8 +152,8 @@ def test_fine_grained_smoke_run_reports_each_option_as_a_paired_difference_with_
 def test_a_paired_interval_is_students_t_over_the_seeds():
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     try:
-        import fine_grained
+        import common
     finally:
         sys.path.remove(os.path.join(REPO, "benchmarks"))
     # mean 0.2, sd 0.1 over 3 seeds: 0.2 -+ 4.303 x 0.1 / sqrt(3)
-    assert fine_grained.paired([0.1, 0.2, 0.3]) == "+0.200 [-0.048, +0.448]"
+    assert common.paired([0.1, 0.2, 0.3]) == "+0.200 [-0.048, +0.448]"
