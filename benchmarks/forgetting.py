@@ -27,8 +27,11 @@ chosen among 0, 0.25, ..., 1 on the mean of target and source validation mean R@
 Step time: seconds per optimizer step of each row's prepared run (`step.plain_step`, the same 8 batches), seed 0,
 against the full row timed first and again last (the A/A control); CPU-dependent.
 
-    python benchmarks/forgetting.py [--seeds 5] [--markdown FILE]   # ~3 minutes per seed on 2 cores
-    python benchmarks/forgetting.py --smoke                         # every code path (one seed) in 2-3 minutes
+    python benchmarks/forgetting.py [--seeds 5] [--markdown FILE]   # ~3 min per seed on 2 idle cores
+    python benchmarks/forgetting.py --smoke                         # every code path (one seed) in 2-3 min
+
+On a shared machine, OMP_NUM_THREADS=1: 5 seeds took 38 min at one thread beside another benchmark, where two
+threads stalled on the contended cores.
 """
 
 from __future__ import annotations
