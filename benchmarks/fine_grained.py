@@ -58,7 +58,6 @@ ROWS = {
 }
 PREFIXES = (32, 16)  # the smaller sizes NESTED trains, compared with plain fine-tuning's embeddings cut as short
 METRICS = ("I2T R@1", "T2I R@1", "mean R@5", "same-class mean R@1", "zero-shot top-1")
-T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}  # by seeds
 
 
 def same_class_recall(folder: str, data: DataConfig) -> float:
@@ -125,15 +124,6 @@ def one_seed(seed: int, folders: dict[str, str], root, rows: dict[str, list[str]
     return results[str(seed)]
 
 
-def paired(values: list[float]) -> str:
-    """Mean paired difference and its 95% interval, e.g. `+0.012 [-0.004, +0.028]`."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return f"{mean:+.3f}"
-    half = T_975[len(values)] * statistics.stdev(values) / len(values) ** 0.5
-    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
-
-
 def table(per_seed: list[dict[str, dict[str, float]]]) -> str:
     """Plain fine-tuning's figures, then each other row measured on every seed as its paired difference."""
     headers = ["Option", *METRICS, "run time vs plain"]
@@ -141,7 +131,7 @@ def table(per_seed: list[dict[str, dict[str, float]]]) -> str:
     rows = [
         [
             f"{BASELINE} (absolute: mean ± sd)",
-            *(forgetting.spread([run[metric] for run in baseline]) for metric in METRICS),
+            *(common.spread([run[metric] for run in baseline]) for metric in METRICS),
             "1.00",
         ]
     ]
@@ -149,7 +139,7 @@ def table(per_seed: list[dict[str, dict[str, float]]]) -> str:
         if name == BASELINE or not all(name in seed for seed in per_seed):
             continue
         pairs = [(seed[name], seed[BASELINE]) for seed in per_seed]
-        cells = [paired([run[metric] - base[metric] for run, base in pairs]) for metric in METRICS]
+        cells = [common.paired([run[metric] - base[metric] for run, base in pairs]) for metric in METRICS]
         ratio = statistics.mean(run["seconds"] / run["baseline seconds"] for run, _ in pairs)
         rows.append([f"{name} (paired difference)", *cells, f"{ratio:.2f}"])
     return common.markdown_table(headers, rows)
@@ -162,8 +152,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="Default: every row.")
     parser.add_argument("--markdown", default=None, help="Also write the table to this file.")
     args = parser.parse_args()
-    if not 2 <= args.seeds <= max(T_975):
-        parser.error(f"--seeds takes 2 to {max(T_975)} (a paired interval needs two seeds at least)")
+    if not 2 <= args.seeds <= max(common.T_975):
+        parser.error(f"--seeds takes 2 to {max(common.T_975)} (a paired interval needs two seeds at least)")
     began = time.perf_counter()
     root = ROOT / "smoke" if args.smoke else ROOT
     if args.smoke:

@@ -8,7 +8,14 @@ words) by each row's recipe. Per row: target test I2T and T2I R@1, and what was 
 its retrieval (mean R@1 of both directions) and its zero-shot top-1 (its images classified among the 8 source
 classes by the prompts), beside what the start scored before fine-tuning. Every row starts from the same folder,
 with the same seed, data order and schedule (10 epochs, lr 1e-3 cosine, batch 64, early stopping on target
-validation); three seeds (each with its own pretraining) give the spread.
+validation).
+
+Paired, as in benchmarks/fine_grained.py: each seed pretrains its own start, and every row of that seed fine-tunes
+from it, so a row's difference from full fine-tuning within a seed holds only the recipe's effect. The start and full
+fine-tuning are given as mean ± sd over the seeds; every other row (WiSE-FT too) as its mean paired difference from
+full fine-tuning with its 95% interval (Student's t, seeds - 1 degrees of freedom): an interval that holds 0 says
+this benchmark saw no difference. Each seed's figures and the step times are kept in
+$CLIP_ACCEL_BENCH_DIR/forgetting/results.json (results-smoke.json for --smoke).
 
 Rows. full: every weight trains. vision-half frozen: the vision embeddings and the first 2 of 4 vision layers
 frozen (the ViT-B/32 recipe's 6 of 12). LLRD: --layer_decay 0.6. EMA: --ema_decay 0.95 (its horizon, 20 steps,
@@ -20,8 +27,11 @@ chosen among 0, 0.25, ..., 1 on the mean of target and source validation mean R@
 Step time: seconds per optimizer step of each row's prepared run (`step.plain_step`, the same 8 batches), seed 0,
 against the full row timed first and again last (the A/A control); CPU-dependent.
 
-    python benchmarks/forgetting.py [--markdown FILE]     # about 10 minutes on 2 cores
-    python benchmarks/forgetting.py --smoke               # every code path in about a minute
+    python benchmarks/forgetting.py [--seeds 5] [--markdown FILE]   # ~3 min per seed on 2 idle cores
+    python benchmarks/forgetting.py --smoke                         # every code path (one seed) in 2-3 min
+
+On a shared machine, OMP_NUM_THREADS=1: 5 seeds took 38 min at one thread beside another benchmark, where two
+threads stalled on the contended cores.
 """
 
 from __future__ import annotations
@@ -65,8 +75,10 @@ FINE_TUNE = ["--per_device_train_batch_size", "64", "--per_device_eval_batch_siz
 FINE_TUNE += ["--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1", "--early_stopping_patience", "3"]
 FINE_TUNE += ["--overwrite_output_dir", "--report_to", "none", "--num_train_epochs", "10", "--learning_rate", "1e-3"]
 SIZES = {"num_train": 2400, "num_val": 400, "num_test": 400}
+START, BASELINE, WISE_FT = "start, before fine-tuning", "full fine-tune", "WiSE-FT of full"
+FIGURES = ("I2T", "T2I", "source R@1", "ZS")
 ROWS = {
-    "full fine-tune": [],
+    BASELINE: [],
     "vision-half frozen": ["--freeze", "vision_layers", "--freeze_vision_layers", "2"],
     "LLRD 0.6": ["--layer_decay", "0.6"],
     "EMA 0.95": ["--ema_decay", "0.95"],
@@ -74,7 +86,6 @@ ROWS = {
     "class prompts": ["--extra_caption_templates", "a photo of a {class_label}"],
     "LoRA r8 (lr x10)": ["--lora_rank", "8", "--learning_rate", "1e-2"],
 }
-WISE_FT = "WiSE-FT of full (mix on validation)"
 WISE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 WISE_HELDOUT_METRIC = "mean_R@1"
 
@@ -128,7 +139,7 @@ def one_seed(seed: int, folders: dict[str, str], smoke: bool) -> dict[str, dict[
     common.train_row(common_args + data_args(folders["source"]) + ["--output_dir", start])
     target_data = DataConfig(data_dir=folders["target"], cache_dir=str(ROOT / "cache"))
     start_figures = figures(fresh(evaluate_folder, start, target_data), source_test(start, folders["source"]))
-    results = {"start (before fine-tuning)": start_figures}
+    results = {START: start_figures}
     tune = ["--model_name_or_path", start, "--seed", str(seed), "--no_eval_initial_model"]
     tune += FINE_TUNE + (["--num_train_epochs", "1"] if smoke else [])
     for name, options in ROWS.items():
@@ -175,39 +186,50 @@ def step_times(start: str, target: str, rounds: int, steps: int) -> dict[str, fl
     return times
 
 
-def spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+def table(per_seed: list[dict[str, dict[str, float]]], times: dict[str, float]) -> str:
+    """The start and full fine-tuning as mean ± sd over the seeds; every other recipe as its paired difference from
+    full fine-tuning on the same seed; each recipe's step time against full's."""
+    headers = ["Recipe", "target I2T R@1", "target T2I R@1", "source mean R@1 kept", "source zero-shot top-1 kept"]
+    headers += ["step time vs full"]
+    rows = []
+    for name in per_seed[0]:
+        if name in (START, BASELINE):
+            cells = [common.spread([seed[name][key] for seed in per_seed]) for key in FIGURES]
+            label = f"{name} (absolute: mean ± sd)"
+        else:
+            cells = [common.paired([seed[name][key] - seed[BASELINE][key] for seed in per_seed]) for key in FIGURES]
+            label = f"{name} (paired difference)"
+        if name == WISE_FT:
+            weights = ", ".join(str(seed[name]["w"]) for seed in per_seed)
+            label = f"{name}, mix chosen on validation: w = {weights} (paired difference)"
+            step = "as full"
+        else:
+            step = f"{times[name] / times[BASELINE]:.2f}" if name in times else "-"
+        rows.append([label, *cells, step])
+    rows.append([f"{BASELINE}, timed again (A/A)", "", "", "", "", f"{times['full (A/A)'] / times[BASELINE]:.2f}"])
+    return common.markdown_table(headers, rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="Every code path, one seed, one epoch per run.")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--markdown", default=None, help="Also write the table to this file.")
     args = parser.parse_args()
+    if not args.smoke and not 2 <= args.seeds <= max(common.T_975):
+        parser.error(f"--seeds takes 2 to {max(common.T_975)} (a paired interval needs two seeds at least)")
     began = time.perf_counter()
     sizes = {"num_train": 300, "num_val": 60, "num_test": 60} if args.smoke else SIZES
     demo = write_demo_dataset(ROOT / ("demo-smoke" if args.smoke else "demo"), **sizes)
     folders = split_by_class(str(demo))
     (ROOT / "model.json").write_text(json.dumps(MODEL))
-    seeds = range(1 if args.smoke else args.seeds)
-    per_seed = [one_seed(seed, folders, args.smoke) for seed in seeds]
+    kept = ROOT / ("results-smoke.json" if args.smoke else "results.json")
+    per_seed = []
+    for seed in range(1 if args.smoke else args.seeds):
+        per_seed.append(one_seed(seed, folders, args.smoke))
+        kept.write_text(json.dumps({"per seed": per_seed}, indent=1))
     times = step_times(str(ROOT / "runs" / "0" / "start"), folders["target"], 1 if args.smoke else 5, 8)
-    full = times["full fine-tune"]
-    headers = ["Recipe", "target I2T R@1", "target T2I R@1", "source mean R@1 kept", "source zero-shot top-1 kept"]
-    headers += ["step time vs full"]
-    rows = []
-    for name in per_seed[0]:
-        cells = [spread([seed[name][key] for seed in per_seed]) for key in ("I2T", "T2I", "source R@1", "ZS")]
-        if name == WISE_FT:
-            name += f" (w = {', '.join(str(seed[name]['w']) for seed in per_seed)})"
-            step = "as full"
-        else:
-            step = f"{times[name] / full:.2f}" if name in times else "-"
-        rows.append([name, *cells, step])
-    rows.append(["full fine-tune, timed again (A/A)", "", "", "", "", f"{times['full (A/A)'] / full:.2f}"])
+    kept.write_text(json.dumps({"per seed": per_seed, "step seconds": times}, indent=1))
     counts = {
         name: len(Path(folder, INDO_FASHION_FILES["test"]).read_text().splitlines()) for name, folder in folders.items()
     }
@@ -215,10 +237,13 @@ def main() -> None:
         [
             f"Source: {len(SOURCE_CLASSES)} classes ({', '.join(SOURCE_CLASSES)}), {counts['source']} test pairs; "
             f"target: the other {len(CLASS_LABELS) - len(SOURCE_CLASSES)}, {counts['target']} test pairs. "
-            f"Mean ± standard deviation over {len(per_seed)} seed(s); whole benchmark "
+            f"{len(per_seed)} seed(s), each pretraining its own start; every recipe of a seed fine-tunes from it "
+            f"with the same seed, data order and schedule. The start and {BASELINE}: mean ± sd over the seeds; "
+            f"every other row: its mean difference from {BASELINE} on the same seed [95% interval, Student's t, "
+            f"seeds - 1 degrees of freedom]. Whole benchmark "
             f"{(time.perf_counter() - began) / 60:.1f} min. {common.machine_description()}",
             "",
-            common.markdown_table(headers, rows),
+            table(per_seed, times),
         ]
     )
     print(text)

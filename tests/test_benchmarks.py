@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -158,8 +159,24 @@ def test_fine_grained_smoke_run_reports_each_option_as_a_paired_difference_with_
 def test_a_paired_interval_is_students_t_over_the_seeds():
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     try:
-        import fine_grained
+        import common
     finally:
         sys.path.remove(os.path.join(REPO, "benchmarks"))
     # mean 0.2, sd 0.1 over 3 seeds: 0.2 -+ 4.303 x 0.1 / sqrt(3)
-    assert fine_grained.paired([0.1, 0.2, 0.3]) == "+0.200 [-0.048, +0.448]"
+    assert common.paired([0.1, 0.2, 0.3]) == "+0.200 [-0.048, +0.448]"
+
+
+def test_forgetting_smoke_run_reports_each_recipe_as_its_difference_from_full_fine_tuning_on_the_seed(tmp_path):
+    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "benchmarks/forgetting.py", "--smoke", "--markdown", str(tmp_path / "forget.md")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (tmp_path / "forget.md").read_text().splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ")]
+    cells = {row[0].strip(): [cell.strip() for cell in row[1:5]] for row in rows[1:]}  # (the header first)
+    seed = json.loads((tmp_path / "forgetting" / "results-smoke.json").read_text())["per seed"][0]
+    keys = ("I2T", "T2I", "source R@1", "ZS")
+    assert cells["full fine-tune (absolute: mean ± sd)"] == [f"{seed['full fine-tune'][key]:.3f}" for key in keys]
+    differences = [f"{seed['LLRD 0.6'][key] - seed['full fine-tune'][key]:+.3f}" for key in keys]
+    assert cells["LLRD 0.6 (paired difference)"] == differences  # one seed: the difference alone, no interval
+    assert len(rows) == 1 + 10 and rows[-1][-1].strip()  # start, 7 recipes, WiSE-FT, the A/A row's time
