@@ -86,8 +86,8 @@ def prefix_table(seeds: list[str], root, target: DataConfig) -> str:
     for dim in PREFIXES:
         plain = [prefix_recall(str(plain), target, dim) for plain, _ in runs]
         nested = [prefix_recall(str(nested), target, dim) for _, nested in runs]
-        difference = paired([n - p for n, p in zip(nested, plain, strict=True)])
-        rows.append([f"{dim} of 64 dims", forgetting.spread(plain), forgetting.spread(nested), difference])
+        difference = common.paired([n - p for n, p in zip(nested, plain, strict=True)])
+        rows.append([f"{dim} of 64 dims", common.spread(plain), common.spread(nested), difference])
     headers = ["test mean R@1 at", "plain fine-tune, cut", "nested sizes 64,32,16", "paired difference"]
     return common.markdown_table(headers, rows)
 
