@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -13,6 +14,26 @@ import pytest
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(tmp_path: Path, script: str, mode: str, env: dict | None = None) -> str:
+    """`python benchmarks/SCRIPT MODE --markdown FILE` with its data under `tmp_path` (and `env` added): the
+    markdown it wrote, once it exited 0."""
+    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path), **(env or {})}
+    markdown = tmp_path / "tables.md"
+    command = [sys.executable, f"benchmarks/{script}", mode, "--markdown", str(markdown)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return markdown.read_text()
+
+
+def import_benchmark(name: str):
+    """The module benchmarks/NAME.py (which imports its neighbours as top-level modules)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks"))
 
 
 @pytest.mark.native_kernels
@@ -51,11 +72,8 @@ def test_gpu_check_smoke_mode_runs_every_step_and_writes_its_tables(tmp_path):
 
 
 def test_streaming_scale_quick_run_shows_each_process_reading_its_share(tmp_path):
-    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
-    command = [sys.executable, "benchmarks/streaming_scale.py", "--quick", "--markdown", str(tmp_path / "scale.md")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    table = (tmp_path / "scale.md").read_text().split("### Bytes read per process in one pass")[1].split("###")[0]
+    text = run_benchmark(tmp_path, "streaming_scale.py", "--quick")
+    table = text.split("### Bytes read per process in one pass")[1].split("###")[0]
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
     shares = {int(cells[0]): float(cells[2]) for cells in rows}
     assert sorted(shares) == [1, 2, 4, 8]
@@ -64,11 +82,8 @@ def test_streaming_scale_quick_run_shows_each_process_reading_its_share(tmp_path
 
 
 def test_streaming_http_quick_run_reads_over_http_and_a_second_epoch_from_the_cache(tmp_path):
-    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
-    command = [sys.executable, "benchmarks/streaming_http.py", "--quick", "--markdown", str(tmp_path / "http.md")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = (tmp_path / "http.md").read_text().splitlines()
+    text = run_benchmark(tmp_path, "streaming_http.py", "--quick")
+    lines = text.splitlines()
     http = next(line for line in lines if line.startswith("| HTTP (Range"))
     cached = next(line for line in lines if "epoch 1 (from the cache)" in line)
     assert 0.9 <= float(http.split("|")[4].split("x")[0]) <= 1.3  # (a pass's bytes, fetched once)
@@ -76,7 +91,7 @@ def test_streaming_http_quick_run_reads_over_http_and_a_second_epoch_from_the_ca
     # Issue 41: fsspec's HTTP client measured beside the own reader, and the own reader's retries in the failure
     # table (as tests/test_remote.py asserts them): each passing failure waited for and read through.
     assert any(line.startswith("| one pass, full decoding") for line in lines)
-    table = (tmp_path / "http.md").read_text().split("| the server |")[1].splitlines()[2:]
+    table = text.split("| the server |")[1].splitlines()[2:]
     rows = [line.split("|") for line in table if line.startswith("| ")]
     own = {cells[1].strip(): (cells[2].strip(), cells[3].strip()) for cells in rows}
     passing = ["GET: 429, Retry-After 7", "GET: 503, Retry-After 7, twice", "GET: 500, then 502"]
@@ -86,12 +101,9 @@ def test_streaming_http_quick_run_reads_over_http_and_a_second_epoch_from_the_ca
 
 
 def test_streaming_libraries_quick_run_measures_the_own_reader_and_names_missing_venvs(tmp_path):
-    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
-    env.update({f"CLIP_ACCEL_{venv}_PYTHON": str(tmp_path / "no-venv") for venv in ("WDS", "MOSAIC", "LITDATA")})
-    command = [sys.executable, "benchmarks/streaming_libraries.py", "--quick", "--markdown", str(tmp_path / "l.md")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in (tmp_path / "l.md").read_text().splitlines() if line.startswith("| ")]
+    missing_venvs = {f"CLIP_ACCEL_{venv}_PYTHON": str(tmp_path / "no-venv") for venv in ("WDS", "MOSAIC", "LITDATA")}
+    text = run_benchmark(tmp_path, "streaming_libraries.py", "--quick", missing_venvs)
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
     own = next(cells for cells in rows if cells[0].strip() == "own" and cells[1].strip() == "4")
     assert float(own[2].split("(")[1].rstrip(") ")) <= 1 / 4 + 2 / 16  # (its quarter of the pass, + 2 shards)
     assert [own[4].strip(), own[5].strip(), own[9].strip()] == ["0", "0", "yes"]  # every row once, equal batches
@@ -100,11 +112,8 @@ def test_streaming_libraries_quick_run_measures_the_own_reader_and_names_missing
 
 
 def test_onnx_quantize_smoke_run_compares_torch_onnx_float_and_int8(tmp_path):
-    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
-    command = [sys.executable, "benchmarks/onnx_quantize.py", "--smoke", "--markdown", str(tmp_path / "onnx.md")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in (tmp_path / "onnx.md").read_text().splitlines() if line.startswith("| ")]
+    text = run_benchmark(tmp_path, "onnx_quantize.py", "--smoke")
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
     figures = {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[1:]}
     assert list(figures) == ["torch", "ONNX float32", "ONNX int8"]
     for torch_recall, onnx_recall in zip(figures["torch"][:4], figures["ONNX float32"][:4], strict=True):
@@ -120,12 +129,7 @@ def test_starting_models_parameter_counts_are_the_ones_the_docs_table_gives(caps
     from open_clip_side import import_open_clip
 
     import_open_clip()  # (its files: the script reads open_clip's model_configs)
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import starting_models
-    finally:
-        sys.path.remove(os.path.join(REPO, "benchmarks"))
-    starting_models.main()
+    import_benchmark("starting_models").main()
     printed = {}
     for row in capsys.readouterr().out.splitlines()[2:]:
         name, maps, count = (cell.strip() for cell in row.split("|")[1:4])
@@ -139,11 +143,8 @@ def test_starting_models_parameter_counts_are_the_ones_the_docs_table_gives(caps
 
 
 def test_fine_grained_smoke_run_reports_each_option_as_a_paired_difference_with_its_interval(tmp_path):
-    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
-    command = [sys.executable, "benchmarks/fine_grained.py", "--smoke", "--markdown", str(tmp_path / "fine.md")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    blocks = (tmp_path / "fine.md").read_text().split("\n\n")
+    text = run_benchmark(tmp_path, "fine_grained.py", "--smoke")
+    blocks = text.split("\n\n")
     tables = [[line.split("|")[1:-1] for line in block.splitlines() if line.startswith("| ")] for block in blocks]
     options, prefixes = (table for table in tables if table)  # the options, then the smaller sizes
     interval = r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]"
@@ -157,21 +158,14 @@ def test_fine_grained_smoke_run_reports_each_option_as_a_paired_difference_with_
 
 
 def test_a_paired_interval_is_students_t_over_the_seeds():
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import common
-    finally:
-        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    common = import_benchmark("common")
     # mean 0.2, sd 0.1 over 3 seeds: 0.2 -+ 4.303 x 0.1 / sqrt(3)
     assert common.paired([0.1, 0.2, 0.3]) == "+0.200 [-0.048, +0.448]"
 
 
 def test_forgetting_smoke_run_reports_each_recipe_as_its_difference_from_full_fine_tuning_on_the_seed(tmp_path):
-    env = {**os.environ, "CLIP_ACCEL_BENCH_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
-    command = [sys.executable, "benchmarks/forgetting.py", "--smoke", "--markdown", str(tmp_path / "forget.md")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = (tmp_path / "forget.md").read_text().splitlines()
+    text = run_benchmark(tmp_path, "forgetting.py", "--smoke")
+    lines = text.splitlines()
     rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ")]
     cells = {row[0].strip(): [cell.strip() for cell in row[1:5]] for row in rows[1:]}  # (the header first)
     seed = json.loads((tmp_path / "forgetting" / "results-smoke.json").read_text())["per seed"][0]
